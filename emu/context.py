@@ -1,0 +1,216 @@
+"""An execution context: one Unicorn instance that runs a logical processor's root code or one VMCS's guest."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from unicorn import Uc, UcError
+from unicorn import unicorn_const as uc_const
+from unicorn import x86_const as x86
+
+from emu import decode, fast
+
+# With Unicorn's exit list enabled, emu_start's `until` is ignored; this address is never executed
+# (it is not canonical) and keeps the list non-empty.
+NEVER_EXECUTED_ADDRESS = fast.lib.HHR_END_OF_RUN_ADDRESS
+HLT_OPCODE = 0xF4
+PAGE_SIZE = 4096
+
+ROOT = "root"
+GUEST = "guest"
+
+
+@dataclass
+class Stop:
+    """Why a run of a context ended. `kind` is one of the STOP_* strings below."""
+
+    kind: str
+    rip: int
+    vector: int = 0
+    fault: fast.Fault | None = None
+    error: int = 0
+
+
+STOP_BUDGET = "budget"
+STOP_INTERRUPT_WINDOW = "interrupt-window"
+STOP_INVALID_OPCODE = "invalid-opcode"     # a VMX-like instruction or a real #UD
+STOP_EXCEPTION = "exception"               # an exception or INT n raised by Unicorn
+STOP_TRANSLATION_FAULT = "translation-fault"
+STOP_TRAPPED_INSTRUCTION = "trapped-instruction"
+STOP_HLT = "hlt"
+STOP_EMULATOR_ERROR = "emulator-error"
+STOP_REQUESTED = "requested"               # a device or the machine asked this run to end
+
+
+class ExecutionContext:
+    """A Unicorn instance over the machine's whole RAM with our paging/EPT walker and counters."""
+
+    def __init__(self, ram, maxphyaddr: int, kind: str, name: str,
+                 io_in: Callable[[int, int], int], io_out: Callable[[int, int, int], None],
+                 cpuid: Callable[[int, int], tuple[int, int, int, int]]):
+        self.kind = kind
+        self.name = name
+        self.ram = ram
+        self.uc = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
+        self.uc.mem_map_ptr(0, ram.size, uc_const.UC_PROT_ALL, ram.pointer)
+        self.uc.ctl_set_tlb_mode(uc_const.UC_TLB_VIRTUAL)
+        self.fast = fast.FastState(self.uc, ram.pointer, ram.size, maxphyaddr, self._on_new_block)
+        self.exit_points: set[int] = set()
+        self._pending_removals: list[tuple[int, int]] = []
+        self.uc.ctl_exits_enabled(True)
+        self.uc.ctl_set_exits([NEVER_EXECUTED_ADDRESS])
+        self.pending: Stop | None = None
+        self._io_in = io_in
+        self._io_out = io_out
+        self._cpuid = cpuid
+        self.uc.hook_add(uc_const.UC_HOOK_INSN_INVALID, self._on_invalid_opcode)
+        self.uc.hook_add(uc_const.UC_HOOK_INTR, self._on_interrupt)
+        self.uc.hook_add(uc_const.UC_HOOK_INSN, self._on_in, None, 1, 0, x86.UC_X86_INS_IN)
+        self.uc.hook_add(uc_const.UC_HOOK_INSN, self._on_out, None, 1, 0, x86.UC_X86_INS_OUT)
+        self.uc.hook_add(uc_const.UC_HOOK_INSN, self._on_cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
+
+    # --- Unicorn hooks -------------------------------------------------------------------------
+    def _on_new_block(self, pc: int, size: int) -> int:
+        code = self.read_linear(pc, size, fast.ACCESS_FETCH)
+        if code is None:
+            return fast.NEW_BLOCK_STOP
+        count, traps = decode.scan_block(code, pc, self.kind == GUEST)
+        new_traps = [address for address in traps if address not in self.exit_points]
+        if new_traps:
+            self.exit_points.update(new_traps)
+            self._pending_removals.append((pc, pc + size))
+            return fast.NEW_BLOCK_STOP
+        return count
+
+    def _on_invalid_opcode(self, uc, _user_data) -> bool:
+        self.pending = Stop(STOP_INVALID_OPCODE, uc.reg_read(x86.UC_X86_REG_RIP))
+        uc.emu_stop()
+        return True
+
+    def _on_interrupt(self, uc, vector: int, _user_data) -> None:
+        self.pending = Stop(STOP_EXCEPTION, uc.reg_read(x86.UC_X86_REG_RIP), vector=vector)
+        uc.emu_stop()
+
+    def _on_in(self, uc, port: int, size: int, _user_data) -> int:
+        return self._io_in(port, size)
+
+    def _on_out(self, uc, port: int, size: int, value: int, _user_data) -> None:
+        self._io_out(port, size, value)
+
+    def _on_cpuid(self, uc, _user_data) -> int:
+        leaf = uc.reg_read(x86.UC_X86_REG_RAX) & 0xFFFF_FFFF
+        subleaf = uc.reg_read(x86.UC_X86_REG_RCX) & 0xFFFF_FFFF
+        eax, ebx, ecx, edx = self._cpuid(leaf, subleaf)
+        uc.reg_write(x86.UC_X86_REG_RAX, eax)
+        uc.reg_write(x86.UC_X86_REG_RBX, ebx)
+        uc.reg_write(x86.UC_X86_REG_RCX, ecx)
+        uc.reg_write(x86.UC_X86_REG_RDX, edx)
+        return 1  # skip Unicorn's own CPUID
+
+    # --- memory through this context's translation ----------------------------------------------
+    def translate(self, linear: int, access: int):
+        return self.fast.translate(linear, access)
+
+    def read_linear(self, linear: int, length: int, access: int = fast.ACCESS_READ) -> bytes | None:
+        """Reads bytes at a linear address; None if any page does not translate."""
+        out = bytearray()
+        while length > 0:
+            physical, fault = self.fast.translate(linear, access)
+            if fault is not None:
+                return None
+            chunk = min(length, PAGE_SIZE - (linear % PAGE_SIZE))
+            out += self.ram.read(physical, chunk)
+            linear += chunk
+            length -= chunk
+        return bytes(out)
+
+    def write_linear(self, linear: int, data: bytes) -> fast.Fault | None:
+        """Writes bytes at a linear address; returns the fault of the first page that fails."""
+        offset = 0
+        while offset < len(data):
+            physical, fault = self.fast.translate(linear + offset, fast.ACCESS_WRITE)
+            if fault is not None:
+                return fault
+            chunk = min(len(data) - offset, PAGE_SIZE - ((linear + offset) % PAGE_SIZE))
+            self.ram.write(physical, data[offset:offset + chunk])
+            offset += chunk
+        return None
+
+    # --- running -------------------------------------------------------------------------------
+    @property
+    def retired(self) -> int:
+        return self.fast.ctx.retired
+
+    def add_retired(self, count: int) -> None:
+        self.fast.ctx.retired += count
+
+    def reg(self, register: int) -> int:
+        return self.uc.reg_read(register)
+
+    def set_reg(self, register: int, value: int) -> None:
+        self.uc.reg_write(register, value)
+
+    def flush_translations(self) -> None:
+        """Drops every cached translation (Unicorn's TLB): CR3 loads, INVEPT, a new EPTP."""
+        self.uc.ctl(uc_const.UC_CTL_TLB_FLUSH | (uc_const.UC_CTL_IO_WRITE << 30))
+
+    def flush_code(self) -> None:
+        """Drops translated code and per-block counts: code in RAM may have changed from outside."""
+        self.uc.ctl_flush_tb()
+        self.fast.forget_blocks()
+
+    def run(self, budget: int, watch_interrupt_window: bool = False) -> Stop:
+        """Runs until `budget` instructions have retired (at a block boundary) or an event stops it."""
+        ctx = self.fast.ctx
+        ctx.stop_at = ctx.retired + max(budget, 0)
+        ctx.stop_reason = fast.STOP_NONE
+        ctx.watch_interrupt_window = 1 if watch_interrupt_window else 0
+        ctx.block_size = 0
+        self.pending = None
+        start = self.uc.reg_read(x86.UC_X86_REG_RIP)
+        error = uc_const.UC_ERR_OK
+        try:
+            self.uc.emu_start(start, NEVER_EXECUTED_ADDRESS)
+        except UcError as exc:
+            error = exc.errno
+        rip = self.uc.reg_read(x86.UC_X86_REG_RIP)
+        if self._pending_removals:
+            self.uc.ctl_set_exits(sorted(self.exit_points) + [NEVER_EXECUTED_ADDRESS])
+            for begin, end in self._pending_removals:
+                self.uc.ctl_remove_cache(begin, end)
+            self._pending_removals.clear()
+        if self.pending is not None:
+            self._uncount_after(rip if self.pending.kind != STOP_EXCEPTION else rip)
+            return self.pending
+        reason = ctx.stop_reason
+        if reason == fast.STOP_BUDGET:
+            return Stop(STOP_BUDGET, rip)
+        if reason == fast.STOP_INTERRUPT_WINDOW:
+            return Stop(STOP_INTERRUPT_WINDOW, rip)
+        if reason == fast.STOP_NEW_TRAPS:
+            return Stop(STOP_BUDGET, rip) if ctx.retired >= ctx.stop_at else self.run(ctx.stop_at - ctx.retired, watch_interrupt_window)
+        if reason == fast.STOP_FAULT:
+            self._uncount_after(rip)
+            return Stop(STOP_TRANSLATION_FAULT, rip, fault=self.fast.fault())
+        if error != uc_const.UC_ERR_OK:
+            return Stop(STOP_EMULATOR_ERROR, rip, error=error)
+        if rip in self.exit_points:
+            return Stop(STOP_TRAPPED_INSTRUCTION, rip)
+        previous = self.read_linear(rip - 1, 1, fast.ACCESS_FETCH)
+        if previous is not None and previous[0] == HLT_OPCODE:
+            return Stop(STOP_HLT, rip)
+        return Stop(STOP_REQUESTED, rip)
+
+    def _uncount_after(self, rip: int) -> None:
+        """A block was counted whole when it started; take back the instructions it did not retire."""
+        ctx = self.fast.ctx
+        begin, size = ctx.block_pc, ctx.block_size
+        if size == 0 or not begin <= rip < begin + size:
+            return
+        code = self.read_linear(begin, rip - begin, fast.ACCESS_FETCH) if rip > begin else b""
+        done = decode.scan_block(code, begin, self.kind == GUEST)[0] if code else 0
+        ctx.retired -= ctx.block_icount - done
+        ctx.block_size = 0
+
+    def release(self) -> None:
+        self.fast.release()

@@ -1,0 +1,188 @@
+"""Python side of the C hot path: loads emu._fastpath, wires it to Unicorn, and owns its per-context state."""
+from __future__ import annotations
+
+import ctypes
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from unicorn import unicorn_const as uc_const
+from unicorn import x86_const
+from unicorn.unicorn_py3 import unicorn as uc_binding
+
+
+def _load_fastpath():
+    """Imports the compiled module, building it in place first when running from a source tree."""
+    try:
+        return importlib.import_module("emu._fastpath")
+    except ImportError:
+        from emu import fastpath_build
+
+        fastpath_build.ffi.compile(tmpdir=str(fastpath_build.HERE.parent), verbose=False)
+        importlib.invalidate_caches()
+        return importlib.import_module("emu._fastpath")
+
+
+_fastpath = _load_fastpath()
+ffi = _fastpath.ffi
+lib = _fastpath.lib
+
+MODE_ROOT = lib.HHR_MODE_ROOT
+MODE_GUEST = lib.HHR_MODE_GUEST
+ACCESS_READ = lib.HHR_ACCESS_READ
+ACCESS_WRITE = lib.HHR_ACCESS_WRITE
+ACCESS_FETCH = lib.HHR_ACCESS_FETCH
+
+FAULT_NONE = lib.HHR_FAULT_NONE
+FAULT_PAGE_FAULT = lib.HHR_FAULT_PAGE_FAULT
+FAULT_EPT_VIOLATION = lib.HHR_FAULT_EPT_VIOLATION
+FAULT_EPT_MISCONFIG = lib.HHR_FAULT_EPT_MISCONFIG
+FAULT_NONEXISTENT_MEMORY = lib.HHR_FAULT_NONEXISTENT_MEMORY
+
+STOP_NONE = lib.HHR_STOP_NONE
+STOP_BUDGET = lib.HHR_STOP_BUDGET
+STOP_FAULT = lib.HHR_STOP_FAULT
+STOP_NEW_TRAPS = lib.HHR_STOP_NEW_TRAPS
+STOP_INTERRUPT_WINDOW = lib.HHR_STOP_INTERRUPT_WINDOW
+
+MSR_IA32_EFER = 0xC0000080
+ICOUNT_CACHE_ENTRIES = 1 << 16
+NEW_BLOCK_STOP = -1  # hhr_on_new_block's answer: stop before the block, it holds new trap points
+
+# Registers a VM exit hands from the guest to the host and a VM entry hands back (SDM Vol. 3C 27.5:
+# the processor does not save or load general-purpose registers other than RSP on VM transitions).
+GENERAL_PURPOSE_REGISTERS = (
+    x86_const.UC_X86_REG_RAX, x86_const.UC_X86_REG_RBX, x86_const.UC_X86_REG_RCX,
+    x86_const.UC_X86_REG_RDX, x86_const.UC_X86_REG_RSI, x86_const.UC_X86_REG_RDI,
+    x86_const.UC_X86_REG_RBP, x86_const.UC_X86_REG_R8, x86_const.UC_X86_REG_R9,
+    x86_const.UC_X86_REG_R10, x86_const.UC_X86_REG_R11, x86_const.UC_X86_REG_R12,
+    x86_const.UC_X86_REG_R13, x86_const.UC_X86_REG_R14, x86_const.UC_X86_REG_R15,
+)
+_GPR_IDS = ffi.new("int[]", GENERAL_PURPOSE_REGISTERS)
+
+
+def _function_pointer(cfunction) -> int:
+    return ctypes.cast(cfunction, ctypes.c_void_p).value
+
+
+def _make_api():
+    api = ffi.new("hhr_api *")
+    api.emu_stop = ffi.cast("void *", _function_pointer(uc_binding.uclib.uc_emu_stop))
+    api.reg_read = ffi.cast("void *", _function_pointer(uc_binding.uclib.uc_reg_read))
+    api.reg_write = ffi.cast("void *", _function_pointer(uc_binding.uclib.uc_reg_write))
+    api.reg_cr0 = x86_const.UC_X86_REG_CR0
+    api.reg_cr3 = x86_const.UC_X86_REG_CR3
+    api.reg_cr4 = x86_const.UC_X86_REG_CR4
+    api.reg_rflags = x86_const.UC_X86_REG_RFLAGS
+    api.reg_msr = x86_const.UC_X86_REG_MSR
+    api.msr_efer = MSR_IA32_EFER
+    api.mem_read = uc_const.UC_MEM_READ
+    api.mem_write = uc_const.UC_MEM_WRITE
+    api.mem_fetch = uc_const.UC_MEM_FETCH
+    return api
+
+
+API = _make_api()
+
+# hhr_on_new_block dispatches by python_id to the handler of the context that saw the block.
+_new_block_handlers: dict[int, Callable[[int, int], int]] = {}
+_next_python_id = [1]
+
+
+@ffi.def_extern()
+def hhr_on_new_block(python_id, pc, size):
+    return _new_block_handlers[python_id](pc, size)
+
+
+@dataclass
+class Fault:
+    """A translation failure recorded by the C walker (SDM Vol. 3A 4.7, Vol. 3C 28.3.3.2)."""
+
+    kind: int
+    access: int
+    linear: int
+    guest_physical: int
+    page_fault_error_code: int
+    in_paging_structure: bool
+    ept_qualification: int
+
+
+def _register_hook(uc, hook_type: int, cfunction_name: str, user_data, *extra) -> None:
+    handle = ctypes.c_size_t()
+    address = int(ffi.cast("uintptr_t", ffi.addressof(lib, cfunction_name)))
+    err = uc_binding.uclib.uc_hook_add(
+        uc._uch, ctypes.byref(handle), hook_type, ctypes.c_void_p(address),
+        ctypes.c_void_p(int(ffi.cast("uintptr_t", user_data))), ctypes.c_uint64(1), ctypes.c_uint64(0), *extra)
+    if err != uc_const.UC_ERR_OK:
+        raise RuntimeError(f"uc_hook_add({cfunction_name}) failed with Unicorn error {err}")
+
+
+class FastState:
+    """The C state of one Unicorn instance: counters, budget, translation mode and fault record."""
+
+    def __init__(self, uc, ram_pointer: int, ram_size: int, maxphyaddr: int,
+                 on_new_block: Callable[[int, int], int]):
+        self.ctx = ffi.new("hhr_ctx *")
+        self._icount_cache = ffi.new("hhr_icount_entry[]", ICOUNT_CACHE_ENTRIES)
+        c = self.ctx
+        c.api = API
+        c.uc = ffi.cast("void *", ctypes.cast(uc._uch, ctypes.c_void_p).value)
+        c.ram = ffi.cast("uint8_t *", ram_pointer)
+        c.ram_size = ram_size
+        c.maxphyaddr = maxphyaddr
+        c.mode = MODE_ROOT
+        c.icount_cache = self._icount_cache
+        c.icount_cache_mask = ICOUNT_CACHE_ENTRIES - 1
+        c.stop_at = 0
+        self.python_id = _next_python_id[0]
+        _next_python_id[0] += 1
+        c.python_id = self.python_id
+        _new_block_handlers[self.python_id] = on_new_block
+        self._uc = uc
+        _register_hook(uc, uc_const.UC_HOOK_TLB_FILL, "hhr_tlb_fill", c)
+        _register_hook(uc, uc_const.UC_HOOK_BLOCK, "hhr_block_hook", c)
+
+    def release(self) -> None:
+        _new_block_handlers.pop(self.python_id, None)
+
+    @property
+    def retired(self) -> int:
+        return self.ctx.retired
+
+    def set_mode(self, mode: int, eptp: int = 0) -> None:
+        self.ctx.mode = mode
+        self.ctx.eptp = eptp
+
+    def forget_blocks(self) -> None:
+        lib.hhr_forget_blocks(self.ctx)
+
+    def fault(self) -> Fault:
+        f = self.ctx.fault
+        return Fault(f.kind, f.access, f.linear, f.guest_physical, f.page_fault_error_code,
+                     bool(f.in_paging_structure), f.ept_qualification)
+
+    def translate(self, linear: int, access: int) -> tuple[int | None, Fault | None]:
+        """Translates a linear address with the instance's current CR0/CR3/CR4/EFER (and EPT)."""
+        physical = ffi.new("uint64_t *")
+        fault = ffi.new("hhr_fault *")
+        if lib.hhr_translate_current(self.ctx, linear & 0xFFFF_FFFF_FFFF_FFFF, access, physical, fault):
+            return physical[0], None
+        f = fault[0]
+        return None, Fault(f.kind, f.access, f.linear, f.guest_physical, f.page_fault_error_code,
+                           bool(f.in_paging_structure), f.ept_qualification)
+
+    def ept_translate(self, guest_physical: int, access: int) -> tuple[int | None, Fault | None]:
+        host = ffi.new("uint64_t *")
+        perms = ffi.new("uint32_t *")
+        fault = ffi.new("hhr_fault *")
+        if lib.hhr_ept_translate(self.ctx, guest_physical, access, host, perms, fault):
+            return host[0], None
+        f = fault[0]
+        return None, Fault(f.kind, access, 0, f.guest_physical, 0, False, f.ept_qualification)
+
+
+def copy_general_purpose_registers(from_uc, to_uc) -> None:
+    """Copies RAX..R15 except RSP from one instance to another in C (about a microsecond)."""
+    lib.hhr_copy_registers(API, ffi.cast("void *", ctypes.cast(from_uc._uch, ctypes.c_void_p).value),
+                           ffi.cast("void *", ctypes.cast(to_uc._uch, ctypes.c_void_p).value),
+                           _GPR_IDS, len(GENERAL_PURPOSE_REGISTERS))

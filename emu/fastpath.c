@@ -1,0 +1,364 @@
+/*
+ * The machine's hot path, in C: counting retired instructions per translated block with
+ * deterministic preemption, and address translation (IA-32e paging and EPT) for Unicorn's
+ * virtual TLB. Python sets up each context and handles every event that stops a run.
+ *
+ * Nothing here calls into Unicorn except through the function pointers in hhr_api, which the
+ * Python side takes from the binding's own library handle: this file links against nothing.
+ */
+#include <stdint.h>
+#include <stdbool.h>
+#include <string.h>
+
+#include "fastpath.h"
+
+/* See: SDM Vol. 3A 4.5.4 (IA-32e paging), one level indexes nine bits of the linear address. */
+#define PAGE_SHIFT 12
+#define PAGE_SIZE (1ULL << PAGE_SHIFT)
+#define PAGE_OFFSET_MASK (PAGE_SIZE - 1)
+#define LEVEL_INDEX_BITS 9
+#define LEVEL_INDEX_MASK ((1ULL << LEVEL_INDEX_BITS) - 1)
+#define ENTRY_SIZE 8
+#define PAGING_LEVELS 4
+#define ADDRESS_FIELD_MASK 0x000FFFFFFFFFF000ULL /* bits 51:12 */
+
+/* Paging-structure entry bits, SDM Vol. 3A Table 4-15..4-20. */
+#define PTE_PRESENT (1ULL << 0)
+#define PTE_WRITABLE (1ULL << 1)
+#define PTE_PAGE_SIZE (1ULL << 7)
+#define PTE_EXECUTE_DISABLE (1ULL << 63)
+
+/* Page-fault error code bits, SDM Vol. 3A 4.7. */
+#define PFEC_PRESENT (1U << 0)
+#define PFEC_WRITE (1U << 1)
+#define PFEC_RESERVED (1U << 3)
+#define PFEC_FETCH (1U << 4)
+
+#define CR0_PG (1ULL << 31)
+#define CR0_WP (1ULL << 16)
+#define EFER_NXE (1ULL << 11)
+#define RFLAGS_IF (1ULL << 9)
+#define CANONICAL_SIGN_BIT 47
+
+/* EPT entry bits, SDM Vol. 3C 29.3.2 (Tables 29-1..29-6). */
+#define EPT_READ (1ULL << 0)
+#define EPT_WRITE (1ULL << 1)
+#define EPT_EXECUTE (1ULL << 2)
+#define EPT_PERMISSION_MASK (EPT_READ | EPT_WRITE | EPT_EXECUTE)
+#define EPT_MEMORY_TYPE_SHIFT 3
+#define EPT_MEMORY_TYPE_MASK 7ULL
+#define EPT_LARGE_PAGE (1ULL << 7)
+#define EPT_NONLEAF_RESERVED (0xF8ULL)       /* bits 7:3 of a PML4E or non-leaf entry */
+#define EPT_1G_RESERVED (0x3FFFF000ULL)       /* bits 29:12 of a 1 GiB leaf */
+#define EPT_2M_RESERVED (0x1FF000ULL)         /* bits 20:12 of a 2 MiB leaf */
+/* EPT memory types that are not reserved: UC 0, WC 1, WT 4, WP 5, WB 6. */
+#define EPT_MEMORY_TYPE_VALID_SET ((1U << 0) | (1U << 1) | (1U << 4) | (1U << 5) | (1U << 6))
+
+/* EPT-violation exit qualification, SDM Vol. 3C Table 28-7. */
+#define EPTQ_READ (1ULL << 0)
+#define EPTQ_WRITE (1ULL << 1)
+#define EPTQ_FETCH (1ULL << 2)
+#define EPTQ_READABLE (1ULL << 3)
+#define EPTQ_WRITABLE (1ULL << 4)
+#define EPTQ_EXECUTABLE (1ULL << 5)
+#define EPTQ_LINEAR_VALID (1ULL << 7)
+#define EPTQ_FINAL_TRANSLATION (1ULL << 8)
+
+#define LARGE_1G_LEVEL 3 /* PDPTE, counting the PTE as level 1 */
+#define LARGE_2M_LEVEL 2
+
+static uint64_t level_shift(int level) { return PAGE_SHIFT + LEVEL_INDEX_BITS * (level - 1); }
+
+static uint64_t read_u64(const hhr_ctx *c, uint64_t physical) {
+    uint64_t value;
+    memcpy(&value, c->ram + physical, sizeof value);
+    return value;
+}
+
+static bool ram_holds(const hhr_ctx *c, uint64_t physical) {
+    return physical <= c->ram_size - ENTRY_SIZE;
+}
+
+static uint64_t reserved_address_bits(const hhr_ctx *c) {
+    /* Bits 51:MAXPHYADDR of an address field are reserved. */
+    return ADDRESS_FIELD_MASK & ~((1ULL << c->maxphyaddr) - 1);
+}
+
+static uint32_t access_permission(uint32_t access) {
+    switch (access) {
+    case HHR_ACCESS_WRITE: return HHR_PERM_WRITE;
+    case HHR_ACCESS_FETCH: return HHR_PERM_EXEC;
+    default: return HHR_PERM_READ;
+    }
+}
+
+/* See: SDM Vol. 3C 29.3.2 and 29.3.3: EPT translation of a guest-physical address. */
+int hhr_ept_translate(hhr_ctx *c, uint64_t guest_physical, uint32_t access,
+                      uint64_t *host_physical, uint32_t *permissions, hhr_fault *fault) {
+    uint64_t table = c->eptp & ADDRESS_FIELD_MASK;
+    uint64_t allowed = EPT_PERMISSION_MASK;
+    uint64_t reserved = reserved_address_bits(c);
+    for (int level = PAGING_LEVELS; level >= 1; level--) {
+        uint64_t index = (guest_physical >> level_shift(level)) & LEVEL_INDEX_MASK;
+        uint64_t slot = table + index * ENTRY_SIZE;
+        if (!ram_holds(c, slot)) goto misconfigured;
+        uint64_t entry = read_u64(c, slot);
+        uint64_t rwx = entry & EPT_PERMISSION_MASK;
+        if (rwx == 0) goto violation;
+        /* Write without read, and execute-only (not supported by this machine), misconfigure. */
+        if ((rwx & EPT_READ) == 0) goto misconfigured;
+        if (entry & reserved) goto misconfigured;
+        allowed &= rwx;
+        bool leaf = level == 1 || ((level == LARGE_1G_LEVEL || level == LARGE_2M_LEVEL) &&
+                                   (entry & EPT_LARGE_PAGE));
+        if (level == PAGING_LEVELS && (entry & EPT_NONLEAF_RESERVED)) goto misconfigured;
+        if (!leaf) {
+            if (level != PAGING_LEVELS && (entry & EPT_NONLEAF_RESERVED)) goto misconfigured;
+            table = entry & ADDRESS_FIELD_MASK;
+            continue;
+        }
+        uint32_t memory_type = (entry >> EPT_MEMORY_TYPE_SHIFT) & EPT_MEMORY_TYPE_MASK;
+        if (!((EPT_MEMORY_TYPE_VALID_SET >> memory_type) & 1)) goto misconfigured;
+        if (level == LARGE_1G_LEVEL && (entry & EPT_1G_RESERVED)) goto misconfigured;
+        if (level == LARGE_2M_LEVEL && (entry & EPT_2M_RESERVED)) goto misconfigured;
+        uint64_t page_mask = (1ULL << level_shift(level)) - 1;
+        uint64_t physical = (entry & ADDRESS_FIELD_MASK & ~page_mask) | (guest_physical & page_mask);
+        /* This machine: host-physical addresses at or above installed RAM are reserved. */
+        if (physical >= c->ram_size) goto misconfigured;
+        uint32_t perms = (uint32_t)allowed; /* EPT R/W/X bits line up with HHR_PERM_* */
+        if ((perms & access_permission(access)) == 0) goto violation;
+        *host_physical = physical;
+        *permissions = perms;
+        return 1;
+    }
+violation:
+    fault->kind = HHR_FAULT_EPT_VIOLATION;
+    fault->guest_physical = guest_physical;
+    fault->ept_qualification =
+        (access == HHR_ACCESS_READ ? EPTQ_READ : 0) | (access == HHR_ACCESS_WRITE ? EPTQ_WRITE : 0) |
+        (access == HHR_ACCESS_FETCH ? EPTQ_FETCH : 0) |
+        ((allowed & EPT_READ) ? EPTQ_READABLE : 0) | ((allowed & EPT_WRITE) ? EPTQ_WRITABLE : 0) |
+        ((allowed & EPT_EXECUTE) ? EPTQ_EXECUTABLE : 0);
+    return 0;
+misconfigured:
+    fault->kind = HHR_FAULT_EPT_MISCONFIG;
+    fault->guest_physical = guest_physical;
+    fault->ept_qualification = 0;
+    return 0;
+}
+
+/* Reads one paging-structure entry: host-physical in root mode, through EPT for a guest. */
+static int read_paging_entry(hhr_ctx *c, uint64_t address, uint64_t *entry, hhr_fault *fault) {
+    uint64_t physical = address;
+    if (c->mode == HHR_MODE_GUEST) {
+        uint32_t perms;
+        if (!hhr_ept_translate(c, address, HHR_ACCESS_READ, &physical, &perms, fault)) {
+            fault->in_paging_structure = 1;
+            fault->ept_qualification |= EPTQ_LINEAR_VALID;
+            return 0;
+        }
+    } else if (!ram_holds(c, physical)) {
+        fault->kind = HHR_FAULT_PAGE_FAULT;
+        fault->page_fault_error_code = PFEC_RESERVED | PFEC_PRESENT;
+        return 0;
+    }
+    *entry = read_u64(c, physical);
+    return 1;
+}
+
+static int page_fault(hhr_fault *fault, uint32_t access, bool present, bool reserved, bool nxe) {
+    fault->kind = HHR_FAULT_PAGE_FAULT;
+    fault->page_fault_error_code = (present ? PFEC_PRESENT : 0) | (reserved ? PFEC_RESERVED : 0) |
+                                   (access == HHR_ACCESS_WRITE ? PFEC_WRITE : 0) |
+                                   ((access == HHR_ACCESS_FETCH && nxe) ? PFEC_FETCH : 0);
+    return 0;
+}
+
+/*
+ * See: SDM Vol. 3A 4.5 (4-level paging) and 4.6 (access rights, supervisor mode only: this machine
+ * runs all code at CPL 0 and does not model SMEP/SMAP; accessed and dirty bits are not written).
+ */
+int hhr_translate(hhr_ctx *c, uint64_t linear, uint32_t access, const hhr_paging *paging,
+                  uint64_t *physical_out, uint32_t *permissions, hhr_fault *fault) {
+    memset(fault, 0, sizeof *fault);
+    fault->access = access;
+    fault->linear = linear;
+    uint64_t address = linear;
+    uint32_t perms = HHR_PERM_READ | HHR_PERM_WRITE | HHR_PERM_EXEC;
+    if (paging->cr0 & CR0_PG) {
+        bool nxe = (paging->efer & EFER_NXE) != 0;
+        uint64_t reserved = reserved_address_bits(c) | (nxe ? 0 : PTE_EXECUTE_DISABLE);
+        bool writable = true, executable = true;
+        uint64_t table = paging->cr3 & ADDRESS_FIELD_MASK;
+        address = UINT64_MAX;
+        for (int level = PAGING_LEVELS; level >= 1; level--) {
+            uint64_t index = (linear >> level_shift(level)) & LEVEL_INDEX_MASK;
+            uint64_t entry;
+            if (!read_paging_entry(c, table + index * ENTRY_SIZE, &entry, fault)) {
+                if (fault->kind == HHR_FAULT_PAGE_FAULT)
+                    fault->page_fault_error_code |= access == HHR_ACCESS_WRITE ? PFEC_WRITE : 0;
+                return 0;
+            }
+            if (!(entry & PTE_PRESENT)) return page_fault(fault, access, false, false, nxe);
+            bool large = (level == LARGE_1G_LEVEL || level == LARGE_2M_LEVEL) && (entry & PTE_PAGE_SIZE);
+            uint64_t entry_reserved = reserved;
+            if (level == PAGING_LEVELS) entry_reserved |= PTE_PAGE_SIZE;
+            if (large) entry_reserved |= (1ULL << level_shift(level)) - 1 - PAGE_OFFSET_MASK - PAGE_SIZE;
+            if (entry & entry_reserved) return page_fault(fault, access, true, true, nxe);
+            writable = writable && (entry & PTE_WRITABLE);
+            executable = executable && !(nxe && (entry & PTE_EXECUTE_DISABLE));
+            if (level == 1 || large) {
+                uint64_t page_mask = (1ULL << level_shift(level)) - 1;
+                address = (entry & ADDRESS_FIELD_MASK & ~page_mask) | (linear & page_mask);
+                break;
+            }
+            table = entry & ADDRESS_FIELD_MASK;
+        }
+        perms = HHR_PERM_READ | ((writable || !(paging->cr0 & CR0_WP)) ? HHR_PERM_WRITE : 0) |
+                (executable ? HHR_PERM_EXEC : 0);
+        if ((perms & access_permission(access)) == 0) return page_fault(fault, access, true, false, nxe);
+    }
+    if (c->mode == HHR_MODE_GUEST) {
+        uint32_t ept_perms;
+        if (!hhr_ept_translate(c, address, access, &address, &ept_perms, fault)) {
+            fault->ept_qualification |= EPTQ_LINEAR_VALID | EPTQ_FINAL_TRANSLATION;
+            return 0;
+        }
+        perms &= ept_perms;
+    } else if (address >= c->ram_size) {
+        fault->kind = HHR_FAULT_NONEXISTENT_MEMORY;
+        fault->guest_physical = address;
+        return 0;
+    }
+    *physical_out = address;
+    *permissions = perms;
+    return 1;
+}
+
+static uint64_t read_register(hhr_ctx *c, int regid) {
+    uint64_t value = 0;
+    c->api->reg_read(c->uc, regid, &value);
+    return value;
+}
+
+void hhr_read_paging(hhr_ctx *c, hhr_paging *paging) {
+    const hhr_api *api = c->api;
+    paging->cr0 = read_register(c, api->reg_cr0);
+    paging->cr3 = read_register(c, api->reg_cr3);
+    paging->cr4 = read_register(c, api->reg_cr4);
+    struct { uint32_t index; uint64_t value; } msr = {api->msr_efer, 0};
+    api->reg_read(c->uc, api->reg_msr, &msr);
+    paging->efer = msr.value;
+}
+
+int hhr_translate_current(hhr_ctx *c, uint64_t linear, uint32_t access, uint64_t *physical,
+                          hhr_fault *fault) {
+    hhr_paging paging;
+    uint32_t perms;
+    hhr_read_paging(c, &paging);
+    return hhr_translate(c, linear, access, &paging, physical, &perms, fault);
+}
+
+static uint32_t access_from_mem_type(const hhr_api *api, int type) {
+    if (type == api->mem_write) return HHR_ACCESS_WRITE;
+    if (type == api->mem_fetch) return HHR_ACCESS_FETCH;
+    return HHR_ACCESS_READ;
+}
+
+/* See: SDM Vol. 1 3.3.7.1: bits 63:47 of a canonical address are all equal. */
+static bool is_canonical(uint64_t linear) {
+    uint64_t upper = linear >> CANONICAL_SIGN_BIT;
+    return upper == 0 || upper == (UINT64_MAX >> CANONICAL_SIGN_BIT);
+}
+
+/* UC_HOOK_TLB_FILL: Unicorn asks for the host-physical page behind a linear page. */
+bool hhr_tlb_fill(void *uc, uint64_t address, int type, hhr_tlb_entry *result, void *user_data) {
+    hhr_ctx *c = (hhr_ctx *)user_data;
+    uint64_t physical;
+    uint32_t perms;
+    hhr_paging paging;
+    (void)uc;
+    c->tlb_fills++;
+    if (!is_canonical(address)) {
+        /*
+         * Unicorn looks up the page just below every exit point, including the non-canonical address
+         * the machine passes as the never-reached end of a run: those pages answer for fetches only,
+         * and execution stops before anything there runs. Any other non-canonical page allows no access,
+         * so a real access still fails (the machine raises #GP for it).
+         */
+        c->noncanonical_fills++;
+        result->paddr = 0;
+        uint64_t page = address & ~PAGE_OFFSET_MASK;
+        bool end_of_run = page == HHR_END_OF_RUN_ADDRESS ||
+                          page == ((HHR_END_OF_RUN_ADDRESS - 1) & ~PAGE_OFFSET_MASK);
+        result->perms = end_of_run ? HHR_PERM_EXEC : 0;
+        return true;
+    }
+    hhr_read_paging(c, &paging);
+    if (!hhr_translate(c, address, access_from_mem_type(c->api, type), &paging, &physical, &perms,
+                       &c->fault)) {
+        c->stop_reason = HHR_STOP_FAULT;
+        return false;
+    }
+    result->paddr = physical & ~PAGE_OFFSET_MASK;
+    result->perms = perms;
+    return true;
+}
+
+static void stop(hhr_ctx *c, uint32_t reason) {
+    c->stop_reason = reason;
+    c->api->emu_stop(c->uc);
+}
+
+static hhr_icount_entry *icount_slot(hhr_ctx *c, uint64_t pc, uint32_t size) {
+    uint64_t hash = (pc ^ (pc >> 17) ^ ((uint64_t)size << 40)) * 0x9E3779B97F4A7C15ULL;
+    return &c->icount_cache[(hash >> 32) & c->icount_cache_mask];
+}
+
+/*
+ * UC_HOOK_BLOCK: runs before each translated block. A stop requested here takes effect before the
+ * block executes, so a block is counted exactly when it runs: preemption is deterministic.
+ */
+void hhr_block_hook(void *uc, uint64_t pc, uint32_t size, void *user_data) {
+    hhr_ctx *c = (hhr_ctx *)user_data;
+    (void)uc;
+    if (size == 0) return;
+    if (c->retired >= c->stop_at) {
+        stop(c, HHR_STOP_BUDGET);
+        return;
+    }
+    if (c->watch_interrupt_window && (read_register(c, c->api->reg_rflags) & RFLAGS_IF)) {
+        stop(c, HHR_STOP_INTERRUPT_WINDOW);
+        return;
+    }
+    hhr_icount_entry *slot = icount_slot(c, pc, size);
+    if (slot->pc != pc || slot->size != size) {
+        c->icount_misses++;
+        int icount = hhr_on_new_block(c->python_id, pc, size);
+        if (icount < 0) {
+            stop(c, HHR_STOP_NEW_TRAPS);
+            return;
+        }
+        slot->pc = pc;
+        slot->size = size;
+        slot->icount = (uint32_t)icount;
+    }
+    c->block_pc = pc;
+    c->block_size = size;
+    c->block_icount = slot->icount;
+    c->retired += slot->icount;
+    c->blocks++;
+}
+
+void hhr_forget_blocks(hhr_ctx *c) {
+    memset(c->icount_cache, 0, sizeof(hhr_icount_entry) * ((size_t)c->icount_cache_mask + 1));
+}
+
+/* Copies registers between two Unicorn instances (a VM exit hands guest GPRs to the host). */
+void hhr_copy_registers(const hhr_api *api, void *from_uc, void *to_uc, const int *regids, int count) {
+    for (int i = 0; i < count; i++) {
+        uint64_t value = 0;
+        api->reg_read(from_uc, regids[i], &value);
+        api->reg_write(to_uc, regids[i], &value);
+    }
+}

@@ -1,0 +1,100 @@
+/* Types and entry points of the machine's C hot path (fastpath.c); also read by cffi's cdef. */
+
+#define HHR_MODE_ROOT 0
+#define HHR_MODE_GUEST 1
+
+#define HHR_ACCESS_READ 0
+#define HHR_ACCESS_WRITE 1
+#define HHR_ACCESS_FETCH 2
+
+#define HHR_PERM_READ 1
+#define HHR_PERM_WRITE 2
+#define HHR_PERM_EXEC 4
+
+#define HHR_FAULT_NONE 0
+#define HHR_FAULT_PAGE_FAULT 1
+#define HHR_FAULT_EPT_VIOLATION 2
+#define HHR_FAULT_EPT_MISCONFIG 3
+#define HHR_FAULT_NONEXISTENT_MEMORY 4
+
+/* The non-canonical address a run is told to end at; it is never reached (see context.py). */
+#define HHR_END_OF_RUN_ADDRESS 0x8000000000000000
+
+#define HHR_STOP_NONE 0
+#define HHR_STOP_BUDGET 1
+#define HHR_STOP_FAULT 2
+#define HHR_STOP_NEW_TRAPS 3
+#define HHR_STOP_INTERRUPT_WINDOW 4
+
+typedef struct {
+    uint64_t paddr;
+    uint32_t perms;
+} hhr_tlb_entry;
+
+/* Unicorn's C entry points and the constants this file needs, handed over by Python. */
+typedef struct {
+    int (*emu_stop)(void *uc);
+    int (*reg_read)(void *uc, int regid, void *value);
+    int (*reg_write)(void *uc, int regid, const void *value);
+    int reg_cr0, reg_cr3, reg_cr4, reg_rflags, reg_msr;
+    uint32_t msr_efer;
+    int mem_read, mem_write, mem_fetch;
+} hhr_api;
+
+typedef struct {
+    uint64_t cr0, cr3, cr4, efer;
+} hhr_paging;
+
+typedef struct {
+    uint32_t kind;
+    uint32_t access;
+    uint64_t linear;
+    uint64_t guest_physical;
+    uint32_t page_fault_error_code;
+    uint32_t in_paging_structure;
+    uint64_t ept_qualification;
+} hhr_fault;
+
+typedef struct {
+    uint64_t pc;
+    uint32_t size;
+    uint32_t icount;
+} hhr_icount_entry;
+
+/* One per Unicorn instance (a logical processor in root mode, or one VMCS's guest). */
+typedef struct {
+    const hhr_api *api;
+    void *uc;
+    uint8_t *ram;
+    uint64_t ram_size;
+    uint32_t maxphyaddr;
+    uint32_t mode;
+    uint64_t eptp;
+    int python_id;
+    uint64_t retired;
+    uint64_t stop_at;
+    uint32_t stop_reason;
+    uint32_t watch_interrupt_window;
+    uint64_t block_pc;
+    uint32_t block_size;
+    uint32_t block_icount;
+    hhr_icount_entry *icount_cache;
+    uint32_t icount_cache_mask;
+    hhr_fault fault;
+    uint64_t blocks;
+    uint64_t tlb_fills;
+    uint64_t icount_misses;
+    uint64_t noncanonical_fills;
+} hhr_ctx;
+
+int hhr_ept_translate(hhr_ctx *c, uint64_t guest_physical, uint32_t access,
+                      uint64_t *host_physical, uint32_t *permissions, hhr_fault *fault);
+int hhr_translate(hhr_ctx *c, uint64_t linear, uint32_t access, const hhr_paging *paging,
+                  uint64_t *physical_out, uint32_t *permissions, hhr_fault *fault);
+void hhr_read_paging(hhr_ctx *c, hhr_paging *paging);
+int hhr_translate_current(hhr_ctx *c, uint64_t linear, uint32_t access, uint64_t *physical,
+                          hhr_fault *fault);
+bool hhr_tlb_fill(void *uc, uint64_t address, int type, hhr_tlb_entry *result, void *user_data);
+void hhr_block_hook(void *uc, uint64_t pc, uint32_t size, void *user_data);
+void hhr_forget_blocks(hhr_ctx *c);
+void hhr_copy_registers(const hhr_api *api, void *from_uc, void *to_uc, const int *regids, int count);
