@@ -152,7 +152,7 @@ class ExecutionContext:
 
     def flush_translations(self) -> None:
         """Drops every cached translation (Unicorn's TLB): CR3 loads, INVEPT, a new EPTP."""
-        self.uc.ctl(uc_const.UC_CTL_TLB_FLUSH | (uc_const.UC_CTL_IO_WRITE << 30))
+        self.uc.ctl(uc_const.UC_CTL_TLB_FLUSH, uc_const.UC_CTL_IO_WRITE)
 
     def flush_code(self) -> None:
         """Drops translated code and per-block counts: code in RAM may have changed from outside."""

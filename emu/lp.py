@@ -1,0 +1,428 @@
+"""A logical processor: runs root code or a guest in slices of virtual time and turns every stop into its architectural effect."""
+from __future__ import annotations
+
+import bisect
+from typing import TYPE_CHECKING
+
+from unicorn import unicorn_const as uc_const
+from unicorn import x86_const as x86
+
+from emu import context as ctxmod
+from emu import decode, fast, interrupts
+from emu.devices import Timer
+from emu.vmcs import ActiveVmcs
+from emu.vmx import NON_ROOT_EXIT_REASONS, VMX_MNEMONICS, RaiseException, VmxUnit
+from emu.vmx_defs import (
+    ExitReason, InterruptionType, PinBasedControls, PrimaryProcessorControls, make_interruption_info,
+    make_io_qualification, INTR_INFO_VECTOR_MASK, INTR_INFO_TYPE_MASK, INTR_INFO_TYPE_SHIFT,
+    INTR_INFO_DELIVER_ERROR_CODE, ExitControls,
+)
+
+if TYPE_CHECKING:
+    from emu.machine import Machine
+
+RFLAGS_IF = 1 << 9
+SOFTWARE_INTERRUPT_OPCODE = 0xCD
+SOFTWARE_INTERRUPT_LENGTH = 2
+PAGE_FAULT = interrupts.PAGE_FAULT
+WORD_MASK = 0xFFFF_FFFF
+IO_BITMAP_PORTS = 0x8000   # bitmap A covers ports 0000H-7FFFH, bitmap B 8000H-FFFFH (SDM 25.6.4)
+BITS_PER_BYTE = 8
+# Exceptions a trap leaves RIP after (software exceptions); the rest are faults (SDM Vol. 3A 6.5).
+SOFTWARE_EXCEPTIONS = frozenset({interrupts.BREAKPOINT, interrupts.OVERFLOW})
+IO_MNEMONIC_SIZES = {"insb": 1, "insw": 2, "insd": 4, "outsb": 1, "outsw": 2, "outsd": 4}
+
+
+class LogicalProcessor:
+    """One LP: its root context, VMX unit, timer, pending interrupts and virtual clock."""
+
+    def __init__(self, machine: "Machine", index: int):
+        self.machine = machine
+        self.index = index
+        self.root = machine.new_context(ctxmod.ROOT, f"lp{index}")
+        self.vmx = VmxUnit(self)
+        self.timer = Timer()
+        self.pending_vectors: list[int] = []
+        self.guest: ActiveVmcs | None = None
+        self.halted = False
+        self.preemption_deadline: int | None = None
+        self.cr2_history: list[int] = []
+        self._time = 0
+        self._running: ctxmod.ExecutionContext | None = None
+        self._run_mark = 0
+
+    # --- time ----------------------------------------------------------------------------------------
+    @property
+    def now(self) -> int:
+        if self._running is not None:
+            return self._time + self._running.retired - self._run_mark
+        return self._time
+
+    def charge(self, context, count: int) -> None:
+        """Counts instructions the machine carried out itself (emulated or trapped ones)."""
+        context.add_retired(count)
+        self._time += count
+
+    def publish(self, kind: str, **data) -> None:
+        self.machine.events.publish(self.now, self.index, kind, **data)
+
+    # --- mode ----------------------------------------------------------------------------------------
+    @property
+    def context(self) -> ctxmod.ExecutionContext:
+        return self.guest.context if self.guest is not None else self.root
+
+    def enter_guest(self, vmcs: ActiveVmcs) -> None:
+        self.guest = vmcs
+
+    def leave_guest(self) -> None:
+        self.guest = None
+        self.preemption_deadline = None
+
+    def raise_interrupt(self, vector: int) -> None:
+        if vector not in self.pending_vectors:
+            bisect.insort(self.pending_vectors, vector)
+        self.halted = False if self._interrupts_enabled_in_root() else self.halted
+
+    def _interrupts_enabled_in_root(self) -> bool:
+        return self.guest is None and bool(self.root.reg(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF)
+
+    # --- the run loop --------------------------------------------------------------------------------
+    def run_slice(self, slice_end: int) -> None:
+        machine = self.machine
+        while self.now < slice_end and not machine.stop_requested:
+            if self._service_events():
+                continue
+            if self.halted or (self.guest is not None and self.guest.halted):
+                self._idle_until(slice_end)
+                continue
+            deadline = min(slice_end, machine.instruction_limit_time())
+            for candidate in (self.timer.deadline, self.preemption_deadline):
+                if candidate is not None:
+                    deadline = min(deadline, candidate)
+            context = self.context
+            budget = max(deadline - self.now, 1)
+            self._running, self._run_mark = context, context.retired
+            try:
+                stop = context.run(budget, watch_interrupt_window=self._wants_window())
+            finally:
+                self._time += context.retired - self._run_mark
+                self._running = None
+            if self.guest is not None and context is not self.root:
+                self._handle_guest_stop(stop)
+            else:
+                self._handle_root_stop(stop)
+
+    def _idle_until(self, slice_end: int) -> None:
+        wake = slice_end
+        for candidate in (self.timer.deadline, self.preemption_deadline):
+            if candidate is not None:
+                wake = min(wake, candidate)
+        self._time = max(self._time, wake)
+
+    def _wants_window(self) -> bool:
+        if self.guest is None:
+            return bool(self.pending_vectors)
+        controls = self.guest.read("CPU_BASED_VM_EXEC_CONTROL")
+        pin = self.guest.read("PIN_BASED_VM_EXEC_CONTROL")
+        return bool(controls & PrimaryProcessorControls.INTERRUPT_WINDOW_EXITING) or \
+            (bool(self.pending_vectors) and not pin & PinBasedControls.EXTERNAL_INTERRUPT_EXITING)
+
+    def _service_events(self) -> bool:
+        """Timers, interrupt acceptance and guest event exits at an instruction boundary. True if
+        something changed what the LP runs next."""
+        vector = self.timer.expire(self.now)
+        if vector:
+            self.raise_interrupt(vector)
+        if self.guest is None:
+            if self.pending_vectors and self._interrupts_enabled_in_root():
+                self._deliver_root(self.pending_vectors.pop(), None, self.root.reg(x86.UC_X86_REG_RIP))
+                self.halted = False
+                return True
+            return False
+        vmcs = self.guest
+        if vmcs.inverse_call_saved is not None:
+            return False  # interrupts are held pending while an inverse hypercall runs
+        if self.preemption_deadline is not None and self.now >= self.preemption_deadline:
+            self.vmx.exit_guest(vmcs, ExitReason.PREEMPTION_TIMER)
+            return True
+        pin = vmcs.read("PIN_BASED_VM_EXEC_CONTROL")
+        if self.pending_vectors and pin & PinBasedControls.EXTERNAL_INTERRUPT_EXITING:
+            info = 0
+            if vmcs.read("VM_EXIT_CONTROLS") & ExitControls.ACKNOWLEDGE_INTERRUPT_ON_EXIT:
+                info = make_interruption_info(self.pending_vectors.pop(), InterruptionType.EXTERNAL_INTERRUPT)
+            self.vmx.exit_guest(vmcs, ExitReason.EXTERNAL_INTERRUPT, interruption_info=info)
+            return True
+        guest_if = bool(vmcs.read("GUEST_RFLAGS") & RFLAGS_IF)
+        if guest_if and vmcs.read("CPU_BASED_VM_EXEC_CONTROL") & PrimaryProcessorControls.INTERRUPT_WINDOW_EXITING:
+            self.vmx.exit_guest(vmcs, ExitReason.INTERRUPT_WINDOW)
+            return True
+        if guest_if and self.pending_vectors:
+            vmcs.halted = False
+            self._deliver_guest(vmcs, self.pending_vectors.pop(), None, vmcs.read("GUEST_RIP"),
+                                InterruptionType.EXTERNAL_INTERRUPT)
+            return True
+        return False
+
+    # --- root mode -----------------------------------------------------------------------------------
+    def _handle_root_stop(self, stop: ctxmod.Stop) -> None:
+        kind = stop.kind
+        if kind in (ctxmod.STOP_BUDGET, ctxmod.STOP_INTERRUPT_WINDOW, ctxmod.STOP_REQUESTED):
+            return
+        try:
+            if kind == ctxmod.STOP_INVALID_OPCODE:
+                self._root_invalid_opcode(stop.rip)
+            elif kind == ctxmod.STOP_TRAPPED_INSTRUCTION:
+                self._root_trapped(stop.rip)
+            elif kind == ctxmod.STOP_HLT:
+                self.halted = True
+                self.publish("hlt", rip=stop.rip)
+            elif kind == ctxmod.STOP_EXCEPTION:
+                self._root_exception(stop)
+            elif kind == ctxmod.STOP_TRANSLATION_FAULT:
+                self._root_translation_fault(stop)
+            else:
+                self._root_emulator_error(stop)
+        except RaiseException as exc:
+            if exc.cr2 is not None:
+                self.root.set_reg(x86.UC_X86_REG_CR2, exc.cr2)
+            self._deliver_root(exc.vector, exc.error_code, stop.rip)
+
+    def _fetch(self, context, rip: int) -> bytes:
+        return context.read_linear(rip, decode.MAX_INSTRUCTION_LENGTH, fast.ACCESS_FETCH) or \
+            context.read_linear(rip, 1, fast.ACCESS_FETCH) or b""
+
+    def _root_invalid_opcode(self, rip: int) -> None:
+        code = self._fetch(self.root, rip)
+        if code.startswith(decode.VMCALLR_OPCODE):
+            outcome = self.vmx.vmcallr(decode.VMCALLR_LENGTH)
+            if outcome == "next":
+                self.root.set_reg(x86.UC_X86_REG_RIP, rip + decode.VMCALLR_LENGTH)
+                self.charge(self.root, 1)
+            return
+        insn = decode.decode_one(code, rip)
+        if insn is None or insn.mnemonic not in VMX_MNEMONICS:
+            raise RaiseException(interrupts.INVALID_OPCODE)
+        outcome = self.vmx.execute(insn, insn.mnemonic)
+        if outcome == "next":
+            self.root.set_reg(x86.UC_X86_REG_RIP, rip + insn.size)
+            self.charge(self.root, 1)
+        elif outcome == "stay":
+            self.charge(self.root, 1)
+
+    def _root_trapped(self, rip: int) -> None:
+        insn = decode.decode_one(self._fetch(self.root, rip), rip)
+        self.machine.emulate_trapped(self, self.root, insn)
+        self.root.set_reg(x86.UC_X86_REG_RIP, rip + insn.size)
+        self.charge(self.root, 1)
+
+    def _root_exception(self, stop: ctxmod.Stop) -> None:
+        vector = stop.vector
+        error_code = 0 if vector in interrupts.ERROR_CODE_VECTORS and not self._after_int_n(self.root, stop.rip) else None
+        self._deliver_root(vector, error_code, stop.rip)
+
+    @staticmethod
+    def _after_int_n(context, rip: int) -> bool:
+        previous = context.read_linear(rip - SOFTWARE_INTERRUPT_LENGTH, SOFTWARE_INTERRUPT_LENGTH, fast.ACCESS_FETCH)
+        return previous is not None and previous[0] == SOFTWARE_INTERRUPT_OPCODE
+
+    def _root_translation_fault(self, stop: ctxmod.Stop) -> None:
+        fault = stop.fault
+        if fault.kind == fast.FAULT_PAGE_FAULT:
+            self.root.set_reg(x86.UC_X86_REG_CR2, fault.linear)
+            self.publish("page-fault", rip=stop.rip, address=fault.linear, error_code=fault.page_fault_error_code)
+            self._deliver_root(PAGE_FAULT, fault.page_fault_error_code, stop.rip)
+            return
+        self.machine.machine_check(self, f"access to nonexistent host-physical memory "
+                                         f"{fault.guest_physical:#x} at RIP {stop.rip:#x}")
+
+    def _root_emulator_error(self, stop: ctxmod.Stop) -> None:
+        if stop.error in (uc_const.UC_ERR_FETCH_PROT, uc_const.UC_ERR_READ_PROT, uc_const.UC_ERR_WRITE_PROT,
+                          uc_const.UC_ERR_EXCEPTION):
+            self._deliver_root(interrupts.GENERAL_PROTECTION, 0, stop.rip)
+            return
+        self.machine.machine_check(self, f"emulator error {stop.error} at RIP {stop.rip:#x}")
+
+    def _deliver_root(self, vector: int, error_code: int | None, return_rip: int) -> None:
+        """Delivers through the root IDT; a fault while delivering becomes #DF, then a triple fault."""
+        self.publish("exception" if vector < interrupts.FIRST_DEVICE_VECTOR else "interrupt",
+                     vector=vector, rip=return_rip, error_code=error_code)
+        for attempt_vector, attempt_error in ((vector, error_code), (interrupts.DOUBLE_FAULT, 0)):
+            try:
+                interrupts.deliver(self.root, attempt_vector, attempt_error, return_rip, self.cr2_history)
+                return
+            except interrupts.DeliveryFault as fault:
+                self.publish("delivery-fault", vector=attempt_vector, fault_vector=fault.vector)
+                if attempt_vector == interrupts.DOUBLE_FAULT:
+                    break
+        self.machine.triple_fault(self, return_rip)
+
+    # --- non-root mode -------------------------------------------------------------------------------
+    def _handle_guest_stop(self, stop: ctxmod.Stop) -> None:
+        vmcs = self.guest
+        context = vmcs.context
+        kind = stop.kind
+        if kind in (ctxmod.STOP_BUDGET, ctxmod.STOP_INTERRUPT_WINDOW, ctxmod.STOP_REQUESTED):
+            return
+        if kind == ctxmod.STOP_INVALID_OPCODE:
+            code = self._fetch(context, stop.rip)
+            if code.startswith(decode.VMCALLR_OPCODE):
+                self.vmx.exit_guest(vmcs, ExitReason.VMCALLR, instruction_length=decode.VMCALLR_LENGTH)
+                return
+            insn = decode.decode_one(code, stop.rip)
+            if insn is not None and insn.mnemonic == "vmcall" and vmcs.inverse_call_saved is not None:
+                self.vmx.return_from_inverse_call(vmcs)
+                return
+            if insn is not None and insn.mnemonic in NON_ROOT_EXIT_REASONS:
+                self.vmx.exit_guest(vmcs, NON_ROOT_EXIT_REASONS[insn.mnemonic], instruction_length=insn.size)
+                return
+            self._guest_exception(vmcs, interrupts.INVALID_OPCODE, None, stop.rip)
+        elif kind == ctxmod.STOP_TRAPPED_INSTRUCTION or kind == ctxmod.STOP_HLT:
+            rip = stop.rip if kind == ctxmod.STOP_TRAPPED_INSTRUCTION else stop.rip - 1
+            if kind == ctxmod.STOP_HLT:
+                context.set_reg(x86.UC_X86_REG_RIP, rip)
+            self._guest_trapped(vmcs, decode.decode_one(self._fetch(context, rip), rip))
+        elif kind == ctxmod.STOP_EXCEPTION:
+            software = stop.vector in SOFTWARE_EXCEPTIONS or self._after_int_n(context, stop.rip)
+            error_code = 0 if stop.vector in interrupts.ERROR_CODE_VECTORS and not software else None
+            self._guest_exception(vmcs, stop.vector, error_code, stop.rip, software=software)
+        elif kind == ctxmod.STOP_TRANSLATION_FAULT:
+            self._guest_translation_fault(vmcs, stop)
+        else:
+            self._guest_exception(vmcs, interrupts.GENERAL_PROTECTION, 0, stop.rip)
+
+    def _guest_translation_fault(self, vmcs: ActiveVmcs, stop: ctxmod.Stop) -> None:
+        fault = stop.fault
+        if fault.kind == fast.FAULT_PAGE_FAULT:
+            self._guest_exception(vmcs, PAGE_FAULT, fault.page_fault_error_code, stop.rip, cr2=fault.linear)
+        elif fault.kind == fast.FAULT_EPT_VIOLATION:
+            self.vmx.exit_guest(vmcs, ExitReason.EPT_VIOLATION, fault.ept_qualification,
+                                guest_linear=fault.linear, guest_physical=fault.guest_physical)
+        else:
+            self.vmx.exit_guest(vmcs, ExitReason.EPT_MISCONFIG, guest_physical=fault.guest_physical)
+
+    def _guest_exception(self, vmcs: ActiveVmcs, vector: int, error_code: int | None, rip: int, *,
+                         software: bool = False, cr2: int | None = None) -> None:
+        """An exception in the guest: a VM exit if the exception bitmap says so, else delivery."""
+        interruption_type = InterruptionType.SOFTWARE_EXCEPTION if software else InterruptionType.HARDWARE_EXCEPTION
+        is_int_n = software and vector not in SOFTWARE_EXCEPTIONS
+        if not is_int_n and vmcs.read("EXCEPTION_BITMAP") >> vector & 1:
+            info = make_interruption_info(vector, interruption_type, deliver_error_code=error_code is not None)
+            length = SOFTWARE_INTERRUPT_LENGTH if software else 0
+            self.vmx.exit_guest(vmcs, ExitReason.EXCEPTION_NMI, cr2 if cr2 is not None else 0,
+                                instruction_length=length, interruption_info=info, interruption_error=error_code)
+            return
+        if cr2 is not None:
+            vmcs.context.set_reg(x86.UC_X86_REG_CR2, cr2)
+        self._deliver_guest(vmcs, vector, error_code, rip,
+                            InterruptionType.SOFTWARE_INTERRUPT if is_int_n else interruption_type)
+
+    def _deliver_guest(self, vmcs: ActiveVmcs, vector: int, error_code: int | None, rip: int,
+                       interruption_type: InterruptionType) -> None:
+        """Delivers through the guest IDT: #DF and triple-fault exits on nested faults, EPT faults exit."""
+        attempts = ((vector, error_code), (interrupts.DOUBLE_FAULT, 0))
+        for attempt_vector, attempt_error in attempts:
+            try:
+                interrupts.deliver(vmcs.context, attempt_vector, attempt_error, rip, [])
+                return
+            except interrupts.DeliveryFault as fault:
+                if fault.translation is not None and fault.translation.kind == fast.FAULT_EPT_VIOLATION:
+                    vectoring = make_interruption_info(attempt_vector, interruption_type,
+                                                       deliver_error_code=attempt_error is not None)
+                    self.vmx.exit_guest(vmcs, ExitReason.EPT_VIOLATION, fault.translation.ept_qualification,
+                                        guest_linear=fault.translation.linear,
+                                        guest_physical=fault.translation.guest_physical,
+                                        idt_vectoring_info=vectoring, idt_vectoring_error=attempt_error or 0)
+                    return
+                if attempt_vector == interrupts.DOUBLE_FAULT:
+                    break
+                interruption_type = InterruptionType.HARDWARE_EXCEPTION
+        self.vmx.exit_guest(vmcs, ExitReason.TRIPLE_FAULT)
+
+    def inject_into_guest(self, vmcs: ActiveVmcs, info: int, error_code: int, instruction_length: int) -> None:
+        """VM-entry event injection (SDM Vol. 3C 26.6)."""
+        vector = info & INTR_INFO_VECTOR_MASK
+        kind = InterruptionType((info & INTR_INFO_TYPE_MASK) >> INTR_INFO_TYPE_SHIFT)
+        rip = vmcs.read("GUEST_RIP")
+        if kind in (InterruptionType.SOFTWARE_INTERRUPT, InterruptionType.SOFTWARE_EXCEPTION,
+                    InterruptionType.PRIVILEGED_SOFTWARE_EXCEPTION):
+            rip += instruction_length
+        vmcs.halted = False
+        self.publish("inject", vmcs=vmcs.address, vector=vector, type=int(kind))
+        self._deliver_guest(vmcs, vector, error_code if info & INTR_INFO_DELIVER_ERROR_CODE else None, rip, kind)
+
+    def _guest_trapped(self, vmcs: ActiveVmcs, insn) -> None:
+        mnemonic = insn.mnemonic
+        controls = vmcs.read("CPU_BASED_VM_EXEC_CONTROL")
+        context = vmcs.context
+        if mnemonic == "cpuid":
+            self.vmx.exit_guest(vmcs, ExitReason.CPUID, instruction_length=insn.size)
+        elif mnemonic == "hlt":
+            if controls & PrimaryProcessorControls.HLT_EXITING:
+                self.vmx.exit_guest(vmcs, ExitReason.HLT, instruction_length=insn.size)
+            else:
+                context.set_reg(x86.UC_X86_REG_RIP, insn.address + insn.size)
+                vmcs.halted = True
+        elif mnemonic in ("in", "out") or mnemonic in IO_MNEMONIC_SIZES:
+            self._guest_io(vmcs, insn, controls)
+        elif mnemonic == "rdmsr":
+            self.vmx.exit_guest(vmcs, ExitReason.RDMSR, instruction_length=insn.size)
+        elif mnemonic == "wrmsr":
+            self.vmx.exit_guest(vmcs, ExitReason.WRMSR, instruction_length=insn.size)
+        elif mnemonic in ("rdtsc", "rdtscp") and controls & PrimaryProcessorControls.RDTSC_EXITING:
+            reason = ExitReason.RDTSC if mnemonic == "rdtsc" else ExitReason.RDTSCP
+            self.vmx.exit_guest(vmcs, reason, instruction_length=insn.size)
+        elif mnemonic == "xsetbv":
+            self.vmx.exit_guest(vmcs, ExitReason.XSETBV, instruction_length=insn.size)
+        elif mnemonic == "invd":
+            self.vmx.exit_guest(vmcs, ExitReason.INVD, instruction_length=insn.size)
+        else:
+            self.machine.emulate_trapped(self, context, insn)
+            context.set_reg(x86.UC_X86_REG_RIP, insn.address + insn.size)
+            self.charge(context, 1)
+
+    def _guest_io(self, vmcs: ActiveVmcs, insn, controls: int) -> None:
+        context = vmcs.context
+        string = insn.mnemonic in IO_MNEMONIC_SIZES
+        ops = decode.operands(insn)
+        is_in = insn.mnemonic.startswith("in")
+        if string:
+            size, immediate, port = IO_MNEMONIC_SIZES[insn.mnemonic], False, context.reg(x86.UC_X86_REG_DX)
+        else:
+            register_op = ops[0] if is_in else ops[1]
+            port_op = ops[1] if is_in else ops[0]
+            size = register_op.size
+            immediate = not isinstance(port_op, decode.RegisterOperand)
+            port = insn.operands[1 if is_in else 0].imm if immediate else context.reg(x86.UC_X86_REG_DX)
+        port &= 0xFFFF
+        if self._io_exits(vmcs, controls, port, size):
+            rep = insn.prefix[0] in (0xF3, 0xF2) if string else False
+            qualification = make_io_qualification(port, size, is_in, string=string, rep=rep, immediate=immediate)
+            self.vmx.exit_guest(vmcs, ExitReason.IO_INSTRUCTION, qualification, instruction_length=insn.size)
+            return
+        if string:
+            self._guest_exception(vmcs, interrupts.GENERAL_PROTECTION, 0, insn.address)
+            return
+        io = self.machine.io
+        if is_in:
+            value = io.read(port, size)
+            register = ops[0].register
+            context.set_reg(register, value)
+        else:
+            io.write(port, size, context.reg(ops[1].register) & ((1 << (BITS_PER_BYTE * size)) - 1))
+        context.set_reg(x86.UC_X86_REG_RIP, insn.address + insn.size)
+        self.charge(context, 1)
+
+    def _io_exits(self, vmcs: ActiveVmcs, controls: int, port: int, size: int) -> bool:
+        """SDM Vol. 3C 26.1.3: unconditional I/O exiting, or any bitmap bit of the accessed ports."""
+        if controls & PrimaryProcessorControls.USE_IO_BITMAPS:
+            for p in range(port, port + size):
+                if p > 0xFFFF:
+                    return True
+                bitmap = vmcs.read("IO_BITMAP_A" if p < IO_BITMAP_PORTS else "IO_BITMAP_B")
+                offset = p % IO_BITMAP_PORTS
+                if not self.machine.ram.holds(bitmap + offset // BITS_PER_BYTE):
+                    return True
+                if self.machine.ram.read(bitmap + offset // BITS_PER_BYTE, 1)[0] >> (offset % BITS_PER_BYTE) & 1:
+                    return True
+            return False
+        return bool(controls & PrimaryProcessorControls.UNCONDITIONAL_IO_EXITING)

@@ -1,0 +1,291 @@
+"""The machine: RAM, logical processors scheduled in quanta of virtual time, devices, firmware boot and statistics."""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+from unicorn import x86_const as x86
+
+from emu import context as ctxmod
+from emu import cpuid as cpuid_table
+from emu import decode, interrupts
+from emu.devices import IoBus
+from emu.events import Event, EventStream
+from emu.lp import LogicalProcessor
+from emu.memory import HostMemory, MIB
+from emu.vmx import RaiseException
+from emu.vmx_caps import MACHINE_MAXPHYADDR, msr_values
+
+DEFAULT_RAM_SIZE = 64 * MIB
+DEFAULT_QUANTUM = 50_000          # ticks each LP runs before the next LP's turn
+MAX_LPS = 64
+RECENT_EVENTS_KEPT = 32
+
+# Firmware (docs/machine.md "Reset and firmware"): identity page tables with 1 GiB pages.
+FIRMWARE_PML4 = 0x1000
+FIRMWARE_PDPT = 0x2000
+FIRMWARE_RESERVED_END = 0x3000
+GIB = 1 << 30
+PTE_PRESENT_WRITABLE = 0x3
+PTE_LARGE_PAGE = 0x80
+CR0_AT_START = (1 << 0) | (1 << 1) | (1 << 4) | (1 << 5) | (1 << 16) | (1 << 31)  # PE MP ET NE WP PG
+CR4_AT_START = (1 << 5) | (1 << 9) | (1 << 10)                                   # PAE OSFXSR OSXMMEXCPT
+EFER_AT_START = (1 << 8) | (1 << 10) | (1 << 11)                                 # LME LMA NXE
+
+MSR_TSC = 0x10
+MSR_FEATURE_CONTROL = 0x3A
+FEATURE_CONTROL_LOCKED_VMX = 0x5      # lock bit and "VMX outside SMX" (SDM Vol. 3C 24.7)
+MSR_TSC_AUX = 0xC000_0103
+NATIVE_MSRS = frozenset({0xC000_0080, 0xC000_0081, 0xC000_0082, 0xC000_0083, 0xC000_0084,
+                         0xC000_0100, 0xC000_0101, 0xC000_0102, 0x174, 0x175, 0x176, 0x277})
+U32 = 0xFFFF_FFFF
+RFLAGS_CF = 1
+PRNG_MULTIPLIER = 6364136223846793005
+PRNG_INCREMENT = 1442695040888963407
+U64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+@dataclass
+class MachineStop:
+    """Why the machine stopped: reason, exit status (debug exit), and a report for failures."""
+
+    reason: str
+    exit_status: int | None = None
+    lp: int | None = None
+    report: str = ""
+
+
+@dataclass
+class RunResult:
+    stop: MachineStop
+    instructions: int
+    virtual_time: int
+    exits_by_reason: dict[int, int] = field(default_factory=dict)
+
+
+class Machine:
+    """An x86-64 machine with a VMX-like extension; deterministic for the same inputs."""
+
+    def __init__(self, ram_size: int = DEFAULT_RAM_SIZE, lps: int = 1, quantum: int = DEFAULT_QUANTUM,
+                 record_events: bool = False, seed: int = 0):
+        if not 1 <= lps <= MAX_LPS:
+            raise ValueError(f"the machine has 1 to {MAX_LPS} logical processors, not {lps}")
+        if quantum < 1:
+            raise ValueError("the quantum is at least one tick")
+        self.ram = HostMemory(ram_size)
+        self.quantum = quantum
+        self.events = EventStream(record_events)
+        self.recent_events: collections.deque[Event] = collections.deque(maxlen=RECENT_EVENTS_KEPT)
+        self.events.subscribe(self.recent_events.append)
+        self.io = IoBus(self)
+        self.contexts: list[ctxmod.ExecutionContext] = []
+        self._guest_pool: list[ctxmod.ExecutionContext] = []
+        self.active_vmcs: dict = {}
+        self.exit_counts: collections.Counter[int] = collections.Counter()
+        self.inverse_call_counts: collections.Counter[int] = collections.Counter()
+        self.last_entry_failure = None
+        self.stop: MachineStop | None = None
+        self.instruction_limit: int | None = None
+        self._prng = seed & U64
+        self.lps: list[LogicalProcessor] = []
+        self.running_lp: LogicalProcessor | None = None
+        self.lps = [LogicalProcessor(self, index) for index in range(lps)]
+        self.running_lp = self.lps[0]
+
+    # --- contexts --------------------------------------------------------------------------------------
+    def new_context(self, kind: str, name: str) -> ctxmod.ExecutionContext:
+        context = ctxmod.ExecutionContext(self.ram, MACHINE_MAXPHYADDR, kind, name,
+                                          self.io.read, self.io.write, self._cpuid)
+        self.contexts.append(context)
+        return context
+
+    def acquire_guest_context(self, vmcs) -> ctxmod.ExecutionContext:
+        """A guest instance for a VMCS's first entry: from the pool, with no code or TLB left over."""
+        if self._guest_pool:
+            context = self._guest_pool.pop()
+            context.flush_code()
+            context.flush_translations()
+        else:
+            context = self.new_context(ctxmod.GUEST, f"guest{len(self.contexts)}")
+        context.name = f"vmcs@{vmcs.address:#x}"
+        return context
+
+    def release_guest_context(self, vmcs) -> None:
+        context = vmcs.unbind()
+        if context is not None:
+            self._guest_pool.append(context)
+
+    def invalidate_ept(self, eptp: int | None) -> None:
+        """INVEPT: drop translations derived from one EPTP (single-context) or all (SDM 30.3 INVEPT)."""
+        for vmcs in self.active_vmcs.values():
+            if vmcs.context is not None and (eptp is None or vmcs.context.fast.ctx.eptp == eptp):
+                vmcs.context.flush_translations()
+
+    def on_vmxon(self, lp: LogicalProcessor) -> None:
+        """A hypervisor took VMX operation on `lp`: its code may be new, so drop translated code."""
+        lp.root.flush_code()
+
+    # --- memory loading (the firmware and the operator write RAM from outside) --------------------------
+    def load(self, address: int, data: bytes) -> None:
+        self.ram.write(address, data)
+        for context in self.contexts:
+            context.flush_code()
+
+    def build_firmware_page_tables(self) -> int:
+        """Identity-maps all RAM with 1 GiB pages; returns the CR3 value (docs/machine.md)."""
+        self.ram.write(FIRMWARE_PML4, bytes(FIRMWARE_RESERVED_END - FIRMWARE_PML4))
+        self.ram.write_u64(FIRMWARE_PML4, FIRMWARE_PDPT | PTE_PRESENT_WRITABLE)
+        for gib in range((self.ram.size + GIB - 1) // GIB):
+            self.ram.write_u64(FIRMWARE_PDPT + 8 * gib, gib * GIB | PTE_PRESENT_WRITABLE | PTE_LARGE_PAGE)
+        return FIRMWARE_PML4
+
+    def start(self, entry: int, stack_tops: list[int], argument: int = 0) -> None:
+        """Firmware hand-off: every LP in 64-bit mode at `entry`, RDI = LP index, RSI = `argument`."""
+        if len(stack_tops) != len(self.lps):
+            raise ValueError("one stack top per logical processor")
+        cr3 = self.build_firmware_page_tables()
+        for lp, stack_top in zip(self.lps, stack_tops):
+            uc = lp.root.uc
+            uc.reg_write(x86.UC_X86_REG_CR3, cr3)
+            uc.reg_write(x86.UC_X86_REG_CR4, CR4_AT_START)
+            uc.msr_write(0xC000_0080, EFER_AT_START)
+            uc.reg_write(x86.UC_X86_REG_CR0, CR0_AT_START)
+            uc.reg_write(x86.UC_X86_REG_RSP, stack_top)
+            uc.reg_write(x86.UC_X86_REG_RIP, entry)
+            uc.reg_write(x86.UC_X86_REG_RDI, lp.index)
+            uc.reg_write(x86.UC_X86_REG_RSI, argument)
+            lp.root.flush_code()
+
+    # --- running -----------------------------------------------------------------------------------------
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop is not None
+
+    def request_stop(self, reason: str, exit_status: int | None = None, lp: int | None = None,
+                     report: str = "") -> None:
+        if self.stop is None:
+            self.stop = MachineStop(reason, exit_status, lp, report)
+        if self.running_lp is not None:
+            self.running_lp.context.uc.emu_stop()  # end the run at the current block's end
+
+    @property
+    def instructions_retired(self) -> int:
+        return sum(context.retired for context in self.contexts)
+
+    @property
+    def now(self) -> int:
+        return max(lp.now for lp in self.lps)
+
+    def instruction_limit_time(self) -> int:
+        """The running LP's time at which the machine-wide instruction limit would be reached."""
+        if self.instruction_limit is None:
+            return U64
+        return self.running_lp.now + max(self.instruction_limit - self.instructions_retired, 0)
+
+    def run(self, max_instructions: int | None = None) -> RunResult:
+        """Runs LPs round-robin, one quantum each, until a stop or the instruction limit."""
+        self.instruction_limit = max_instructions
+        while self.stop is None:
+            if max_instructions is not None and self.instructions_retired >= max_instructions:
+                self.request_stop("instruction-limit")
+                break
+            if all(self._is_stuck(lp) for lp in self.lps):
+                self.request_stop("idle", report="every logical processor is halted with nothing to wake it")
+                break
+            round_end = min(lp.now for lp in self.lps) + self.quantum
+            for lp in self.lps:
+                self.running_lp = lp
+                lp.run_slice(round_end)
+                if self.stop is not None:
+                    break
+        return RunResult(self.stop, self.instructions_retired, self.now, dict(self.exit_counts))
+
+    def _is_stuck(self, lp: LogicalProcessor) -> bool:
+        halted = lp.halted or (lp.guest is not None and lp.guest.halted)
+        return halted and lp.timer.deadline is None and lp.preemption_deadline is None and \
+            not lp.pending_vectors and not self.io.doorbell.messages
+
+    def ring_doorbell(self, words: list[int]) -> None:
+        """The operator posts a request; LP 0 gets the doorbell vector if one is programmed."""
+        self.io.doorbell.post(words)
+        self.events.publish(self.lps[0].now, 0, "doorbell", words=len(words))
+        if self.io.doorbell.vector:
+            self.lps[0].raise_interrupt(self.io.doorbell.vector)
+
+    # --- failures ----------------------------------------------------------------------------------------
+    def _report(self, lp: LogicalProcessor, headline: str, rip: int) -> str:
+        cr2 = lp.root.reg(x86.UC_X86_REG_CR2)
+        lines = [headline, f"  LP {lp.index}  RIP {rip:#x}  CR2 {cr2:#x}  virtual time {lp.now}",
+                 "  last events:"]
+        lines += [f"    {e.time:>12} lp{e.lp} {e.kind} {e.data}" for e in self.recent_events]
+        return "\n".join(lines)
+
+    def triple_fault(self, lp: LogicalProcessor, rip: int) -> None:
+        lp.publish("triple-fault", rip=rip)
+        self.request_stop("triple-fault", lp=lp.index, report=self._report(lp, "triple fault: machine stopped", rip))
+
+    def machine_check(self, lp: LogicalProcessor, message: str) -> None:
+        lp.publish("machine-check", message=message)
+        rip = lp.root.reg(x86.UC_X86_REG_RIP)
+        self.request_stop("machine-check", lp=lp.index, report=self._report(lp, f"machine check: {message}", rip))
+
+    def count_exit(self, reason: int) -> None:
+        self.exit_counts[reason] += 1
+
+    def count_inverse_call(self, call: int) -> None:
+        self.inverse_call_counts[call] += 1
+
+    # --- instructions the machine carries out itself -----------------------------------------------------
+    def _cpuid(self, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+        return cpuid_table.cpuid(leaf, subleaf, self.running_lp.index, len(self.lps))
+
+    def _next_random(self) -> int:
+        self._prng = (self._prng * PRNG_MULTIPLIER + PRNG_INCREMENT) & U64
+        return self._prng
+
+    def emulate_trapped(self, lp: LogicalProcessor, context, insn) -> None:
+        """RDMSR, WRMSR, RDTSC(P), RDRAND/RDSEED and MOV to CR3 (root) carried out by the machine."""
+        uc = context.uc
+        mnemonic = insn.mnemonic
+        if mnemonic == "rdmsr":
+            value = self._read_msr(lp, context, uc.reg_read(x86.UC_X86_REG_RCX) & U32)
+            uc.reg_write(x86.UC_X86_REG_RAX, value & U32)
+            uc.reg_write(x86.UC_X86_REG_RDX, value >> 32)
+        elif mnemonic == "wrmsr":
+            index = uc.reg_read(x86.UC_X86_REG_RCX) & U32
+            value = (uc.reg_read(x86.UC_X86_REG_RDX) & U32) << 32 | (uc.reg_read(x86.UC_X86_REG_RAX) & U32)
+            if index not in NATIVE_MSRS:
+                raise RaiseException(interrupts.GENERAL_PROTECTION, 0)
+            uc.msr_write(index, value)
+        elif mnemonic in ("rdtsc", "rdtscp"):
+            tsc = lp.now
+            uc.reg_write(x86.UC_X86_REG_RAX, tsc & U32)
+            uc.reg_write(x86.UC_X86_REG_RDX, tsc >> 32)
+            if mnemonic == "rdtscp":
+                uc.reg_write(x86.UC_X86_REG_RCX, lp.index)
+        elif mnemonic in ("rdrand", "rdseed"):
+            register = decode.operands(insn)[0]
+            uc.reg_write(register.register, self._next_random() & ((1 << (8 * register.size)) - 1))
+            uc.reg_write(x86.UC_X86_REG_RFLAGS, (uc.reg_read(x86.UC_X86_REG_RFLAGS) & ~0x8D5) | RFLAGS_CF)
+        elif mnemonic == "mov":
+            source = decode.operands(insn)[1]
+            value = uc.reg_read(source.register)
+            old = uc.reg_read(x86.UC_X86_REG_CR3)
+            uc.reg_write(x86.UC_X86_REG_CR3, value)
+            lp.publish("cr3-write", old=old, new=value, rip=insn.address)
+        else:
+            raise RaiseException(interrupts.INVALID_OPCODE)
+
+    def _read_msr(self, lp: LogicalProcessor, context, index: int) -> int:
+        vmx = msr_values()
+        if index in vmx:
+            return vmx[index]
+        if index == MSR_FEATURE_CONTROL:
+            return FEATURE_CONTROL_LOCKED_VMX
+        if index == MSR_TSC:
+            return lp.now
+        if index == MSR_TSC_AUX:
+            return lp.index
+        if index in NATIVE_MSRS:
+            return context.uc.msr_read(index)
+        raise RaiseException(interrupts.GENERAL_PROTECTION, 0)

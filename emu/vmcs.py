@@ -1,0 +1,134 @@
+"""The processor's VMCS cache: an active VMCS's fields, with guest register state live in its Unicorn instance.
+
+See: SDM Vol. 3C 25.11.1: software may not assume the in-memory image of an active VMCS is current;
+VMCLEAR writes the cached data back to memory. This machine keeps an active VMCS's fields in Python
+and its guest register state in the guest's execution context, and writes both to RAM on VMCLEAR.
+"""
+from __future__ import annotations
+
+import struct
+
+from unicorn import x86_const as x86
+
+from emu import vmcs_fields as vf
+from emu.vmcs_fields import FIELDS, BY_NAME
+
+EFER_MSR = 0xC0000080
+SLOT = struct.Struct("<Q")
+
+# Guest-state fields that live in the guest's Unicorn instance once the VMCS has been entered.
+_REGISTER_FIELDS = {
+    "GUEST_RIP": x86.UC_X86_REG_RIP,
+    "GUEST_RSP": x86.UC_X86_REG_RSP,
+    "GUEST_RFLAGS": x86.UC_X86_REG_RFLAGS,
+    "GUEST_CR0": x86.UC_X86_REG_CR0,
+    "GUEST_CR3": x86.UC_X86_REG_CR3,
+    "GUEST_CR4": x86.UC_X86_REG_CR4,
+    "GUEST_DR7": x86.UC_X86_REG_DR7,
+    "GUEST_FS_BASE": x86.UC_X86_REG_FS_BASE,
+    "GUEST_GS_BASE": x86.UC_X86_REG_GS_BASE,
+}
+# Descriptor-table registers are (selector, base, limit, flags) tuples in Unicorn.
+_TABLE_FIELDS = {
+    "GUEST_GDTR_BASE": (x86.UC_X86_REG_GDTR, 1), "GUEST_GDTR_LIMIT": (x86.UC_X86_REG_GDTR, 2),
+    "GUEST_IDTR_BASE": (x86.UC_X86_REG_IDTR, 1), "GUEST_IDTR_LIMIT": (x86.UC_X86_REG_IDTR, 2),
+    "GUEST_TR_BASE": (x86.UC_X86_REG_TR, 1), "GUEST_TR_LIMIT": (x86.UC_X86_REG_TR, 2),
+    "GUEST_TR_SELECTOR": (x86.UC_X86_REG_TR, 0),
+}
+_MSR_FIELDS = {"GUEST_IA32_EFER": EFER_MSR}
+# The order guest state is loaded in: control registers before the rest (CR4.PAE before CR0.PG).
+_LOAD_ORDER = ("GUEST_CR4", "GUEST_IA32_EFER", "GUEST_CR3", "GUEST_CR0")
+LIVE_FIELD_NAMES = frozenset(_REGISTER_FIELDS) | frozenset(_TABLE_FIELDS) | frozenset(_MSR_FIELDS)
+_SLOT_INDEX = {field.name: index for index, field in enumerate(FIELDS)}
+
+
+class ActiveVmcs:
+    """One active VMCS: its address, launch state, cached fields and (once entered) guest context."""
+
+    def __init__(self, address: int, values: list[int], launched: bool):
+        self.address = address
+        self.values = values
+        self.launched = launched
+        self.context = None          # ExecutionContext holding live guest state, bound on entry
+        self.lp_index: int | None = None
+        # An inverse hypercall in progress: the guest RIP/RSP/RFLAGS it interrupted.
+        self.inverse_call_saved: tuple[int, int, int] | None = None
+        self.halted = False
+
+    # --- the memory image -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, ram, address: int) -> "ActiveVmcs":
+        base = address + vf.VMCS_FIELDS_OFFSET
+        image = ram.read(base, len(FIELDS) * vf.VMCS_SLOT_SIZE)
+        values = [SLOT.unpack_from(image, i * vf.VMCS_SLOT_SIZE)[0] & field.mask
+                  for i, field in enumerate(FIELDS)]
+        launched = ram.read_u32(address + vf.VMCS_LAUNCH_STATE_OFFSET) == vf.LAUNCH_STATE_LAUNCHED
+        return cls(address, values, launched)
+
+    def store(self, ram) -> None:
+        """Writes the cached data back (VMCLEAR). See: SDM Vol. 3C 31.3 VMCLEAR."""
+        self.pull_live_state()
+        image = b"".join(SLOT.pack(value) for value in self.values)
+        ram.write(self.address + vf.VMCS_FIELDS_OFFSET, image)
+        ram.write_u32(self.address + vf.VMCS_LAUNCH_STATE_OFFSET,
+                      vf.LAUNCH_STATE_LAUNCHED if self.launched else vf.LAUNCH_STATE_CLEAR)
+
+    # --- field access -------------------------------------------------------------------------------
+    def read(self, name: str) -> int:
+        if self.context is not None and name in LIVE_FIELD_NAMES:
+            return self._read_live(name) & BY_NAME[name].mask
+        return self.values[_SLOT_INDEX[name]]
+
+    def write(self, name: str, value: int) -> None:
+        value &= BY_NAME[name].mask
+        self.values[_SLOT_INDEX[name]] = value
+        if self.context is not None and name in LIVE_FIELD_NAMES:
+            self._write_live(name, value)
+
+    def read_encoding(self, field: vf.Field, high: bool) -> int:
+        return vf.read_component(field, high, self.read(field.name))
+
+    def write_encoding(self, field: vf.Field, high: bool, value: int) -> None:
+        self.write(field.name, vf.write_component(field, high, self.read(field.name), value))
+
+    # --- live guest state ---------------------------------------------------------------------------
+    def _read_live(self, name: str) -> int:
+        uc = self.context.uc
+        if name in _REGISTER_FIELDS:
+            return uc.reg_read(_REGISTER_FIELDS[name])
+        if name in _TABLE_FIELDS:
+            register, part = _TABLE_FIELDS[name]
+            return uc.reg_read(register)[part]
+        return uc.msr_read(_MSR_FIELDS[name])
+
+    def _write_live(self, name: str, value: int) -> None:
+        uc = self.context.uc
+        if name in _REGISTER_FIELDS:
+            uc.reg_write(_REGISTER_FIELDS[name], value)
+        elif name in _TABLE_FIELDS:
+            register, part = _TABLE_FIELDS[name]
+            parts = list(uc.reg_read(register))
+            parts[part] = value
+            uc.reg_write(register, tuple(parts))
+        else:
+            uc.msr_write(_MSR_FIELDS[name], value)
+
+    def bind(self, context) -> None:
+        """Makes `context` hold this VMCS's guest register state (the first VM entry)."""
+        self.context = context
+        for name in _LOAD_ORDER:
+            self._write_live(name, self.values[_SLOT_INDEX[name]])
+        for name in LIVE_FIELD_NAMES.difference(_LOAD_ORDER):
+            self._write_live(name, self.values[_SLOT_INDEX[name]])
+
+    def pull_live_state(self) -> None:
+        if self.context is None:
+            return
+        for name in LIVE_FIELD_NAMES:
+            self.values[_SLOT_INDEX[name]] = self._read_live(name) & BY_NAME[name].mask
+
+    def unbind(self):
+        """Moves live state back into the fields and returns the context for reuse."""
+        self.pull_live_state()
+        context, self.context = self.context, None
+        return context

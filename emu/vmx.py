@@ -1,0 +1,479 @@
+"""The VMX-like extension: VMX instructions in root mode, VM entries and VM exits (SDM Vol. 3C 26, 27, 31).
+
+Instructions arrive here as #UD traps from Unicorn; each is carried out as the SDM's pseudocode
+for it says (Vol. 3C 31.3), with VMsucceed / VMfailInvalid / VMfailValid(n) reported in RFLAGS.
+"""
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from unicorn import x86_const as x86
+
+from emu import decode, fast, vmcs_fields as vf
+from emu.decode import MemoryOperand, RegisterOperand
+from emu.vmcs import ActiveVmcs
+from emu.vmentry_checks import check_vm_entry
+from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
+from emu.vmx_defs import (
+    EntryControls, ExitControls, ExitReason, InterruptionType, PinBasedControls,
+    PrimaryProcessorControls, SecondaryProcessorControls, VmInstructionError,
+    INTR_INFO_VALID, INTR_INFO_VECTOR_MASK, INTR_INFO_DELIVER_ERROR_CODE, INTR_INFO_TYPE_MASK,
+    INTR_INFO_TYPE_SHIFT, make_interruption_info, ActivityState,
+)
+
+if TYPE_CHECKING:
+    from emu.lp import LogicalProcessor
+
+U64 = 0xFFFF_FFFF_FFFF_FFFF
+PAGE_MASK = 0xFFF
+INVALID_VMCS_POINTER = U64
+CR4_VMXE = 1 << 13
+RFLAGS_CF = 1 << 0
+RFLAGS_PF = 1 << 2
+RFLAGS_AF = 1 << 4
+RFLAGS_ZF = 1 << 6
+RFLAGS_SF = 1 << 7
+RFLAGS_OF = 1 << 11
+RFLAGS_ARITHMETIC = RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF
+RFLAGS_FIXED_BIT = 1 << 1
+VM_ENTRY_FAILURE = 1 << 31
+INVEPT_DESCRIPTOR_SIZE = 16
+INVEPT_SINGLE_CONTEXT = 1
+INVEPT_ALL_CONTEXT = 2
+DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT = 0xFFFF  # SDM 27.5.2: GDTR and IDTR limits are set to FFFFH
+EFER_MSR = 0xC0000080
+
+# Machine-specific VM-instruction errors of VMCALLR (above Intel's 1..28; documented in docs/machine.md).
+VMCALLR_NOT_LAUNCHED = 64
+VMCALLR_NO_ENTRY_POINT = 65
+VMCALLR_ALREADY_IN_PROGRESS = 66
+VMCALLR_ENDED_BY_VM_EXIT = 67
+
+VMX_MNEMONICS = frozenset({"vmxon", "vmxoff", "vmclear", "vmptrld", "vmptrst", "vmread", "vmwrite",
+                           "vmlaunch", "vmresume", "vmcall", "invept", "invvpid", "vmfunc"})
+# VMX instructions executed in VMX non-root operation exit with these reasons (SDM Vol. 3C 26.1.2).
+NON_ROOT_EXIT_REASONS = {
+    "vmcall": ExitReason.VMCALL, "vmclear": ExitReason.VMCLEAR, "vmlaunch": ExitReason.VMLAUNCH,
+    "vmptrld": ExitReason.VMPTRLD, "vmptrst": ExitReason.VMPTRST, "vmread": ExitReason.VMREAD,
+    "vmresume": ExitReason.VMRESUME, "vmwrite": ExitReason.VMWRITE, "vmxoff": ExitReason.VMXOFF,
+    "vmxon": ExitReason.VMXON, "invept": ExitReason.INVEPT, "invvpid": ExitReason.INVVPID,
+    "vmfunc": ExitReason.VMFUNC,
+}
+
+
+class RaiseException(Exception):
+    """The instruction faults instead of completing: deliver `vector` to the executing context."""
+
+    def __init__(self, vector: int, error_code: int | None = None, cr2: int | None = None):
+        super().__init__(vector)
+        self.vector = vector
+        self.error_code = error_code
+        self.cr2 = cr2
+
+
+class VmxUnit:
+    """One logical processor's VMX state and the semantics of its VMX instructions."""
+
+    def __init__(self, lp: "LogicalProcessor"):
+        self.lp = lp
+        self.machine = lp.machine
+        self.on = False
+        self.vmxon_region = 0
+        self.current: ActiveVmcs | None = None
+
+    # --- operand helpers -----------------------------------------------------------------------------
+    def _effective_address(self, insn, operand: MemoryOperand) -> int:
+        uc = self.lp.root.uc
+        address = operand.displacement
+        if operand.rip_relative:
+            address += insn.address + insn.size
+        if operand.base is not None:
+            address += uc.reg_read(operand.base)
+        if operand.index is not None:
+            address += uc.reg_read(operand.index) * operand.scale
+        return address & U64
+
+    def _read_operand(self, insn, operand, size: int = 8) -> int:
+        if isinstance(operand, RegisterOperand):
+            return self.lp.root.uc.reg_read(operand.register)
+        data = self._read_memory(self._effective_address(insn, operand), size)
+        return int.from_bytes(data, "little")
+
+    def _read_memory(self, linear: int, size: int) -> bytes:
+        root = self.lp.root
+        data = root.read_linear(linear, size)
+        if data is None:
+            for page_start in (linear, linear + size - 1):
+                self._raise_translation(root.translate(page_start, fast.ACCESS_READ)[1])
+        return data
+
+    def _write_operand(self, insn, operand, value: int, size: int = 8) -> None:
+        if isinstance(operand, RegisterOperand):
+            self.lp.root.uc.reg_write(operand.register, value & U64)
+            return
+        fault = self.lp.root.write_linear(self._effective_address(insn, operand),
+                                          (value & U64).to_bytes(8, "little")[:size])
+        self._raise_translation(fault)
+
+    @staticmethod
+    def _raise_translation(fault) -> None:
+        if fault is None:
+            return
+        if fault.kind == fast.FAULT_PAGE_FAULT:
+            raise RaiseException(14, fault.page_fault_error_code, fault.linear)
+        raise RaiseException(13, 0)
+
+    # --- RFLAGS conventions (SDM Vol. 3C 31.2) --------------------------------------------------------
+    def _set_flags(self, set_bits: int) -> None:
+        uc = self.lp.root.uc
+        rflags = uc.reg_read(x86.UC_X86_REG_RFLAGS)
+        uc.reg_write(x86.UC_X86_REG_RFLAGS, (rflags & ~RFLAGS_ARITHMETIC) | set_bits)
+
+    def succeed(self) -> None:
+        self._set_flags(0)
+
+    def fail_invalid(self) -> None:
+        self._set_flags(RFLAGS_CF)
+
+    def fail(self, error: int) -> None:
+        """VMfailValid(error) when there is a current VMCS, otherwise VMfailInvalid."""
+        if self.current is None:
+            self.fail_invalid()
+            return
+        self.current.write("VM_INSTRUCTION_ERROR", int(error))
+        self._set_flags(RFLAGS_ZF)
+        self.lp.publish("vmfail", error=int(error))
+
+    def _valid_physical(self, address: int) -> bool:
+        return address & PAGE_MASK == 0 and address >> CAPS.maxphyaddr == 0 and \
+            self.machine.ram.holds(address, vf.VMCS_REGION_SIZE)
+
+    # --- dispatch -------------------------------------------------------------------------------------
+    def execute(self, insn, mnemonic: str) -> str:
+        """Carries out one VMX instruction in root mode. Returns 'next' (advance RIP), 'enter' (a VM
+        entry happened: the LP now runs the guest), 'stay' (RIP already set) or raises RaiseException."""
+        cr4 = self.lp.root.uc.reg_read(x86.UC_X86_REG_CR4)
+        if mnemonic == "vmxon":
+            if not cr4 & CR4_VMXE:
+                raise RaiseException(6)
+            return self._vmxon(insn)
+        if not self.on:
+            raise RaiseException(6)  # SDM 31.3: VMX instructions outside VMX operation are #UD
+        handler = getattr(self, "_" + mnemonic, None)
+        if handler is None:
+            raise RaiseException(6)
+        return handler(insn)
+
+    def _vmxon(self, insn) -> str:
+        if self.on:
+            self.fail(VmInstructionError.VMXON_IN_VMX_ROOT)
+            return "next"
+        uc = self.lp.root.uc
+        cr0 = uc.reg_read(x86.UC_X86_REG_CR0)
+        cr4 = uc.reg_read(x86.UC_X86_REG_CR4)
+        if (cr0 & CAPS.cr0_fixed0) != CAPS.cr0_fixed0 or (cr4 & CAPS.cr4_fixed0) != CAPS.cr4_fixed0:
+            raise RaiseException(13, 0)
+        address = self._read_operand(insn, decode.operands(insn)[0])
+        if not self._valid_physical(address) or \
+                self.machine.ram.read_u32(address) & vf.VMCS_REVISION_ID_MASK != CAPS.vmcs_revision_id:
+            self.fail_invalid()
+            self.lp.publish("vmxon", region=address, ok=False)
+            return "next"
+        self.on = True
+        self.vmxon_region = address
+        self.current = None
+        self.succeed()
+        self.lp.publish("vmxon", region=address, ok=True)
+        self.machine.on_vmxon(self.lp)
+        return "next"
+
+    def _vmxoff(self, insn) -> str:
+        self.on = False
+        self.current = None
+        self.succeed()
+        self.lp.publish("vmxoff")
+        return "next"
+
+    def _vmclear(self, insn) -> str:
+        address = self._read_operand(insn, decode.operands(insn)[0])
+        if not self._valid_physical(address):
+            self.fail(VmInstructionError.VMCLEAR_INVALID_ADDRESS)
+        elif address == self.vmxon_region:
+            self.fail(VmInstructionError.VMCLEAR_VMXON_POINTER)
+        else:
+            active = self.machine.active_vmcs.pop(address, None)
+            if active is not None:
+                active.launched = False
+                active.store(self.machine.ram)
+                self.machine.release_guest_context(active)
+            else:
+                self.machine.ram.write_u32(address + vf.VMCS_LAUNCH_STATE_OFFSET, vf.LAUNCH_STATE_CLEAR)
+            if self.current is not None and self.current.address == address:
+                self.current = None
+            self.succeed()
+            self.lp.publish("vmclear", vmcs=address)
+        return "next"
+
+    def _vmptrld(self, insn) -> str:
+        address = self._read_operand(insn, decode.operands(insn)[0])
+        if not self._valid_physical(address):
+            self.fail(VmInstructionError.VMPTRLD_INVALID_ADDRESS)
+        elif address == self.vmxon_region:
+            self.fail(VmInstructionError.VMPTRLD_VMXON_POINTER)
+        elif self.machine.ram.read_u32(address) != CAPS.vmcs_revision_id:
+            self.fail(VmInstructionError.VMPTRLD_INCORRECT_REVISION_ID)
+        else:
+            active = self.machine.active_vmcs.get(address)
+            if active is None:
+                active = ActiveVmcs.load(self.machine.ram, address)
+                self.machine.active_vmcs[address] = active
+            self.current = active
+            self.succeed()
+            self.lp.publish("vmptrld", vmcs=address)
+        return "next"
+
+    def _vmptrst(self, insn) -> str:
+        pointer = self.current.address if self.current is not None else INVALID_VMCS_POINTER
+        self._write_operand(insn, decode.operands(insn)[0], pointer)
+        self.succeed()
+        return "next"
+
+    def _vmread(self, insn) -> str:
+        if self.current is None:
+            self.fail_invalid()
+            return "next"
+        destination, source = decode.operands(insn)
+        found = vf.lookup(self.lp.root.uc.reg_read(source.register))
+        if found is None:
+            self.fail(VmInstructionError.UNSUPPORTED_VMCS_COMPONENT)
+            return "next"
+        field, high = found
+        self._write_operand(insn, destination, self.current.read_encoding(field, high))
+        self.succeed()
+        return "next"
+
+    def _vmwrite(self, insn) -> str:
+        if self.current is None:
+            self.fail_invalid()
+            return "next"
+        destination, source = decode.operands(insn)
+        value = self._read_operand(insn, source)
+        found = vf.lookup(self.lp.root.uc.reg_read(destination.register))
+        if found is None:
+            self.fail(VmInstructionError.UNSUPPORTED_VMCS_COMPONENT)
+        elif found[0].read_only:
+            self.fail(VmInstructionError.VMWRITE_READ_ONLY_COMPONENT)
+        else:
+            self.current.write_encoding(found[0], found[1], value)
+            self.succeed()
+        return "next"
+
+    def _vmcall(self, insn) -> str:
+        self.fail(VmInstructionError.VMCALL_IN_VMX_ROOT)
+        return "next"
+
+    def _invept(self, insn) -> str:
+        register, descriptor_operand = decode.operands(insn)
+        kind = self.lp.root.uc.reg_read(register.register)
+        descriptor = self._read_memory(self._effective_address(insn, descriptor_operand), INVEPT_DESCRIPTOR_SIZE)
+        eptp = struct.unpack_from("<Q", descriptor)[0]
+        if kind not in (INVEPT_SINGLE_CONTEXT, INVEPT_ALL_CONTEXT):
+            self.fail(VmInstructionError.INVALID_INVEPT_INVVPID_OPERAND)
+            return "next"
+        self.machine.invalidate_ept(None if kind == INVEPT_ALL_CONTEXT else eptp)
+        self.succeed()
+        self.lp.publish("invept", type=kind, eptp=eptp)
+        return "next"
+
+    def _invvpid(self, insn) -> str:
+        self.succeed()  # this machine tags no translations with VPIDs: nothing to invalidate
+        return "next"
+
+    def _vmlaunch(self, insn) -> str:
+        return self._enter(insn, launching=True)
+
+    def _vmresume(self, insn) -> str:
+        return self._enter(insn, launching=False)
+
+    # --- VM entry (SDM Vol. 3C 26) ------------------------------------------------------------------
+    def _enter(self, insn, launching: bool) -> str:
+        vmcs = self.current
+        if vmcs is None:
+            self.fail_invalid()
+            return "next"
+        if launching and vmcs.launched:
+            self.fail(VmInstructionError.VMLAUNCH_NONCLEAR_VMCS)
+            return "next"
+        if not launching and not vmcs.launched:
+            self.fail(VmInstructionError.VMRESUME_NONLAUNCHED_VMCS)
+            return "next"
+        failure = check_vm_entry(vmcs.read, CAPS, launching=launching)
+        if failure is not None:
+            self.lp.publish("vm-entry-failed", vmcs=vmcs.address, check=failure.check,
+                            message=failure.message)
+            self.machine.last_entry_failure = failure
+            if failure.kind == "VMfailValid":
+                self.fail(failure.error)
+                return "next"
+            # SDM 26.8: a guest-state failure loads host state like a VM exit, reason bit 31 set.
+            vmcs.write("VM_EXIT_REASON", VM_ENTRY_FAILURE | int(failure.exit_reason))
+            vmcs.write("EXIT_QUALIFICATION", failure.qualification)
+            self.load_host_state(vmcs)
+            return "stay"
+        self.begin_guest(vmcs, launching, insn.size)
+        return "enter"
+
+    def begin_guest(self, vmcs: ActiveVmcs, launching: bool, instruction_length: int,
+                    inject: bool = True) -> None:
+        """Loads guest state and hands the LP to the guest's context (SDM 26.3.2, 26.6)."""
+        machine = self.machine
+        lp = self.lp
+        # The VMX instruction retires in root mode before the guest starts.
+        lp.root.set_reg(x86.UC_X86_REG_RIP, lp.root.reg(x86.UC_X86_REG_RIP) + instruction_length)
+        lp.charge(lp.root, 1)
+        context = vmcs.context
+        if context is None:
+            context = machine.acquire_guest_context(vmcs)
+            vmcs.bind(context)
+        elif launching:
+            context.flush_code()
+            vmcs.bind(context)
+        eptp = vmcs.read("EPT_POINTER")
+        if context.fast.ctx.eptp != eptp or context.fast.ctx.mode != fast.MODE_GUEST:
+            context.fast.set_mode(fast.MODE_GUEST, eptp)
+            context.flush_translations()
+        if launching:
+            vmcs.launched = True
+        vmcs.lp_index = lp.index
+        fast.copy_general_purpose_registers(lp.root.uc, context.uc)
+        vmcs.halted = vmcs.read("GUEST_ACTIVITY_STATE") == ActivityState.HLT
+        lp.enter_guest(vmcs)
+        lp.publish("vm-entry", vmcs=vmcs.address, launch=launching, rip=vmcs.read("GUEST_RIP"))
+        entry_info = vmcs.read("VM_ENTRY_INTR_INFO_FIELD")
+        if inject and entry_info & INTR_INFO_VALID:
+            lp.inject_into_guest(vmcs, entry_info, vmcs.read("VM_ENTRY_EXCEPTION_ERROR_CODE"),
+                                 vmcs.read("VM_ENTRY_INSTRUCTION_LEN"))
+        if vmcs.read("PIN_BASED_VM_EXEC_CONTROL") & PinBasedControls.ACTIVATE_VMX_PREEMPTION_TIMER:
+            lp.preemption_deadline = lp.now + (vmcs.read("VMX_PREEMPTION_TIMER_VALUE") << CAPS.preemption_timer_rate)
+        else:
+            lp.preemption_deadline = None
+
+    # --- VM exit (SDM Vol. 3C 27) ------------------------------------------------------------------
+    def exit_guest(self, vmcs: ActiveVmcs, reason: int, qualification: int = 0, *,
+                   instruction_length: int = 0, guest_linear: int | None = None,
+                   guest_physical: int | None = None, interruption_info: int = 0,
+                   interruption_error: int | None = None, idt_vectoring_info: int = 0,
+                   idt_vectoring_error: int = 0) -> None:
+        lp = self.lp
+        if vmcs.inverse_call_saved is not None:
+            self._end_inverse_call(vmcs, succeeded=False, exit_reason=reason)
+            return
+        vmcs.write("VM_EXIT_REASON", int(reason))
+        vmcs.write("EXIT_QUALIFICATION", qualification)
+        vmcs.write("VM_EXIT_INSTRUCTION_LEN", instruction_length)
+        vmcs.write("VM_EXIT_INTR_INFO", interruption_info)
+        vmcs.write("VM_EXIT_INTR_ERROR_CODE", interruption_error or 0)
+        vmcs.write("IDT_VECTORING_INFO_FIELD", idt_vectoring_info)
+        vmcs.write("IDT_VECTORING_ERROR_CODE", idt_vectoring_error)
+        if guest_linear is not None:
+            vmcs.write("GUEST_LINEAR_ADDRESS", guest_linear)
+        if guest_physical is not None:
+            vmcs.write("GUEST_PHYSICAL_ADDRESS", guest_physical)
+        # SDM 27.2: every VM exit clears the valid bit of the VM-entry interruption information.
+        vmcs.write("VM_ENTRY_INTR_INFO_FIELD", vmcs.read("VM_ENTRY_INTR_INFO_FIELD") & ~INTR_INFO_VALID)
+        vmcs.write("GUEST_ACTIVITY_STATE", ActivityState.HLT if vmcs.halted else ActivityState.ACTIVE)
+        if lp.preemption_deadline is not None and \
+                vmcs.read("VM_EXIT_CONTROLS") & ExitControls.SAVE_VMX_PREEMPTION_TIMER_VALUE:
+            remaining = max(lp.preemption_deadline - lp.now, 0) >> CAPS.preemption_timer_rate
+            vmcs.write("VMX_PREEMPTION_TIMER_VALUE", remaining)
+        if vmcs.read("VM_EXIT_CONTROLS") & ExitControls.SAVE_IA32_EFER:
+            vmcs.write("GUEST_IA32_EFER", vmcs.read("GUEST_IA32_EFER"))
+        fast.copy_general_purpose_registers(vmcs.context.uc, lp.root.uc)
+        lp.publish("vm-exit", vmcs=vmcs.address, reason=int(reason), qualification=qualification,
+                   rip=vmcs.read("GUEST_RIP"))
+        self.machine.count_exit(int(reason))
+        lp.leave_guest()
+        self.load_host_state(vmcs)
+
+    def load_host_state(self, vmcs: ActiveVmcs) -> None:
+        """SDM 27.5: host RIP, RSP, control registers, bases and EFER; RFLAGS = 2."""
+        uc = self.lp.root.uc
+        host_cr3 = vmcs.read("HOST_CR3")
+        if uc.reg_read(x86.UC_X86_REG_CR3) != host_cr3:
+            uc.reg_write(x86.UC_X86_REG_CR3, host_cr3)
+        for name, register in (("HOST_CR0", x86.UC_X86_REG_CR0), ("HOST_CR4", x86.UC_X86_REG_CR4),
+                               ("HOST_FS_BASE", x86.UC_X86_REG_FS_BASE),
+                               ("HOST_GS_BASE", x86.UC_X86_REG_GS_BASE)):
+            value = vmcs.read(name)
+            if uc.reg_read(register) != value:
+                uc.reg_write(register, value)
+        for name, register in (("HOST_GDTR_BASE", x86.UC_X86_REG_GDTR), ("HOST_IDTR_BASE", x86.UC_X86_REG_IDTR)):
+            table = (0, vmcs.read(name), DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT, 0)
+            if tuple(uc.reg_read(register)) != table:
+                uc.reg_write(register, table)
+        if vmcs.read("VM_EXIT_CONTROLS") & ExitControls.LOAD_IA32_EFER:
+            uc.msr_write(EFER_MSR, vmcs.read("HOST_IA32_EFER"))
+        uc.reg_write(x86.UC_X86_REG_RSP, vmcs.read("HOST_RSP"))
+        uc.reg_write(x86.UC_X86_REG_RFLAGS, RFLAGS_FIXED_BIT)
+        uc.reg_write(x86.UC_X86_REG_RIP, vmcs.read("HOST_RIP"))
+
+    # --- VMCALLR: the inverse hypercall (docs/machine.md, "VMCALLR") --------------------------------
+    def vmcallr(self, instruction_length: int) -> str:
+        if not self.on:
+            raise RaiseException(6)
+        vmcs = self.current
+        if vmcs is None:
+            self.fail_invalid()
+            return "next"
+        if not vmcs.launched or vmcs.context is None:
+            self.fail(VMCALLR_NOT_LAUNCHED)
+            return "next"
+        entry = vmcs.read("INVERSE_HYPERCALL_ENTRY")
+        if entry == 0:
+            self.fail(VMCALLR_NO_ENTRY_POINT)
+            return "next"
+        if vmcs.inverse_call_saved is not None:
+            self.fail(VMCALLR_ALREADY_IN_PROGRESS)
+            return "next"
+        failure = check_vm_entry(vmcs.read, CAPS, launching=False)
+        if failure is not None:
+            self.machine.last_entry_failure = failure
+            self.fail(failure.error if failure.kind == "VMfailValid" else VmInstructionError.ENTRY_INVALID_CONTROL_FIELD)
+            return "next"
+        lp = self.lp
+        call_number = lp.root.reg(x86.UC_X86_REG_RAX)
+        vmcs.inverse_call_saved = (vmcs.read("GUEST_RIP"), vmcs.read("GUEST_RSP"), vmcs.read("GUEST_RFLAGS"))
+        lp.publish("vmcallr", vmcs=vmcs.address, call=call_number)
+        self.machine.count_inverse_call(call_number)
+        self.begin_guest(vmcs, launching=False, instruction_length=instruction_length, inject=False)
+        vmcs.halted = False
+        vmcs.write("GUEST_RIP", entry)
+        stack = vmcs.read("INVERSE_HYPERCALL_STACK")
+        if stack:
+            vmcs.write("GUEST_RSP", stack)
+        vmcs.write("GUEST_RFLAGS", RFLAGS_FIXED_BIT)  # interrupts stay blocked during the call
+        return "enter"
+
+    def _end_inverse_call(self, vmcs: ActiveVmcs, succeeded: bool, exit_reason: int = 0) -> None:
+        lp = self.lp
+        rip, rsp, rflags = vmcs.inverse_call_saved
+        vmcs.inverse_call_saved = None
+        if succeeded:
+            fast.copy_general_purpose_registers(vmcs.context.uc, lp.root.uc)
+        vmcs.write("GUEST_RIP", rip)
+        vmcs.write("GUEST_RSP", rsp)
+        vmcs.write("GUEST_RFLAGS", rflags)
+        lp.leave_guest()
+        lp.publish("vmcallr-return", vmcs=vmcs.address, ok=succeeded,
+                   result=lp.root.reg(x86.UC_X86_REG_RAX) if succeeded else None,
+                   exit_reason=None if succeeded else int(exit_reason))
+        if succeeded:
+            self.succeed()
+        else:
+            vmcs.write("VM_EXIT_REASON", int(exit_reason))
+            self.fail(VMCALLR_ENDED_BY_VM_EXIT)
+
+    def return_from_inverse_call(self, vmcs: ActiveVmcs) -> None:
+        """The guest's VMCALL while an inverse hypercall is in progress returns it to root mode."""
+        self._end_inverse_call(vmcs, succeeded=True)
