@@ -54,12 +54,15 @@ class ExecutionContext:
         self.uc = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
         self.uc.mem_map_ptr(0, ram.size, uc_const.UC_PROT_ALL, ram.pointer)
         self.uc.ctl_set_tlb_mode(uc_const.UC_TLB_VIRTUAL)
+        self.regs = fast.Registers(self.uc)
         self.fast = fast.FastState(self.uc, ram.pointer, ram.size, maxphyaddr, self._on_new_block)
         self.exit_points: set[int] = set()
         self._pending_removals: list[tuple[int, int]] = []
         self.uc.ctl_exits_enabled(True)
         self.uc.ctl_set_exits([NEVER_EXECUTED_ADDRESS])
         self.pending: Stop | None = None
+        # Root contexts carry out VMREAD/VMWRITE inside the hook, without ending the run.
+        self.inline_handler: Callable[[int], bool] | None = None
         self._io_in = io_in
         self._io_out = io_out
         self._cpuid = cpuid
@@ -83,12 +86,15 @@ class ExecutionContext:
         return count
 
     def _on_invalid_opcode(self, uc, _user_data) -> bool:
-        self.pending = Stop(STOP_INVALID_OPCODE, uc.reg_read(x86.UC_X86_REG_RIP))
+        rip = self.regs.read(x86.UC_X86_REG_RIP)
+        if self.inline_handler is not None and self.inline_handler(rip):
+            return True  # carried out in place (it retires as part of its block); run on
+        self.pending = Stop(STOP_INVALID_OPCODE, rip)
         uc.emu_stop()
         return True
 
     def _on_interrupt(self, uc, vector: int, _user_data) -> None:
-        self.pending = Stop(STOP_EXCEPTION, uc.reg_read(x86.UC_X86_REG_RIP), vector=vector)
+        self.pending = Stop(STOP_EXCEPTION, self.regs.read(x86.UC_X86_REG_RIP), vector=vector)
         uc.emu_stop()
 
     def _on_in(self, uc, port: int, size: int, _user_data) -> int:
@@ -98,13 +104,14 @@ class ExecutionContext:
         self._io_out(port, size, value)
 
     def _on_cpuid(self, uc, _user_data) -> int:
-        leaf = uc.reg_read(x86.UC_X86_REG_RAX) & 0xFFFF_FFFF
-        subleaf = uc.reg_read(x86.UC_X86_REG_RCX) & 0xFFFF_FFFF
+        regs = self.regs
+        leaf = regs.read(x86.UC_X86_REG_RAX) & 0xFFFF_FFFF
+        subleaf = regs.read(x86.UC_X86_REG_RCX) & 0xFFFF_FFFF
         eax, ebx, ecx, edx = self._cpuid(leaf, subleaf)
-        uc.reg_write(x86.UC_X86_REG_RAX, eax)
-        uc.reg_write(x86.UC_X86_REG_RBX, ebx)
-        uc.reg_write(x86.UC_X86_REG_RCX, ecx)
-        uc.reg_write(x86.UC_X86_REG_RDX, edx)
+        regs.write(x86.UC_X86_REG_RAX, eax)
+        regs.write(x86.UC_X86_REG_RBX, ebx)
+        regs.write(x86.UC_X86_REG_RCX, ecx)
+        regs.write(x86.UC_X86_REG_RDX, edx)
         return 1  # skip Unicorn's own CPUID
 
     # --- memory through this context's translation ----------------------------------------------
@@ -145,10 +152,10 @@ class ExecutionContext:
         self.fast.ctx.retired += count
 
     def reg(self, register: int) -> int:
-        return self.uc.reg_read(register)
+        return self.regs.read(register)
 
     def set_reg(self, register: int, value: int) -> None:
-        self.uc.reg_write(register, value)
+        self.regs.write(register, value)
 
     def flush_translations(self) -> None:
         """Drops every cached translation (Unicorn's TLB): CR3 loads, INVEPT, a new EPTP."""
@@ -167,13 +174,13 @@ class ExecutionContext:
         ctx.watch_interrupt_window = 1 if watch_interrupt_window else 0
         ctx.block_size = 0
         self.pending = None
-        start = self.uc.reg_read(x86.UC_X86_REG_RIP)
+        start = self.regs.read(x86.UC_X86_REG_RIP)
         error = uc_const.UC_ERR_OK
         try:
             self.uc.emu_start(start, NEVER_EXECUTED_ADDRESS)
         except UcError as exc:
             error = exc.errno
-        rip = self.uc.reg_read(x86.UC_X86_REG_RIP)
+        rip = self.regs.read(x86.UC_X86_REG_RIP)
         if self._pending_removals:
             self.uc.ctl_set_exits(sorted(self.exit_points) + [NEVER_EXECUTED_ADDRESS])
             for begin, end in self._pending_removals:

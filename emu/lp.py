@@ -30,6 +30,7 @@ IO_BITMAP_PORTS = 0x8000   # bitmap A covers ports 0000H-7FFFH, bitmap B 8000H-F
 BITS_PER_BYTE = 8
 # Exceptions a trap leaves RIP after (software exceptions); the rest are faults (SDM Vol. 3A 6.5).
 SOFTWARE_EXCEPTIONS = frozenset({interrupts.BREAKPOINT, interrupts.OVERFLOW})
+INLINE_VMX_MNEMONICS = frozenset({"vmread", "vmwrite"})
 IO_MNEMONIC_SIZES = {"insb": 1, "insw": 2, "insd": 4, "outsb": 1, "outsw": 2, "outsd": 4}
 
 
@@ -41,6 +42,7 @@ class LogicalProcessor:
         self.index = index
         self.root = machine.new_context(ctxmod.ROOT, f"lp{index}")
         self.vmx = VmxUnit(self)
+        self.root.inline_handler = self._inline_vmx
         self.timer = Timer()
         self.pending_vectors: list[int] = []
         self.guest: ActiveVmcs | None = None
@@ -208,6 +210,18 @@ class LogicalProcessor:
             self.charge(self.root, 1)
         elif outcome == "stay":
             self.charge(self.root, 1)
+
+    def _inline_vmx(self, rip: int) -> bool:
+        """VMREAD and VMWRITE without leaving the run; anything that faults takes the full path."""
+        insn = decode.decode_one(self._fetch(self.root, rip), rip)
+        if insn is None or insn.mnemonic not in INLINE_VMX_MNEMONICS or not self.vmx.on:
+            return False
+        try:
+            self.vmx.execute(insn, insn.mnemonic)
+        except RaiseException:
+            return False
+        self.root.set_reg(x86.UC_X86_REG_RIP, rip + insn.size)
+        return True
 
     def _root_trapped(self, rip: int) -> None:
         insn = decode.decode_one(self._fetch(self.root, rip), rip)
@@ -383,16 +397,16 @@ class LogicalProcessor:
     def _guest_io(self, vmcs: ActiveVmcs, insn, controls: int) -> None:
         context = vmcs.context
         string = insn.mnemonic in IO_MNEMONIC_SIZES
-        ops = decode.operands(insn)
         is_in = insn.mnemonic.startswith("in")
+        data_register = None
         if string:
             size, immediate, port = IO_MNEMONIC_SIZES[insn.mnemonic], False, context.reg(x86.UC_X86_REG_DX)
         else:
-            register_op = ops[0] if is_in else ops[1]
-            port_op = ops[1] if is_in else ops[0]
-            size = register_op.size
-            immediate = not isinstance(port_op, decode.RegisterOperand)
-            port = insn.operands[1 if is_in else 0].imm if immediate else context.reg(x86.UC_X86_REG_DX)
+            port_op, data_op = (insn.operands[1], insn.operands[0]) if is_in else (insn.operands[0], insn.operands[1])
+            size = data_op.size
+            data_register = decode.unicorn_register(data_op.reg)
+            immediate = port_op.type == decode.cs_x86.X86_OP_IMM
+            port = port_op.imm if immediate else context.reg(x86.UC_X86_REG_DX)
         port &= 0xFFFF
         if self._io_exits(vmcs, controls, port, size):
             rep = insn.prefix[0] in (0xF3, 0xF2) if string else False
@@ -404,11 +418,9 @@ class LogicalProcessor:
             return
         io = self.machine.io
         if is_in:
-            value = io.read(port, size)
-            register = ops[0].register
-            context.set_reg(register, value)
+            context.set_reg(data_register, io.read(port, size))
         else:
-            io.write(port, size, context.reg(ops[1].register) & ((1 << (BITS_PER_BYTE * size)) - 1))
+            io.write(port, size, context.reg(data_register) & ((1 << (BITS_PER_BYTE * size)) - 1))
         context.set_reg(x86.UC_X86_REG_RIP, insn.address + insn.size)
         self.charge(context, 1)
 

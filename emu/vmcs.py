@@ -54,6 +54,9 @@ class ActiveVmcs:
         # An inverse hypercall in progress: the guest RIP/RSP/RFLAGS it interrupted.
         self.inverse_call_saved: tuple[int, int, int] | None = None
         self.halted = False
+        # Fields software wrote since the last successful VM-entry check (see VmxUnit._check_entry).
+        self.software_writes: set[str] = set()
+        self.entry_verified = False
 
     # --- the memory image -------------------------------------------------------------------------
     @classmethod
@@ -95,7 +98,7 @@ class ActiveVmcs:
     def _read_live(self, name: str) -> int:
         uc = self.context.uc
         if name in _REGISTER_FIELDS:
-            return uc.reg_read(_REGISTER_FIELDS[name])
+            return self.context.regs.read(_REGISTER_FIELDS[name])
         if name in _TABLE_FIELDS:
             register, part = _TABLE_FIELDS[name]
             return uc.reg_read(register)[part]
@@ -104,7 +107,7 @@ class ActiveVmcs:
     def _write_live(self, name: str, value: int) -> None:
         uc = self.context.uc
         if name in _REGISTER_FIELDS:
-            uc.reg_write(_REGISTER_FIELDS[name], value)
+            self.context.regs.write(_REGISTER_FIELDS[name], value)
         elif name in _TABLE_FIELDS:
             register, part = _TABLE_FIELDS[name]
             parts = list(uc.reg_read(register))

@@ -50,6 +50,15 @@ VMCALLR_NO_ENTRY_POINT = 65
 VMCALLR_ALREADY_IN_PROGRESS = 66
 VMCALLR_ENDED_BY_VM_EXIT = 67
 
+CANONICAL_SIGN_BIT = 47
+_CHEAPLY_RECHECKED_FIELDS = frozenset({"GUEST_RIP"})
+
+
+def _is_canonical(address: int) -> bool:
+    upper = address >> CANONICAL_SIGN_BIT
+    return upper == 0 or upper == U64 >> CANONICAL_SIGN_BIT
+
+
 VMX_MNEMONICS = frozenset({"vmxon", "vmxoff", "vmclear", "vmptrld", "vmptrst", "vmread", "vmwrite",
                            "vmlaunch", "vmresume", "vmcall", "invept", "invvpid", "vmfunc"})
 # VMX instructions executed in VMX non-root operation exit with these reasons (SDM Vol. 3C 26.1.2).
@@ -84,19 +93,19 @@ class VmxUnit:
 
     # --- operand helpers -----------------------------------------------------------------------------
     def _effective_address(self, insn, operand: MemoryOperand) -> int:
-        uc = self.lp.root.uc
+        regs = self.lp.root.regs
         address = operand.displacement
         if operand.rip_relative:
             address += insn.address + insn.size
         if operand.base is not None:
-            address += uc.reg_read(operand.base)
+            address += regs.read(operand.base)
         if operand.index is not None:
-            address += uc.reg_read(operand.index) * operand.scale
+            address += regs.read(operand.index) * operand.scale
         return address & U64
 
     def _read_operand(self, insn, operand, size: int = 8) -> int:
         if isinstance(operand, RegisterOperand):
-            return self.lp.root.uc.reg_read(operand.register)
+            return self.lp.root.regs.read(operand.register)
         data = self._read_memory(self._effective_address(insn, operand), size)
         return int.from_bytes(data, "little")
 
@@ -110,7 +119,7 @@ class VmxUnit:
 
     def _write_operand(self, insn, operand, value: int, size: int = 8) -> None:
         if isinstance(operand, RegisterOperand):
-            self.lp.root.uc.reg_write(operand.register, value & U64)
+            self.lp.root.regs.write(operand.register, value & U64)
             return
         fault = self.lp.root.write_linear(self._effective_address(insn, operand),
                                           (value & U64).to_bytes(8, "little")[:size])
@@ -126,9 +135,9 @@ class VmxUnit:
 
     # --- RFLAGS conventions (SDM Vol. 3C 31.2) --------------------------------------------------------
     def _set_flags(self, set_bits: int) -> None:
-        uc = self.lp.root.uc
-        rflags = uc.reg_read(x86.UC_X86_REG_RFLAGS)
-        uc.reg_write(x86.UC_X86_REG_RFLAGS, (rflags & ~RFLAGS_ARITHMETIC) | set_bits)
+        regs = self.lp.root.regs
+        rflags = regs.read(x86.UC_X86_REG_RFLAGS)
+        regs.write(x86.UC_X86_REG_RFLAGS, (rflags & ~RFLAGS_ARITHMETIC) | set_bits)
 
     def succeed(self) -> None:
         self._set_flags(0)
@@ -153,7 +162,7 @@ class VmxUnit:
     def execute(self, insn, mnemonic: str) -> str:
         """Carries out one VMX instruction in root mode. Returns 'next' (advance RIP), 'enter' (a VM
         entry happened: the LP now runs the guest), 'stay' (RIP already set) or raises RaiseException."""
-        cr4 = self.lp.root.uc.reg_read(x86.UC_X86_REG_CR4)
+        cr4 = self.lp.root.regs.read(x86.UC_X86_REG_CR4)
         if mnemonic == "vmxon":
             if not cr4 & CR4_VMXE:
                 raise RaiseException(6)
@@ -169,9 +178,9 @@ class VmxUnit:
         if self.on:
             self.fail(VmInstructionError.VMXON_IN_VMX_ROOT)
             return "next"
-        uc = self.lp.root.uc
-        cr0 = uc.reg_read(x86.UC_X86_REG_CR0)
-        cr4 = uc.reg_read(x86.UC_X86_REG_CR4)
+        regs = self.lp.root.regs
+        cr0 = regs.read(x86.UC_X86_REG_CR0)
+        cr4 = regs.read(x86.UC_X86_REG_CR4)
         if (cr0 & CAPS.cr0_fixed0) != CAPS.cr0_fixed0 or (cr4 & CAPS.cr4_fixed0) != CAPS.cr4_fixed0:
             raise RaiseException(13, 0)
         address = self._read_operand(insn, decode.operands(insn)[0])
@@ -244,7 +253,7 @@ class VmxUnit:
             self.fail_invalid()
             return "next"
         destination, source = decode.operands(insn)
-        found = vf.lookup(self.lp.root.uc.reg_read(source.register))
+        found = vf.lookup(self.lp.root.regs.read(source.register))
         if found is None:
             self.fail(VmInstructionError.UNSUPPORTED_VMCS_COMPONENT)
             return "next"
@@ -259,13 +268,14 @@ class VmxUnit:
             return "next"
         destination, source = decode.operands(insn)
         value = self._read_operand(insn, source)
-        found = vf.lookup(self.lp.root.uc.reg_read(destination.register))
+        found = vf.lookup(self.lp.root.regs.read(destination.register))
         if found is None:
             self.fail(VmInstructionError.UNSUPPORTED_VMCS_COMPONENT)
         elif found[0].read_only:
             self.fail(VmInstructionError.VMWRITE_READ_ONLY_COMPONENT)
         else:
             self.current.write_encoding(found[0], found[1], value)
+            self.current.software_writes.add(found[0].name)
             self.succeed()
         return "next"
 
@@ -275,7 +285,7 @@ class VmxUnit:
 
     def _invept(self, insn) -> str:
         register, descriptor_operand = decode.operands(insn)
-        kind = self.lp.root.uc.reg_read(register.register)
+        kind = self.lp.root.regs.read(register.register)
         descriptor = self._read_memory(self._effective_address(insn, descriptor_operand), INVEPT_DESCRIPTOR_SIZE)
         eptp = struct.unpack_from("<Q", descriptor)[0]
         if kind not in (INVEPT_SINGLE_CONTEXT, INVEPT_ALL_CONTEXT):
@@ -308,7 +318,7 @@ class VmxUnit:
         if not launching and not vmcs.launched:
             self.fail(VmInstructionError.VMRESUME_NONLAUNCHED_VMCS)
             return "next"
-        failure = check_vm_entry(vmcs.read, CAPS, launching=launching)
+        failure = self._check_entry(vmcs, launching)
         if failure is not None:
             self.lp.publish("vm-entry-failed", vmcs=vmcs.address, check=failure.check,
                             message=failure.message)
@@ -323,6 +333,22 @@ class VmxUnit:
             return "stay"
         self.begin_guest(vmcs, launching, insn.size)
         return "enter"
+
+    @staticmethod
+    def _check_entry(vmcs: ActiveVmcs, launching: bool):
+        """The checks of SDM 26.2-26.3.1. Their outcome depends only on field values, so after a
+        successful check the machine re-checks in full only when software wrote a field other than
+        GUEST_RIP (whose one check, canonical form, is done here); the guest cannot make its own
+        state invalid for these checks."""
+        if vmcs.entry_verified and vmcs.software_writes <= _CHEAPLY_RECHECKED_FIELDS and \
+                _is_canonical(vmcs.read("GUEST_RIP")):
+            vmcs.software_writes.clear()
+            return None
+        failure = check_vm_entry(vmcs.read, CAPS, launching=launching)
+        vmcs.entry_verified = failure is None
+        if failure is None:
+            vmcs.software_writes.clear()
+        return failure
 
     def begin_guest(self, vmcs: ActiveVmcs, launching: bool, instruction_length: int,
                     inject: bool = True) -> None:
@@ -399,24 +425,25 @@ class VmxUnit:
     def load_host_state(self, vmcs: ActiveVmcs) -> None:
         """SDM 27.5: host RIP, RSP, control registers, bases and EFER; RFLAGS = 2."""
         uc = self.lp.root.uc
+        regs = self.lp.root.regs
         host_cr3 = vmcs.read("HOST_CR3")
-        if uc.reg_read(x86.UC_X86_REG_CR3) != host_cr3:
-            uc.reg_write(x86.UC_X86_REG_CR3, host_cr3)
+        if regs.read(x86.UC_X86_REG_CR3) != host_cr3:
+            regs.write(x86.UC_X86_REG_CR3, host_cr3)
         for name, register in (("HOST_CR0", x86.UC_X86_REG_CR0), ("HOST_CR4", x86.UC_X86_REG_CR4),
                                ("HOST_FS_BASE", x86.UC_X86_REG_FS_BASE),
                                ("HOST_GS_BASE", x86.UC_X86_REG_GS_BASE)):
             value = vmcs.read(name)
-            if uc.reg_read(register) != value:
-                uc.reg_write(register, value)
+            if regs.read(register) != value:
+                regs.write(register, value)
         for name, register in (("HOST_GDTR_BASE", x86.UC_X86_REG_GDTR), ("HOST_IDTR_BASE", x86.UC_X86_REG_IDTR)):
             table = (0, vmcs.read(name), DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT, 0)
             if tuple(uc.reg_read(register)) != table:
                 uc.reg_write(register, table)
         if vmcs.read("VM_EXIT_CONTROLS") & ExitControls.LOAD_IA32_EFER:
             uc.msr_write(EFER_MSR, vmcs.read("HOST_IA32_EFER"))
-        uc.reg_write(x86.UC_X86_REG_RSP, vmcs.read("HOST_RSP"))
-        uc.reg_write(x86.UC_X86_REG_RFLAGS, RFLAGS_FIXED_BIT)
-        uc.reg_write(x86.UC_X86_REG_RIP, vmcs.read("HOST_RIP"))
+        regs.write(x86.UC_X86_REG_RSP, vmcs.read("HOST_RSP"))
+        regs.write(x86.UC_X86_REG_RFLAGS, RFLAGS_FIXED_BIT)
+        regs.write(x86.UC_X86_REG_RIP, vmcs.read("HOST_RIP"))
 
     # --- VMCALLR: the inverse hypercall (docs/machine.md, "VMCALLR") --------------------------------
     def vmcallr(self, instruction_length: int) -> str:
@@ -436,7 +463,7 @@ class VmxUnit:
         if vmcs.inverse_call_saved is not None:
             self.fail(VMCALLR_ALREADY_IN_PROGRESS)
             return "next"
-        failure = check_vm_entry(vmcs.read, CAPS, launching=False)
+        failure = self._check_entry(vmcs, launching=False)
         if failure is not None:
             self.machine.last_entry_failure = failure
             self.fail(failure.error if failure.kind == "VMfailValid" else VmInstructionError.ENTRY_INVALID_CONTROL_FIELD)

@@ -1,0 +1,172 @@
+"""Machine speed, side by side in one run: guest code under the machine against bare Unicorn, VM-exit round trip, fragmented EPT."""
+from __future__ import annotations
+
+import json
+import mmap
+import platform
+import random
+import time
+
+from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, UC_PROT_ALL, Uc
+from unicorn import x86_const as x86
+
+from tools import harness
+from emu.memory import MIB
+from emu.vmx_defs import MemoryType
+
+LOOP_ITERATIONS = 20_000_000
+LOOP_INSTRUCTIONS_PER_ITERATION = 4
+CPUID_EXITS = 5_000
+FRAGMENTED_PAGES = 10_240
+FRAGMENTED_PASSES = 40
+FRAGMENTED_GPA_BASE = 16 * MIB       # guest-physical start of the fragmented region
+FRAGMENTED_HPA_BASE = 32 * MIB       # host-physical pool its pages are scattered over
+FRAGMENTED_RAM = 128 * MIB
+PT_ENTRIES = 512
+EPT_PD_TABLE = harness.EPT_ROOT + 2 * harness.PAGE_SIZE
+EPT_FIRST_PT = harness.EPT_ROOT + 3 * harness.PAGE_SIZE
+SHUFFLE_SEED = 2026
+
+
+def loop_source(iterations: int) -> str:
+    return f"""
+      mov rcx, {iterations}
+    spin:
+      add rax, rcx
+      xor rbx, rax
+      dec rcx
+      jnz spin
+      xor eax, eax
+      hlt
+    """
+
+
+def bare_unicorn(iterations: int, budget: bool) -> float:
+    """Guest instructions per second of the same loop on a plain Unicorn instance."""
+    code = harness.assemble(loop_source(iterations), harness.GUEST_CODE)
+    size = 16 * MIB
+    backing = mmap.mmap(-1, size)
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, size, UC_PROT_ALL)
+    uc.mem_write(harness.GUEST_CODE, code)
+    instructions = iterations * LOOP_INSTRUCTIONS_PER_ITERATION
+    started = time.perf_counter()
+    if budget:
+        uc.emu_start(harness.GUEST_CODE, harness.GUEST_CODE + len(code), count=instructions + 16)
+    else:
+        uc.emu_start(harness.GUEST_CODE, harness.GUEST_CODE + len(code))
+    elapsed = time.perf_counter() - started
+    backing.close()
+    return instructions / elapsed
+
+
+def machine_loop(iterations: int) -> float:
+    run = harness.run_guest(loop_source(iterations))
+    return iterations * LOOP_INSTRUCTIONS_PER_ITERATION / run.seconds
+
+
+def exit_round_trip(exits: int) -> float:
+    """Host microseconds per CPUID exit handled by the monitor (VMREAD x3, VMWRITE, VMRESUME)."""
+    run = harness.run_guest(f"""
+      mov r9, {exits}
+    again:
+      xor eax, eax
+      cpuid
+      dec r9
+      jnz again
+      xor eax, eax
+      hlt
+    """)
+    return run.seconds / exits * 1e6
+
+
+def bare_unicorn_hook_round_trip(calls: int) -> float:
+    """Host microseconds per CPUID trapped by a Python hook on plain Unicorn, for comparison."""
+    code = harness.assemble(f"mov r9, {calls}\nagain: xor eax, eax\ncpuid\ndec r9\njnz again\nhlt",
+                            harness.GUEST_CODE)
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 16 * MIB, UC_PROT_ALL)
+    uc.mem_write(harness.GUEST_CODE, code)
+    uc.hook_add(UC_HOOK_INSN, lambda uc, data: 1, None, 1, 0, x86.UC_X86_INS_CPUID)
+    started = time.perf_counter()
+    uc.emu_start(harness.GUEST_CODE, harness.GUEST_CODE + len(code))
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+def fragmented_ept() -> tuple[float, int]:
+    """A guest reads one word from each of FRAGMENTED_PAGES 4 KiB pages mapped in shuffled order."""
+    source = f"""
+      mov r10, {FRAGMENTED_PASSES}
+    pass_start:
+      mov rsi, {FRAGMENTED_GPA_BASE:#x}
+      mov rcx, {FRAGMENTED_PAGES}
+    page:
+      add rax, [rsi]
+      add rsi, {harness.PAGE_SIZE}
+      dec rcx
+      jnz page
+      dec r10
+      jnz pass_start
+      xor eax, eax
+      hlt
+    """
+
+    def map_scattered_pages(machine) -> None:
+        host_pages = [FRAGMENTED_HPA_BASE + i * harness.PAGE_SIZE for i in range(FRAGMENTED_PAGES)]
+        random.Random(SHUFFLE_SEED).shuffle(host_pages)
+        for index, host_page in enumerate(host_pages):
+            table = EPT_FIRST_PT + (index // PT_ENTRIES) * harness.PAGE_SIZE
+            machine.ram.write_u64(table + 8 * (index % PT_ENTRIES),
+                                  host_page | harness.EPT_RWX | (MemoryType.WB << harness.EPT_MEMORY_TYPE_SHIFT))
+        first_pd_index = FRAGMENTED_GPA_BASE // harness.LARGE_PAGE_SIZE
+        for table_index in range((FRAGMENTED_PAGES + PT_ENTRIES - 1) // PT_ENTRIES):
+            machine.ram.write_u64(EPT_PD_TABLE + 8 * (first_pd_index + table_index),
+                                  (EPT_FIRST_PT + table_index * harness.PAGE_SIZE) | harness.EPT_RWX)
+
+    run = harness.run_guest(source, ram_size=FRAGMENTED_RAM, prepare=map_scattered_pages)
+    return run.result.instructions / run.seconds, run.result.instructions
+
+
+def measure() -> dict:
+    figures = {
+        "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                    "processor": platform.processor() or platform.machine()},
+        "bare_unicorn_no_budget_ips": bare_unicorn(LOOP_ITERATIONS, budget=False),
+        "bare_unicorn_with_budget_ips": bare_unicorn(LOOP_ITERATIONS, budget=True),
+        "machine_guest_ips": machine_loop(LOOP_ITERATIONS),
+        "exit_round_trip_us": exit_round_trip(CPUID_EXITS),
+        "bare_unicorn_cpuid_hook_us": bare_unicorn_hook_round_trip(CPUID_EXITS),
+    }
+    figures["fragmented_ept_ips"], figures["fragmented_ept_instructions"] = fragmented_ept()
+    figures["fragmented_ept_pages"] = FRAGMENTED_PAGES
+    return figures
+
+
+def report(figures: dict) -> str:
+    mips = 1e6
+    rows = [
+        ("bare Unicorn, no budget", f"{figures['bare_unicorn_no_budget_ips'] / mips:8.0f} M instr/s"),
+        ("bare Unicorn, emu_start(count=N)", f"{figures['bare_unicorn_with_budget_ips'] / mips:8.0f} M instr/s"),
+        ("guest under the machine (EPT, preemption)", f"{figures['machine_guest_ips'] / mips:8.0f} M instr/s"),
+        ("  ratio to bare with budget", f"{figures['machine_guest_ips'] / figures['bare_unicorn_with_budget_ips']:8.2f}"),
+        ("  ratio to bare without budget", f"{figures['machine_guest_ips'] / figures['bare_unicorn_no_budget_ips']:8.2f}"),
+        ("VM exit round trip (CPUID loop)", f"{figures['exit_round_trip_us']:8.1f} us"),
+        ("bare Unicorn Python CPUID hook", f"{figures['bare_unicorn_cpuid_hook_us']:8.1f} us"),
+        (f"guest over {figures['fragmented_ept_pages']} scattered 4 KiB EPT pages",
+         f"{figures['fragmented_ept_ips'] / mips:8.0f} M instr/s"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def main(json_path: str | None = None) -> int:
+    figures = measure()
+    print(report(figures))
+    if json_path:
+        with open(json_path, "w") as out:
+            json.dump(figures, out, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""The `hhr` command: selftest and machine benchmarks (run, restart, trace, bench and fuzz arrive with their issues)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+SELFTEST_GUEST = """
+  lea rsi, [rip + message]
+next_byte:
+  lodsb
+  test al, al
+  jz finished
+  out 0xE9, al
+  jmp next_byte
+finished:
+  mov eax, 1
+  cpuid
+  mov eax, 42
+  vmcall
+  xor eax, eax
+  hlt
+message:
+  .asciz "hello from a guest under VMX on the emulated machine\\n"
+"""
+
+
+def selftest(args: argparse.Namespace) -> int:
+    """Boots the bare machine with a tiny root-mode monitor that launches a guest, and reports."""
+    from tools import harness
+    from emu.vmx_defs import ExitReason
+
+    run = harness.run_guest(SELFTEST_GUEST, record_events=True)
+    stop = run.result.stop
+    sys.stdout.write(run.console)
+    print(f"machine stop: {stop.reason}, exit status {stop.exit_status}")
+    print(f"instructions retired: {run.result.instructions}, virtual time: {run.result.virtual_time} ticks, "
+          f"host time: {run.seconds * 1000:.1f} ms")
+    print("VM exits by reason:")
+    for reason, count in sorted(run.result.exits_by_reason.items()):
+        print(f"  {ExitReason(reason).name:<20} {count}")
+    kinds: dict[str, int] = {}
+    for event in run.machine.events.events:
+        kinds[event.kind] = kinds.get(event.kind, 0) + 1
+    print("machine events: " + ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items())))
+    ok = stop.reason == "debug-exit" and stop.exit_status == 1 and "hello from a guest" in run.console
+    print("selftest " + ("passed" if ok else "FAILED"))
+    return 0 if ok else 1
+
+
+def bench(args: argparse.Namespace) -> int:
+    if not args.machine:
+        print("hhr bench: only --machine exists so far (hot-restart scenarios come with the restart issue)",
+              file=sys.stderr)
+        return 2
+    from bench import machine_speed
+
+    return machine_speed.main(args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hhr", description="Hypervisor hot restart on an emulated x86-64 machine.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("selftest", help="boot the machine, launch a guest under VMX, report").set_defaults(func=selftest)
+    bench_parser = commands.add_parser("bench", help="benchmarks")
+    bench_parser.add_argument("--machine", action="store_true", help="the machine's own speed against bare Unicorn")
+    bench_parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
+    bench_parser.set_defaults(func=bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""A minimal root-mode monitor that launches one guest on the bare machine: the selftest demo and machine benchmarks use it."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from keystone import KS_ARCH_X86, KS_MODE_64, Ks
+
+from emu import vmcs_fields as vf
+from emu.machine import Machine, RunResult
+from emu.memory import MIB
+from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
+from emu.vmx_defs import (
+    EntryControls, ExitControls, ExitReason, MemoryType, PinBasedControls, PrimaryProcessorControls,
+    SecondaryProcessorControls, make_eptp,
+)
+
+# Host-physical layout of the harness (all below the guest's RAM).
+MONITOR_CODE = 0x100000
+MONITOR_STACK_TOP = 0x80000
+EXIT_STACK_TOP = 0x70000
+VMXON_REGION = 0x200000
+VMCS_REGION = 0x201000
+EPT_ROOT = 0x300000
+EPT_TABLES_END = 0x400000
+GUEST_HOST_BASE = 16 * MIB           # guest-physical 0 is host-physical 16 MiB
+GUEST_RAM = 4 * MIB
+
+# Guest-physical layout: page tables, GDT, TSS, code, stack.
+GUEST_PML4 = 0x1000
+GUEST_PDPT = 0x2000
+GUEST_GDT = 0x3000
+GUEST_TSS = 0x4000
+GUEST_IDT = 0x5000
+GUEST_STACK_TOP = 0x8000
+GUEST_CODE = 0x10000
+
+PAGE_SIZE = 4096
+LARGE_PAGE_SIZE = 2 * MIB
+EPT_RWX = 0x7
+EPT_MEMORY_TYPE_SHIFT = 3
+EPT_LARGE_PAGE = 0x80
+PTE_PRESENT_WRITABLE = 0x3
+PTE_LARGE_PAGE = 0x80
+CR4_VMXE = 1 << 13
+
+# 64-bit code, flat data and a busy 64-bit TSS (SDM Vol. 3A 3.4.5, 8.2.3).
+GDT_ENTRIES = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00008B0040000067, 0)
+CODE_SELECTOR = 0x08
+DATA_SELECTOR = 0x10
+TSS_SELECTOR = 0x18
+CODE_ACCESS_RIGHTS = 0xA09B
+DATA_ACCESS_RIGHTS = 0xC093
+TSS_ACCESS_RIGHTS = 0x8B
+TSS_LIMIT = 0x67
+UNUSABLE_SEGMENT = 1 << 16
+FLAT_LIMIT = 0xFFFF_FFFF
+IDT_LIMIT = 0xFFF
+RFLAGS_FIXED = 0x2
+DR7_DEFAULT = 0x400
+GUEST_CR0 = 0x8001_0031          # PE NE ET WP PG
+GUEST_CR4 = 0x2620               # PAE OSFXSR OSXMMEXCPT VMXE
+GUEST_EFER = 0xD00               # LME LMA NXE
+
+_ks = Ks(KS_ARCH_X86, KS_MODE_64)
+ENCODING = {field.name: field.encoding for field in vf.FIELDS}
+
+
+def assemble(source: str, base: int) -> bytes:
+    encoding, _count = _ks.asm(source, base)
+    return bytes(encoding)
+
+
+def guest_fields(primary: int = 0, pin: int = 0) -> dict[str, int]:
+    """A valid 64-bit guest and host-state VMCS for the harness layout (SDM 26.2, 26.3)."""
+    return {
+        "PIN_BASED_VM_EXEC_CONTROL": CAPS.pin_based.adjust(pin),
+        "CPU_BASED_VM_EXEC_CONTROL": CAPS.primary_processor.adjust(
+            PrimaryProcessorControls.ACTIVATE_SECONDARY_CONTROLS | PrimaryProcessorControls.HLT_EXITING
+            | PrimaryProcessorControls.UNCONDITIONAL_IO_EXITING | primary),
+        "SECONDARY_VM_EXEC_CONTROL": CAPS.secondary_processor.adjust(SecondaryProcessorControls.ENABLE_EPT),
+        "VM_EXIT_CONTROLS": CAPS.exit.adjust(ExitControls.HOST_ADDRESS_SPACE_SIZE
+                                             | ExitControls.ACKNOWLEDGE_INTERRUPT_ON_EXIT),
+        "VM_ENTRY_CONTROLS": CAPS.entry.adjust(EntryControls.IA32E_MODE_GUEST),
+        "EPT_POINTER": make_eptp(EPT_ROOT, MemoryType.WB),
+        "VMCS_LINK_POINTER": 0xFFFF_FFFF_FFFF_FFFF,
+        "GUEST_CR0": GUEST_CR0, "GUEST_CR3": GUEST_PML4, "GUEST_CR4": GUEST_CR4,
+        "GUEST_IA32_EFER": GUEST_EFER,
+        "GUEST_CS_SELECTOR": CODE_SELECTOR, "GUEST_CS_AR_BYTES": CODE_ACCESS_RIGHTS, "GUEST_CS_LIMIT": FLAT_LIMIT,
+        "GUEST_SS_SELECTOR": DATA_SELECTOR, "GUEST_SS_AR_BYTES": DATA_ACCESS_RIGHTS, "GUEST_SS_LIMIT": FLAT_LIMIT,
+        "GUEST_DS_AR_BYTES": UNUSABLE_SEGMENT, "GUEST_ES_AR_BYTES": UNUSABLE_SEGMENT,
+        "GUEST_FS_AR_BYTES": UNUSABLE_SEGMENT, "GUEST_GS_AR_BYTES": UNUSABLE_SEGMENT,
+        "GUEST_LDTR_AR_BYTES": UNUSABLE_SEGMENT,
+        "GUEST_TR_SELECTOR": TSS_SELECTOR, "GUEST_TR_AR_BYTES": TSS_ACCESS_RIGHTS,
+        "GUEST_TR_LIMIT": TSS_LIMIT, "GUEST_TR_BASE": GUEST_TSS,
+        "GUEST_GDTR_BASE": GUEST_GDT, "GUEST_GDTR_LIMIT": len(GDT_ENTRIES) * 8 - 1,
+        "GUEST_IDTR_BASE": GUEST_IDT, "GUEST_IDTR_LIMIT": IDT_LIMIT,
+        "GUEST_RFLAGS": RFLAGS_FIXED, "GUEST_RSP": GUEST_STACK_TOP, "GUEST_RIP": GUEST_CODE,
+        "GUEST_DR7": DR7_DEFAULT,
+        "HOST_CS_SELECTOR": CODE_SELECTOR, "HOST_SS_SELECTOR": DATA_SELECTOR, "HOST_TR_SELECTOR": TSS_SELECTOR,
+        "HOST_RSP": EXIT_STACK_TOP,
+    }
+
+
+def _write_guest_memory(machine: Machine, guest_code: bytes) -> None:
+    ram = machine.ram
+    ram.write_u64(EPT_ROOT, (EPT_ROOT + PAGE_SIZE) | EPT_RWX)
+    ram.write_u64(EPT_ROOT + PAGE_SIZE, (EPT_ROOT + 2 * PAGE_SIZE) | EPT_RWX)
+    for index in range(GUEST_RAM // LARGE_PAGE_SIZE):
+        ram.write_u64(EPT_ROOT + 2 * PAGE_SIZE + 8 * index,
+                      (GUEST_HOST_BASE + index * LARGE_PAGE_SIZE) | EPT_RWX
+                      | (MemoryType.WB << EPT_MEMORY_TYPE_SHIFT) | EPT_LARGE_PAGE)
+    ram.write_u64(GUEST_HOST_BASE + GUEST_PML4, GUEST_PDPT | PTE_PRESENT_WRITABLE)
+    ram.write_u64(GUEST_HOST_BASE + GUEST_PDPT, 0 | PTE_PRESENT_WRITABLE | PTE_LARGE_PAGE)
+    for index, descriptor in enumerate(GDT_ENTRIES):
+        ram.write_u64(GUEST_HOST_BASE + GUEST_GDT + 8 * index, descriptor)
+    machine.load(GUEST_HOST_BASE + GUEST_CODE, guest_code)
+
+
+def monitor_source(fields: dict[str, int]) -> str:
+    """VMXON, a VMCS written field by field, VMLAUNCH; the exit handler emulates COM1 output,
+    skips CPUID and VMCALL, and ends the run with the guest's exit code on HLT."""
+    writes = "\n".join(f"  mov rax, {ENCODING[name]:#x}\n  mov rbx, {value:#x}\n  vmwrite rax, rbx"
+                       for name, value in fields.items())
+    e = ENCODING
+    return f"""
+      mov rax, cr4
+      or rax, {CR4_VMXE:#x}
+      mov cr4, rax
+      mov rax, {VMXON_REGION:#x}
+      push rax
+      vmxon [rsp]
+      mov qword ptr [rsp], {VMCS_REGION:#x}
+      vmclear [rsp]
+      vmptrld [rsp]
+      pop rax
+    {writes}
+      mov rax, {e['HOST_CR3']:#x}
+      mov rbx, cr3
+      vmwrite rax, rbx
+      mov rax, {e['HOST_CR0']:#x}
+      mov rbx, cr0
+      vmwrite rax, rbx
+      mov rax, {e['HOST_CR4']:#x}
+      mov rbx, cr4
+      vmwrite rax, rbx
+      mov rax, {e['HOST_RIP']:#x}
+      lea rbx, [rip + exit_handler]
+      vmwrite rax, rbx
+      vmlaunch
+      mov al, 0xFE
+      out 0xF4, al
+    exit_handler:
+      mov r14, {e['VM_EXIT_REASON']:#x}
+      vmread r13, r14
+      cmp r13, {int(ExitReason.HLT)}
+      je guest_done
+      cmp r13, {int(ExitReason.IO_INSTRUCTION)}
+      jne skip_instruction
+      mov dx, 0x3F8
+      out dx, al
+    skip_instruction:
+      mov r14, {e['GUEST_RIP']:#x}
+      vmread r13, r14
+      mov r14, {e['VM_EXIT_INSTRUCTION_LEN']:#x}
+      vmread r12, r14
+      add r13, r12
+      mov r14, {e['GUEST_RIP']:#x}
+      vmwrite r14, r13
+      vmresume
+      mov al, 0xFD
+      out 0xF4, al
+    guest_done:
+      out 0xF4, al
+    """
+
+
+@dataclass
+class HarnessRun:
+    result: RunResult
+    seconds: float
+    console: str
+    machine: Machine
+
+
+def run_guest(guest_source: str, *, primary: int = 0, max_instructions: int = 10 ** 10,
+              ram_size: int = 64 * MIB, record_events: bool = False,
+              prepare: Callable[[Machine], None] | None = None) -> HarnessRun:
+    """Runs `guest_source` (assembled at GUEST_CODE) under the monitor; the guest ends with HLT and
+    its AL is the exit code; bytes it OUTs to any port are printed on COM1 by the monitor."""
+    machine = Machine(ram_size=ram_size, lps=1, record_events=record_events)
+    machine.ram.write_u32(VMXON_REGION, CAPS.vmcs_revision_id)
+    machine.ram.write_u32(VMCS_REGION, CAPS.vmcs_revision_id)
+    _write_guest_memory(machine, assemble(guest_source, GUEST_CODE))
+    machine.load(MONITOR_CODE, assemble(monitor_source(guest_fields(primary)), MONITOR_CODE))
+    if prepare is not None:
+        prepare(machine)
+    machine.start(MONITOR_CODE, [MONITOR_STACK_TOP])
+    started = time.perf_counter()
+    result = machine.run(max_instructions=max_instructions)
+    return HarnessRun(result, time.perf_counter() - started, machine.io.console.text(), machine)
