@@ -16,6 +16,8 @@ NEVER_EXECUTED_ADDRESS = fast.lib.HHR_END_OF_RUN_ADDRESS
 HLT_OPCODE = 0xF4
 PAGE_SIZE = 4096
 
+STALE_BLOCK_INSTRUCTIONS = 1
+
 ROOT = "root"
 GUEST = "guest"
 
@@ -76,7 +78,9 @@ class ExecutionContext:
     def _on_new_block(self, pc: int, size: int) -> int:
         code = self.read_linear(pc, size, fast.ACCESS_FETCH)
         if code is None:
-            return fast.NEW_BLOCK_STOP
+            # Translated through a cached mapping the tables no longer hold (changed without
+            # INVLPG/INVEPT): the bytes cannot be read back, so the block counts as one instruction.
+            return STALE_BLOCK_INSTRUCTIONS
         count, traps = decode.scan_block(code, pc, self.kind == GUEST)
         new_traps = [address for address in traps if address not in self.exit_points]
         if new_traps:
@@ -187,7 +191,7 @@ class ExecutionContext:
                 self.uc.ctl_remove_cache(begin, end)
             self._pending_removals.clear()
         if self.pending is not None:
-            self._uncount_after(rip if self.pending.kind != STOP_EXCEPTION else rip)
+            self._uncount_after(rip)
             return self.pending
         reason = ctx.stop_reason
         if reason == fast.STOP_BUDGET:
@@ -195,7 +199,9 @@ class ExecutionContext:
         if reason == fast.STOP_INTERRUPT_WINDOW:
             return Stop(STOP_INTERRUPT_WINDOW, rip)
         if reason == fast.STOP_NEW_TRAPS:
-            return Stop(STOP_BUDGET, rip) if ctx.retired >= ctx.stop_at else self.run(ctx.stop_at - ctx.retired, watch_interrupt_window)
+            # The block just seen holds instructions that must trap: its code is retranslated with
+            # exit points in front of them, and the run goes on from the same place.
+            return self.run(ctx.stop_at - ctx.retired, watch_interrupt_window)
         if reason == fast.STOP_FAULT:
             self._uncount_after(rip)
             return Stop(STOP_TRANSLATION_FAULT, rip, fault=self.fast.fault())

@@ -50,6 +50,7 @@ class LogicalProcessor:
         self.preemption_deadline: int | None = None
         self.cr2_history: list[int] = []
         self._time = 0
+        self.instructions = 0   # retired on this LP, root and guest, excluding idle time
         self._running: ctxmod.ExecutionContext | None = None
         self._run_mark = 0
 
@@ -64,6 +65,7 @@ class LogicalProcessor:
         """Counts instructions the machine carried out itself (emulated or trapped ones)."""
         context.add_retired(count)
         self._time += count
+        self.instructions += count
 
     def publish(self, kind: str, **data) -> None:
         self.machine.events.publish(self.now, self.index, kind, **data)
@@ -108,6 +110,7 @@ class LogicalProcessor:
                 stop = context.run(budget, watch_interrupt_window=self._wants_window())
             finally:
                 self._time += context.retired - self._run_mark
+                self.instructions += context.retired - self._run_mark
                 self._running = None
             if self.guest is not None and context is not self.root:
                 self._handle_guest_stop(stop)

@@ -200,6 +200,16 @@ class Machine:
                     break
         return RunResult(self.stop, self.instructions_retired, self.now, dict(self.exit_counts))
 
+    def statistics(self) -> dict:
+        """Exits by reason, inverse hypercalls by call number, instructions by LP and by context."""
+        return {
+            "exits_by_reason": dict(sorted(self.exit_counts.items())),
+            "inverse_calls_by_number": dict(sorted(self.inverse_call_counts.items())),
+            "instructions_by_lp": {lp.index: lp.instructions for lp in self.lps},
+            "instructions_by_context": {context.name: context.retired for context in self.contexts},
+            "virtual_time_by_lp": {lp.index: lp.now for lp in self.lps},
+        }
+
     def _is_stuck(self, lp: LogicalProcessor) -> bool:
         halted = lp.halted or (lp.guest is not None and lp.guest.halted)
         return halted and lp.timer.deadline is None and lp.preemption_deadline is None and \
