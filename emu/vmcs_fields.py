@@ -103,11 +103,8 @@ class Field:
     width: FieldWidth
     kind: FieldKind
     offset: int
+    mask: int                      # the bits the field holds: its width's mask
     machine_specific: bool = False
-
-    @property
-    def mask(self) -> int:
-        return self.width.mask
 
     @property
     def read_only(self) -> bool:
@@ -322,7 +319,7 @@ def _build_fields() -> tuple[Field, ...]:
         access_high, _index, kind, width = decode_encoding(encoding)
         assert not access_high and not encoding & ENCODING_RESERVED_BITS, name
         fields.append(Field(name=name, encoding=encoding, width=width, kind=kind,
-                            offset=VMCS_FIELDS_OFFSET + slot * VMCS_SLOT_SIZE,
+                            offset=VMCS_FIELDS_OFFSET + slot * VMCS_SLOT_SIZE, mask=width.mask,
                             machine_specific=name in machine_names))
     return tuple(fields)
 

@@ -14,12 +14,13 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
-from emu.vmcs_fields import BY_NAME, LAUNCH_STATE_CLEAR, LAUNCH_STATE_LAUNCHED, U32_MASK, U64_MASK
+from emu.vmcs_fields import FIELDS, LAUNCH_STATE_CLEAR, LAUNCH_STATE_LAUNCHED, U32_MASK, U64_MASK
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES, ControlCapability, VmxCapabilities
 from emu.vmx_defs import (
     AR_DB, AR_DPL_MASK, AR_DPL_SHIFT, AR_G, AR_L, AR_P, AR_RESERVED_11_8, AR_RESERVED_31_17, AR_S,
     AR_TYPE_MASK, AR_UNUSABLE, DESCRIPTOR_TABLE_LIMIT_MAX, DR7_HIGH_MASK, EPTP_AD_ENABLE,
-    EPTP_MEMORY_TYPE_MASK, EPTP_RESERVED_LOW_BITS, EXIT_REASON_VM_ENTRY_FAILURE, EPTP_WALK_LENGTH_MASK, EPTP_WALK_LENGTH_SHIFT,
+    EPTP_MEMORY_TYPE_MASK, EPTP_RESERVED_LOW_BITS, EPTP_WALK_LENGTH_MASK, EPTP_WALK_LENGTH_SHIFT,
+    EXIT_REASON_VM_ENTRY_FAILURE,
     EXCEPTIONS_WITH_ERROR_CODE, HIGHEST_EXCEPTION_VECTOR, IA32_DEBUGCTL_BTF,
     INTR_INFO_DELIVER_ERROR_CODE, INTR_INFO_ENTRY_RESERVED_BITS, INTR_INFO_VALID,
     INTR_INFO_VECTOR_MASK, LIMIT_HIGH_12_BITS, LIMIT_LOW_12_BITS, MAX_INSTRUCTION_LENGTH,
@@ -29,7 +30,7 @@ from emu.vmx_defs import (
     SELECTOR_TI, SYSTEM_TYPE_BUSY_TSS, SYSTEM_TYPE_BUSY_TSS16, SYSTEM_TYPE_LDT,
     VMCS_LINK_POINTER_NONE, ActivityState, Cr0, Cr4, Efer, EntryControls,
     EntryFailureQualification, ExceptionVector, ExitControls, ExitReason, Interruptibility,
-    InterruptionType, MemoryType, PinBasedControls, PrimaryProcessorControls, Rflags,
+    InterruptionType, PinBasedControls, PrimaryProcessorControls, Rflags,
     SecondaryProcessorControls, VmInstructionError, bit_names, interruption_type,
 )
 
@@ -49,6 +50,7 @@ CR3_TARGET_COUNT_ARCHITECTURAL_MAX = 4
 PHYSICAL_ADDRESS_FIELD_WIDTH = 64
 
 SEGMENTS = ("ES", "CS", "SS", "DS", "FS", "GS")
+_FIELD_MASKS = {field.name: field.mask for field in FIELDS}
 HOST_SELECTORS = ("ES", "CS", "SS", "DS", "FS", "GS", "TR")
 
 
@@ -271,8 +273,9 @@ ENTRY_CHECKS: tuple[EntryCheck, ...] = (
     # 27.3.1.4 guest RIP and RFLAGS
     EntryCheck("guest.rip.high", "27.3.1.4",
                "guest RIP bits 63:32 must be 0 unless IA-32e mode guest with CS.L = 1"),
-    EntryCheck("guest.rip.canonical", "27.3.1.4",
-               "IA-32e mode guest with CS.L = 1: guest RIP must be canonical"),
+    EntryCheck("guest.rip.linear_width", "27.3.1.4",
+               "IA-32e mode guest with CS.L = 1: guest RIP bits 63:N (N = linear-address width, 48) "
+               "must be identical"),
     EntryCheck("guest.rflags.reserved", "27.3.1.4", "guest RFLAGS bits 63:22, 15, 5, 3 must be 0"),
     EntryCheck("guest.rflags.bit1", "27.3.1.4", "guest RFLAGS bit 1 must be 1"),
     EntryCheck("guest.rflags.vm", "27.3.1.4",
@@ -399,6 +402,7 @@ class EntryState:
     def __init__(self, read: Callable[[str], int], caps: VmxCapabilities, in_ia32e_mode: bool):
         self._read = read
         self._values: dict[str, int] = {}
+        self._segments: dict[str, Segment] = {}
         self.caps = caps
         self.in_ia32e_mode = in_ia32e_mode
         self.pin = self["PIN_BASED_VM_EXEC_CONTROL"]
@@ -417,16 +421,21 @@ class EntryState:
         self.event_vector = self.event & INTR_INFO_VECTOR_MASK
 
     def __getitem__(self, name: str) -> int:
-        if name not in self._values:
-            self._values[name] = int(self._read(name)) & BY_NAME[name].mask
-        return self._values[name]
+        value = self._values.get(name)
+        if value is None:
+            value = self._values[name] = int(self._read(name)) & _FIELD_MASKS[name]
+        return value
 
     def canonical(self, address: int) -> bool:
         return is_canonical(address, self.caps.linear_address_width)
 
     def segment(self, name: str) -> Segment:
-        return Segment(name, self[f"GUEST_{name}_SELECTOR"], self[f"GUEST_{name}_BASE"],
-                       self[f"GUEST_{name}_LIMIT"], self[f"GUEST_{name}_AR_BYTES"])
+        segment = self._segments.get(name)
+        if segment is None:
+            segment = self._segments[name] = Segment(
+                name, self[f"GUEST_{name}_SELECTOR"], self[f"GUEST_{name}_BASE"],
+                self[f"GUEST_{name}_LIMIT"], self[f"GUEST_{name}_AR_BYTES"])
+        return segment
 
     def injecting_type(self, event_type: InterruptionType) -> bool:
         return self.injecting and self.event_type == event_type
@@ -994,8 +1003,11 @@ def check_guest_rip(v: EntryState) -> CheckResult:
     if not long_mode_code and rip >> 32:
         return make_failure("guest.rip.high", f"{_GUEST} RIP 0x{rip:x} > 32 bit (not 64-bit code: IA-32e "
                             "mode guest and CS.L are needed for a 64-bit RIP)")
-    if long_mode_code and not v.canonical(rip):
-        return make_failure("guest.rip.canonical", f"{_GUEST} RIP 0x{rip:x} non canonical")
+    # Only bits 63:N are checked, not bit N-1: a non-canonical RIP faults on the first fetch.
+    width = v.caps.linear_address_width
+    if long_mode_code and rip >> width not in (0, U64_MASK >> width):
+        return make_failure("guest.rip.linear_width",
+                            f"{_GUEST} RIP 0x{rip:x} (bits 63:{width} must be identical)")
     return None
 
 

@@ -113,8 +113,8 @@ class VmxCapabilities:
         | ExitControls.LOAD_IA32_EFER | ExitControls.SAVE_VMX_PREEMPTION_TIMER_VALUE))
     entry: ControlCapability = field(default_factory=lambda: _control(
         _ENTRY_RESERVED_DEFAULT1 | EntryControls.IA32E_MODE_GUEST, EntryControls.LOAD_IA32_EFER))
-    # IA32_VMX_MISC: the preemption timer counts down once per retired guest instruction
-    # (our TSC is the retired-instruction count, rate X = 0: one tick per TSC increment).
+    # IA32_VMX_MISC: rate X = 0, the VMX-preemption timer counts down once per unit of the
+    # machine's virtual time, i.e. once per retired guest instruction. See: SDM 26.5.1.
     preemption_timer_rate: int = 0
     saves_efer_lma: bool = True
     activity_states: frozenset[ActivityState] = frozenset({ActivityState.ACTIVE, ActivityState.HLT})

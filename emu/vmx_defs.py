@@ -1,8 +1,10 @@
 """Named VMX architectural constants: control bits, exit reasons, VM-instruction errors, field formats.
 
-Everything here is a number the Intel SDM defines, given the SDM's name, plus the two things our
-machine adds (exit reason VMCALLR = 96). Section numbers cite the current SDM (Vol. 3C: VMCS =
-Chapter 25, VM entries = 27, VM exits = 28, EPT = 29, VMX instructions = 31; Vol. 3D appendices).
+Everything here is a number the Intel SDM defines, given the SDM's name, plus what our machine
+adds (exit reason VMCALLR = 96). Bit definitions are IntEnum members, so `value & Cr0.PG` and
+`value & ~Cr0.PG` are plain integer arithmetic (an IntFlag's `~` would drop undefined bits).
+Section numbers cite the current SDM (Vol. 3C: VMCS = Chapter 25, VM entries = 27, VM exits = 28,
+EPT = 29, VMX instructions = 31; Vol. 3D appendices).
 Run `python -m emu.vmx_defs --markdown` for the exit-reason and error tables.
 """
 
@@ -12,14 +14,14 @@ import enum
 import sys
 
 
-def bit_names(value: int, flags: type[enum.IntFlag]) -> str:
+def bit_names(value: int, flags: type[enum.IntEnum]) -> str:
     """Space-separated names of the members of `flags` set in `value` ("PE NE PG")."""
     return " ".join(member.name for member in flags if member.value & value)
 
 
 # --- VM-execution, VM-exit and VM-entry controls (SDM Vol. 3C 25.6, 25.7, 25.8) ----------------
 
-class PinBasedControls(enum.IntFlag):
+class PinBasedControls(enum.IntEnum):
     """Pin-based VM-execution controls. See: SDM Vol. 3C 25.6.1."""
 
     EXTERNAL_INTERRUPT_EXITING = 1 << 0
@@ -29,7 +31,7 @@ class PinBasedControls(enum.IntFlag):
     PROCESS_POSTED_INTERRUPTS = 1 << 7
 
 
-class PrimaryProcessorControls(enum.IntFlag):
+class PrimaryProcessorControls(enum.IntEnum):
     """Primary processor-based VM-execution controls. See: SDM Vol. 3C 25.6.2."""
 
     INTERRUPT_WINDOW_EXITING = 1 << 2
@@ -56,7 +58,7 @@ class PrimaryProcessorControls(enum.IntFlag):
     ACTIVATE_SECONDARY_CONTROLS = 1 << 31
 
 
-class SecondaryProcessorControls(enum.IntFlag):
+class SecondaryProcessorControls(enum.IntEnum):
     """Secondary processor-based VM-execution controls. See: SDM Vol. 3C 25.6.2."""
 
     VIRTUALIZE_APIC_ACCESSES = 1 << 0
@@ -87,7 +89,7 @@ class SecondaryProcessorControls(enum.IntFlag):
     ENABLE_USER_WAIT_AND_PAUSE = 1 << 26
 
 
-class ExitControls(enum.IntFlag):
+class ExitControls(enum.IntEnum):
     """Primary VM-exit controls. See: SDM Vol. 3C 25.7.1."""
 
     SAVE_DEBUG_CONTROLS = 1 << 2
@@ -103,7 +105,7 @@ class ExitControls(enum.IntFlag):
     CONCEAL_VMX_FROM_PT = 1 << 24
 
 
-class EntryControls(enum.IntFlag):
+class EntryControls(enum.IntEnum):
     """VM-entry controls. See: SDM Vol. 3C 25.8.1."""
 
     LOAD_DEBUG_CONTROLS = 1 << 2
@@ -499,7 +501,7 @@ class ActivityState(enum.IntEnum):
     WAIT_FOR_SIPI = 3
 
 
-class Interruptibility(enum.IntFlag):
+class Interruptibility(enum.IntEnum):
     """Interruptibility-state bits. See: SDM Vol. 3C 25.4.2."""
 
     BLOCKING_BY_STI = 1 << 0
@@ -616,7 +618,7 @@ DESCRIPTOR_TABLE_LIMIT_MAX = 0xFFFF
 
 # --- Control registers, EFER and RFLAGS (SDM Vol. 3A 2.5, 2.2.1; Vol. 1 3.4.3) ----------------
 
-class Cr0(enum.IntFlag):
+class Cr0(enum.IntEnum):
     PE = 1 << 0
     MP = 1 << 1
     EM = 1 << 2
@@ -630,7 +632,7 @@ class Cr0(enum.IntFlag):
     PG = 1 << 31
 
 
-class Cr4(enum.IntFlag):
+class Cr4(enum.IntEnum):
     VME = 1 << 0
     PVI = 1 << 1
     TSD = 1 << 2
@@ -655,14 +657,14 @@ class Cr4(enum.IntFlag):
     CET = 1 << 23
 
 
-class Efer(enum.IntFlag):
+class Efer(enum.IntEnum):
     SCE = 1 << 0
     LME = 1 << 8
     LMA = 1 << 10
     NXE = 1 << 11
 
 
-class Rflags(enum.IntFlag):
+class Rflags(enum.IntEnum):
     CF = 1 << 0
     FIXED1 = 1 << 1
     PF = 1 << 2
