@@ -1,6 +1,7 @@
 """An execution context: one Unicorn instance that runs a logical processor's root code or one VMCS's guest."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,6 +16,7 @@ from emu import decode, fast
 NEVER_EXECUTED_ADDRESS = fast.lib.HHR_END_OF_RUN_ADDRESS
 HLT_OPCODE = 0xF4
 PAGE_SIZE = 4096
+PAGE_OFFSET_MASK = PAGE_SIZE - 1
 
 STALE_BLOCK_INSTRUCTIONS = 1
 
@@ -63,6 +65,7 @@ class ExecutionContext:
         self.uc.ctl_exits_enabled(True)
         self.uc.ctl_set_exits([NEVER_EXECUTED_ADDRESS])
         self.pending: Stop | None = None
+        self._stop_requested = False
         # Root contexts carry out VMREAD/VMWRITE inside the hook, without ending the run.
         self.inline_handler: Callable[[int], bool] | None = None
         self._io_in = io_in
@@ -117,6 +120,11 @@ class ExecutionContext:
         regs.write(x86.UC_X86_REG_RCX, ecx)
         regs.write(x86.UC_X86_REG_RDX, edx)
         return 1  # skip Unicorn's own CPUID
+
+    def request_stop(self) -> None:
+        """Ends the current run at the end of the running block: the machine is stopping."""
+        self._stop_requested = True
+        self.uc.emu_stop()
 
     # --- memory through this context's translation ----------------------------------------------
     def translate(self, linear: int, access: int):
@@ -178,6 +186,7 @@ class ExecutionContext:
         ctx.watch_interrupt_window = 1 if watch_interrupt_window else 0
         ctx.block_size = 0
         self.pending = None
+        self._stop_requested = False
         start = self.regs.read(x86.UC_X86_REG_RIP)
         error = uc_const.UC_ERR_OK
         try:
@@ -190,6 +199,9 @@ class ExecutionContext:
             for begin, end in self._pending_removals:
                 self.uc.ctl_remove_cache(begin, end)
             self._pending_removals.clear()
+        if self._stop_requested:
+            # Not a HLT even if the byte before RIP is F4 (an `out 0xf4, al` that stopped the machine).
+            return Stop(STOP_REQUESTED, rip)
         if self.pending is not None:
             self._uncount_after(rip)
             return self.pending
@@ -204,7 +216,7 @@ class ExecutionContext:
             return self.run(ctx.stop_at - ctx.retired, watch_interrupt_window)
         if reason == fast.STOP_FAULT:
             self._uncount_after(rip)
-            return Stop(STOP_TRANSLATION_FAULT, rip, fault=self.fast.fault())
+            return Stop(STOP_TRANSLATION_FAULT, rip, fault=self._exact_fault(rip, self.fast.fault()))
         if error != uc_const.UC_ERR_OK:
             return Stop(STOP_EMULATOR_ERROR, rip, error=error)
         if rip in self.exit_points:
@@ -213,6 +225,32 @@ class ExecutionContext:
         if previous is not None and previous[0] == HLT_OPCODE:
             return Stop(STOP_HLT, rip)
         return Stop(STOP_REQUESTED, rip)
+
+    def _exact_fault(self, rip: int, fault: fast.Fault) -> fast.Fault:
+        """Unicorn's TLB-fill hook is told only the page of an access: find the byte that faulted from
+        the instruction at RIP, so that CR2 and the guest-linear and guest-physical addresses of a VM
+        exit are exact (SDM Vol. 3A 4.7, Vol. 3C 28.2.1). Falls back to the page's first byte."""
+        page = fault.linear & ~PAGE_OFFSET_MASK
+        exact = page
+        if fault.access == fast.ACCESS_FETCH:
+            if rip & ~PAGE_OFFSET_MASK == page:
+                exact = rip
+        else:
+            code = self.read_linear(rip, decode.MAX_INSTRUCTION_LENGTH, fast.ACCESS_FETCH) or \
+                self.read_linear(rip, 1, fast.ACCESS_FETCH)
+            insn = decode.decode_one(code, rip) if code else None
+            writing = fault.access == fast.ACCESS_WRITE
+            for access in decode.memory_accesses(insn, self.regs.read) if insn is not None else ():
+                if (access.writes if writing else access.reads) and \
+                        access.linear < page + PAGE_SIZE and access.linear + access.size > page:
+                    exact = max(access.linear, page)
+                    break
+        if exact == fault.linear:
+            return fault
+        guest_physical = fault.guest_physical
+        if fault.kind != fast.FAULT_PAGE_FAULT and not fault.in_paging_structure:
+            guest_physical = (guest_physical & ~PAGE_OFFSET_MASK) | (exact & PAGE_OFFSET_MASK)
+        return dataclasses.replace(fault, linear=exact, guest_physical=guest_physical)
 
     def _uncount_after(self, rip: int) -> None:
         """A block was counted whole when it started; take back the instructions it did not retire."""

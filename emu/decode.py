@@ -8,8 +8,8 @@ import capstone
 from capstone import x86_const as cs_x86
 from unicorn import x86_const as uc_x86
 
-# Our inverse-hypercall instruction uses the reserved two-byte opcode 0F 0A (SDM Vol. 2D Table A-3).
-VMCALLR_OPCODE = b"\x0f\x0a"
+from asm.isa import VMCALLR_OPCODE  # the one definition of our inverse-hypercall encoding
+
 VMCALLR_LENGTH = len(VMCALLR_OPCODE)
 MAX_INSTRUCTION_LENGTH = 15
 
@@ -28,8 +28,20 @@ _md_detail = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 _md_detail.detail = True
 
 
+# Capstone prints a REP/REPE/REPNE prefix as part of the mnemonic ("rep outsb").
+REPEAT_PREFIXES = ("rep ", "repe ", "repne ", "repz ", "repnz ")
+
+
+def base_mnemonic(mnemonic: str) -> str:
+    """The mnemonic without a repeat prefix: "rep outsb" -> "outsb"."""
+    for prefix in REPEAT_PREFIXES:
+        if mnemonic.startswith(prefix):
+            return mnemonic[len(prefix):]
+    return mnemonic
+
+
 def _is_trapped(mnemonic: str, op_str: str, trapped: frozenset[str]) -> bool:
-    if mnemonic in trapped:
+    if base_mnemonic(mnemonic) in trapped:
         return True
     return (trapped is ROOT_TRAPPED_MNEMONICS and mnemonic == "mov"
             and op_str.startswith(CR3_REGISTER_NAME + ","))
@@ -109,3 +121,52 @@ def operands(insn) -> list[MemoryOperand | RegisterOperand]:
                 None if mem.index == 0 else unicorn_register(mem.index),
                 mem.scale, mem.disp, rip, op.size))
     return result
+
+
+# Memory an instruction touches besides its explicit operands: the stack (SDM Vol. 1 6.2, 6.4).
+STACK_SLOT = 8
+IRETQ_FRAME_SIZE = 5 * STACK_SLOT
+STACK_WRITES = frozenset({"push", "pushfq", "call"})
+STACK_READS = {"pop": STACK_SLOT, "popfq": STACK_SLOT, "ret": STACK_SLOT, "iretq": IRETQ_FRAME_SIZE}
+_SEGMENT_BASES = {cs_x86.X86_REG_FS: uc_x86.UC_X86_REG_FS_BASE, cs_x86.X86_REG_GS: uc_x86.UC_X86_REG_GS_BASE}
+U64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+@dataclass(frozen=True)
+class MemoryAccess:
+    linear: int
+    size: int
+    reads: bool
+    writes: bool
+
+
+def memory_accesses(insn, read_register) -> list[MemoryAccess]:
+    """The linear ranges an instruction reads or writes: memory operands, then implicit stack slots.
+
+    `read_register(unicorn_register)` gives register values before the instruction runs.
+    """
+    accesses = []
+    for op in insn.operands:
+        if op.type != cs_x86.X86_OP_MEM:
+            continue
+        mem = op.mem
+        address = mem.disp
+        if mem.base == cs_x86.X86_REG_RIP:
+            address += insn.address + insn.size
+        elif mem.base:
+            address += read_register(unicorn_register(mem.base))
+        if mem.index:
+            address += read_register(unicorn_register(mem.index)) * mem.scale
+        if mem.segment in _SEGMENT_BASES:
+            address += read_register(_SEGMENT_BASES[mem.segment])
+        access = op.access or capstone.CS_AC_READ
+        accesses.append(MemoryAccess(address & U64, op.size, bool(access & capstone.CS_AC_READ),
+                                     bool(access & capstone.CS_AC_WRITE)))
+    mnemonic = base_mnemonic(insn.mnemonic)
+    rsp = read_register(uc_x86.UC_X86_REG_RSP)
+    if mnemonic in STACK_WRITES:
+        accesses.append(MemoryAccess((rsp - STACK_SLOT) & U64, STACK_SLOT, False, True))
+    elif mnemonic in STACK_READS:
+        accesses.append(MemoryAccess(rsp, STACK_READS[mnemonic], True, False))
+    return accesses
+

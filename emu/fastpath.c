@@ -104,11 +104,12 @@ int hhr_ept_translate(hhr_ctx *c, uint64_t guest_physical, uint32_t access,
         if (!ram_holds(c, slot)) goto misconfigured;
         uint64_t entry = read_u64(c, slot);
         uint64_t rwx = entry & EPT_PERMISSION_MASK;
+        /* A not-present entry is one of the entries used: bits 5:3 of the qualification AND it in. */
+        allowed &= rwx;
         if (rwx == 0) goto violation;
         /* Write without read, and execute-only (not supported by this machine), misconfigure. */
         if ((rwx & EPT_READ) == 0) goto misconfigured;
         if (entry & reserved) goto misconfigured;
-        allowed &= rwx;
         bool leaf = level == 1 || ((level == LARGE_1G_LEVEL || level == LARGE_2M_LEVEL) &&
                                    (entry & EPT_LARGE_PAGE));
         if (level == PAGING_LEVELS && (entry & EPT_NONLEAF_RESERVED)) goto misconfigured;

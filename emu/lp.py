@@ -368,7 +368,7 @@ class LogicalProcessor:
         self._deliver_guest(vmcs, vector, error_code if info & INTR_INFO_DELIVER_ERROR_CODE else None, rip, kind)
 
     def _guest_trapped(self, vmcs: ActiveVmcs, insn) -> None:
-        mnemonic = insn.mnemonic
+        mnemonic = decode.base_mnemonic(insn.mnemonic)
         controls = vmcs.read("CPU_BASED_VM_EXEC_CONTROL")
         context = vmcs.context
         if mnemonic == "cpuid":
@@ -399,11 +399,12 @@ class LogicalProcessor:
 
     def _guest_io(self, vmcs: ActiveVmcs, insn, controls: int) -> None:
         context = vmcs.context
-        string = insn.mnemonic in IO_MNEMONIC_SIZES
-        is_in = insn.mnemonic.startswith("in")
+        mnemonic = decode.base_mnemonic(insn.mnemonic)
+        string = mnemonic in IO_MNEMONIC_SIZES
+        is_in = mnemonic.startswith("in")
         data_register = None
         if string:
-            size, immediate, port = IO_MNEMONIC_SIZES[insn.mnemonic], False, context.reg(x86.UC_X86_REG_DX)
+            size, immediate, port = IO_MNEMONIC_SIZES[mnemonic], False, context.reg(x86.UC_X86_REG_DX)
         else:
             port_op, data_op = (insn.operands[1], insn.operands[0]) if is_in else (insn.operands[0], insn.operands[1])
             size = data_op.size

@@ -166,7 +166,7 @@ class Machine:
         if self.stop is None:
             self.stop = MachineStop(reason, exit_status, lp, report)
         if self.running_lp is not None:
-            self.running_lp.context.uc.emu_stop()  # end the run at the current block's end
+            self.running_lp.context.request_stop()  # end the run at the current block's end
 
     @property
     def instructions_retired(self) -> int:
