@@ -1,0 +1,181 @@
+"""Malformed inputs: VM-entry check failures through real VMLAUNCH, and property tests with random VMCS
+regions, VMCS fields and EPT entries that must never raise a Python exception out of Machine.run."""
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+from hypothesis import given, strategies as st
+
+from emu import vmcs_fields as vf
+from emu.machine import Machine
+from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
+from emu.vmx_defs import (
+    EPTP_MEMORY_TYPE_MASK, EXIT_REASON_VM_ENTRY_FAILURE, Cr0, EntryFailureQualification, ExitReason, PinBasedControls, Rflags,
+    VmInstructionError, make_eptp,
+)
+from tests.machine_programs import (
+    EPT_TABLES, EXIT_LAUNCH_FAILED, EXIT_STOPPED_ON_EXIT, GUEST_CODE, GUEST_DATA, GUEST_GDT, GUEST_PML4,
+    GUEST_STACK_TOP, PAGE_SIZE, QWORD, RFLAGS_CF, RFLAGS_ZF, ROOT_CODE, ROOT_STACK_TOP, SLOT_LAUNCH_ERROR,
+    SLOT_LAUNCH_FLAGS, VMCS_REGION, assemble, build_guest, debug_exit, enable_vmx, events_of, exit_log,
+    exit_logger, exit_status, label_address, lines, prepare_vmcs, result, root_preamble, run_root, vmwrite,
+    vmx_pointer_instruction, vmx_program,
+)
+
+FUZZ_INSTRUCTION_LIMIT = 30_000
+RFLAGS_RESERVED_BIT_3 = 1 << 3
+UNSUPPORTED_PIN_CONTROL = PinBasedControls.PROCESS_POSTED_INTERRUPTS
+RESERVED_EPT_MEMORY_TYPE = 2
+NOT_ALL_ONES = 0x1000
+
+# (case, VMWRITEs after the valid setup, expected: ("fail", error) or ("exit", qualification))
+ENTRY_FAILURES = [
+    ("host-cr0-without-ne", lines("mov rcx, cr0", f"btr rcx, {int(Cr0.NE).bit_length() - 1}",
+                                  vmwrite("HOST_CR0", "rcx")),
+     ("fail", VmInstructionError.ENTRY_INVALID_HOST_STATE_FIELD)),
+    ("host-tr-selector-null", vmwrite("HOST_TR_SELECTOR", 0), ("fail", VmInstructionError.ENTRY_INVALID_HOST_STATE_FIELD)),
+    ("pin-control-not-allowed", vmwrite("PIN_BASED_VM_EXEC_CONTROL", int(CAPS.pin_based.must_be_one
+                                                                         | UNSUPPORTED_PIN_CONTROL)),
+     ("fail", VmInstructionError.ENTRY_INVALID_CONTROL_FIELD)),
+    ("ept-memory-type-reserved", vmwrite("EPT_POINTER", make_eptp(EPT_TABLES) & ~EPTP_MEMORY_TYPE_MASK | RESERVED_EPT_MEMORY_TYPE),
+     ("fail", VmInstructionError.ENTRY_INVALID_CONTROL_FIELD)),
+    ("guest-rflags-reserved-bit", vmwrite("GUEST_RFLAGS", int(Rflags.FIXED1) | RFLAGS_RESERVED_BIT_3),
+     ("exit", EntryFailureQualification.DEFAULT)),
+    ("guest-rflags-bit1-clear", vmwrite("GUEST_RFLAGS", 0), ("exit", EntryFailureQualification.DEFAULT)),
+    ("guest-cr0-without-pe", vmwrite("GUEST_CR0", int(Cr0.NE | Cr0.ET)), ("exit", EntryFailureQualification.DEFAULT)),
+    ("vmcs-link-pointer", vmwrite("VMCS_LINK_POINTER", NOT_ALL_ONES),
+     ("exit", EntryFailureQualification.VMCS_LINK_POINTER)),
+]
+
+
+@pytest.mark.parametrize("case, corrupt, expected", ENTRY_FAILURES, ids=[c[0] for c in ENTRY_FAILURES])
+def test_vm_entry_check_failures(machine, case, corrupt, expected):
+    guest = build_guest(machine, lines("vmcall"))
+    program = vmx_program(guest, exit_logger(resume=False), before_launch=corrupt)
+    run = run_root(machine, program)
+    (failed,) = events_of(machine, "vm-entry-failed")
+    assert failed.data["message"], "a VM-entry failure comes with a message"
+    assert events_of(machine, "vm-entry") == []
+    kind, detail = expected
+    if kind == "fail":
+        assert run.stop.exit_status == exit_status(EXIT_LAUNCH_FAILED), run.stop.report
+        assert result(machine, SLOT_LAUNCH_FLAGS) & (RFLAGS_CF | RFLAGS_ZF) == RFLAGS_ZF
+        assert result(machine, SLOT_LAUNCH_ERROR) == detail
+        assert failed.data["message"].startswith("VMFAIL")
+    else:
+        assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+        (record,) = exit_log(machine)
+        assert record.reason == EXIT_REASON_VM_ENTRY_FAILURE | ExitReason.INVALID_GUEST_STATE
+        assert record.qualification == detail
+
+
+# --- property tests ---------------------------------------------------------------------------------------
+GRACEFUL_STOPS = {"debug-exit", "instruction-limit", "triple-fault", "machine-check", "idle"}
+VMX_ENTRY_KINDS = {"vm-entry", "vmfail", "vm-entry-failed"}
+GUEST_TOUCHES_MEMORY = lines(f"mov rbx, {GUEST_DATA:#x}", "work:", "inc qword ptr [rbx]", "push rbx", "pop rbx",
+                             "cpuid", "vmcall", "jmp work")
+_valid_image: bytes | None = None
+
+
+def fuzz_program(body: str) -> str:
+    """VMXON, VMPTRLD of VMCS_REGION as it is in memory, VMLAUNCH; exits are logged and resumed."""
+    return lines(enable_vmx(), body, vmx_pointer_instruction("vmptrld", VMCS_REGION), "vmlaunch",
+                 debug_exit(EXIT_LAUNCH_FAILED), exit_logger())
+
+
+FUZZ_HANDLER_ADDRESS = label_address(fuzz_program(""), "vm_exit")
+
+
+def valid_vmcs_image() -> bytes:
+    """A VMCS region that launches the memory-touching guest: made by a program that writes every field
+    and executes VMCLEAR, with HOST_RIP then pointed at the fuzz program's exit handler."""
+    global _valid_image
+    if _valid_image is None:
+        machine = Machine()
+        guest = build_guest(machine, GUEST_TOUCHES_MEMORY)
+        program = lines(enable_vmx(), prepare_vmcs(guest), vmx_pointer_instruction("vmclear", VMCS_REGION),
+                        debug_exit(EXIT_STOPPED_ON_EXIT), "vm_exit:")
+        run = run_root(machine, program)
+        assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+        image = bytearray(machine.ram.read(VMCS_REGION, PAGE_SIZE))
+        struct.pack_into("<Q", image, vf.BY_NAME["HOST_RIP"].offset, FUZZ_HANDLER_ADDRESS)
+        _valid_image = bytes(image)
+    return _valid_image
+
+
+def fuzz_machine() -> Machine:
+    machine = Machine()
+    build_guest(machine, GUEST_TOUCHES_MEMORY)
+    return machine
+
+
+def assert_graceful(machine: Machine) -> None:
+    run = machine.run(max_instructions=FUZZ_INSTRUCTION_LIMIT)
+    assert run.stop.reason in GRACEFUL_STOPS, run.stop
+
+
+def start_fuzz_program(machine: Machine, body: str = "") -> None:
+    machine.events.recording = True
+    machine.load(ROOT_CODE, assemble(lines(root_preamble(), fuzz_program(body)), ROOT_CODE))
+    machine.start(ROOT_CODE, [ROOT_STACK_TOP])
+
+
+def test_the_valid_image_launches():
+    """The baseline the property tests mutate: unmodified, it enters the guest and logs exits."""
+    machine = fuzz_machine()
+    machine.ram.write(VMCS_REGION, valid_vmcs_image())
+    start_fuzz_program(machine)
+    run = machine.run(max_instructions=FUZZ_INSTRUCTION_LIMIT)
+    assert run.stop.reason in GRACEFUL_STOPS
+    assert events_of(machine, "vm-entry-failed") == [] and events_of(machine, "vmfail") == []
+    assert {ExitReason.CPUID, ExitReason.VMCALL} <= {record.reason for record in exit_log(machine)}
+
+
+patches = st.lists(st.tuples(st.integers(0, PAGE_SIZE - QWORD), st.integers(0, (1 << 64) - 1)), max_size=24)
+
+
+@given(region_seed=st.integers(0, (1 << 32) - 1), patched=patches, from_valid=st.booleans())
+def test_random_vmcs_region_never_raises(region_seed, patched, from_valid):
+    """A region of random bytes (from a seed: a 4 KiB example would be hard to shrink), or the valid image
+    with random quadwords patched in; only the revision identifier is kept right so VMPTRLD accepts it."""
+    machine = fuzz_machine()
+    image = bytearray(valid_vmcs_image() if from_valid else random.Random(region_seed).randbytes(PAGE_SIZE))
+    for offset, value in patched:
+        struct.pack_into("<Q", image, offset, value)
+    struct.pack_into("<I", image, vf.VMCS_REVISION_ID_OFFSET, CAPS.vmcs_revision_id)
+    machine.ram.write(VMCS_REGION, bytes(image))
+    start_fuzz_program(machine)
+    assert_graceful(machine)
+    assert {event.kind for event in machine.events.events} & VMX_ENTRY_KINDS, "VMLAUNCH was never reached"
+
+
+field_values = st.one_of(st.integers(0, (1 << 64) - 1), st.sampled_from([0, 1, 0xFFFF_FFFF, (1 << 64) - 1, 1 << 31]))
+writable_fields = [field.name for field in vf.FIELDS if not field.read_only]
+
+
+@given(st.lists(st.tuples(st.sampled_from(writable_fields), field_values), min_size=1, max_size=6))
+def test_random_vmcs_fields_never_raise(overrides):
+    machine = fuzz_machine()
+    machine.ram.write(VMCS_REGION, valid_vmcs_image())
+    start_fuzz_program(machine, lines(vmx_pointer_instruction("vmptrld", VMCS_REGION),
+                                      *(vmwrite(name, value) for name, value in overrides)))
+    assert_graceful(machine)
+
+
+# The guest's EPT maps its RAM with 2 MiB pages: the entries are PML4Es, PDPTEs and PDEs (levels 4-2).
+EPT_LEVELS = st.integers(2, 4)
+GUEST_ADDRESSES = st.sampled_from([GUEST_CODE, GUEST_DATA, GUEST_STACK_TOP - QWORD, GUEST_PML4, GUEST_GDT])
+
+
+@given(st.lists(st.tuples(GUEST_ADDRESSES, EPT_LEVELS, st.integers(0, (1 << 64) - 1)), min_size=1, max_size=4))
+def test_random_ept_entries_never_raise(corruptions):
+    machine = Machine()
+    guest = build_guest(machine, GUEST_TOUCHES_MEMORY)
+    machine.ram.write(VMCS_REGION, valid_vmcs_image())
+    targets = [guest.ept.entry_address(gpa, level, create=False) for gpa, level, _value in corruptions]
+    for target, (_gpa, _level, value) in zip(targets, corruptions):
+        machine.ram.write_u64(target, value)
+    start_fuzz_program(machine)
+    assert_graceful(machine)
+    assert events_of(machine, "vm-entry"), "the guest was never entered"

@@ -1,0 +1,497 @@
+"""VMX instructions in root mode (success and each failure) and the VM exits a guest can cause.
+
+Every test runs a root program on the machine; outcomes are what the program sees: RFLAGS after the
+instruction, VM_INSTRUCTION_ERROR read back with VMREAD, the VM-exit information fields of each exit.
+See: SDM Vol. 3C 31.2 (VMsucceed / VMfailInvalid / VMfailValid), 31.3 (instructions), 31.4 (errors).
+"""
+from __future__ import annotations
+
+import pytest
+
+from emu import vmcs_fields as vf
+from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
+from emu.vmx_defs import (
+    INTR_INFO_DELIVER_ERROR_CODE, INTR_INFO_VALID, IO_QUAL_DIRECTION_IN, IO_QUAL_IMMEDIATE_OPERAND,
+    IO_QUAL_PORT_SHIFT, IO_QUAL_REP, IO_QUAL_SIZE_MASK, IO_QUAL_STRING, ExceptionVector, ExitControls,
+    ExitReason, InterruptionType, PinBasedControls, PrimaryProcessorControls, VmInstructionError,
+    make_interruption_info,
+)
+from tests.machine_programs import (
+    ENCODING, EXIT_FAULT, EXIT_LAUNCH_FAILED, EXIT_OK, EXIT_STOPPED_ON_EXIT, GUEST_CODE, GUEST_DATA,
+    GUEST_IDT, RFLAGS_CF, RFLAGS_ZF, ROOT_IDT, ROOT_STACK_TOP, SCRATCH, SLOT_FAULT_RIP, SLOT_FAULT_VECTOR, U64,
+    VMCS_REGION, VMXON_REGION, assemble, build_guest, debug_exit, default_controls, enable_vmx,
+    exit_log, exit_logger, exit_status, fault_recorder, label_address, lines, make_current, putc,
+    result, results, run_guest, run_root, save, save_flags, set_interrupt_gate, vmread, vmwrite,
+    vmx_pointer_instruction, vmx_program, events_of,
+)
+
+VMSUCCEED = ("VMsucceed", None)
+VMFAIL_INVALID = ("VMfailInvalid", None)
+UNSUPPORTED_ENCODING = 0x6034      # natural-width control index 26: not a field of this machine
+NOT_A_VMCS_ADDRESS = 0x123         # not 4 KiB aligned
+BEYOND_MAXPHYADDR = 1 << CAPS.maxphyaddr
+WRONG_REVISION = CAPS.vmcs_revision_id ^ 1
+INVEPT_BAD_TYPE = 3
+TIMER_VECTOR = 0x40
+INJECTED_VECTOR = 0x30
+TIMER_TICKS = 2000
+
+
+def fail_valid(error: int) -> tuple[str, int]:
+    return ("VMfailValid", int(error))
+
+
+def write_revision(address: int, revision: int = CAPS.vmcs_revision_id) -> str:
+    return lines(f"mov rax, {address:#x}", f"mov dword ptr [rax], {revision:#x}")
+
+
+def observe(slot: int) -> str:
+    """After a VMX instruction: RFLAGS to `slot`, VM_INSTRUCTION_ERROR (or -1) to `slot + 1`."""
+    return lines(save_flags(slot), "mov rcx, -1", vmread("rcx", "VM_INSTRUCTION_ERROR"), save(slot + 1, "rcx"))
+
+
+def outcome(machine, slot: int) -> tuple[str, int | None]:
+    flags = result(machine, slot)
+    if flags & RFLAGS_CF and not flags & RFLAGS_ZF:
+        return VMFAIL_INVALID
+    if flags & RFLAGS_ZF and not flags & RFLAGS_CF:
+        return fail_valid(result(machine, slot + 1))
+    if not flags & (RFLAGS_CF | RFLAGS_ZF):
+        return VMSUCCEED
+    return ("both CF and ZF", flags)
+
+
+def vmx_on_with_current_vmcs() -> str:
+    return lines(write_revision(VMXON_REGION), write_revision(VMCS_REGION), enable_vmx(), make_current())
+
+
+def run_ok(machine, body: str):
+    run = run_root(machine, lines(body, debug_exit(EXIT_OK)))
+    assert run.stop.reason == "debug-exit", run.stop.report
+    assert run.stop.exit_status == exit_status(EXIT_OK)
+    return run
+
+
+def expect_invalid_opcode(machine, body_before: str, instruction: str) -> None:
+    """Runs `instruction` after `body_before` and checks it raised #UD at its own address."""
+    body = lines(set_interrupt_gate(ROOT_IDT, ExceptionVector.UD, "fault_6"), body_before,
+                 "faulting:", instruction, debug_exit(EXIT_OK), fault_recorder(ExceptionVector.UD, False))
+    run = run_root(machine, body)
+    assert run.stop.exit_status == exit_status(EXIT_FAULT), "the instruction did not fault"
+    assert result(machine, SLOT_FAULT_VECTOR) == ExceptionVector.UD
+    assert result(machine, SLOT_FAULT_RIP) == label_address(body, "faulting")
+
+
+# --- VMXON / VMXOFF ------------------------------------------------------------------------------------
+def test_vmxon_without_cr4_vmxe_raises_invalid_opcode(machine):
+    expect_invalid_opcode(machine, lines(write_revision(VMXON_REGION), f"mov rax, {VMXON_REGION:#x}", "push rax"),
+                          "vmxon [rsp]")
+
+
+def test_vmxon_with_wrong_revision_fails_invalid(machine):
+    run_ok(machine, lines(write_revision(VMXON_REGION, WRONG_REVISION), enable_vmx(), save_flags(0)))
+    assert outcome(machine, 0) == VMFAIL_INVALID
+    assert [e.data["ok"] for e in events_of(machine, "vmxon")] == [False]
+
+
+def test_vmxon_twice(machine):
+    body = lines(write_revision(VMXON_REGION), write_revision(VMCS_REGION),
+                 enable_vmx(), observe(0),
+                 vmx_pointer_instruction("vmxon", VMXON_REGION), observe(2),   # no current VMCS yet
+                 make_current(),
+                 vmx_pointer_instruction("vmxon", VMXON_REGION), observe(4))
+    run_ok(machine, body)
+    assert outcome(machine, 0) == VMSUCCEED
+    assert outcome(machine, 2) == VMFAIL_INVALID
+    assert outcome(machine, 4) == fail_valid(VmInstructionError.VMXON_IN_VMX_ROOT)
+
+
+def test_vmxoff_leaves_vmx_operation(machine):
+    expect_invalid_opcode(machine, lines(vmx_on_with_current_vmcs(), "vmxoff", save_flags(0),
+                                         f"mov rax, {ENCODING['VM_EXIT_REASON']:#x}"), "vmread rcx, rax")
+    assert outcome(machine, 0) == VMSUCCEED
+    assert [e.kind for e in machine.events.events if e.kind.startswith("vmxo")] == ["vmxon", "vmxoff"]
+
+
+def test_vmxoff_outside_vmx_operation_raises_invalid_opcode(machine):
+    expect_invalid_opcode(machine, "", "vmxoff")
+
+
+# --- VMCLEAR / VMPTRLD / VMPTRST -----------------------------------------------------------------------
+def test_vmclear_failures(machine):
+    body = lines(vmx_on_with_current_vmcs(),
+                 vmx_pointer_instruction("vmclear", VMCS_REGION + NOT_A_VMCS_ADDRESS), observe(0),
+                 vmx_pointer_instruction("vmclear", VMXON_REGION), observe(2),
+                 vmx_pointer_instruction("vmclear", machine.ram.size), observe(4))
+    run_ok(machine, body)
+    assert outcome(machine, 0) == fail_valid(VmInstructionError.VMCLEAR_INVALID_ADDRESS)
+    assert outcome(machine, 2) == fail_valid(VmInstructionError.VMCLEAR_VMXON_POINTER)
+    assert outcome(machine, 4) == fail_valid(VmInstructionError.VMCLEAR_INVALID_ADDRESS)
+
+
+def test_vmptrld_failures(machine):
+    second = VMCS_REGION + 0x1000
+    body = lines(vmx_on_with_current_vmcs(), write_revision(second, WRONG_REVISION),
+                 vmx_pointer_instruction("vmptrld", VMCS_REGION + NOT_A_VMCS_ADDRESS), observe(0),
+                 vmx_pointer_instruction("vmptrld", BEYOND_MAXPHYADDR), observe(2),
+                 vmx_pointer_instruction("vmptrld", VMXON_REGION), observe(4),
+                 vmx_pointer_instruction("vmptrld", second), observe(6),
+                 f"mov rax, {SCRATCH:#x}", "vmptrst [rax]")
+    run_ok(machine, body)
+    assert outcome(machine, 0) == fail_valid(VmInstructionError.VMPTRLD_INVALID_ADDRESS)
+    assert outcome(machine, 2) == fail_valid(VmInstructionError.VMPTRLD_INVALID_ADDRESS)
+    assert outcome(machine, 4) == fail_valid(VmInstructionError.VMPTRLD_VMXON_POINTER)
+    assert outcome(machine, 6) == fail_valid(VmInstructionError.VMPTRLD_INCORRECT_REVISION_ID)
+    assert machine.ram.read_u64(SCRATCH) == VMCS_REGION, "a failed VMPTRLD changed the current VMCS"
+
+
+def test_vmptrld_without_current_vmcs_fails_invalid(machine):
+    body = lines(write_revision(VMXON_REGION), enable_vmx(),
+                 vmx_pointer_instruction("vmptrld", VMXON_REGION), observe(0))
+    run_ok(machine, body)
+    assert outcome(machine, 0) == VMFAIL_INVALID
+
+
+def test_vmptrst_stores_current_pointer_or_all_ones(machine):
+    body = lines(write_revision(VMXON_REGION), write_revision(VMCS_REGION), enable_vmx(),
+                 f"mov rax, {SCRATCH:#x}", "vmptrst [rax]", save_flags(0),
+                 make_current(),
+                 f"mov rax, {SCRATCH + 8:#x}", "vmptrst [rax]", save_flags(1),
+                 vmx_pointer_instruction("vmclear", VMCS_REGION),
+                 f"mov rax, {SCRATCH + 16:#x}", "vmptrst [rax]")
+    run_ok(machine, body)
+    assert machine.ram.read_u64(SCRATCH) == U64
+    assert machine.ram.read_u64(SCRATCH + 8) == VMCS_REGION
+    assert machine.ram.read_u64(SCRATCH + 16) == U64, "VMCLEAR of the current VMCS must make it not current"
+    assert outcome(machine, 0) == VMSUCCEED and outcome(machine, 1) == VMSUCCEED
+
+
+# --- VMREAD / VMWRITE ----------------------------------------------------------------------------------
+def test_vmread_vmwrite_without_current_vmcs_fail_invalid(machine):
+    body = lines(write_revision(VMXON_REGION), enable_vmx(),
+                 "mov rcx, 0x1234", vmread("rcx", "GUEST_RIP"), save_flags(0), save(1, "rcx"),
+                 vmwrite("GUEST_RIP", 0x1000), save_flags(2))
+    run_ok(machine, body)
+    assert result(machine, 0) & (RFLAGS_CF | RFLAGS_ZF) == RFLAGS_CF
+    assert result(machine, 1) == 0x1234, "a failed VMREAD wrote its destination"
+    assert result(machine, 2) & (RFLAGS_CF | RFLAGS_ZF) == RFLAGS_CF
+
+
+def test_vmread_vmwrite_field_errors(machine):
+    assert vf.lookup(UNSUPPORTED_ENCODING) is None
+    body = lines(vmx_on_with_current_vmcs(),
+                 f"mov rax, {UNSUPPORTED_ENCODING:#x}", "vmread rcx, rax", observe(0),
+                 f"mov rax, {UNSUPPORTED_ENCODING:#x}", "mov rbx, 1", "vmwrite rax, rbx", observe(2),
+                 vmwrite("VM_EXIT_REASON", 1), observe(4),
+                 # High half of a 32-bit field does not exist.
+                 f"mov rax, {ENCODING['EXCEPTION_BITMAP'] | vf.ENCODING_ACCESS_HIGH:#x}", "vmread rcx, rax", observe(6),
+                 # Bits 63:32 of the encoding operand must be zero.
+                 f"mov rax, {1 << 32 | ENCODING['GUEST_RIP']:#x}", "vmread rcx, rax", observe(8))
+    run_ok(machine, body)
+    assert outcome(machine, 0) == fail_valid(VmInstructionError.UNSUPPORTED_VMCS_COMPONENT)
+    assert outcome(machine, 2) == fail_valid(VmInstructionError.UNSUPPORTED_VMCS_COMPONENT)
+    assert outcome(machine, 4) == fail_valid(VmInstructionError.VMWRITE_READ_ONLY_COMPONENT)
+    assert outcome(machine, 6) == fail_valid(VmInstructionError.UNSUPPORTED_VMCS_COMPONENT)
+    assert outcome(machine, 8) == fail_valid(VmInstructionError.UNSUPPORTED_VMCS_COMPONENT)
+
+
+def test_vmread_vmwrite_widths_and_64_bit_high_access(machine):
+    full = 0x1122_3344_5566_7788
+    high_encoding = ENCODING["TSC_OFFSET"] | vf.ENCODING_ACCESS_HIGH
+    body = lines(vmx_on_with_current_vmcs(),
+                 vmwrite("TSC_OFFSET", full), observe(0),
+                 f"mov rax, {high_encoding:#x}", "vmread rcx, rax", save(2, "rcx"),
+                 f"mov rax, {high_encoding:#x}", "mov rbx, 0xAABBCCDD", "vmwrite rax, rbx", observe(3),
+                 vmread("rcx", "TSC_OFFSET"), save(5, "rcx"),
+                 vmwrite("GUEST_CS_SELECTOR", 0x12345), vmread("rcx", "GUEST_CS_SELECTOR"), save(6, "rcx"),
+                 vmwrite("EXCEPTION_BITMAP", 0x1_2345_6789), vmread("rcx", "EXCEPTION_BITMAP"), save(7, "rcx"),
+                 # Memory operands: VMWRITE from memory, VMREAD to memory.
+                 f"mov rbx, {SCRATCH:#x}", "mov qword ptr [rbx], 0x5555",
+                 f"mov rax, {ENCODING['GUEST_RSP']:#x}", "vmwrite rax, qword ptr [rbx]",
+                 f"mov rbx, {SCRATCH + 8:#x}", "vmread qword ptr [rbx], rax")
+    run_ok(machine, body)
+    assert outcome(machine, 0) == VMSUCCEED
+    assert result(machine, 2) == full >> 32
+    assert outcome(machine, 3) == VMSUCCEED
+    assert result(machine, 5) == 0xAABB_CCDD_5566_7788
+    assert result(machine, 6) == 0x2345, "16-bit fields keep 16 bits"
+    assert result(machine, 7) == 0x2345_6789, "32-bit fields keep 32 bits"
+    assert machine.ram.read_u64(SCRATCH + 8) == 0x5555
+
+
+def test_vmcs_image_round_trip_through_vmclear_and_vmptrld(machine):
+    """VMWRITE, VMCLEAR writes the image at the documented offsets, edits to it are seen by VMPTRLD."""
+    written = {"GUEST_RIP": 0x12_3456_789A, "EXCEPTION_BITMAP": 0x4242, "TSC_OFFSET": 0x1122_3344_5566_7788,
+               "GUEST_CS_SELECTOR": 0x1234, "INVERSE_HYPERCALL_ENTRY": 0xDEAD_BEEF}
+    edited_field, edited_value = "EXCEPTION_BITMAP", 0x8000_0001
+    names = list(written)
+    edit = lines(f"mov rax, {VMCS_REGION + vf.BY_NAME[edited_field].offset:#x}",
+                 f"mov rbx, {edited_value:#x}", "mov qword ptr [rax], rbx")
+    reads = [lines(vmread("rcx", name), save(10 + i, "rcx")) for i, name in enumerate(names)]
+    body = lines(vmx_on_with_current_vmcs(), *(vmwrite(n, v) for n, v in written.items()),
+                 vmx_pointer_instruction("vmclear", VMCS_REGION), observe(0),
+                 # Snapshot the image VMCLEAR wrote, before the program edits one slot of it.
+                 *(lines(f"mov rax, {VMCS_REGION + vf.BY_NAME[n].offset:#x}", "mov rcx, [rax]", save(20 + i, "rcx"))
+                   for i, n in enumerate(names)),
+                 edit,
+                 vmx_pointer_instruction("vmptrld", VMCS_REGION), observe(2), *reads)
+    run_ok(machine, body)
+    assert outcome(machine, 0) == VMSUCCEED and outcome(machine, 2) == VMSUCCEED
+    image = dict(zip(names, results(machine, len(names), 20)))
+    assert image == written
+    assert machine.ram.read_u32(VMCS_REGION + vf.VMCS_LAUNCH_STATE_OFFSET) == vf.LAUNCH_STATE_CLEAR
+    assert machine.ram.read_u32(VMCS_REGION + vf.VMCS_REVISION_ID_OFFSET) == CAPS.vmcs_revision_id
+    reloaded = dict(zip(names, results(machine, len(names), 10)))
+    assert reloaded == {**written, edited_field: edited_value}
+
+
+# --- VMLAUNCH / VMRESUME / VMCALL / INVEPT -------------------------------------------------------------
+def test_vmresume_before_launch_and_vmlaunch_without_vmcs(machine):
+    body = lines(write_revision(VMXON_REGION), write_revision(VMCS_REGION), enable_vmx(),
+                 "vmlaunch", save_flags(0),
+                 make_current(), "vmresume", observe(2))
+    run_ok(machine, body)
+    assert result(machine, 0) & (RFLAGS_CF | RFLAGS_ZF) == RFLAGS_CF
+    assert outcome(machine, 2) == fail_valid(VmInstructionError.VMRESUME_NONLAUNCHED_VMCS)
+
+
+def test_vmlaunch_of_a_launched_vmcs_fails(machine):
+    on_exit = lines("vmlaunch", observe(0), "jmp vm_exit_stop")
+    run, _guest = run_guest(machine, "vmcall", on_exit=on_exit)
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    assert exit_log(machine)[0].reason == ExitReason.VMCALL
+    assert outcome(machine, 0) == fail_valid(VmInstructionError.VMLAUNCH_NONCLEAR_VMCS)
+
+
+def test_vmcall_in_root_fails_valid(machine):
+    run_ok(machine, lines(vmx_on_with_current_vmcs(), "vmcall", observe(0)))
+    assert outcome(machine, 0) == fail_valid(VmInstructionError.VMCALL_IN_VMX_ROOT)
+
+
+def test_invept_types(machine):
+    descriptor = lines(f"mov rbx, {SCRATCH:#x}", "mov qword ptr [rbx], 0x5000", "mov qword ptr [rbx + 8], 0")
+    body = lines(vmx_on_with_current_vmcs(), descriptor,
+                 f"mov rax, {INVEPT_BAD_TYPE}", "invept rax, [rbx]", observe(0),
+                 "mov rax, 1", "invept rax, [rbx]", observe(2),
+                 "mov rax, 2", "invept rax, [rbx]", observe(4))
+    run_ok(machine, body)
+    assert outcome(machine, 0) == fail_valid(VmInstructionError.INVALID_INVEPT_INVVPID_OPERAND)
+    assert outcome(machine, 2) == VMSUCCEED
+    assert outcome(machine, 4) == VMSUCCEED
+    assert [e.data["type"] for e in events_of(machine, "invept")] == [1, 2]
+
+
+# --- VM exits --------------------------------------------------------------------------------------------
+def test_cpuid_io_vmcall_hlt_exits(machine):
+    guest = lines("mov eax, 1", "cpuid_at: cpuid", "mov dx, 0x3f8", "mov al, 0x47", "out_at: out dx, al",
+                  "mov rax, 42", "vmcall_at: vmcall", "hlt_at: hlt")
+    run, _ = run_guest(machine, guest, stop_reasons=(ExitReason.HLT,),
+                       controls=default_controls(primary=PrimaryProcessorControls.HLT_EXITING
+                                                 | PrimaryProcessorControls.UNCONDITIONAL_IO_EXITING))
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    log = exit_log(machine)
+    assert [r.reason for r in log] == [ExitReason.CPUID, ExitReason.IO_INSTRUCTION, ExitReason.VMCALL,
+                                       ExitReason.HLT]
+    where = [label_address(guest, name, GUEST_CODE, root_program=False)
+             for name in ("cpuid_at", "out_at", "vmcall_at", "hlt_at")]
+    assert [r.guest_rip for r in log] == where
+    assert [r.instruction_length for r in log] == [2, 1, 3, 1]
+    assert log[0].guest_rax == 1 and log[2].guest_rax == 42
+    assert machine.io.console.text() == "", "an intercepted OUT reached the device"
+    assert run.exits_by_reason == {ExitReason.CPUID: 1, ExitReason.IO_INSTRUCTION: 1, ExitReason.VMCALL: 1,
+                                   ExitReason.HLT: 1}
+
+
+def decode_io(qualification: int) -> tuple[int, int, str, bool, bool, bool]:
+    """(port, size in bytes, direction, string, rep, immediate) from an I/O exit qualification."""
+    return (qualification >> IO_QUAL_PORT_SHIFT & 0xFFFF, (qualification & IO_QUAL_SIZE_MASK) + 1,
+            "in" if qualification & IO_QUAL_DIRECTION_IN else "out", bool(qualification & IO_QUAL_STRING),
+            bool(qualification & IO_QUAL_REP), bool(qualification & IO_QUAL_IMMEDIATE_OPERAND))
+
+
+def test_io_exit_qualification_is_decoded(machine):
+    guest = lines("mov dx, 0x3f8", "out dx, al",
+                  "in eax, 0x60",
+                  "mov dx, 0x1234", "out dx, ax",
+                  "mov dx, 0x3fd", "in al, dx",
+                  f"mov rsi, {GUEST_DATA:#x}", "mov rcx, 2", "mov dx, 0x80", "rep outsb",
+                  "hlt")
+    controls = default_controls(primary=PrimaryProcessorControls.HLT_EXITING
+                                | PrimaryProcessorControls.UNCONDITIONAL_IO_EXITING)
+    run, _ = run_guest(machine, guest, stop_reasons=(ExitReason.HLT,), controls=controls)
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    io = [decode_io(r.qualification) for r in exit_log(machine) if r.reason == ExitReason.IO_INSTRUCTION]
+    assert io == [(0x3F8, 1, "out", False, False, False),
+                  (0x60, 4, "in", False, False, True),
+                  (0x1234, 2, "out", False, False, False),
+                  (0x3FD, 1, "in", False, False, False),
+                  (0x80, 1, "out", True, True, False)]
+
+
+def test_io_bitmap_selects_ports(machine):
+    bitmap_a, bitmap_b = 0x210000, 0x211000
+    exiting_port = 0x80
+    machine.ram.write(bitmap_a, bytes(4096))
+    machine.ram.write(bitmap_b, bytes(4096))
+    machine.ram.write(bitmap_a + exiting_port // 8, bytes([1 << exiting_port % 8]))
+    guest = lines(putc("A"), f"mov dx, {exiting_port:#x}", "out dx, al", putc("B"), "hlt")
+    controls = default_controls(primary=PrimaryProcessorControls.HLT_EXITING | PrimaryProcessorControls.USE_IO_BITMAPS)
+    run, _ = run_guest(machine, guest, stop_reasons=(ExitReason.HLT,), controls=controls,
+                       fields={"IO_BITMAP_A": bitmap_a, "IO_BITMAP_B": bitmap_b})
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    assert [r.reason for r in exit_log(machine)] == [ExitReason.IO_INSTRUCTION, ExitReason.HLT]
+    assert decode_io(exit_log(machine)[0].qualification)[0] == exiting_port
+    assert machine.io.console.text() == "AB"
+
+
+GUEST_VMX_INSTRUCTIONS = [
+    ("vmcall", ExitReason.VMCALL), ("vmclear [rax]", ExitReason.VMCLEAR), ("vmlaunch", ExitReason.VMLAUNCH),
+    ("vmptrld [rax]", ExitReason.VMPTRLD), ("vmptrst [rax]", ExitReason.VMPTRST),
+    ("vmread rbx, rax", ExitReason.VMREAD), ("vmresume", ExitReason.VMRESUME),
+    ("vmwrite rax, rbx", ExitReason.VMWRITE), ("vmxoff", ExitReason.VMXOFF), ("vmxon [rax]", ExitReason.VMXON),
+    ("invept rax, [rbx]", ExitReason.INVEPT), ("invvpid rax, [rbx]", ExitReason.INVVPID),
+    ("vmfunc", ExitReason.VMFUNC),
+]
+
+
+def test_vmx_instructions_in_a_guest_exit_with_their_reason(machine):
+    guest = lines(f"mov rax, {GUEST_DATA:#x}", f"mov rbx, {GUEST_DATA:#x}",
+                  *(instruction for instruction, _ in GUEST_VMX_INSTRUCTIONS), "hlt")
+    run, _ = run_guest(machine, guest, stop_reasons=(ExitReason.HLT,))
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    log = exit_log(machine)
+    assert [r.reason for r in log] == [reason for _, reason in GUEST_VMX_INSTRUCTIONS] + [ExitReason.HLT]
+    lengths = [len(assemble(instruction, GUEST_CODE)) for instruction, _ in GUEST_VMX_INSTRUCTIONS]
+    assert [r.instruction_length for r in log[:-1]] == lengths
+    assert [e.kind for e in machine.events.events].count("vmxon") == 1, "the guest's VMXON ran in root mode"
+
+
+def test_exception_bitmap_turns_ud2_into_an_exit(machine):
+    guest = lines("ud2_at: ud2", "hlt")
+    run, _ = run_guest(machine, guest, stop_reasons=(ExitReason.EXCEPTION_NMI,),
+                       fields={"EXCEPTION_BITMAP": 1 << ExceptionVector.UD})
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    (record,) = exit_log(machine)
+    assert record.reason == ExitReason.EXCEPTION_NMI
+    assert record.interruption_info == make_interruption_info(ExceptionVector.UD, InterruptionType.HARDWARE_EXCEPTION)
+    assert record.guest_rip == GUEST_CODE
+
+
+def test_ud2_without_bitmap_bit_goes_through_the_guest_idt(machine):
+    guest = lines(set_interrupt_gate(GUEST_IDT, ExceptionVector.UD, "ud_handler"), "ud2_at: ud2", "hlt",
+                  "ud_handler:", putc("U"), "mov rax, [rsp]", "vmcall")
+    run, _ = run_guest(machine, guest, stop_reasons=(ExitReason.VMCALL, ExitReason.HLT))
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    (record,) = exit_log(machine)
+    assert record.reason == ExitReason.VMCALL
+    assert record.guest_rax == label_address(guest, "ud2_at", GUEST_CODE, root_program=False)
+    assert machine.io.console.text() == "U"
+
+
+def test_page_fault_exit_reports_linear_address_and_error_code(machine):
+    unmapped = 0x80_0000_0000          # PML4 entry 1 of the guest's page tables is not present
+    guest = lines(f"mov rax, {unmapped:#x}", "mov qword ptr [rax], 1", "hlt")
+    run, _ = run_guest(machine, guest, stop_reasons=(ExitReason.EXCEPTION_NMI,),
+                       fields={"EXCEPTION_BITMAP": 1 << ExceptionVector.PF})
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    (record,) = exit_log(machine)
+    page_fault_write = 1 << 1
+    assert record.qualification == unmapped
+    assert record.interruption_info == make_interruption_info(ExceptionVector.PF, InterruptionType.HARDWARE_EXCEPTION,
+                                                              deliver_error_code=True)
+    assert record.interruption_error == page_fault_write
+
+
+def test_guest_without_idt_divides_by_zero_triple_faults(machine):
+    guest = lines("xor ecx, ecx", "xor edx, edx", "mov eax, 1", "div ecx", "hlt")
+    run, _ = run_guest(machine, guest, stop_reasons=(ExitReason.TRIPLE_FAULT,),
+                       fields={"GUEST_IDTR_BASE": 0, "GUEST_IDTR_LIMIT": 0})
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    assert [r.reason for r in exit_log(machine)] == [ExitReason.TRIPLE_FAULT]
+
+
+def test_preemption_timer_exit(machine):
+    timer_value = 5000
+    guest = lines("xor eax, eax", "spin:", "inc rax", "jmp spin")
+    on_exit = lines(vmread("rbx", "VMX_PREEMPTION_TIMER_VALUE"), save(0, "rbx"))
+    run, _ = run_guest(machine, guest, stop_reasons=(ExitReason.PREEMPTION_TIMER,), on_exit=on_exit,
+                       controls=default_controls(pin=PinBasedControls.ACTIVATE_VMX_PREEMPTION_TIMER,
+                                                 exit=ExitControls.SAVE_VMX_PREEMPTION_TIMER_VALUE),
+                       fields={"VMX_PREEMPTION_TIMER_VALUE": timer_value})
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    (record,) = exit_log(machine)
+    assert record.reason == ExitReason.PREEMPTION_TIMER
+    (entry,) = events_of(machine, "vm-entry")
+    (exit_,) = events_of(machine, "vm-exit")
+    guest_ticks = exit_.time - entry.time
+    assert timer_value <= guest_ticks <= timer_value + 2
+    loop_iterations = record.guest_rax
+    assert abs(2 * loop_iterations - timer_value) <= 2, "two instructions per iteration"
+    assert result(machine, 0) == 0, "the saved timer value is what is left: nothing"
+
+
+@pytest.mark.parametrize("acknowledge", [True, False])
+def test_external_interrupt_exit(machine, acknowledge):
+    arm_timer = lines(f"mov dx, {0x510:#x}", f"mov eax, {TIMER_VECTOR:#x}", "out dx, eax",
+                      f"mov dx, {0x518:#x}", f"mov eax, {TIMER_TICKS}", "out dx, eax")
+    # Without acknowledgement the interrupt stays pending; the root takes it once it sets IF.
+    take_in_root = lines(set_interrupt_gate(ROOT_IDT, TIMER_VECTOR, "root_timer"), "sti", "wait_irq: jmp wait_irq",
+                         "root_timer:", "mov rax, 1", save(0), "jmp vm_exit_stop")
+    guest = lines("spin: jmp spin")
+    exit_controls = ExitControls.ACKNOWLEDGE_INTERRUPT_ON_EXIT if acknowledge else 0
+    run, _ = run_guest(machine, guest, before_launch=arm_timer,
+                       stop_reasons=() if not acknowledge else (ExitReason.EXTERNAL_INTERRUPT,),
+                       on_exit="" if acknowledge else take_in_root,
+                       controls=default_controls(pin=PinBasedControls.EXTERNAL_INTERRUPT_EXITING, exit=exit_controls))
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    (record,) = exit_log(machine)
+    assert record.reason == ExitReason.EXTERNAL_INTERRUPT
+    if acknowledge:
+        assert record.interruption_info == make_interruption_info(TIMER_VECTOR, InterruptionType.EXTERNAL_INTERRUPT)
+        assert result(machine, 0) == 0
+    else:
+        assert record.interruption_info == 0
+        assert result(machine, 0) == 1, "the unacknowledged interrupt did not reach the root IDT"
+
+
+def test_event_injection_on_vm_entry(machine):
+    guest = lines(set_interrupt_gate(GUEST_IDT, INJECTED_VECTOR, "injected"), "sti", "first_exit: vmcall",
+                  "spin: jmp spin",
+                  "injected:", putc("I"), "mov rax, [rsp]", "vmcall")
+    info = make_interruption_info(INJECTED_VECTOR, InterruptionType.EXTERNAL_INTERRUPT)
+    on_exit = lines("cmp rcx, 1", "jne after_injection", vmwrite("VM_ENTRY_INTR_INFO_FIELD", info),
+                    "jmp vm_exit_resume",
+                    "after_injection:", vmread("rbx", "VM_ENTRY_INTR_INFO_FIELD"), save(0, "rbx"), "jmp vm_exit_stop")
+    run, _ = run_guest(machine, guest, on_exit=on_exit)
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    first, second = exit_log(machine)
+    assert machine.io.console.text() == "I"
+    after_vmcall = label_address(guest, "spin", GUEST_CODE, root_program=False)
+    assert second.reason == ExitReason.VMCALL and second.guest_rax == after_vmcall, \
+        "the injected interrupt's frame must hold the RIP the entry resumed at"
+    assert result(machine, 0) & INTR_INFO_VALID == 0, "VM exit clears the valid bit of the entry field"
+    assert [e.data["vector"] for e in events_of(machine, "inject")] == [INJECTED_VECTOR]
+
+
+def test_guest_takes_its_own_timer_interrupt_without_exiting(machine):
+    guest = lines(set_interrupt_gate(GUEST_IDT, TIMER_VECTOR, "tick"),
+                  "mov dx, 0x510", f"mov eax, {TIMER_VECTOR:#x}", "out dx, eax",
+                  "mov dx, 0x518", f"mov eax, {TIMER_TICKS}", "out dx, eax",
+                  "sti", "spin: jmp spin",
+                  "tick:", putc("T"), f"mov rax, {TIMER_VECTOR:#x}", "vmcall")
+    run, _ = run_guest(machine, guest, stop_reasons=(ExitReason.VMCALL,))
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    assert [(r.reason, r.guest_rax) for r in exit_log(machine)] == [(ExitReason.VMCALL, TIMER_VECTOR)]
+    assert machine.io.console.text() == "T"
+
+
+def test_exit_loads_host_state(machine):
+    """After an exit the root runs at HOST_RIP on HOST_RSP with RFLAGS = 2 and IDTR limit FFFFH (SDM 28.5)."""
+    guest = build_guest(machine, lines("stc", "vmcall"))
+    handler = lines("vm_exit:", "pushfq", "pop rbx", save(0, "rbx"), "mov rbx, rsp", save(1, "rbx"),
+                    f"mov rbx, {SCRATCH:#x}", "sidt [rbx]", debug_exit(EXIT_OK))
+    run = run_root(machine, vmx_program(guest, handler))
+    assert run.stop.exit_status == exit_status(EXIT_OK), run.stop.report
+    assert result(machine, 0) == 2
+    assert result(machine, 1) == ROOT_STACK_TOP
+    assert machine.ram.read(SCRATCH, 10) == (0xFFFF).to_bytes(2, "little") + ROOT_IDT.to_bytes(8, "little")
