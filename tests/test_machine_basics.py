@@ -11,7 +11,7 @@ from emu.machine import Machine
 from emu.vmx_caps import msr_values
 from emu.vmx_defs import ExceptionVector
 from tests.machine_programs import (
-    EXIT_FAULT, EXIT_OK, IPI_DESTINATION_SHIFT, IPI_PORT, QWORD, RESULTS, ROOT_IDT, ROOT_STACK_SIZE,
+    EXIT_FAULT, EXIT_OK, IPI_DESTINATION_SHIFT, IPI_PORT, PAGE_SIZE, QWORD, RFLAGS_CF, RFLAGS_ZF, VMXON_REGION, RESULTS, ROOT_IDT, ROOT_STACK_SIZE,
     ROOT_STACK_TOP, SCRATCH, SLOT_FAULT_CR2, SLOT_FAULT_ERROR_CODE, SLOT_FAULT_RIP, SLOT_FAULT_VECTOR,
     TIMER_ARM_PORT, TIMER_PERIOD_PORT, TIMER_VECTOR_PORT, debug_exit, events_of, exit_status,
     fault_recorder, label_address, lines, putc, result, results, run_root, save, set_interrupt_gate,
@@ -131,6 +131,30 @@ def test_rdmsr_reports_vmx_capabilities(machine):
     assert run.stop.exit_status == exit_status(EXIT_OK), run.stop.report
     expected = {**msr_values(), IA32_FEATURE_CONTROL: FEATURE_CONTROL_LOCKED_VMX_OUTSIDE_SMX}
     assert dict(zip(indices, results(machine, len(indices)))) == expected
+
+
+IA32_VMX_BASIC = 0x480
+VMX_BASIC_REGION_SIZE_SHIFT, VMX_BASIC_REGION_SIZE_MASK = 32, 0x1FFF          # SDM Vol. 3D A.1
+VMX_BASIC_MEMORY_TYPE_SHIFT, VMX_BASIC_MEMORY_TYPE_MASK = 50, 0xF
+VMX_BASIC_TRUE_CONTROLS_BIT = 55
+WRITE_BACK = 6
+CR4_VMXE_BIT = 13
+
+
+def test_vmxon_region_built_from_ia32_vmx_basic(machine):
+    """What a hypervisor does: revision identifier from IA32_VMX_BASIC[30:0] into the VMXON region."""
+    body = lines(f"mov ecx, {IA32_VMX_BASIC:#x}", "rdmsr", "shl rdx, 32", "or rax, rdx", save(0),
+                 f"mov rbx, {VMXON_REGION:#x}", "mov dword ptr [rbx], eax",
+                 "mov rax, cr4", f"bts rax, {CR4_VMXE_BIT}", "mov cr4, rax", "push rbx", "vmxon [rsp]", "pop rbx",
+                 "pushfq", "pop rax", save(1), debug_exit(EXIT_OK))
+    run = run_root(machine, body)
+    assert run.stop.exit_status == exit_status(EXIT_OK), run.stop.report
+    basic, flags = results(machine, 2)
+    assert flags & (RFLAGS_CF | RFLAGS_ZF) == 0, "VMXON with the reported revision identifier must succeed"
+    assert basic >> VMX_BASIC_REGION_SIZE_SHIFT & VMX_BASIC_REGION_SIZE_MASK == PAGE_SIZE
+    assert basic >> VMX_BASIC_MEMORY_TYPE_SHIFT & VMX_BASIC_MEMORY_TYPE_MASK == WRITE_BACK
+    assert basic >> VMX_BASIC_TRUE_CONTROLS_BIT & 1
+    assert [e.data["ok"] for e in events_of(machine, "vmxon")] == [True]
 
 
 def test_rdmsr_of_an_unknown_msr_raises_general_protection(machine):

@@ -150,11 +150,21 @@ def test_random_vmcs_region_never_raises(region_seed, patched, from_valid):
     assert {event.kind for event in machine.events.events} & VMX_ENTRY_KINDS, "VMLAUNCH was never reached"
 
 
-field_values = st.one_of(st.integers(0, (1 << 64) - 1), st.sampled_from([0, 1, 0xFFFF_FFFF, (1 << 64) - 1, 1 << 31]))
+# Values near the edges of what the checks look at, and addresses around the end of RAM (the firmware maps
+# a whole GiB, so an address past installed RAM translates but reaches no memory).
+FUZZ_RAM_SIZE = Machine().ram.size
+field_values = st.one_of(st.integers(0, (1 << 64) - 1),
+                         st.sampled_from([0, 1, 0xFFFF_FFFF, (1 << 64) - 1, 1 << 31, 1 << CAPS.maxphyaddr]),
+                         st.integers(0, 2 * FUZZ_RAM_SIZE))
 writable_fields = [field.name for field in vf.FIELDS if not field.read_only]
+# The fields that steer where root and guest run and what they address, drawn more often.
+STEERING_FIELDS = ["HOST_RIP", "HOST_RSP", "HOST_CR3", "HOST_CR0", "HOST_CR4", "HOST_IDTR_BASE", "GUEST_RIP",
+                   "GUEST_RSP", "GUEST_CR3", "GUEST_IDTR_BASE", "GUEST_IDTR_LIMIT", "EPT_POINTER",
+                   "EXCEPTION_BITMAP", "VM_ENTRY_INTR_INFO_FIELD", "VMX_PREEMPTION_TIMER_VALUE"]
+fuzzed_fields = st.one_of(st.sampled_from(writable_fields), st.sampled_from(STEERING_FIELDS))
 
 
-@given(st.lists(st.tuples(st.sampled_from(writable_fields), field_values), min_size=1, max_size=6))
+@given(st.lists(st.tuples(fuzzed_fields, field_values), min_size=1, max_size=6))
 def test_random_vmcs_fields_never_raise(overrides):
     machine = fuzz_machine()
     machine.ram.write(VMCS_REGION, valid_vmcs_image())

@@ -18,7 +18,7 @@ from emu.vmx_defs import (
 )
 from tests.machine_programs import (
     ENCODING, EXIT_FAULT, EXIT_LAUNCH_FAILED, EXIT_OK, EXIT_STOPPED_ON_EXIT, GUEST_CODE, GUEST_DATA,
-    GUEST_IDT, RFLAGS_CF, RFLAGS_ZF, ROOT_IDT, ROOT_STACK_TOP, SCRATCH, SLOT_FAULT_RIP, SLOT_FAULT_VECTOR, U64,
+    GUEST_IDT, TIMER_ARM_PORT, TIMER_VECTOR_PORT, RFLAGS_CF, RFLAGS_ZF, ROOT_IDT, ROOT_STACK_TOP, SCRATCH, SLOT_FAULT_RIP, SLOT_FAULT_VECTOR, U64,
     VMCS_REGION, VMXON_REGION, assemble, build_guest, debug_exit, default_controls, enable_vmx,
     exit_log, exit_logger, exit_status, fault_recorder, label_address, lines, make_current, putc,
     result, results, run_guest, run_root, save, save_flags, set_interrupt_gate, vmread, vmwrite,
@@ -432,23 +432,22 @@ def test_preemption_timer_exit(machine):
 
 @pytest.mark.parametrize("acknowledge", [True, False])
 def test_external_interrupt_exit(machine, acknowledge):
-    arm_timer = lines(f"mov dx, {0x510:#x}", f"mov eax, {TIMER_VECTOR:#x}", "out dx, eax",
-                      f"mov dx, {0x518:#x}", f"mov eax, {TIMER_TICKS}", "out dx, eax")
-    # Without acknowledgement the interrupt stays pending; the root takes it once it sets IF.
-    take_in_root = lines(set_interrupt_gate(ROOT_IDT, TIMER_VECTOR, "root_timer"), "sti", "wait_irq: jmp wait_irq",
-                         "root_timer:", "mov rax, 1", save(0), "jmp vm_exit_stop")
-    guest = lines("spin: jmp spin")
+    arm_timer = lines(f"mov dx, {TIMER_VECTOR_PORT:#x}", f"mov eax, {TIMER_VECTOR:#x}", "out dx, eax",
+                      f"mov dx, {TIMER_ARM_PORT:#x}", f"mov eax, {TIMER_TICKS}", "out dx, eax")
+    # After the exit the root opens its interrupt window: an acknowledged interrupt was consumed by the
+    # exit, an unacknowledged one is still pending and reaches the root's IDT handler.
+    root_window = lines(set_interrupt_gate(ROOT_IDT, TIMER_VECTOR, "root_timer"), "xor r13, r13", "sti",
+                        f"mov ecx, {TIMER_TICKS}", "window: loop window", "cli", save(0, "r13"), "jmp vm_exit_stop",
+                        "root_timer:", "inc r13", "iretq")
     exit_controls = ExitControls.ACKNOWLEDGE_INTERRUPT_ON_EXIT if acknowledge else 0
-    run, _ = run_guest(machine, guest, before_launch=arm_timer,
-                       stop_reasons=() if not acknowledge else (ExitReason.EXTERNAL_INTERRUPT,),
-                       on_exit="" if acknowledge else take_in_root,
+    run, _ = run_guest(machine, "spin: jmp spin", before_launch=arm_timer, on_exit=root_window,
                        controls=default_controls(pin=PinBasedControls.EXTERNAL_INTERRUPT_EXITING, exit=exit_controls))
     assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
     (record,) = exit_log(machine)
     assert record.reason == ExitReason.EXTERNAL_INTERRUPT
     if acknowledge:
         assert record.interruption_info == make_interruption_info(TIMER_VECTOR, InterruptionType.EXTERNAL_INTERRUPT)
-        assert result(machine, 0) == 0
+        assert result(machine, 0) == 0, "the acknowledged interrupt was delivered again"
     else:
         assert record.interruption_info == 0
         assert result(machine, 0) == 1, "the unacknowledged interrupt did not reach the root IDT"
@@ -475,8 +474,8 @@ def test_event_injection_on_vm_entry(machine):
 
 def test_guest_takes_its_own_timer_interrupt_without_exiting(machine):
     guest = lines(set_interrupt_gate(GUEST_IDT, TIMER_VECTOR, "tick"),
-                  "mov dx, 0x510", f"mov eax, {TIMER_VECTOR:#x}", "out dx, eax",
-                  "mov dx, 0x518", f"mov eax, {TIMER_TICKS}", "out dx, eax",
+                  f"mov dx, {TIMER_VECTOR_PORT:#x}", f"mov eax, {TIMER_VECTOR:#x}", "out dx, eax",
+                  f"mov dx, {TIMER_ARM_PORT:#x}", f"mov eax, {TIMER_TICKS}", "out dx, eax",
                   "sti", "spin: jmp spin",
                   "tick:", putc("T"), f"mov rax, {TIMER_VECTOR:#x}", "vmcall")
     run, _ = run_guest(machine, guest, stop_reasons=(ExitReason.VMCALL,))
