@@ -177,6 +177,9 @@ class ExecutionContext:
         """Drops translated code and per-block counts: code in RAM may have changed from outside."""
         self.uc.ctl_flush_tb()
         self.fast.forget_blocks()
+        self.exit_points.clear()  # trap points belong to the old code; new blocks are rescanned
+        self._pending_removals.clear()
+        self.uc.ctl_set_exits([NEVER_EXECUTED_ADDRESS])
 
     def run(self, budget: int, watch_interrupt_window: bool = False) -> Stop:
         """Runs until `budget` instructions have retired (at a block boundary) or an event stops it."""
