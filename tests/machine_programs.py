@@ -24,14 +24,18 @@ from dataclasses import dataclass, field
 from keystone import KS_ARCH_X86, KS_MODE_64, Ks, KsError
 
 from emu import vmcs_fields as vf
-from emu.machine import Machine, RunResult
+from emu.devices import (  # noqa: F401  (the ports test programs use, re-exported)
+    CLOCK_HIGH_PORT, CLOCK_LOW_PORT, COM1_BASE as COM1, DEBUG_EXIT_PORT, IPI_DESTINATION_SHIFT, IPI_PORT,
+    TIMER_ARM_PORT, TIMER_PERIOD_PORT, TIMER_VECTOR_PORT,
+)
+from emu.interrupts import IDT_GATE_SIZE
+from emu.machine import PTE_LARGE_PAGE, PTE_PRESENT_WRITABLE, Machine, RunResult
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import (
     AR_DB, AR_G, AR_L, AR_P, AR_S, AR_UNUSABLE, EPT_LARGE_PAGE, EPT_MEMORY_TYPE_SHIFT, EPT_READ,
     EPT_RWX_MASK, SEGMENT_TYPE_ACCESSED, SEGMENT_TYPE_CODE, SEGMENT_TYPE_READABLE_OR_WRITABLE,
     SYSTEM_TYPE_BUSY_TSS, VMCS_LINK_POINTER_NONE, Cr0, Cr4, Efer, EntryControls, ExitControls,
-    MemoryType, PinBasedControls, PrimaryProcessorControls, Rflags, SecondaryProcessorControls,
-    make_eptp,
+    MemoryType, PrimaryProcessorControls, Rflags, SecondaryProcessorControls, make_eptp,
 )
 
 PAGE_SIZE = 4096
@@ -95,20 +99,8 @@ BUSY_TSS_ACCESS_RIGHTS = SYSTEM_TYPE_BUSY_TSS | AR_P
 DR7_RESET_VALUE = 0x400                 # SDM Vol. 3B 18.2.4
 
 # IDT gates (SDM Vol. 3A 6.14.1).
-IDT_GATE_SIZE = 16
 INTERRUPT_GATE_ATTRIBUTES = 0x8E00      # present, DPL 0, 64-bit interrupt gate
-PTE_PRESENT_WRITABLE = 0x3
-PTE_LARGE_PAGE = 0x80
 
-# Ports and vectors of the machine's devices (emu.devices).
-COM1 = 0x3F8
-DEBUG_EXIT_PORT = 0xF4
-CLOCK_LOW_PORT = 0x500
-TIMER_VECTOR_PORT = 0x510
-TIMER_PERIOD_PORT = 0x514
-TIMER_ARM_PORT = 0x518
-IPI_PORT = 0x520
-IPI_DESTINATION_SHIFT = 8
 
 # Debug-exit codes our programs use (the run's exit status is code * 2 + 1).
 EXIT_OK = 0x10
@@ -198,7 +190,10 @@ def putc(character: str) -> str:
 
 
 def set_interrupt_gate(idt_base: int | str, vector: int, handler_label: str) -> str:
-    """Writes a 64-bit interrupt gate to `handler_label` (selector CODE_SELECTOR); clobbers rax, rbx."""
+    """Writes a 64-bit interrupt gate to `handler_label` (selector CODE_SELECTOR); clobbers rax, rbx.
+
+    Gate layout (SDM Vol. 3A Figure 6-8): offset 15:0, selector, attributes, offset 31:16, offset 63:32.
+    """
     base = f"{idt_base:#x}" if isinstance(idt_base, int) else idt_base
     return lines(
         f"mov rbx, {base}", f"add rbx, {vector * IDT_GATE_SIZE:#x}",
@@ -209,11 +204,25 @@ def set_interrupt_gate(idt_base: int | str, vector: int, handler_label: str) -> 
         "mov dword ptr [rbx + 8], eax", "mov dword ptr [rbx + 12], 0")
 
 
+# A 64-bit TSS descriptor (SDM Vol. 3A Figure 8-4): limit 15:0, base 23:0 at bit 16, type at bit 40,
+# present at bit 47, base 31:24 at bit 56; the second quadword holds base 63:32.
+DESCRIPTOR_BASE_LOW_SHIFT = 16
+DESCRIPTOR_BASE_LOW_MASK = 0xFF_FFFF
+DESCRIPTOR_TYPE_SHIFT = 40
+DESCRIPTOR_PRESENT = 1 << 47
+DESCRIPTOR_BASE_MIDDLE_SHIFT = 24
+DESCRIPTOR_BASE_MIDDLE_MASK = 0xFF
+DESCRIPTOR_BASE_MIDDLE_POSITION = 56
+DESCRIPTOR_BASE_HIGH_SHIFT = 32
+
+
 def gdt_quads(tss_base: int) -> list[int]:
     """The flat GDT: null, 64-bit code, data, and a busy 64-bit TSS descriptor (two quadwords)."""
-    tss_low = (TSS_LIMIT | (tss_base & 0xFF_FFFF) << 16 | SYSTEM_TYPE_BUSY_TSS << 40 | 1 << 47
-               | ((tss_base >> 24) & 0xFF) << 56)
-    return [0, GDT_CODE64, GDT_DATA, tss_low, tss_base >> 32]
+    tss_low = (TSS_LIMIT | (tss_base & DESCRIPTOR_BASE_LOW_MASK) << DESCRIPTOR_BASE_LOW_SHIFT
+               | SYSTEM_TYPE_BUSY_TSS << DESCRIPTOR_TYPE_SHIFT | DESCRIPTOR_PRESENT
+               | ((tss_base >> DESCRIPTOR_BASE_MIDDLE_SHIFT) & DESCRIPTOR_BASE_MIDDLE_MASK)
+               << DESCRIPTOR_BASE_MIDDLE_POSITION)
+    return [0, GDT_CODE64, GDT_DATA, tss_low, tss_base >> DESCRIPTOR_BASE_HIGH_SHIFT]
 
 
 ROOT_TSS = SCRATCH + PAGE_SIZE

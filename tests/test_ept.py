@@ -1,4 +1,4 @@
-"""EPT: translation through 4 KiB, 2 MiB and 1 GiB entries, violations and misconfigurations, INVEPT, a big scattered map.
+"""EPT: translation through 4 KiB, 2 MiB and 1 GiB entries, violations, misconfigurations, INVEPT, a scattered map.
 
 Guests run real code; what they read comes back through VMCALL (guest RAX in the exit log) or guest
 memory; exit information is what the root's exit handler read with VMREAD. See: SDM Vol. 3C 29.3.
@@ -17,8 +17,8 @@ from emu.vmx_defs import (
     EPT_QUAL_TRANSLATED_ACCESS, EPT_QUAL_WRITEABLE, EPT_READ, EPT_RWX_MASK, EPT_WRITE, ExitReason,
 )
 from tests.machine_programs import (
-    EPT_WB, EXIT_STOPPED_ON_EXIT, GUEST_DATA, GUEST_PDPT, MIB, PTE_PRESENT_WRITABLE, QWORD, PAGE_1G, PAGE_2M, PAGE_SIZE, SCRATCH, Ept, build_guest,
-    exit_log, exit_logger, exit_status, lines, run_guest, run_root, vmx_program,
+    EPT_WB, EXIT_STOPPED_ON_EXIT, GUEST_DATA, GUEST_PDPT, MIB, PAGE_1G, PAGE_2M, PAGE_SIZE, PTE_PRESENT_WRITABLE,
+    QWORD, SCRATCH, Ept, build_guest, exit_log, exit_logger, exit_status, lines, run_guest, run_root, vmx_program,
 )
 
 SMALL_PAGE_GPA = 0x60_0000

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import pytest
 
-from emu.machine import Machine
+from emu.machine import FIRMWARE_PML4, Machine
 from emu.vmx_caps import msr_values
 from emu.vmx_defs import ExceptionVector
 from tests.machine_programs import (
-    EXIT_FAULT, EXIT_OK, IPI_DESTINATION_SHIFT, IPI_PORT, PAGE_SIZE, QWORD, RFLAGS_CF, RFLAGS_ZF, VMXON_REGION, RESULTS, ROOT_IDT, ROOT_STACK_SIZE,
-    ROOT_STACK_TOP, SCRATCH, SLOT_FAULT_CR2, SLOT_FAULT_ERROR_CODE, SLOT_FAULT_RIP, SLOT_FAULT_VECTOR,
-    TIMER_ARM_PORT, TIMER_PERIOD_PORT, TIMER_VECTOR_PORT, debug_exit, events_of, exit_status,
-    fault_recorder, label_address, lines, putc, result, results, run_root, save, set_interrupt_gate,
+    CLOCK_HIGH_PORT, CLOCK_LOW_PORT, EXIT_FAULT, EXIT_OK, IPI_DESTINATION_SHIFT, IPI_PORT, PAGE_SHIFT, PAGE_SIZE,
+    QWORD, RESULTS, RFLAGS_CF, RFLAGS_ZF, ROOT_IDT, ROOT_IDT_LIMIT, ROOT_STACK_SIZE, ROOT_STACK_TOP, SCRATCH,
+    SLOT_FAULT_CR2, SLOT_FAULT_ERROR_CODE, SLOT_FAULT_RIP, SLOT_FAULT_VECTOR, TIMER_ARM_PORT, TIMER_PERIOD_PORT,
+    TIMER_VECTOR_PORT, VMXON_REGION, debug_exit, events_of, exit_status, fault_recorder, label_address, lines,
+    putc, result, results, run_root, save, set_interrupt_gate,
 )
 
 UNMAPPED = 0x80_0000_0238               # PML4 entry 1 of the firmware's page tables is not present
@@ -28,7 +29,8 @@ IA32_FEATURE_CONTROL = 0x3A
 FEATURE_CONTROL_LOCKED_VMX_OUTSIDE_SMX = 0x5
 UNKNOWN_MSR = 0x1234_5678
 NEW_PML4 = SCRATCH + 0x2000
-FIRMWARE_PML4 = 0x1000
+INSTRUCTIONS_FROM_RDTSC_TO_RDTSC = 3      # rdtsc, mov, mov, then the second rdtsc reads
+CLOCK_READ_SLACK = 20                    # the clock port is read in mid-block: a few ticks ahead
 SLOT_PER_LP = 16                         # result slots: LP n uses n * SLOT_PER_LP onwards
 
 
@@ -59,8 +61,10 @@ def test_start_hands_each_lp_its_index_stack_and_argument(lps):
 
 def test_two_lps_exchange_ipis_through_their_own_idts():
     machine = machine_with(2)
-    own_idt = lines("mov r12, rdi", "shl r12, 12", f"add r12, {ROOT_IDT:#x}",
-                    "sub rsp, 16", "mov word ptr [rsp], 0xfff", "mov [rsp + 2], r12", "lidt [rsp]", "add rsp, 16")
+    # Each LP loads its own IDT page, ROOT_IDT + index * PAGE_SIZE, through a 10-byte descriptor on the stack.
+    own_idt = lines("mov r12, rdi", f"shl r12, {PAGE_SHIFT}", f"add r12, {ROOT_IDT:#x}",
+                    "sub rsp, 16", f"mov word ptr [rsp], {ROOT_IDT_LIMIT:#x}", "mov [rsp + 2], r12", "lidt [rsp]",
+                    "add rsp, 16")
     send = lambda destination: lines(f"mov dx, {IPI_PORT:#x}",                 # noqa: E731
                                      f"mov eax, {destination << IPI_DESTINATION_SHIFT | IPI_VECTOR:#x}",
                                      "out dx, eax")
@@ -172,7 +176,8 @@ def time_program(loop_count: int) -> str:
     return lines(read_tsc, save(0),
                  f"mov rcx, {loop_count}", "delay:", "dec rcx", "jnz delay",
                  read_tsc, save(1),
-                 "mov dx, 0x500", "in eax, dx", "mov ebx, eax", "mov dx, 0x504", "in eax, dx", "shl rax, 32",
+                 f"mov dx, {CLOCK_LOW_PORT:#x}", "in eax, dx", "mov ebx, eax", f"mov dx, {CLOCK_HIGH_PORT:#x}",
+                 "in eax, dx", "shl rax, 32",
                  "or rax, rbx", save(2),
                  "rdtsc", "mov r8, rax", "mov r9, rdx", "rdtsc", "sub rax, r8", save(3),
                  debug_exit(EXIT_OK))
@@ -186,8 +191,8 @@ def test_rdtsc_and_clock_port_count_virtual_time():
         run = run_root(machine, time_program(loops))
         assert run.stop.exit_status == exit_status(EXIT_OK), run.stop.report
         tsc_before, tsc_after, clock, back_to_back = results(machine, 4)
-        assert back_to_back == 3, "RDTSC advances by one tick per retired instruction"
-        assert 0 < clock - tsc_after < 20
+        assert back_to_back == INSTRUCTIONS_FROM_RDTSC_TO_RDTSC, "RDTSC advances one tick per instruction"
+        assert 0 < clock - tsc_after < CLOCK_READ_SLACK
         assert clock <= run.virtual_time
         if loops in observed:
             assert observed[loops] == (tsc_before, tsc_after, clock), "virtual time is the same on every run"

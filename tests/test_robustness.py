@@ -12,8 +12,8 @@ from emu import vmcs_fields as vf
 from emu.machine import Machine
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import (
-    EPTP_MEMORY_TYPE_MASK, EXIT_REASON_VM_ENTRY_FAILURE, Cr0, EntryFailureQualification, ExitReason, PinBasedControls, Rflags,
-    VmInstructionError, make_eptp,
+    EPTP_MEMORY_TYPE_MASK, EXIT_REASON_VM_ENTRY_FAILURE, Cr0, EntryFailureQualification, ExitReason,
+    PinBasedControls, Rflags, VmInstructionError, make_eptp,
 )
 from tests.machine_programs import (
     EPT_TABLES, EXIT_LAUNCH_FAILED, EXIT_STOPPED_ON_EXIT, GUEST_CODE, GUEST_DATA, GUEST_GDT, GUEST_PML4,
@@ -29,32 +29,39 @@ UNSUPPORTED_PIN_CONTROL = PinBasedControls.PROCESS_POSTED_INTERRUPTS
 RESERVED_EPT_MEMORY_TYPE = 2
 NOT_ALL_ONES = 0x1000
 
-# (case, VMWRITEs after the valid setup, expected: ("fail", error) or ("exit", qualification))
+HOST_STATE_ERROR = ("fail", VmInstructionError.ENTRY_INVALID_HOST_STATE_FIELD)
+CONTROL_ERROR = ("fail", VmInstructionError.ENTRY_INVALID_CONTROL_FIELD)
+GUEST_STATE_EXIT = ("exit", EntryFailureQualification.DEFAULT)
+
+# (case, VMWRITEs after the valid setup, the check that fails (emu.vmentry_checks ids), expected outcome:
+# ("fail", VM-instruction error) or ("exit", exit qualification of the VM-entry failure))
 ENTRY_FAILURES = [
-    ("host-cr0-without-ne", lines("mov rcx, cr0", f"btr rcx, {int(Cr0.NE).bit_length() - 1}",
-                                  vmwrite("HOST_CR0", "rcx")),
-     ("fail", VmInstructionError.ENTRY_INVALID_HOST_STATE_FIELD)),
-    ("host-tr-selector-null", vmwrite("HOST_TR_SELECTOR", 0), ("fail", VmInstructionError.ENTRY_INVALID_HOST_STATE_FIELD)),
-    ("pin-control-not-allowed", vmwrite("PIN_BASED_VM_EXEC_CONTROL", int(CAPS.pin_based.must_be_one
-                                                                         | UNSUPPORTED_PIN_CONTROL)),
-     ("fail", VmInstructionError.ENTRY_INVALID_CONTROL_FIELD)),
-    ("ept-memory-type-reserved", vmwrite("EPT_POINTER", make_eptp(EPT_TABLES) & ~EPTP_MEMORY_TYPE_MASK | RESERVED_EPT_MEMORY_TYPE),
-     ("fail", VmInstructionError.ENTRY_INVALID_CONTROL_FIELD)),
+    ("host-cr0-without-ne",
+     lines("mov rcx, cr0", f"btr rcx, {int(Cr0.NE).bit_length() - 1}", vmwrite("HOST_CR0", "rcx")),
+     "host.cr0.fixed0", HOST_STATE_ERROR),
+    ("host-tr-selector-null", vmwrite("HOST_TR_SELECTOR", 0), "host.tr.null", HOST_STATE_ERROR),
+    ("pin-control-not-allowed",
+     vmwrite("PIN_BASED_VM_EXEC_CONTROL", int(CAPS.pin_based.must_be_one | UNSUPPORTED_PIN_CONTROL)),
+     "controls.pin.allowed1", CONTROL_ERROR),
+    ("ept-memory-type-reserved",
+     vmwrite("EPT_POINTER", make_eptp(EPT_TABLES) & ~EPTP_MEMORY_TYPE_MASK | RESERVED_EPT_MEMORY_TYPE),
+     "controls.ept.memory_type", CONTROL_ERROR),
     ("guest-rflags-reserved-bit", vmwrite("GUEST_RFLAGS", int(Rflags.FIXED1) | RFLAGS_RESERVED_BIT_3),
-     ("exit", EntryFailureQualification.DEFAULT)),
-    ("guest-rflags-bit1-clear", vmwrite("GUEST_RFLAGS", 0), ("exit", EntryFailureQualification.DEFAULT)),
-    ("guest-cr0-without-pe", vmwrite("GUEST_CR0", int(Cr0.NE | Cr0.ET)), ("exit", EntryFailureQualification.DEFAULT)),
-    ("vmcs-link-pointer", vmwrite("VMCS_LINK_POINTER", NOT_ALL_ONES),
+     "guest.rflags.reserved", GUEST_STATE_EXIT),
+    ("guest-rflags-bit1-clear", vmwrite("GUEST_RFLAGS", 0), "guest.rflags.bit1", GUEST_STATE_EXIT),
+    ("guest-cr0-without-pe", vmwrite("GUEST_CR0", int(Cr0.NE | Cr0.ET)), "guest.cr0.fixed0", GUEST_STATE_EXIT),
+    ("vmcs-link-pointer", vmwrite("VMCS_LINK_POINTER", NOT_ALL_ONES), "guest.vmcs_link_pointer",
      ("exit", EntryFailureQualification.VMCS_LINK_POINTER)),
 ]
 
 
-@pytest.mark.parametrize("case, corrupt, expected", ENTRY_FAILURES, ids=[c[0] for c in ENTRY_FAILURES])
-def test_vm_entry_check_failures(machine, case, corrupt, expected):
+@pytest.mark.parametrize("case, corrupt, check, expected", ENTRY_FAILURES, ids=[c[0] for c in ENTRY_FAILURES])
+def test_vm_entry_check_failures(machine, case, corrupt, check, expected):
     guest = build_guest(machine, lines("vmcall"))
     program = vmx_program(guest, exit_logger(resume=False), before_launch=corrupt)
     run = run_root(machine, program)
     (failed,) = events_of(machine, "vm-entry-failed")
+    assert failed.data["check"] == check
     assert failed.data["message"], "a VM-entry failure comes with a message"
     assert events_of(machine, "vm-entry") == []
     kind, detail = expected
@@ -79,9 +86,11 @@ _valid_image: bytes | None = None
 
 
 def fuzz_program(body: str) -> str:
-    """VMXON, VMPTRLD of VMCS_REGION as it is in memory, VMLAUNCH; exits are logged and resumed."""
-    return lines(enable_vmx(), body, vmx_pointer_instruction("vmptrld", VMCS_REGION), "vmlaunch",
-                 debug_exit(EXIT_LAUNCH_FAILED), exit_logger())
+    """VMXON, `body`, VMPTRLD of VMCS_REGION as it is in memory, VMLAUNCH; exits are logged and resumed.
+    The exit handler comes first so that its address (the image's HOST_RIP) does not depend on `body`."""
+    return lines(enable_vmx(), "jmp launch", exit_logger(),
+                 "launch:", body, vmx_pointer_instruction("vmptrld", VMCS_REGION), "vmlaunch",
+                 debug_exit(EXIT_LAUNCH_FAILED))
 
 
 FUZZ_HANDLER_ADDRESS = label_address(fuzz_program(""), "vm_exit")

@@ -13,8 +13,9 @@ from emu.vmx import (
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import ExceptionVector, ExitReason
 from tests.machine_programs import (
-    EXIT_FAULT, EXIT_OK, EXIT_STOPPED_ON_EXIT, GUEST_CODE, GUEST_INVERSE_HANDLER, GUEST_RAM_BASE, GUEST_INVERSE_STACK_TOP, GUEST_SHARED,
-    RFLAGS_CF, RFLAGS_ZF, ROOT_IDT, SLOT_FAULT_RIP, SLOT_FAULT_VECTOR, VMCS_REGION, VMXON_REGION,
+    EXIT_FAULT, EXIT_OK, EXIT_STOPPED_ON_EXIT, GUEST_CODE, GUEST_INVERSE_HANDLER, GUEST_INVERSE_STACK_TOP,
+    GUEST_RAM_BASE, GUEST_SHARED, RFLAGS_CF, RFLAGS_ZF, ROOT_IDT, SLOT_FAULT_RIP, SLOT_FAULT_VECTOR, VMCS_REGION,
+    VMXON_REGION,
     debug_exit, enable_vmx, events_of, exit_log, exit_status, fault_recorder, label_address, lines,
     make_current, result, run_guest, run_root, save, save_flags, set_interrupt_gate, vmread,
 )

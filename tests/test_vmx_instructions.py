@@ -10,19 +10,19 @@ import pytest
 
 from emu import vmcs_fields as vf
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
+from emu.vmx import DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT
 from emu.vmx_defs import (
-    INTR_INFO_DELIVER_ERROR_CODE, INTR_INFO_VALID, IO_QUAL_DIRECTION_IN, IO_QUAL_IMMEDIATE_OPERAND,
-    IO_QUAL_PORT_SHIFT, IO_QUAL_REP, IO_QUAL_SIZE_MASK, IO_QUAL_STRING, ExceptionVector, ExitControls,
-    ExitReason, InterruptionType, PinBasedControls, PrimaryProcessorControls, VmInstructionError,
-    make_interruption_info,
+    INTR_INFO_VALID, IO_QUAL_DIRECTION_IN, IO_QUAL_IMMEDIATE_OPERAND, IO_QUAL_PORT_SHIFT, IO_QUAL_REP,
+    IO_QUAL_SIZE_MASK, IO_QUAL_STRING, ExceptionVector, ExitControls, ExitReason, InterruptionType,
+    PinBasedControls, PrimaryProcessorControls, Rflags, VmInstructionError, make_interruption_info,
 )
 from tests.machine_programs import (
-    ENCODING, EXIT_FAULT, EXIT_LAUNCH_FAILED, EXIT_OK, EXIT_STOPPED_ON_EXIT, GUEST_CODE, GUEST_DATA,
-    GUEST_IDT, TIMER_ARM_PORT, TIMER_VECTOR_PORT, RFLAGS_CF, RFLAGS_ZF, ROOT_IDT, ROOT_STACK_TOP, SCRATCH, SLOT_FAULT_RIP, SLOT_FAULT_VECTOR, U64,
-    VMCS_REGION, VMXON_REGION, assemble, build_guest, debug_exit, default_controls, enable_vmx,
-    exit_log, exit_logger, exit_status, fault_recorder, label_address, lines, make_current, putc,
-    result, results, run_guest, run_root, save, save_flags, set_interrupt_gate, vmread, vmwrite,
-    vmx_pointer_instruction, vmx_program, events_of,
+    ENCODING, EXIT_FAULT, EXIT_OK, EXIT_STOPPED_ON_EXIT, GUEST_CODE, GUEST_DATA, GUEST_IDT, PAGE_SIZE,
+    RFLAGS_CF, RFLAGS_ZF, ROOT_IDT, ROOT_STACK_TOP, SCRATCH, SLOT_FAULT_RIP, SLOT_FAULT_VECTOR,
+    TIMER_ARM_PORT, TIMER_VECTOR_PORT, U64, VMCS_REGION, VMXON_REGION, assemble, build_guest, debug_exit,
+    default_controls, enable_vmx, events_of, exit_log, exit_status, fault_recorder, label_address, lines,
+    make_current, putc, result, results, run_guest, run_root, save, save_flags, set_interrupt_gate, vmread,
+    vmwrite, vmx_pointer_instruction, vmx_program,
 )
 
 VMSUCCEED = ("VMsucceed", None)
@@ -35,6 +35,9 @@ INVEPT_BAD_TYPE = 3
 TIMER_VECTOR = 0x40
 INJECTED_VECTOR = 0x30
 TIMER_TICKS = 2000
+IO_BITMAP_A_ADDRESS = 0x210000
+POST_CODE_PORT = 0x80
+BITS_PER_BYTE = 8
 
 
 def fail_valid(error: int) -> tuple[str, int]:
@@ -295,7 +298,8 @@ def test_cpuid_io_vmcall_hlt_exits(machine):
     where = [label_address(guest, name, GUEST_CODE, root_program=False)
              for name in ("cpuid_at", "out_at", "vmcall_at", "hlt_at")]
     assert [r.guest_rip for r in log] == where
-    assert [r.instruction_length for r in log] == [2, 1, 3, 1]
+    assert [r.instruction_length for r in log] == [len(assemble(i, GUEST_CODE)) for i in ("cpuid", "out dx, al",
+                                                                                         "vmcall", "hlt")]
     assert log[0].guest_rax == 1 and log[2].guest_rax == 42
     assert machine.io.console.text() == "", "an intercepted OUT reached the device"
     assert run.exits_by_reason == {ExitReason.CPUID: 1, ExitReason.IO_INSTRUCTION: 1, ExitReason.VMCALL: 1,
@@ -329,11 +333,11 @@ def test_io_exit_qualification_is_decoded(machine):
 
 
 def test_io_bitmap_selects_ports(machine):
-    bitmap_a, bitmap_b = 0x210000, 0x211000
-    exiting_port = 0x80
-    machine.ram.write(bitmap_a, bytes(4096))
-    machine.ram.write(bitmap_b, bytes(4096))
-    machine.ram.write(bitmap_a + exiting_port // 8, bytes([1 << exiting_port % 8]))
+    bitmap_a, bitmap_b = IO_BITMAP_A_ADDRESS, IO_BITMAP_A_ADDRESS + PAGE_SIZE
+    exiting_port = POST_CODE_PORT
+    machine.ram.write(bitmap_a, bytes(PAGE_SIZE))
+    machine.ram.write(bitmap_b, bytes(PAGE_SIZE))
+    machine.ram.write(bitmap_a + exiting_port // BITS_PER_BYTE, bytes([1 << exiting_port % BITS_PER_BYTE]))
     guest = lines(putc("A"), f"mov dx, {exiting_port:#x}", "out dx, al", putc("B"), "hlt")
     controls = default_controls(primary=PrimaryProcessorControls.HLT_EXITING | PrimaryProcessorControls.USE_IO_BITMAPS)
     run, _ = run_guest(machine, guest, stop_reasons=(ExitReason.HLT,), controls=controls,
@@ -486,11 +490,13 @@ def test_guest_takes_its_own_timer_interrupt_without_exiting(machine):
 
 def test_exit_loads_host_state(machine):
     """After an exit the root runs at HOST_RIP on HOST_RSP with RFLAGS = 2 and IDTR limit FFFFH (SDM 28.5)."""
-    guest = build_guest(machine, lines("stc", "vmcall"))
+    guest = build_guest(machine, lines("stc", "vmcall"))   # carry set in the guest, not after the exit
     handler = lines("vm_exit:", "pushfq", "pop rbx", save(0, "rbx"), "mov rbx, rsp", save(1, "rbx"),
                     f"mov rbx, {SCRATCH:#x}", "sidt [rbx]", debug_exit(EXIT_OK))
     run = run_root(machine, vmx_program(guest, handler))
     assert run.stop.exit_status == exit_status(EXIT_OK), run.stop.report
-    assert result(machine, 0) == 2
+    assert result(machine, 0) == Rflags.FIXED1
     assert result(machine, 1) == ROOT_STACK_TOP
-    assert machine.ram.read(SCRATCH, 10) == (0xFFFF).to_bytes(2, "little") + ROOT_IDT.to_bytes(8, "little")
+    limit_bytes, base_bytes = 2, 8
+    assert machine.ram.read(SCRATCH, limit_bytes + base_bytes) == \
+        DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT.to_bytes(limit_bytes, "little") + ROOT_IDT.to_bytes(base_bytes, "little")
