@@ -10,6 +10,8 @@ from unicorn import unicorn_const as uc_const
 from unicorn import x86_const
 from unicorn.unicorn_py3 import unicorn as uc_binding
 
+from emu.vmx_defs import MSR_IA32_EFER
+
 
 def _load_fastpath():
     """Imports the compiled module, building it in place first when running from a source tree."""
@@ -45,7 +47,6 @@ STOP_FAULT = lib.HHR_STOP_FAULT
 STOP_NEW_TRAPS = lib.HHR_STOP_NEW_TRAPS
 STOP_INTERRUPT_WINDOW = lib.HHR_STOP_INTERRUPT_WINDOW
 
-MSR_IA32_EFER = 0xC0000080
 ICOUNT_CACHE_ENTRIES = 1 << 16
 NEW_BLOCK_STOP = -1  # hhr_on_new_block's answer: stop before the block, it holds new trap points
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from unicorn import x86_const as x86
 
 from emu import fast
+from emu.vmx_defs import ExceptionVector, Rflags
 
 IDT_GATE_SIZE = 16
 GATE_TYPE_INTERRUPT = 0xE
@@ -17,31 +18,12 @@ GATE_IST_MASK = 0x7
 TSS_IST_OFFSET = 0x24          # IST1 at TSS+0x24, eight bytes each (SDM Vol. 3A Figure 8-11)
 IST_SLOT_SIZE = 8
 STACK_ALIGNMENT_MASK = ~0xF    # 64-bit delivery aligns RSP to 16 bytes (SDM 6.14.2)
-RFLAGS_IF = 1 << 9
-RFLAGS_TF = 1 << 8
-RFLAGS_NT = 1 << 14
-RFLAGS_RF = 1 << 16
-RFLAGS_VM = 1 << 17
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 
-# Exception vectors (SDM Vol. 3A Table 6-1).
-DIVIDE_ERROR = 0
-DEBUG = 1
-NMI = 2
-BREAKPOINT = 3
-OVERFLOW = 4
-INVALID_OPCODE = 6
-DOUBLE_FAULT = 8
-INVALID_TSS = 10
-SEGMENT_NOT_PRESENT = 11
-STACK_FAULT = 12
-GENERAL_PROTECTION = 13
-PAGE_FAULT = 14
-ALIGNMENT_CHECK = 17
 FIRST_DEVICE_VECTOR = 32  # vectors 0-31 are exceptions (SDM Vol. 3A 6.3.1)
 # Exceptions that push an error code (SDM Vol. 3A 6.13).
-ERROR_CODE_VECTORS = frozenset({DOUBLE_FAULT, INVALID_TSS, SEGMENT_NOT_PRESENT, STACK_FAULT,
-                                GENERAL_PROTECTION, PAGE_FAULT, ALIGNMENT_CHECK})
+ERROR_CODE_VECTORS = frozenset({ExceptionVector.DF, ExceptionVector.TS, ExceptionVector.NP, ExceptionVector.SS,
+                                ExceptionVector.GP, ExceptionVector.PF, ExceptionVector.AC})
 # Error code for a fault on an IDT entry: IDT bit (1) set, index in bits 15:3 (SDM 6.13).
 IDT_ERROR_CODE_FLAG = 0x2
 SELECTOR_INDEX_SHIFT = 3
@@ -65,8 +47,8 @@ def _check_translation(fault: fast.Fault | None, cr2_sink: list[int]) -> None:
         return
     if fault.kind == fast.FAULT_PAGE_FAULT:
         cr2_sink.append(fault.linear)
-        raise DeliveryFault(PAGE_FAULT, fault.page_fault_error_code, fault)
-    raise DeliveryFault(GENERAL_PROTECTION if fault.kind == fast.FAULT_NONEXISTENT_MEMORY else -1, 0, fault)
+        raise DeliveryFault(ExceptionVector.PF, fault.page_fault_error_code, fault)
+    raise DeliveryFault(ExceptionVector.GP if fault.kind == fast.FAULT_NONEXISTENT_MEMORY else -1, 0, fault)
 
 
 def _read(context, linear: int, length: int, cr2_sink: list[int]) -> bytes:
@@ -87,13 +69,13 @@ def deliver(context, vector: int, error_code: int | None, return_rip: int, cr2_s
     _selector, idt_base, idt_limit, _flags = uc.reg_read(x86.UC_X86_REG_IDTR)
     gate_offset = vector * IDT_GATE_SIZE
     if gate_offset + IDT_GATE_SIZE - 1 > idt_limit:
-        raise DeliveryFault(GENERAL_PROTECTION, _idt_error_code(vector))
+        raise DeliveryFault(ExceptionVector.GP, _idt_error_code(vector))
     low, high = struct.unpack("<QQ", _read(context, idt_base + gate_offset, IDT_GATE_SIZE, cr2_sink))
     attributes = (low >> 40) & 0xFF
     gate_type = attributes & GATE_TYPE_MASK
     if not attributes & GATE_PRESENT or gate_type not in (GATE_TYPE_INTERRUPT, GATE_TYPE_TRAP):
-        raise DeliveryFault(SEGMENT_NOT_PRESENT if gate_type in (GATE_TYPE_INTERRUPT, GATE_TYPE_TRAP)
-                            else GENERAL_PROTECTION, _idt_error_code(vector))
+        raise DeliveryFault(ExceptionVector.NP if gate_type in (GATE_TYPE_INTERRUPT, GATE_TYPE_TRAP)
+                            else ExceptionVector.GP, _idt_error_code(vector))
     target = (low & 0xFFFF) | (((low >> 48) & 0xFFFF) << 16) | ((high & 0xFFFF_FFFF) << 32)
     code_selector = (low >> 16) & 0xFFFF
     ist = (low >> 32) & GATE_IST_MASK
@@ -113,9 +95,9 @@ def deliver(context, vector: int, error_code: int | None, return_rip: int, cr2_s
     data = b"".join(struct.pack("<Q", value & U64) for value in reversed(frame))
     fault = context.write_linear(new_rsp, data)
     _check_translation(fault, cr2_sink)
-    rflags &= ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
+    rflags &= ~(Rflags.TF | Rflags.NT | Rflags.RF | Rflags.VM)
     if gate_type == GATE_TYPE_INTERRUPT:
-        rflags &= ~RFLAGS_IF
+        rflags &= ~Rflags.IF
     uc.reg_write(x86.UC_X86_REG_RSP, new_rsp)
     uc.reg_write(x86.UC_X86_REG_RFLAGS, rflags)
     if code_selector != frame[3]:

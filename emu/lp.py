@@ -15,21 +15,19 @@ from emu.vmx import NON_ROOT_EXIT_REASONS, VMX_MNEMONICS, RaiseException, VmxUni
 from emu.vmx_defs import (
     ExitReason, InterruptionType, PinBasedControls, PrimaryProcessorControls, make_interruption_info,
     make_io_qualification, INTR_INFO_VECTOR_MASK, INTR_INFO_TYPE_MASK, INTR_INFO_TYPE_SHIFT,
-    INTR_INFO_DELIVER_ERROR_CODE, ExitControls,
+    INTR_INFO_DELIVER_ERROR_CODE, ExitControls, EXCEPTIONS_WITH_ERROR_CODE, ExceptionVector, Rflags,
 )
 
 if TYPE_CHECKING:
     from emu.machine import Machine
 
-RFLAGS_IF = 1 << 9
 SOFTWARE_INTERRUPT_OPCODE = 0xCD
 SOFTWARE_INTERRUPT_LENGTH = 2
-PAGE_FAULT = interrupts.PAGE_FAULT
 WORD_MASK = 0xFFFF_FFFF
 IO_BITMAP_PORTS = 0x8000   # bitmap A covers ports 0000H-7FFFH, bitmap B 8000H-FFFFH (SDM 25.6.4)
 BITS_PER_BYTE = 8
 # Exceptions a trap leaves RIP after (software exceptions); the rest are faults (SDM Vol. 3A 6.5).
-SOFTWARE_EXCEPTIONS = frozenset({interrupts.BREAKPOINT, interrupts.OVERFLOW})
+SOFTWARE_EXCEPTIONS = frozenset({ExceptionVector.BP, ExceptionVector.OF})
 INLINE_VMX_MNEMONICS = frozenset({"vmread", "vmwrite"})
 IO_MNEMONIC_SIZES = {"insb": 1, "insw": 2, "insd": 4, "outsb": 1, "outsw": 2, "outsd": 4}
 
@@ -88,7 +86,7 @@ class LogicalProcessor:
         self.halted = False if self._interrupts_enabled_in_root() else self.halted
 
     def _interrupts_enabled_in_root(self) -> bool:
-        return self.guest is None and bool(self.root.reg(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF)
+        return self.guest is None and bool(self.root.reg(x86.UC_X86_REG_RFLAGS) & Rflags.IF)
 
     # --- the run loop --------------------------------------------------------------------------------
     def run_slice(self, slice_end: int) -> None:
@@ -157,7 +155,7 @@ class LogicalProcessor:
                 info = make_interruption_info(self.pending_vectors.pop(), InterruptionType.EXTERNAL_INTERRUPT)
             self.vmx.exit_guest(vmcs, ExitReason.EXTERNAL_INTERRUPT, interruption_info=info)
             return True
-        guest_if = bool(vmcs.read("GUEST_RFLAGS") & RFLAGS_IF)
+        guest_if = bool(vmcs.read("GUEST_RFLAGS") & Rflags.IF)
         if guest_if and vmcs.read("CPU_BASED_VM_EXEC_CONTROL") & PrimaryProcessorControls.INTERRUPT_WINDOW_EXITING:
             self.vmx.exit_guest(vmcs, ExitReason.INTERRUPT_WINDOW)
             return True
@@ -206,7 +204,7 @@ class LogicalProcessor:
             return
         insn = decode.decode_one(code, rip)
         if insn is None or insn.mnemonic not in VMX_MNEMONICS:
-            raise RaiseException(interrupts.INVALID_OPCODE)
+            raise RaiseException(ExceptionVector.UD)
         outcome = self.vmx.execute(insn, insn.mnemonic)
         if outcome == "next":
             self.root.set_reg(x86.UC_X86_REG_RIP, rip + insn.size)
@@ -234,7 +232,7 @@ class LogicalProcessor:
 
     def _root_exception(self, stop: ctxmod.Stop) -> None:
         vector = stop.vector
-        error_code = 0 if vector in interrupts.ERROR_CODE_VECTORS and not self._after_int_n(self.root, stop.rip) else None
+        error_code = 0 if vector in EXCEPTIONS_WITH_ERROR_CODE and not self._after_int_n(self.root, stop.rip) else None
         self._deliver_root(vector, error_code, stop.rip)
 
     @staticmethod
@@ -247,7 +245,7 @@ class LogicalProcessor:
         if fault.kind == fast.FAULT_PAGE_FAULT:
             self.root.set_reg(x86.UC_X86_REG_CR2, fault.linear)
             self.publish("page-fault", rip=stop.rip, address=fault.linear, error_code=fault.page_fault_error_code)
-            self._deliver_root(PAGE_FAULT, fault.page_fault_error_code, stop.rip)
+            self._deliver_root(ExceptionVector.PF, fault.page_fault_error_code, stop.rip)
             return
         self.machine.machine_check(self, f"access to nonexistent host-physical memory "
                                          f"{fault.guest_physical:#x} at RIP {stop.rip:#x}")
@@ -255,7 +253,7 @@ class LogicalProcessor:
     def _root_emulator_error(self, stop: ctxmod.Stop) -> None:
         if stop.error in (uc_const.UC_ERR_FETCH_PROT, uc_const.UC_ERR_READ_PROT, uc_const.UC_ERR_WRITE_PROT,
                           uc_const.UC_ERR_EXCEPTION):
-            self._deliver_root(interrupts.GENERAL_PROTECTION, 0, stop.rip)
+            self._deliver_root(ExceptionVector.GP, 0, stop.rip)
             return
         self.machine.machine_check(self, f"emulator error {stop.error} at RIP {stop.rip:#x}")
 
@@ -263,13 +261,13 @@ class LogicalProcessor:
         """Delivers through the root IDT; a fault while delivering becomes #DF, then a triple fault."""
         self.publish("exception" if vector < interrupts.FIRST_DEVICE_VECTOR else "interrupt",
                      vector=vector, rip=return_rip, error_code=error_code)
-        for attempt_vector, attempt_error in ((vector, error_code), (interrupts.DOUBLE_FAULT, 0)):
+        for attempt_vector, attempt_error in ((vector, error_code), (ExceptionVector.DF, 0)):
             try:
                 interrupts.deliver(self.root, attempt_vector, attempt_error, return_rip, self.cr2_history)
                 return
             except interrupts.DeliveryFault as fault:
                 self.publish("delivery-fault", vector=attempt_vector, fault_vector=fault.vector)
-                if attempt_vector == interrupts.DOUBLE_FAULT:
+                if attempt_vector == ExceptionVector.DF:
                     break
         self.machine.triple_fault(self, return_rip)
 
@@ -292,7 +290,7 @@ class LogicalProcessor:
             if insn is not None and insn.mnemonic in NON_ROOT_EXIT_REASONS:
                 self.vmx.exit_guest(vmcs, NON_ROOT_EXIT_REASONS[insn.mnemonic], instruction_length=insn.size)
                 return
-            self._guest_exception(vmcs, interrupts.INVALID_OPCODE, None, stop.rip)
+            self._guest_exception(vmcs, ExceptionVector.UD, None, stop.rip)
         elif kind == ctxmod.STOP_TRAPPED_INSTRUCTION or kind == ctxmod.STOP_HLT:
             rip = stop.rip if kind == ctxmod.STOP_TRAPPED_INSTRUCTION else stop.rip - 1
             if kind == ctxmod.STOP_HLT:
@@ -300,17 +298,17 @@ class LogicalProcessor:
             self._guest_trapped(vmcs, decode.decode_one(self._fetch(context, rip), rip))
         elif kind == ctxmod.STOP_EXCEPTION:
             software = stop.vector in SOFTWARE_EXCEPTIONS or self._after_int_n(context, stop.rip)
-            error_code = 0 if stop.vector in interrupts.ERROR_CODE_VECTORS and not software else None
+            error_code = 0 if stop.vector in EXCEPTIONS_WITH_ERROR_CODE and not software else None
             self._guest_exception(vmcs, stop.vector, error_code, stop.rip, software=software)
         elif kind == ctxmod.STOP_TRANSLATION_FAULT:
             self._guest_translation_fault(vmcs, stop)
         else:
-            self._guest_exception(vmcs, interrupts.GENERAL_PROTECTION, 0, stop.rip)
+            self._guest_exception(vmcs, ExceptionVector.GP, 0, stop.rip)
 
     def _guest_translation_fault(self, vmcs: ActiveVmcs, stop: ctxmod.Stop) -> None:
         fault = stop.fault
         if fault.kind == fast.FAULT_PAGE_FAULT:
-            self._guest_exception(vmcs, PAGE_FAULT, fault.page_fault_error_code, stop.rip, cr2=fault.linear)
+            self._guest_exception(vmcs, ExceptionVector.PF, fault.page_fault_error_code, stop.rip, cr2=fault.linear)
         elif fault.kind == fast.FAULT_EPT_VIOLATION:
             self.vmx.exit_guest(vmcs, ExitReason.EPT_VIOLATION, fault.ept_qualification,
                                 guest_linear=fault.linear, guest_physical=fault.guest_physical)
@@ -336,7 +334,7 @@ class LogicalProcessor:
     def _deliver_guest(self, vmcs: ActiveVmcs, vector: int, error_code: int | None, rip: int,
                        interruption_type: InterruptionType) -> None:
         """Delivers through the guest IDT: #DF and triple-fault exits on nested faults, EPT faults exit."""
-        attempts = ((vector, error_code), (interrupts.DOUBLE_FAULT, 0))
+        attempts = ((vector, error_code), (ExceptionVector.DF, 0))
         for attempt_vector, attempt_error in attempts:
             try:
                 interrupts.deliver(vmcs.context, attempt_vector, attempt_error, rip, [])
@@ -350,7 +348,7 @@ class LogicalProcessor:
                                         guest_physical=fault.translation.guest_physical,
                                         idt_vectoring_info=vectoring, idt_vectoring_error=attempt_error or 0)
                     return
-                if attempt_vector == interrupts.DOUBLE_FAULT:
+                if attempt_vector == ExceptionVector.DF:
                     break
                 interruption_type = InterruptionType.HARDWARE_EXCEPTION
         self.vmx.exit_guest(vmcs, ExitReason.TRIPLE_FAULT)
@@ -418,7 +416,7 @@ class LogicalProcessor:
             self.vmx.exit_guest(vmcs, ExitReason.IO_INSTRUCTION, qualification, instruction_length=insn.size)
             return
         if string:
-            self._guest_exception(vmcs, interrupts.GENERAL_PROTECTION, 0, insn.address)
+            self._guest_exception(vmcs, ExceptionVector.GP, 0, insn.address)
             return
         io = self.machine.io
         if is_in:

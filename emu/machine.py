@@ -8,13 +8,14 @@ from unicorn import x86_const as x86
 
 from emu import context as ctxmod
 from emu import cpuid as cpuid_table
-from emu import decode, interrupts
+from emu import decode
 from emu.devices import IoBus
 from emu.events import Event, EventStream
 from emu.lp import LogicalProcessor
 from emu.memory import HostMemory, MIB
 from emu.vmx import RaiseException
 from emu.vmx_caps import MACHINE_MAXPHYADDR, msr_values
+from emu.vmx_defs import EXCEPTIONS_WITH_ERROR_CODE, MSR_IA32_EFER, ExceptionVector, Rflags
 
 DEFAULT_RAM_SIZE = 64 * MIB
 DEFAULT_QUANTUM = 50_000          # ticks each LP runs before the next LP's turn
@@ -36,13 +37,14 @@ MSR_TSC = 0x10
 MSR_FEATURE_CONTROL = 0x3A
 FEATURE_CONTROL_LOCKED_VMX = 0x5      # lock bit and "VMX outside SMX" (SDM Vol. 3C 24.7)
 MSR_TSC_AUX = 0xC000_0103
-NATIVE_MSRS = frozenset({0xC000_0080, 0xC000_0081, 0xC000_0082, 0xC000_0083, 0xC000_0084,
+NATIVE_MSRS = frozenset({MSR_IA32_EFER, 0xC000_0081, 0xC000_0082, 0xC000_0083, 0xC000_0084,
                          0xC000_0100, 0xC000_0101, 0xC000_0102, 0x174, 0x175, 0x176, 0x277})
 U32 = 0xFFFF_FFFF
-RFLAGS_CF = 1
 PRNG_MULTIPLIER = 6364136223846793005
 PRNG_INCREMENT = 1442695040888963407
 U64 = 0xFFFF_FFFF_FFFF_FFFF
+# RDRAND/RDSEED clear OF, SF, ZF, AF, PF and set CF on success (SDM Vol. 2B RDRAND).
+RANDOM_RESULT_CLEARED_FLAGS = Rflags.CF | Rflags.PF | Rflags.AF | Rflags.ZF | Rflags.SF | Rflags.OF
 
 
 @dataclass
@@ -148,7 +150,7 @@ class Machine:
             uc = lp.root.uc
             uc.reg_write(x86.UC_X86_REG_CR3, cr3)
             uc.reg_write(x86.UC_X86_REG_CR4, CR4_AT_START)
-            uc.msr_write(0xC000_0080, EFER_AT_START)
+            uc.msr_write(MSR_IA32_EFER, EFER_AT_START)
             uc.reg_write(x86.UC_X86_REG_CR0, CR0_AT_START)
             uc.reg_write(x86.UC_X86_REG_RSP, stack_top)
             uc.reg_write(x86.UC_X86_REG_RIP, entry)
@@ -265,7 +267,7 @@ class Machine:
             index = uc.reg_read(x86.UC_X86_REG_RCX) & U32
             value = (uc.reg_read(x86.UC_X86_REG_RDX) & U32) << 32 | (uc.reg_read(x86.UC_X86_REG_RAX) & U32)
             if index not in NATIVE_MSRS:
-                raise RaiseException(interrupts.GENERAL_PROTECTION, 0)
+                raise RaiseException(ExceptionVector.GP, 0)
             uc.msr_write(index, value)
         elif mnemonic in ("rdtsc", "rdtscp"):
             tsc = lp.now
@@ -276,7 +278,7 @@ class Machine:
         elif mnemonic in ("rdrand", "rdseed"):
             register = decode.operands(insn)[0]
             uc.reg_write(register.register, self._next_random() & ((1 << (8 * register.size)) - 1))
-            uc.reg_write(x86.UC_X86_REG_RFLAGS, (uc.reg_read(x86.UC_X86_REG_RFLAGS) & ~0x8D5) | RFLAGS_CF)
+            uc.reg_write(x86.UC_X86_REG_RFLAGS, (uc.reg_read(x86.UC_X86_REG_RFLAGS) & ~RANDOM_RESULT_CLEARED_FLAGS) | Rflags.CF)
         elif mnemonic == "mov":
             source = decode.operands(insn)[1]
             value = uc.reg_read(source.register)
@@ -284,7 +286,7 @@ class Machine:
             uc.reg_write(x86.UC_X86_REG_CR3, value)
             lp.publish("cr3-write", old=old, new=value, rip=insn.address)
         else:
-            raise RaiseException(interrupts.INVALID_OPCODE)
+            raise RaiseException(ExceptionVector.UD)
 
     def _read_msr(self, lp: LogicalProcessor, context, index: int) -> int:
         vmx = msr_values()
@@ -298,4 +300,4 @@ class Machine:
             return lp.index
         if index in NATIVE_MSRS:
             return context.uc.msr_read(index)
-        raise RaiseException(interrupts.GENERAL_PROTECTION, 0)
+        raise RaiseException(ExceptionVector.GP, 0)

@@ -12,8 +12,8 @@ from unicorn import x86_const as x86
 
 from emu import vmcs_fields as vf
 from emu.vmcs_fields import FIELDS, BY_NAME
+from emu.vmx_defs import MSR_IA32_EFER
 
-EFER_MSR = 0xC0000080
 SLOT = struct.Struct("<Q")
 
 # Guest-state fields that live in the guest's Unicorn instance once the VMCS has been entered.
@@ -35,7 +35,7 @@ _TABLE_FIELDS = {
     "GUEST_TR_BASE": (x86.UC_X86_REG_TR, 1), "GUEST_TR_LIMIT": (x86.UC_X86_REG_TR, 2),
     "GUEST_TR_SELECTOR": (x86.UC_X86_REG_TR, 0),
 }
-_MSR_FIELDS = {"GUEST_IA32_EFER": EFER_MSR}
+_MSR_FIELDS = {"GUEST_IA32_EFER": MSR_IA32_EFER}
 # The order guest state is loaded in: control registers before the rest (CR4.PAE before CR0.PG).
 _LOAD_ORDER = ("GUEST_CR4", "GUEST_IA32_EFER", "GUEST_CR3", "GUEST_CR0")
 LIVE_FIELD_NAMES = frozenset(_REGISTER_FIELDS) | frozenset(_TABLE_FIELDS) | frozenset(_MSR_FIELDS)

@@ -19,7 +19,7 @@ from emu.vmx_defs import (
     EntryControls, ExitControls, ExitReason, InterruptionType, PinBasedControls,
     PrimaryProcessorControls, SecondaryProcessorControls, VmInstructionError,
     INTR_INFO_VALID, INTR_INFO_VECTOR_MASK, INTR_INFO_DELIVER_ERROR_CODE, INTR_INFO_TYPE_MASK,
-    INTR_INFO_TYPE_SHIFT, make_interruption_info, ActivityState,
+    INTR_INFO_TYPE_SHIFT, make_interruption_info, ActivityState, ExceptionVector, MSR_IA32_EFER, Rflags,
 )
 
 if TYPE_CHECKING:
@@ -29,20 +29,12 @@ U64 = 0xFFFF_FFFF_FFFF_FFFF
 PAGE_MASK = 0xFFF
 INVALID_VMCS_POINTER = U64
 CR4_VMXE = 1 << 13
-RFLAGS_CF = 1 << 0
-RFLAGS_PF = 1 << 2
-RFLAGS_AF = 1 << 4
-RFLAGS_ZF = 1 << 6
-RFLAGS_SF = 1 << 7
-RFLAGS_OF = 1 << 11
-RFLAGS_ARITHMETIC = RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF
-RFLAGS_FIXED_BIT = 1 << 1
+RFLAGS_ARITHMETIC = Rflags.CF | Rflags.PF | Rflags.AF | Rflags.ZF | Rflags.SF | Rflags.OF
 VM_ENTRY_FAILURE = 1 << 31
 INVEPT_DESCRIPTOR_SIZE = 16
 INVEPT_SINGLE_CONTEXT = 1
 INVEPT_ALL_CONTEXT = 2
 DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT = 0xFFFF  # SDM 27.5.2: GDTR and IDTR limits are set to FFFFH
-EFER_MSR = 0xC0000080
 
 # Machine-specific VM-instruction errors of VMCALLR (above Intel's 1..28; documented in docs/machine.md).
 VMCALLR_NOT_LAUNCHED = 64
@@ -130,8 +122,8 @@ class VmxUnit:
         if fault is None:
             return
         if fault.kind == fast.FAULT_PAGE_FAULT:
-            raise RaiseException(14, fault.page_fault_error_code, fault.linear)
-        raise RaiseException(13, 0)
+            raise RaiseException(ExceptionVector.PF, fault.page_fault_error_code, fault.linear)
+        raise RaiseException(ExceptionVector.GP, 0)
 
     # --- RFLAGS conventions (SDM Vol. 3C 31.2) --------------------------------------------------------
     def _set_flags(self, set_bits: int) -> None:
@@ -143,7 +135,7 @@ class VmxUnit:
         self._set_flags(0)
 
     def fail_invalid(self) -> None:
-        self._set_flags(RFLAGS_CF)
+        self._set_flags(Rflags.CF)
 
     def fail(self, error: int) -> None:
         """VMfailValid(error) when there is a current VMCS, otherwise VMfailInvalid."""
@@ -151,7 +143,7 @@ class VmxUnit:
             self.fail_invalid()
             return
         self.current.write("VM_INSTRUCTION_ERROR", int(error))
-        self._set_flags(RFLAGS_ZF)
+        self._set_flags(Rflags.ZF)
         self.lp.publish("vmfail", error=int(error))
 
     def _valid_physical(self, address: int) -> bool:
@@ -165,13 +157,13 @@ class VmxUnit:
         cr4 = self.lp.root.regs.read(x86.UC_X86_REG_CR4)
         if mnemonic == "vmxon":
             if not cr4 & CR4_VMXE:
-                raise RaiseException(6)
+                raise RaiseException(ExceptionVector.UD)
             return self._vmxon(insn)
         if not self.on:
-            raise RaiseException(6)  # SDM 31.3: VMX instructions outside VMX operation are #UD
+            raise RaiseException(ExceptionVector.UD)  # SDM 31.3: VMX instructions outside VMX operation are #UD
         handler = getattr(self, "_" + mnemonic, None)
         if handler is None:
-            raise RaiseException(6)
+            raise RaiseException(ExceptionVector.UD)
         return handler(insn)
 
     def _vmxon(self, insn) -> str:
@@ -182,7 +174,7 @@ class VmxUnit:
         cr0 = regs.read(x86.UC_X86_REG_CR0)
         cr4 = regs.read(x86.UC_X86_REG_CR4)
         if (cr0 & CAPS.cr0_fixed0) != CAPS.cr0_fixed0 or (cr4 & CAPS.cr4_fixed0) != CAPS.cr4_fixed0:
-            raise RaiseException(13, 0)
+            raise RaiseException(ExceptionVector.GP, 0)
         address = self._read_operand(insn, decode.operands(insn)[0])
         if not self._valid_physical(address) or \
                 self.machine.ram.read_u32(address) & vf.VMCS_REVISION_ID_MASK != CAPS.vmcs_revision_id:
@@ -440,15 +432,15 @@ class VmxUnit:
             if tuple(uc.reg_read(register)) != table:
                 uc.reg_write(register, table)
         if vmcs.read("VM_EXIT_CONTROLS") & ExitControls.LOAD_IA32_EFER:
-            uc.msr_write(EFER_MSR, vmcs.read("HOST_IA32_EFER"))
+            uc.msr_write(MSR_IA32_EFER, vmcs.read("HOST_IA32_EFER"))
         regs.write(x86.UC_X86_REG_RSP, vmcs.read("HOST_RSP"))
-        regs.write(x86.UC_X86_REG_RFLAGS, RFLAGS_FIXED_BIT)
+        regs.write(x86.UC_X86_REG_RFLAGS, Rflags.FIXED1)
         regs.write(x86.UC_X86_REG_RIP, vmcs.read("HOST_RIP"))
 
     # --- VMCALLR: the inverse hypercall (docs/machine.md, "VMCALLR") --------------------------------
     def vmcallr(self, instruction_length: int) -> str:
         if not self.on:
-            raise RaiseException(6)
+            raise RaiseException(ExceptionVector.UD)
         vmcs = self.current
         if vmcs is None:
             self.fail_invalid()
@@ -479,7 +471,7 @@ class VmxUnit:
         stack = vmcs.read("INVERSE_HYPERCALL_STACK")
         if stack:
             vmcs.write("GUEST_RSP", stack)
-        vmcs.write("GUEST_RFLAGS", RFLAGS_FIXED_BIT)  # interrupts stay blocked during the call
+        vmcs.write("GUEST_RFLAGS", Rflags.FIXED1)  # interrupts stay blocked during the call
         return "enter"
 
     def _end_inverse_call(self, vmcs: ActiveVmcs, succeeded: bool, exit_reason: int = 0) -> None:

@@ -664,6 +664,10 @@ class Efer(enum.IntEnum):
     NXE = 1 << 11
 
 
+# Architectural MSR index of IA32_EFER. See: SDM Vol. 4 Table 2-2.
+MSR_IA32_EFER = 0xC000_0080
+
+
 class Rflags(enum.IntEnum):
     CF = 1 << 0
     FIXED1 = 1 << 1
