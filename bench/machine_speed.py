@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import mmap
 import platform
 import random
 import time
@@ -26,6 +25,7 @@ PT_ENTRIES = 512
 EPT_PD_TABLE = harness.EPT_ROOT + 2 * harness.PAGE_SIZE
 EPT_FIRST_PT = harness.EPT_ROOT + 3 * harness.PAGE_SIZE
 SHUFFLE_SEED = 2026
+BARE_MEMORY = 16 * MIB
 
 
 def loop_source(iterations: int) -> str:
@@ -44,10 +44,8 @@ def loop_source(iterations: int) -> str:
 def bare_unicorn(iterations: int, budget: bool) -> float:
     """Guest instructions per second of the same loop on a plain Unicorn instance."""
     code = harness.assemble(loop_source(iterations), harness.GUEST_CODE)
-    size = 16 * MIB
-    backing = mmap.mmap(-1, size)
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
-    uc.mem_map(0, size, UC_PROT_ALL)
+    uc.mem_map(0, BARE_MEMORY, UC_PROT_ALL)
     uc.mem_write(harness.GUEST_CODE, code)
     instructions = iterations * LOOP_INSTRUCTIONS_PER_ITERATION
     started = time.perf_counter()
@@ -56,7 +54,6 @@ def bare_unicorn(iterations: int, budget: bool) -> float:
     else:
         uc.emu_start(harness.GUEST_CODE, harness.GUEST_CODE + len(code))
     elapsed = time.perf_counter() - started
-    backing.close()
     return instructions / elapsed
 
 
@@ -85,7 +82,7 @@ def bare_unicorn_hook_round_trip(calls: int) -> float:
     code = harness.assemble(f"mov r9, {calls}\nagain: xor eax, eax\ncpuid\ndec r9\njnz again\nhlt",
                             harness.GUEST_CODE)
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
-    uc.mem_map(0, 16 * MIB, UC_PROT_ALL)
+    uc.mem_map(0, BARE_MEMORY, UC_PROT_ALL)
     uc.mem_write(harness.GUEST_CODE, code)
     uc.hook_add(UC_HOOK_INSN, lambda uc, data: 1, None, 1, 0, x86.UC_X86_INS_CPUID)
     started = time.perf_counter()

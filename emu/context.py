@@ -130,18 +130,23 @@ class ExecutionContext:
     def translate(self, linear: int, access: int):
         return self.fast.translate(linear, access)
 
-    def read_linear(self, linear: int, length: int, access: int = fast.ACCESS_READ) -> bytes | None:
-        """Reads bytes at a linear address; None if any page does not translate."""
+    def read_linear_checked(self, linear: int, length: int,
+                            access: int = fast.ACCESS_READ) -> tuple[bytes | None, fast.Fault | None]:
+        """Reads bytes at a linear address; on failure, the fault of the first page that fails."""
         out = bytearray()
         while length > 0:
             physical, fault = self.fast.translate(linear, access)
             if fault is not None:
-                return None
+                return None, fault
             chunk = min(length, PAGE_SIZE - (linear % PAGE_SIZE))
             out += self.ram.read(physical, chunk)
             linear += chunk
             length -= chunk
-        return bytes(out)
+        return bytes(out), None
+
+    def read_linear(self, linear: int, length: int, access: int = fast.ACCESS_READ) -> bytes | None:
+        """Reads bytes at a linear address; None if any page does not translate."""
+        return self.read_linear_checked(linear, length, access)[0]
 
     def write_linear(self, linear: int, data: bytes) -> fast.Fault | None:
         """Writes bytes at a linear address; returns the fault of the first page that fails."""

@@ -52,10 +52,8 @@ def _check_translation(fault: fast.Fault | None, cr2_sink: list[int]) -> None:
 
 
 def _read(context, linear: int, length: int, cr2_sink: list[int]) -> bytes:
-    data = context.read_linear(linear, length)
-    if data is None:
-        for page_start in (linear, linear + length - 1):
-            _check_translation(context.translate(page_start, fast.ACCESS_READ)[1], cr2_sink)
+    data, fault = context.read_linear_checked(linear, length)
+    _check_translation(fault, cr2_sink)
     return data
 
 

@@ -83,7 +83,8 @@ class LogicalProcessor:
     def raise_interrupt(self, vector: int) -> None:
         if vector not in self.pending_vectors:
             bisect.insort(self.pending_vectors, vector)
-        self.halted = False if self._interrupts_enabled_in_root() else self.halted
+        if self._interrupts_enabled_in_root():
+            self.halted = False
 
     def _interrupts_enabled_in_root(self) -> bool:
         return self.guest is None and bool(self.root.reg(x86.UC_X86_REG_RFLAGS) & Rflags.IF)

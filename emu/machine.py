@@ -89,7 +89,6 @@ class Machine:
         self.stop: MachineStop | None = None
         self.instruction_limit: int | None = None
         self._prng = seed & U64
-        self.lps: list[LogicalProcessor] = []
         self.running_lp: LogicalProcessor | None = None
         self.lps = [LogicalProcessor(self, index) for index in range(lps)]
         self.running_lp = self.lps[0]

@@ -102,11 +102,8 @@ class VmxUnit:
         return int.from_bytes(data, "little")
 
     def _read_memory(self, linear: int, size: int) -> bytes:
-        root = self.lp.root
-        data = root.read_linear(linear, size)
-        if data is None:
-            for page_start in (linear, linear + size - 1):
-                self._raise_translation(root.translate(page_start, fast.ACCESS_READ)[1])
+        data, fault = self.lp.root.read_linear_checked(linear, size)
+        self._raise_translation(fault)
         return data
 
     def _write_operand(self, insn, operand, value: int, size: int = 8) -> None:
@@ -196,13 +193,21 @@ class VmxUnit:
         self.lp.publish("vmxoff")
         return "next"
 
-    def _vmclear(self, insn) -> str:
+    def _vmcs_pointer(self, insn, invalid_address_error: int, vmxon_pointer_error: int) -> int | None:
+        """The VMCS-pointer operand of VMCLEAR or VMPTRLD; None once the instruction has failed."""
         address = self._read_operand(insn, decode.operands(insn)[0])
         if not self._valid_physical(address):
-            self.fail(VmInstructionError.VMCLEAR_INVALID_ADDRESS)
-        elif address == self.vmxon_region:
-            self.fail(VmInstructionError.VMCLEAR_VMXON_POINTER)
-        else:
+            self.fail(invalid_address_error)
+            return None
+        if address == self.vmxon_region:
+            self.fail(vmxon_pointer_error)
+            return None
+        return address
+
+    def _vmclear(self, insn) -> str:
+        address = self._vmcs_pointer(insn, VmInstructionError.VMCLEAR_INVALID_ADDRESS,
+                                     VmInstructionError.VMCLEAR_VMXON_POINTER)
+        if address is not None:
             active = self.machine.active_vmcs.pop(address, None)
             if active is not None:
                 active.launched = False
@@ -217,21 +222,20 @@ class VmxUnit:
         return "next"
 
     def _vmptrld(self, insn) -> str:
-        address = self._read_operand(insn, decode.operands(insn)[0])
-        if not self._valid_physical(address):
-            self.fail(VmInstructionError.VMPTRLD_INVALID_ADDRESS)
-        elif address == self.vmxon_region:
-            self.fail(VmInstructionError.VMPTRLD_VMXON_POINTER)
-        elif self.machine.ram.read_u32(address) != CAPS.vmcs_revision_id:
+        address = self._vmcs_pointer(insn, VmInstructionError.VMPTRLD_INVALID_ADDRESS,
+                                     VmInstructionError.VMPTRLD_VMXON_POINTER)
+        if address is None:
+            return "next"
+        if self.machine.ram.read_u32(address) != CAPS.vmcs_revision_id:
             self.fail(VmInstructionError.VMPTRLD_INCORRECT_REVISION_ID)
-        else:
-            active = self.machine.active_vmcs.get(address)
-            if active is None:
-                active = ActiveVmcs.load(self.machine.ram, address)
-                self.machine.active_vmcs[address] = active
-            self.current = active
-            self.succeed()
-            self.lp.publish("vmptrld", vmcs=address)
+            return "next"
+        active = self.machine.active_vmcs.get(address)
+        if active is None:
+            active = ActiveVmcs.load(self.machine.ram, address)
+            self.machine.active_vmcs[address] = active
+        self.current = active
+        self.succeed()
+        self.lp.publish("vmptrld", vmcs=address)
         return "next"
 
     def _vmptrst(self, insn) -> str:
@@ -405,8 +409,6 @@ class VmxUnit:
                 vmcs.read("VM_EXIT_CONTROLS") & ExitControls.SAVE_VMX_PREEMPTION_TIMER_VALUE:
             remaining = max(lp.preemption_deadline - lp.now, 0) >> CAPS.preemption_timer_rate
             vmcs.write("VMX_PREEMPTION_TIMER_VALUE", remaining)
-        if vmcs.read("VM_EXIT_CONTROLS") & ExitControls.SAVE_IA32_EFER:
-            vmcs.write("GUEST_IA32_EFER", vmcs.read("GUEST_IA32_EFER"))
         fast.copy_general_purpose_registers(vmcs.context.uc, lp.root.uc)
         lp.publish("vm-exit", vmcs=vmcs.address, reason=int(reason), qualification=qualification,
                    rip=vmcs.read("GUEST_RIP"))
