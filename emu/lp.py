@@ -21,13 +21,14 @@ from emu.vmx_defs import (
 if TYPE_CHECKING:
     from emu.machine import Machine
 
-SOFTWARE_INTERRUPT_OPCODE = 0xCD
-SOFTWARE_INTERRUPT_LENGTH = 2
+INT3_OPCODE = 0xCC
+INTO_OPCODE = 0xCE
+INT_N_OPCODE = 0xCD
+INT_N_LENGTH = 2
+SOFTWARE_EXCEPTION_LENGTH = 1
 WORD_MASK = 0xFFFF_FFFF
 IO_BITMAP_PORTS = 0x8000   # bitmap A covers ports 0000H-7FFFH, bitmap B 8000H-FFFFH (SDM 25.6.4)
 BITS_PER_BYTE = 8
-# Exceptions a trap leaves RIP after (software exceptions); the rest are faults (SDM Vol. 3A 6.5).
-SOFTWARE_EXCEPTIONS = frozenset({ExceptionVector.BP, ExceptionVector.OF})
 INLINE_VMX_MNEMONICS = frozenset({"vmread", "vmwrite"})
 IO_MNEMONIC_SIZES = {"insb": 1, "insw": 2, "insd": 4, "outsb": 1, "outsw": 2, "outsd": 4}
 
@@ -232,14 +233,24 @@ class LogicalProcessor:
         self.charge(self.root, 1)
 
     def _root_exception(self, stop: ctxmod.Stop) -> None:
-        vector = stop.vector
-        error_code = 0 if vector in EXCEPTIONS_WITH_ERROR_CODE and not self._after_int_n(self.root, stop.rip) else None
-        self._deliver_root(vector, error_code, stop.rip)
+        kind, _length = self._classify_event(self.root, stop.rip, stop.vector)
+        hardware = kind == InterruptionType.HARDWARE_EXCEPTION
+        error_code = 0 if hardware and stop.vector in EXCEPTIONS_WITH_ERROR_CODE else None
+        self._deliver_root(stop.vector, error_code, stop.rip)
 
     @staticmethod
-    def _after_int_n(context, rip: int) -> bool:
-        previous = context.read_linear(rip - SOFTWARE_INTERRUPT_LENGTH, SOFTWARE_INTERRUPT_LENGTH, fast.ACCESS_FETCH)
-        return previous is not None and previous[0] == SOFTWARE_INTERRUPT_OPCODE
+    def _classify_event(context, rip: int, vector: int) -> tuple[InterruptionType, int]:
+        """What raised a vector Unicorn reports: INT3 (CC) and INTO (CE) are software exceptions
+        of length 1 and INT n (CD n) a software interrupt of length 2, all with RIP after the
+        instruction; anything else is a hardware exception at RIP (SDM Vol. 3C 25.8.3, 27.6.1.1)."""
+        before = context.read_linear(rip - INT_N_LENGTH, INT_N_LENGTH, fast.ACCESS_FETCH)
+        if before is not None:
+            if (before[1] == INT3_OPCODE and vector == ExceptionVector.BP) or \
+                    (before[1] == INTO_OPCODE and vector == ExceptionVector.OF):
+                return InterruptionType.SOFTWARE_EXCEPTION, SOFTWARE_EXCEPTION_LENGTH
+            if before[0] == INT_N_OPCODE and before[1] == vector:
+                return InterruptionType.SOFTWARE_INTERRUPT, INT_N_LENGTH
+        return InterruptionType.HARDWARE_EXCEPTION, 0
 
     def _root_translation_fault(self, stop: ctxmod.Stop) -> None:
         fault = stop.fault
@@ -298,9 +309,10 @@ class LogicalProcessor:
                 context.set_reg(x86.UC_X86_REG_RIP, rip)
             self._guest_trapped(vmcs, decode.decode_one(self._fetch(context, rip), rip))
         elif kind == ctxmod.STOP_EXCEPTION:
-            software = stop.vector in SOFTWARE_EXCEPTIONS or self._after_int_n(context, stop.rip)
-            error_code = 0 if stop.vector in EXCEPTIONS_WITH_ERROR_CODE and not software else None
-            self._guest_exception(vmcs, stop.vector, error_code, stop.rip, software=software)
+            kind, length = self._classify_event(context, stop.rip, stop.vector)
+            hardware = kind == InterruptionType.HARDWARE_EXCEPTION
+            error_code = 0 if hardware and stop.vector in EXCEPTIONS_WITH_ERROR_CODE else None
+            self._guest_exception(vmcs, stop.vector, error_code, stop.rip, kind=kind, length=length)
         elif kind == ctxmod.STOP_TRANSLATION_FAULT:
             self._guest_translation_fault(vmcs, stop)
         else:
@@ -317,20 +329,23 @@ class LogicalProcessor:
             self.vmx.exit_guest(vmcs, ExitReason.EPT_MISCONFIG, guest_physical=fault.guest_physical)
 
     def _guest_exception(self, vmcs: ActiveVmcs, vector: int, error_code: int | None, rip: int, *,
-                         software: bool = False, cr2: int | None = None) -> None:
-        """An exception in the guest: a VM exit if the exception bitmap says so, else delivery."""
-        interruption_type = InterruptionType.SOFTWARE_EXCEPTION if software else InterruptionType.HARDWARE_EXCEPTION
-        is_int_n = software and vector not in SOFTWARE_EXCEPTIONS
-        if not is_int_n and vmcs.read("EXCEPTION_BITMAP") >> vector & 1:
-            info = make_interruption_info(vector, interruption_type, deliver_error_code=error_code is not None)
-            length = SOFTWARE_INTERRUPT_LENGTH if software else 0
+                         kind: InterruptionType = InterruptionType.HARDWARE_EXCEPTION, length: int = 0,
+                         cr2: int | None = None) -> None:
+        """An exception in the guest: a VM exit if the exception bitmap says so, else delivery.
+
+        INT n is a software interrupt and never consults the bitmap; a software exception that
+        exits leaves GUEST_RIP at the INT3/INTO with its length in the exit information
+        (SDM Vol. 3C 26.2, 28.2.5)."""
+        if kind != InterruptionType.SOFTWARE_INTERRUPT and vmcs.read("EXCEPTION_BITMAP") >> vector & 1:
+            info = make_interruption_info(vector, kind, deliver_error_code=error_code is not None)
+            if length:
+                vmcs.context.set_reg(x86.UC_X86_REG_RIP, rip - length)
             self.vmx.exit_guest(vmcs, ExitReason.EXCEPTION_NMI, cr2 if cr2 is not None else 0,
                                 instruction_length=length, interruption_info=info, interruption_error=error_code)
             return
         if cr2 is not None:
             vmcs.context.set_reg(x86.UC_X86_REG_CR2, cr2)
-        self._deliver_guest(vmcs, vector, error_code, rip,
-                            InterruptionType.SOFTWARE_INTERRUPT if is_int_n else interruption_type)
+        self._deliver_guest(vmcs, vector, error_code, rip, kind)
 
     def _deliver_guest(self, vmcs: ActiveVmcs, vector: int, error_code: int | None, rip: int,
                        interruption_type: InterruptionType) -> None:

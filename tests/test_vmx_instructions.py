@@ -392,6 +392,27 @@ def test_ud2_without_bitmap_bit_goes_through_the_guest_idt(machine):
     assert machine.io.console.text() == "U"
 
 
+def test_int3_exit_leaves_guest_rip_at_the_instruction_with_length_one(machine):
+    guest = lines("nop", "int3_at: int3", "hlt")
+    run, _ = run_guest(machine, guest, stop_reasons=(ExitReason.EXCEPTION_NMI,),
+                       fields={"EXCEPTION_BITMAP": 1 << ExceptionVector.BP})
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    (record,) = exit_log(machine)
+    assert record.interruption_info == make_interruption_info(ExceptionVector.BP, InterruptionType.SOFTWARE_EXCEPTION)
+    assert record.guest_rip == label_address(guest, "int3_at", GUEST_CODE, root_program=False)
+    assert record.instruction_length == 1
+
+
+def test_int_n_with_vector_three_is_a_software_interrupt_the_bitmap_ignores(machine):
+    guest = lines(set_interrupt_gate(GUEST_IDT, ExceptionVector.BP, "bp_handler"), "int 3", "hlt",
+                  "bp_handler:", putc("B"), "vmcall")
+    run, _ = run_guest(machine, guest, stop_reasons=(ExitReason.VMCALL, ExitReason.EXCEPTION_NMI),
+                       fields={"EXCEPTION_BITMAP": 1 << ExceptionVector.BP})
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    assert [r.reason for r in exit_log(machine)] == [ExitReason.VMCALL]
+    assert machine.io.console.text() == "B"
+
+
 def test_page_fault_exit_reports_linear_address_and_error_code(machine):
     unmapped = 0x80_0000_0000          # PML4 entry 1 of the guest's page tables is not present
     guest = lines(f"mov rax, {unmapped:#x}", "mov qword ptr [rax], 1", "hlt")
