@@ -43,6 +43,7 @@ STOP_TRANSLATION_FAULT = "translation-fault"
 STOP_TRAPPED_INSTRUCTION = "trapped-instruction"
 STOP_HLT = "hlt"
 STOP_EMULATOR_ERROR = "emulator-error"
+STOP_NONCANONICAL = "noncanonical-rip"    # execution reached a non-canonical address (#GP)
 STOP_REQUESTED = "requested"               # a device or the machine asked this run to end
 
 
@@ -207,9 +208,6 @@ class ExecutionContext:
             for begin, end in self._pending_removals:
                 self.uc.ctl_remove_cache(begin, end)
             self._pending_removals.clear()
-        if self._stop_requested:
-            # Not a HLT even if the byte before RIP is F4 (an `out 0xf4, al` that stopped the machine).
-            return Stop(STOP_REQUESTED, rip)
         if self.pending is not None:
             self._uncount_after(rip)
             return self.pending
@@ -227,8 +225,13 @@ class ExecutionContext:
             return Stop(STOP_TRANSLATION_FAULT, rip, fault=self._exact_fault(rip, self.fast.fault()))
         if error != uc_const.UC_ERR_OK:
             return Stop(STOP_EMULATOR_ERROR, rip, error=error)
+        if reason == fast.STOP_NONCANONICAL or rip == NEVER_EXECUTED_ADDRESS:
+            return Stop(STOP_NONCANONICAL, rip)
         if rip in self.exit_points:
             return Stop(STOP_TRAPPED_INSTRUCTION, rip)
+        if self._stop_requested:
+            # Not a HLT even if the byte before RIP is F4 (an `out 0xf4, al` that stopped the machine).
+            return Stop(STOP_REQUESTED, rip)
         previous = self.read_linear(rip - 1, 1, fast.ACCESS_FETCH)
         if previous is not None and previous[0] == HLT_OPCODE:
             return Stop(STOP_HLT, rip)

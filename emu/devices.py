@@ -43,6 +43,13 @@ MACHINE_CHANNEL = 0
 FIRST_DEVICE_VECTOR = 32  # vectors 0-31 are exceptions (SDM Vol. 3A 6.3.1)
 
 
+def _device_vector(value: int) -> int:
+    """The vector in bits 7:0, or 0 (none) for vectors 0-31, which belong to exceptions: the
+    timer and doorbell stay silent and an IPI is not sent (as an APIC refuses illegal vectors)."""
+    vector = value & IPI_VECTOR_MASK
+    return vector if vector >= FIRST_DEVICE_VECTOR else 0
+
+
 class Console:
     """Bytes written to COM1, kept per console channel."""
 
@@ -152,13 +159,15 @@ class IoBus:
         elif port == DEBUG_EXIT_PORT:
             m.request_stop("debug-exit", exit_status=((value & BYTE_MASK) << 1) | 1, lp=lp.index)
         elif port == TIMER_VECTOR_PORT:
-            lp.timer.vector = value & IPI_VECTOR_MASK
+            lp.timer.vector = _device_vector(value)
             if not lp.timer.vector:
                 lp.timer.deadline = None
         elif port == TIMER_PERIOD_PORT:
             lp.timer.period = value & WORD_MASK
         elif port == TIMER_ARM_PORT:
             lp.timer.arm(lp.now, value & WORD_MASK)
+            if lp.timer.deadline is not None:
+                lp.end_run_by(lp.timer.deadline)
         elif port == IPI_PORT:
             self._send_ipi(lp, value)
         elif port == CONSOLE_CHANNEL_PORT:
@@ -166,12 +175,12 @@ class IoBus:
         elif port == DOORBELL_STATUS_PORT:
             self.doorbell.acknowledge()
         elif port == DOORBELL_VECTOR_PORT:
-            self.doorbell.vector = value & IPI_VECTOR_MASK
+            self.doorbell.vector = _device_vector(value)
 
     def _send_ipi(self, sender, value: int) -> None:
-        vector = value & IPI_VECTOR_MASK
-        if vector < FIRST_DEVICE_VECTOR:
-            return  # exception vectors cannot be sent (an APIC reports a send-illegal-vector error)
+        vector = _device_vector(value)
+        if not vector:
+            return
         if value & IPI_ALL_BUT_SELF:
             targets = [lp for lp in self.machine.lps if lp is not sender]
         else:
@@ -180,3 +189,5 @@ class IoBus:
         for target in targets:
             self.machine.events.publish(sender.now, sender.index, "ipi", vector=vector, to=target.index)
             target.raise_interrupt(vector)
+            if target is sender:
+                sender.context.request_stop()  # a self-IPI is taken at the end of the current block

@@ -324,6 +324,12 @@ void hhr_block_hook(void *uc, uint64_t pc, uint32_t size, void *user_data) {
     hhr_ctx *c = (hhr_ctx *)user_data;
     (void)uc;
     if (size == 0) return;
+    if (!is_canonical(pc)) {
+        /* Code reached a non-canonical address (only the end-of-run page translates there): the
+         * block must not run; the machine raises #GP (SDM Vol. 1 3.3.7.1). */
+        stop(c, HHR_STOP_NONCANONICAL);
+        return;
+    }
     if (c->retired >= c->stop_at) {
         stop(c, HHR_STOP_BUDGET);
         return;

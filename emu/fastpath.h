@@ -25,6 +25,7 @@
 #define HHR_STOP_FAULT 2
 #define HHR_STOP_NEW_TRAPS 3
 #define HHR_STOP_INTERRUPT_WINDOW 4
+#define HHR_STOP_NONCANONICAL 5
 
 typedef struct {
     uint64_t paddr;

@@ -66,6 +66,13 @@ class LogicalProcessor:
         self._time += count
         self.instructions += count
 
+    def end_run_by(self, deadline: int) -> None:
+        """A deadline set while the LP runs (a timer armed by the running code) ends the run then."""
+        running = self._running
+        if running is not None:
+            ctx = running.fast.ctx
+            ctx.stop_at = min(ctx.stop_at, running.retired + max(deadline - self.now, 0))
+
     def publish(self, kind: str, **data) -> None:
         self.machine.events.publish(self.now, self.index, kind, **data)
 
@@ -86,6 +93,21 @@ class LogicalProcessor:
             bisect.insort(self.pending_vectors, vector)
         if self._interrupts_enabled_in_root():
             self.halted = False
+
+    def is_stuck(self) -> bool:
+        """Halted with nothing that could ever wake it: no timer or preemption deadline, and no
+        pending vector it could take (root with IF=0, or a guest that neither exits on external
+        interrupts nor has IF=1)."""
+        if self.timer.deadline is not None or self.preemption_deadline is not None:
+            return False
+        if self.guest is None:
+            return self.halted and not (self.pending_vectors and self._interrupts_enabled_in_root())
+        vmcs = self.guest
+        if not vmcs.halted:
+            return False
+        takes_interrupts = bool(vmcs.read("PIN_BASED_VM_EXEC_CONTROL") & PinBasedControls.EXTERNAL_INTERRUPT_EXITING) \
+            or bool(vmcs.read("GUEST_RFLAGS") & Rflags.IF)
+        return not (self.pending_vectors and takes_interrupts)
 
     def _interrupts_enabled_in_root(self) -> bool:
         return self.guest is None and bool(self.root.reg(x86.UC_X86_REG_RFLAGS) & Rflags.IF)
@@ -116,6 +138,8 @@ class LogicalProcessor:
                 self._handle_guest_stop(stop)
             else:
                 self._handle_root_stop(stop)
+            if machine.instruction_limit_reached():
+                break
 
     def _idle_until(self, slice_end: int) -> None:
         wake = slice_end
@@ -127,6 +151,8 @@ class LogicalProcessor:
     def _wants_window(self) -> bool:
         if self.guest is None:
             return bool(self.pending_vectors)
+        if self.guest.inverse_call_saved is not None:
+            return False  # interrupts are held pending while an inverse hypercall runs
         controls = self.guest.read("CPU_BASED_VM_EXEC_CONTROL")
         pin = self.guest.read("PIN_BASED_VM_EXEC_CONTROL")
         return bool(controls & PrimaryProcessorControls.INTERRUPT_WINDOW_EXITING) or \
@@ -183,6 +209,8 @@ class LogicalProcessor:
                 self.publish("hlt", rip=stop.rip)
             elif kind == ctxmod.STOP_EXCEPTION:
                 self._root_exception(stop)
+            elif kind == ctxmod.STOP_NONCANONICAL:
+                self._deliver_root(ExceptionVector.GP, 0, stop.rip)
             elif kind == ctxmod.STOP_TRANSLATION_FAULT:
                 self._root_translation_fault(stop)
             else:

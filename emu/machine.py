@@ -104,10 +104,12 @@ class Machine:
         """A guest instance for a VMCS's first entry: from the pool, with no code or TLB left over."""
         if self._guest_pool:
             context = self._guest_pool.pop()
+            context.uc.context_restore(context.initial_state)  # nothing of the previous guest stays
             context.flush_code()
             context.flush_translations()
         else:
             context = self.new_context(ctxmod.GUEST, f"guest{len(self.contexts)}")
+            context.initial_state = context.uc.context_save()
         context.name = f"vmcs@{vmcs.address:#x}"
         return context
 
@@ -177,6 +179,13 @@ class Machine:
     def now(self) -> int:
         return max(lp.now for lp in self.lps)
 
+    def instruction_limit_reached(self) -> bool:
+        """True (and the machine stopping) once the machine-wide instruction limit is reached."""
+        if self.instruction_limit is None or self.instructions_retired < self.instruction_limit:
+            return False
+        self.request_stop("instruction-limit")
+        return True
+
     def instruction_limit_time(self) -> int:
         """The running LP's time at which the machine-wide instruction limit would be reached."""
         if self.instruction_limit is None:
@@ -187,10 +196,9 @@ class Machine:
         """Runs LPs round-robin, one quantum each, until a stop or the instruction limit."""
         self.instruction_limit = max_instructions
         while self.stop is None:
-            if max_instructions is not None and self.instructions_retired >= max_instructions:
-                self.request_stop("instruction-limit")
+            if self.instruction_limit_reached():
                 break
-            if all(self._is_stuck(lp) for lp in self.lps):
+            if all(lp.is_stuck() for lp in self.lps):
                 self.request_stop("idle", report="every logical processor is halted with nothing to wake it")
                 break
             round_end = min(lp.now for lp in self.lps) + self.quantum
@@ -210,11 +218,6 @@ class Machine:
             "instructions_by_context": {context.name: context.retired for context in self.contexts},
             "virtual_time_by_lp": {lp.index: lp.now for lp in self.lps},
         }
-
-    def _is_stuck(self, lp: LogicalProcessor) -> bool:
-        halted = lp.halted or (lp.guest is not None and lp.guest.halted)
-        return halted and lp.timer.deadline is None and lp.preemption_deadline is None and \
-            not lp.pending_vectors and not self.io.doorbell.messages
 
     def ring_doorbell(self, words: list[int]) -> None:
         """The operator posts a request; LP 0 gets the doorbell vector if one is programmed."""

@@ -372,14 +372,14 @@ class VmxUnit:
         vmcs.halted = vmcs.read("GUEST_ACTIVITY_STATE") == ActivityState.HLT
         lp.enter_guest(vmcs)
         lp.publish("vm-entry", vmcs=vmcs.address, launch=launching, rip=vmcs.read("GUEST_RIP"))
-        entry_info = vmcs.read("VM_ENTRY_INTR_INFO_FIELD")
-        if inject and entry_info & INTR_INFO_VALID:
-            lp.inject_into_guest(vmcs, entry_info, vmcs.read("VM_ENTRY_EXCEPTION_ERROR_CODE"),
-                                 vmcs.read("VM_ENTRY_INSTRUCTION_LEN"))
         if vmcs.read("PIN_BASED_VM_EXEC_CONTROL") & PinBasedControls.ACTIVATE_VMX_PREEMPTION_TIMER:
             lp.preemption_deadline = lp.now + (vmcs.read("VMX_PREEMPTION_TIMER_VALUE") << CAPS.preemption_timer_rate)
         else:
             lp.preemption_deadline = None
+        entry_info = vmcs.read("VM_ENTRY_INTR_INFO_FIELD")
+        if inject and entry_info & INTR_INFO_VALID:
+            lp.inject_into_guest(vmcs, entry_info, vmcs.read("VM_ENTRY_EXCEPTION_ERROR_CODE"),
+                                 vmcs.read("VM_ENTRY_INSTRUCTION_LEN"))
 
     # --- VM exit (SDM Vol. 3C 27) ------------------------------------------------------------------
     def exit_guest(self, vmcs: ActiveVmcs, reason: int, qualification: int = 0, *,
