@@ -10,6 +10,7 @@ from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
 
 from emu import decode, fast
+from emu.vmcs import FIELD_TABLE
 
 # With Unicorn's exit list enabled, emu_start's `until` is ignored; this address is never executed
 # (it is not canonical) and keeps the list non-empty.
@@ -67,11 +68,15 @@ class ExecutionContext:
         self.uc.ctl_set_exits([NEVER_EXECUTED_ADDRESS])
         self.pending: Stop | None = None
         self._stop_requested = False
-        # Root contexts carry out VMREAD/VMWRITE inside the hook, without ending the run.
-        self.inline_handler: Callable[[int], bool] | None = None
         self._io_in = io_in
         self._io_out = io_out
         self._cpuid = cpuid
+        if kind == ROOT:
+            # VMREAD/VMWRITE in C first; whatever it declines reaches _on_invalid_opcode.
+            self.fast_vmx = fast.ffi.new("hhr_vmx *")
+            self.fast_vmx.root = self.fast.ctx
+            self.fast_vmx.fields = FIELD_TABLE
+            fast.register_invalid_instruction_hook(self.uc, self.fast_vmx)
         self.uc.hook_add(uc_const.UC_HOOK_INSN_INVALID, self._on_invalid_opcode)
         self.uc.hook_add(uc_const.UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(uc_const.UC_HOOK_INSN, self._on_in, None, 1, 0, x86.UC_X86_INS_IN)
@@ -94,10 +99,7 @@ class ExecutionContext:
         return count
 
     def _on_invalid_opcode(self, uc, _user_data) -> bool:
-        rip = self.regs.read(x86.UC_X86_REG_RIP)
-        if self.inline_handler is not None and self.inline_handler(rip):
-            return True  # carried out in place (it retires as part of its block); run on
-        self.pending = Stop(STOP_INVALID_OPCODE, rip)
+        self.pending = Stop(STOP_INVALID_OPCODE, self.regs.read(x86.UC_X86_REG_RIP))
         uc.emu_stop()
         return True
 

@@ -61,6 +61,13 @@ GENERAL_PURPOSE_REGISTERS = (
     x86_const.UC_X86_REG_R13, x86_const.UC_X86_REG_R14, x86_const.UC_X86_REG_R15,
 )
 _GPR_IDS = ffi.new("int[]", GENERAL_PURPOSE_REGISTERS)
+# Register numbers 0-15 of ModRM/REX (SDM Vol. 2A Table 2-2 and 2.2.1.2).
+MODRM_REGISTER_ORDER = (
+    x86_const.UC_X86_REG_RAX, x86_const.UC_X86_REG_RCX, x86_const.UC_X86_REG_RDX, x86_const.UC_X86_REG_RBX,
+    x86_const.UC_X86_REG_RSP, x86_const.UC_X86_REG_RBP, x86_const.UC_X86_REG_RSI, x86_const.UC_X86_REG_RDI,
+    x86_const.UC_X86_REG_R8, x86_const.UC_X86_REG_R9, x86_const.UC_X86_REG_R10, x86_const.UC_X86_REG_R11,
+    x86_const.UC_X86_REG_R12, x86_const.UC_X86_REG_R13, x86_const.UC_X86_REG_R14, x86_const.UC_X86_REG_R15,
+)
 
 
 def _function_pointer(cfunction) -> int:
@@ -77,6 +84,9 @@ def _make_api():
     api.reg_cr4 = x86_const.UC_X86_REG_CR4
     api.reg_rflags = x86_const.UC_X86_REG_RFLAGS
     api.reg_msr = x86_const.UC_X86_REG_MSR
+    api.reg_rip = x86_const.UC_X86_REG_RIP
+    for number, register in enumerate(MODRM_REGISTER_ORDER):
+        api.gpr[number] = register
     api.msr_efer = MSR_IA32_EFER
     api.mem_read = uc_const.UC_MEM_READ
     api.mem_write = uc_const.UC_MEM_WRITE
@@ -190,6 +200,7 @@ class Registers:
     def __init__(self, uc):
         self._handle = ffi.cast("void *", ctypes.cast(uc._uch, ctypes.c_void_p).value)
         self._value = ffi.new("uint64_t *")
+        self._table = ffi.new("hhr_descriptor_table *")
 
     def read(self, register: int) -> int:
         API.reg_read(self._handle, register, self._value)
@@ -198,6 +209,29 @@ class Registers:
     def write(self, register: int, value: int) -> None:
         self._value[0] = value & 0xFFFF_FFFF_FFFF_FFFF
         API.reg_write(self._handle, register, self._value)
+
+    def read_table(self, register: int) -> tuple[int, int]:
+        """Base and limit of GDTR, IDTR, LDTR or TR."""
+        API.reg_read(self._handle, register, self._table)
+        return self._table.base, self._table.limit
+
+    def write_table(self, register: int, base: int, limit: int) -> None:
+        """Loads base and limit of a descriptor-table register, selector and attributes zero."""
+        self._table.selector = 0
+        self._table.base = base
+        self._table.limit = limit
+        self._table.flags = 0
+        API.reg_write(self._handle, register, self._table)
+
+
+def uc_handle(uc):
+    """The `uc_engine *` of a binding instance, for C code."""
+    return ffi.cast("void *", ctypes.cast(uc._uch, ctypes.c_void_p).value)
+
+
+def register_invalid_instruction_hook(uc, vmx_state) -> None:
+    """Installs the C VMREAD/VMWRITE fast path; register it before any Python hook of that type."""
+    _register_hook(uc, uc_const.UC_HOOK_INSN_INVALID, "hhr_invalid_instruction", vmx_state)
 
 
 def copy_general_purpose_registers(from_uc, to_uc) -> None:

@@ -369,3 +369,86 @@ void hhr_copy_registers(const hhr_api *api, void *from_uc, void *to_uc, const in
         api->reg_write(to_uc, regids[i], &value);
     }
 }
+
+/*
+ * UC_HOOK_INSN_INVALID, registered before the machine's Python hook: VMREAD and VMWRITE with
+ * register operands on a supported, writable field of the current VMCS are carried out here
+ * (SDM Vol. 3C 31.3, VMsucceed). Everything else, failures included, returns false and takes
+ * the full path in Python, which gives the SDM's outcome.
+ */
+#define REX_MIN 0x40
+#define REX_MAX 0x4F
+#define REX_R 0x4
+#define REX_B 0x1
+#define TWO_BYTE_ESCAPE 0x0F
+#define OPCODE_VMREAD 0x78
+#define OPCODE_VMWRITE 0x79
+#define MODRM_MOD_REGISTER 3
+#define MODRM_REG_SHIFT 3
+#define MODRM_FIELD_MASK 7
+#define REX_EXTENSION 8
+#define LONGEST_FAST_FORM 4
+#define HIGH_HALF_SHIFT 32
+#define LOW_HALF_MASK 0xFFFFFFFFULL
+#define ENCODING_ACCESS_HIGH 1ULL
+/* VMsucceed clears CF, PF, AF, ZF, SF and OF (SDM Vol. 3C 31.2). */
+#define RFLAGS_VMX_RESULT_BITS ((1ULL << 0) | (1ULL << 2) | (1ULL << 4) | (1ULL << 6) | (1ULL << 7) | (1ULL << 11))
+
+static const hhr_field *field_for(const hhr_vmx *v, uint64_t encoding, bool *high) {
+    if (encoding >= HHR_VMCS_ENCODING_LIMIT) return NULL;
+    *high = (encoding & ENCODING_ACCESS_HIGH) != 0;
+    const hhr_field *field = &v->fields[encoding & ~ENCODING_ACCESS_HIGH];
+    if (!(field->flags & HHR_FIELD_SUPPORTED)) return NULL;
+    if (*high && !(field->flags & HHR_FIELD_WIDTH_64)) return NULL;
+    if (field->flags & HHR_FIELD_PYTHON_ONLY) return NULL;
+    return field;
+}
+
+bool hhr_invalid_instruction(void *uc, void *user_data) {
+    hhr_vmx *v = (hhr_vmx *)user_data;
+    hhr_ctx *c = v->root;
+    const hhr_api *api = c->api;
+    hhr_vmcs *vmcs = v->current;
+    if (!v->vmx_on || vmcs == NULL) return false;
+    uint64_t rip = read_register(c, api->reg_rip), physical;
+    hhr_fault fault;
+    if (!hhr_translate_current(c, rip, HHR_ACCESS_FETCH, &physical, &fault)) return false;
+    if ((physical & PAGE_OFFSET_MASK) > PAGE_SIZE - LONGEST_FAST_FORM) return false;
+    const uint8_t *code = c->ram + physical;
+    uint32_t length = 0, rex = 0;
+    if (code[0] >= REX_MIN && code[0] <= REX_MAX) rex = code[length++];
+    if (code[length] != TWO_BYTE_ESCAPE) return false;
+    uint8_t opcode = code[length + 1];
+    uint8_t modrm = code[length + 2];
+    length += 3;
+    if ((opcode != OPCODE_VMREAD && opcode != OPCODE_VMWRITE) || (modrm >> 6) != MODRM_MOD_REGISTER) return false;
+    int reg = ((modrm >> MODRM_REG_SHIFT) & MODRM_FIELD_MASK) + ((rex & REX_R) ? REX_EXTENSION : 0);
+    int rm = (modrm & MODRM_FIELD_MASK) + ((rex & REX_B) ? REX_EXTENSION : 0);
+    /* VMREAD r/m64, r64: reg holds the encoding. VMWRITE r64, r/m64: reg holds the encoding too. */
+    uint64_t encoding = read_register(c, api->gpr[reg]);
+    bool high;
+    const hhr_field *field = field_for(v, encoding, &high);
+    if (field == NULL) return false;
+    bool live = vmcs->guest_uc != NULL && (field->flags & HHR_FIELD_LIVE_REGISTER);
+    uint64_t stored = vmcs->values[field->slot];
+    if (live) api->reg_read(vmcs->guest_uc, field->live_register, &stored);
+    if (opcode == OPCODE_VMREAD) {
+        uint64_t value = stored & field->mask;
+        if (high) value >>= HIGH_HALF_SHIFT;
+        api->reg_write(uc, api->gpr[rm], &value);
+    } else {
+        if (field->flags & HHR_FIELD_READ_ONLY) return false;
+        uint64_t value = read_register(c, api->gpr[rm]);
+        value = high ? ((value & LOW_HALF_MASK) << HIGH_HALF_SHIFT) | (stored & LOW_HALF_MASK)
+                     : value & field->mask;
+        vmcs->values[field->slot] = value;
+        if (live) api->reg_write(vmcs->guest_uc, field->live_register, &value);
+        if (!(field->flags & HHR_FIELD_GUEST_RIP)) vmcs->written_other_than_rip = 1;
+    }
+    uint64_t rflags = read_register(c, api->reg_rflags) & ~RFLAGS_VMX_RESULT_BITS;
+    api->reg_write(uc, api->reg_rflags, &rflags);
+    rip += length;
+    api->reg_write(uc, api->reg_rip, &rip);
+    v->handled++;
+    return true;
+}

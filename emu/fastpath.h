@@ -37,7 +37,8 @@ typedef struct {
     int (*emu_stop)(void *uc);
     int (*reg_read)(void *uc, int regid, void *value);
     int (*reg_write)(void *uc, int regid, const void *value);
-    int reg_cr0, reg_cr3, reg_cr4, reg_rflags, reg_msr;
+    int reg_cr0, reg_cr3, reg_cr4, reg_rflags, reg_msr, reg_rip;
+    int gpr[16];                 /* Unicorn ids of RAX..R15 in ModRM register-number order */
     uint32_t msr_efer;
     int mem_read, mem_write, mem_fetch;
 } hhr_api;
@@ -45,6 +46,14 @@ typedef struct {
 typedef struct {
     uint64_t cr0, cr3, cr4, efer;
 } hhr_paging;
+
+/* Unicorn's uc_x86_mmr: GDTR, IDTR, LDTR and TR as its register API reads and writes them. */
+typedef struct {
+    uint16_t selector;
+    uint64_t base;
+    uint32_t limit;
+    uint32_t flags;
+} hhr_descriptor_table;
 
 typedef struct {
     uint32_t kind;
@@ -87,6 +96,43 @@ typedef struct {
     uint64_t icount_misses;
     uint64_t noncanonical_fills;
 } hhr_ctx;
+
+/* VMCS field facts the VMREAD/VMWRITE fast path needs, indexed by encoding (emu/vmcs_fields.py). */
+#define HHR_VMCS_ENCODING_LIMIT 0x8000
+#define HHR_FIELD_SUPPORTED 1
+#define HHR_FIELD_READ_ONLY 2
+#define HHR_FIELD_WIDTH_64 4
+#define HHR_FIELD_LIVE_REGISTER 8     /* lives in the guest instance as a scalar register */
+#define HHR_FIELD_PYTHON_ONLY 16      /* lives in the guest instance in a form only Python moves */
+#define HHR_FIELD_GUEST_RIP 32
+
+typedef struct {
+    uint64_t mask;
+    int32_t slot;
+    int32_t live_register;
+    uint32_t flags;
+    uint32_t reserved;
+} hhr_field;
+
+/* An active VMCS as the fast path sees it: the cached field slots and the bound guest instance. */
+typedef struct {
+    uint64_t *values;
+    void *guest_uc;
+    uint32_t written_other_than_rip;  /* software wrote a field other than GUEST_RIP */
+    uint32_t reserved;
+} hhr_vmcs;
+
+/* One LP's VMX state for the fast path; Python keeps it in step with emu/vmx.py's VmxUnit. */
+typedef struct {
+    hhr_ctx *root;
+    const hhr_field *fields;
+    hhr_vmcs *current;
+    uint32_t vmx_on;
+    uint32_t reserved;
+    uint64_t handled;
+} hhr_vmx;
+
+bool hhr_invalid_instruction(void *uc, void *user_data);
 
 int hhr_ept_translate(hhr_ctx *c, uint64_t guest_physical, uint32_t access,
                       uint64_t *host_physical, uint32_t *permissions, hhr_fault *fault);

@@ -29,7 +29,6 @@ SOFTWARE_EXCEPTION_LENGTH = 1
 WORD_MASK = 0xFFFF_FFFF
 IO_BITMAP_PORTS = 0x8000   # bitmap A covers ports 0000H-7FFFH, bitmap B 8000H-FFFFH (SDM 25.6.4)
 BITS_PER_BYTE = 8
-INLINE_VMX_MNEMONICS = frozenset({"vmread", "vmwrite"})
 IO_MNEMONIC_SIZES = {"insb": 1, "insw": 2, "insd": 4, "outsb": 1, "outsw": 2, "outsd": 4}
 
 
@@ -41,7 +40,6 @@ class LogicalProcessor:
         self.index = index
         self.root = machine.new_context(ctxmod.ROOT, f"lp{index}")
         self.vmx = VmxUnit(self)
-        self.root.inline_handler = self._inline_vmx
         self.timer = Timer()
         self.pending_vectors: list[int] = []
         self.guest: ActiveVmcs | None = None
@@ -241,18 +239,6 @@ class LogicalProcessor:
             self.charge(self.root, 1)
         elif outcome == "stay":
             self.charge(self.root, 1)
-
-    def _inline_vmx(self, rip: int) -> bool:
-        """VMREAD and VMWRITE without leaving the run; anything that faults takes the full path."""
-        insn = decode.decode_one(self._fetch(self.root, rip), rip)
-        if insn is None or insn.mnemonic not in INLINE_VMX_MNEMONICS or not self.vmx.on:
-            return False
-        try:
-            self.vmx.execute(insn, insn.mnemonic)
-        except RaiseException:
-            return False
-        self.root.set_reg(x86.UC_X86_REG_RIP, rip + insn.size)
-        return True
 
     def _root_trapped(self, rip: int) -> None:
         insn = decode.decode_one(self._fetch(self.root, rip), rip)

@@ -173,7 +173,7 @@ class Machine:
 
     @property
     def instructions_retired(self) -> int:
-        return sum(context.retired for context in self.contexts)
+        return sum(lp.instructions for lp in self.lps)
 
     @property
     def now(self) -> int:

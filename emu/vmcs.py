@@ -10,7 +10,7 @@ import struct
 
 from unicorn import x86_const as x86
 
-from emu import vmcs_fields as vf
+from emu import fast, vmcs_fields as vf
 from emu.vmcs_fields import FIELDS, BY_NAME
 from emu.vmx_defs import MSR_IA32_EFER
 
@@ -40,6 +40,32 @@ _MSR_FIELDS = {"GUEST_IA32_EFER": MSR_IA32_EFER}
 _LOAD_ORDER = ("GUEST_CR4", "GUEST_IA32_EFER", "GUEST_CR3", "GUEST_CR0")
 LIVE_FIELD_NAMES = frozenset(_REGISTER_FIELDS) | frozenset(_TABLE_FIELDS) | frozenset(_MSR_FIELDS)
 _SLOT_INDEX = {field.name: index for index, field in enumerate(FIELDS)}
+_GUEST_RIP = "GUEST_RIP"
+# name -> (slot, width mask, lives in the guest instance once bound)
+_ACCESS = {field.name: (index, field.mask, field.name in LIVE_FIELD_NAMES) for index, field in enumerate(FIELDS)}
+
+
+def _field_table():
+    """The facts hhr_invalid_instruction needs about each encoding (emu/fastpath.h, hhr_field)."""
+    table = fast.ffi.new("hhr_field[]", fast.lib.HHR_VMCS_ENCODING_LIMIT)
+    for slot, field in enumerate(FIELDS):
+        entry = table[field.encoding]
+        entry.mask = field.mask
+        entry.slot = slot
+        flags = fast.lib.HHR_FIELD_SUPPORTED
+        flags |= fast.lib.HHR_FIELD_READ_ONLY if field.read_only else 0
+        flags |= fast.lib.HHR_FIELD_WIDTH_64 if field.width == vf.FieldWidth.W64 else 0
+        if field.name in _REGISTER_FIELDS:
+            flags |= fast.lib.HHR_FIELD_LIVE_REGISTER
+            entry.live_register = _REGISTER_FIELDS[field.name]
+        elif field.name in LIVE_FIELD_NAMES:
+            flags |= fast.lib.HHR_FIELD_PYTHON_ONLY
+        flags |= fast.lib.HHR_FIELD_GUEST_RIP if field.name == _GUEST_RIP else 0
+        entry.flags = flags
+    return table
+
+
+FIELD_TABLE = _field_table()
 
 
 class ActiveVmcs:
@@ -47,15 +73,17 @@ class ActiveVmcs:
 
     def __init__(self, address: int, values: list[int], launched: bool):
         self.address = address
-        self.values = values
+        self.values = fast.ffi.new("uint64_t[]", values)   # the slots, shared with the C fast path
+        self.fast = fast.ffi.new("hhr_vmcs *")
+        self.fast.values = self.values
         self.launched = launched
         self.context = None          # ExecutionContext holding live guest state, bound on entry
         self.lp_index: int | None = None
         # An inverse hypercall in progress: the guest RIP/RSP/RFLAGS it interrupted.
         self.inverse_call_saved: tuple[int, int, int] | None = None
         self.halted = False
-        # Fields software wrote since the last successful VM-entry check (see VmxUnit._check_entry).
-        self.software_writes: set[str] = set()
+        # The last VM-entry check passed and software wrote nothing but GUEST_RIP since (see
+        # VmxUnit._check_entry; fast.written_other_than_rip is set by VMWRITE in C and in Python).
         self.entry_verified = False
 
     # --- the memory image -------------------------------------------------------------------------
@@ -78,14 +106,16 @@ class ActiveVmcs:
 
     # --- field access -------------------------------------------------------------------------------
     def read(self, name: str) -> int:
-        if self.context is not None and name in LIVE_FIELD_NAMES:
-            return self._read_live(name) & BY_NAME[name].mask
-        return self.values[_SLOT_INDEX[name]]
+        slot, mask, live = _ACCESS[name]
+        if live and self.context is not None:
+            return self._read_live(name) & mask
+        return self.values[slot]
 
     def write(self, name: str, value: int) -> None:
-        value &= BY_NAME[name].mask
-        self.values[_SLOT_INDEX[name]] = value
-        if self.context is not None and name in LIVE_FIELD_NAMES:
+        slot, mask, live = _ACCESS[name]
+        value &= mask
+        self.values[slot] = value
+        if live and self.context is not None:
             self._write_live(name, value)
 
     def read_encoding(self, field: vf.Field, high: bool) -> int:
@@ -116,9 +146,14 @@ class ActiveVmcs:
         else:
             uc.msr_write(_MSR_FIELDS[name], value)
 
+    def note_software_write(self, name: str) -> None:
+        if name != _GUEST_RIP:
+            self.fast.written_other_than_rip = 1
+
     def bind(self, context) -> None:
         """Makes `context` hold this VMCS's guest register state (the first VM entry)."""
         self.context = context
+        self.fast.guest_uc = fast.uc_handle(context.uc)
         for name in _LOAD_ORDER:
             self._write_live(name, self.values[_SLOT_INDEX[name]])
         for name in LIVE_FIELD_NAMES.difference(_LOAD_ORDER):
@@ -134,4 +169,5 @@ class ActiveVmcs:
         """Moves live state back into the fields and returns the context for reuse."""
         self.pull_live_state()
         context, self.context = self.context, None
+        self.fast.guest_uc = fast.ffi.NULL
         return context

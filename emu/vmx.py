@@ -43,7 +43,6 @@ VMCALLR_ALREADY_IN_PROGRESS = 66
 VMCALLR_ENDED_BY_VM_EXIT = 67
 
 CANONICAL_SIGN_BIT = 47
-_CHEAPLY_RECHECKED_FIELDS = frozenset({"GUEST_RIP"})
 
 
 def _is_canonical(address: int) -> bool:
@@ -79,9 +78,27 @@ class VmxUnit:
     def __init__(self, lp: "LogicalProcessor"):
         self.lp = lp
         self.machine = lp.machine
+        self.fast = lp.root.fast_vmx   # the C fast path's view, kept in step by the properties below
         self.on = False
         self.vmxon_region = 0
-        self.current: ActiveVmcs | None = None
+        self.current = None
+
+    @property
+    def on(self) -> bool:
+        return bool(self.fast.vmx_on)
+
+    @on.setter
+    def on(self, value: bool) -> None:
+        self.fast.vmx_on = 1 if value else 0
+
+    @property
+    def current(self) -> ActiveVmcs | None:
+        return self._current
+
+    @current.setter
+    def current(self, vmcs: ActiveVmcs | None) -> None:
+        self._current = vmcs
+        self.fast.current = vmcs.fast if vmcs is not None else fast.ffi.NULL
 
     # --- operand helpers -----------------------------------------------------------------------------
     def _effective_address(self, insn, operand: MemoryOperand) -> int:
@@ -271,7 +288,7 @@ class VmxUnit:
             self.fail(VmInstructionError.VMWRITE_READ_ONLY_COMPONENT)
         else:
             self.current.write_encoding(found[0], found[1], value)
-            self.current.software_writes.add(found[0].name)
+            self.current.note_software_write(found[0].name)
             self.succeed()
         return "next"
 
@@ -336,14 +353,13 @@ class VmxUnit:
         successful check the machine re-checks in full only when software wrote a field other than
         GUEST_RIP (whose one check, canonical form, is done here); the guest cannot make its own
         state invalid for these checks."""
-        if vmcs.entry_verified and vmcs.software_writes <= _CHEAPLY_RECHECKED_FIELDS and \
+        if vmcs.entry_verified and not vmcs.fast.written_other_than_rip and \
                 _is_canonical(vmcs.read("GUEST_RIP")):
-            vmcs.software_writes.clear()
             return None
         failure = check_vm_entry(vmcs.read, CAPS, launching=launching)
         vmcs.entry_verified = failure is None
         if failure is None:
-            vmcs.software_writes.clear()
+            vmcs.fast.written_other_than_rip = 0
         return failure
 
     def begin_guest(self, vmcs: ActiveVmcs, launching: bool, instruction_length: int,
@@ -430,9 +446,9 @@ class VmxUnit:
             if regs.read(register) != value:
                 regs.write(register, value)
         for name, register in (("HOST_GDTR_BASE", x86.UC_X86_REG_GDTR), ("HOST_IDTR_BASE", x86.UC_X86_REG_IDTR)):
-            table = (0, vmcs.read(name), DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT, 0)
-            if tuple(uc.reg_read(register)) != table:
-                uc.reg_write(register, table)
+            table = (vmcs.read(name), DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT)
+            if regs.read_table(register) != table:
+                regs.write_table(register, *table)
         if vmcs.read("VM_EXIT_CONTROLS") & ExitControls.LOAD_IA32_EFER:
             uc.msr_write(MSR_IA32_EFER, vmcs.read("HOST_IA32_EFER"))
         regs.write(x86.UC_X86_REG_RSP, vmcs.read("HOST_RSP"))
