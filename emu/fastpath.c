@@ -429,7 +429,8 @@ bool hhr_invalid_instruction(void *uc, void *user_data) {
     bool high;
     const hhr_field *field = field_for(v, encoding, &high);
     if (field == NULL) return false;
-    bool live = vmcs->guest_uc != NULL && (field->flags & HHR_FIELD_LIVE_REGISTER);
+    bool live = vmcs->guest_uc != NULL && (field->flags & HHR_FIELD_LIVE_REGISTER) &&
+                !(vmcs->live_written & field->live_bit);
     uint64_t stored = vmcs->values[field->slot];
     if (live) api->reg_read(vmcs->guest_uc, field->live_register, &stored);
     if (opcode == OPCODE_VMREAD) {
@@ -442,7 +443,7 @@ bool hhr_invalid_instruction(void *uc, void *user_data) {
         value = high ? ((value & LOW_HALF_MASK) << HIGH_HALF_SHIFT) | (stored & LOW_HALF_MASK)
                      : value & field->mask;
         vmcs->values[field->slot] = value;
-        if (live) api->reg_write(vmcs->guest_uc, field->live_register, &value);
+        vmcs->live_written |= field->live_bit;  /* loaded at the next VM entry, after its checks */
         if (!(field->flags & HHR_FIELD_GUEST_RIP)) vmcs->written_other_than_rip = 1;
     }
     uint64_t rflags = read_register(c, api->reg_rflags) & ~RFLAGS_VMX_RESULT_BITS;

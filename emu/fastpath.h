@@ -111,7 +111,7 @@ typedef struct {
     int32_t slot;
     int32_t live_register;
     uint32_t flags;
-    uint32_t reserved;
+    uint32_t live_bit;                /* this field's bit in hhr_vmcs.live_written, or 0 */
 } hhr_field;
 
 /* An active VMCS as the fast path sees it: the cached field slots and the bound guest instance. */
@@ -119,7 +119,8 @@ typedef struct {
     uint64_t *values;
     void *guest_uc;
     uint32_t written_other_than_rip;  /* software wrote a field other than GUEST_RIP */
-    uint32_t reserved;
+    uint32_t live_written;            /* live fields VMWRITE changed: the slot holds the value the
+                                         next VM entry checks and loads into the guest instance */
 } hhr_vmcs;
 
 /* One LP's VMX state for the fast path; Python keeps it in step with emu/vmx.py's VmxUnit. */

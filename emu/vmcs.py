@@ -39,10 +39,12 @@ _MSR_FIELDS = {"GUEST_IA32_EFER": MSR_IA32_EFER}
 # The order guest state is loaded in: control registers before the rest (CR4.PAE before CR0.PG).
 _LOAD_ORDER = ("GUEST_CR4", "GUEST_IA32_EFER", "GUEST_CR3", "GUEST_CR0")
 LIVE_FIELD_NAMES = frozenset(_REGISTER_FIELDS) | frozenset(_TABLE_FIELDS) | frozenset(_MSR_FIELDS)
+_LIVE_ORDER = _LOAD_ORDER + tuple(sorted(LIVE_FIELD_NAMES.difference(_LOAD_ORDER)))
+_LIVE_BIT = {name: 1 << index for index, name in enumerate(_LIVE_ORDER)}
 _SLOT_INDEX = {field.name: index for index, field in enumerate(FIELDS)}
 _GUEST_RIP = "GUEST_RIP"
-# name -> (slot, width mask, lives in the guest instance once bound)
-_ACCESS = {field.name: (index, field.mask, field.name in LIVE_FIELD_NAMES) for index, field in enumerate(FIELDS)}
+# name -> (slot, width mask, its live bit or 0)
+_ACCESS = {field.name: (index, field.mask, _LIVE_BIT.get(field.name, 0)) for index, field in enumerate(FIELDS)}
 
 
 def _field_table():
@@ -62,6 +64,7 @@ def _field_table():
             flags |= fast.lib.HHR_FIELD_PYTHON_ONLY
         flags |= fast.lib.HHR_FIELD_GUEST_RIP if field.name == _GUEST_RIP else 0
         entry.flags = flags
+        entry.live_bit = _LIVE_BIT.get(field.name, 0)
     return table
 
 
@@ -106,23 +109,41 @@ class ActiveVmcs:
 
     # --- field access -------------------------------------------------------------------------------
     def read(self, name: str) -> int:
-        slot, mask, live = _ACCESS[name]
-        if live and self.context is not None:
+        slot, mask, live_bit = _ACCESS[name]
+        if live_bit and self.context is not None and not self.fast.live_written & live_bit:
             return self._read_live(name) & mask
         return self.values[slot]
 
     def write(self, name: str, value: int) -> None:
-        slot, mask, live = _ACCESS[name]
+        """The machine's own write (exit information, VMCALLR's guest state): takes effect at once."""
+        slot, mask, live_bit = _ACCESS[name]
         value &= mask
         self.values[slot] = value
-        if live and self.context is not None:
+        if live_bit and self.context is not None:
             self._write_live(name, value)
+            self.fast.live_written &= ~live_bit
 
     def read_encoding(self, field: vf.Field, high: bool) -> int:
         return vf.read_component(field, high, self.read(field.name))
 
-    def write_encoding(self, field: vf.Field, high: bool, value: int) -> None:
-        self.write(field.name, vf.write_component(field, high, self.read(field.name), value))
+    def write_by_software(self, field: vf.Field, high: bool, value: int) -> None:
+        """VMWRITE (the same as hhr_invalid_instruction in C): the slot takes the value; guest state
+        living in the instance is loaded from it at the next VM entry, after the entry checks have
+        seen exactly what software wrote (SDM Vol. 3C 27.3)."""
+        slot, mask, live_bit = _ACCESS[field.name]
+        self.values[slot] = vf.write_component(field, high, self.read(field.name), value) & mask
+        self.fast.live_written |= live_bit
+        if field.name != _GUEST_RIP:
+            self.fast.written_other_than_rip = 1
+
+    def load_written_state(self) -> None:
+        """VM entry: guest state software wrote goes into the guest instance (SDM Vol. 3C 27.3.2)."""
+        written = self.fast.live_written
+        if written and self.context is not None:
+            for name in _LIVE_ORDER:
+                if written & _LIVE_BIT[name]:
+                    self._write_live(name, self.values[_SLOT_INDEX[name]])
+        self.fast.live_written = 0
 
     # --- live guest state ---------------------------------------------------------------------------
     def _read_live(self, name: str) -> int:
@@ -146,24 +167,21 @@ class ActiveVmcs:
         else:
             uc.msr_write(_MSR_FIELDS[name], value)
 
-    def note_software_write(self, name: str) -> None:
-        if name != _GUEST_RIP:
-            self.fast.written_other_than_rip = 1
-
     def bind(self, context) -> None:
         """Makes `context` hold this VMCS's guest register state (the first VM entry)."""
         self.context = context
         self.fast.guest_uc = fast.uc_handle(context.uc)
-        for name in _LOAD_ORDER:
+        for name in _LIVE_ORDER:
             self._write_live(name, self.values[_SLOT_INDEX[name]])
-        for name in LIVE_FIELD_NAMES.difference(_LOAD_ORDER):
-            self._write_live(name, self.values[_SLOT_INDEX[name]])
+        self.fast.live_written = 0
 
     def pull_live_state(self) -> None:
         if self.context is None:
             return
-        for name in LIVE_FIELD_NAMES:
-            self.values[_SLOT_INDEX[name]] = self._read_live(name) & BY_NAME[name].mask
+        written = self.fast.live_written
+        for name in _LIVE_ORDER:
+            if not written & _LIVE_BIT[name]:
+                self.values[_SLOT_INDEX[name]] = self._read_live(name) & BY_NAME[name].mask
 
     def unbind(self):
         """Moves live state back into the fields and returns the context for reuse."""

@@ -287,8 +287,7 @@ class VmxUnit:
         elif found[0].read_only:
             self.fail(VmInstructionError.VMWRITE_READ_ONLY_COMPONENT)
         else:
-            self.current.write_encoding(found[0], found[1], value)
-            self.current.note_software_write(found[0].name)
+            self.current.write_by_software(found[0], found[1], value)
             self.succeed()
         return "next"
 
@@ -377,6 +376,8 @@ class VmxUnit:
         elif launching:
             context.flush_code()
             vmcs.bind(context)
+        else:
+            vmcs.load_written_state()
         eptp = vmcs.read("EPT_POINTER")
         if context.fast.ctx.eptp != eptp or context.fast.ctx.mode != fast.MODE_GUEST:
             context.fast.set_mode(fast.MODE_GUEST, eptp)

@@ -198,3 +198,23 @@ def test_random_ept_entries_never_raise(corruptions):
     start_fuzz_program(machine)
     assert_graceful(machine)
     assert events_of(machine, "vm-entry"), "the guest was never entered"
+
+
+# --- VM-entry checks between entries ---------------------------------------------------------------------
+@pytest.mark.parametrize("form", ["register", "memory"])
+def test_a_field_broken_between_entries_fails_the_next_vmresume(machine, form):
+    """The machine re-runs the checks only when software wrote a field other than GUEST_RIP: a bad
+    GUEST_RFLAGS written before VMRESUME must still fail it (written in C for register operands,
+    in Python for a memory operand)."""
+    zero_rflags = vmwrite("GUEST_RFLAGS", 0) if form == "register" else lines(
+        f"mov rax, {vf.BY_NAME['GUEST_RFLAGS'].encoding:#x}", "push 0", "vmwrite rax, [rsp]", "pop rbx")
+    # The first exit breaks the field and resumes; the second (the failed entry) stops the run.
+    on_exit = lines("cmp rcx, 1", "jne vm_exit_stop", zero_rflags)
+    entry_failure = EXIT_REASON_VM_ENTRY_FAILURE | ExitReason.INVALID_GUEST_STATE
+    guest = build_guest(machine, lines("vmcall", "vmcall", "hlt"))
+    program = vmx_program(guest, exit_logger(on_exit=on_exit))
+    run = run_root(machine, program)
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    assert [record.reason for record in exit_log(machine)] == [ExitReason.VMCALL, entry_failure]
+    (failed,) = events_of(machine, "vm-entry-failed")
+    assert failed.data["check"].startswith("guest.rflags")
