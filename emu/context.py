@@ -230,7 +230,13 @@ class ExecutionContext:
         if reason == fast.STOP_NONCANONICAL or rip == NEVER_EXECUTED_ADDRESS:
             return Stop(STOP_NONCANONICAL, rip)
         if rip in self.exit_points:
-            return Stop(STOP_TRAPPED_INSTRUCTION, rip)
+            if self._still_trapped(rip):
+                return Stop(STOP_TRAPPED_INSTRUCTION, rip)
+            # Other code now sits where a trapped instruction was: forget the point and go on.
+            self.exit_points.discard(rip)
+            self.uc.ctl_set_exits(sorted(self.exit_points) + [NEVER_EXECUTED_ADDRESS])
+            self.uc.ctl_remove_cache(rip, rip + 1)
+            return self.run(ctx.stop_at - ctx.retired, watch_interrupt_window)
         if self._stop_requested:
             # Not a HLT even if the byte before RIP is F4 (an `out 0xf4, al` that stopped the machine).
             return Stop(STOP_REQUESTED, rip)
@@ -238,6 +244,16 @@ class ExecutionContext:
         if previous is not None and previous[0] == HLT_OPCODE:
             return Stop(STOP_HLT, rip)
         return Stop(STOP_REQUESTED, rip)
+
+    def fetch(self, rip: int) -> bytes:
+        """The instruction bytes at RIP: fifteen, or as many as the mapped pages hold."""
+        code = self.read_linear(rip, decode.MAX_INSTRUCTION_LENGTH, fast.ACCESS_FETCH)
+        if code is None:
+            code = self.read_linear(rip, PAGE_SIZE - rip % PAGE_SIZE, fast.ACCESS_FETCH) or b""
+        return code
+
+    def _still_trapped(self, rip: int) -> bool:
+        return decode.starts_with_trapped_instruction(self.fetch(rip), rip, self.kind == GUEST)
 
     def _exact_fault(self, rip: int, fault: fast.Fault) -> fast.Fault:
         """Unicorn's TLB-fill hook is told only the page of an access: find the byte that faulted from

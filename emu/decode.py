@@ -47,6 +47,14 @@ def _is_trapped(mnemonic: str, op_str: str, trapped: frozenset[str]) -> bool:
             and op_str.startswith(CR3_REGISTER_NAME + ","))
 
 
+def starts_with_trapped_instruction(code: bytes, address: int, guest: bool) -> bool:
+    """Whether the first instruction of `code` is one a context of that kind traps."""
+    trapped = GUEST_TRAPPED_MNEMONICS if guest else ROOT_TRAPPED_MNEMONICS
+    for _addr, _size, mnemonic, op_str in _md.disasm_lite(code[:MAX_INSTRUCTION_LENGTH], address, 1):
+        return _is_trapped(mnemonic, op_str, trapped)
+    return False
+
+
 @lru_cache(maxsize=1 << 16)
 def scan_block(code: bytes, address: int, guest: bool) -> tuple[int, tuple[int, ...]]:
     """Counts the instructions of a block and lists the addresses of trapped instructions in it.

@@ -218,12 +218,8 @@ class LogicalProcessor:
                 self.root.set_reg(x86.UC_X86_REG_CR2, exc.cr2)
             self._deliver_root(exc.vector, exc.error_code, stop.rip)
 
-    def _fetch(self, context, rip: int) -> bytes:
-        return context.read_linear(rip, decode.MAX_INSTRUCTION_LENGTH, fast.ACCESS_FETCH) or \
-            context.read_linear(rip, 1, fast.ACCESS_FETCH) or b""
-
     def _root_invalid_opcode(self, rip: int) -> None:
-        code = self._fetch(self.root, rip)
+        code = self.root.fetch(rip)
         if code.startswith(decode.VMCALLR_OPCODE):
             outcome = self.vmx.vmcallr(decode.VMCALLR_LENGTH)
             if outcome == "next":
@@ -241,7 +237,7 @@ class LogicalProcessor:
             self.charge(self.root, 1)
 
     def _root_trapped(self, rip: int) -> None:
-        insn = decode.decode_one(self._fetch(self.root, rip), rip)
+        insn = decode.decode_one(self.root.fetch(rip), rip)
         self.machine.emulate_trapped(self, self.root, insn)
         self.root.set_reg(x86.UC_X86_REG_RIP, rip + insn.size)
         self.charge(self.root, 1)
@@ -305,7 +301,7 @@ class LogicalProcessor:
         if kind in (ctxmod.STOP_BUDGET, ctxmod.STOP_INTERRUPT_WINDOW, ctxmod.STOP_REQUESTED):
             return
         if kind == ctxmod.STOP_INVALID_OPCODE:
-            code = self._fetch(context, stop.rip)
+            code = context.fetch(stop.rip)
             if code.startswith(decode.VMCALLR_OPCODE):
                 self.vmx.exit_guest(vmcs, ExitReason.VMCALLR, instruction_length=decode.VMCALLR_LENGTH)
                 return
@@ -321,7 +317,7 @@ class LogicalProcessor:
             rip = stop.rip if kind == ctxmod.STOP_TRAPPED_INSTRUCTION else stop.rip - 1
             if kind == ctxmod.STOP_HLT:
                 context.set_reg(x86.UC_X86_REG_RIP, rip)
-            self._guest_trapped(vmcs, decode.decode_one(self._fetch(context, rip), rip))
+            self._guest_trapped(vmcs, decode.decode_one(context.fetch(rip), rip))
         elif kind == ctxmod.STOP_EXCEPTION:
             kind, length = self._classify_event(context, stop.rip, stop.vector)
             hardware = kind == InterruptionType.HARDWARE_EXCEPTION

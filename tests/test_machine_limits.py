@@ -14,7 +14,7 @@ from emu.vmx_defs import ExceptionVector
 from tests.machine_programs import (
     CLOCK_LOW_PORT, EXIT_FAULT, EXIT_OK, IPI_DESTINATION_SHIFT, IPI_PORT, ROOT_IDT, SLOT_FAULT_RIP,
     SLOT_FAULT_VECTOR, TIMER_ARM_PORT, TIMER_VECTOR_PORT, debug_exit, exit_status, fault_recorder, lines,
-    result, run_root, save, set_interrupt_gate, assemble,
+    result, run_root, save, set_interrupt_gate, assemble, events_of,
 )
 
 ALARM_SECONDS = 60
@@ -28,6 +28,7 @@ TIMER_TICKS = 100
 SPIN_ITERATIONS = 10_000
 NONCANONICAL_BELOW_END_OF_RUN = 0x7FFF_FFFF_FFFF_F000
 NONCANONICAL_END_OF_RUN = 0x8000_0000_0000_0000
+MOV_RAX_RBX = bytes([0x48, 0x89, 0xD8])      # as long as `mov cr3, rax` (0F 22 D8)
 
 
 @pytest.fixture(autouse=True)
@@ -104,3 +105,17 @@ def test_jump_to_a_noncanonical_address_raises_general_protection(machine, targe
     assert run.stop.exit_status == exit_status(EXIT_FAULT), run.stop.report
     assert result(machine, SLOT_FAULT_VECTOR) == ExceptionVector.GP
     assert result(machine, SLOT_FAULT_RIP) == target
+
+
+def test_a_trap_point_whose_instruction_was_replaced_is_forgotten(machine):
+    """`mov cr3, rax` at `patchable` is trapped once; the program then rewrites it into
+    `mov rax, rbx` (same length), which must run as itself, not as a CR3 load."""
+    replacement_value = 0x1234
+    patch = [f"mov byte ptr [rdi + {offset}], {byte:#x}" for offset, byte in enumerate(MOV_RAX_RBX)]
+    body = lines("mov rax, cr3", "call patchable", "lea rdi, [rip + patchable]", *patch,
+                 f"mov rbx, {replacement_value:#x}", "call patchable", save(0), debug_exit(EXIT_OK),
+                 "patchable:", "mov cr3, rax", "ret")
+    run = run_root(machine, body)
+    assert run.stop.exit_status == exit_status(EXIT_OK), run.stop.report
+    assert result(machine, 0) == replacement_value
+    assert len(events_of(machine, "cr3-write")) == 1
