@@ -34,6 +34,7 @@ class Stop:
     vector: int = 0
     fault: fast.Fault | None = None
     error: int = 0
+    instruction: decode.Instruction | None = None   # the trapped instruction, decoded
 
 
 STOP_BUDGET = "budget"
@@ -230,8 +231,9 @@ class ExecutionContext:
         if reason == fast.STOP_NONCANONICAL or rip == NEVER_EXECUTED_ADDRESS:
             return Stop(STOP_NONCANONICAL, rip)
         if rip in self.exit_points:
-            if self._still_trapped(rip):
-                return Stop(STOP_TRAPPED_INSTRUCTION, rip)
+            instruction = self._trapped_instruction(rip)
+            if instruction is not None:
+                return Stop(STOP_TRAPPED_INSTRUCTION, rip, instruction=instruction)
             # Other code now sits where a trapped instruction was: forget the point and go on.
             self.exit_points.discard(rip)
             self.uc.ctl_set_exits(sorted(self.exit_points) + [NEVER_EXECUTED_ADDRESS])
@@ -252,8 +254,12 @@ class ExecutionContext:
             code = self.read_linear(rip, PAGE_SIZE - rip % PAGE_SIZE, fast.ACCESS_FETCH) or b""
         return code
 
-    def _still_trapped(self, rip: int) -> bool:
-        return decode.starts_with_trapped_instruction(self.fetch(rip), rip, self.kind == GUEST)
+    def _trapped_instruction(self, rip: int) -> decode.Instruction | None:
+        """The instruction at a trap point, if it is still one this context traps."""
+        instruction = decode.decode_one(self.fetch(rip), rip)
+        if instruction is None or not decode.is_trapped(instruction, self.kind == GUEST):
+            return None
+        return instruction
 
     def _exact_fault(self, rip: int, fault: fast.Fault) -> fast.Fault:
         """Unicorn's TLB-fill hook is told only the page of an access: find the byte that faulted from

@@ -47,12 +47,10 @@ def _is_trapped(mnemonic: str, op_str: str, trapped: frozenset[str]) -> bool:
             and op_str.startswith(CR3_REGISTER_NAME + ","))
 
 
-def starts_with_trapped_instruction(code: bytes, address: int, guest: bool) -> bool:
-    """Whether the first instruction of `code` is one a context of that kind traps."""
-    trapped = GUEST_TRAPPED_MNEMONICS if guest else ROOT_TRAPPED_MNEMONICS
-    for _addr, _size, mnemonic, op_str in _md.disasm_lite(code[:MAX_INSTRUCTION_LENGTH], address, 1):
-        return _is_trapped(mnemonic, op_str, trapped)
-    return False
+def is_trapped(instruction: "Instruction", guest: bool) -> bool:
+    """Whether a context of that kind traps this instruction."""
+    return _is_trapped(instruction.mnemonic, instruction.op_str,
+                       GUEST_TRAPPED_MNEMONICS if guest else ROOT_TRAPPED_MNEMONICS)
 
 
 @lru_cache(maxsize=1 << 16)
@@ -76,19 +74,29 @@ def scan_block(code: bytes, address: int, guest: bool) -> tuple[int, tuple[int, 
     return count, tuple(traps)
 
 
+@dataclass(frozen=True)
+class Instruction:
+    """One decoded instruction with what the machine asks of it, computed once (capstone's
+    attribute access decodes again on every read)."""
+
+    address: int
+    size: int
+    mnemonic: str
+    op_str: str
+    prefix: tuple[int, ...]
+    operands: tuple          # capstone's operand records (kind, register, immediate, memory)
+    parsed: tuple            # the same as RegisterOperand / MemoryOperand, for the machine
+    decoded: object          # capstone's instruction, which owns the operand records
+
+
 @lru_cache(maxsize=1 << 14)
-def decode_one(code: bytes, address: int):
+def decode_one(code: bytes, address: int) -> Instruction | None:
     """Decodes the first instruction of `code` with operand details, or None."""
     for insn in _md_detail.disasm(code[:MAX_INSTRUCTION_LENGTH], address, 1):
-        return insn
+        cs_operands = tuple(insn.operands)
+        return Instruction(insn.address, insn.size, insn.mnemonic, insn.op_str, tuple(insn.prefix),
+                           cs_operands, tuple(_parse_operands(cs_operands)), insn)
     return None
-
-
-def instruction_length(code: bytes) -> int:
-    if code.startswith(VMCALLR_OPCODE):
-        return VMCALLR_LENGTH
-    insn = decode_one(bytes(code[:MAX_INSTRUCTION_LENGTH]), 0)
-    return insn.size if insn is not None else 1
 
 
 @lru_cache(maxsize=None)
@@ -116,9 +124,14 @@ class RegisterOperand:
     size: int
 
 
-def operands(insn) -> list[MemoryOperand | RegisterOperand]:
+def operands(insn: Instruction) -> tuple[MemoryOperand | RegisterOperand, ...]:
+    """Register and memory operands in Intel order (immediates left out)."""
+    return insn.parsed
+
+
+def _parse_operands(cs_operands) -> list[MemoryOperand | RegisterOperand]:
     result: list[MemoryOperand | RegisterOperand] = []
-    for op in insn.operands:
+    for op in cs_operands:
         if op.type == cs_x86.X86_OP_REG:
             result.append(RegisterOperand(unicorn_register(op.reg), op.size))
         elif op.type == cs_x86.X86_OP_MEM:

@@ -1,6 +1,7 @@
 """The machine's event stream: every VM transition, VMX instruction, device access and fault, in order."""
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,24 +20,34 @@ class Event:
         return (self.seq, self.time, self.lp, self.kind, tuple(sorted(self.data.items())))
 
 
+RECENT_EVENTS_KEPT = 32
+
+
 class EventStream:
-    """Publishes events to subscribers; keeps them in a list only while recording is on."""
+    """Publishes events to subscribers; keeps them in a list only while recording is on, and always
+    the last few as plain tuples (for failure reports) without building Event objects."""
 
     def __init__(self, record: bool = False):
         self.recording = record
         self.events: list[Event] = []
         self._subscribers: list[Callable[[Event], None]] = []
         self._seq = 0
+        self._recent: collections.deque[tuple] = collections.deque(maxlen=RECENT_EVENTS_KEPT)
 
     def subscribe(self, callback: Callable[[Event], None]) -> None:
         self._subscribers.append(callback)
 
+    def recent(self) -> list[Event]:
+        """The last RECENT_EVENTS_KEPT events, oldest first."""
+        return [Event(*entry) for entry in self._recent]
+
     def publish(self, time: int, lp: int, kind: str, **data: Any) -> None:
+        seq = self._seq
+        self._seq = seq + 1
+        self._recent.append((seq, time, lp, kind, data))
         if not self.recording and not self._subscribers:
-            self._seq += 1
             return
-        event = Event(self._seq, time, lp, kind, data)
-        self._seq += 1
+        event = Event(seq, time, lp, kind, data)
         if self.recording:
             self.events.append(event)
         for callback in self._subscribers:

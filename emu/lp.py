@@ -63,6 +63,7 @@ class LogicalProcessor:
         context.add_retired(count)
         self._time += count
         self.instructions += count
+        self.machine.retired += count
 
     def end_run_by(self, deadline: int) -> None:
         """A deadline set while the LP runs (a timer armed by the running code) ends the run then."""
@@ -129,8 +130,10 @@ class LogicalProcessor:
             try:
                 stop = context.run(budget, watch_interrupt_window=self._wants_window())
             finally:
-                self._time += context.retired - self._run_mark
-                self.instructions += context.retired - self._run_mark
+                retired = context.retired - self._run_mark
+                self._time += retired
+                self.instructions += retired
+                machine.retired += retired
                 self._running = None
             if self.guest is not None and context is not self.root:
                 self._handle_guest_stop(stop)
@@ -201,7 +204,7 @@ class LogicalProcessor:
             if kind == ctxmod.STOP_INVALID_OPCODE:
                 self._root_invalid_opcode(stop.rip)
             elif kind == ctxmod.STOP_TRAPPED_INSTRUCTION:
-                self._root_trapped(stop.rip)
+                self._root_trapped(stop.instruction)
             elif kind == ctxmod.STOP_HLT:
                 self.halted = True
                 self.publish("hlt", rip=stop.rip)
@@ -236,10 +239,9 @@ class LogicalProcessor:
         elif outcome == "stay":
             self.charge(self.root, 1)
 
-    def _root_trapped(self, rip: int) -> None:
-        insn = decode.decode_one(self.root.fetch(rip), rip)
+    def _root_trapped(self, insn: decode.Instruction) -> None:
         self.machine.emulate_trapped(self, self.root, insn)
-        self.root.set_reg(x86.UC_X86_REG_RIP, rip + insn.size)
+        self.root.set_reg(x86.UC_X86_REG_RIP, insn.address + insn.size)
         self.charge(self.root, 1)
 
     def _root_exception(self, stop: ctxmod.Stop) -> None:
@@ -313,10 +315,11 @@ class LogicalProcessor:
                 self.vmx.exit_guest(vmcs, NON_ROOT_EXIT_REASONS[insn.mnemonic], instruction_length=insn.size)
                 return
             self._guest_exception(vmcs, ExceptionVector.UD, None, stop.rip)
-        elif kind == ctxmod.STOP_TRAPPED_INSTRUCTION or kind == ctxmod.STOP_HLT:
-            rip = stop.rip if kind == ctxmod.STOP_TRAPPED_INSTRUCTION else stop.rip - 1
-            if kind == ctxmod.STOP_HLT:
-                context.set_reg(x86.UC_X86_REG_RIP, rip)
+        elif kind == ctxmod.STOP_TRAPPED_INSTRUCTION:
+            self._guest_trapped(vmcs, stop.instruction)
+        elif kind == ctxmod.STOP_HLT:   # a HLT that ran before its trap point was set
+            rip = stop.rip - 1
+            context.set_reg(x86.UC_X86_REG_RIP, rip)
             self._guest_trapped(vmcs, decode.decode_one(context.fetch(rip), rip))
         elif kind == ctxmod.STOP_EXCEPTION:
             kind, length = self._classify_event(context, stop.rip, stop.vector)

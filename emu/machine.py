@@ -10,7 +10,7 @@ from emu import context as ctxmod
 from emu import cpuid as cpuid_table
 from emu import decode
 from emu.devices import IoBus
-from emu.events import Event, EventStream
+from emu.events import EventStream
 from emu.lp import LogicalProcessor
 from emu.memory import HostMemory, MIB
 from emu.vmx import RaiseException
@@ -20,7 +20,6 @@ from emu.vmx_defs import EXCEPTIONS_WITH_ERROR_CODE, MSR_IA32_EFER, ExceptionVec
 DEFAULT_RAM_SIZE = 64 * MIB
 DEFAULT_QUANTUM = 50_000          # ticks each LP runs before the next LP's turn
 MAX_LPS = 64
-RECENT_EVENTS_KEPT = 32
 
 # Firmware (docs/machine.md "Reset and firmware"): identity page tables with 1 GiB pages.
 FIRMWARE_PML4 = 0x1000
@@ -77,8 +76,6 @@ class Machine:
         self.ram = HostMemory(ram_size)
         self.quantum = quantum
         self.events = EventStream(record_events)
-        self.recent_events: collections.deque[Event] = collections.deque(maxlen=RECENT_EVENTS_KEPT)
-        self.events.subscribe(self.recent_events.append)
         self.io = IoBus(self)
         self.contexts: list[ctxmod.ExecutionContext] = []
         self._guest_pool: list[ctxmod.ExecutionContext] = []
@@ -88,6 +85,7 @@ class Machine:
         self.last_entry_failure = None
         self.stop: MachineStop | None = None
         self.instruction_limit: int | None = None
+        self.retired = 0    # instructions retired by the whole machine; LPs add to it
         self._prng = seed & U64
         self.running_lp: LogicalProcessor | None = None
         self.lps = [LogicalProcessor(self, index) for index in range(lps)]
@@ -173,7 +171,7 @@ class Machine:
 
     @property
     def instructions_retired(self) -> int:
-        return sum(lp.instructions for lp in self.lps)
+        return self.retired
 
     @property
     def now(self) -> int:
@@ -231,7 +229,7 @@ class Machine:
         cr2 = lp.root.reg(x86.UC_X86_REG_CR2)
         lines = [headline, f"  LP {lp.index}  RIP {rip:#x}  CR2 {cr2:#x}  virtual time {lp.now}",
                  "  last events:"]
-        lines += [f"    {e.time:>12} lp{e.lp} {e.kind} {e.data}" for e in self.recent_events]
+        lines += [f"    {e.time:>12} lp{e.lp} {e.kind} {e.data}" for e in self.events.recent()]
         return "\n".join(lines)
 
     def triple_fault(self, lp: LogicalProcessor, rip: int) -> None:
