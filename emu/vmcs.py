@@ -12,7 +12,7 @@ from unicorn import x86_const as x86
 
 from emu import fast, vmcs_fields as vf
 from emu.vmcs_fields import FIELDS, BY_NAME
-from emu.vmx_defs import MSR_IA32_EFER
+from emu.vmx_defs import INTR_INFO_VALID as INTERRUPTION_INFO_VALID, MSR_IA32_EFER
 
 SLOT = struct.Struct("<Q")
 
@@ -43,6 +43,17 @@ _LIVE_ORDER = _LOAD_ORDER + tuple(sorted(LIVE_FIELD_NAMES.difference(_LOAD_ORDER
 _LIVE_BIT = {name: 1 << index for index, name in enumerate(_LIVE_ORDER)}
 _SLOT_INDEX = {field.name: index for index, field in enumerate(FIELDS)}
 _GUEST_RIP = "GUEST_RIP"
+_EXIT_REASON = "VM_EXIT_REASON"
+_EXIT_QUALIFICATION = "EXIT_QUALIFICATION"
+_EXIT_INSTRUCTION_LENGTH = "VM_EXIT_INSTRUCTION_LEN"
+_EXIT_INTERRUPTION_INFO = "VM_EXIT_INTR_INFO"
+_EXIT_INTERRUPTION_ERROR = "VM_EXIT_INTR_ERROR_CODE"
+_IDT_VECTORING_INFO = "IDT_VECTORING_INFO_FIELD"
+_IDT_VECTORING_ERROR = "IDT_VECTORING_ERROR_CODE"
+_ACTIVITY_STATE = "GUEST_ACTIVITY_STATE"
+_GUEST_LINEAR = "GUEST_LINEAR_ADDRESS"
+_GUEST_PHYSICAL = "GUEST_PHYSICAL_ADDRESS"
+_ENTRY_INTERRUPTION_INFO = "VM_ENTRY_INTR_INFO_FIELD"
 # name -> (slot, width mask, its live bit or 0)
 _ACCESS = {field.name: (index, field.mask, _LIVE_BIT.get(field.name, 0)) for index, field in enumerate(FIELDS)}
 
@@ -122,6 +133,30 @@ class ActiveVmcs:
         if live_bit and self.context is not None:
             self._write_live(name, value)
             self.fast.live_written &= ~live_bit
+
+    def record_exit(self, reason: int, qualification: int, instruction_length: int, interruption_info: int,
+                    interruption_error: int, idt_vectoring_info: int, idt_vectoring_error: int,
+                    guest_linear: int | None, guest_physical: int | None, activity_state: int) -> None:
+        """The exit-information fields and the guest state a VM exit saves (SDM Vol. 3C 28.2, 28.3);
+        none of them lives in the guest instance, so the slots are written directly."""
+        values = self.values
+        for name, value in ((_EXIT_REASON, reason), (_EXIT_QUALIFICATION, qualification),
+                            (_EXIT_INSTRUCTION_LENGTH, instruction_length),
+                            (_EXIT_INTERRUPTION_INFO, interruption_info),
+                            (_EXIT_INTERRUPTION_ERROR, interruption_error),
+                            (_IDT_VECTORING_INFO, idt_vectoring_info),
+                            (_IDT_VECTORING_ERROR, idt_vectoring_error), (_ACTIVITY_STATE, activity_state)):
+            slot, mask, _live = _ACCESS[name]
+            values[slot] = value & mask
+        if guest_linear is not None:
+            slot, mask, _live = _ACCESS[_GUEST_LINEAR]
+            values[slot] = guest_linear & mask
+        if guest_physical is not None:
+            slot, mask, _live = _ACCESS[_GUEST_PHYSICAL]
+            values[slot] = guest_physical & mask
+        # Every VM exit clears the valid bit of the VM-entry interruption information (SDM 28.2.4).
+        slot = _ACCESS[_ENTRY_INTERRUPTION_INFO][0]
+        values[slot] &= ~INTERRUPTION_INFO_VALID
 
     def read_encoding(self, field: vf.Field, high: bool) -> int:
         return vf.read_component(field, high, self.read(field.name))

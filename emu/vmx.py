@@ -408,20 +408,9 @@ class VmxUnit:
         if vmcs.inverse_call_saved is not None:
             self._end_inverse_call(vmcs, succeeded=False, exit_reason=reason)
             return
-        vmcs.write("VM_EXIT_REASON", int(reason))
-        vmcs.write("EXIT_QUALIFICATION", qualification)
-        vmcs.write("VM_EXIT_INSTRUCTION_LEN", instruction_length)
-        vmcs.write("VM_EXIT_INTR_INFO", interruption_info)
-        vmcs.write("VM_EXIT_INTR_ERROR_CODE", interruption_error or 0)
-        vmcs.write("IDT_VECTORING_INFO_FIELD", idt_vectoring_info)
-        vmcs.write("IDT_VECTORING_ERROR_CODE", idt_vectoring_error)
-        if guest_linear is not None:
-            vmcs.write("GUEST_LINEAR_ADDRESS", guest_linear)
-        if guest_physical is not None:
-            vmcs.write("GUEST_PHYSICAL_ADDRESS", guest_physical)
-        # SDM 27.2: every VM exit clears the valid bit of the VM-entry interruption information.
-        vmcs.write("VM_ENTRY_INTR_INFO_FIELD", vmcs.read("VM_ENTRY_INTR_INFO_FIELD") & ~INTR_INFO_VALID)
-        vmcs.write("GUEST_ACTIVITY_STATE", ActivityState.HLT if vmcs.halted else ActivityState.ACTIVE)
+        vmcs.record_exit(int(reason), qualification, instruction_length, interruption_info,
+                         interruption_error or 0, idt_vectoring_info, idt_vectoring_error, guest_linear,
+                         guest_physical, ActivityState.HLT if vmcs.halted else ActivityState.ACTIVE)
         if lp.preemption_deadline is not None and \
                 vmcs.read("VM_EXIT_CONTROLS") & ExitControls.SAVE_VMX_PREEMPTION_TIMER_VALUE:
             remaining = max(lp.preemption_deadline - lp.now, 0) >> CAPS.preemption_timer_rate
