@@ -20,7 +20,8 @@ GUEST_TRAPPED_MNEMONICS = frozenset({
     "cpuid", "hlt", "in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd",
     "rdmsr", "wrmsr", "rdtsc", "rdtscp", "xsetbv", "invd", "rdrand", "rdseed",
 })
-# MOV to CR3 is trapped in root mode so that every address-space switch is an exact event.
+# MOV to CR3 is trapped (root and guest) so that every address-space switch is an exact event and a
+# guest's can be a CR-access VM exit; a guest's MOV from CR3 is trapped for CR3-store exiting.
 CR3_REGISTER_NAME = "cr3"
 
 _md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
@@ -40,11 +41,21 @@ def base_mnemonic(mnemonic: str) -> str:
     return mnemonic
 
 
+def is_mov_to_cr3(mnemonic: str, op_str: str) -> bool:
+    return mnemonic == "mov" and op_str.startswith(CR3_REGISTER_NAME + ",")
+
+
+def is_mov_from_cr3(mnemonic: str, op_str: str) -> bool:
+    return mnemonic == "mov" and op_str.endswith(", " + CR3_REGISTER_NAME)
+
+
 def _is_trapped(mnemonic: str, op_str: str, trapped: frozenset[str]) -> bool:
     if base_mnemonic(mnemonic) in trapped:
         return True
-    return (trapped is ROOT_TRAPPED_MNEMONICS and mnemonic == "mov"
-            and op_str.startswith(CR3_REGISTER_NAME + ","))
+    if is_mov_to_cr3(mnemonic, op_str):
+        return True
+    # A guest's CR3 reads are trapped too, for CR3-store exiting (SDM Vol. 3C 26.1.3).
+    return trapped is GUEST_TRAPPED_MNEMONICS and is_mov_from_cr3(mnemonic, op_str)
 
 
 def is_trapped(instruction: "Instruction", guest: bool) -> bool:

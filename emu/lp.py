@@ -16,11 +16,13 @@ from emu.vmx_defs import (
     ExitReason, InterruptionType, PinBasedControls, PrimaryProcessorControls, make_interruption_info,
     make_io_qualification, INTR_INFO_VECTOR_MASK, INTR_INFO_TYPE_MASK, INTR_INFO_TYPE_SHIFT,
     INTR_INFO_DELIVER_ERROR_CODE, ExitControls, EXCEPTIONS_WITH_ERROR_CODE, ExceptionVector, Rflags,
+    CR_QUAL_ACCESS_TYPE_SHIFT, CR_QUAL_GPR_SHIFT, CrAccessType,
 )
 
 if TYPE_CHECKING:
     from emu.machine import Machine
 
+CR3_NUMBER = 3
 INT3_OPCODE = 0xCC
 INTO_OPCODE = 0xCE
 INT_N_OPCODE = 0xCD
@@ -419,10 +421,29 @@ class LogicalProcessor:
             self.vmx.exit_guest(vmcs, ExitReason.XSETBV, instruction_length=insn.size)
         elif mnemonic == "invd":
             self.vmx.exit_guest(vmcs, ExitReason.INVD, instruction_length=insn.size)
+        elif mnemonic == "mov" and self._cr3_access_exits(insn, controls):
+            self._exit_on_cr3_access(vmcs, insn)
         else:
             self.machine.emulate_trapped(self, context, insn)
             context.set_reg(x86.UC_X86_REG_RIP, insn.address + insn.size)
             self.charge(context, 1)
+
+    @staticmethod
+    def _cr3_access_exits(insn: decode.Instruction, controls: int) -> bool:
+        """SDM Vol. 3C 26.1.3: with no CR3-target values, every MOV to CR3 exits under CR3-load
+        exiting, every MOV from CR3 under CR3-store exiting."""
+        if decode.is_mov_to_cr3(insn.mnemonic, insn.op_str):
+            return bool(controls & PrimaryProcessorControls.CR3_LOAD_EXITING)
+        return bool(controls & PrimaryProcessorControls.CR3_STORE_EXITING)
+
+    def _exit_on_cr3_access(self, vmcs: ActiveVmcs, insn: decode.Instruction) -> None:
+        """A control-register-access exit, qualification per SDM Vol. 3C Table 28-3."""
+        to_cr3 = decode.is_mov_to_cr3(insn.mnemonic, insn.op_str)
+        register = decode.operands(insn)[1 if to_cr3 else 0].register
+        access = CrAccessType.MOV_TO_CR if to_cr3 else CrAccessType.MOV_FROM_CR
+        qualification = (CR3_NUMBER | access << CR_QUAL_ACCESS_TYPE_SHIFT
+                         | fast.MODRM_REGISTER_ORDER.index(register) << CR_QUAL_GPR_SHIFT)
+        self.vmx.exit_guest(vmcs, ExitReason.CR_ACCESS, qualification, instruction_length=insn.size)
 
     def _guest_io(self, vmcs: ActiveVmcs, insn, controls: int) -> None:
         context = vmcs.context

@@ -279,12 +279,14 @@ class Machine:
             register = decode.operands(insn)[0]
             uc.reg_write(register.register, self._next_random() & ((1 << (8 * register.size)) - 1))
             uc.reg_write(x86.UC_X86_REG_RFLAGS, (uc.reg_read(x86.UC_X86_REG_RFLAGS) & ~RANDOM_RESULT_CLEARED_FLAGS) | Rflags.CF)
-        elif mnemonic == "mov":
+        elif decode.is_mov_to_cr3(mnemonic, insn.op_str):
             source = decode.operands(insn)[1]
             value = uc.reg_read(source.register)
             old = uc.reg_read(x86.UC_X86_REG_CR3)
             uc.reg_write(x86.UC_X86_REG_CR3, value)
-            lp.publish("cr3-write", old=old, new=value, rip=insn.address)
+            lp.publish("cr3-write", old=old, new=value, rip=insn.address, context=context.name)
+        elif decode.is_mov_from_cr3(mnemonic, insn.op_str):
+            uc.reg_write(decode.operands(insn)[0].register, uc.reg_read(x86.UC_X86_REG_CR3))
         else:
             raise RaiseException(ExceptionVector.UD)
 

@@ -104,15 +104,18 @@ class VmxCapabilities:
         _PRIMARY_RESERVED_DEFAULT1 | PrimaryProcessorControls.ACTIVATE_SECONDARY_CONTROLS,
         PrimaryProcessorControls.INTERRUPT_WINDOW_EXITING | PrimaryProcessorControls.HLT_EXITING
         | PrimaryProcessorControls.RDTSC_EXITING | PrimaryProcessorControls.UNCONDITIONAL_IO_EXITING
-        | PrimaryProcessorControls.USE_IO_BITMAPS))
+        | PrimaryProcessorControls.USE_IO_BITMAPS | PrimaryProcessorControls.CR3_LOAD_EXITING
+        | PrimaryProcessorControls.CR3_STORE_EXITING))
     secondary_processor: ControlCapability = field(default_factory=lambda: _control(
         SecondaryProcessorControls.ENABLE_EPT, SecondaryProcessorControls.ENABLE_VPID))
     exit: ControlCapability = field(default_factory=lambda: _control(
         _EXIT_RESERVED_DEFAULT1 | ExitControls.HOST_ADDRESS_SPACE_SIZE,
         ExitControls.ACKNOWLEDGE_INTERRUPT_ON_EXIT | ExitControls.SAVE_IA32_EFER
-        | ExitControls.LOAD_IA32_EFER | ExitControls.SAVE_VMX_PREEMPTION_TIMER_VALUE))
+        | ExitControls.LOAD_IA32_EFER | ExitControls.SAVE_VMX_PREEMPTION_TIMER_VALUE
+        | ExitControls.SAVE_DEBUG_CONTROLS))
     entry: ControlCapability = field(default_factory=lambda: _control(
-        _ENTRY_RESERVED_DEFAULT1 | EntryControls.IA32E_MODE_GUEST, EntryControls.LOAD_IA32_EFER))
+        _ENTRY_RESERVED_DEFAULT1 | EntryControls.IA32E_MODE_GUEST,
+        EntryControls.LOAD_IA32_EFER | EntryControls.LOAD_DEBUG_CONTROLS))
     # IA32_VMX_MISC: rate X = 0, the VMX-preemption timer counts down once per unit of the
     # machine's virtual time, i.e. once per retired guest instruction. See: SDM 26.5.1.
     preemption_timer_rate: int = 0

@@ -92,7 +92,7 @@ FAILING_CASES = [
      "machine", True),
     ("controls.proc.allowed0", clear("CPU_BASED_VM_EXEC_CONTROL",
                                      PrimaryProcessorControls.ACTIVATE_SECONDARY_CONTROLS), "machine", True),
-    ("controls.proc.allowed1", or_("CPU_BASED_VM_EXEC_CONTROL", PrimaryProcessorControls.CR3_LOAD_EXITING),
+    ("controls.proc.allowed1", or_("CPU_BASED_VM_EXEC_CONTROL", PrimaryProcessorControls.USE_MSR_BITMAPS),
      "machine", True),
     ("controls.proc.allowed1", or_("CPU_BASED_VM_EXEC_CONTROL", PrimaryProcessorControls.MONITOR_TRAP_FLAG),
      "machine", True),
@@ -132,7 +132,7 @@ FAILING_CASES = [
     ("controls.exit.msr_load_count", set_(VM_EXIT_MSR_LOAD_COUNT=2), "machine", True),
     # 27.2.1.3 VM-entry controls
     ("controls.entry.allowed0", clear("VM_ENTRY_CONTROLS", EntryControls.IA32E_MODE_GUEST), "machine", True),
-    ("controls.entry.allowed1", or_("VM_ENTRY_CONTROLS", EntryControls.LOAD_DEBUG_CONTROLS), "machine", True),
+    ("controls.entry.allowed1", or_("VM_ENTRY_CONTROLS", EntryControls.LOAD_IA32_PAT), "machine", True),
     ("controls.event.type", inject(0x20, InterruptionType.RESERVED), "machine", True),
     ("controls.event.type", inject(0, InterruptionType.OTHER_EVENT), "machine", True),
     ("controls.event.vector", inject(3, InterruptionType.NMI), "machine", True),
@@ -371,8 +371,8 @@ def test_messages_from_the_reference():
 
 def test_messages_name_the_offending_control_bits():
     vmcs = example_valid_vmcs()
-    vmcs["CPU_BASED_VM_EXEC_CONTROL"] |= PrimaryProcessorControls.CR3_LOAD_EXITING
-    assert "CR3_LOAD_EXITING" in run(vmcs).message
+    vmcs["CPU_BASED_VM_EXEC_CONTROL"] |= PrimaryProcessorControls.USE_MSR_BITMAPS
+    assert "USE_MSR_BITMAPS" in run(vmcs).message
     vmcs = example_valid_vmcs()
     vmcs["PIN_BASED_VM_EXEC_CONTROL"] = 0
     assert "missing 0x00000016" in run(vmcs).message
@@ -532,9 +532,10 @@ def test_capability_policy():
     assert values[0x48E] & PrimaryProcessorControls.ACTIVATE_SECONDARY_CONTROLS
     assert values[0x48F] & ExitControls.HOST_ADDRESS_SPACE_SIZE
     assert values[0x490] & EntryControls.IA32E_MODE_GUEST
-    assert not (values[0x48E] >> 32) & (PrimaryProcessorControls.CR3_LOAD_EXITING
-                                        | PrimaryProcessorControls.USE_MSR_BITMAPS
+    assert not (values[0x48E] >> 32) & (PrimaryProcessorControls.USE_MSR_BITMAPS
                                         | PrimaryProcessorControls.MONITOR_TRAP_FLAG)
+    cr3_exiting = PrimaryProcessorControls.CR3_LOAD_EXITING | PrimaryProcessorControls.CR3_STORE_EXITING
+    assert (values[0x48E] >> 32) & cr3_exiting == cr3_exiting and not values[0x48E] & cr3_exiting
     assert not (values[0x48B] >> 32) & SecondaryProcessorControls.UNRESTRICTED_GUEST
     assert (values[0x48B] >> 32) & SecondaryProcessorControls.ENABLE_VPID
     assert values[0x486] == Cr0.PE | Cr0.NE | Cr0.PG and values[0x488] == Cr4.VMXE
@@ -560,3 +561,21 @@ def test_markdown_tables_list_every_check():
     text = checks.markdown()
     for check in checks.ENTRY_CHECKS:
         assert f"| {check.id} | {check.sdm} |" in text
+
+
+NON_TRUE_CONTROL_MSRS = {"PIN_BASED_VM_EXEC_CONTROL": 0x481, "CPU_BASED_VM_EXEC_CONTROL": 0x482,
+                         "VM_EXIT_CONTROLS": 0x483, "VM_ENTRY_CONTROLS": 0x484}
+CONTROL_MSR_HIGH_SHIFT = 32
+CONTROL_MSR_LOW_MASK = 0xFFFF_FFFF
+
+
+def test_controls_built_from_the_non_true_msrs_pass_the_entry_checks():
+    """A VMM that ignores IA32_VMX_BASIC bit 55 adjusts its controls with 0x481-0x484, which report
+    every default1 control as must-be-1 (SDM Appendix A.2): the machine must accept the result."""
+    values = msr_values()
+    vmcs = example_valid_vmcs()
+    for name, msr in NON_TRUE_CONTROL_MSRS.items():
+        allowed0, allowed1 = values[msr] & CONTROL_MSR_LOW_MASK, values[msr] >> CONTROL_MSR_HIGH_SHIFT
+        vmcs[name] = (vmcs[name] | allowed0) & allowed1
+    assert vmcs["CPU_BASED_VM_EXEC_CONTROL"] & PrimaryProcessorControls.CR3_LOAD_EXITING
+    assert run(vmcs) is None

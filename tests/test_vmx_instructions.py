@@ -19,7 +19,7 @@ from emu.vmx_defs import (
 from tests.machine_programs import (
     ENCODING, EXIT_FAULT, EXIT_OK, EXIT_STOPPED_ON_EXIT, GUEST_CODE, GUEST_DATA, GUEST_IDT, PAGE_SIZE,
     RFLAGS_CF, RFLAGS_ZF, ROOT_IDT, ROOT_STACK_TOP, SCRATCH, SLOT_FAULT_RIP, SLOT_FAULT_VECTOR,
-    TIMER_ARM_PORT, TIMER_VECTOR_PORT, U64, VMCS_REGION, VMXON_REGION, assemble, build_guest, debug_exit,
+    GUEST_PML4, TIMER_ARM_PORT, TIMER_VECTOR_PORT, U64, VMCS_REGION, VMXON_REGION, assemble, build_guest, debug_exit,
     default_controls, enable_vmx, events_of, exit_log, exit_status, fault_recorder, label_address, lines,
     make_current, putc, result, results, run_guest, run_root, save, save_flags, set_interrupt_gate, vmread,
     vmwrite, vmx_pointer_instruction, vmx_program,
@@ -411,6 +411,42 @@ def test_int_n_with_vector_three_is_a_software_interrupt_the_bitmap_ignores(mach
     assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
     assert [r.reason for r in exit_log(machine)] == [ExitReason.VMCALL]
     assert machine.io.console.text() == "B"
+
+
+CR3_NUMBER = 3
+CR_ACCESS_TYPE_SHIFT = 4
+CR_GPR_SHIFT = 8
+MOV_TO_CR, MOV_FROM_CR = 0, 1
+R9_NUMBER = 9
+MOV_CR3_R9_LENGTH = 4    # REX.B, 0F 22 or 0F 20, ModRM
+
+
+@pytest.mark.parametrize("control, instruction, access", [
+    (PrimaryProcessorControls.CR3_LOAD_EXITING, "mov cr3, r9", MOV_TO_CR),
+    (PrimaryProcessorControls.CR3_STORE_EXITING, "mov r9, cr3", MOV_FROM_CR),
+])
+def test_cr3_access_exits_with_its_qualification(machine, control, instruction, access):
+    guest = lines("mov r9, cr3", "cr3_access:", instruction, "hlt") if access == MOV_TO_CR else \
+        lines("cr3_access:", instruction, "hlt")
+    run, _ = run_guest(machine, guest, stop_reasons=(ExitReason.CR_ACCESS,),
+                       controls=default_controls(primary=PrimaryProcessorControls.HLT_EXITING | control))
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    (record,) = exit_log(machine)
+    assert record.reason == ExitReason.CR_ACCESS
+    assert record.qualification == CR3_NUMBER | access << CR_ACCESS_TYPE_SHIFT | R9_NUMBER << CR_GPR_SHIFT
+    assert record.guest_rip == label_address(guest, "cr3_access", GUEST_CODE, root_program=False)
+    assert record.instruction_length == MOV_CR3_R9_LENGTH
+
+
+def test_cr3_moves_without_exiting_run_in_the_guest(machine):
+    guest = lines("mov rbx, cr3", "mov cr3, rbx", "mov rax, cr3", "hlt")
+    run, _ = run_guest(machine, guest, stop_reasons=(ExitReason.HLT,))
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    (record,) = exit_log(machine)
+    assert record.reason == ExitReason.HLT
+    assert record.guest_rax == GUEST_PML4
+    (write,) = events_of(machine, "cr3-write")
+    assert write.data["new"] == GUEST_PML4 and write.data["context"].startswith("vmcs@")
 
 
 def test_page_fault_exit_reports_linear_address_and_error_code(machine):
