@@ -28,6 +28,14 @@ _REGISTER_FIELDS = {
     "GUEST_FS_BASE": x86.UC_X86_REG_FS_BASE,
     "GUEST_GS_BASE": x86.UC_X86_REG_GS_BASE,
 }
+# Segment selectors: loading one makes Unicorn read its descriptor from the guest's GDT, so the
+# guest's IRETQ, far returns and interrupt frames see the CS and SS the VMCS gave it.
+_SEGMENT_FIELDS = {
+    "GUEST_CS_SELECTOR": x86.UC_X86_REG_CS, "GUEST_SS_SELECTOR": x86.UC_X86_REG_SS,
+    "GUEST_DS_SELECTOR": x86.UC_X86_REG_DS, "GUEST_ES_SELECTOR": x86.UC_X86_REG_ES,
+    "GUEST_FS_SELECTOR": x86.UC_X86_REG_FS, "GUEST_GS_SELECTOR": x86.UC_X86_REG_GS,
+}
+_REGISTER_FIELDS.update(_SEGMENT_FIELDS)
 # Descriptor-table registers are (selector, base, limit, flags) tuples in Unicorn.
 _TABLE_FIELDS = {
     "GUEST_GDTR_BASE": (x86.UC_X86_REG_GDTR, 1), "GUEST_GDTR_LIMIT": (x86.UC_X86_REG_GDTR, 2),
@@ -39,7 +47,11 @@ _MSR_FIELDS = {"GUEST_IA32_EFER": MSR_IA32_EFER}
 # The order guest state is loaded in: control registers before the rest (CR4.PAE before CR0.PG).
 _LOAD_ORDER = ("GUEST_CR4", "GUEST_IA32_EFER", "GUEST_CR3", "GUEST_CR0")
 LIVE_FIELD_NAMES = frozenset(_REGISTER_FIELDS) | frozenset(_TABLE_FIELDS) | frozenset(_MSR_FIELDS)
-_LIVE_ORDER = _LOAD_ORDER + tuple(sorted(LIVE_FIELD_NAMES.difference(_LOAD_ORDER)))
+# Control registers first, then the GDT, then selectors (which read it), then the rest (the FS and
+# GS bases after their selectors, which would otherwise reset them).
+_BEFORE_SELECTORS = _LOAD_ORDER + ("GUEST_GDTR_BASE", "GUEST_GDTR_LIMIT")
+_LIVE_ORDER = _BEFORE_SELECTORS + tuple(sorted(_SEGMENT_FIELDS)) + \
+    tuple(sorted(LIVE_FIELD_NAMES.difference(_BEFORE_SELECTORS, _SEGMENT_FIELDS)))
 _LIVE_BIT = {name: 1 << index for index, name in enumerate(_LIVE_ORDER)}
 _SLOT_INDEX = {field.name: index for index, field in enumerate(FIELDS)}
 _GUEST_RIP = "GUEST_RIP"

@@ -449,6 +449,21 @@ def test_cr3_moves_without_exiting_run_in_the_guest(machine):
     assert write.data["new"] == GUEST_PML4 and write.data["context"].startswith("vmcs@")
 
 
+SOFTWARE_INTERRUPT_VECTOR = 0x30
+
+
+def test_guest_iretq_returns_to_the_code_segment_the_vmcs_gave_it(machine):
+    """The guest never loads CS or SS itself: the selectors of the VMCS guest-state area are what
+    its interrupt frame holds and what IRETQ reloads (SDM Vol. 3C 27.3.2.2)."""
+    guest = lines(set_interrupt_gate(GUEST_IDT, SOFTWARE_INTERRUPT_VECTOR, "handler"),
+                  f"int {SOFTWARE_INTERRUPT_VECTOR:#x}", putc("R"), "hlt",
+                  "handler:", putc("I"), "iretq")
+    run, _ = run_guest(machine, guest, stop_reasons=(ExitReason.HLT,))
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    assert [record.reason for record in exit_log(machine)] == [ExitReason.HLT]
+    assert machine.io.console.text() == "IR"
+
+
 def test_page_fault_exit_reports_linear_address_and_error_code(machine):
     unmapped = 0x80_0000_0000          # PML4 entry 1 of the guest's page tables is not present
     guest = lines(f"mov rax, {unmapped:#x}", "mov qword ptr [rax], 1", "hlt")
