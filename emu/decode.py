@@ -9,6 +9,7 @@ from capstone import x86_const as cs_x86
 from unicorn import x86_const as uc_x86
 
 from asm.isa import VMCALLR_OPCODE  # the one definition of our inverse-hypercall encoding
+from emu.devices import DEBUG_EXIT_PORT
 
 VMCALLR_LENGTH = len(VMCALLR_OPCODE)
 MAX_INSTRUCTION_LENGTH = 15
@@ -20,6 +21,8 @@ GUEST_TRAPPED_MNEMONICS = frozenset({
     "cpuid", "hlt", "in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd",
     "rdmsr", "wrmsr", "rdtsc", "rdtscp", "xsetbv", "invd", "rdrand", "rdseed",
 })
+# An OUT with the debug-exit port as its immediate operand is trapped in every context.
+DEBUG_EXIT_OUT_PREFIX = f"{DEBUG_EXIT_PORT:#x},"
 # MOV to CR3 is trapped (root and guest) so that every address-space switch is an exact event and a
 # guest's can be a CR-access VM exit; a guest's MOV from CR3 is trapped for CR3-store exiting.
 CR3_REGISTER_NAME = "cr3"
@@ -52,6 +55,8 @@ def is_mov_from_cr3(mnemonic: str, op_str: str) -> bool:
 def _is_trapped(mnemonic: str, op_str: str, trapped: frozenset[str]) -> bool:
     if base_mnemonic(mnemonic) in trapped:
         return True
+    if mnemonic == "out" and op_str.startswith(DEBUG_EXIT_OUT_PREFIX):
+        return True   # the machine stops right after it, not at the end of the block
     if is_mov_to_cr3(mnemonic, op_str):
         return True
     # A guest's CR3 reads are trapped too, for CR3-store exiting (SDM Vol. 3C 26.1.3).

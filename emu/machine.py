@@ -279,6 +279,10 @@ class Machine:
             register = decode.operands(insn)[0]
             uc.reg_write(register.register, self._next_random() & ((1 << (8 * register.size)) - 1))
             uc.reg_write(x86.UC_X86_REG_RFLAGS, (uc.reg_read(x86.UC_X86_REG_RFLAGS) & ~RANDOM_RESULT_CLEARED_FLAGS) | Rflags.CF)
+        elif mnemonic == "out":   # the debug-exit port (decode.DEBUG_EXIT_OUT_PREFIX)
+            port_operand, data_operand = insn.operands
+            register = decode.unicorn_register(data_operand.reg)
+            self.io.write(port_operand.imm, data_operand.size, uc.reg_read(register))
         elif decode.is_mov_to_cr3(mnemonic, insn.op_str):
             source = decode.operands(insn)[1]
             value = uc.reg_read(source.register)

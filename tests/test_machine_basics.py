@@ -213,8 +213,6 @@ def test_mov_to_cr3_is_an_event(machine):
                       (NEW_PML4, FIRMWARE_PML4, label_address(body, "to_old"))]
 
 
-@pytest.mark.xfail(strict=True, reason="the machine stops at the end of the translated block: instructions "
-                                       "after a debug-exit OUT in the same block still run")
 def test_debug_exit_stops_right_after_the_out(machine):
     body = lines("mov al, 0x10", "out 0xf4, al", "mov rax, 1", save(0), "hlt")
     run = run_root(machine, body)
