@@ -257,13 +257,13 @@ class LogicalProcessor:
         """What raised a vector Unicorn reports: INT3 (CC) and INTO (CE) are software exceptions
         of length 1 and INT n (CD n) a software interrupt of length 2, all with RIP after the
         instruction; anything else is a hardware exception at RIP (SDM Vol. 3C 25.8.3, 27.6.1.1)."""
+        last = context.read_linear(rip - SOFTWARE_EXCEPTION_LENGTH, SOFTWARE_EXCEPTION_LENGTH, fast.ACCESS_FETCH)
+        if last is not None and ((last[0] == INT3_OPCODE and vector == ExceptionVector.BP) or
+                                 (last[0] == INTO_OPCODE and vector == ExceptionVector.OF)):
+            return InterruptionType.SOFTWARE_EXCEPTION, SOFTWARE_EXCEPTION_LENGTH
         before = context.read_linear(rip - INT_N_LENGTH, INT_N_LENGTH, fast.ACCESS_FETCH)
-        if before is not None:
-            if (before[1] == INT3_OPCODE and vector == ExceptionVector.BP) or \
-                    (before[1] == INTO_OPCODE and vector == ExceptionVector.OF):
-                return InterruptionType.SOFTWARE_EXCEPTION, SOFTWARE_EXCEPTION_LENGTH
-            if before[0] == INT_N_OPCODE and before[1] == vector:
-                return InterruptionType.SOFTWARE_INTERRUPT, INT_N_LENGTH
+        if before is not None and before[0] == INT_N_OPCODE and before[1] == vector:
+            return InterruptionType.SOFTWARE_INTERRUPT, INT_N_LENGTH
         return InterruptionType.HARDWARE_EXCEPTION, 0
 
     def _root_translation_fault(self, stop: ctxmod.Stop) -> None:
