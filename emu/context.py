@@ -10,7 +10,7 @@ from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
 
 from emu import decode, fast
-from emu.vmcs import FIELD_TABLE
+from emu.vmcs import FIELD_TABLE, TRANSITION_CONSTANTS
 
 # With Unicorn's exit list enabled, emu_start's `until` is ignored; this address is never executed
 # (it is not canonical) and keeps the list non-empty.
@@ -77,6 +77,7 @@ class ExecutionContext:
             self.fast_vmx = fast.ffi.new("hhr_vmx *")
             self.fast_vmx.root = self.fast.ctx
             self.fast_vmx.fields = FIELD_TABLE
+            self.fast_vmx.constants = TRANSITION_CONSTANTS
             fast.register_invalid_instruction_hook(self.uc, self.fast_vmx)
         self.uc.hook_add(uc_const.UC_HOOK_INSN_INVALID, self._on_invalid_opcode)
         self.uc.hook_add(uc_const.UC_HOOK_INTR, self._on_interrupt)
@@ -101,11 +102,13 @@ class ExecutionContext:
 
     def _on_invalid_opcode(self, uc, _user_data) -> bool:
         self.pending = Stop(STOP_INVALID_OPCODE, self.regs.read(x86.UC_X86_REG_RIP))
+        self.fast.ctx.python_stop = 1
         uc.emu_stop()
         return True
 
     def _on_interrupt(self, uc, vector: int, _user_data) -> None:
         self.pending = Stop(STOP_EXCEPTION, self.regs.read(x86.UC_X86_REG_RIP), vector=vector)
+        self.fast.ctx.python_stop = 1
         uc.emu_stop()
 
     def _on_in(self, uc, port: int, size: int, _user_data) -> int:
@@ -128,6 +131,7 @@ class ExecutionContext:
     def request_stop(self) -> None:
         """Ends the current run at the end of the running block: the machine is stopping."""
         self._stop_requested = True
+        self.fast.ctx.python_stop = 1
         self.uc.emu_stop()
 
     # --- memory through this context's translation ----------------------------------------------
@@ -197,6 +201,7 @@ class ExecutionContext:
         ctx.stop_reason = fast.STOP_NONE
         ctx.watch_interrupt_window = 1 if watch_interrupt_window else 0
         ctx.block_size = 0
+        ctx.python_stop = 0
         self.pending = None
         self._stop_requested = False
         start = self.regs.read(x86.UC_X86_REG_RIP)
@@ -205,6 +210,16 @@ class ExecutionContext:
             self.uc.emu_start(start, NEVER_EXECUTED_ADDRESS)
         except UcError as exc:
             error = exc.errno
+        return self.classify(error, watch_interrupt_window)
+
+    def prepare_for_transitions(self) -> None:
+        """Before the C transition loop runs this context: no Python stop is pending."""
+        self.pending = None
+        self._stop_requested = False
+
+    def classify(self, error: int, watch_interrupt_window: bool = False) -> Stop:
+        """Why the run that just ended (from Python or from the transition loop) stopped."""
+        ctx = self.fast.ctx
         rip = self.regs.read(x86.UC_X86_REG_RIP)
         if self._pending_removals:
             self.uc.ctl_set_exits(sorted(self.exit_points) + [NEVER_EXECUTED_ADDRESS])

@@ -190,4 +190,4 @@ class IoBus:
             self.machine.events.publish(sender.now, sender.index, "ipi", vector=vector, to=target.index)
             target.raise_interrupt(vector)
             if target is sender:
-                sender.context.request_stop()  # a self-IPI is taken at the end of the current block
+                sender.running_context().request_stop()  # a self-IPI is taken at the end of the block

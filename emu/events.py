@@ -33,6 +33,9 @@ class EventStream:
         self._subscribers: list[Callable[[Event], None]] = []
         self._seq = 0
         self._recent: collections.deque[tuple] = collections.deque(maxlen=RECENT_EVENTS_KEPT)
+        # Called before each event is published: a producer that buffers events (the C transition
+        # loop) flushes them here, so the stream stays in order.
+        self.before_publish: Callable[[], None] | None = None
 
     def subscribe(self, callback: Callable[[Event], None]) -> None:
         self._subscribers.append(callback)
@@ -42,6 +45,8 @@ class EventStream:
         return [Event(*entry) for entry in self._recent]
 
     def publish(self, time: int, lp: int, kind: str, **data: Any) -> None:
+        if self.before_publish is not None:
+            self.before_publish()
         seq = self._seq
         self._seq = seq + 1
         self._recent.append((seq, time, lp, kind, data))

@@ -61,6 +61,8 @@ GENERAL_PURPOSE_REGISTERS = (
     x86_const.UC_X86_REG_R13, x86_const.UC_X86_REG_R14, x86_const.UC_X86_REG_R15,
 )
 _GPR_IDS = ffi.new("int[]", GENERAL_PURPOSE_REGISTERS)
+HANDOVER_REGISTERS = _GPR_IDS
+HANDOVER_REGISTER_COUNT = len(GENERAL_PURPOSE_REGISTERS)
 # Register numbers 0-15 of ModRM/REX (SDM Vol. 2A Table 2-2 and 2.2.1.2).
 MODRM_REGISTER_ORDER = (
     x86_const.UC_X86_REG_RAX, x86_const.UC_X86_REG_RCX, x86_const.UC_X86_REG_RDX, x86_const.UC_X86_REG_RBX,
@@ -84,7 +86,13 @@ def _make_api():
     api.reg_cr4 = x86_const.UC_X86_REG_CR4
     api.reg_rflags = x86_const.UC_X86_REG_RFLAGS
     api.reg_msr = x86_const.UC_X86_REG_MSR
+    api.emu_start = ffi.cast("void *", _function_pointer(uc_binding.uclib.uc_emu_start))
     api.reg_rip = x86_const.UC_X86_REG_RIP
+    api.reg_rsp = x86_const.UC_X86_REG_RSP
+    api.reg_fs_base = x86_const.UC_X86_REG_FS_BASE
+    api.reg_gs_base = x86_const.UC_X86_REG_GS_BASE
+    api.reg_gdtr = x86_const.UC_X86_REG_GDTR
+    api.reg_idtr = x86_const.UC_X86_REG_IDTR
     for number, register in enumerate(MODRM_REGISTER_ORDER):
         api.gpr[number] = register
     api.msr_efer = MSR_IA32_EFER

@@ -404,6 +404,30 @@ static const hhr_field *field_for(const hhr_vmx *v, uint64_t encoding, bool *hig
     return field;
 }
 
+static const uint8_t VMRESUME_BYTES[] = {0x0F, 0x01, 0xC3};
+
+static uint64_t guest_rip(const hhr_vmx *v, const hhr_vmcs *vmcs) {
+    const hhr_transition_constants *k = v->constants;
+    if (vmcs->live_written & k->guest_rip_live_bit) return vmcs->values[k->guest_rip];
+    uint64_t rip = 0;
+    v->root->api->reg_read(vmcs->guest_uc, v->root->api->reg_rip, &rip);
+    return rip;
+}
+
+/* VMRESUME the transition loop may carry out in C: the same VM entry Python would make, with
+ * nothing but GUEST_RIP written since checks that passed (see emu/vmx.py, VmxUnit._check_entry). */
+static bool entry_is_plain(const hhr_vmx *v, const hhr_vmcs *vmcs) {
+    const hhr_transition_constants *k = v->constants;
+    const uint64_t *values = vmcs->values;
+    return vmcs->launched && vmcs->guest_ctx != NULL && vmcs->guest_uc != NULL &&
+           vmcs->entry_verified && !vmcs->written_other_than_rip &&
+           !(vmcs->live_written & ~k->guest_rip_live_bit) && !vmcs->inverse_call && !vmcs->halted &&
+           is_canonical(guest_rip(v, vmcs)) &&
+           !(values[k->entry_interruption_info] & k->interruption_info_valid) &&
+           !(values[k->pin_controls] & k->preemption_timer_control) &&
+           vmcs->guest_ctx->mode == HHR_MODE_GUEST && vmcs->guest_ctx->eptp == values[k->ept_pointer];
+}
+
 bool hhr_invalid_instruction(void *uc, void *user_data) {
     hhr_vmx *v = (hhr_vmx *)user_data;
     hhr_ctx *c = v->root;
@@ -415,6 +439,11 @@ bool hhr_invalid_instruction(void *uc, void *user_data) {
     if (!hhr_translate_current(c, rip, HHR_ACCESS_FETCH, &physical, &fault)) return false;
     if ((physical & PAGE_OFFSET_MASK) > PAGE_SIZE - LONGEST_FAST_FORM) return false;
     const uint8_t *code = c->ram + physical;
+    if (v->fast_entries && memcmp(code, VMRESUME_BYTES, sizeof VMRESUME_BYTES) == 0 && entry_is_plain(v, vmcs)) {
+        v->entry_pending = 1;      /* the instruction retires with its block; the loop enters */
+        stop(c, HHR_STOP_NONE);
+        return true;
+    }
     uint32_t length = 0, rex = 0;
     if (code[0] >= REX_MIN && code[0] <= REX_MAX) rex = code[length++];
     if (code[length] != TWO_BYTE_ESCAPE) return false;
@@ -452,4 +481,146 @@ bool hhr_invalid_instruction(void *uc, void *user_data) {
     api->reg_write(uc, api->reg_rip, &rip);
     v->handled++;
     return true;
+}
+
+/* --- the transition loop ----------------------------------------------------------------------- */
+static const uint8_t CPUID_BYTES[] = {0x0F, 0xA2};
+
+static bool record(hhr_lp *lp, uint32_t kind, uint32_t reason, uint64_t vmcs, uint64_t rip) {
+    hhr_transition_event *e = &lp->events[lp->event_count++];
+    e->kind = kind;
+    e->reason = reason;
+    e->time = lp->time;
+    e->vmcs = vmcs;
+    e->rip = rip;
+    return true;
+}
+
+static void write_register_if_changed(const hhr_api *api, void *uc, int regid, uint64_t value) {
+    uint64_t current = 0;
+    api->reg_read(uc, regid, &current);
+    if (current != value) api->reg_write(uc, regid, &value);
+}
+
+static void write_table_if_changed(const hhr_api *api, void *uc, int regid, uint64_t base, uint32_t limit) {
+    hhr_descriptor_table table;
+    memset(&table, 0, sizeof table);
+    api->reg_read(uc, regid, &table);
+    if (table.base != base || table.limit != limit) {
+        memset(&table, 0, sizeof table);
+        table.base = base;
+        table.limit = limit;
+        api->reg_write(uc, regid, &table);
+    }
+}
+
+/* The VM exit of a guest's CPUID, as emu/vmx.py's exit_guest and load_host_state make it
+ * (SDM Vol. 3C 28.2, 28.5). */
+static void exit_on_cpuid(hhr_lp *lp, hhr_vmcs *vmcs) {
+    const hhr_transition_constants *k = lp->vmx->constants;
+    const hhr_api *api = lp->root->api;
+    uint64_t *values = vmcs->values;
+    void *root_uc = lp->root->uc;
+    values[k->exit_reason] = k->exit_reason_cpuid;
+    values[k->exit_qualification] = 0;
+    values[k->exit_instruction_length] = k->cpuid_length;
+    values[k->exit_interruption_info] = 0;
+    values[k->exit_interruption_error] = 0;
+    values[k->idt_vectoring_info] = 0;
+    values[k->idt_vectoring_error] = 0;
+    values[k->activity_state] = k->activity_active;
+    values[k->entry_interruption_info] &= ~k->interruption_info_valid;
+    hhr_copy_registers(api, vmcs->guest_uc, root_uc, lp->handover, lp->handover_count);
+    record(lp, HHR_EVENT_VM_EXIT, k->exit_reason_cpuid, vmcs->address, guest_rip(lp->vmx, vmcs));
+    write_register_if_changed(api, root_uc, api->reg_cr3, values[k->host_cr3]);
+    write_register_if_changed(api, root_uc, api->reg_cr0, values[k->host_cr0]);
+    write_register_if_changed(api, root_uc, api->reg_cr4, values[k->host_cr4]);
+    write_register_if_changed(api, root_uc, api->reg_fs_base, values[k->host_fs_base]);
+    write_register_if_changed(api, root_uc, api->reg_gs_base, values[k->host_gs_base]);
+    write_table_if_changed(api, root_uc, api->reg_gdtr, values[k->host_gdtr_base], (uint32_t)k->descriptor_limit_after_exit);
+    write_table_if_changed(api, root_uc, api->reg_idtr, values[k->host_idtr_base], (uint32_t)k->descriptor_limit_after_exit);
+    if (values[k->exit_controls] & k->load_efer_control) {
+        struct { uint32_t index; uint64_t value; } msr = {api->msr_efer, values[k->host_efer]};
+        api->reg_write(root_uc, api->reg_msr, &msr);
+    }
+    uint64_t rsp = values[k->host_rsp], rflags = k->rflags_after_exit, rip = values[k->host_rip];
+    api->reg_write(root_uc, api->reg_rsp, &rsp);
+    api->reg_write(root_uc, api->reg_rflags, &rflags);
+    api->reg_write(root_uc, api->reg_rip, &rip);
+    lp->in_guest = 0;
+}
+
+/* The VM entry of a plain VMRESUME, as emu/vmx.py's begin_guest makes it (SDM Vol. 3C 27.3). */
+static void enter_on_vmresume(hhr_lp *lp, hhr_vmcs *vmcs) {
+    const hhr_transition_constants *k = lp->vmx->constants;
+    const hhr_api *api = lp->root->api;
+    uint64_t rip = read_register(lp->root, api->reg_rip) + k->vmresume_length;
+    api->reg_write(lp->root->uc, api->reg_rip, &rip);
+    if (vmcs->live_written & k->guest_rip_live_bit) {
+        api->reg_write(vmcs->guest_uc, api->reg_rip, &vmcs->values[k->guest_rip]);
+        vmcs->live_written &= ~k->guest_rip_live_bit;
+    }
+    hhr_copy_registers(api, lp->root->uc, vmcs->guest_uc, lp->handover, lp->handover_count);
+    record(lp, HHR_EVENT_VM_ENTRY, 0, vmcs->address, guest_rip(lp->vmx, vmcs));
+    lp->in_guest = 1;
+}
+
+static bool at_cpuid(hhr_ctx *c, uint64_t rip) {
+    uint64_t physical;
+    hhr_fault fault;
+    if (!hhr_translate_current(c, rip, HHR_ACCESS_FETCH, &physical, &fault)) return false;
+    if ((physical & PAGE_OFFSET_MASK) > PAGE_SIZE - sizeof CPUID_BYTES) return false;
+    return memcmp(c->ram + physical, CPUID_BYTES, sizeof CPUID_BYTES) == 0;
+}
+
+int hhr_run_transitions(hhr_lp *lp) {
+    hhr_vmx *v = lp->vmx;
+    const hhr_transition_constants *k = v->constants;
+    const hhr_api *api = lp->root->api;
+    lp->retired = 0;
+    lp->event_count = 0;
+    lp->running = NULL;
+    v->fast_entries = 1;
+    int result = HHR_LOOP_NOTHING_RAN;
+    for (;;) {
+        hhr_vmcs *vmcs = v->current;
+        if (lp->time >= lp->deadline || lp->attention || lp->event_count + 2 > HHR_EVENTS_MAX) break;
+        if (lp->in_guest && (vmcs == NULL || vmcs->inverse_call || vmcs->halted ||
+                             (vmcs->values[k->primary_controls] & k->interrupt_window_control))) break;
+        hhr_ctx *c = lp->in_guest ? vmcs->guest_ctx : lp->root;
+        c->stop_at = c->retired + (lp->deadline - lp->time);
+        c->stop_reason = HHR_STOP_NONE;
+        c->watch_interrupt_window = 0;
+        c->block_size = 0;
+        c->python_stop = 0;
+        v->entry_pending = 0;
+        lp->running = c;
+        lp->run_mark = c->retired;
+        lp->run_time_base = lp->time;
+        uint64_t start = read_register(c, api->reg_rip);
+        lp->last_error = api->emu_start(c->uc, start, HHR_END_OF_RUN_ADDRESS, 0, 0);
+        uint64_t ran = c->retired - lp->run_mark;
+        lp->time += ran;
+        lp->retired += ran;
+        lp->running = NULL;
+        bool plain_stop = lp->last_error == 0 && c->stop_reason == HHR_STOP_NONE && !c->python_stop &&
+                          !lp->attention;
+        if (plain_stop && lp->in_guest && !vmcs->inverse_call &&
+            at_cpuid(c, read_register(c, api->reg_rip))) {
+            exit_on_cpuid(lp, vmcs);
+            continue;
+        }
+        if (!lp->in_guest && v->entry_pending) {
+            /* The hook took the VMRESUME (it ends its block); Python, had it handled the stop,
+             * would have entered too, whatever else asked for its attention in that block. */
+            v->entry_pending = 0;
+            enter_on_vmresume(lp, vmcs);
+            if (plain_stop) continue;
+            break;
+        }
+        result = HHR_LOOP_CLASSIFY;
+        break;
+    }
+    v->fast_entries = 0;
+    return result;
 }

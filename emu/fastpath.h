@@ -37,7 +37,9 @@ typedef struct {
     int (*emu_stop)(void *uc);
     int (*reg_read)(void *uc, int regid, void *value);
     int (*reg_write)(void *uc, int regid, const void *value);
+    int (*emu_start)(void *uc, uint64_t begin, uint64_t until, uint64_t timeout, size_t count);
     int reg_cr0, reg_cr3, reg_cr4, reg_rflags, reg_msr, reg_rip;
+    int reg_rsp, reg_fs_base, reg_gs_base, reg_gdtr, reg_idtr;
     int gpr[16];                 /* Unicorn ids of RAX..R15 in ModRM register-number order */
     uint32_t msr_efer;
     int mem_read, mem_write, mem_fetch;
@@ -95,6 +97,8 @@ typedef struct {
     uint64_t tlb_fills;
     uint64_t icount_misses;
     uint64_t noncanonical_fills;
+    uint32_t python_stop;             /* a Python hook ended the run (its stop must be classified) */
+    uint32_t reserved;
 } hhr_ctx;
 
 /* VMCS field facts the VMREAD/VMWRITE fast path needs, indexed by encoding (emu/vmcs_fields.py). */
@@ -114,14 +118,35 @@ typedef struct {
     uint32_t live_bit;                /* this field's bit in hhr_vmcs.live_written, or 0 */
 } hhr_field;
 
-/* An active VMCS as the fast path sees it: the cached field slots and the bound guest instance. */
+/* An active VMCS as the fast path sees it: the cached field slots and the bound guest instance.
+ * The flags are the machine's one copy of that state; emu/vmcs.py reads and writes them. */
 typedef struct {
     uint64_t *values;
     void *guest_uc;
+    hhr_ctx *guest_ctx;
+    uint64_t address;
+    uint32_t launched;
+    uint32_t entry_verified;          /* the last VM-entry check passed (see written_other_than_rip) */
+    uint32_t inverse_call;            /* an inverse hypercall (VMCALLR) is in progress */
+    uint32_t halted;                  /* the guest is in the HLT activity state */
     uint32_t written_other_than_rip;  /* software wrote a field other than GUEST_RIP */
     uint32_t live_written;            /* live fields VMWRITE changed: the slot holds the value the
                                          next VM entry checks and loads into the guest instance */
 } hhr_vmcs;
+
+/* Slot numbers of the VMCS fields and the architectural values the transition loop uses, filled
+ * from emu/vmcs_fields.py and emu/vmx_defs.py so that no encoding is written twice. */
+typedef struct {
+    int32_t exit_reason, exit_qualification, exit_instruction_length, exit_interruption_info;
+    int32_t exit_interruption_error, idt_vectoring_info, idt_vectoring_error, activity_state;
+    int32_t entry_interruption_info, guest_rip, ept_pointer, pin_controls, primary_controls;
+    int32_t exit_controls, host_cr0, host_cr3, host_cr4, host_fs_base, host_gs_base;
+    int32_t host_gdtr_base, host_idtr_base, host_efer, host_rsp, host_rip;
+    uint64_t interruption_info_valid, preemption_timer_control, interrupt_window_control;
+    uint64_t load_efer_control, rflags_after_exit, descriptor_limit_after_exit;
+    uint32_t exit_reason_cpuid, cpuid_length, vmresume_length, activity_active, guest_rip_live_bit;
+    uint32_t reserved;
+} hhr_transition_constants;
 
 /* One LP's VMX state for the fast path; Python keeps it in step with emu/vmx.py's VmxUnit. */
 typedef struct {
@@ -129,9 +154,49 @@ typedef struct {
     const hhr_field *fields;
     hhr_vmcs *current;
     uint32_t vmx_on;
-    uint32_t reserved;
+    uint32_t fast_entries;            /* the transition loop runs: VMRESUME may be taken in C */
     uint64_t handled;
+    const hhr_transition_constants *constants;
+    uint32_t entry_pending;           /* the hook found a VMRESUME the loop carries out */
+    uint32_t reserved;
 } hhr_vmx;
+
+#define HHR_EVENT_VM_EXIT 1
+#define HHR_EVENT_VM_ENTRY 2
+#define HHR_EVENTS_MAX 64
+#define HHR_LOOP_NOTHING_RAN 0        /* deadline reached or Python's attention asked for */
+#define HHR_LOOP_CLASSIFY 1           /* the last run ended in a way only Python handles */
+
+typedef struct {
+    uint32_t kind;
+    uint32_t reason;
+    uint64_t time;
+    uint64_t vmcs;
+    uint64_t rip;
+} hhr_transition_event;
+
+/* The transition loop of one LP: runs root and guest, carrying out the common VM exits and
+ * entries itself, until something needs Python. */
+typedef struct {
+    hhr_ctx *root;
+    hhr_vmx *vmx;
+    const int *handover;              /* general registers VM transitions hand over */
+    int handover_count;
+    uint32_t in_guest;
+    uint64_t time;                    /* the LP's virtual time */
+    uint64_t deadline;
+    uint64_t retired;                 /* instructions retired during this call */
+    uint32_t attention;               /* Python wants the loop to end after the current run */
+    int last_error;                   /* uc_emu_start's result for the run to classify */
+    hhr_ctx *running;
+    uint64_t run_mark;                /* running->retired when the current run began */
+    uint64_t run_time_base;           /* time when the current run began */
+    uint32_t event_count;
+    uint32_t reserved;
+    hhr_transition_event events[HHR_EVENTS_MAX];
+} hhr_lp;
+
+int hhr_run_transitions(hhr_lp *lp);
 
 bool hhr_invalid_instruction(void *uc, void *user_data);
 

@@ -52,10 +52,24 @@ class LogicalProcessor:
         self.instructions = 0   # retired on this LP, root and guest, excluding idle time
         self._running: ctxmod.ExecutionContext | None = None
         self._run_mark = 0
+        # The C transition loop (emu/fastpath.c, hhr_run_transitions) and whether it is running.
+        self._transitions = fast.ffi.new("hhr_lp *")
+        self._transitions.root = self.root.fast.ctx
+        self._transitions.vmx = self.root.fast_vmx
+        self._transitions.handover = fast.HANDOVER_REGISTERS
+        self._transitions.handover_count = fast.HANDOVER_REGISTER_COUNT
+        self._in_transitions = False
+        self.transitions_in_c = 0    # VM exits and entries the C loop carried out
 
     # --- time ----------------------------------------------------------------------------------------
     @property
     def now(self) -> int:
+        if self._in_transitions:
+            loop = self._transitions
+            running = loop.running
+            if running == fast.ffi.NULL:
+                return loop.time
+            return loop.run_time_base + running.retired - loop.run_mark
         if self._running is not None:
             return self._time + self._running.retired - self._run_mark
         return self._time
@@ -69,10 +83,20 @@ class LogicalProcessor:
 
     def end_run_by(self, deadline: int) -> None:
         """A deadline set while the LP runs (a timer armed by the running code) ends the run then."""
-        running = self._running
-        if running is not None:
-            ctx = running.fast.ctx
-            ctx.stop_at = min(ctx.stop_at, running.retired + max(deadline - self.now, 0))
+        if self._in_transitions:
+            loop = self._transitions
+            loop.deadline = min(loop.deadline, deadline)
+            ctx = loop.running
+        else:
+            ctx = self._running.fast.ctx if self._running is not None else fast.ffi.NULL
+        if ctx != fast.ffi.NULL:
+            ctx.stop_at = min(ctx.stop_at, ctx.retired + max(deadline - self.now, 0))
+
+    def running_context(self) -> ctxmod.ExecutionContext:
+        """The context executing on this LP right now (inside a run), else the one that runs next."""
+        if self._in_transitions and self._transitions.running != fast.ffi.NULL:
+            return self.machine.context_by_id[self._transitions.running.python_id]
+        return self._running if self._running is not None else self.context
 
     def publish(self, kind: str, **data) -> None:
         self.machine.events.publish(self.now, self.index, kind, **data)
@@ -92,7 +116,9 @@ class LogicalProcessor:
     def raise_interrupt(self, vector: int) -> None:
         if vector not in self.pending_vectors:
             bisect.insort(self.pending_vectors, vector)
-        if self._interrupts_enabled_in_root():
+        if self._in_transitions:
+            self._transitions.attention = 1   # Python decides how the vector is taken
+        elif self._interrupts_enabled_in_root():
             self.halted = False
 
     def is_stuck(self) -> bool:
@@ -126,6 +152,11 @@ class LogicalProcessor:
             for candidate in (self.timer.deadline, self.preemption_deadline):
                 if candidate is not None:
                     deadline = min(deadline, candidate)
+            if self._transitions_allowed():
+                self._run_transitions(deadline)
+                if machine.instruction_limit_reached():
+                    break
+                continue
             context = self.context
             budget = max(deadline - self.now, 1)
             self._running, self._run_mark = context, context.retired
@@ -143,6 +174,84 @@ class LogicalProcessor:
                 self._handle_root_stop(stop)
             if machine.instruction_limit_reached():
                 break
+
+    # --- the C transition loop -------------------------------------------------------------------------
+    def _transitions_allowed(self) -> bool:
+        """The loop carries out only transitions that need nothing of Python: no vector pending, no
+        preemption timer, no inverse hypercall, no HLT state (it re-checks the rest itself)."""
+        if not self.machine.fast_transitions or not self.vmx.on or self.pending_vectors or \
+                self.preemption_deadline is not None or self.halted:
+            return False
+        guest = self.guest
+        return guest is None or (guest.inverse_call_saved is None and not guest.halted)
+
+    def _run_transitions(self, deadline: int) -> None:
+        loop = self._transitions
+        machine = self.machine
+        vmcs = self.vmx.current
+        contexts = [self.root] + ([vmcs.context] if vmcs is not None and vmcs.context is not None else [])
+        for context in contexts:
+            context.prepare_for_transitions()
+            context.uc._hook_exception = None
+        loop.in_guest = 1 if self.guest is not None else 0
+        loop.time = self._time
+        loop.deadline = deadline
+        loop.attention = 0
+        self._in_transitions = True
+        machine.events.before_publish = self._publish_transition_events
+        try:
+            result = fast.lib.hhr_run_transitions(loop)
+        finally:
+            self._in_transitions = False
+            machine.events.before_publish = None
+        self._publish_transition_events()
+        self._time = loop.time
+        self.instructions += loop.retired
+        machine.retired += loop.retired
+        for context in contexts:
+            if context.uc._hook_exception is not None:
+                raise context.uc._hook_exception
+        if loop.in_guest:
+            self.guest = vmcs
+            vmcs.lp_index = self.index
+        elif self.guest is not None:
+            self.leave_guest()
+        if result != fast.lib.HHR_LOOP_CLASSIFY:
+            return
+        context = vmcs.context if loop.in_guest else self.root
+        self._running, self._run_mark = context, context.retired
+        try:
+            stop = context.classify(loop.last_error)
+        finally:
+            retired = context.retired - self._run_mark
+            self._time += retired
+            self.instructions += retired
+            machine.retired += retired
+            self._running = None
+        if self.guest is not None:
+            self._handle_guest_stop(stop)
+        else:
+            self._handle_root_stop(stop)
+
+    def _publish_transition_events(self) -> None:
+        """The loop's VM exits and entries, published in order before any later event."""
+        loop = self._transitions
+        count = loop.event_count
+        if not count:
+            return
+        loop.event_count = 0
+        self.transitions_in_c += count
+        events = self.machine.events
+        hook, events.before_publish = events.before_publish, None
+        for index in range(count):
+            event = loop.events[index]
+            if event.kind == fast.lib.HHR_EVENT_VM_EXIT:
+                events.publish(event.time, self.index, "vm-exit", vmcs=event.vmcs, reason=event.reason,
+                               qualification=0, rip=event.rip)
+                self.machine.count_exit(event.reason)
+            else:
+                events.publish(event.time, self.index, "vm-entry", vmcs=event.vmcs, launch=False, rip=event.rip)
+        events.before_publish = hook
 
     def _idle_until(self, slice_end: int) -> None:
         wake = slice_end

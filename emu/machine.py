@@ -68,7 +68,7 @@ class Machine:
     """An x86-64 machine with a VMX-like extension; deterministic for the same inputs."""
 
     def __init__(self, ram_size: int = DEFAULT_RAM_SIZE, lps: int = 1, quantum: int = DEFAULT_QUANTUM,
-                 record_events: bool = False, seed: int = 0):
+                 record_events: bool = False, seed: int = 0, fast_transitions: bool = True):
         if not 1 <= lps <= MAX_LPS:
             raise ValueError(f"the machine has 1 to {MAX_LPS} logical processors, not {lps}")
         if quantum < 1:
@@ -78,6 +78,9 @@ class Machine:
         self.events = EventStream(record_events)
         self.io = IoBus(self)
         self.contexts: list[ctxmod.ExecutionContext] = []
+        self.context_by_id: dict[int, ctxmod.ExecutionContext] = {}
+        # Common VM exits and entries carried out in C (emu/fastpath.c); the same machine either way.
+        self.fast_transitions = fast_transitions
         self._guest_pool: list[ctxmod.ExecutionContext] = []
         self.active_vmcs: dict = {}
         self.exit_counts: collections.Counter[int] = collections.Counter()
@@ -96,6 +99,7 @@ class Machine:
         context = ctxmod.ExecutionContext(self.ram, MACHINE_MAXPHYADDR, kind, name,
                                           self.io.read, self.io.write, self._cpuid)
         self.contexts.append(context)
+        self.context_by_id[context.fast.python_id] = context
         return context
 
     def acquire_guest_context(self, vmcs) -> ctxmod.ExecutionContext:
@@ -167,7 +171,7 @@ class Machine:
         if self.stop is None:
             self.stop = MachineStop(reason, exit_status, lp, report)
         if self.running_lp is not None:
-            self.running_lp.context.request_stop()  # end the run at the current block's end
+            self.running_lp.running_context().request_stop()  # end the run at the current block's end
 
     @property
     def instructions_retired(self) -> int:
@@ -215,6 +219,7 @@ class Machine:
             "instructions_by_lp": {lp.index: lp.instructions for lp in self.lps},
             "instructions_by_context": {context.name: context.retired for context in self.contexts},
             "virtual_time_by_lp": {lp.index: lp.now for lp in self.lps},
+            "transitions_in_c": sum(lp.transitions_in_c for lp in self.lps),
         }
 
     def ring_doorbell(self, words: list[int]) -> None:

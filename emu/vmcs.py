@@ -12,7 +12,14 @@ from unicorn import x86_const as x86
 
 from emu import fast, vmcs_fields as vf
 from emu.vmcs_fields import FIELDS, BY_NAME
-from emu.vmx_defs import INTR_INFO_VALID as INTERRUPTION_INFO_VALID, MSR_IA32_EFER
+from emu.vmx_defs import (
+    INTR_INFO_VALID as INTERRUPTION_INFO_VALID, MSR_IA32_EFER, ActivityState, ExitControls, ExitReason,
+    PinBasedControls, PrimaryProcessorControls, Rflags,
+)
+
+CPUID_LENGTH = 2                 # 0F A2
+VMRESUME_LENGTH = 3              # 0F 01 C3
+DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT = 0xFFFF  # SDM 28.5.2: GDTR and IDTR limits are set to FFFFH
 
 SLOT = struct.Struct("<Q")
 
@@ -94,6 +101,40 @@ def _field_table():
 FIELD_TABLE = _field_table()
 
 
+def _transition_constants():
+    """Slots and architectural values for the C transition loop (emu/fastpath.h)."""
+    k = fast.ffi.new("hhr_transition_constants *")
+    for member, name in (
+            ("exit_reason", _EXIT_REASON), ("exit_qualification", _EXIT_QUALIFICATION),
+            ("exit_instruction_length", _EXIT_INSTRUCTION_LENGTH),
+            ("exit_interruption_info", _EXIT_INTERRUPTION_INFO),
+            ("exit_interruption_error", _EXIT_INTERRUPTION_ERROR),
+            ("idt_vectoring_info", _IDT_VECTORING_INFO), ("idt_vectoring_error", _IDT_VECTORING_ERROR),
+            ("activity_state", _ACTIVITY_STATE), ("entry_interruption_info", _ENTRY_INTERRUPTION_INFO),
+            ("guest_rip", _GUEST_RIP), ("ept_pointer", "EPT_POINTER"),
+            ("pin_controls", "PIN_BASED_VM_EXEC_CONTROL"), ("primary_controls", "CPU_BASED_VM_EXEC_CONTROL"),
+            ("exit_controls", "VM_EXIT_CONTROLS"), ("host_cr0", "HOST_CR0"), ("host_cr3", "HOST_CR3"),
+            ("host_cr4", "HOST_CR4"), ("host_fs_base", "HOST_FS_BASE"), ("host_gs_base", "HOST_GS_BASE"),
+            ("host_gdtr_base", "HOST_GDTR_BASE"), ("host_idtr_base", "HOST_IDTR_BASE"),
+            ("host_efer", "HOST_IA32_EFER"), ("host_rsp", "HOST_RSP"), ("host_rip", "HOST_RIP")):
+        setattr(k, member, _SLOT_INDEX[name])
+    k.interruption_info_valid = INTERRUPTION_INFO_VALID
+    k.preemption_timer_control = PinBasedControls.ACTIVATE_VMX_PREEMPTION_TIMER
+    k.interrupt_window_control = PrimaryProcessorControls.INTERRUPT_WINDOW_EXITING
+    k.load_efer_control = ExitControls.LOAD_IA32_EFER
+    k.rflags_after_exit = Rflags.FIXED1
+    k.descriptor_limit_after_exit = DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT
+    k.exit_reason_cpuid = ExitReason.CPUID
+    k.cpuid_length = CPUID_LENGTH
+    k.vmresume_length = VMRESUME_LENGTH
+    k.activity_active = ActivityState.ACTIVE
+    k.guest_rip_live_bit = _LIVE_BIT[_GUEST_RIP]
+    return k
+
+
+TRANSITION_CONSTANTS = _transition_constants()
+
+
 class ActiveVmcs:
     """One active VMCS: its address, launch state, cached fields and (once entered) guest context."""
 
@@ -102,15 +143,49 @@ class ActiveVmcs:
         self.values = fast.ffi.new("uint64_t[]", values)   # the slots, shared with the C fast path
         self.fast = fast.ffi.new("hhr_vmcs *")
         self.fast.values = self.values
+        self.fast.address = address
         self.launched = launched
         self.context = None          # ExecutionContext holding live guest state, bound on entry
         self.lp_index: int | None = None
         # An inverse hypercall in progress: the guest RIP/RSP/RFLAGS it interrupted.
-        self.inverse_call_saved: tuple[int, int, int] | None = None
-        self.halted = False
-        # The last VM-entry check passed and software wrote nothing but GUEST_RIP since (see
-        # VmxUnit._check_entry; fast.written_other_than_rip is set by VMWRITE in C and in Python).
-        self.entry_verified = False
+        self._inverse_call_saved: tuple[int, int, int] | None = None
+
+    # The flags live in the C struct, which the VMREAD/VMWRITE hook and the transition loop read.
+    @property
+    def launched(self) -> bool:
+        return bool(self.fast.launched)
+
+    @launched.setter
+    def launched(self, value: bool) -> None:
+        self.fast.launched = 1 if value else 0
+
+    @property
+    def halted(self) -> bool:
+        """The guest is in the HLT activity state."""
+        return bool(self.fast.halted)
+
+    @halted.setter
+    def halted(self, value: bool) -> None:
+        self.fast.halted = 1 if value else 0
+
+    @property
+    def entry_verified(self) -> bool:
+        """The last VM-entry check passed; with fast.written_other_than_rip clear, software wrote
+        nothing but GUEST_RIP since (see VmxUnit._check_entry)."""
+        return bool(self.fast.entry_verified)
+
+    @entry_verified.setter
+    def entry_verified(self, value: bool) -> None:
+        self.fast.entry_verified = 1 if value else 0
+
+    @property
+    def inverse_call_saved(self) -> tuple[int, int, int] | None:
+        return self._inverse_call_saved
+
+    @inverse_call_saved.setter
+    def inverse_call_saved(self, saved: tuple[int, int, int] | None) -> None:
+        self._inverse_call_saved = saved
+        self.fast.inverse_call = 0 if saved is None else 1
 
     # --- the memory image -------------------------------------------------------------------------
     @classmethod
@@ -218,6 +293,7 @@ class ActiveVmcs:
         """Makes `context` hold this VMCS's guest register state (the first VM entry)."""
         self.context = context
         self.fast.guest_uc = fast.uc_handle(context.uc)
+        self.fast.guest_ctx = context.fast.ctx
         for name in _LIVE_ORDER:
             self._write_live(name, self.values[_SLOT_INDEX[name]])
         self.fast.live_written = 0
@@ -235,4 +311,5 @@ class ActiveVmcs:
         self.pull_live_state()
         context, self.context = self.context, None
         self.fast.guest_uc = fast.ffi.NULL
+        self.fast.guest_ctx = fast.ffi.NULL
         return context

@@ -12,7 +12,7 @@ from unicorn import x86_const as x86
 
 from emu import decode, fast, vmcs_fields as vf
 from emu.decode import MemoryOperand, RegisterOperand
-from emu.vmcs import ActiveVmcs
+from emu.vmcs import DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT, ActiveVmcs
 from emu.vmentry_checks import check_vm_entry
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import (
@@ -34,7 +34,6 @@ VM_ENTRY_FAILURE = 1 << 31
 INVEPT_DESCRIPTOR_SIZE = 16
 INVEPT_SINGLE_CONTEXT = 1
 INVEPT_ALL_CONTEXT = 2
-DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT = 0xFFFF  # SDM 27.5.2: GDTR and IDTR limits are set to FFFFH
 
 # Machine-specific VM-instruction errors of VMCALLR (above Intel's 1..28; documented in docs/machine.md).
 VMCALLR_NOT_LAUNCHED = 64

@@ -186,10 +186,10 @@ class HarnessRun:
 
 def run_guest(guest_source: str, *, primary: int = 0, max_instructions: int = 10 ** 10,
               ram_size: int = 64 * MIB, record_events: bool = False,
-              prepare: Callable[[Machine], None] | None = None) -> HarnessRun:
+              prepare: Callable[[Machine], None] | None = None, fast_transitions: bool = True) -> HarnessRun:
     """Runs `guest_source` (assembled at GUEST_CODE) under the monitor; the guest ends with HLT and
     its AL is the exit code; bytes it OUTs to any port are printed on COM1 by the monitor."""
-    machine = Machine(ram_size=ram_size, lps=1, record_events=record_events)
+    machine = Machine(ram_size=ram_size, lps=1, record_events=record_events, fast_transitions=fast_transitions)
     machine.ram.write_u32(VMXON_REGION, CAPS.vmcs_revision_id)
     machine.ram.write_u32(VMCS_REGION, CAPS.vmcs_revision_id)
     _write_guest_memory(machine, assemble(guest_source, GUEST_CODE))

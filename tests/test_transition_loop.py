@@ -1,0 +1,60 @@
+"""The C transition loop changes nothing but speed: the same programs with it on and off give the same
+events, console, exit information, instruction counts and virtual time."""
+from __future__ import annotations
+
+import pytest
+
+from emu.machine import Machine
+from emu.vmx_defs import ExitControls, ExitReason, PinBasedControls
+from tests.machine_programs import (
+    EXIT_STOPPED_ON_EXIT, IPI_PORT, ROOT_IDT, build_guest, default_controls, exit_log, exit_logger,
+    exit_status, lines, putc, run_root, set_interrupt_gate, vmx_program,
+)
+from tests.test_determinism import LP1_PERIOD, LP1_TICK, IPI_VECTOR, QUANTUM, arm_periodic_timer
+from tools import harness
+
+CPUIDS = 40                  # fewer exits than the exit log holds: the run ends at the guest HLT
+CPUID_LOOP = lines(f"mov r9, {CPUIDS}", "again:", "mov eax, r9d", "cpuid", "dec r9", "jnz again", "hlt")
+
+
+def cpuid_guest_with_interrupts(machine: Machine) -> str:
+    """LP 0: a guest running CPUIDs (exits in C) and taking external-interrupt exits (in Python) from
+    LP 1's IPIs; the exit logger stops at the guest's HLT or when its log is full."""
+    guest = build_guest(machine, CPUID_LOOP,
+                        controls=default_controls(pin=PinBasedControls.EXTERNAL_INTERRUPT_EXITING,
+                                                  exit=ExitControls.ACKNOWLEDGE_INTERRUPT_ON_EXIT))
+    lp1 = lines("lp1:", set_interrupt_gate(ROOT_IDT, LP1_TICK, "lp1_tick"), arm_periodic_timer(LP1_TICK, LP1_PERIOD),
+                "sti", "lp1_work:", "pause", "jmp lp1_work",
+                "lp1_tick:", putc("b"), f"mov dx, {IPI_PORT:#x}", f"mov eax, {IPI_VECTOR:#x}", "out dx, eax", "iretq")
+    return lines("test rdi, rdi", "jnz lp1", vmx_program(guest, exit_logger((ExitReason.HLT,))), lp1)
+
+
+def run(fast_transitions: bool) -> Machine:
+    machine = Machine(lps=2, quantum=QUANTUM, record_events=True, fast_transitions=fast_transitions)
+    machine.run_result = run_root(machine, cpuid_guest_with_interrupts(machine))
+    return machine
+
+
+def test_loop_on_and_off_give_the_same_machine():
+    fast, slow = run(True), run(False)
+    assert fast.run_result.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), fast.run_result.stop.report
+    assert [e.as_tuple() for e in fast.events.events] == [e.as_tuple() for e in slow.events.events]
+    assert fast.io.console.text() == slow.io.console.text()
+    assert fast.run_result == slow.run_result
+    assert exit_log(fast) == exit_log(slow)
+    assert fast.statistics()["exits_by_reason"] == slow.statistics()["exits_by_reason"]
+    reasons = {record.reason for record in exit_log(fast)}
+    assert ExitReason.CPUID in reasons and ExitReason.EXTERNAL_INTERRUPT in reasons
+    assert fast.statistics()["transitions_in_c"] > 0
+    assert slow.statistics()["transitions_in_c"] == 0
+
+
+@pytest.mark.parametrize("guest", [CPUID_LOOP, "xor eax, eax\ncpuid\nmov al, 0x41\nout 0xe9, al\nxor eax, eax\nhlt"])
+def test_harness_guest_the_same_with_and_without_the_loop(guest):
+    fast = harness.run_guest(guest, record_events=True)
+    slow = harness.run_guest(guest, record_events=True, fast_transitions=False)
+    assert [e.as_tuple() for e in fast.machine.events.events] == [e.as_tuple() for e in slow.machine.events.events]
+    assert fast.console == slow.console
+    assert fast.result == slow.result
+    assert fast.machine.ram.read(harness.VMCS_REGION, harness.PAGE_SIZE) == \
+        slow.machine.ram.read(harness.VMCS_REGION, harness.PAGE_SIZE)
