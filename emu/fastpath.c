@@ -424,7 +424,7 @@ static bool entry_is_plain(const hhr_vmx *v, const hhr_vmcs *vmcs) {
            !(vmcs->live_written & ~k->guest_rip_live_bit) && !vmcs->inverse_call && !vmcs->halted &&
            is_canonical(guest_rip(v, vmcs)) &&
            !(values[k->entry_interruption_info] & k->interruption_info_valid) &&
-           !(values[k->pin_controls] & k->preemption_timer_control) &&
+           !(values[k->pin_controls] & k->preemption_timer_control) && values[k->entry_msr_load_count] == 0 &&
            vmcs->guest_ctx->mode == HHR_MODE_GUEST && vmcs->guest_ctx->eptp == values[k->ept_pointer];
 }
 

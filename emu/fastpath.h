@@ -141,7 +141,7 @@ typedef struct {
     int32_t exit_interruption_error, idt_vectoring_info, idt_vectoring_error, activity_state;
     int32_t entry_interruption_info, guest_rip, ept_pointer, pin_controls, primary_controls;
     int32_t exit_controls, host_cr0, host_cr3, host_cr4, host_fs_base, host_gs_base;
-    int32_t host_gdtr_base, host_idtr_base, host_efer, host_rsp, host_rip;
+    int32_t host_gdtr_base, host_idtr_base, host_efer, host_rsp, host_rip, entry_msr_load_count;
     uint64_t interruption_info_valid, preemption_timer_control, interrupt_window_control;
     uint64_t load_efer_control, rflags_after_exit, descriptor_limit_after_exit;
     uint32_t exit_reason_cpuid, cpuid_length, vmresume_length, activity_active, guest_rip_live_bit;

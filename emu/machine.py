@@ -8,7 +8,7 @@ from unicorn import x86_const as x86
 
 from emu import context as ctxmod
 from emu import cpuid as cpuid_table
-from emu import decode
+from emu import decode, msrs
 from emu.devices import IoBus
 from emu.events import EventStream
 from emu.lp import LogicalProcessor
@@ -32,12 +32,6 @@ CR0_AT_START = (1 << 0) | (1 << 1) | (1 << 4) | (1 << 5) | (1 << 16) | (1 << 31)
 CR4_AT_START = (1 << 5) | (1 << 9) | (1 << 10)                                   # PAE OSFXSR OSXMMEXCPT
 EFER_AT_START = (1 << 8) | (1 << 10) | (1 << 11)                                 # LME LMA NXE
 
-MSR_TSC = 0x10
-MSR_FEATURE_CONTROL = 0x3A
-FEATURE_CONTROL_LOCKED_VMX = 0x5      # lock bit and "VMX outside SMX" (SDM Vol. 3C 24.7)
-MSR_TSC_AUX = 0xC000_0103
-NATIVE_MSRS = frozenset({MSR_IA32_EFER, 0xC000_0081, 0xC000_0082, 0xC000_0083, 0xC000_0084,
-                         0xC000_0100, 0xC000_0101, 0xC000_0102, 0x174, 0x175, 0x176, 0x277})
 U32 = 0xFFFF_FFFF
 PRNG_MULTIPLIER = 6364136223846793005
 PRNG_INCREMENT = 1442695040888963407
@@ -271,7 +265,7 @@ class Machine:
         elif mnemonic == "wrmsr":
             index = uc.reg_read(x86.UC_X86_REG_RCX) & U32
             value = (uc.reg_read(x86.UC_X86_REG_RDX) & U32) << 32 | (uc.reg_read(x86.UC_X86_REG_RAX) & U32)
-            if index not in NATIVE_MSRS:
+            if index not in msrs.NATIVE_MSRS:
                 raise RaiseException(ExceptionVector.GP, 0)
             uc.msr_write(index, value)
         elif mnemonic in ("rdtsc", "rdtscp"):
@@ -303,12 +297,12 @@ class Machine:
         vmx = msr_values()
         if index in vmx:
             return vmx[index]
-        if index == MSR_FEATURE_CONTROL:
-            return FEATURE_CONTROL_LOCKED_VMX
-        if index == MSR_TSC:
+        if index == msrs.IA32_FEATURE_CONTROL:
+            return msrs.FEATURE_CONTROL_LOCKED_VMX
+        if index == msrs.IA32_TSC:
             return lp.now
-        if index == MSR_TSC_AUX:
+        if index == msrs.IA32_TSC_AUX:
             return lp.index
-        if index in NATIVE_MSRS:
+        if index in msrs.NATIVE_MSRS:
             return context.uc.msr_read(index)
         raise RaiseException(ExceptionVector.GP, 0)

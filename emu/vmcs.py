@@ -116,7 +116,8 @@ def _transition_constants():
             ("exit_controls", "VM_EXIT_CONTROLS"), ("host_cr0", "HOST_CR0"), ("host_cr3", "HOST_CR3"),
             ("host_cr4", "HOST_CR4"), ("host_fs_base", "HOST_FS_BASE"), ("host_gs_base", "HOST_GS_BASE"),
             ("host_gdtr_base", "HOST_GDTR_BASE"), ("host_idtr_base", "HOST_IDTR_BASE"),
-            ("host_efer", "HOST_IA32_EFER"), ("host_rsp", "HOST_RSP"), ("host_rip", "HOST_RIP")):
+            ("host_efer", "HOST_IA32_EFER"), ("host_rsp", "HOST_RSP"), ("host_rip", "HOST_RIP"),
+            ("entry_msr_load_count", "VM_ENTRY_MSR_LOAD_COUNT")):
         setattr(k, member, _SLOT_INDEX[name])
     k.interruption_info_valid = INTERRUPTION_INFO_VALID
     k.preemption_timer_control = PinBasedControls.ACTIVATE_VMX_PREEMPTION_TIMER

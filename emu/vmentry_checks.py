@@ -169,7 +169,9 @@ ENTRY_CHECKS: tuple[EntryCheck, ...] = (
                "software interrupt/exception injection: instruction length 1-15 (0 only if "
                "IA32_VMX_MISC[30])"),
     EntryCheck("controls.entry.msr_load_count", "27.2.1.3",
-               "VM-entry MSR-load count must be 0 (machine limitation: no MSR lists)"),
+               "VM-entry MSR-load count at most the recommended maximum of IA32_VMX_MISC (machine policy)"),
+    EntryCheck("controls.entry.msr_load_address", "27.2.1.3",
+               "VM-entry MSR-load address: bits 3:0 zero, first and last byte below 2^MAXPHYADDR"),
     # 27.2.2 host control registers and MSRs
     EntryCheck("host.cr0.fixed0", "27.2.2", "host CR0: IA32_VMX_CR0_FIXED0 bits must be 1"),
     EntryCheck("host.cr0.fixed1", "27.2.2", "host CR0: bits clear in IA32_VMX_CR0_FIXED1 must be 0"),
@@ -664,12 +666,24 @@ def check_event_injection(v: EntryState) -> CheckResult:
     return None
 
 
+MSR_LIST_ENTRY_SIZE = 16            # SDM Vol. 3C 25.7.2, Table 25-15
+MSR_LIST_ALIGNMENT_MASK = 0xF
+
+
 def check_entry_msr_list(v: EntryState) -> CheckResult:
     count = v["VM_ENTRY_MSR_LOAD_COUNT"]
-    if count:
+    if not count:
+        return None
+    if count > v.caps.msr_list_recommended_maximum:
         return make_failure("controls.entry.msr_load_count",
-                            f"{_CTRL} VM_ENTRY_MSR_LOAD_COUNT {count} (this machine has no VM-entry MSR-load "
-                            "list: the count must be 0)")
+                            f"{_CTRL} VM_ENTRY_MSR_LOAD_COUNT {count} (at most "
+                            f"{v.caps.msr_list_recommended_maximum} on this machine)")
+    address = v["VM_ENTRY_MSR_LOAD_ADDR"]
+    last = address + count * MSR_LIST_ENTRY_SIZE - 1
+    if address & MSR_LIST_ALIGNMENT_MASK or (address | last) & ~v.caps.physical_address_mask:
+        return make_failure("controls.entry.msr_load_address",
+                            f"{_CTRL} VM_ENTRY_MSR_LOAD_ADDR 0x{address:x} with {count} entries (bits 3:0 must "
+                            "be 0, and the list must lie below 2^MAXPHYADDR)")
     return None
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from unicorn import x86_const as x86
 
-from emu import decode, fast, vmcs_fields as vf
+from emu import decode, fast, msrs, vmcs_fields as vf
 from emu.decode import MemoryOperand, RegisterOperand
 from emu.vmcs import DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT, ActiveVmcs
 from emu.vmentry_checks import check_vm_entry
@@ -31,6 +31,7 @@ INVALID_VMCS_POINTER = U64
 CR4_VMXE = 1 << 13
 RFLAGS_ARITHMETIC = Rflags.CF | Rflags.PF | Rflags.AF | Rflags.ZF | Rflags.SF | Rflags.OF
 VM_ENTRY_FAILURE = 1 << 31
+MSR_LIST_ENTRY = struct.Struct("<IIQ")   # index, reserved, data (SDM Vol. 3C Table 25-15)
 INVEPT_DESCRIPTOR_SIZE = 16
 INVEPT_SINGLE_CONTEXT = 1
 INVEPT_ALL_CONTEXT = 2
@@ -337,13 +338,41 @@ class VmxUnit:
             if failure.kind == "VMfailValid":
                 self.fail(failure.error)
                 return "next"
-            # SDM 26.8: a guest-state failure loads host state like a VM exit, reason bit 31 set.
-            vmcs.write("VM_EXIT_REASON", VM_ENTRY_FAILURE | int(failure.exit_reason))
-            vmcs.write("EXIT_QUALIFICATION", failure.qualification)
-            self.load_host_state(vmcs)
-            return "stay"
-        self.begin_guest(vmcs, launching, insn.size)
+            return self._fail_entry(vmcs, failure.exit_reason, failure.qualification)
+        msr_loads = self._entry_msr_loads(vmcs)
+        if isinstance(msr_loads, int):
+            message = (f"VMENTER FAIL: VM-entry MSR-load entry {msr_loads} cannot be loaded (reserved bits, "
+                       f"an MSR the list may not load, or outside RAM)")
+            self.lp.publish("vm-entry-failed", vmcs=vmcs.address, check="msr-load", message=message)
+            return self._fail_entry(vmcs, ExitReason.MSR_LOADING, msr_loads)
+        self.begin_guest(vmcs, launching, insn.size, msr_loads=msr_loads)
         return "enter"
+
+    def _fail_entry(self, vmcs: ActiveVmcs, reason: int, qualification: int) -> str:
+        """SDM Vol. 3C 27.8: a failure after the checks of 27.2 loads host state like a VM exit,
+        with bit 31 of the exit reason set."""
+        vmcs.write("VM_EXIT_REASON", VM_ENTRY_FAILURE | int(reason))
+        vmcs.write("EXIT_QUALIFICATION", qualification)
+        self.load_host_state(vmcs)
+        return "stay"
+
+    def _entry_msr_loads(self, vmcs: ActiveVmcs) -> list[tuple[int, int]] | int:
+        """The VM-entry MSR-load list (SDM Vol. 3C 27.4), or the 1-based number of the first entry
+        that cannot be loaded: bits 63:32 of an entry are reserved, and only the MSRs of
+        emu.msrs.ENTRY_LOADABLE_MSRS may be loaded. The list is checked whole before anything is
+        loaded, so a failing list loads nothing."""
+        count = vmcs.read("VM_ENTRY_MSR_LOAD_COUNT")
+        address = vmcs.read("VM_ENTRY_MSR_LOAD_ADDR")
+        loads = []
+        for number in range(1, count + 1):
+            entry = address + (number - 1) * MSR_LIST_ENTRY.size
+            if not self.machine.ram.holds(entry, MSR_LIST_ENTRY.size):
+                return number
+            index, reserved, value = MSR_LIST_ENTRY.unpack(self.machine.ram.read(entry, MSR_LIST_ENTRY.size))
+            if reserved or index not in msrs.ENTRY_LOADABLE_MSRS:
+                return number
+            loads.append((index, value))
+        return loads
 
     @staticmethod
     def _check_entry(vmcs: ActiveVmcs, launching: bool):
@@ -361,7 +390,7 @@ class VmxUnit:
         return failure
 
     def begin_guest(self, vmcs: ActiveVmcs, launching: bool, instruction_length: int,
-                    inject: bool = True) -> None:
+                    inject: bool = True, msr_loads: list[tuple[int, int]] = ()) -> None:
         """Loads guest state and hands the LP to the guest's context (SDM 26.3.2, 26.6)."""
         machine = self.machine
         lp = self.lp
@@ -377,6 +406,8 @@ class VmxUnit:
             vmcs.bind(context)
         else:
             vmcs.load_written_state()
+        for index, value in msr_loads:
+            context.uc.msr_write(index, value)
         eptp = vmcs.read("EPT_POINTER")
         if context.fast.ctx.eptp != eptp or context.fast.ctx.mode != fast.MODE_GUEST:
             context.fast.set_mode(fast.MODE_GUEST, eptp)

@@ -276,8 +276,8 @@ def markdown(caps: VmxCapabilities = MACHINE_VMX_CAPABILITIES) -> str:
         f"- Activity states: {', '.join(state.name for state in sorted(caps.activity_states))}.",
         f"- CR3-target count {caps.cr3_target_count}; MSR-list limit code "
         f"{caps.msr_list_limit_code} (architectural recommendation "
-        f"{caps.msr_list_recommended_maximum} entries), but this machine implements no VM-entry or "
-        "VM-exit MSR lists: all three MSR counts must be 0.",
+        f"{caps.msr_list_recommended_maximum} entries, the most a VM-entry MSR-load list may hold "
+        "here); this machine implements no VM-exit MSR lists: their two counts must be 0.",
         f"- CR0 fixed0 0x{caps.cr0_fixed0:08X} ({bit_names(caps.cr0_fixed0, Cr0)}), fixed1 "
         f"0x{caps.cr0_fixed1:08X} ({bit_names(caps.cr0_fixed1, Cr0)}).",
         f"- CR4 fixed0 0x{caps.cr4_fixed0:08X} ({bit_names(caps.cr4_fixed0, Cr4)}), fixed1 "

@@ -152,7 +152,11 @@ FAILING_CASES = [
                                                  VM_ENTRY_INSTRUCTION_LEN=0), "machine", True),
     ("controls.event.instruction_length", inject(ExceptionVector.BP, InterruptionType.SOFTWARE_EXCEPTION,
                                                  VM_ENTRY_INSTRUCTION_LEN=16), "machine", True),
-    ("controls.entry.msr_load_count", set_(VM_ENTRY_MSR_LOAD_COUNT=1), "machine", True),
+    ("controls.entry.msr_load_count", set_(VM_ENTRY_MSR_LOAD_COUNT=513), "machine", True),
+    ("controls.entry.msr_load_address", set_(VM_ENTRY_MSR_LOAD_COUNT=1, VM_ENTRY_MSR_LOAD_ADDR=0x1008),
+     "machine", True),
+    ("controls.entry.msr_load_address", set_(VM_ENTRY_MSR_LOAD_COUNT=2, VM_ENTRY_MSR_LOAD_ADDR=(1 << 39) - 16),
+     "machine", True),
     # 27.2.2 host control registers and MSRs
     ("host.cr0.fixed0", set_(HOST_CR0=0x11), "machine", True),
     ("host.cr0.fixed1", or_("HOST_CR0", 1 << 6), "machine", True),

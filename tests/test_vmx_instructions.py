@@ -6,13 +6,15 @@ See: SDM Vol. 3C 31.2 (VMsucceed / VMfailInvalid / VMfailValid), 31.3 (instructi
 """
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from emu import vmcs_fields as vf
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx import DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT
 from emu.vmx_defs import (
-    INTR_INFO_VALID, IO_QUAL_DIRECTION_IN, IO_QUAL_IMMEDIATE_OPERAND, IO_QUAL_PORT_SHIFT, IO_QUAL_REP,
+    EXIT_REASON_VM_ENTRY_FAILURE, INTR_INFO_VALID, IO_QUAL_DIRECTION_IN, IO_QUAL_IMMEDIATE_OPERAND, IO_QUAL_PORT_SHIFT, IO_QUAL_REP,
     IO_QUAL_SIZE_MASK, IO_QUAL_STRING, ExceptionVector, ExitControls, ExitReason, InterruptionType,
     PinBasedControls, PrimaryProcessorControls, Rflags, VmInstructionError, make_interruption_info,
 )
@@ -462,6 +464,36 @@ def test_guest_iretq_returns_to_the_code_segment_the_vmcs_gave_it(machine):
     assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
     assert [record.reason for record in exit_log(machine)] == [ExitReason.HLT]
     assert machine.io.console.text() == "IR"
+
+
+MSR_LIST = SCRATCH                 # host-physical address of the VM-entry MSR-load list
+IA32_LSTAR = 0xC000_0082
+IA32_FS_BASE = 0xC000_0100
+LSTAR_VALUE = 0xFFFF_8000_1234_5000
+
+
+def write_msr_list(machine, entries) -> None:
+    machine.ram.write(MSR_LIST, b"".join(struct.pack("<IIQ", index, 0, value) for index, value in entries))
+
+
+def test_vm_entry_msr_load_list_loads_the_guest_msrs(machine):
+    write_msr_list(machine, [(IA32_LSTAR, LSTAR_VALUE)])
+    run, _ = run_guest(machine, "hlt", stop_reasons=(ExitReason.HLT,),
+                       fields={"VM_ENTRY_MSR_LOAD_COUNT": 1, "VM_ENTRY_MSR_LOAD_ADDR": MSR_LIST})
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    assert [record.reason for record in exit_log(machine)] == [ExitReason.HLT]
+    assert machine.active_vmcs[VMCS_REGION].context.uc.msr_read(IA32_LSTAR) == LSTAR_VALUE
+
+
+def test_vm_entry_msr_load_failure_exits_with_reason_34_and_the_entry_number(machine):
+    write_msr_list(machine, [(IA32_LSTAR, LSTAR_VALUE), (IA32_FS_BASE, 0)])
+    run, _ = run_guest(machine, "hlt", on_exit="jmp vm_exit_stop",
+                       fields={"VM_ENTRY_MSR_LOAD_COUNT": 2, "VM_ENTRY_MSR_LOAD_ADDR": MSR_LIST})
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    (record,) = exit_log(machine)
+    assert record.reason == EXIT_REASON_VM_ENTRY_FAILURE | ExitReason.MSR_LOADING
+    assert record.qualification == 2
+    assert events_of(machine, "vm-entry") == []
 
 
 def test_page_fault_exit_reports_linear_address_and_error_code(machine):
