@@ -31,6 +31,9 @@ SOFTWARE_EXCEPTION_LENGTH = 1
 WORD_MASK = 0xFFFF_FFFF
 IO_BITMAP_PORTS = 0x8000   # bitmap A covers ports 0000H-7FFFH, bitmap B 8000H-FFFFH (SDM 25.6.4)
 BITS_PER_BYTE = 8
+# Unicorn errors that stand for an access the architecture refuses with #GP.
+PROTECTION_ERRORS = frozenset({uc_const.UC_ERR_FETCH_PROT, uc_const.UC_ERR_READ_PROT, uc_const.UC_ERR_WRITE_PROT,
+                               uc_const.UC_ERR_EXCEPTION})
 IO_MNEMONIC_SIZES = {"insb": 1, "insw": 2, "insd": 4, "outsb": 1, "outsw": 2, "outsd": 4}
 
 
@@ -386,8 +389,7 @@ class LogicalProcessor:
                                          f"{fault.guest_physical:#x} at RIP {stop.rip:#x}")
 
     def _root_emulator_error(self, stop: ctxmod.Stop) -> None:
-        if stop.error in (uc_const.UC_ERR_FETCH_PROT, uc_const.UC_ERR_READ_PROT, uc_const.UC_ERR_WRITE_PROT,
-                          uc_const.UC_ERR_EXCEPTION):
+        if stop.error in PROTECTION_ERRORS:
             self._deliver_root(ExceptionVector.GP, 0, stop.rip)
             return
         self.machine.machine_check(self, f"emulator error {stop.error} at RIP {stop.rip:#x}")
@@ -439,7 +441,10 @@ class LogicalProcessor:
             self._guest_exception(vmcs, stop.vector, error_code, stop.rip, kind=kind, length=length)
         elif kind == ctxmod.STOP_TRANSLATION_FAULT:
             self._guest_translation_fault(vmcs, stop)
-        else:
+        elif kind == ctxmod.STOP_EMULATOR_ERROR and stop.error not in PROTECTION_ERRORS:
+            # Not an architectural event: the guest ends cleanly with a machine-specific exit.
+            self.vmx.exit_guest(vmcs, ExitReason.GUEST_CANNOT_CONTINUE, stop.error)
+        else:   # a non-canonical address, or an access Unicorn refused: #GP (SDM Vol. 1 3.3.7.1)
             self._guest_exception(vmcs, ExceptionVector.GP, 0, stop.rip)
 
     def _guest_translation_fault(self, vmcs: ActiveVmcs, stop: ctxmod.Stop) -> None:

@@ -1,7 +1,7 @@
 """Named VMX architectural constants: control bits, exit reasons, VM-instruction errors, field formats.
 
 Everything here is a number the Intel SDM defines, given the SDM's name, plus what our machine
-adds (exit reason VMCALLR = 96). Bit definitions are IntEnum members, so `value & Cr0.PG` and
+adds (exit reasons VMCALLR = 96 and GUEST_CANNOT_CONTINUE = 97). Bit definitions are IntEnum members, so `value & Cr0.PG` and
 `value & ~Cr0.PG` are plain integer arithmetic (an IntFlag's `~` would drop undefined bits).
 Section numbers cite the current SDM (Vol. 3C: VMCS = Chapter 25, VM entries = 27, VM exits = 28,
 EPT = 29, VMX instructions = 31; Vol. 3D appendices).
@@ -200,6 +200,8 @@ class ExitReason(enum.IntEnum):
     LOADIWKEY = 69
     # Machine-specific: VMCALLR (inverse hypercall) executed in VMX non-root operation.
     VMCALLR = 96
+    # Machine-specific: the emulator cannot go on with this guest (qualification: Unicorn's error).
+    GUEST_CANNOT_CONTINUE = 97
 
 
 EXIT_REASON_DESCRIPTIONS: dict[ExitReason, str] = {
@@ -271,6 +273,8 @@ EXIT_REASON_DESCRIPTIONS: dict[ExitReason, str] = {
     ExitReason.TPAUSE: "TPAUSE",
     ExitReason.LOADIWKEY: "LOADIWKEY",
     ExitReason.VMCALLR: "VMCALLR (inverse hypercall) in VMX non-root operation (machine-specific)",
+    ExitReason.GUEST_CANNOT_CONTINUE: "the emulator cannot continue the guest; qualification = Unicorn "
+                                      "error number (machine-specific)",
 }
 
 # Exit-reason field format. See: SDM Vol. 3C 25.9.1.

@@ -9,12 +9,15 @@ from __future__ import annotations
 import struct
 
 import pytest
+from unicorn import unicorn_const
 
+from emu import context as ctxmod
 from emu import vmcs_fields as vf
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx import DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT
 from emu.vmx_defs import (
-    EXIT_REASON_VM_ENTRY_FAILURE, INTR_INFO_VALID, IO_QUAL_DIRECTION_IN, IO_QUAL_IMMEDIATE_OPERAND, IO_QUAL_PORT_SHIFT, IO_QUAL_REP,
+    EXIT_REASON_VM_ENTRY_FAILURE, INTR_INFO_VALID, IO_QUAL_DIRECTION_IN, IO_QUAL_IMMEDIATE_OPERAND,
+    IO_QUAL_PORT_SHIFT, IO_QUAL_REP,
     IO_QUAL_SIZE_MASK, IO_QUAL_STRING, ExceptionVector, ExitControls, ExitReason, InterruptionType,
     PinBasedControls, PrimaryProcessorControls, Rflags, VmInstructionError, make_interruption_info,
 )
@@ -604,3 +607,23 @@ def test_exit_loads_host_state(machine):
     limit_bytes, base_bytes = 2, 8
     assert machine.ram.read(SCRATCH, limit_bytes + base_bytes) == \
         DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT.to_bytes(limit_bytes, "little") + ROOT_IDT.to_bytes(base_bytes, "little")
+
+
+def test_a_guest_the_emulator_cannot_continue_ends_with_a_clean_exit(machine, monkeypatch):
+    """Unicorn errors that are no architectural event (none is known to happen) end the guest with
+    the machine-specific exit 97, qualification = Unicorn's error, instead of escaping the machine."""
+    classify = ctxmod.ExecutionContext.classify
+
+    def failing_classify(self, error, watch_interrupt_window=False):
+        stop = classify(self, error, watch_interrupt_window)
+        if self.kind == ctxmod.GUEST and stop.kind == ctxmod.STOP_TRAPPED_INSTRUCTION:
+            return ctxmod.Stop(ctxmod.STOP_EMULATOR_ERROR, stop.rip, error=unicorn_const.UC_ERR_MAP)
+        return stop
+
+    monkeypatch.setattr(ctxmod.ExecutionContext, "classify", failing_classify)
+    run, _ = run_guest(machine, lines("nop", "stuck: hlt"), on_exit="jmp vm_exit_stop")
+    assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+    (record,) = exit_log(machine)
+    assert record.reason == ExitReason.GUEST_CANNOT_CONTINUE
+    assert record.qualification == unicorn_const.UC_ERR_MAP
+    assert record.guest_rip == label_address(lines("nop", "stuck: hlt"), "stuck", GUEST_CODE, root_program=False)
