@@ -578,6 +578,7 @@ int hhr_run_transitions(hhr_lp *lp) {
     const hhr_transition_constants *k = v->constants;
     const hhr_api *api = lp->root->api;
     lp->retired = 0;
+    lp->runs = 0;
     lp->event_count = 0;
     lp->running = NULL;
     v->fast_entries = 1;
@@ -598,6 +599,7 @@ int hhr_run_transitions(hhr_lp *lp) {
         lp->run_mark = c->retired;
         lp->run_time_base = lp->time;
         uint64_t start = read_register(c, api->reg_rip);
+        lp->runs++;
         lp->last_error = api->emu_start(c->uc, start, HHR_END_OF_RUN_ADDRESS, 0, 0);
         uint64_t ran = c->retired - lp->run_mark;
         lp->time += ran;

@@ -192,7 +192,7 @@ typedef struct {
     uint64_t run_mark;                /* running->retired when the current run began */
     uint64_t run_time_base;           /* time when the current run began */
     uint32_t event_count;
-    uint32_t reserved;
+    uint32_t runs;                    /* runs this call made; 0: Python must take this turn itself */
     hhr_transition_event events[HHR_EVENTS_MAX];
 } hhr_lp;
 

@@ -155,8 +155,7 @@ class LogicalProcessor:
             for candidate in (self.timer.deadline, self.preemption_deadline):
                 if candidate is not None:
                     deadline = min(deadline, candidate)
-            if self._transitions_allowed():
-                self._run_transitions(deadline)
+            if self._transitions_allowed() and self._run_transitions(deadline):
                 if machine.instruction_limit_reached():
                     break
                 continue
@@ -188,7 +187,8 @@ class LogicalProcessor:
         guest = self.guest
         return guest is None or (guest.inverse_call_saved is None and not guest.halted)
 
-    def _run_transitions(self, deadline: int) -> None:
+    def _run_transitions(self, deadline: int) -> bool:
+        """Runs the C loop; False if it declined to run anything (Python takes this turn)."""
         loop = self._transitions
         machine = self.machine
         vmcs = self.vmx.current
@@ -208,6 +208,8 @@ class LogicalProcessor:
             self._in_transitions = False
             machine.events.before_publish = None
         self._publish_transition_events()
+        if not loop.runs:
+            return False
         self._time = loop.time
         self.instructions += loop.retired
         machine.retired += loop.retired
@@ -220,7 +222,7 @@ class LogicalProcessor:
         elif self.guest is not None:
             self.leave_guest()
         if result != fast.lib.HHR_LOOP_CLASSIFY:
-            return
+            return True
         context = vmcs.context if loop.in_guest else self.root
         self._running, self._run_mark = context, context.retired
         try:
@@ -235,6 +237,7 @@ class LogicalProcessor:
             self._handle_guest_stop(stop)
         else:
             self._handle_root_stop(stop)
+        return True
 
     def _publish_transition_events(self) -> None:
         """The loop's VM exits and entries, published in order before any later event."""

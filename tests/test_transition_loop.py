@@ -2,10 +2,12 @@
 events, console, exit information, instruction counts and virtual time."""
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from emu.machine import Machine
-from emu.vmx_defs import ExitControls, ExitReason, PinBasedControls
+from emu.vmx_defs import ExitControls, ExitReason, PinBasedControls, PrimaryProcessorControls
 from tests.machine_programs import (
     EXIT_STOPPED_ON_EXIT, IPI_PORT, ROOT_IDT, build_guest, default_controls, exit_log, exit_logger,
     exit_status, lines, putc, run_root, set_interrupt_gate, vmx_program,
@@ -13,6 +15,7 @@ from tests.machine_programs import (
 from tests.test_determinism import LP1_PERIOD, LP1_TICK, IPI_VECTOR, QUANTUM, arm_periodic_timer
 from tools import harness
 
+ALARM_SECONDS = 30
 CPUIDS = 40                  # fewer exits than the exit log holds: the run ends at the guest HLT
 CPUID_LOOP = lines(f"mov r9, {CPUIDS}", "again:", "mov eax, r9d", "cpuid", "dec r9", "jnz again", "hlt")
 
@@ -58,3 +61,23 @@ def test_harness_guest_the_same_with_and_without_the_loop(guest):
     assert fast.result == slow.result
     assert fast.machine.ram.read(harness.VMCS_REGION, harness.PAGE_SIZE) == \
         slow.machine.ram.read(harness.VMCS_REGION, harness.PAGE_SIZE)
+
+
+def test_a_guest_the_loop_does_not_take_runs_on_the_python_path():
+    """With interrupt-window exiting the loop declines the guest before running it: the machine must
+    go on in Python rather than ask the loop again and again."""
+    def expire(_signal, _frame):
+        raise TimeoutError("the machine made no progress")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(ALARM_SECONDS)
+    try:
+        machine = Machine(record_events=True)
+        guest = build_guest(machine, lines("cli", "spin:", "pause", "jmp spin"),
+                            controls=default_controls(primary=PrimaryProcessorControls.INTERRUPT_WINDOW_EXITING
+                                                      | PrimaryProcessorControls.HLT_EXITING))
+        result = run_root(machine, vmx_program(guest, exit_logger()), max_instructions=100_000)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert result.stop.reason == "instruction-limit"
+    assert result.instructions >= 100_000
