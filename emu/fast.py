@@ -18,9 +18,13 @@ def _load_fastpath():
     try:
         return importlib.import_module("emu._fastpath")
     except ImportError:
+        import warnings
+
         from emu import fastpath_build
 
-        fastpath_build.ffi.compile(tmpdir=str(fastpath_build.HERE.parent), verbose=False)
+        with warnings.catch_warnings():   # setuptools comments on pyproject.toml while it builds
+            warnings.simplefilter("ignore")
+            fastpath_build.ffi.compile(tmpdir=str(fastpath_build.HERE.parent), verbose=False)
         importlib.invalidate_caches()
         return importlib.import_module("emu._fastpath")
 
