@@ -55,7 +55,7 @@ STOP_NONCANONICAL = lib.HHR_STOP_NONCANONICAL
 ICOUNT_CACHE_ENTRIES = 1 << 16
 NEW_BLOCK_STOP = -1  # hhr_on_new_block's answer: stop before the block, it holds new trap points
 
-# Registers a VM exit hands from the guest to the host and a VM entry hands back (SDM Vol. 3C 27.5:
+# Registers a VM exit hands from the guest to the host and a VM entry hands back (SDM Vol. 3C 28.5:
 # the processor does not save or load general-purpose registers other than RSP on VM transitions).
 GENERAL_PURPOSE_REGISTERS = (
     x86_const.UC_X86_REG_RAX, x86_const.UC_X86_REG_RBX, x86_const.UC_X86_REG_RCX,

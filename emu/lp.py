@@ -502,7 +502,7 @@ class LogicalProcessor:
         self.vmx.exit_guest(vmcs, ExitReason.TRIPLE_FAULT)
 
     def inject_into_guest(self, vmcs: ActiveVmcs, info: int, error_code: int, instruction_length: int) -> None:
-        """VM-entry event injection (SDM Vol. 3C 26.6)."""
+        """VM-entry event injection (SDM Vol. 3C 27.6)."""
         vector = info & INTR_INFO_VECTOR_MASK
         kind = InterruptionType((info & INTR_INFO_TYPE_MASK) >> INTR_INFO_TYPE_SHIFT)
         rip = vmcs.read("GUEST_RIP")

@@ -115,7 +115,7 @@ class Machine:
             self._guest_pool.append(context)
 
     def invalidate_ept(self, eptp: int | None) -> None:
-        """INVEPT: drop translations derived from one EPTP (single-context) or all (SDM 30.3 INVEPT)."""
+        """INVEPT: drop translations derived from one EPTP (single-context) or all (SDM Vol. 3C 31.3 INVEPT)."""
         for vmcs in self.active_vmcs.values():
             if vmcs.context is not None and (eptp is None or vmcs.context.fast.ctx.eptp == eptp):
                 vmcs.context.flush_translations()

@@ -1,4 +1,4 @@
-"""The VMX-like extension: VMX instructions in root mode, VM entries and VM exits (SDM Vol. 3C 26, 27, 31).
+"""The VMX-like extension: VMX instructions in root mode, VM entries and VM exits (SDM Vol. 3C 27, 28, 31).
 
 Instructions arrive here as #UD traps from Unicorn; each is carried out as the SDM's pseudocode
 for it says (Vol. 3C 31.3), with VMsucceed / VMfailInvalid / VMfailValid(n) reported in RFLAGS.
@@ -318,7 +318,7 @@ class VmxUnit:
     def _vmresume(self, insn) -> str:
         return self._enter(insn, launching=False)
 
-    # --- VM entry (SDM Vol. 3C 26) ------------------------------------------------------------------
+    # --- VM entry (SDM Vol. 3C 27) ------------------------------------------------------------------
     def _enter(self, insn, launching: bool) -> str:
         vmcs = self.current
         if vmcs is None:
@@ -376,7 +376,7 @@ class VmxUnit:
 
     @staticmethod
     def _check_entry(vmcs: ActiveVmcs, launching: bool):
-        """The checks of SDM 26.2-26.3.1. Their outcome depends only on field values, so after a
+        """The checks of SDM Vol. 3C 27.2-27.3.1. Their outcome depends only on field values, so after a
         successful check the machine re-checks in full only when software wrote a field other than
         GUEST_RIP (whose one check, canonical form, is done here); the guest cannot make its own
         state invalid for these checks."""
@@ -391,7 +391,7 @@ class VmxUnit:
 
     def begin_guest(self, vmcs: ActiveVmcs, launching: bool, instruction_length: int,
                     inject: bool = True, msr_loads: list[tuple[int, int]] = ()) -> None:
-        """Loads guest state and hands the LP to the guest's context (SDM 26.3.2, 26.6)."""
+        """Loads guest state and hands the LP to the guest's context (SDM Vol. 3C 27.3.2, 27.6)."""
         machine = self.machine
         lp = self.lp
         # The VMX instruction retires in root mode before the guest starts.
@@ -428,7 +428,7 @@ class VmxUnit:
             lp.inject_into_guest(vmcs, entry_info, vmcs.read("VM_ENTRY_EXCEPTION_ERROR_CODE"),
                                  vmcs.read("VM_ENTRY_INSTRUCTION_LEN"))
 
-    # --- VM exit (SDM Vol. 3C 27) ------------------------------------------------------------------
+    # --- VM exit (SDM Vol. 3C 28) ------------------------------------------------------------------
     def exit_guest(self, vmcs: ActiveVmcs, reason: int, qualification: int = 0, *,
                    instruction_length: int = 0, guest_linear: int | None = None,
                    guest_physical: int | None = None, interruption_info: int = 0,
@@ -453,7 +453,7 @@ class VmxUnit:
         self.load_host_state(vmcs)
 
     def load_host_state(self, vmcs: ActiveVmcs) -> None:
-        """SDM 27.5: host RIP, RSP, control registers, bases and EFER; RFLAGS = 2."""
+        """SDM Vol. 3C 28.5: host RIP, RSP, control registers, bases and EFER; RFLAGS = 2."""
         uc = self.lp.root.uc
         regs = self.lp.root.regs
         host_cr3 = vmcs.read("HOST_CR3")
