@@ -79,6 +79,8 @@ class ExecutionContext:
             self.fast_vmx.fields = FIELD_TABLE
             self.fast_vmx.constants = TRANSITION_CONSTANTS
             fast.register_invalid_instruction_hook(self.uc, self.fast_vmx)
+        else:
+            fast.register_guest_invalid_instruction_hook(self.uc, self.fast.ctx)
         self.uc.hook_add(uc_const.UC_HOOK_INSN_INVALID, self._on_invalid_opcode)
         self.uc.hook_add(uc_const.UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(uc_const.UC_HOOK_INSN, self._on_in, None, 1, 0, x86.UC_X86_INS_IN)

@@ -246,6 +246,11 @@ def register_invalid_instruction_hook(uc, vmx_state) -> None:
     _register_hook(uc, uc_const.UC_HOOK_INSN_INVALID, "hhr_invalid_instruction", vmx_state)
 
 
+def register_guest_invalid_instruction_hook(uc, state) -> None:
+    """Installs the C VMCALL recogniser of the transition loop; register it before Python's."""
+    _register_hook(uc, uc_const.UC_HOOK_INSN_INVALID, "hhr_guest_invalid_instruction", state)
+
+
 def copy_general_purpose_registers(from_uc, to_uc) -> None:
     """Copies RAX..R15 except RSP from one instance to another in C (about a microsecond)."""
     lib.hhr_copy_registers(API, ffi.cast("void *", ctypes.cast(from_uc._uch, ctypes.c_void_p).value),

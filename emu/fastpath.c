@@ -514,16 +514,16 @@ static void write_table_if_changed(const hhr_api *api, void *uc, int regid, uint
     }
 }
 
-/* The VM exit of a guest's CPUID, as emu/vmx.py's exit_guest and load_host_state make it
- * (SDM Vol. 3C 28.2, 28.5). */
-static void exit_on_cpuid(hhr_lp *lp, hhr_vmcs *vmcs) {
+/* A VM exit with no qualification or event information (CPUID, VMCALL, HLT), as emu/vmx.py's
+ * exit_guest and load_host_state make it (SDM Vol. 3C 28.2, 28.5). */
+static void exit_simply(hhr_lp *lp, hhr_vmcs *vmcs, uint32_t reason, uint32_t length) {
     const hhr_transition_constants *k = lp->vmx->constants;
     const hhr_api *api = lp->root->api;
     uint64_t *values = vmcs->values;
     void *root_uc = lp->root->uc;
-    values[k->exit_reason] = k->exit_reason_cpuid;
+    values[k->exit_reason] = reason;
     values[k->exit_qualification] = 0;
-    values[k->exit_instruction_length] = k->cpuid_length;
+    values[k->exit_instruction_length] = length;
     values[k->exit_interruption_info] = 0;
     values[k->exit_interruption_error] = 0;
     values[k->idt_vectoring_info] = 0;
@@ -531,7 +531,7 @@ static void exit_on_cpuid(hhr_lp *lp, hhr_vmcs *vmcs) {
     values[k->activity_state] = k->activity_active;
     values[k->entry_interruption_info] &= ~k->interruption_info_valid;
     hhr_copy_registers(api, vmcs->guest_uc, root_uc, lp->handover, lp->handover_count);
-    record(lp, HHR_EVENT_VM_EXIT, k->exit_reason_cpuid, vmcs->address, guest_rip(lp->vmx, vmcs));
+    record(lp, HHR_EVENT_VM_EXIT, reason, vmcs->address, guest_rip(lp->vmx, vmcs));
     write_register_if_changed(api, root_uc, api->reg_cr3, values[k->host_cr3]);
     write_register_if_changed(api, root_uc, api->reg_cr0, values[k->host_cr0]);
     write_register_if_changed(api, root_uc, api->reg_cr4, values[k->host_cr4]);
@@ -565,12 +565,30 @@ static void enter_on_vmresume(hhr_lp *lp, hhr_vmcs *vmcs) {
     lp->in_guest = 1;
 }
 
-static bool at_cpuid(hhr_ctx *c, uint64_t rip) {
+static const uint8_t VMCALL_BYTES[] = {0x0F, 0x01, 0xC1};
+static const uint8_t HLT_BYTES[] = {0xF4};
+
+/* The bytes at a linear address of a context, if they lie in one page and match `expected`. */
+static bool code_is(hhr_ctx *c, uint64_t rip, const uint8_t *expected, size_t length) {
     uint64_t physical;
     hhr_fault fault;
     if (!hhr_translate_current(c, rip, HHR_ACCESS_FETCH, &physical, &fault)) return false;
-    if ((physical & PAGE_OFFSET_MASK) > PAGE_SIZE - sizeof CPUID_BYTES) return false;
-    return memcmp(c->ram + physical, CPUID_BYTES, sizeof CPUID_BYTES) == 0;
+    if ((physical & PAGE_OFFSET_MASK) > PAGE_SIZE - length) return false;
+    return memcmp(c->ram + physical, expected, length) == 0;
+}
+
+/* UC_HOOK_INSN_INVALID of a guest, before the machine's Python hook: while the transition loop runs
+ * the guest, a VMCALL that ends the block just counted becomes a VM exit the loop carries out. */
+bool hhr_guest_invalid_instruction(void *uc, void *user_data) {
+    hhr_ctx *c = (hhr_ctx *)user_data;
+    (void)uc;
+    if (!c->fast_exits) return false;
+    uint64_t rip = read_register(c, c->api->reg_rip);
+    if (rip + sizeof VMCALL_BYTES != c->block_pc + c->block_size || c->block_icount == 0) return false;
+    if (!code_is(c, rip, VMCALL_BYTES, sizeof VMCALL_BYTES)) return false;
+    c->exit_pending = 1;
+    stop(c, HHR_STOP_NONE);
+    return true;
 }
 
 int hhr_run_transitions(hhr_lp *lp) {
@@ -594,6 +612,8 @@ int hhr_run_transitions(hhr_lp *lp) {
         c->watch_interrupt_window = 0;
         c->block_size = 0;
         c->python_stop = 0;
+        c->exit_pending = 0;
+        c->fast_exits = lp->in_guest;
         v->entry_pending = 0;
         lp->running = c;
         lp->run_mark = c->retired;
@@ -601,16 +621,34 @@ int hhr_run_transitions(hhr_lp *lp) {
         uint64_t start = read_register(c, api->reg_rip);
         lp->runs++;
         lp->last_error = api->emu_start(c->uc, start, HHR_END_OF_RUN_ADDRESS, 0, 0);
+        c->fast_exits = 0;
         uint64_t ran = c->retired - lp->run_mark;
         lp->time += ran;
         lp->retired += ran;
         lp->running = NULL;
         bool plain_stop = lp->last_error == 0 && c->stop_reason == HHR_STOP_NONE && !c->python_stop &&
                           !lp->attention;
-        if (plain_stop && lp->in_guest && !vmcs->inverse_call &&
-            at_cpuid(c, read_register(c, api->reg_rip))) {
-            exit_on_cpuid(lp, vmcs);
-            continue;
+        if (lp->in_guest && c->exit_pending) {
+            /* A VMCALL: it counted with its block but does not retire (the Python path takes it
+             * back the same way), and the guest exits with reason 18. */
+            c->retired--;
+            lp->time--;
+            lp->retired--;
+            exit_simply(lp, vmcs, k->exit_reason_vmcall, k->vmcall_length);
+            if (plain_stop) continue;
+            break;
+        }
+        if (plain_stop && lp->in_guest) {
+            uint64_t rip = read_register(c, api->reg_rip);
+            if (code_is(c, rip, CPUID_BYTES, sizeof CPUID_BYTES)) {
+                exit_simply(lp, vmcs, k->exit_reason_cpuid, k->cpuid_length);
+                continue;
+            }
+            if ((vmcs->values[k->primary_controls] & k->hlt_exiting_control) &&
+                code_is(c, rip, HLT_BYTES, sizeof HLT_BYTES)) {
+                exit_simply(lp, vmcs, k->exit_reason_hlt, k->hlt_length);
+                continue;
+            }
         }
         if (!lp->in_guest && v->entry_pending) {
             /* The hook took the VMRESUME (it ends its block); Python, had it handled the stop,

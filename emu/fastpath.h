@@ -98,6 +98,8 @@ typedef struct {
     uint64_t icount_misses;
     uint64_t noncanonical_fills;
     uint32_t python_stop;             /* a Python hook ended the run (its stop must be classified) */
+    uint32_t fast_exits;              /* the transition loop runs this guest: VMCALL may exit in C */
+    uint32_t exit_pending;            /* the exit reason the guest's invalid-instruction hook found */
     uint32_t reserved;
 } hhr_ctx;
 
@@ -143,8 +145,9 @@ typedef struct {
     int32_t exit_controls, host_cr0, host_cr3, host_cr4, host_fs_base, host_gs_base;
     int32_t host_gdtr_base, host_idtr_base, host_efer, host_rsp, host_rip, entry_msr_load_count;
     uint64_t interruption_info_valid, preemption_timer_control, interrupt_window_control;
-    uint64_t load_efer_control, rflags_after_exit, descriptor_limit_after_exit;
-    uint32_t exit_reason_cpuid, cpuid_length, vmresume_length, activity_active, guest_rip_live_bit;
+    uint64_t load_efer_control, rflags_after_exit, descriptor_limit_after_exit, hlt_exiting_control;
+    uint32_t exit_reason_cpuid, cpuid_length, exit_reason_vmcall, vmcall_length;
+    uint32_t exit_reason_hlt, hlt_length, vmresume_length, activity_active, guest_rip_live_bit;
     uint32_t reserved;
 } hhr_transition_constants;
 
@@ -199,6 +202,7 @@ typedef struct {
 int hhr_run_transitions(hhr_lp *lp);
 
 bool hhr_invalid_instruction(void *uc, void *user_data);
+bool hhr_guest_invalid_instruction(void *uc, void *user_data);
 
 int hhr_ept_translate(hhr_ctx *c, uint64_t guest_physical, uint32_t access,
                       uint64_t *host_physical, uint32_t *permissions, hhr_fault *fault);

@@ -18,6 +18,8 @@ from emu.vmx_defs import (
 )
 
 CPUID_LENGTH = 2                 # 0F A2
+VMCALL_LENGTH = 3                # 0F 01 C1
+HLT_LENGTH = 1                   # F4
 VMRESUME_LENGTH = 3              # 0F 01 C3
 DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT = 0xFFFF  # SDM 28.5.2: GDTR and IDTR limits are set to FFFFH
 
@@ -127,6 +129,11 @@ def _transition_constants():
     k.descriptor_limit_after_exit = DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT
     k.exit_reason_cpuid = ExitReason.CPUID
     k.cpuid_length = CPUID_LENGTH
+    k.exit_reason_vmcall = ExitReason.VMCALL
+    k.vmcall_length = VMCALL_LENGTH
+    k.exit_reason_hlt = ExitReason.HLT
+    k.hlt_length = HLT_LENGTH
+    k.hlt_exiting_control = PrimaryProcessorControls.HLT_EXITING
     k.vmresume_length = VMRESUME_LENGTH
     k.activity_active = ActivityState.ACTIVE
     k.guest_rip_live_bit = _LIVE_BIT[_GUEST_RIP]
