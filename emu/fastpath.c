@@ -486,10 +486,12 @@ bool hhr_invalid_instruction(void *uc, void *user_data) {
 /* --- the transition loop ----------------------------------------------------------------------- */
 static const uint8_t CPUID_BYTES[] = {0x0F, 0xA2};
 
-static bool record(hhr_lp *lp, uint32_t kind, uint32_t reason, uint64_t vmcs, uint64_t rip) {
+static bool record(hhr_lp *lp, uint32_t kind, uint32_t reason, uint64_t qualification, uint64_t vmcs,
+                   uint64_t rip) {
     hhr_transition_event *e = &lp->events[lp->event_count++];
     e->kind = kind;
     e->reason = reason;
+    e->qualification = qualification;
     e->time = lp->time;
     e->vmcs = vmcs;
     e->rip = rip;
@@ -514,15 +516,15 @@ static void write_table_if_changed(const hhr_api *api, void *uc, int regid, uint
     }
 }
 
-/* A VM exit with no qualification or event information (CPUID, VMCALL, HLT), as emu/vmx.py's
- * exit_guest and load_host_state make it (SDM Vol. 3C 28.2, 28.5). */
-static void exit_simply(hhr_lp *lp, hhr_vmcs *vmcs, uint32_t reason, uint32_t length) {
+/* A VM exit with no event information (CPUID, VMCALL, HLT, I/O), as emu/vmx.py's exit_guest and
+ * load_host_state make it (SDM Vol. 3C 28.2, 28.5). */
+static void exit_simply(hhr_lp *lp, hhr_vmcs *vmcs, uint32_t reason, uint32_t length, uint64_t qualification) {
     const hhr_transition_constants *k = lp->vmx->constants;
     const hhr_api *api = lp->root->api;
     uint64_t *values = vmcs->values;
     void *root_uc = lp->root->uc;
     values[k->exit_reason] = reason;
-    values[k->exit_qualification] = 0;
+    values[k->exit_qualification] = qualification;
     values[k->exit_instruction_length] = length;
     values[k->exit_interruption_info] = 0;
     values[k->exit_interruption_error] = 0;
@@ -531,7 +533,7 @@ static void exit_simply(hhr_lp *lp, hhr_vmcs *vmcs, uint32_t reason, uint32_t le
     values[k->activity_state] = k->activity_active;
     values[k->entry_interruption_info] &= ~k->interruption_info_valid;
     hhr_copy_registers(api, vmcs->guest_uc, root_uc, lp->handover, lp->handover_count);
-    record(lp, HHR_EVENT_VM_EXIT, reason, vmcs->address, guest_rip(lp->vmx, vmcs));
+    record(lp, HHR_EVENT_VM_EXIT, reason, qualification, vmcs->address, guest_rip(lp->vmx, vmcs));
     write_register_if_changed(api, root_uc, api->reg_cr3, values[k->host_cr3]);
     write_register_if_changed(api, root_uc, api->reg_cr0, values[k->host_cr0]);
     write_register_if_changed(api, root_uc, api->reg_cr4, values[k->host_cr4]);
@@ -561,7 +563,7 @@ static void enter_on_vmresume(hhr_lp *lp, hhr_vmcs *vmcs) {
         vmcs->live_written &= ~k->guest_rip_live_bit;
     }
     hhr_copy_registers(api, lp->root->uc, vmcs->guest_uc, lp->handover, lp->handover_count);
-    record(lp, HHR_EVENT_VM_ENTRY, 0, vmcs->address, guest_rip(lp->vmx, vmcs));
+    record(lp, HHR_EVENT_VM_ENTRY, 0, 0, vmcs->address, guest_rip(lp->vmx, vmcs));
     lp->in_guest = 1;
 }
 
@@ -575,6 +577,66 @@ static bool code_is(hhr_ctx *c, uint64_t rip, const uint8_t *expected, size_t le
     if (!hhr_translate_current(c, rip, HHR_ACCESS_FETCH, &physical, &fault)) return false;
     if ((physical & PAGE_OFFSET_MASK) > PAGE_SIZE - length) return false;
     return memcmp(c->ram + physical, expected, length) == 0;
+}
+
+/* IN and OUT without string or REX prefixes (SDM Vol. 2B IN, OUT): their size, port and length. */
+#define OPERAND_SIZE_PREFIX 0x66
+#define IN_AL_IMM 0xE4
+#define IN_EAX_IMM 0xE5
+#define OUT_IMM_AL 0xE6
+#define OUT_IMM_EAX 0xE7
+#define IN_AL_DX 0xEC
+#define IN_EAX_DX 0xED
+#define OUT_DX_AL 0xEE
+#define OUT_DX_EAX 0xEF
+#define PORT_MASK 0xFFFFULL
+#define LAST_PORT 0xFFFFULL
+#define BITS_PER_BYTE 8
+
+/* Whether a guest stopped at IN or OUT exits under its I/O-exiting controls (SDM Vol. 3C 26.1.3);
+ * false also for every form the Python path handles (string I/O, prefixes, no exit). */
+static bool io_exit(hhr_lp *lp, hhr_vmcs *vmcs, hhr_ctx *c, uint64_t rip, uint32_t *length,
+                    uint64_t *qualification) {
+    const hhr_transition_constants *k = lp->vmx->constants;
+    uint64_t physical;
+    hhr_fault fault;
+    const uint32_t longest = 3;
+    if (!hhr_translate_current(c, rip, HHR_ACCESS_FETCH, &physical, &fault)) return false;
+    if ((physical & PAGE_OFFSET_MASK) > PAGE_SIZE - longest) return false;
+    const uint8_t *code = c->ram + physical;
+    uint32_t at = 0, size_of_wide = 4;
+    if (code[0] == OPERAND_SIZE_PREFIX) {
+        size_of_wide = 2;
+        at = 1;
+    }
+    uint8_t opcode = code[at];
+    bool immediate = opcode >= IN_AL_IMM && opcode <= OUT_IMM_EAX;
+    bool through_dx = opcode >= IN_AL_DX && opcode <= OUT_DX_EAX;
+    if (!immediate && !through_dx) return false;
+    bool is_in = opcode == IN_AL_IMM || opcode == IN_EAX_IMM || opcode == IN_AL_DX || opcode == IN_EAX_DX;
+    bool wide = opcode == IN_EAX_IMM || opcode == OUT_IMM_EAX || opcode == IN_EAX_DX || opcode == OUT_DX_EAX;
+    if (at && !wide) return false;
+    uint32_t size = wide ? size_of_wide : 1;
+    uint64_t port = immediate ? code[at + 1] : (read_register(c, c->api->gpr[2]) & PORT_MASK); /* DX */
+    uint64_t controls = vmcs->values[k->primary_controls];
+    bool exits;
+    if (controls & k->io_bitmaps_control) {
+        exits = false;
+        for (uint64_t p = port; p < port + size && !exits; p++) {
+            if (p > LAST_PORT) { exits = true; break; }
+            uint64_t bitmap = vmcs->values[p < k->io_bitmap_ports ? k->io_bitmap_a : k->io_bitmap_b];
+            uint64_t offset = p % k->io_bitmap_ports, byte = bitmap + offset / BITS_PER_BYTE;
+            if (byte >= c->ram_size) { exits = true; break; }
+            exits = (c->ram[byte] >> (offset % BITS_PER_BYTE)) & 1;
+        }
+    } else {
+        exits = (controls & k->unconditional_io_control) != 0;
+    }
+    if (!exits) return false;
+    *length = at + (immediate ? 2 : 1);
+    *qualification = (size - 1) | (is_in ? k->io_direction_in : 0) | (immediate ? k->io_immediate : 0) |
+                     (port << k->io_port_shift);
+    return true;
 }
 
 /* UC_HOOK_INSN_INVALID of a guest, before the machine's Python hook: while the transition loop runs
@@ -634,19 +696,25 @@ int hhr_run_transitions(hhr_lp *lp) {
             c->retired--;
             lp->time--;
             lp->retired--;
-            exit_simply(lp, vmcs, k->exit_reason_vmcall, k->vmcall_length);
+            exit_simply(lp, vmcs, k->exit_reason_vmcall, k->vmcall_length, 0);
             if (plain_stop) continue;
             break;
         }
         if (plain_stop && lp->in_guest) {
             uint64_t rip = read_register(c, api->reg_rip);
             if (code_is(c, rip, CPUID_BYTES, sizeof CPUID_BYTES)) {
-                exit_simply(lp, vmcs, k->exit_reason_cpuid, k->cpuid_length);
+                exit_simply(lp, vmcs, k->exit_reason_cpuid, k->cpuid_length, 0);
                 continue;
             }
             if ((vmcs->values[k->primary_controls] & k->hlt_exiting_control) &&
                 code_is(c, rip, HLT_BYTES, sizeof HLT_BYTES)) {
-                exit_simply(lp, vmcs, k->exit_reason_hlt, k->hlt_length);
+                exit_simply(lp, vmcs, k->exit_reason_hlt, k->hlt_length, 0);
+                continue;
+            }
+            uint32_t length;
+            uint64_t qualification;
+            if (io_exit(lp, vmcs, c, rip, &length, &qualification)) {
+                exit_simply(lp, vmcs, k->exit_reason_io, length, qualification);
                 continue;
             }
         }

@@ -144,8 +144,11 @@ typedef struct {
     int32_t entry_interruption_info, guest_rip, ept_pointer, pin_controls, primary_controls;
     int32_t exit_controls, host_cr0, host_cr3, host_cr4, host_fs_base, host_gs_base;
     int32_t host_gdtr_base, host_idtr_base, host_efer, host_rsp, host_rip, entry_msr_load_count;
+    int32_t io_bitmap_a, io_bitmap_b;
     uint64_t interruption_info_valid, preemption_timer_control, interrupt_window_control;
     uint64_t load_efer_control, rflags_after_exit, descriptor_limit_after_exit, hlt_exiting_control;
+    uint64_t unconditional_io_control, io_bitmaps_control, io_direction_in, io_immediate, io_port_shift;
+    uint32_t exit_reason_io, io_bitmap_ports;
     uint32_t exit_reason_cpuid, cpuid_length, exit_reason_vmcall, vmcall_length;
     uint32_t exit_reason_hlt, hlt_length, vmresume_length, activity_active, guest_rip_live_bit;
     uint32_t reserved;
@@ -173,6 +176,7 @@ typedef struct {
 typedef struct {
     uint32_t kind;
     uint32_t reason;
+    uint64_t qualification;
     uint64_t time;
     uint64_t vmcs;
     uint64_t rip;

@@ -10,7 +10,7 @@ from unicorn import x86_const as x86
 from emu import context as ctxmod
 from emu import decode, fast, interrupts
 from emu.devices import Timer
-from emu.vmcs import ActiveVmcs
+from emu.vmcs import IO_BITMAP_PORTS, ActiveVmcs
 from emu.vmx import NON_ROOT_EXIT_REASONS, VMX_MNEMONICS, RaiseException, VmxUnit
 from emu.vmx_defs import (
     ExitReason, InterruptionType, PinBasedControls, PrimaryProcessorControls, make_interruption_info,
@@ -29,7 +29,6 @@ INT_N_OPCODE = 0xCD
 INT_N_LENGTH = 2
 SOFTWARE_EXCEPTION_LENGTH = 1
 WORD_MASK = 0xFFFF_FFFF
-IO_BITMAP_PORTS = 0x8000   # bitmap A covers ports 0000H-7FFFH, bitmap B 8000H-FFFFH (SDM 25.6.4)
 BITS_PER_BYTE = 8
 # Unicorn errors that stand for an access the architecture refuses with #GP.
 PROTECTION_ERRORS = frozenset({uc_const.UC_ERR_FETCH_PROT, uc_const.UC_ERR_READ_PROT, uc_const.UC_ERR_WRITE_PROT,
@@ -253,7 +252,7 @@ class LogicalProcessor:
             event = loop.events[index]
             if event.kind == fast.lib.HHR_EVENT_VM_EXIT:
                 events.publish(event.time, self.index, "vm-exit", vmcs=event.vmcs, reason=event.reason,
-                               qualification=0, rip=event.rip)
+                               qualification=event.qualification, rip=event.rip)
                 self.machine.count_exit(event.reason)
             else:
                 events.publish(event.time, self.index, "vm-entry", vmcs=event.vmcs, launch=False, rip=event.rip)

@@ -14,8 +14,11 @@ from emu import fast, vmcs_fields as vf
 from emu.vmcs_fields import FIELDS, BY_NAME
 from emu.vmx_defs import (
     INTR_INFO_VALID as INTERRUPTION_INFO_VALID, MSR_IA32_EFER, ActivityState, ExitControls, ExitReason,
-    PinBasedControls, PrimaryProcessorControls, Rflags,
+    PinBasedControls, PrimaryProcessorControls, Rflags, IO_QUAL_DIRECTION_IN, IO_QUAL_IMMEDIATE_OPERAND,
+    IO_QUAL_PORT_SHIFT,
 )
+
+IO_BITMAP_PORTS = 0x8000         # bitmap A covers ports 0000H-7FFFH, bitmap B 8000H-FFFFH (SDM 25.6.4)
 
 CPUID_LENGTH = 2                 # 0F A2
 VMCALL_LENGTH = 3                # 0F 01 C1
@@ -119,7 +122,8 @@ def _transition_constants():
             ("host_cr4", "HOST_CR4"), ("host_fs_base", "HOST_FS_BASE"), ("host_gs_base", "HOST_GS_BASE"),
             ("host_gdtr_base", "HOST_GDTR_BASE"), ("host_idtr_base", "HOST_IDTR_BASE"),
             ("host_efer", "HOST_IA32_EFER"), ("host_rsp", "HOST_RSP"), ("host_rip", "HOST_RIP"),
-            ("entry_msr_load_count", "VM_ENTRY_MSR_LOAD_COUNT")):
+            ("entry_msr_load_count", "VM_ENTRY_MSR_LOAD_COUNT"), ("io_bitmap_a", "IO_BITMAP_A"),
+            ("io_bitmap_b", "IO_BITMAP_B")):
         setattr(k, member, _SLOT_INDEX[name])
     k.interruption_info_valid = INTERRUPTION_INFO_VALID
     k.preemption_timer_control = PinBasedControls.ACTIVATE_VMX_PREEMPTION_TIMER
@@ -134,6 +138,13 @@ def _transition_constants():
     k.exit_reason_hlt = ExitReason.HLT
     k.hlt_length = HLT_LENGTH
     k.hlt_exiting_control = PrimaryProcessorControls.HLT_EXITING
+    k.exit_reason_io = ExitReason.IO_INSTRUCTION
+    k.unconditional_io_control = PrimaryProcessorControls.UNCONDITIONAL_IO_EXITING
+    k.io_bitmaps_control = PrimaryProcessorControls.USE_IO_BITMAPS
+    k.io_direction_in = IO_QUAL_DIRECTION_IN
+    k.io_immediate = IO_QUAL_IMMEDIATE_OPERAND
+    k.io_port_shift = IO_QUAL_PORT_SHIFT
+    k.io_bitmap_ports = IO_BITMAP_PORTS
     k.vmresume_length = VMRESUME_LENGTH
     k.activity_active = ActivityState.ACTIVE
     k.guest_rip_live_bit = _LIVE_BIT[_GUEST_RIP]

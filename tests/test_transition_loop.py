@@ -9,7 +9,7 @@ import pytest
 from emu.machine import Machine
 from emu.vmx_defs import ExitControls, ExitReason, PinBasedControls, PrimaryProcessorControls
 from tests.machine_programs import (
-    EXIT_STOPPED_ON_EXIT, IPI_PORT, ROOT_IDT, build_guest, default_controls, exit_log, exit_logger,
+    EXIT_STOPPED_ON_EXIT, IPI_PORT, ROOT_IDT, build_guest, default_controls, exit_log, exit_logger, run_guest,
     exit_status, lines, putc, run_root, set_interrupt_gate, vmx_program,
 )
 from tests.test_determinism import LP1_PERIOD, LP1_TICK, IPI_VECTOR, QUANTUM, arm_periodic_timer
@@ -81,3 +81,40 @@ def test_a_guest_the_loop_does_not_take_runs_on_the_python_path():
         signal.signal(signal.SIGALRM, previous)
     assert result.stop.reason == "instruction-limit"
     assert result.instructions >= 100_000
+
+
+IO_FORMS = lines("mov al, 0x41", "out 0xe9, al", "mov dx, 0x3f8", "out dx, al", "in al, dx", "mov ax, 0x4242",
+                 "out dx, ax", "in eax, 0x70", "mov eax, 0x43", "out dx, eax", "rep outsb", "xor eax, eax", "hlt")
+IO_FORMS_INSTRUCTIONS = 7
+
+
+def test_io_exits_are_the_same_with_and_without_the_loop():
+    fast = harness.run_guest(IO_FORMS, record_events=True)
+    slow = harness.run_guest(IO_FORMS, record_events=True, fast_transitions=False)
+    assert [e.as_tuple() for e in fast.machine.events.events] == [e.as_tuple() for e in slow.machine.events.events]
+    assert fast.console == slow.console and fast.result == slow.result
+    io_exits = fast.result.exits_by_reason[ExitReason.IO_INSTRUCTION]
+    assert io_exits == IO_FORMS_INSTRUCTIONS
+    assert fast.machine.statistics()["transitions_in_c"] >= 2 * (io_exits - 1)   # all but the string OUT
+
+
+IO_BITMAPS = 0x210000
+EXITING_PORT = 0x80
+BITS_PER_BYTE = 8
+
+
+def test_io_bitmaps_the_same_with_and_without_the_loop():
+    results = []
+    for fast in (True, False):
+        machine = Machine(record_events=True, fast_transitions=fast)
+        machine.ram.write(IO_BITMAPS, bytes(2 * harness.PAGE_SIZE))
+        machine.ram.write(IO_BITMAPS + EXITING_PORT // BITS_PER_BYTE, bytes([1 << EXITING_PORT % BITS_PER_BYTE]))
+        guest = lines(putc("A"), f"mov dx, {EXITING_PORT:#x}", "out dx, al", "out 0x80, al", putc("B"), "hlt")
+        controls = default_controls(primary=PrimaryProcessorControls.HLT_EXITING | PrimaryProcessorControls.USE_IO_BITMAPS)
+        result, _ = run_guest(machine, guest, stop_reasons=(ExitReason.HLT,), controls=controls,
+                              fields={"IO_BITMAP_A": IO_BITMAPS, "IO_BITMAP_B": IO_BITMAPS + harness.PAGE_SIZE})
+        results.append(([e.as_tuple() for e in machine.events.events], machine.io.console.text(), result,
+                        exit_log(machine)))
+    assert results[0] == results[1]
+    assert [record.reason for record in results[0][3]] == [ExitReason.IO_INSTRUCTION] * 2 + [ExitReason.HLT]
+    assert results[0][1] == "AB"
