@@ -188,6 +188,10 @@ class ExecutionContext:
         """Drops every cached translation (Unicorn's TLB): CR3 loads, INVEPT, a new EPTP."""
         self.uc.ctl(uc_const.UC_CTL_TLB_FLUSH, uc_const.UC_CTL_IO_WRITE)
 
+    def apply_exit_points(self) -> None:
+        """Hands the current set of trap points to Unicorn (plus the never-reached end of a run)."""
+        self.uc.ctl_set_exits(sorted(self.exit_points) + [NEVER_EXECUTED_ADDRESS])
+
     def flush_code(self) -> None:
         """Drops translated code and per-block counts: code in RAM may have changed from outside."""
         self.uc.ctl_flush_tb()
@@ -224,7 +228,7 @@ class ExecutionContext:
         ctx = self.fast.ctx
         rip = self.regs.read(x86.UC_X86_REG_RIP)
         if self._pending_removals:
-            self.uc.ctl_set_exits(sorted(self.exit_points) + [NEVER_EXECUTED_ADDRESS])
+            self.apply_exit_points()
             for begin, end in self._pending_removals:
                 self.uc.ctl_remove_cache(begin, end)
             self._pending_removals.clear()
@@ -253,7 +257,7 @@ class ExecutionContext:
                 return Stop(STOP_TRAPPED_INSTRUCTION, rip, instruction=instruction)
             # Other code now sits where a trapped instruction was: forget the point and go on.
             self.exit_points.discard(rip)
-            self.uc.ctl_set_exits(sorted(self.exit_points) + [NEVER_EXECUTED_ADDRESS])
+            self.apply_exit_points()
             self.uc.ctl_remove_cache(rip, rip + 1)
             return self.run(ctx.stop_at - ctx.retired, watch_interrupt_window)
         if self._stop_requested:

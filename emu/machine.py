@@ -9,6 +9,7 @@ from unicorn import x86_const as x86
 from emu import context as ctxmod
 from emu import cpuid as cpuid_table
 from emu import decode, msrs
+from emu import snapshot as snapshot_module
 from emu.devices import IoBus
 from emu.events import EventStream
 from emu.lp import LogicalProcessor
@@ -19,6 +20,7 @@ from emu.vmx_defs import EXCEPTIONS_WITH_ERROR_CODE, MSR_IA32_EFER, ExceptionVec
 
 DEFAULT_RAM_SIZE = 64 * MIB
 DEFAULT_QUANTUM = 50_000          # ticks each LP runs before the next LP's turn
+INSTRUCTION_LIMIT = "instruction-limit"
 MAX_LPS = 64
 
 # Firmware (docs/machine.md "Reset and firmware"): identity page tables with 1 GiB pages.
@@ -83,6 +85,7 @@ class Machine:
         self.stop: MachineStop | None = None
         self.instruction_limit: int | None = None
         self.retired = 0    # instructions retired by the whole machine; LPs add to it
+        self.round: tuple[int, int] | None = None   # the round under way: its end and next LP
         self._prng = seed & U64
         self.running_lp: LogicalProcessor | None = None
         self.lps = [LogicalProcessor(self, index) for index in range(lps)]
@@ -179,7 +182,7 @@ class Machine:
         """True (and the machine stopping) once the machine-wide instruction limit is reached."""
         if self.instruction_limit is None or self.instructions_retired < self.instruction_limit:
             return False
-        self.request_stop("instruction-limit")
+        self.request_stop(INSTRUCTION_LIMIT)
         return True
 
     def instruction_limit_time(self) -> int:
@@ -191,19 +194,35 @@ class Machine:
     def run(self, max_instructions: int | None = None) -> RunResult:
         """Runs LPs round-robin, one quantum each, until a stop or the instruction limit."""
         self.instruction_limit = max_instructions
+        if self.stop is not None and self.stop.reason == INSTRUCTION_LIMIT:
+            self.stop = None        # the limit only paused the machine: a later run goes on
         while self.stop is None:
             if self.instruction_limit_reached():
                 break
-            if all(lp.is_stuck() for lp in self.lps):
-                self.request_stop("idle", report="every logical processor is halted with nothing to wake it")
-                break
-            round_end = min(lp.now for lp in self.lps) + self.quantum
-            for lp in self.lps:
-                self.running_lp = lp
+            if self.round is None:
+                if all(lp.is_stuck() for lp in self.lps):
+                    self.request_stop("idle", report="every logical processor is halted with nothing to wake it")
+                    break
+                self.round = (min(lp.now for lp in self.lps) + self.quantum, 0)
+            round_end, first = self.round
+            for index in range(first, len(self.lps)):
+                lp = self.running_lp = self.lps[index]
                 lp.run_slice(round_end)
                 if self.stop is not None:
+                    # A pause keeps the round: the next run goes on with this LP's slice.
+                    self.round = (round_end, index)
                     break
+            else:
+                self.round = None
         return RunResult(self.stop, self.instructions_retired, self.now, dict(self.exit_counts))
+
+    def snapshot(self) -> snapshot_module.MachineSnapshot:
+        """The whole machine's state, between runs (emu/snapshot.py)."""
+        return snapshot_module.take(self)
+
+    def restore(self, snapshot: snapshot_module.MachineSnapshot) -> None:
+        """Puts the machine back to a snapshot of it; running on gives what it gave then."""
+        snapshot_module.restore(self, snapshot)
 
     def statistics(self) -> dict:
         """Exits by reason, inverse hypercalls by call number, instructions by LP and by context."""

@@ -1,0 +1,57 @@
+"""Whole-machine snapshots: pausing at an instruction limit and going on changes nothing, and a restored
+snapshot runs on exactly as the machine did when it was taken (two LPs, timers, IPIs, a guest)."""
+from __future__ import annotations
+
+import pytest
+
+from emu.machine import Machine
+from tests.machine_programs import run_root
+from tests.test_determinism import QUANTUM, guest_and_timer_program, root_timers_program
+from tests.test_transition_loop import cpuid_guest_with_interrupts
+
+PAUSE_FRACTIONS = (0.03, 0.5, 0.97)    # where in the reference run the machine pauses
+PROGRAMS = {
+    "root timers and IPIs": lambda machine: root_timers_program(),
+    "guest with interrupt exits": guest_and_timer_program,
+    "guest with C transitions": cpuid_guest_with_interrupts,
+}
+
+
+def observed(machine: Machine, result) -> tuple:
+    return ([e.as_tuple() for e in machine.events.events], dict(machine.io.console.channels), result,
+            machine.statistics())
+
+
+def new_machine() -> Machine:
+    return Machine(lps=2, quantum=QUANTUM, record_events=True)
+
+
+@pytest.mark.parametrize("name", PROGRAMS)
+@pytest.mark.parametrize("fraction", PAUSE_FRACTIONS)
+def test_pause_and_restore_give_the_uninterrupted_run(name, fraction):
+    reference = new_machine()
+    reference_result = run_root(reference, PROGRAMS[name](reference))
+    expected = observed(reference, reference_result)
+
+    machine = new_machine()
+    paused = run_root(machine, PROGRAMS[name](machine), max_instructions=int(reference_result.instructions * fraction))
+    assert paused.stop.reason == "instruction-limit"
+    snapshot = machine.snapshot()
+    assert observed(machine, machine.run()) == expected           # going on after a pause
+
+    machine.restore(snapshot)
+    assert observed(machine, machine.run()) == expected           # going on from the snapshot
+
+
+def test_restore_after_guest_instances_were_created():
+    """A snapshot from before the first VMLAUNCH: the guest instance made later goes back to the pool
+    and the run from the snapshot is the same again."""
+    machine = new_machine()
+    run_root(machine, guest_and_timer_program(machine), max_instructions=50)
+    snapshot = machine.snapshot()
+    assert all(vmcs.context is None for vmcs in machine.active_vmcs.values())
+    first = observed(machine, machine.run())
+    assert any(vmcs.context is not None for vmcs in machine.active_vmcs.values())
+    machine.restore(snapshot)
+    assert all(vmcs.context is None for vmcs in machine.active_vmcs.values())
+    assert observed(machine, machine.run()) == first
