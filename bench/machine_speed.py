@@ -26,6 +26,8 @@ EPT_PD_TABLE = harness.EPT_ROOT + 2 * harness.PAGE_SIZE
 EPT_FIRST_PT = harness.EPT_ROOT + 3 * harness.PAGE_SIZE
 SHUFFLE_SEED = 2026
 BARE_MEMORY = 16 * MIB
+SNAPSHOT_RAM = 64 * MIB
+SNAPSHOT_PAUSE = 1_000_000
 
 
 def loop_source(iterations: int) -> str:
@@ -124,6 +126,19 @@ def fragmented_ept() -> tuple[float, int]:
     return run.result.instructions / run.seconds, run.result.instructions
 
 
+def snapshot_and_restore(ram_size: int) -> tuple[float, float]:
+    """Host milliseconds to snapshot and to restore a machine paused inside a running guest."""
+    run = harness.run_guest(loop_source(LOOP_ITERATIONS), ram_size=ram_size, max_instructions=SNAPSHOT_PAUSE)
+    machine = run.machine
+    started = time.perf_counter()
+    snapshot = machine.snapshot()
+    taken = time.perf_counter() - started
+    started = time.perf_counter()
+    machine.restore(snapshot)
+    restored = time.perf_counter() - started
+    return taken * 1e3, restored * 1e3
+
+
 def measure() -> dict:
     figures = {
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
@@ -136,6 +151,8 @@ def measure() -> dict:
     }
     figures["fragmented_ept_ips"], figures["fragmented_ept_instructions"] = fragmented_ept()
     figures["fragmented_ept_pages"] = FRAGMENTED_PAGES
+    figures["snapshot_ms"], figures["restore_ms"] = snapshot_and_restore(SNAPSHOT_RAM)
+    figures["snapshot_ram_mib"] = SNAPSHOT_RAM // MIB
     return figures
 
 
@@ -151,6 +168,8 @@ def report(figures: dict) -> str:
         ("bare Unicorn Python CPUID hook", f"{figures['bare_unicorn_cpuid_hook_us']:8.1f} us"),
         (f"guest over {figures['fragmented_ept_pages']} scattered 4 KiB EPT pages",
          f"{figures['fragmented_ept_ips'] / mips:8.0f} M instr/s"),
+        (f"snapshot of the whole machine ({figures['snapshot_ram_mib']} MiB RAM)", f"{figures['snapshot_ms']:8.1f} ms"),
+        (f"restore of the whole machine ({figures['snapshot_ram_mib']} MiB RAM)", f"{figures['restore_ms']:8.1f} ms"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
