@@ -85,18 +85,14 @@ def _make_api():
     api.emu_stop = ffi.cast("void *", _function_pointer(uc_binding.uclib.uc_emu_stop))
     api.reg_read = ffi.cast("void *", _function_pointer(uc_binding.uclib.uc_reg_read))
     api.reg_write = ffi.cast("void *", _function_pointer(uc_binding.uclib.uc_reg_write))
-    api.reg_cr0 = x86_const.UC_X86_REG_CR0
-    api.reg_cr3 = x86_const.UC_X86_REG_CR3
-    api.reg_cr4 = x86_const.UC_X86_REG_CR4
-    api.reg_rflags = x86_const.UC_X86_REG_RFLAGS
-    api.reg_msr = x86_const.UC_X86_REG_MSR
     api.emu_start = ffi.cast("void *", _function_pointer(uc_binding.uclib.uc_emu_start))
-    api.reg_rip = x86_const.UC_X86_REG_RIP
-    api.reg_rsp = x86_const.UC_X86_REG_RSP
-    api.reg_fs_base = x86_const.UC_X86_REG_FS_BASE
-    api.reg_gs_base = x86_const.UC_X86_REG_GS_BASE
-    api.reg_gdtr = x86_const.UC_X86_REG_GDTR
-    api.reg_idtr = x86_const.UC_X86_REG_IDTR
+    for member, register in (("reg_cr0", x86_const.UC_X86_REG_CR0), ("reg_cr3", x86_const.UC_X86_REG_CR3),
+                             ("reg_cr4", x86_const.UC_X86_REG_CR4), ("reg_rflags", x86_const.UC_X86_REG_RFLAGS),
+                             ("reg_msr", x86_const.UC_X86_REG_MSR), ("reg_rip", x86_const.UC_X86_REG_RIP),
+                             ("reg_rsp", x86_const.UC_X86_REG_RSP), ("reg_fs_base", x86_const.UC_X86_REG_FS_BASE),
+                             ("reg_gs_base", x86_const.UC_X86_REG_GS_BASE), ("reg_gdtr", x86_const.UC_X86_REG_GDTR),
+                             ("reg_idtr", x86_const.UC_X86_REG_IDTR)):
+        setattr(api, member, register)
     for number, register in enumerate(MODRM_REGISTER_ORDER):
         api.gpr[number] = register
     api.msr_efer = MSR_IA32_EFER

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import bisect
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
@@ -160,19 +160,8 @@ class LogicalProcessor:
                 continue
             context = self.context
             budget = max(deadline - self.now, 1)
-            self._running, self._run_mark = context, context.retired
-            try:
-                stop = context.run(budget, watch_interrupt_window=self._wants_window())
-            finally:
-                retired = context.retired - self._run_mark
-                self._time += retired
-                self.instructions += retired
-                machine.retired += retired
-                self._running = None
-            if self.guest is not None and context is not self.root:
-                self._handle_guest_stop(stop)
-            else:
-                self._handle_root_stop(stop)
+            watch = self._wants_window()
+            self._run_and_handle(context, lambda: context.run(budget, watch_interrupt_window=watch))
             if machine.instruction_limit_reached():
                 break
 
@@ -223,20 +212,26 @@ class LogicalProcessor:
         if result != fast.lib.HHR_LOOP_CLASSIFY:
             return True
         context = vmcs.context if loop.in_guest else self.root
+        self._run_and_handle(context, lambda: context.classify(loop.last_error))
+        return True
+
+    def _run_and_handle(self, context: ctxmod.ExecutionContext, run: Callable[[], ctxmod.Stop]) -> None:
+        """Carries out `run` (one run of `context`, or the classification of one), counts what it
+        retired on this LP, and gives its stop its architectural effect."""
+        machine = self.machine
         self._running, self._run_mark = context, context.retired
         try:
-            stop = context.classify(loop.last_error)
+            stop = run()
         finally:
             retired = context.retired - self._run_mark
             self._time += retired
             self.instructions += retired
             machine.retired += retired
             self._running = None
-        if self.guest is not None:
+        if self.guest is not None and context is not self.root:
             self._handle_guest_stop(stop)
         else:
             self._handle_root_stop(stop)
-        return True
 
     def _publish_transition_events(self) -> None:
         """The loop's VM exits and entries, published in order before any later event."""
