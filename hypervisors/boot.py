@@ -1,0 +1,100 @@
+"""The firmware step of docs/boot.md: a machine with a hypervisor image, guest images and a boot info, started on every LP."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from emu.machine import Machine
+from hypervisors import build, layouts
+from hypervisors.memory_map import (
+    BOOT_INFO_ADDRESS, DEFAULT_GUEST_MEMORY, FREE_BASE, GUEST_LOAD_ADDRESS, GUEST_STAGING_BASE,
+    GUEST_STAGING_END, GUEST_VP_STACK_SIZE, HEAP_BASE, HEAP_SIZE, HYPERVISOR_BASE, HYPERVISOR_MAX_SIZE,
+    LARGE_PAGE_SIZE, MAX_LPS, MAX_PARTITIONS, MAX_VPS, MIB, PAGE_SIZE,
+)
+
+FIRMWARE_STACK_TOP = 0x8000            # below the boot info; the hypervisor sets up its own at once
+FIRMWARE_STACK_SIZE = 0x100
+ENTRY_SYMBOL = "hv1_entry"
+MIN_RAM = 64 * MIB
+
+
+class BootError(ValueError):
+    """A machine that cannot be built as asked (sizes, counts); the message says what to change."""
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A guest to create: a flat image loaded at GUEST_LOAD_ADDRESS, its RAM and its VP count."""
+
+    name: str
+    image: bytes
+    memory_size: int = DEFAULT_GUEST_MEMORY
+    vp_count: int = 1
+
+
+@dataclass
+class Booted:
+    machine: Machine
+    hypervisor: str
+    guests: tuple[GuestImage, ...]
+
+    def partitions(self) -> list[dict]:
+        """hv1's partition records, one per guest, in boot order."""
+        base = build.image(self.hypervisor).symbol("partitions")
+        size = layouts.HV1_PARTITION.size
+        return [layouts.HV1_PARTITION.unpack(self.machine.ram.read(base + i * size, size))
+                for i in range(len(self.guests))]
+
+
+def _check(guests: tuple[GuestImage, ...], lps: int) -> None:
+    if not 1 <= lps <= MAX_LPS:
+        raise BootError(f"--lps must be 1 to {MAX_LPS}, not {lps}")
+    if not 1 <= len(guests) <= MAX_PARTITIONS:
+        raise BootError(f"between 1 and {MAX_PARTITIONS} guests, not {len(guests)}")
+    if sum(guest.vp_count for guest in guests) > MAX_VPS:
+        raise BootError(f"at most {MAX_VPS} VPs in all")
+    for guest in guests:
+        if guest.memory_size % LARGE_PAGE_SIZE or guest.memory_size < 4 * MIB:
+            raise BootError(f"guest {guest.name}: memory must be a multiple of 2 MiB, at least 4 MiB")
+        if not 1 <= guest.vp_count:
+            raise BootError(f"guest {guest.name}: at least one VP")
+        stacks = guest.vp_count * GUEST_VP_STACK_SIZE
+        if GUEST_LOAD_ADDRESS + len(guest.image) > guest.memory_size - stacks:
+            raise BootError(f"guest {guest.name}: its image does not fit below its stacks in "
+                            f"{guest.memory_size // MIB} MiB")
+
+
+def boot(guests: list[GuestImage] | tuple[GuestImage, ...], *, hypervisor: str = "hv1", lps: int = 1,
+         ram_size: int | None = None, record_events: bool = False) -> Booted:
+    """Builds the machine, loads the hypervisor and the guests, writes the boot info, starts it."""
+    guests = tuple(guests)
+    _check(guests, lps)
+    image = build.image(hypervisor)
+    if len(image.code) > HYPERVISOR_MAX_SIZE:
+        raise BootError(f"{hypervisor} image of {len(image.code)} bytes is larger than {HYPERVISOR_MAX_SIZE}")
+    needed = FREE_BASE + sum(guest.memory_size for guest in guests)
+    ram = ram_size if ram_size is not None else max(MIN_RAM, -(-needed // LARGE_PAGE_SIZE) * LARGE_PAGE_SIZE)
+    if ram < needed:
+        raise BootError(f"--ram {ram // MIB} MiB is too small: the guests need {needed // MIB} MiB in all")
+    machine = Machine(ram_size=ram, lps=lps, record_events=record_events)
+    machine.load(HYPERVISOR_BASE, image.code)
+    descriptors = bytearray()
+    staging = GUEST_STAGING_BASE
+    for guest in guests:
+        if staging + len(guest.image) > GUEST_STAGING_END:
+            raise BootError("the guest images together are larger than the staging area "
+                            f"({(GUEST_STAGING_END - GUEST_STAGING_BASE) // MIB} MiB)")
+        machine.load(staging, guest.image)
+        descriptors += layouts.GUEST_DESCRIPTOR.pack(
+            image=staging, image_size=len(guest.image), memory_size=guest.memory_size,
+            vp_count=guest.vp_count, name=guest.name.encode()[:layouts.GUEST_NAME_BYTES].ljust(
+                layouts.GUEST_NAME_BYTES, b"\0"))
+        staging += -(-len(guest.image) // PAGE_SIZE) * PAGE_SIZE
+    descriptors_address = BOOT_INFO_ADDRESS + layouts.BOOT_INFO.size
+    machine.load(descriptors_address, bytes(descriptors))
+    machine.load(BOOT_INFO_ADDRESS, layouts.BOOT_INFO.pack(
+        magic=layouts.BOOT_INFO_MAGIC, version=layouts.BOOT_PROTOCOL_VERSION, lp_count=lps, ram_size=ram,
+        heap_base=HEAP_BASE, heap_size=HEAP_SIZE, free_base=FREE_BASE, free_size=ram - FREE_BASE,
+        guest_count=len(guests), guests=descriptors_address))
+    stacks = [FIRMWARE_STACK_TOP - lp * FIRMWARE_STACK_SIZE for lp in range(lps)]
+    machine.start(image.symbol(ENTRY_SYMBOL), stacks, argument=BOOT_INFO_ADDRESS)
+    return Booted(machine, hypervisor, guests)

@@ -1,0 +1,65 @@
+"""Assembles the hypervisor images with every constant they use taken from its one Python definition."""
+from __future__ import annotations
+
+import enum
+from functools import lru_cache
+from pathlib import Path
+
+from asm import Image, assemble_file, merge_constants
+from emu import devices, vmcs_fields, vmx_defs
+from emu.vmx_caps import MACHINE_VMX_CAPABILITIES
+from hypervisors import invariants, layouts, memory_map
+
+HERE = Path(__file__).resolve().parent
+HYPERVISORS = {"hv1": HERE / "hv1" / "hv1.s"}
+
+# Enumerations of vmx_defs exported to assembly as PREFIX_MEMBER.
+_ENUM_PREFIXES = {
+    vmx_defs.PinBasedControls: "PIN", vmx_defs.PrimaryProcessorControls: "PROC",
+    vmx_defs.SecondaryProcessorControls: "PROC2", vmx_defs.ExitControls: "EXIT_CTL",
+    vmx_defs.EntryControls: "ENTRY_CTL", vmx_defs.ExitReason: "EXIT_REASON", vmx_defs.Cr0: "CR0",
+    vmx_defs.Cr4: "CR4", vmx_defs.Efer: "EFER", vmx_defs.ExceptionVector: "VECTOR",
+    vmx_defs.InterruptionType: "INTR_TYPE", vmx_defs.MemoryType: "MEMORY_TYPE", vmx_defs.Rflags: "RFLAGS",
+}
+_DEVICE_PORTS = ("COM1_BASE", "DEBUG_EXIT_PORT", "CLOCK_LOW_PORT", "CLOCK_HIGH_PORT", "LP_ID_PORT",
+                 "LP_COUNT_PORT", "CONSOLE_CHANNEL_PORT")
+
+
+def _enum_constants() -> dict[str, int]:
+    constants = {}
+    for enumeration, prefix in _ENUM_PREFIXES.items():
+        for member in enumeration:
+            constants[f"{prefix}_{member.name}"] = int(member)
+    return constants
+
+
+@lru_cache(maxsize=None)
+def constants() -> dict[str, int]:
+    """Layouts, states, VMCS encodings and offsets, VMX bits, device ports and the memory map."""
+    vmx_values = {name: value for name, value in vars(vmx_defs).items()
+                  if name.isupper() and isinstance(value, int) and not isinstance(value, enum.Enum)}
+    caps = MACHINE_VMX_CAPABILITIES
+    return merge_constants(
+        *(layout.constants() for layout in layouts.LAYOUTS),
+        layouts.STATES,
+        {"BOOT_MAGIC_VALUE": layouts.BOOT_INFO_MAGIC},
+        vmcs_fields.layout_constants(),
+        _enum_constants(),
+        vmx_values,
+        {name: getattr(devices, name) for name in _DEVICE_PORTS},
+        {"UART_LSR": devices.UART_LSR, "LSR_READY": devices.LSR_THR_EMPTY | devices.LSR_TRANSMITTER_EMPTY},
+        memory_map.constants(),
+        invariants.constants(),
+        {"VMCS_REVISION": caps.vmcs_revision_id,
+         "PIN_MUST_BE_ONE": caps.pin_based.must_be_one, "PROC_MUST_BE_ONE": caps.primary_processor.must_be_one,
+         "PROC2_MUST_BE_ONE": caps.secondary_processor.must_be_one, "EXIT_MUST_BE_ONE": caps.exit.must_be_one,
+         "ENTRY_MUST_BE_ONE": caps.entry.must_be_one},
+    )
+
+
+@lru_cache(maxsize=None)
+def image(name: str) -> Image:
+    """The assembled hypervisor `name`, at its load address."""
+    if name not in HYPERVISORS:
+        raise ValueError(f"unknown hypervisor {name!r}; known: {', '.join(sorted(HYPERVISORS))}")
+    return assemble_file(HYPERVISORS[name], memory_map.HYPERVISOR_BASE, constants=constants())

@@ -1,0 +1,842 @@
+; hv1: the first hypervisor of hhr.
+;
+; Every LP enters at hv1_entry (firmware hand-off, docs/boot.md): RDI = LP index, RSI = boot info.
+; LP 0 builds a partition for each guest the boot info names (its RAM, EPT, page tables, GDT and
+; one VMCS per virtual processor) while the other LPs wait; then every LP turns on VMX and runs
+; the VPs assigned to it, round robin, preempted by the VMX-preemption timer.
+;
+; Registers the code keeps: r15 = this LP's index, rbp = the current VP's record (HV1_VP).
+; All structure offsets, VMCS encodings and VMX bits are constants generated from Python.
+
+%define QUANTUM 20000                        ; preemption-timer ticks a VP runs before the next
+%define EINVAL (-22)                         ; hypercall errors, as negative values in RAX
+%define ENOSYS (-38)
+%define HC_VERSION 0                         ; hypercall numbers (docs/hv1.md)
+%define HC_YIELD 1
+%define HC_CLOCK 2
+%define HC_CONSOLE_WRITE 3
+%define CONSOLE_WRITE_MAX 4096
+%define LP_INDEX_SLOT 8                      ; the LP index lives in the top qword of its stack
+%define HOST_STACK_OFFSET 16                 ; HOST_RSP = stack top - 16
+%define SAVED_GPRS 15
+%define GPR_BYTES 8
+%define PTE_PRESENT_WRITABLE 0x3
+%define PTE_LARGE 0x83
+%define EPT_RWX 0x7
+%define EPT_LARGE (EPT_RWX | (MEMORY_TYPE_WB << 3) | 0x80)
+%define EPTP_VALUE_FLAGS (MEMORY_TYPE_WB | (3 << 3))
+%define GIB 0x40000000
+%define ENTRIES_PER_TABLE 512
+%define GATE_COUNT 32
+%define GATE_BYTES 16
+%define GATE_TYPE_INTERRUPT 0x8E00           ; present, DPL 0, 64-bit interrupt gate
+%define HV_CODE 0x08
+%define HV_DATA 0x10
+%define HV_TSS 0x18
+%define PANIC_EXIT 0x7F
+%define ENTRY_FAILED_REASON 0xFFFFFFFF
+
+hv1_entry:
+    mov r15, rdi
+    mov r14, rsi
+    ; This LP's stack: HEAP_BASE + (index + 1) * LP_STACK_SIZE, its index kept in the top qword.
+    lea rax, [rdi + 1]
+    imul rax, rax, LP_STACK_SIZE
+    mov rbx, HEAP_BASE
+    add rax, rbx
+    mov [rax - LP_INDEX_SLOT], rdi
+    lea rsp, [rax - HOST_STACK_OFFSET]
+    test r15, r15
+    jnz wait_for_boot
+    call build_tables                        ; LP 0: the hypervisor's GDT, TSS descriptor and IDT
+    call load_descriptor_tables
+    mov rax, r14
+    mov rbx, BOOT_MAGIC_VALUE
+    cmp [rax + BOOT_INFO_MAGIC], rbx         ; the firmware really handed over a boot info
+    jne panic
+    mov [rip + boot_info], rax
+    call enable_vmx
+    call create_partitions
+    mov qword ptr [rip + boot_done], 1
+    jmp schedule
+
+wait_for_boot:
+    pause
+    cmp qword ptr [rip + boot_done], 0
+    je wait_for_boot
+    call load_descriptor_tables
+    call enable_vmx
+    jmp schedule
+
+; --- descriptor tables (SDM Vol. 3A 3.5.1, 6.14.1) -------------------------------------------------
+build_tables:
+    lea rdi, [rip + hv_idt]
+    lea rax, [rip + panic_interrupt]
+    mov rcx, GATE_COUNT
+build_tables.gate:
+    mov rdx, rax
+    and edx, 0xFFFF                          ; offset 15:0
+    mov rbx, HV_CODE
+    shl rbx, 16
+    or rdx, rbx                              ; selector
+    mov rbx, GATE_TYPE_INTERRUPT
+    shl rbx, 32
+    or rdx, rbx                              ; type and present
+    mov rbx, rax
+    shr rbx, 16
+    and rbx, 0xFFFF
+    shl rbx, 48
+    or rdx, rbx                              ; offset 31:16
+    mov [rdi], rdx
+    mov rdx, rax
+    shr rdx, 32
+    mov [rdi + 8], rdx                       ; offset 63:32
+    add rdi, GATE_BYTES
+    dec rcx
+    jnz build_tables.gate
+    ; The TSS descriptor (busy 64-bit TSS) needs the TSS's address in pieces.
+    lea rax, [rip + hv_tss]
+    mov rdx, 0x0000890000000067              ; limit 0x67, available 64-bit TSS, present
+    mov rbx, rax
+    and rbx, 0xFFFFFF
+    shl rbx, 16
+    or rdx, rbx                              ; base 23:0
+    mov rbx, rax
+    shr rbx, 24
+    and rbx, 0xFF
+    shl rbx, 56
+    or rdx, rbx                              ; base 31:24
+    mov [rip + hv_gdt + HV_TSS], rdx
+    mov rbx, rax
+    shr rbx, 32
+    mov [rip + hv_gdt + HV_TSS + 8], rbx     ; base 63:32
+    ret
+
+load_descriptor_tables:
+    lgdt [rip + hv_gdtr]
+    lidt [rip + hv_idtr]
+    lea rax, [rip + load_descriptor_tables.reloaded]
+    push HV_CODE
+    push rax
+    retfq
+load_descriptor_tables.reloaded:
+    mov ax, HV_DATA
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    ret
+
+; --- VMX operation (SDM Vol. 3C 24.7, 24.11.5) ---------------------------------------------------
+enable_vmx:
+    mov rax, cr4
+    or rax, CR4_VMXE
+    mov cr4, rax
+    ; This LP's VMXON region: a page after all the stacks.
+    mov rax, r15
+    shl rax, 12
+    mov rbx, HEAP_BASE + MAX_LPS * LP_STACK_SIZE
+    add rax, rbx
+    mov dword ptr [rax], VMCS_REVISION
+    push rax
+    vmxon [rsp]
+    pop rax
+    jbe panic
+    ret
+
+; --- memory for the hypervisor's own structures: 4 KiB pages, bump-allocated, zero (RAM starts zero)
+; rax = a fresh page
+alloc_page:
+    mov rax, [rip + heap_next]
+    test rax, rax
+    jnz alloc_page.have
+    mov rax, HEAP_BASE + MAX_LPS * LP_STACK_SIZE + MAX_LPS * 4096
+alloc_page.have:
+    lea rbx, [rax + 4096]
+    mov rcx, HEAP_BASE + HEAP_SIZE
+    cmp rbx, rcx
+    ja panic
+    mov [rip + heap_next], rbx
+    ret
+
+; --- partitions ------------------------------------------------------------------------------------
+create_partitions:
+    mov rax, [rip + boot_info]
+    mov rbx, [rax + BOOT_INFO_FREE_BASE]
+    mov [rip + free_next], rbx
+    mov rbx, [rax + BOOT_INFO_FREE_BASE]
+    add rbx, [rax + BOOT_INFO_FREE_SIZE]
+    mov [rip + free_end], rbx
+    xor r12, r12                             ; guest number
+create_partitions.next_guest:
+    mov rax, [rip + boot_info]
+    mov ecx, [rax + BOOT_INFO_GUEST_COUNT]
+    cmp r12, rcx
+    jae create_partitions.done
+    cmp r12, MAX_PARTITIONS
+    jae panic
+    mov r13, [rax + BOOT_INFO_GUESTS]
+    imul rbx, r12, GUEST_DESCRIPTOR_SIZE
+    add r13, rbx                             ; r13 = this guest's descriptor
+    imul rbp, r12, HV1_PARTITION_SIZE
+    lea rbx, [rip + partitions]
+    add rbp, rbx                             ; rbp = its partition record
+    call create_partition
+    inc r12
+    mov [rip + partition_count], r12
+    jmp create_partitions.next_guest
+create_partitions.done:
+    mov rax, [rip + partition_count]
+    mov [rip + running_partitions], rax
+    ret
+
+; r13 = guest descriptor, rbp = partition record, r12 = partition number
+create_partition:
+    mov rax, [r13 + GUEST_DESCRIPTOR_MEMORY_SIZE]
+    mov [rbp + HV1_PARTITION_MEMORY_SIZE], rax
+    mov rbx, [rip + free_next]
+    mov [rbp + HV1_PARTITION_MEMORY], rbx
+    add rax, rbx
+    cmp rax, [rip + free_end]
+    ja panic
+    mov [rip + free_next], rax
+    mov dword ptr [rbp + HV1_PARTITION_STATE], PARTITION_RUNNING
+    mov eax, r12d
+    inc eax
+    mov [rbp + HV1_PARTITION_CHANNEL], eax   ; console channel = partition number + 1
+    mov eax, [r13 + GUEST_DESCRIPTOR_VP_COUNT]
+    mov [rbp + HV1_PARTITION_VP_COUNT], eax
+    ; The image, copied into guest RAM at the load address.
+    mov rsi, [r13 + GUEST_DESCRIPTOR_IMAGE]
+    mov rdi, [rbp + HV1_PARTITION_MEMORY]
+    add rdi, GUEST_LOAD_ADDRESS
+    mov rcx, [r13 + GUEST_DESCRIPTOR_IMAGE_SIZE]
+    cld
+    rep movsb
+    call build_guest_paging
+    call build_ept
+    ; One VP record and VMCS for each virtual processor.
+    xor r14, r14
+create_partition.next_vp:
+    cmp r14d, [rbp + HV1_PARTITION_VP_COUNT]
+    jae create_partition.vps_done
+    call create_vp
+    inc r14
+    jmp create_partition.next_vp
+create_partition.vps_done:
+    ret
+
+; Identity page tables with 1 GiB pages and a GDT, in guest RAM (docs/guests.md).
+build_guest_paging:
+    mov rdi, [rbp + HV1_PARTITION_MEMORY]
+    mov qword ptr [rdi + GUEST_PML4], GUEST_PDPT | PTE_PRESENT_WRITABLE
+    xor rcx, rcx
+build_guest_paging.gib:
+    mov rax, rcx
+    imul rax, rax, GIB
+    cmp rax, [rbp + HV1_PARTITION_MEMORY_SIZE]
+    jae build_guest_paging.gdt
+    or rax, PTE_LARGE
+    mov [rdi + GUEST_PDPT + rcx * 8], rax
+    inc rcx
+    jmp build_guest_paging.gib
+build_guest_paging.gdt:
+    mov rax, 0x00AF9B000000FFFF              ; 64-bit code
+    mov [rdi + GUEST_GDT + GUEST_CODE_SELECTOR], rax
+    mov rax, 0x00CF93000000FFFF              ; data
+    mov [rdi + GUEST_GDT + GUEST_DATA_SELECTOR], rax
+    mov rax, 0x00008B0040000067              ; busy 64-bit TSS at GUEST_TSS, limit 0x67
+    mov [rdi + GUEST_GDT + GUEST_TSS_SELECTOR], rax
+    ret
+
+; EPT for the partition: GPA 0..memory_size -> its host RAM in 2 MiB pages (SDM Vol. 3C 29.3.2).
+build_ept:
+    call alloc_page
+    mov r8, rax                              ; PML4
+    call alloc_page
+    mov r9, rax                              ; PDPT
+    lea rax, [r9 + EPT_RWX]
+    mov [r8], rax
+    xor r10, r10                             ; 2 MiB page number
+build_ept.page:
+    mov rax, r10
+    shl rax, 21
+    cmp rax, [rbp + HV1_PARTITION_MEMORY_SIZE]
+    jae build_ept.done
+    mov rbx, r10
+    and rbx, ENTRIES_PER_TABLE - 1
+    jnz build_ept.have_pd
+    call alloc_page                          ; a new page directory for each GiB
+    mov r11, rax
+    mov rbx, r10
+    shr rbx, 9
+    lea rax, [r11 + EPT_RWX]
+    mov [r9 + rbx * 8], rax
+build_ept.have_pd:
+    mov rax, r10
+    shl rax, 21
+    add rax, [rbp + HV1_PARTITION_MEMORY]
+    or rax, EPT_LARGE
+    mov rbx, r10
+    and rbx, ENTRIES_PER_TABLE - 1
+    mov [r11 + rbx * 8], rax
+    inc r10
+    jmp build_ept.page
+build_ept.done:
+    lea rax, [r8 + EPTP_VALUE_FLAGS]
+    mov [rbp + HV1_PARTITION_EPTP], rax
+    ret
+
+%macro VMWRITE_VALUE field, value
+    mov rax, VMCS_FIELD_%field
+    mov rbx, %value
+    vmwrite rax, rbx
+%endmacro
+
+%macro VMWRITE_REGISTER field, register
+    mov rax, VMCS_FIELD_%field
+    vmwrite rax, %register
+%endmacro
+
+; rbp = partition, r14 = VP index in it: a VP record and its VMCS, assigned to an LP round robin.
+create_vp:
+    mov rax, [rip + vp_total]
+    cmp rax, MAX_VPS
+    jae panic
+    imul rbx, rax, HV1_VP_SIZE
+    lea rdi, [rip + vps]
+    add rdi, rbx                             ; rdi = the VP record
+    mov [rdi + HV1_VP_PARTITION], rbp
+    mov [rdi + HV1_VP_INDEX], r14d
+    mov rcx, [rip + boot_info]
+    mov ecx, [rcx + BOOT_INFO_LP_COUNT]
+    xor edx, edx
+    div rcx                                  ; rdx = vp_total % lp_count
+    mov [rdi + HV1_VP_LP], edx
+    mov dword ptr [rdi + HV1_VP_STATE], VP_RUNNABLE
+    mov [rdi + HV1_VP_RDI], r14              ; the guest ABI: RDI = VP index, RSI = VP count
+    mov eax, [rbp + HV1_PARTITION_VP_COUNT]
+    mov [rdi + HV1_VP_RSI], rax
+    inc qword ptr [rip + vp_total]
+    push rdi
+    call alloc_page
+    pop rdi
+    mov [rdi + HV1_VP_VMCS], rax
+    mov dword ptr [rax], VMCS_REVISION
+    push rdi
+    push rax
+    vmclear [rsp]
+    vmptrld [rsp]
+    pop rax
+    pop rdi
+    jbe panic
+    mov rsi, rdi                             ; rsi = VP record while the VMCS is written
+    ; Controls: what the machine requires, plus HLT and I/O exits, EPT and the preemption timer.
+    VMWRITE_VALUE PIN_BASED_VM_EXEC_CONTROL, PIN_MUST_BE_ONE | PIN_ACTIVATE_VMX_PREEMPTION_TIMER
+    VMWRITE_VALUE CPU_BASED_VM_EXEC_CONTROL, PROC_MUST_BE_ONE | PROC_HLT_EXITING | PROC_UNCONDITIONAL_IO_EXITING | PROC_ACTIVATE_SECONDARY_CONTROLS
+    VMWRITE_VALUE SECONDARY_VM_EXEC_CONTROL, PROC2_MUST_BE_ONE | PROC2_ENABLE_EPT
+    VMWRITE_VALUE VM_EXIT_CONTROLS, EXIT_MUST_BE_ONE | EXIT_CTL_HOST_ADDRESS_SPACE_SIZE
+    VMWRITE_VALUE VM_ENTRY_CONTROLS, ENTRY_MUST_BE_ONE | ENTRY_CTL_IA32E_MODE_GUEST
+    VMWRITE_VALUE VMCS_LINK_POINTER, 0xFFFFFFFFFFFFFFFF
+    mov rax, VMCS_FIELD_EPT_POINTER
+    vmwrite rax, [rbp + HV1_PARTITION_EPTP]
+    ; Guest state: the guest ABI of docs/guests.md.
+    VMWRITE_VALUE GUEST_CR0, CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
+    VMWRITE_VALUE GUEST_CR3, GUEST_PML4
+    VMWRITE_VALUE GUEST_CR4, CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_VMXE
+    VMWRITE_VALUE GUEST_IA32_EFER, EFER_LME | EFER_LMA | EFER_NXE
+    VMWRITE_VALUE GUEST_CS_SELECTOR, GUEST_CODE_SELECTOR
+    VMWRITE_VALUE GUEST_CS_AR_BYTES, 0xA09B
+    VMWRITE_VALUE GUEST_CS_LIMIT, 0xFFFFFFFF
+    VMWRITE_VALUE GUEST_SS_SELECTOR, GUEST_DATA_SELECTOR
+    VMWRITE_VALUE GUEST_SS_AR_BYTES, 0xC093
+    VMWRITE_VALUE GUEST_SS_LIMIT, 0xFFFFFFFF
+    VMWRITE_VALUE GUEST_DS_SELECTOR, GUEST_DATA_SELECTOR
+    VMWRITE_VALUE GUEST_DS_AR_BYTES, 0xC093
+    VMWRITE_VALUE GUEST_DS_LIMIT, 0xFFFFFFFF
+    VMWRITE_VALUE GUEST_ES_SELECTOR, GUEST_DATA_SELECTOR
+    VMWRITE_VALUE GUEST_ES_AR_BYTES, 0xC093
+    VMWRITE_VALUE GUEST_ES_LIMIT, 0xFFFFFFFF
+    VMWRITE_VALUE GUEST_FS_AR_BYTES, 0x10000
+    VMWRITE_VALUE GUEST_GS_AR_BYTES, 0x10000
+    VMWRITE_VALUE GUEST_LDTR_AR_BYTES, 0x10000
+    VMWRITE_VALUE GUEST_TR_SELECTOR, GUEST_TSS_SELECTOR
+    VMWRITE_VALUE GUEST_TR_AR_BYTES, 0x8B
+    VMWRITE_VALUE GUEST_TR_LIMIT, 0x67
+    VMWRITE_VALUE GUEST_TR_BASE, GUEST_TSS
+    VMWRITE_VALUE GUEST_GDTR_BASE, GUEST_GDT
+    VMWRITE_VALUE GUEST_GDTR_LIMIT, 0x27
+    VMWRITE_VALUE GUEST_IDTR_LIMIT, 0xFFFF
+    VMWRITE_VALUE GUEST_RFLAGS, RFLAGS_FIXED1
+    VMWRITE_VALUE GUEST_DR7, 0x400
+    VMWRITE_VALUE GUEST_RIP, GUEST_LOAD_ADDRESS
+    mov rcx, [rbp + HV1_PARTITION_MEMORY_SIZE]
+    mov rbx, r14
+    imul rbx, rbx, GUEST_VP_STACK_SIZE
+    sub rcx, rbx
+    VMWRITE_REGISTER GUEST_RSP, rcx
+    ; Host state: the hypervisor as it runs on the VP's LP.
+    mov rbx, cr0
+    VMWRITE_REGISTER HOST_CR0, rbx
+    mov rbx, cr3
+    VMWRITE_REGISTER HOST_CR3, rbx
+    mov rbx, cr4
+    VMWRITE_REGISTER HOST_CR4, rbx
+    VMWRITE_VALUE HOST_CS_SELECTOR, HV_CODE
+    VMWRITE_VALUE HOST_SS_SELECTOR, HV_DATA
+    VMWRITE_VALUE HOST_DS_SELECTOR, HV_DATA
+    VMWRITE_VALUE HOST_ES_SELECTOR, HV_DATA
+    VMWRITE_VALUE HOST_TR_SELECTOR, HV_TSS
+    lea rbx, [rip + hv_tss]
+    VMWRITE_REGISTER HOST_TR_BASE, rbx
+    lea rbx, [rip + hv_gdt]
+    VMWRITE_REGISTER HOST_GDTR_BASE, rbx
+    lea rbx, [rip + hv_idt]
+    VMWRITE_REGISTER HOST_IDTR_BASE, rbx
+    lea rbx, [rip + vm_exit]
+    VMWRITE_REGISTER HOST_RIP, rbx
+    mov ebx, [rsi + HV1_VP_LP]
+    inc rbx
+    imul rbx, rbx, LP_STACK_SIZE
+    mov rcx, HEAP_BASE - HOST_STACK_OFFSET
+    add rbx, rcx
+    VMWRITE_REGISTER HOST_RSP, rbx
+    ; Written back to RAM, so any LP may load it (SDM Vol. 3C 25.11.1).
+    push qword ptr [rsi + HV1_VP_VMCS]
+    vmclear [rsp]
+    pop rax
+    ret
+
+; --- the scheduler: the next runnable VP of this LP, round robin ------------------------------------
+schedule:
+    mov rcx, [rip + vp_total]
+    test rcx, rcx
+    jz idle
+    lea rbx, [rip + lp_next]
+    mov rdx, [rbx + r15 * 8]                 ; the VP this LP ran last
+    mov r8, rcx                              ; VPs left to look at
+schedule.look:
+    inc rdx
+    cmp rdx, rcx
+    jb schedule.in_range
+    xor edx, edx
+schedule.in_range:
+    imul rbp, rdx, HV1_VP_SIZE
+    lea rax, [rip + vps]
+    add rbp, rax
+    cmp [rbp + HV1_VP_LP], r15d
+    jne schedule.skip
+    cmp dword ptr [rbp + HV1_VP_STATE], VP_RUNNABLE
+    jne schedule.skip
+    mov rax, [rbp + HV1_VP_PARTITION]
+    cmp dword ptr [rax + HV1_PARTITION_STATE], PARTITION_RUNNING
+    je run_vp
+schedule.skip:
+    dec r8
+    jnz schedule.look
+idle:
+    cmp qword ptr [rip + running_partitions], 0
+    jne idle.halt
+    mov al, 0                                ; every partition has ended: stop the machine
+    out DEBUG_EXIT_PORT, al
+idle.halt:
+    cli
+    hlt
+    jmp idle
+
+; rdx = VP number, rbp = its record
+run_vp:
+    lea rbx, [rip + lp_next]
+    mov [rbx + r15 * 8], rdx
+    lea rbx, [rip + lp_current]
+    mov [rbx + r15 * 8], rbp
+    push qword ptr [rbp + HV1_VP_VMCS]
+    vmptrld [rsp]
+    pop rax
+    jbe entry_failed
+    VMWRITE_VALUE VMX_PREEMPTION_TIMER_VALUE, QUANTUM
+    cmp dword ptr [rbp + HV1_VP_LAUNCHED], 0
+    jne resume_vp
+    mov dword ptr [rbp + HV1_VP_LAUNCHED], 1
+    call load_guest_registers
+    vmlaunch
+    jmp entry_failed
+
+resume_vp:
+    call load_guest_registers
+    vmresume
+entry_failed:
+    lea rbx, [rip + lp_current]
+    mov rbp, [rbx + r15 * 8]
+    mov ebx, ENTRY_FAILED_REASON
+    jmp stop_partition
+
+; Loads the guest's general registers from the VP record (rbp); rbp itself last.
+load_guest_registers:
+    mov rax, [rbp + HV1_VP_RAX]
+    mov rbx, [rbp + HV1_VP_RBX]
+    mov rcx, [rbp + HV1_VP_RCX]
+    mov rdx, [rbp + HV1_VP_RDX]
+    mov rsi, [rbp + HV1_VP_RSI]
+    mov rdi, [rbp + HV1_VP_RDI]
+    mov r8, [rbp + HV1_VP_R8]
+    mov r9, [rbp + HV1_VP_R9]
+    mov r10, [rbp + HV1_VP_R10]
+    mov r11, [rbp + HV1_VP_R11]
+    mov r12, [rbp + HV1_VP_R12]
+    mov r13, [rbp + HV1_VP_R13]
+    mov r14, [rbp + HV1_VP_R14]
+    mov r15, [rbp + HV1_VP_R15]
+    mov rbp, [rbp + HV1_VP_RBP]
+    ret
+
+; --- VM exits (SDM Vol. 3C 28) ---------------------------------------------------------------------
+vm_exit:
+    push rax
+    push rbx
+    push rcx
+    push rdx
+    push rsi
+    push rdi
+    push rbp
+    push r8
+    push r9
+    push r10
+    push r11
+    push r12
+    push r13
+    push r14
+    push r15
+    mov r15, [rsp + SAVED_GPRS * GPR_BYTES + HOST_STACK_OFFSET - LP_INDEX_SLOT]
+    lea rbx, [rip + lp_current]
+    mov rbp, [rbx + r15 * 8]
+    mov rax, [rsp + 0 * GPR_BYTES]
+    mov [rbp + HV1_VP_R15], rax
+    mov rax, [rsp + 1 * GPR_BYTES]
+    mov [rbp + HV1_VP_R14], rax
+    mov rax, [rsp + 2 * GPR_BYTES]
+    mov [rbp + HV1_VP_R13], rax
+    mov rax, [rsp + 3 * GPR_BYTES]
+    mov [rbp + HV1_VP_R12], rax
+    mov rax, [rsp + 4 * GPR_BYTES]
+    mov [rbp + HV1_VP_R11], rax
+    mov rax, [rsp + 5 * GPR_BYTES]
+    mov [rbp + HV1_VP_R10], rax
+    mov rax, [rsp + 6 * GPR_BYTES]
+    mov [rbp + HV1_VP_R9], rax
+    mov rax, [rsp + 7 * GPR_BYTES]
+    mov [rbp + HV1_VP_R8], rax
+    mov rax, [rsp + 8 * GPR_BYTES]
+    mov [rbp + HV1_VP_RBP], rax
+    mov rax, [rsp + 9 * GPR_BYTES]
+    mov [rbp + HV1_VP_RDI], rax
+    mov rax, [rsp + 10 * GPR_BYTES]
+    mov [rbp + HV1_VP_RSI], rax
+    mov rax, [rsp + 11 * GPR_BYTES]
+    mov [rbp + HV1_VP_RDX], rax
+    mov rax, [rsp + 12 * GPR_BYTES]
+    mov [rbp + HV1_VP_RCX], rax
+    mov rax, [rsp + 13 * GPR_BYTES]
+    mov [rbp + HV1_VP_RBX], rax
+    mov rax, [rsp + 14 * GPR_BYTES]
+    mov [rbp + HV1_VP_RAX], rax
+    add rsp, SAVED_GPRS * GPR_BYTES
+    mov rax, VMCS_FIELD_VM_EXIT_REASON
+    vmread rbx, rax
+    cmp ebx, EXIT_REASON_CPUID
+    je exit_cpuid
+    cmp ebx, EXIT_REASON_IO_INSTRUCTION
+    je exit_io
+    cmp ebx, EXIT_REASON_VMCALL
+    je exit_vmcall
+    cmp ebx, EXIT_REASON_HLT
+    je exit_hlt
+    cmp ebx, EXIT_REASON_PREEMPTION_TIMER
+    je schedule
+    cmp ebx, EXIT_REASON_VMCALLR
+    je inject_invalid_opcode
+    cmp ebx, EXIT_REASON_VMCLEAR
+    jb vm_exit.not_vmx
+    cmp ebx, EXIT_REASON_VMXON
+    jbe inject_invalid_opcode
+vm_exit.not_vmx:
+    cmp ebx, EXIT_REASON_INVEPT
+    je inject_invalid_opcode
+    cmp ebx, EXIT_REASON_INVVPID
+    je inject_invalid_opcode
+    jmp stop_partition                       ; triple fault, EPT violation, anything else: ebx = reason
+
+; VMX instructions and VMCALLR in a guest: #UD, delivered on the next entry (SDM Vol. 3C 27.6).
+inject_invalid_opcode:
+    VMWRITE_VALUE VM_ENTRY_INTR_INFO_FIELD, INTR_INFO_VALID | (INTR_TYPE_HARDWARE_EXCEPTION << INTR_INFO_TYPE_SHIFT) | VECTOR_UD
+    jmp resume_vp
+
+advance_rip:
+    mov rax, VMCS_FIELD_GUEST_RIP
+    vmread rcx, rax
+    mov rax, VMCS_FIELD_VM_EXIT_INSTRUCTION_LEN
+    vmread rdx, rax
+    add rcx, rdx
+    mov rax, VMCS_FIELD_GUEST_RIP
+    vmwrite rax, rcx
+    ret
+
+exit_hlt:
+    call advance_rip
+    jmp schedule                             ; a halted VP yields its LP
+
+; CPUID: the fixed answers of hypervisors/invariants.py.
+exit_cpuid:
+    mov eax, [rbp + HV1_VP_RAX]
+    xor ebx, ebx
+    xor ecx, ecx
+    xor edx, edx
+    cmp eax, 0
+    je exit_cpuid.vendor
+    cmp eax, 1
+    je exit_cpuid.features
+    cmp eax, HV_CPUID_HYPERVISOR_BASE
+    je exit_cpuid.hypervisor
+    cmp eax, HV_CPUID_MAX_HYPERVISOR_LEAF
+    je exit_cpuid.version
+    xor eax, eax
+    jmp exit_cpuid.answer
+exit_cpuid.vendor:
+    mov eax, HV_CPUID_MAX_BASIC_LEAF
+    jmp exit_cpuid.vendor_words
+exit_cpuid.hypervisor:
+    mov eax, HV_CPUID_MAX_HYPERVISOR_LEAF
+exit_cpuid.vendor_words:
+    mov ebx, HV_CPUID_VENDOR_EBX
+    mov edx, HV_CPUID_VENDOR_EDX
+    mov ecx, HV_CPUID_VENDOR_ECX
+    jmp exit_cpuid.answer
+exit_cpuid.features:
+    mov eax, HV_CPUID_FAMILY_MODEL
+    mov ebx, [rbp + HV1_VP_INDEX]
+    shl ebx, HV_CPUID_APIC_ID_SHIFT
+    mov rsi, [rbp + HV1_VP_PARTITION]
+    mov ecx, [rsi + HV1_PARTITION_VP_COUNT]
+    shl ecx, HV_CPUID_VP_COUNT_SHIFT
+    or ebx, ecx
+    mov ecx, HV_CPUID_LEAF1_ECX
+    mov edx, HV_CPUID_LEAF1_EDX
+    jmp exit_cpuid.answer
+exit_cpuid.version:
+    mov eax, HV1_VERSION
+exit_cpuid.answer:
+    mov [rbp + HV1_VP_RAX], rax              ; 32-bit results zero-extend, as CPUID's do
+    mov [rbp + HV1_VP_RBX], rbx
+    mov [rbp + HV1_VP_RCX], rcx
+    mov [rbp + HV1_VP_RDX], rdx
+    call advance_rip
+    jmp resume_vp
+
+; I/O: COM1 and the exit port per partition, the clock passed through, the rest a default
+; (IN reads all ones, OUT is ignored). Exit qualification per SDM Vol. 3C Table 28-5.
+exit_io:
+    mov rax, VMCS_FIELD_EXIT_QUALIFICATION
+    vmread r8, rax
+    test r8, IO_QUAL_STRING
+    jnz exit_io.string
+    mov r9, r8
+    shr r9, IO_QUAL_PORT_SHIFT
+    and r9, 0xFFFF                           ; port
+    test r8, IO_QUAL_DIRECTION_IN
+    jnz exit_io.in
+    cmp r9, COM1_BASE
+    je exit_io.putc
+    cmp r9, DEBUG_EXIT_PORT
+    je exit_io.exit_code
+    jmp exit_io.done
+exit_io.putc:
+    mov rsi, [rbp + HV1_VP_PARTITION]
+    mov eax, [rsi + HV1_PARTITION_CHANNEL]
+    mov dx, CONSOLE_CHANNEL_PORT
+    out dx, eax
+    mov rax, [rbp + HV1_VP_RAX]
+    mov dx, COM1_BASE
+    out dx, al
+    jmp exit_io.done
+exit_io.exit_code:
+    mov rsi, [rbp + HV1_VP_PARTITION]
+    movzx eax, byte ptr [rbp + HV1_VP_RAX]
+    mov [rsi + HV1_PARTITION_EXIT_CODE], eax
+    mov dword ptr [rsi + HV1_PARTITION_STATE], PARTITION_EXITED
+    dec qword ptr [rip + running_partitions]
+    call advance_rip
+    jmp schedule
+exit_io.in:
+    mov eax, 0xFFFFFFFF
+    cmp r9, COM1_BASE + UART_LSR
+    jne exit_io.not_lsr
+    mov eax, LSR_READY
+    jmp exit_io.result
+exit_io.not_lsr:
+    cmp r9, COM1_BASE
+    jb exit_io.not_com1
+    cmp r9, COM1_BASE + 7
+    ja exit_io.not_com1
+    xor eax, eax
+    jmp exit_io.result
+exit_io.not_com1:
+    cmp r9, CLOCK_LOW_PORT
+    je exit_io.clock
+    cmp r9, CLOCK_HIGH_PORT
+    jne exit_io.result
+exit_io.clock:
+    mov dx, r9w
+    in eax, dx
+exit_io.result:
+    mov rcx, r8
+    and rcx, IO_QUAL_SIZE_MASK               ; size - 1: 0, 1 or 3
+    mov rdx, [rbp + HV1_VP_RAX]
+    cmp rcx, 0
+    jne exit_io.not_byte
+    mov dl, al
+    mov rax, rdx
+    jmp exit_io.store
+exit_io.not_byte:
+    cmp rcx, 1
+    jne exit_io.store                               ; 32-bit IN zero-extends into RAX
+    mov dx, ax
+    mov rax, rdx
+exit_io.store:
+    mov [rbp + HV1_VP_RAX], rax
+exit_io.done:
+    call advance_rip
+    jmp resume_vp
+exit_io.string:
+    mov ebx, EXIT_REASON_IO_INSTRUCTION      ; string I/O is not served: the partition stops
+    jmp stop_partition
+
+; Hypercalls: RAX = number, RDI, RSI = arguments, RAX = result (docs/hv1.md).
+exit_vmcall:
+    mov rax, [rbp + HV1_VP_RAX]
+    cmp rax, HC_VERSION
+    je exit_vmcall.version
+    cmp rax, HC_YIELD
+    je exit_vmcall.yield
+    cmp rax, HC_CLOCK
+    je exit_vmcall.clock
+    cmp rax, HC_CONSOLE_WRITE
+    je exit_vmcall.console_write
+    mov rax, ENOSYS
+    jmp exit_vmcall.result
+exit_vmcall.version:
+    mov eax, HV1_VERSION
+    jmp exit_vmcall.result
+exit_vmcall.yield:
+    mov qword ptr [rbp + HV1_VP_RAX], 0
+    call advance_rip
+    jmp schedule
+exit_vmcall.clock:
+    mov dx, CLOCK_LOW_PORT
+    in eax, dx
+    mov ecx, eax
+    mov dx, CLOCK_HIGH_PORT
+    in eax, dx
+    shl rax, 32
+    or rax, rcx
+    jmp exit_vmcall.result
+exit_vmcall.console_write:
+    mov rdi, [rbp + HV1_VP_RDI]              ; guest-physical buffer
+    mov rcx, [rbp + HV1_VP_RSI]              ; length
+    mov rax, EINVAL
+    cmp rcx, CONSOLE_WRITE_MAX
+    ja exit_vmcall.result
+    mov rsi, [rbp + HV1_VP_PARTITION]
+    mov rdx, [rsi + HV1_PARTITION_MEMORY_SIZE]
+    cmp rdi, rdx
+    jae exit_vmcall.result
+    sub rdx, rdi
+    cmp rcx, rdx
+    ja exit_vmcall.result                               ; the buffer must lie inside the guest's RAM
+    add rdi, [rsi + HV1_PARTITION_MEMORY]
+    mov eax, [rsi + HV1_PARTITION_CHANNEL]
+    mov dx, CONSOLE_CHANNEL_PORT
+    out dx, eax
+    mov dx, COM1_BASE
+exit_vmcall.byte:
+    test rcx, rcx
+    jz exit_vmcall.written
+    mov al, [rdi]
+    out dx, al
+    inc rdi
+    dec rcx
+    jmp exit_vmcall.byte
+exit_vmcall.written:
+    xor eax, eax
+exit_vmcall.result:
+    mov [rbp + HV1_VP_RAX], rax
+    call advance_rip
+    jmp resume_vp
+
+; rbp = VP, ebx = why: its partition stops for good; the LP goes on with other VPs.
+stop_partition:
+    mov rsi, [rbp + HV1_VP_PARTITION]
+    cmp dword ptr [rsi + HV1_PARTITION_STATE], PARTITION_RUNNING
+    jne schedule
+    mov [rsi + HV1_PARTITION_STOP_REASON], ebx
+    mov dword ptr [rsi + HV1_PARTITION_STATE], PARTITION_STOPPED
+    dec qword ptr [rip + running_partitions]
+    jmp schedule
+
+; --- failures of the hypervisor itself --------------------------------------------------------------
+panic_interrupt:
+panic:
+    mov dx, CONSOLE_CHANNEL_PORT
+    xor eax, eax
+    out dx, eax
+    lea rsi, [rip + panic_message]
+    mov dx, COM1_BASE
+panic.print:
+    mov al, [rsi]
+    test al, al
+    jz panic.stop
+    out dx, al
+    inc rsi
+    jmp panic.print
+panic.stop:
+    mov al, PANIC_EXIT
+    out DEBUG_EXIT_PORT, al
+    cli
+    hlt
+
+; --- data ----------------------------------------------------------------------------------------------
+panic_message:
+    .asciz "hv1: panic\n"
+.align 16
+hv_gdt:
+    .quad 0
+    .quad 0x00AF9A000000FFFF                 ; HV_CODE: 64-bit code
+    .quad 0x00CF92000000FFFF                 ; HV_DATA
+    .quad 0                                  ; HV_TSS: filled by build_tables (16 bytes)
+    .quad 0
+hv_gdt_end:
+.align 16
+hv_gdtr:
+    .word hv_gdt_end - hv_gdt - 1
+    .quad hv_gdt
+.align 16
+hv_idtr:
+    .word GATE_COUNT * GATE_BYTES - 1
+    .quad hv_idt
+.align 16
+hv_tss:
+    .zero 0x68
+.align 16
+hv_idt:
+    .zero GATE_COUNT * GATE_BYTES
+.align 8
+boot_info: .quad 0
+boot_done: .quad 0
+heap_next: .quad 0
+free_next: .quad 0
+free_end: .quad 0
+partition_count: .quad 0
+running_partitions: .quad 0
+vp_total: .quad 0
+lp_current: .zero MAX_LPS * 8
+lp_next: .zero MAX_LPS * 8
+partitions: .zero MAX_PARTITIONS * HV1_PARTITION_SIZE
+vps: .zero MAX_VPS * HV1_VP_SIZE

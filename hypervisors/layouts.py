@@ -1,0 +1,56 @@
+"""The boot protocol's structures (firmware to hypervisor) and hv1's own records, defined once for Python and assembly."""
+from __future__ import annotations
+
+from asm.layout import Struct
+
+BOOT_INFO_MAGIC = int.from_bytes(b"HHRBOOT1", "little")
+BOOT_PROTOCOL_VERSION = 1
+GUEST_NAME_BYTES = 16
+
+# Written by the firmware step (hypervisors/boot.py) at BOOT_INFO_ADDRESS; docs/boot.md.
+BOOT_INFO = Struct("boot_info", [
+    ("magic", 8),
+    ("version", 4), ("lp_count", 4),
+    ("ram_size", 8),
+    ("heap_base", 8), ("heap_size", 8),           # host memory reserved for the hypervisor's data
+    ("free_base", 8), ("free_size", 8),           # host memory for partitions
+    ("guest_count", 4), ("_pad0", 4),
+    ("guests", 8),                                # host-physical address of the guest descriptors
+])
+
+GUEST_DESCRIPTOR = Struct("guest_descriptor", [
+    ("image", 8), ("image_size", 8),              # where the firmware staged the guest's image
+    ("memory_size", 8),                           # guest RAM in bytes (a multiple of 2 MiB)
+    ("vp_count", 4), ("_pad0", 4),
+    ("name", GUEST_NAME_BYTES),
+])
+
+# hv1's partition record; `hhr run` reads it to report each guest's outcome.
+HV1_PARTITION = Struct("hv1_partition", [
+    ("state", 4), ("exit_code", 4),
+    ("stop_reason", 4), ("vp_count", 4),
+    ("memory", 8), ("memory_size", 8),            # host-physical base and size of guest RAM
+    ("eptp", 8),
+    ("vps_done", 4), ("channel", 4),              # VPs that finished; console channel of its COM1
+])
+
+# hv1's virtual processor: where it runs and the guest registers a VM exit hands over.
+HV1_VP = Struct("hv1_vp", [
+    ("partition", 8),                             # address of its HV1_PARTITION record
+    ("vmcs", 8),
+    ("lp", 4), ("index", 4),
+    ("state", 4), ("launched", 4),
+    ("rax", 8), ("rbx", 8), ("rcx", 8), ("rdx", 8), ("rsi", 8), ("rdi", 8), ("rbp", 8),
+    ("r8", 8), ("r9", 8), ("r10", 8), ("r11", 8), ("r12", 8), ("r13", 8), ("r14", 8), ("r15", 8),
+])
+
+# Partition states (HV1_PARTITION.state) and how a stopped one ended (stop_reason).
+PARTITION_RUNNING = 1
+PARTITION_EXITED = 2          # the guest wrote its exit code to port 0xF4
+PARTITION_STOPPED = 3         # hv1 stopped it: stop_reason is the VM exit reason that did it
+VP_RUNNABLE = 1
+VP_DONE = 2
+
+LAYOUTS = (BOOT_INFO, GUEST_DESCRIPTOR, HV1_PARTITION, HV1_VP)
+STATES = {name: value for name, value in globals().items()
+          if name.startswith(("PARTITION_", "VP_")) and isinstance(value, int)}
