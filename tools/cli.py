@@ -1,4 +1,4 @@
-"""The `hhr` command: selftest and machine benchmarks (run, restart, trace, bench and fuzz arrive with their issues)."""
+"""The `hhr` command: selftest, run, and machine benchmarks (restart, trace, bench and fuzz arrive with their issues)."""
 from __future__ import annotations
 
 import argparse
@@ -57,10 +57,40 @@ def bench(args: argparse.Namespace) -> int:
     return machine_speed.main(args.json)
 
 
+def run(args: argparse.Namespace) -> int:
+    """Boots the machine with a hypervisor and guests and reports every guest."""
+    import json
+
+    from guests.catalog import GuestSpecError, parse_size
+    from hypervisors.boot import BootError
+    from tools import run as run_module
+
+    try:
+        ram = parse_size(args.ram) if args.ram else None
+        report = run_module.run(args.hv, args.guest, lps=args.lps, ram_size=ram,
+                                max_instructions=args.max_instructions)
+    except (GuestSpecError, BootError, ValueError) as error:
+        print(f"hhr run: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.document, indent=2) if args.json else run_module.text(report))
+    stop = report.document["machine_stop"]["reason"]
+    return 0 if stop == "debug-exit" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hhr", description="Hypervisor hot restart on an emulated x86-64 machine.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("selftest", help="boot the machine, launch a guest under VMX, report").set_defaults(func=selftest)
+    run_parser = commands.add_parser("run", help="run guests under a hypervisor")
+    run_parser.add_argument("--hv", default="hv1", help="the hypervisor (default hv1)")
+    run_parser.add_argument("--lps", type=int, default=1, help="logical processors (default 1)")
+    run_parser.add_argument("--ram", help="machine RAM, e.g. 512M (default: what the guests need)")
+    run_parser.add_argument("--guest", action="append", required=True, metavar="SPEC",
+                            help="a built-in guest name or a flat binary, optionally ,vps=N,mem=SIZE (repeatable)")
+    run_parser.add_argument("--max-instructions", type=int, default=2_000_000_000,
+                            help="stop after this many instructions (default 2e9)")
+    run_parser.add_argument("--json", action="store_true", help="print one JSON object (docs/hv1.md)")
+    run_parser.set_defaults(func=run)
     bench_parser = commands.add_parser("bench", help="benchmarks")
     bench_parser.add_argument("--machine", action="store_true", help="the machine's own speed against bare Unicorn")
     bench_parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE")

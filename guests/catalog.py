@@ -1,0 +1,61 @@
+"""Guests by name or path: the built-in guests (assembly in guests/builtin) and flat binaries, with `,vps=N,mem=SIZE`."""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from asm import AsmError, assemble_file
+from hypervisors.boot import GuestImage
+from hypervisors.memory_map import DEFAULT_GUEST_MEMORY, GUEST_LOAD_ADDRESS
+
+BUILTIN_DIRECTORY = Path(__file__).resolve().parent / "builtin"
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_SIZE = re.compile(r"(\d+)\s*([kmg]?)(?:i?b)?\Z", re.IGNORECASE)
+
+
+class GuestSpecError(ValueError):
+    """A --guest argument that names no guest or has a bad option; the message says which."""
+
+
+def builtin_names() -> list[str]:
+    return sorted(path.stem for path in BUILTIN_DIRECTORY.glob("*.s"))
+
+
+@lru_cache(maxsize=None)
+def builtin_image(name: str) -> bytes:
+    try:
+        return assemble_file(BUILTIN_DIRECTORY / f"{name}.s", GUEST_LOAD_ADDRESS).code
+    except AsmError as error:   # a broken built-in guest is a bug of ours; say where
+        raise GuestSpecError(f"built-in guest {name!r} does not assemble: {error}") from None
+
+
+def parse_size(text: str) -> int:
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise GuestSpecError(f"bad size {text!r}: use a number with an optional K, M or G (64M)")
+    return int(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
+
+
+def parse(spec: str) -> GuestImage:
+    """`NAME-or-PATH[,vps=N][,mem=SIZE]` to a guest image."""
+    target, *options = [part.strip() for part in spec.split(",")]
+    vps, memory = 1, DEFAULT_GUEST_MEMORY
+    for option in options:
+        key, _, value = option.partition("=")
+        if key == "vps" and value.isdigit() and int(value) >= 1:
+            vps = int(value)
+        elif key == "mem" and value:
+            memory = parse_size(value)
+        else:
+            raise GuestSpecError(f"bad guest option {option!r} in {spec!r}: use vps=N or mem=SIZE")
+    if target in builtin_names():
+        return GuestImage(target, builtin_image(target), memory, vps)
+    path = Path(target)
+    if not path.is_file():
+        raise GuestSpecError(f"no built-in guest or file named {target!r} "
+                             f"(built-in: {', '.join(builtin_names())})")
+    image = path.read_bytes()
+    if not image:
+        raise GuestSpecError(f"guest file {target!r} is empty")
+    return GuestImage(path.stem, image, memory, vps)
