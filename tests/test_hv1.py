@@ -1,0 +1,105 @@
+"""hv1 runs real guests: each guest's output checked against an independent computation, isolation of a
+hostile guest, more VPs than LPs, determinism of `hhr run --json`, and clear errors from the command."""
+from __future__ import annotations
+
+import pytest
+
+from guests import catalog
+from tools import cli
+from tools import run as run_module
+
+SIEVE_LIMIT = 100_000
+MIB = 1 << 20
+
+
+def primes_below(limit: int) -> int:
+    sieve = bytearray([1]) * limit
+    sieve[0:2] = b"\0\0"
+    for number in range(2, int(limit ** 0.5) + 1):
+        if sieve[number]:
+            sieve[number * number::number] = bytearray(len(range(number * number, limit, number)))
+    return sum(sieve)
+
+
+def run(*specs: str, lps: int = 1) -> dict:
+    return run_module.run("hv1", list(specs), lps=lps).document
+
+
+def guest(document: dict, name: str) -> dict:
+    (found,) = [g for g in document["guests"] if g["name"] == name]
+    return found
+
+
+def test_hello_prints_and_exits():
+    document = run("hello")
+    assert document["machine_stop"]["reason"] == "debug-exit"
+    assert guest(document, "hello") == {"name": "hello", "vps": 1, "memory": 64 * MIB,
+                                        "console": "hello from VP 0\n", "exit_code": 0, "state": "exited",
+                                        "stop_reason": None}
+
+
+def test_sieve_counts_the_primes_python_counts():
+    sieve = guest(run("sieve"), "sieve")
+    assert sieve["console"] == f"primes below {SIEVE_LIMIT}: {primes_below(SIEVE_LIMIT)}\n"
+    assert sieve["exit_code"] == 0
+
+
+def test_hypercalls_answer_as_documented():
+    hypercalls = guest(run("hypercalls"), "hypercalls")
+    assert hypercalls["exit_code"] == 0, "the exit code names the first failed check"
+    assert hypercalls["console"] == "hypercall console write\n"
+
+
+@pytest.mark.parametrize("lps", [1, 2, 4])
+def test_more_vps_than_lps(lps):
+    document = run("hello,vps=5", "sieve", lps=lps)
+    hello = guest(document, "hello")
+    assert sorted(hello["console"].splitlines()) == [f"hello from VP {vp}" for vp in range(5)]
+    assert hello["exit_code"] == 0 and guest(document, "sieve")["exit_code"] == 0
+    used = [lp for lp, count in document["instructions_by_lp"].items() if count]
+    assert len(used) == lps
+
+
+def test_hostile_guest_is_contained():
+    alone = run("hello", "sieve")
+    together = run("hello", "hostile", "sieve", lps=2)
+    hostile = guest(together, "hostile")
+    assert hostile["state"] == "stopped" and hostile["stop_reason"] == "EPT_VIOLATION"
+    assert hostile["console"] == "UD UD "            # VMXON and VMCALLR came back as #UD
+    for name in ("hello", "sieve"):
+        assert guest(together, name) == guest(alone, name)
+    assert together["exits_by_reason"]["VMXON"] == 1 and together["exits_by_reason"]["VMCALLR"] == 1
+
+
+def test_run_json_is_deterministic():
+    first = run("hello,vps=3", "sieve", "hostile", lps=3)
+    second = run("hello,vps=3", "sieve", "hostile", lps=3)
+    assert first == second
+
+
+def test_guests_of_256_mib_in_all():
+    document = run("sieve,mem=128M", "hello,mem=64M,vps=2", "hypercalls,mem=64M", lps=2)
+    assert sum(g["memory"] for g in document["guests"]) == 256 * MIB
+    assert all(g["exit_code"] == 0 for g in document["guests"])
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--guest", "nosuch"], "no built-in guest or file named 'nosuch'"),
+    (["--guest", "hello,vps=0"], "bad guest option 'vps=0'"),
+    (["--guest", "hello,mem=3M"], "memory must be a multiple of 2 MiB"),
+    (["--guest", "hello", "--lps", "0"], "--lps must be 1 to 64"),
+    (["--guest", "hello", "--ram", "64M"], "too small"),
+])
+def test_command_line_errors_are_one_clear_line(capsys, arguments, message):
+    assert cli.main(["run", *arguments]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("hhr run: ") and message in captured.err
+    assert captured.err.count("\n") == 1
+
+
+def test_a_guest_file_runs(tmp_path):
+    image = tmp_path / "hello.bin"
+    image.write_bytes(catalog.builtin_image("hello"))
+    document = run(str(image))
+    assert guest(document, "hello")["console"] == "hello from VP 0\n"
