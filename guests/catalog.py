@@ -1,4 +1,4 @@
-"""Guests by name or path: the built-in guests (assembly in guests/builtin) and flat binaries, with `,vps=N,mem=SIZE`."""
+"""Guests by name or path: the built-in guests (assembly in guests/builtin), flat binaries and static ELF64 files, with `,vps=N,mem=SIZE`."""
 from __future__ import annotations
 
 import re
@@ -6,6 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from asm import AsmError, assemble_file
+from guests import elf
 from hypervisors.boot import GuestImage
 from hypervisors.memory_map import DEFAULT_GUEST_MEMORY, GUEST_LOAD_ADDRESS
 
@@ -58,4 +59,10 @@ def parse(spec: str) -> GuestImage:
     image = path.read_bytes()
     if not image:
         raise GuestSpecError(f"guest file {target!r} is empty")
+    if elf.is_elf(image):
+        try:
+            flat = elf.flatten(image)
+        except elf.ElfError as error:
+            raise GuestSpecError(f"guest file {target!r}: {error}") from None
+        return GuestImage(path.stem, flat.image, memory, vps, flat.entry)
     return GuestImage(path.stem, image, memory, vps)

@@ -29,6 +29,7 @@ class GuestImage:
     image: bytes
     memory_size: int = DEFAULT_GUEST_MEMORY
     vp_count: int = 1
+    entry: int = GUEST_LOAD_ADDRESS
 
 
 @dataclass
@@ -58,6 +59,8 @@ def _check(guests: tuple[GuestImage, ...], lps: int) -> None:
         if not 1 <= guest.vp_count:
             raise BootError(f"guest {guest.name}: at least one VP")
         stacks = guest.vp_count * GUEST_VP_STACK_SIZE
+        if not GUEST_LOAD_ADDRESS <= guest.entry < GUEST_LOAD_ADDRESS + len(guest.image):
+            raise BootError(f"guest {guest.name}: entry {guest.entry:#x} is not inside its image")
         if GUEST_LOAD_ADDRESS + len(guest.image) > guest.memory_size - stacks:
             raise BootError(f"guest {guest.name}: its image does not fit below its stacks in "
                             f"{guest.memory_size // MIB} MiB")
@@ -85,7 +88,7 @@ def boot(guests: list[GuestImage] | tuple[GuestImage, ...], *, hypervisor: str =
                             f"({(GUEST_STAGING_END - GUEST_STAGING_BASE) // MIB} MiB)")
         machine.load(staging, guest.image)
         descriptors += layouts.GUEST_DESCRIPTOR.pack(
-            image=staging, image_size=len(guest.image), memory_size=guest.memory_size,
+            image=staging, image_size=len(guest.image), memory_size=guest.memory_size, entry=guest.entry,
             vp_count=guest.vp_count, name=guest.name.encode()[:layouts.GUEST_NAME_BYTES].ljust(
                 layouts.GUEST_NAME_BYTES, b"\0"))
         staging += -(-len(guest.image) // PAGE_SIZE) * PAGE_SIZE

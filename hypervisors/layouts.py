@@ -21,6 +21,7 @@ BOOT_INFO = Struct("boot_info", [
 GUEST_DESCRIPTOR = Struct("guest_descriptor", [
     ("image", 8), ("image_size", 8),              # where the firmware staged the guest's image
     ("memory_size", 8),                           # guest RAM in bytes (a multiple of 2 MiB)
+    ("entry", 8),                                 # guest-physical address the VPs start at
     ("vp_count", 4), ("_pad0", 4),
     ("name", GUEST_NAME_BYTES),
 ])

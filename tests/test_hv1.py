@@ -2,6 +2,10 @@
 hostile guest, more VPs than LPs, determinism of `hhr run --json`, and clear errors from the command."""
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from guests import catalog
@@ -103,3 +107,47 @@ def test_a_guest_file_runs(tmp_path):
     image.write_bytes(catalog.builtin_image("hello"))
     document = run(str(image))
     assert guest(document, "hello")["console"] == "hello from VP 0\n"
+
+
+C_EXAMPLE = Path(__file__).resolve().parent.parent / "guests" / "examples" / "primes.c"
+C_BUILD = ["-O2", "-ffreestanding", "-fno-pie", "-no-pie", "-nostdlib", "-static", "-mno-red-zone",
+           "-Wl,-Ttext-segment=0x100000", "-Wl,--build-id=none"]
+C_LIMIT = 50_000
+
+
+@pytest.fixture(scope="module")
+def c_guest(tmp_path_factory) -> Path:
+    compiler = shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("gcc is not installed: the C guest example cannot be built")
+    output = tmp_path_factory.mktemp("c-guest") / "primes.elf"
+    subprocess.run([compiler, *C_BUILD, "-o", str(output), str(C_EXAMPLE)], check=True)
+    return output
+
+
+def test_the_c_guest_example_builds_from_its_documented_line_and_runs(c_guest):
+    document = run(str(c_guest), "hello", lps=2)
+    primes = guest(document, "primes")
+    assert primes["console"] == f"C guest: primes below {C_LIMIT}: {primes_below(C_LIMIT)}\nclock runs\n"
+    assert primes["exit_code"] == 0
+
+
+def test_the_documented_build_line_is_the_one_tested():
+    source = C_EXAMPLE.read_text()
+    assert all(flag in source for flag in C_BUILD)
+
+
+def test_elf_guests_are_checked(c_guest, tmp_path):
+    data = bytearray(c_guest.read_bytes())
+    dynamic = tmp_path / "pie.elf"
+    dynamic.write_bytes(bytes(data[:ELF_TYPE_OFFSET]) + ELF_TYPE_DYN + bytes(data[ELF_TYPE_OFFSET + 2:]))
+    with pytest.raises(catalog.GuestSpecError, match="not a static executable"):
+        catalog.parse(str(dynamic))
+    truncated = tmp_path / "short.elf"
+    truncated.write_bytes(bytes(data[:20]))
+    with pytest.raises(catalog.GuestSpecError, match="too short"):
+        catalog.parse(str(truncated))
+
+
+ELF_TYPE_OFFSET = 16
+ELF_TYPE_DYN = (3).to_bytes(2, "little")
