@@ -420,7 +420,7 @@ static bool entry_is_plain(const hhr_vmx *v, const hhr_vmcs *vmcs) {
     const hhr_transition_constants *k = v->constants;
     const uint64_t *values = vmcs->values;
     return vmcs->launched && vmcs->guest_ctx != NULL && vmcs->guest_uc != NULL &&
-           vmcs->entry_verified && !vmcs->written_other_than_rip &&
+           vmcs->entry_verified && !vmcs->checked_field_written &&
            !(vmcs->live_written & ~k->guest_rip_live_bit) && !vmcs->inverse_call && !vmcs->halted &&
            is_canonical(guest_rip(v, vmcs)) &&
            !(values[k->entry_interruption_info] & k->interruption_info_valid) &&
@@ -473,7 +473,7 @@ bool hhr_invalid_instruction(void *uc, void *user_data) {
                      : value & field->mask;
         vmcs->values[field->slot] = value;
         vmcs->live_written |= field->live_bit;  /* loaded at the next VM entry, after its checks */
-        if (!(field->flags & HHR_FIELD_GUEST_RIP)) vmcs->written_other_than_rip = 1;
+        if (!(field->flags & HHR_FIELD_KEEPS_VERIFICATION)) vmcs->checked_field_written = 1;
     }
     uint64_t rflags = read_register(c, api->reg_rflags) & ~RFLAGS_VMX_RESULT_BITS;
     api->reg_write(uc, api->reg_rflags, &rflags);

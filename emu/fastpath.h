@@ -110,7 +110,7 @@ typedef struct {
 #define HHR_FIELD_WIDTH_64 4
 #define HHR_FIELD_LIVE_REGISTER 8     /* lives in the guest instance as a scalar register */
 #define HHR_FIELD_PYTHON_ONLY 16      /* lives in the guest instance in a form only Python moves */
-#define HHR_FIELD_GUEST_RIP 32
+#define HHR_FIELD_KEEPS_VERIFICATION 32  /* no entry check reads it (GUEST_RIP: only canonical form) */
 
 typedef struct {
     uint64_t mask;
@@ -128,10 +128,10 @@ typedef struct {
     hhr_ctx *guest_ctx;
     uint64_t address;
     uint32_t launched;
-    uint32_t entry_verified;          /* the last VM-entry check passed (see written_other_than_rip) */
+    uint32_t entry_verified;          /* the last VM-entry check passed (see checked_field_written) */
     uint32_t inverse_call;            /* an inverse hypercall (VMCALLR) is in progress */
     uint32_t halted;                  /* the guest is in the HLT activity state */
-    uint32_t written_other_than_rip;  /* software wrote a field other than GUEST_RIP */
+    uint32_t checked_field_written;   /* software wrote a field an entry check reads */
     uint32_t live_written;            /* live fields VMWRITE changed: the slot holds the value the
                                          next VM entry checks and loads into the guest instance */
 } hhr_vmcs;

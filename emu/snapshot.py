@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 # The C per-context fields that are machine state (the rest is scratch of a single run).
 _CONTEXT_FIELDS = ("retired", "mode", "eptp")
 # The C per-VMCS flags (emu/fastpath.h, hhr_vmcs).
-_VMCS_FLAGS = ("launched", "entry_verified", "inverse_call", "halted", "written_other_than_rip", "live_written")
+_VMCS_FLAGS = ("launched", "entry_verified", "inverse_call", "halted", "checked_field_written", "live_written")
 
 
 @dataclass

@@ -67,6 +67,9 @@ _LIVE_ORDER = _BEFORE_SELECTORS + tuple(sorted(_SEGMENT_FIELDS)) + \
 _LIVE_BIT = {name: 1 << index for index, name in enumerate(_LIVE_ORDER)}
 _SLOT_INDEX = {field.name: index for index, field in enumerate(FIELDS)}
 _GUEST_RIP = "GUEST_RIP"
+# Fields software may write without the full VM-entry checks running again: no check reads the
+# preemption-timer value, and GUEST_RIP's one check (canonical form) is made at every entry.
+KEEPS_VERIFICATION = frozenset({_GUEST_RIP, "VMX_PREEMPTION_TIMER_VALUE"})
 _EXIT_REASON = "VM_EXIT_REASON"
 _EXIT_QUALIFICATION = "EXIT_QUALIFICATION"
 _EXIT_INSTRUCTION_LENGTH = "VM_EXIT_INSTRUCTION_LEN"
@@ -97,7 +100,7 @@ def _field_table():
             entry.live_register = _REGISTER_FIELDS[field.name]
         elif field.name in LIVE_FIELD_NAMES:
             flags |= fast.lib.HHR_FIELD_PYTHON_ONLY
-        flags |= fast.lib.HHR_FIELD_GUEST_RIP if field.name == _GUEST_RIP else 0
+        flags |= fast.lib.HHR_FIELD_KEEPS_VERIFICATION if field.name in KEEPS_VERIFICATION else 0
         entry.flags = flags
         entry.live_bit = _LIVE_BIT.get(field.name, 0)
     return table
@@ -189,8 +192,8 @@ class ActiveVmcs:
 
     @property
     def entry_verified(self) -> bool:
-        """The last VM-entry check passed; with fast.written_other_than_rip clear, software wrote
-        nothing but GUEST_RIP since (see VmxUnit._check_entry)."""
+        """The last VM-entry check passed; with fast.checked_field_written clear, software wrote
+        no field an entry check reads since (see VmxUnit._check_entry)."""
         return bool(self.fast.entry_verified)
 
     @entry_verified.setter
@@ -274,8 +277,8 @@ class ActiveVmcs:
         slot, mask, live_bit = _ACCESS[field.name]
         self.values[slot] = vf.write_component(field, high, self.read(field.name), value) & mask
         self.fast.live_written |= live_bit
-        if field.name != _GUEST_RIP:
-            self.fast.written_other_than_rip = 1
+        if field.name not in KEEPS_VERIFICATION:
+            self.fast.checked_field_written = 1
 
     def load_written_state(self) -> None:
         """VM entry: guest state software wrote goes into the guest instance (SDM Vol. 3C 27.3.2)."""

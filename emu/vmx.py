@@ -377,16 +377,16 @@ class VmxUnit:
     @staticmethod
     def _check_entry(vmcs: ActiveVmcs, launching: bool):
         """The checks of SDM Vol. 3C 27.2-27.3.1. Their outcome depends only on field values, so after a
-        successful check the machine re-checks in full only when software wrote a field other than
-        GUEST_RIP (whose one check, canonical form, is done here); the guest cannot make its own
-        state invalid for these checks."""
-        if vmcs.entry_verified and not vmcs.fast.written_other_than_rip and \
+        successful check the machine re-checks in full only when software wrote a field a check
+        reads (emu.vmcs.KEEPS_VERIFICATION lists those it does not; GUEST_RIP's one check, canonical
+        form, is done here); the guest cannot make its own state invalid for these checks."""
+        if vmcs.entry_verified and not vmcs.fast.checked_field_written and \
                 _is_canonical(vmcs.read("GUEST_RIP")):
             return None
         failure = check_vm_entry(vmcs.read, CAPS, launching=launching)
         vmcs.entry_verified = failure is None
         if failure is None:
-            vmcs.fast.written_other_than_rip = 0
+            vmcs.fast.checked_field_written = 0
         return failure
 
     def begin_guest(self, vmcs: ActiveVmcs, launching: bool, instruction_length: int,
