@@ -424,7 +424,7 @@ static bool entry_is_plain(const hhr_vmx *v, const hhr_vmcs *vmcs) {
            !(vmcs->live_written & ~k->guest_rip_live_bit) && !vmcs->inverse_call && !vmcs->halted &&
            is_canonical(guest_rip(v, vmcs)) &&
            !(values[k->entry_interruption_info] & k->interruption_info_valid) &&
-           !(values[k->pin_controls] & k->preemption_timer_control) && values[k->entry_msr_load_count] == 0 &&
+           values[k->entry_msr_load_count] == 0 &&
            vmcs->guest_ctx->mode == HHR_MODE_GUEST && vmcs->guest_ctx->eptp == values[k->ept_pointer];
 }
 
@@ -532,6 +532,11 @@ static void exit_simply(hhr_lp *lp, hhr_vmcs *vmcs, uint32_t reason, uint32_t le
     values[k->idt_vectoring_error] = 0;
     values[k->activity_state] = k->activity_active;
     values[k->entry_interruption_info] &= ~k->interruption_info_valid;
+    if (lp->preemption_active && (values[k->exit_controls] & k->save_preemption_timer_control)) {
+        uint64_t remaining = lp->preemption_deadline > lp->time ? lp->preemption_deadline - lp->time : 0;
+        values[k->preemption_timer_value] = remaining >> k->preemption_timer_rate;
+    }
+    lp->preemption_active = 0;
     hhr_copy_registers(api, vmcs->guest_uc, root_uc, lp->handover, lp->handover_count);
     record(lp, HHR_EVENT_VM_EXIT, reason, qualification, vmcs->address, guest_rip(lp->vmx, vmcs));
     write_register_if_changed(api, root_uc, api->reg_cr3, values[k->host_cr3]);
@@ -564,6 +569,10 @@ static void enter_on_vmresume(hhr_lp *lp, hhr_vmcs *vmcs) {
     }
     hhr_copy_registers(api, lp->root->uc, vmcs->guest_uc, lp->handover, lp->handover_count);
     record(lp, HHR_EVENT_VM_ENTRY, 0, 0, vmcs->address, guest_rip(lp->vmx, vmcs));
+    /* The VMX-preemption timer starts counting down at VM entry (SDM Vol. 3C 26.5.1). */
+    lp->preemption_active = (vmcs->values[k->pin_controls] & k->preemption_timer_control) != 0;
+    if (lp->preemption_active)
+        lp->preemption_deadline = lp->time + (vmcs->values[k->preemption_timer_value] << k->preemption_timer_rate);
     lp->in_guest = 1;
 }
 
@@ -668,8 +677,15 @@ int hhr_run_transitions(hhr_lp *lp) {
         if (lp->time >= lp->deadline || lp->attention || lp->event_count + 2 > HHR_EVENTS_MAX) break;
         if (lp->in_guest && (vmcs == NULL || vmcs->inverse_call || vmcs->halted ||
                              (vmcs->values[k->primary_controls] & k->interrupt_window_control))) break;
+        if (lp->in_guest && lp->preemption_active && lp->time >= lp->preemption_deadline) {
+            exit_simply(lp, vmcs, k->exit_reason_preemption_timer, 0, 0);
+            continue;
+        }
+        uint64_t until = lp->deadline;
+        if (lp->in_guest && lp->preemption_active && lp->preemption_deadline < until)
+            until = lp->preemption_deadline;
         hhr_ctx *c = lp->in_guest ? vmcs->guest_ctx : lp->root;
-        c->stop_at = c->retired + (lp->deadline - lp->time);
+        c->stop_at = c->retired + (until - lp->time);
         c->stop_reason = HHR_STOP_NONE;
         c->watch_interrupt_window = 0;
         c->block_size = 0;
@@ -724,6 +740,16 @@ int hhr_run_transitions(hhr_lp *lp) {
             v->entry_pending = 0;
             enter_on_vmresume(lp, vmcs);
             if (plain_stop) continue;
+            break;
+        }
+        if (lp->in_guest && c->stop_reason == HHR_STOP_BUDGET && lp->preemption_active &&
+            lp->time >= lp->preemption_deadline && !c->python_stop && !lp->attention) {
+            /* The timer fired. Within the slice the loop takes the exit itself; at its end, as
+             * Python would, it leaves the exit to the LP's next turn. */
+            if (lp->time < lp->deadline) {
+                exit_simply(lp, vmcs, k->exit_reason_preemption_timer, 0, 0);
+                continue;
+            }
             break;
         }
         result = HHR_LOOP_CLASSIFY;

@@ -149,6 +149,9 @@ typedef struct {
     uint64_t load_efer_control, rflags_after_exit, descriptor_limit_after_exit, hlt_exiting_control;
     uint64_t unconditional_io_control, io_bitmaps_control, io_direction_in, io_immediate, io_port_shift;
     uint32_t exit_reason_io, io_bitmap_ports;
+    int32_t preemption_timer_value;
+    uint32_t exit_reason_preemption_timer, preemption_timer_rate;
+    uint64_t save_preemption_timer_control;
     uint32_t exit_reason_cpuid, cpuid_length, exit_reason_vmcall, vmcall_length;
     uint32_t exit_reason_hlt, hlt_length, vmresume_length, activity_active, guest_rip_live_bit;
     uint32_t reserved;
@@ -192,6 +195,9 @@ typedef struct {
     uint32_t in_guest;
     uint64_t time;                    /* the LP's virtual time */
     uint64_t deadline;
+    uint64_t preemption_deadline;     /* with preemption_active: when the guest's timer fires */
+    uint32_t preemption_active;
+    uint32_t reserved2;
     uint64_t retired;                 /* instructions retired during this call */
     uint32_t attention;               /* Python wants the loop to end after the current run */
     int last_error;                   /* uc_emu_start's result for the run to classify */

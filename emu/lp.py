@@ -168,9 +168,8 @@ class LogicalProcessor:
     # --- the C transition loop -------------------------------------------------------------------------
     def _transitions_allowed(self) -> bool:
         """The loop carries out only transitions that need nothing of Python: no vector pending, no
-        preemption timer, no inverse hypercall, no HLT state (it re-checks the rest itself)."""
-        if not self.machine.fast_transitions or not self.vmx.on or self.pending_vectors or \
-                self.preemption_deadline is not None or self.halted:
+        inverse hypercall, no HLT state (it re-checks the rest itself)."""
+        if not self.machine.fast_transitions or not self.vmx.on or self.pending_vectors or self.halted:
             return False
         guest = self.guest
         return guest is None or (guest.inverse_call_saved is None and not guest.halted)
@@ -187,6 +186,8 @@ class LogicalProcessor:
         loop.in_guest = 1 if self.guest is not None else 0
         loop.time = self._time
         loop.deadline = deadline
+        loop.preemption_active = 1 if self.preemption_deadline is not None else 0
+        loop.preemption_deadline = self.preemption_deadline or 0
         loop.attention = 0
         self._in_transitions = True
         machine.events.before_publish = self._publish_transition_events
@@ -199,6 +200,7 @@ class LogicalProcessor:
         if not loop.runs:
             return False
         self._time = loop.time
+        self.preemption_deadline = loop.preemption_deadline if loop.preemption_active else None
         self.instructions += loop.retired
         machine.retired += loop.retired
         for context in contexts:

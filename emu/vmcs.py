@@ -11,6 +11,7 @@ import struct
 from unicorn import x86_const as x86
 
 from emu import fast, vmcs_fields as vf
+from emu.vmx_caps import MACHINE_VMX_CAPABILITIES
 from emu.vmcs_fields import FIELDS, BY_NAME
 from emu.vmx_defs import (
     INTR_INFO_VALID as INTERRUPTION_INFO_VALID, MSR_IA32_EFER, ActivityState, ExitControls, ExitReason,
@@ -126,7 +127,7 @@ def _transition_constants():
             ("host_gdtr_base", "HOST_GDTR_BASE"), ("host_idtr_base", "HOST_IDTR_BASE"),
             ("host_efer", "HOST_IA32_EFER"), ("host_rsp", "HOST_RSP"), ("host_rip", "HOST_RIP"),
             ("entry_msr_load_count", "VM_ENTRY_MSR_LOAD_COUNT"), ("io_bitmap_a", "IO_BITMAP_A"),
-            ("io_bitmap_b", "IO_BITMAP_B")):
+            ("io_bitmap_b", "IO_BITMAP_B"), ("preemption_timer_value", "VMX_PREEMPTION_TIMER_VALUE")):
         setattr(k, member, _SLOT_INDEX[name])
     k.interruption_info_valid = INTERRUPTION_INFO_VALID
     k.preemption_timer_control = PinBasedControls.ACTIVATE_VMX_PREEMPTION_TIMER
@@ -148,6 +149,9 @@ def _transition_constants():
     k.io_immediate = IO_QUAL_IMMEDIATE_OPERAND
     k.io_port_shift = IO_QUAL_PORT_SHIFT
     k.io_bitmap_ports = IO_BITMAP_PORTS
+    k.exit_reason_preemption_timer = ExitReason.PREEMPTION_TIMER
+    k.preemption_timer_rate = MACHINE_VMX_CAPABILITIES.preemption_timer_rate
+    k.save_preemption_timer_control = ExitControls.SAVE_VMX_PREEMPTION_TIMER_VALUE
     k.vmresume_length = VMRESUME_LENGTH
     k.activity_active = ActivityState.ACTIVE
     k.guest_rip_live_bit = _LIVE_BIT[_GUEST_RIP]

@@ -67,7 +67,7 @@ def _check(guests: tuple[GuestImage, ...], lps: int) -> None:
 
 
 def boot(guests: list[GuestImage] | tuple[GuestImage, ...], *, hypervisor: str = "hv1", lps: int = 1,
-         ram_size: int | None = None, record_events: bool = False) -> Booted:
+         ram_size: int | None = None, record_events: bool = False, fast_transitions: bool = True) -> Booted:
     """Builds the machine, loads the hypervisor and the guests, writes the boot info, starts it."""
     guests = tuple(guests)
     _check(guests, lps)
@@ -78,7 +78,7 @@ def boot(guests: list[GuestImage] | tuple[GuestImage, ...], *, hypervisor: str =
     ram = ram_size if ram_size is not None else max(MIN_RAM, -(-needed // LARGE_PAGE_SIZE) * LARGE_PAGE_SIZE)
     if ram < needed:
         raise BootError(f"--ram {ram // MIB} MiB is too small: the guests need {needed // MIB} MiB in all")
-    machine = Machine(ram_size=ram, lps=lps, record_events=record_events)
+    machine = Machine(ram_size=ram, lps=lps, record_events=record_events, fast_transitions=fast_transitions)
     machine.load(HYPERVISOR_BASE, image.code)
     descriptors = bytearray()
     staging = GUEST_STAGING_BASE

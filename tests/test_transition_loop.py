@@ -118,3 +118,21 @@ def test_io_bitmaps_the_same_with_and_without_the_loop():
     assert results[0] == results[1]
     assert [record.reason for record in results[0][3]] == [ExitReason.IO_INSTRUCTION] * 2 + [ExitReason.HLT]
     assert results[0][1] == "AB"
+
+
+def test_hv1_runs_the_same_with_and_without_the_loop():
+    """hv1 preempts its VPs with the VMX-preemption timer and serves I/O, CPUID and hypercalls: the
+    loop carries out those transitions, and the machine must not change."""
+    from guests import catalog
+    from hypervisors.boot import boot
+
+    guests = [catalog.parse(spec) for spec in ("hello,vps=3", "hypercalls", "sieve", "hostile")]
+    runs = []
+    for fast in (True, False):
+        booted = boot(guests, lps=2, record_events=True, fast_transitions=fast)
+        result = booted.machine.run(max_instructions=20_000_000)
+        runs.append(([e.as_tuple() for e in booted.machine.events.events], dict(booted.machine.io.console.channels),
+                     result, booted.partitions(), booted.machine.statistics()["exits_by_reason"]))
+        if fast:
+            assert booted.machine.statistics()["transitions_in_c"] > 0
+    assert runs[0] == runs[1]

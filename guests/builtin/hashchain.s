@@ -1,0 +1,89 @@
+; hashchain: fills a BUFFER_BYTES buffer with a pseudo-random sequence, then hashes it with
+; FNV-1a (64-bit) ROUNDS times, each round over the buffer and the previous digest, and prints the
+; final digest in hex. The test recomputes it in Python. Exit code 0.
+%define COM1 0x3F8
+%define EXIT_PORT 0xF4
+%define BUFFER 0x800000           ; guest-physical, 8 MiB
+%define BUFFER_BYTES 0x400000     ; 4 MiB
+%define ROUNDS 3
+%define FNV_OFFSET 0xCBF29CE484222325
+%define FNV_PRIME 0x100000001B3
+%define LCG_MULTIPLIER 6364136223846793005
+%define LCG_INCREMENT 1442695040888963407
+%define LCG_SEED 2026
+%define HEX_DIGITS 16
+
+start:
+    ; Fill: one 64-bit LCG step per qword.
+    mov rdi, BUFFER
+    mov rcx, BUFFER_BYTES / 8
+    mov rax, LCG_SEED
+    mov r8, LCG_MULTIPLIER
+    mov r9, LCG_INCREMENT
+fill:
+    imul rax, r8
+    add rax, r9
+    mov [rdi], rax
+    add rdi, 8
+    dec rcx
+    jnz fill
+    ; Hash chain.
+    mov r12, FNV_OFFSET           ; digest
+    mov r10, FNV_PRIME
+    mov r13, ROUNDS
+round:
+    mov rax, r12                  ; each round starts from the previous digest
+    mov rsi, BUFFER
+    mov rcx, BUFFER_BYTES
+hash_byte:
+    movzx edx, byte ptr [rsi]
+    xor rax, rdx
+    imul rax, r10
+    inc rsi
+    dec rcx
+    jnz hash_byte
+    mov r12, rax
+    dec r13
+    jnz round
+    lea rsi, [rip + label_text]
+    call print
+    mov rbx, r12
+    mov rcx, HEX_DIGITS
+hex_digit:
+    rol rbx, 4
+    mov al, bl
+    and al, 0xF
+    cmp al, 10
+    jb decimal
+    add al, 0x61 - 10 - 0x30
+decimal:
+    add al, 0x30
+    push rcx
+    call putc
+    pop rcx
+    dec rcx
+    jnz hex_digit
+    mov al, 0x0A
+    call putc
+    xor eax, eax
+    out EXIT_PORT, al
+halt:
+    hlt
+    jmp halt
+
+print:
+    lodsb
+    test al, al
+    jz print_done
+    call putc
+    jmp print
+print_done:
+    ret
+
+putc:
+    mov dx, COM1
+    out dx, al
+    ret
+
+label_text:
+    .asciz "hash chain digest: "
