@@ -12,6 +12,7 @@ from hypervisors import invariants, layouts, memory_map
 
 HERE = Path(__file__).resolve().parent
 HYPERVISORS = {"hv1": HERE / "hv1" / "hv1.s"}
+HV1_QUANTUM = 20_000     # VMX-preemption-timer ticks a VP of hv1 runs before the next one
 
 # Enumerations of vmx_defs exported to assembly as PREFIX_MEMBER.
 _ENUM_PREFIXES = {
@@ -50,6 +51,7 @@ def constants() -> dict[str, int]:
         {"UART_LSR": devices.UART_LSR, "LSR_READY": devices.LSR_THR_EMPTY | devices.LSR_TRANSMITTER_EMPTY},
         memory_map.constants(),
         invariants.constants(),
+        {"HV1_QUANTUM": HV1_QUANTUM},
         {"VMCS_REVISION": caps.vmcs_revision_id,
          "PIN_MUST_BE_ONE": caps.pin_based.must_be_one, "PROC_MUST_BE_ONE": caps.primary_processor.must_be_one,
          "PROC2_MUST_BE_ONE": caps.secondary_processor.must_be_one, "EXIT_MUST_BE_ONE": caps.exit.must_be_one,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from guests import catalog
+from hypervisors.build import HV1_QUANTUM
 from tools import cli
 from tools import run as run_module
 
@@ -151,3 +152,52 @@ def test_elf_guests_are_checked(c_guest, tmp_path):
 
 ELF_TYPE_OFFSET = 16
 ELF_TYPE_DYN = (3).to_bytes(2, "little")
+
+
+HASH_BUFFER_WORDS = 0x400000 // 8
+HASH_ROUNDS = 3
+FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
+LCG_MULTIPLIER, LCG_INCREMENT, LCG_SEED = 6364136223846793005, 1442695040888963407, 2026
+U64 = (1 << 64) - 1
+
+
+def hash_chain_digest() -> int:
+    words, value = [], LCG_SEED
+    for _ in range(HASH_BUFFER_WORDS):
+        value = (value * LCG_MULTIPLIER + LCG_INCREMENT) & U64
+        words.append(value)
+    digest = FNV_OFFSET
+    for _ in range(HASH_ROUNDS):
+        for word in words:
+            digest = ((digest ^ word) * FNV_PRIME) & U64
+    return digest
+
+
+def test_hash_chain_over_a_4_mib_buffer_matches_python():
+    chain = guest(run("hashchain"), "hashchain")
+    assert chain["console"] == f"hash chain digest: {hash_chain_digest():016x}\n"
+    assert chain["exit_code"] == 0
+
+
+def test_two_vps_cooperate_through_shared_memory():
+    rounds = 500
+    pingpong = guest(run("pingpong,vps=2", lps=2), "pingpong")
+    balls = 2 * rounds
+    assert pingpong["console"] == f"pingpong ball and sum: {balls} {balls * (balls - 1) // 2}\n"
+    assert pingpong["exit_code"] == 0
+    assert guest(run("pingpong"), "pingpong")["exit_code"] == 2      # it needs two VPs
+
+
+def heartbeat_gap(*specs: str) -> int:
+    heartbeat = guest(run(*specs, lps=1), "heartbeat")
+    assert heartbeat["exit_code"] == 0
+    return int(heartbeat["console"].rsplit(":", 1)[1])
+
+
+def test_heartbeat_sees_the_quantum_of_the_guest_it_shares_its_lp_with():
+    """Alone, the heartbeat's largest gap is a few hundred ticks of exits; sharing the LP with sieve it
+    waits out sieve's whole quantum: the quantum spans exits (hv1 saves the timer at each exit)."""
+    alone = heartbeat_gap("heartbeat")
+    shared = heartbeat_gap("heartbeat", "sieve")
+    assert 0 < alone < HV1_QUANTUM // 10
+    assert HV1_QUANTUM <= shared < 2 * HV1_QUANTUM

@@ -1,6 +1,7 @@
-; hashchain: fills a BUFFER_BYTES buffer with a pseudo-random sequence, then hashes it with
-; FNV-1a (64-bit) ROUNDS times, each round over the buffer and the previous digest, and prints the
-; final digest in hex. The test recomputes it in Python. Exit code 0.
+; hashchain: fills a BUFFER_BYTES buffer with a pseudo-random sequence (a 64-bit LCG), then hashes
+; it ROUNDS times, each round continuing from the previous digest: FNV-1a over the buffer's 64-bit
+; words (digest = (digest XOR word) * FNV prime). Prints the final digest in hex; the test recomputes
+; it in Python. Exit code 0.
 %define COM1 0x3F8
 %define EXIT_PORT 0xF4
 %define BUFFER 0x800000           ; guest-physical, 8 MiB
@@ -34,14 +35,13 @@ fill:
 round:
     mov rax, r12                  ; each round starts from the previous digest
     mov rsi, BUFFER
-    mov rcx, BUFFER_BYTES
-hash_byte:
-    movzx edx, byte ptr [rsi]
-    xor rax, rdx
+    mov rcx, BUFFER_BYTES / 8
+hash_word:
+    xor rax, [rsi]
     imul rax, r10
-    inc rsi
+    add rsi, 8
     dec rcx
-    jnz hash_byte
+    jnz hash_word
     mov r12, rax
     dec r13
     jnz round

@@ -8,7 +8,6 @@
 ; Registers the code keeps: r15 = this LP's index, rbp = the current VP's record (HV1_VP).
 ; All structure offsets, VMCS encodings and VMX bits are constants generated from Python.
 
-%define QUANTUM 20000                        ; preemption-timer ticks a VP runs before the next
 %define EINVAL (-22)                         ; hypercall errors, as negative values in RAX
 %define ENOSYS (-38)
 %define HC_VERSION 0                         ; hypercall numbers (docs/hv1.md)
@@ -334,7 +333,8 @@ create_vp:
     VMWRITE_VALUE PIN_BASED_VM_EXEC_CONTROL, PIN_MUST_BE_ONE | PIN_ACTIVATE_VMX_PREEMPTION_TIMER
     VMWRITE_VALUE CPU_BASED_VM_EXEC_CONTROL, PROC_MUST_BE_ONE | PROC_HLT_EXITING | PROC_UNCONDITIONAL_IO_EXITING | PROC_ACTIVATE_SECONDARY_CONTROLS
     VMWRITE_VALUE SECONDARY_VM_EXEC_CONTROL, PROC2_MUST_BE_ONE | PROC2_ENABLE_EPT
-    VMWRITE_VALUE VM_EXIT_CONTROLS, EXIT_MUST_BE_ONE | EXIT_CTL_HOST_ADDRESS_SPACE_SIZE
+    ; The timer's remaining value is saved at every exit, so a VP's quantum spans its exits.
+    VMWRITE_VALUE VM_EXIT_CONTROLS, EXIT_MUST_BE_ONE | EXIT_CTL_HOST_ADDRESS_SPACE_SIZE | EXIT_CTL_SAVE_VMX_PREEMPTION_TIMER_VALUE
     VMWRITE_VALUE VM_ENTRY_CONTROLS, ENTRY_MUST_BE_ONE | ENTRY_CTL_IA32E_MODE_GUEST
     VMWRITE_VALUE VMCS_LINK_POINTER, 0xFFFFFFFFFFFFFFFF
     mov rax, VMCS_FIELD_EPT_POINTER
@@ -454,7 +454,7 @@ run_vp:
     vmptrld [rsp]
     pop rax
     jbe entry_failed
-    VMWRITE_VALUE VMX_PREEMPTION_TIMER_VALUE, QUANTUM
+    VMWRITE_VALUE VMX_PREEMPTION_TIMER_VALUE, HV1_QUANTUM
     cmp dword ptr [rbp + HV1_VP_LAUNCHED], 0
     jne resume_vp
     mov dword ptr [rbp + HV1_VP_LAUNCHED], 1
