@@ -41,6 +41,10 @@ HV1_VP = Struct("hv1_vp", [
     ("vmcs", 8),
     ("lp", 4), ("index", 4),
     ("state", 4), ("launched", 4),
+    ("halted", 4), ("timer_pending", 4),          # HLT until an interrupt; a tick not yet delivered
+    ("timer_vector", 4), ("_pad0", 4),
+    ("timer_period", 8), ("timer_deadline", 8),   # the VP's virtual timer (hypercall set-timer)
+    ("slice_end", 8),                             # LP time its time slice ends
     ("rax", 8), ("rbx", 8), ("rcx", 8), ("rdx", 8), ("rsi", 8), ("rdi", 8), ("rbp", 8),
     ("r8", 8), ("r9", 8), ("r10", 8), ("r11", 8), ("r12", 8), ("r13", 8), ("r14", 8), ("r15", 8),
 ])

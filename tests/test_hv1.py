@@ -2,6 +2,7 @@
 hostile guest, more VPs than LPs, determinism of `hhr run --json`, and clear errors from the command."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -196,8 +197,37 @@ def heartbeat_gap(*specs: str) -> int:
 
 def test_heartbeat_sees_the_quantum_of_the_guest_it_shares_its_lp_with():
     """Alone, the heartbeat's largest gap is a few hundred ticks of exits; sharing the LP with sieve it
-    waits out sieve's whole quantum: the quantum spans exits (hv1 saves the timer at each exit)."""
+    waits out sieve's whole quantum: a quantum is LP time, so it spans the exits inside it."""
     alone = heartbeat_gap("heartbeat")
     shared = heartbeat_gap("heartbeat", "sieve")
     assert 0 < alone < HV1_QUANTUM // 10
     assert HV1_QUANTUM <= shared < 2 * HV1_QUANTUM
+
+
+def timer_guest_constant(name: str) -> int:
+    """A %define of guests/builtin/timer.s, so the test follows the guest's own numbers."""
+    source = (catalog.BUILTIN_DIRECTORY / "timer.s").read_text()
+    (value,) = re.findall(rf"^%define {name} (\d+)", source, re.MULTILINE)
+    return int(value)
+
+
+def timer_ticks_and_time(document: dict) -> tuple[int, int]:
+    timer = guest(document, "timer")
+    assert timer["exit_code"] == 0, "the guest's own checks failed (wake-up without a tick, early or masked ticks)"
+    ticks, time = re.fullmatch(r"timer ticks: (\d+), virtual time: (\d+)\n", timer["console"]).groups()
+    return int(ticks), int(time)
+
+
+@pytest.mark.parametrize("neighbours", [(), ("sieve", "heartbeat")])
+def test_timer_ticks_wake_a_halted_vp_on_time(neighbours):
+    """The guest idles in HLT between ticks of its virtual timer. Ticks come on time even when busy
+    guests share the LP: their slices end at the halted VP's next tick."""
+    ticks, period = timer_guest_constant("TICKS"), timer_guest_constant("TIMER_PERIOD")
+    document = run("timer", *neighbours)
+    assert document["exits_by_reason"]["HLT"] == ticks
+    assert document["exits_by_reason"]["INTERRUPT_WINDOW"] == 1      # the tick held back by CLI
+    counted, time = timer_ticks_and_time(document)
+    assert counted == ticks
+    assert ticks * period <= time < (ticks + 1) * period
+    for name in neighbours:
+        assert guest(document, name)["exit_code"] == 0

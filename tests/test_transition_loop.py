@@ -121,12 +121,12 @@ def test_io_bitmaps_the_same_with_and_without_the_loop():
 
 
 def test_hv1_runs_the_same_with_and_without_the_loop():
-    """hv1 preempts its VPs with the VMX-preemption timer and serves I/O, CPUID and hypercalls: the
-    loop carries out those transitions, and the machine must not change."""
+    """hv1 preempts its VPs with the VMX-preemption timer, serves I/O, CPUID and hypercalls, and injects
+    timer ticks: the loop carries out those transitions, and the machine must not change."""
     from guests import catalog
     from hypervisors.boot import boot
 
-    guests = [catalog.parse(spec) for spec in ("hello,vps=3", "hypercalls", "sieve", "hostile")]
+    guests = [catalog.parse(spec) for spec in ("hello,vps=3", "hypercalls", "sieve", "hostile", "timer")]
     runs = []
     for fast in (True, False):
         booted = boot(guests, lps=2, record_events=True, fast_transitions=fast)

@@ -14,6 +14,12 @@
 %define HC_YIELD 1
 %define HC_CLOCK 2
 %define HC_CONSOLE_WRITE 3
+%define HC_SET_TIMER 4
+%define TIMER_MIN_PERIOD 1000                ; shorter periods would leave a guest nothing but ticks
+%define FIRST_INTERRUPT_VECTOR 32
+%define LAST_INTERRUPT_VECTOR 255
+%define NO_DEADLINE -1                       ; larger than any deadline (unsigned)
+%define BLOCKING_BY_STI_OR_MOV_SS 3          ; interruptibility-state bits 1:0 (SDM Vol. 3C 25.4.2)
 %define CONSOLE_WRITE_MAX 4096
 %define LP_INDEX_SLOT 8                      ; the LP index lives in the top qword of its stack
 %define HOST_STACK_OFFSET 16                 ; HOST_RSP = stack top - 16
@@ -334,7 +340,7 @@ create_vp:
     VMWRITE_VALUE CPU_BASED_VM_EXEC_CONTROL, PROC_MUST_BE_ONE | PROC_HLT_EXITING | PROC_UNCONDITIONAL_IO_EXITING | PROC_ACTIVATE_SECONDARY_CONTROLS
     VMWRITE_VALUE SECONDARY_VM_EXEC_CONTROL, PROC2_MUST_BE_ONE | PROC2_ENABLE_EPT
     ; The timer's remaining value is saved at every exit, so a VP's quantum spans its exits.
-    VMWRITE_VALUE VM_EXIT_CONTROLS, EXIT_MUST_BE_ONE | EXIT_CTL_HOST_ADDRESS_SPACE_SIZE | EXIT_CTL_SAVE_VMX_PREEMPTION_TIMER_VALUE
+    VMWRITE_VALUE VM_EXIT_CONTROLS, EXIT_MUST_BE_ONE | EXIT_CTL_HOST_ADDRESS_SPACE_SIZE
     VMWRITE_VALUE VM_ENTRY_CONTROLS, ENTRY_MUST_BE_ONE | ENTRY_CTL_IA32E_MODE_GUEST
     VMWRITE_VALUE VMCS_LINK_POINTER, 0xFFFFFFFFFFFFFFFF
     mov rax, VMCS_FIELD_EPT_POINTER
@@ -409,6 +415,15 @@ create_vp:
 
 ; --- the scheduler: the next runnable VP of this LP, round robin ------------------------------------
 schedule:
+    call due_wakeup                          ; a halted VP whose tick is due runs first
+    jnc schedule.round_robin
+    mov rbp, rsi
+    lea rbx, [rip + lp_next]
+    mov rdx, [rbx + r15 * 8]                 ; the round robin goes on where it was
+    call timer_due                           ; makes the tick pending and re-arms the timer
+    mov dword ptr [rbp + HV1_VP_HALTED], 0
+    jmp run_vp
+schedule.round_robin:
     mov rcx, [rip + vp_total]
     test rcx, rcx
     jz idle
@@ -430,21 +445,176 @@ schedule.in_range:
     jne schedule.skip
     mov rax, [rbp + HV1_VP_PARTITION]
     cmp dword ptr [rax + HV1_PARTITION_STATE], PARTITION_RUNNING
+    jne schedule.skip
+    cmp dword ptr [rbp + HV1_VP_HALTED], 0   ; a halted VP waits for its tick (above)
     je run_vp
 schedule.skip:
     dec r8
     jnz schedule.look
 idle:
     cmp qword ptr [rip + running_partitions], 0
-    jne idle.halt
+    jne idle.waiters
     mov al, 0                                ; every partition has ended: stop the machine
     out DEBUG_EXIT_PORT, al
+idle.waiters:
+    call earliest_wakeup                     ; halted VPs of this LP that a tick will wake
+    jnc idle.halt
+    pause
+    jmp schedule
 idle.halt:
     cli
     hlt
     jmp idle
 
-; rdx = VP number, rbp = its record
+; The earliest wake-up among this LP's halted VPs that a tick will wake (timer running, VP
+; runnable, partition running): CF = 1, rax = its deadline, rsi = the VP's record; CF = 0 if there
+; is none. Clobbers rcx, r9, r10.
+earliest_wakeup:
+    mov rax, NO_DEADLINE
+    xor ecx, ecx                             ; VP number
+    lea r9, [rip + vps]
+earliest_wakeup.next:
+    cmp rcx, [rip + vp_total]
+    jae earliest_wakeup.done
+    cmp [r9 + HV1_VP_LP], r15d
+    jne earliest_wakeup.skip
+    cmp dword ptr [r9 + HV1_VP_HALTED], 0
+    je earliest_wakeup.skip
+    cmp dword ptr [r9 + HV1_VP_STATE], VP_RUNNABLE
+    jne earliest_wakeup.skip
+    cmp qword ptr [r9 + HV1_VP_TIMER_PERIOD], 0
+    je earliest_wakeup.skip
+    mov r10, [r9 + HV1_VP_PARTITION]
+    cmp dword ptr [r10 + HV1_PARTITION_STATE], PARTITION_RUNNING
+    jne earliest_wakeup.skip
+    cmp [r9 + HV1_VP_TIMER_DEADLINE], rax
+    jae earliest_wakeup.skip
+    mov rax, [r9 + HV1_VP_TIMER_DEADLINE]
+    mov rsi, r9
+earliest_wakeup.skip:
+    add r9, HV1_VP_SIZE
+    inc rcx
+    jmp earliest_wakeup.next
+earliest_wakeup.done:
+    cmp rax, NO_DEADLINE                     ; CF = 1 exactly when a deadline was found
+    ret
+
+; rax = the LP's virtual time (docs/machine.md: the low half latches the high half).
+read_clock:
+    push rcx
+    push rdx
+    mov dx, CLOCK_LOW_PORT
+    in eax, dx
+    mov ecx, eax
+    mov dx, CLOCK_HIGH_PORT
+    in eax, dx
+    shl rax, 32
+    or rax, rcx
+    pop rdx
+    pop rcx
+    ret
+
+; rbp = VP: CF = 1 if its timer runs and its deadline has passed (then it is re-armed and its tick
+; made pending).
+timer_due:
+    cmp qword ptr [rbp + HV1_VP_TIMER_PERIOD], 0
+    je timer_due.no
+    call read_clock
+    cmp rax, [rbp + HV1_VP_TIMER_DEADLINE]
+    jb timer_due.no
+    mov dword ptr [rbp + HV1_VP_TIMER_PENDING], 1
+    mov rcx, [rbp + HV1_VP_TIMER_DEADLINE]
+    add rcx, [rbp + HV1_VP_TIMER_PERIOD]
+    cmp rcx, rax
+    ja timer_due.armed
+    mov rcx, rax                             ; a long wait does not queue a burst of ticks
+    add rcx, [rbp + HV1_VP_TIMER_PERIOD]
+timer_due.armed:
+    mov [rbp + HV1_VP_TIMER_DEADLINE], rcx
+    stc
+    ret
+timer_due.no:
+    clc
+    ret
+
+; Before an entry (rbp = VP, its VMCS current): a due tick is injected as an external interrupt if
+; the guest can take one now, else interrupt-window exiting asks for the moment it can
+; (SDM Vol. 3C 26.7.5, 27.6).
+deliver_timer:
+    call timer_due
+    cmp dword ptr [rbp + HV1_VP_TIMER_PENDING], 0
+    je deliver_timer.done
+    mov rax, VMCS_FIELD_VM_ENTRY_INTR_INFO_FIELD
+    vmread rbx, rax
+    test ebx, INTR_INFO_VALID
+    jnz deliver_timer.done                   ; another event goes first; the tick waits
+    mov rax, VMCS_FIELD_GUEST_RFLAGS
+    vmread rbx, rax
+    test rbx, RFLAGS_IF
+    jz deliver_timer.window
+    mov rax, VMCS_FIELD_GUEST_INTERRUPTIBILITY_INFO
+    vmread rbx, rax
+    test rbx, BLOCKING_BY_STI_OR_MOV_SS
+    jnz deliver_timer.window
+    mov ebx, [rbp + HV1_VP_TIMER_VECTOR]
+    or ebx, INTR_INFO_VALID | (INTR_TYPE_EXTERNAL_INTERRUPT << INTR_INFO_TYPE_SHIFT)
+    mov rax, VMCS_FIELD_VM_ENTRY_INTR_INFO_FIELD
+    vmwrite rax, rbx
+    mov dword ptr [rbp + HV1_VP_TIMER_PENDING], 0
+    xor ecx, ecx                             ; delivered: no window needed
+    jmp deliver_timer.controls
+deliver_timer.window:
+    mov rcx, PROC_INTERRUPT_WINDOW_EXITING
+deliver_timer.controls:
+    mov rax, VMCS_FIELD_CPU_BASED_VM_EXEC_CONTROL
+    vmread rbx, rax
+    mov rdx, rbx
+    and rbx, ~PROC_INTERRUPT_WINDOW_EXITING
+    or rbx, rcx
+    cmp rbx, rdx
+    je deliver_timer.done                    ; unchanged: no write (a write costs a full entry check)
+    vmwrite rax, rbx
+deliver_timer.done:
+    ret
+
+; CF = 1 if a halted VP of this LP has its tick due now: rsi = its record.
+due_wakeup:
+    call earliest_wakeup
+    jnc due_wakeup.done
+    mov rcx, rax
+    call read_clock
+    cmp rax, rcx
+    cmc                                      ; CF = 1 when now >= deadline
+due_wakeup.done:
+    ret
+
+; Before an entry (rbp = VP, its VMCS current): the preemption timer ends the entry at the first of
+; the VP's slice end, its own next tick and the next tick of a halted VP on this LP. These are LP
+; times, which count hv1's instructions too, while the timer counts only the guest's (rate 0,
+; IA32_VMX_MISC; SDM Vol. 3C 26.5.1): so it is set anew at every entry.
+set_slice:
+    call earliest_wakeup                     ; rax = NO_DEADLINE if there is none
+    cmp rax, [rbp + HV1_VP_SLICE_END]
+    jb set_slice.own_tick
+    mov rax, [rbp + HV1_VP_SLICE_END]
+set_slice.own_tick:
+    cmp qword ptr [rbp + HV1_VP_TIMER_PERIOD], 0
+    je set_slice.chosen
+    cmp rax, [rbp + HV1_VP_TIMER_DEADLINE]
+    jbe set_slice.chosen
+    mov rax, [rbp + HV1_VP_TIMER_DEADLINE]
+set_slice.chosen:
+    mov rcx, rax
+    call read_clock
+    sub rcx, rax                             ; ticks left
+    ja set_slice.write
+    mov ecx, 1                               ; already due: exit at once
+set_slice.write:
+    VMWRITE_REGISTER VMX_PREEMPTION_TIMER_VALUE, rcx
+    ret
+
+; rbp = the VP's record, rdx = the round robin's new position (the VP's number; a VP woken by its
+; tick leaves the position where it was)
 run_vp:
     lea rbx, [rip + lp_next]
     mov [rbx + r15 * 8], rdx
@@ -454,15 +624,21 @@ run_vp:
     vmptrld [rsp]
     pop rax
     jbe entry_failed
-    VMWRITE_VALUE VMX_PREEMPTION_TIMER_VALUE, HV1_QUANTUM
+    call read_clock
+    add rax, HV1_QUANTUM
+    mov [rbp + HV1_VP_SLICE_END], rax
     cmp dword ptr [rbp + HV1_VP_LAUNCHED], 0
     jne resume_vp
     mov dword ptr [rbp + HV1_VP_LAUNCHED], 1
+    call deliver_timer
+    call set_slice
     call load_guest_registers
     vmlaunch
     jmp entry_failed
 
 resume_vp:
+    call deliver_timer
+    call set_slice
     call load_guest_registers
     vmresume
 entry_failed:
@@ -552,7 +728,9 @@ vm_exit:
     cmp ebx, EXIT_REASON_HLT
     je exit_hlt
     cmp ebx, EXIT_REASON_PREEMPTION_TIMER
-    je schedule
+    je exit_preemption_timer
+    cmp ebx, EXIT_REASON_INTERRUPT_WINDOW
+    je exit_interrupt_window
     cmp ebx, EXIT_REASON_VMCALLR
     je inject_invalid_opcode
     cmp ebx, EXIT_REASON_VMCLEAR
@@ -581,9 +759,25 @@ advance_rip:
     vmwrite rax, rcx
     ret
 
+; The preemption timer: the slice is over (the next VP runs) or a tick is due: a halted VP's (the
+; scheduler wakes it) or this VP's own (resume_vp delivers it).
+exit_preemption_timer:
+    call read_clock
+    cmp rax, [rbp + HV1_VP_SLICE_END]
+    jae schedule
+    call due_wakeup
+    jc schedule
+    jmp resume_vp
+
+; HLT: the VP idles until its timer wakes it (a VP without a timer sleeps for good).
 exit_hlt:
     call advance_rip
-    jmp schedule                             ; a halted VP yields its LP
+    mov dword ptr [rbp + HV1_VP_HALTED], 1
+    jmp schedule
+
+; The guest can take an interrupt now: resume_vp injects the pending tick.
+exit_interrupt_window:
+    jmp resume_vp
 
 ; CPUID: the fixed answers of hypervisors/invariants.py.
 exit_cpuid:
@@ -721,6 +915,8 @@ exit_vmcall:
     je exit_vmcall.clock
     cmp rax, HC_CONSOLE_WRITE
     je exit_vmcall.console_write
+    cmp rax, HC_SET_TIMER
+    je exit_vmcall.set_timer
     mov rax, ENOSYS
     jmp exit_vmcall.result
 exit_vmcall.version:
@@ -731,13 +927,7 @@ exit_vmcall.yield:
     call advance_rip
     jmp schedule
 exit_vmcall.clock:
-    mov dx, CLOCK_LOW_PORT
-    in eax, dx
-    mov ecx, eax
-    mov dx, CLOCK_HIGH_PORT
-    in eax, dx
-    shl rax, 32
-    or rax, rcx
+    call read_clock
     jmp exit_vmcall.result
 exit_vmcall.console_write:
     mov rdi, [rbp + HV1_VP_RDI]              ; guest-physical buffer
@@ -765,6 +955,25 @@ exit_vmcall.byte:
     inc rdi
     dec rcx
     jmp exit_vmcall.byte
+exit_vmcall.set_timer:
+    mov rdi, [rbp + HV1_VP_RDI]              ; period in ticks, 0 to stop
+    mov rsi, [rbp + HV1_VP_RSI]              ; vector
+    mov rax, EINVAL
+    test rdi, rdi
+    jz exit_vmcall.timer_checked
+    cmp rdi, TIMER_MIN_PERIOD
+    jb exit_vmcall.result
+    cmp rsi, FIRST_INTERRUPT_VECTOR
+    jb exit_vmcall.result
+    cmp rsi, LAST_INTERRUPT_VECTOR
+    ja exit_vmcall.result
+exit_vmcall.timer_checked:
+    mov [rbp + HV1_VP_TIMER_PERIOD], rdi
+    mov [rbp + HV1_VP_TIMER_VECTOR], esi
+    mov dword ptr [rbp + HV1_VP_TIMER_PENDING], 0
+    call read_clock
+    add rax, rdi
+    mov [rbp + HV1_VP_TIMER_DEADLINE], rax
 exit_vmcall.written:
     xor eax, eax
 exit_vmcall.result:

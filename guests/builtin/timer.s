@@ -1,0 +1,185 @@
+; timer: on page tables and an IDT of its own, asks the hypervisor for a periodic tick (hypercall
+; set-timer), then idles with STI; HLT
+; until TICKS ticks have come. It checks that bad timer arguments are refused, that every wake-up
+; from HLT came with a tick at its vector, that no tick came early (at least TICKS x PERIOD ticks of
+; virtual time passed), and that ticks falling due while interrupts are off wait for STI and come
+; as one. Prints what it saw; exit code 0, or 1 if a check failed.
+%define COM1 0x3F8
+%define EXIT_PORT 0xF4
+%define HC_CLOCK 2
+%define HC_SET_TIMER 4
+%define EINVAL -22
+%define TIMER_VECTOR 0x40
+%define TIMER_PERIOD 10000
+%define TOO_SHORT_PERIOD 10
+%define EXCEPTION_VECTOR 8          ; a vector the set-timer hypercall must refuse
+%define TICKS 25
+%define IDT_BASE 0x5000             ; guest-physical, below the load address
+%define OWN_PML4 0x6000
+%define OWN_PDPT 0x7000
+%define PAGE_PRESENT_WRITABLE 0x3
+%define PAGE_SIZE_1G 0x80           ; PDPT entry bit 7: a 1 GiB page
+%define IDENTITY_GIBS 4             ; the first 4 GiB map to themselves
+%define GATE_BYTES 16
+%define CODE_SELECTOR 0x08
+%define INTERRUPT_GATE 0x8E00
+%define DECIMAL_DIGITS 20
+
+start:
+    ; Page tables of its own, in place of the hypervisor's: 1 GiB pages mapping the first
+    ; IDENTITY_GIBS GiB to themselves (SDM Vol. 3A 4.5).
+    mov rdi, OWN_PDPT
+    mov eax, PAGE_PRESENT_WRITABLE | PAGE_SIZE_1G
+    mov ecx, IDENTITY_GIBS
+map_gib:
+    mov [rdi], rax
+    add rdi, 8
+    add rax, 1 << 30
+    dec ecx
+    jnz map_gib
+    mov rdi, OWN_PML4
+    mov qword ptr [rdi], OWN_PDPT | PAGE_PRESENT_WRITABLE
+    mov cr3, rdi
+
+    ; An IDT with one gate: TIMER_VECTOR -> tick_handler.
+    lea rax, [rip + tick_handler]
+    mov rdi, IDT_BASE + TIMER_VECTOR * GATE_BYTES
+    mov word ptr [rdi], ax
+    mov word ptr [rdi + 2], CODE_SELECTOR
+    mov word ptr [rdi + 4], INTERRUPT_GATE
+    shr rax, 16
+    mov word ptr [rdi + 6], ax
+    shr rax, 16
+    mov dword ptr [rdi + 8], eax
+    lidt [rip + idtr]
+
+    ; Arguments the hypervisor must refuse.
+    mov eax, HC_SET_TIMER
+    mov edi, TOO_SHORT_PERIOD
+    mov esi, TIMER_VECTOR
+    vmcall
+    cmp rax, EINVAL
+    jne failed
+    mov eax, HC_SET_TIMER
+    mov edi, TIMER_PERIOD
+    mov esi, EXCEPTION_VECTOR
+    vmcall
+    cmp rax, EINVAL
+    jne failed
+
+    mov eax, HC_CLOCK
+    vmcall
+    mov r12, rax                  ; time the timer started (it cannot tick before this)
+    mov eax, HC_SET_TIMER
+    mov edi, TIMER_PERIOD
+    mov esi, TIMER_VECTOR
+    vmcall
+    test rax, rax
+    jnz failed
+    xor r13, r13                  ; wake-ups from HLT
+idle:
+    sti
+    hlt                           ; the tick wakes us: its handler runs, then we go on here
+    cli
+    inc r13
+    cmp qword ptr [rip + ticks], TICKS
+    jb idle
+
+    mov eax, HC_CLOCK
+    vmcall
+    sub rax, r12
+    mov r14, rax                  ; time the ticks took
+    cmp r13, [rip + ticks]
+    jne failed                    ; a wake-up without a tick
+    cmp r14, TICKS * TIMER_PERIOD
+    jb failed                     ; ticks came early
+
+    ; Interrupts off for two periods: the ticks due meanwhile wait, and come as one after STI.
+    mov rbx, [rip + ticks]
+    mov ecx, TIMER_PERIOD         ; two instructions a round
+masked:
+    dec ecx
+    jnz masked
+    cmp [rip + ticks], rbx
+    jne failed                    ; a tick while interrupts were off
+    sti
+wait_for_tick:
+    cmp [rip + ticks], rbx
+    je wait_for_tick
+    cli
+    inc rbx
+    cmp [rip + ticks], rbx
+    jne failed                    ; more than one tick
+
+    mov eax, HC_SET_TIMER
+    xor edi, edi                  ; period 0: the timer stops
+    vmcall
+    test rax, rax
+    jnz failed
+
+    lea rsi, [rip + ticks_text]
+    call print
+    mov rax, r13
+    call print_decimal
+    lea rsi, [rip + time_text]
+    call print
+    mov rax, r14
+    call print_decimal
+    mov al, 0x0A
+    call putc
+    xor eax, eax
+    out EXIT_PORT, al
+halt:
+    hlt
+    jmp halt
+failed:
+    mov al, 1
+    out EXIT_PORT, al
+    jmp halt
+
+tick_handler:
+    inc qword ptr [rip + ticks]
+    iretq
+
+print_decimal:
+    lea rdi, [rip + digits_end]
+    mov rcx, 10
+decimal_digit:
+    xor edx, edx
+    div rcx
+    add dl, 0x30
+    dec rdi
+    mov [rdi], dl
+    test rax, rax
+    jnz decimal_digit
+    mov rsi, rdi
+    jmp print
+
+print:
+    lodsb
+    test al, al
+    jz print_done
+    call putc
+    jmp print
+print_done:
+    ret
+
+putc:
+    mov dx, COM1
+    out dx, al
+    ret
+
+.align 8
+ticks:
+    .quad 0
+idtr:
+    .word 0xFFF
+    .quad IDT_BASE
+ticks_text:
+    .asciz "timer ticks: "
+time_text:
+    .asciz ", virtual time: "
+digits:
+    .zero DECIMAL_DIGITS
+digits_end:
+    .byte 0
