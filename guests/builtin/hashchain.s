@@ -2,7 +2,6 @@
 ; it ROUNDS times, each round continuing from the previous digest: FNV-1a over the buffer's 64-bit
 ; words (digest = (digest XOR word) * FNV prime). Prints the final digest in hex; the test recomputes
 ; it in Python. Exit code 0.
-%define COM1 0x3F8
 %define EXIT_PORT 0xF4
 %define BUFFER 0x800000           ; guest-physical, 8 MiB
 %define BUFFER_BYTES 0x400000     ; 4 MiB
@@ -71,19 +70,7 @@ halt:
     hlt
     jmp halt
 
-print:
-    lodsb
-    test al, al
-    jz print_done
-    call putc
-    jmp print
-print_done:
-    ret
-
-putc:
-    mov dx, COM1
-    out dx, al
-    ret
+%include "console.inc"
 
 label_text:
     .asciz "hash chain digest: "

@@ -1,12 +1,10 @@
 ; heartbeat: reads the clock in a tight loop for HEARTBEATS reads and reports the largest gap it
 ; ever saw between two reads, in ticks. Under a hot restart that gap is the blackout as the guest
 ; saw it. Exit code 0.
-%define COM1 0x3F8
 %define EXIT_PORT 0xF4
 %define CLOCK_LOW 0x500
 %define CLOCK_HIGH 0x504
 %define HEARTBEATS 20000
-%define DECIMAL_DIGITS 20
 
 start:
     call read_clock
@@ -46,37 +44,7 @@ read_clock:                       ; rax = virtual time (the low read latches the
     or rax, rcx
     ret
 
-print_decimal:
-    lea rdi, [rip + digits_end]
-    mov rcx, 10
-decimal_digit:
-    xor edx, edx
-    div rcx
-    add dl, 0x30
-    dec rdi
-    mov [rdi], dl
-    test rax, rax
-    jnz decimal_digit
-    mov rsi, rdi
-    jmp print
-
-print:
-    lodsb
-    test al, al
-    jz print_done
-    call putc
-    jmp print
-print_done:
-    ret
-
-putc:
-    mov dx, COM1
-    out dx, al
-    ret
+%include "console.inc"
 
 label_text:
     .asciz "largest heartbeat gap (ticks): "
-digits:
-    .zero DECIMAL_DIGITS
-digits_end:
-    .byte 0

@@ -1,10 +1,8 @@
 ; pingpong: two VPs take turns through shared memory. VP 0 moves the ball from even to odd, VP 1
 ; from odd to even, ROUNDS times each; VP 0 then prints the count and the sum of every value the two
 ; saw, and exits 0 if both are right. Run it with vps=2 (any other VP count exits with code 2).
-%define COM1 0x3F8
 %define EXIT_PORT 0xF4
 %define ROUNDS 500
-%define DECIMAL_DIGITS 20
 %define WRONG_VP_COUNT 2
 
 start:
@@ -54,33 +52,7 @@ wrong_vp_count:
     out EXIT_PORT, al
     jmp halt
 
-print_decimal:
-    lea rdi, [rip + digits_end]
-    mov rcx, 10
-decimal_digit:
-    xor edx, edx
-    div rcx
-    add dl, 0x30
-    dec rdi
-    mov [rdi], dl
-    test rax, rax
-    jnz decimal_digit
-    mov rsi, rdi
-    jmp print
-
-print:
-    lodsb
-    test al, al
-    jz print_done
-    call putc
-    jmp print
-print_done:
-    ret
-
-putc:
-    mov dx, COM1
-    out dx, al
-    ret
+%include "console.inc"
 
 label_text:
     .asciz "pingpong ball and sum: "
@@ -89,7 +61,3 @@ ball:
     .quad 0
 seen_sum:
     .quad 0
-digits:
-    .zero DECIMAL_DIGITS
-digits_end:
-    .byte 0

@@ -1,11 +1,9 @@
 ; sieve: counts the primes below SIEVE_LIMIT with the sieve of Eratosthenes, prints the count and
 ; exits with 0 if it is the expected one, 1 if not (the test recomputes it in Python).
-%define COM1 0x3F8
 %define EXIT_PORT 0xF4
 %define SIEVE_LIMIT 100000
 %define EXPECTED_PRIMES 9592
 %define SIEVE_BASE 0x400000       ; guest-physical scratch for the sieve, one byte per number
-%define DECIMAL_DIGITS 20
 
 start:
     mov rdi, SIEVE_BASE
@@ -55,37 +53,7 @@ halt:
     hlt
     jmp halt
 
-print_decimal:                    ; rax = value
-    lea rdi, [rip + digits_end]
-    mov rcx, 10
-decimal_digit:
-    xor edx, edx
-    div rcx
-    add dl, 0x30
-    dec rdi
-    mov [rdi], dl
-    test rax, rax
-    jnz decimal_digit
-    mov rsi, rdi
-    jmp print
-
-print:
-    lodsb
-    test al, al
-    jz print_done
-    call putc
-    jmp print
-print_done:
-    ret
-
-putc:
-    mov dx, COM1
-    out dx, al
-    ret
+%include "console.inc"
 
 label_text:
     .asciz "primes below 100000: "
-digits:
-    .zero DECIMAL_DIGITS
-digits_end:
-    .byte 0

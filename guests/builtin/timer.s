@@ -4,7 +4,6 @@
 ; from HLT came with a tick at its vector, that no tick came early (at least TICKS x PERIOD ticks of
 ; virtual time passed), and that ticks falling due while interrupts are off wait for STI and come
 ; as one. Prints what it saw; exit code 0, or 1 if a check failed.
-%define COM1 0x3F8
 %define EXIT_PORT 0xF4
 %define HC_CLOCK 2
 %define HC_SET_TIMER 4
@@ -23,7 +22,6 @@
 %define GATE_BYTES 16
 %define CODE_SELECTOR 0x08
 %define INTERRUPT_GATE 0x8E00
-%define DECIMAL_DIGITS 20
 
 start:
     ; Page tables of its own, in place of the hypervisor's: 1 GiB pages mapping the first
@@ -141,33 +139,7 @@ tick_handler:
     inc qword ptr [rip + ticks]
     iretq
 
-print_decimal:
-    lea rdi, [rip + digits_end]
-    mov rcx, 10
-decimal_digit:
-    xor edx, edx
-    div rcx
-    add dl, 0x30
-    dec rdi
-    mov [rdi], dl
-    test rax, rax
-    jnz decimal_digit
-    mov rsi, rdi
-    jmp print
-
-print:
-    lodsb
-    test al, al
-    jz print_done
-    call putc
-    jmp print
-print_done:
-    ret
-
-putc:
-    mov dx, COM1
-    out dx, al
-    ret
+%include "console.inc"
 
 .align 8
 ticks:
@@ -179,7 +151,3 @@ ticks_text:
     .asciz "timer ticks: "
 time_text:
     .asciz ", virtual time: "
-digits:
-    .zero DECIMAL_DIGITS
-digits_end:
-    .byte 0
