@@ -428,17 +428,25 @@ static bool entry_is_plain(const hhr_vmx *v, const hhr_vmcs *vmcs) {
            vmcs->guest_ctx->mode == HHR_MODE_GUEST && vmcs->guest_ctx->eptp == values[k->ept_pointer];
 }
 
+/* The `length` code bytes at a linear address of a context, if it translates for a fetch and the
+ * bytes lie in one page; NULL otherwise. */
+static const uint8_t *code_at(hhr_ctx *c, uint64_t rip, size_t length) {
+    uint64_t physical;
+    hhr_fault fault;
+    if (!hhr_translate_current(c, rip, HHR_ACCESS_FETCH, &physical, &fault)) return NULL;
+    if ((physical & PAGE_OFFSET_MASK) > PAGE_SIZE - length) return NULL;
+    return c->ram + physical;
+}
+
 bool hhr_invalid_instruction(void *uc, void *user_data) {
     hhr_vmx *v = (hhr_vmx *)user_data;
     hhr_ctx *c = v->root;
     const hhr_api *api = c->api;
     hhr_vmcs *vmcs = v->current;
     if (!v->vmx_on || vmcs == NULL) return false;
-    uint64_t rip = read_register(c, api->reg_rip), physical;
-    hhr_fault fault;
-    if (!hhr_translate_current(c, rip, HHR_ACCESS_FETCH, &physical, &fault)) return false;
-    if ((physical & PAGE_OFFSET_MASK) > PAGE_SIZE - LONGEST_FAST_FORM) return false;
-    const uint8_t *code = c->ram + physical;
+    uint64_t rip = read_register(c, api->reg_rip);
+    const uint8_t *code = code_at(c, rip, LONGEST_FAST_FORM);
+    if (code == NULL) return false;
     if (v->fast_entries && memcmp(code, VMRESUME_BYTES, sizeof VMRESUME_BYTES) == 0 && entry_is_plain(v, vmcs)) {
         v->entry_pending = 1;      /* the instruction retires with its block; the loop enters */
         stop(c, HHR_STOP_NONE);
@@ -479,14 +487,13 @@ bool hhr_invalid_instruction(void *uc, void *user_data) {
     api->reg_write(uc, api->reg_rflags, &rflags);
     rip += length;
     api->reg_write(uc, api->reg_rip, &rip);
-    v->handled++;
     return true;
 }
 
 /* --- the transition loop ----------------------------------------------------------------------- */
 static const uint8_t CPUID_BYTES[] = {0x0F, 0xA2};
 
-static bool record(hhr_lp *lp, uint32_t kind, uint32_t reason, uint64_t qualification, uint64_t vmcs,
+static void record(hhr_lp *lp, uint32_t kind, uint32_t reason, uint64_t qualification, uint64_t vmcs,
                    uint64_t rip) {
     hhr_transition_event *e = &lp->events[lp->event_count++];
     e->kind = kind;
@@ -495,7 +502,6 @@ static bool record(hhr_lp *lp, uint32_t kind, uint32_t reason, uint64_t qualific
     e->time = lp->time;
     e->vmcs = vmcs;
     e->rip = rip;
-    return true;
 }
 
 static void write_register_if_changed(const hhr_api *api, void *uc, int regid, uint64_t value) {
@@ -581,11 +587,8 @@ static const uint8_t HLT_BYTES[] = {0xF4};
 
 /* The bytes at a linear address of a context, if they lie in one page and match `expected`. */
 static bool code_is(hhr_ctx *c, uint64_t rip, const uint8_t *expected, size_t length) {
-    uint64_t physical;
-    hhr_fault fault;
-    if (!hhr_translate_current(c, rip, HHR_ACCESS_FETCH, &physical, &fault)) return false;
-    if ((physical & PAGE_OFFSET_MASK) > PAGE_SIZE - length) return false;
-    return memcmp(c->ram + physical, expected, length) == 0;
+    const uint8_t *code = code_at(c, rip, length);
+    return code != NULL && memcmp(code, expected, length) == 0;
 }
 
 /* IN and OUT without string or REX prefixes (SDM Vol. 2B IN, OUT): their size, port and length. */
@@ -601,18 +604,15 @@ static bool code_is(hhr_ctx *c, uint64_t rip, const uint8_t *expected, size_t le
 #define PORT_MASK 0xFFFFULL
 #define LAST_PORT 0xFFFFULL
 #define BITS_PER_BYTE 8
+#define LONGEST_IO_FORM 3         /* 66 E5 ib */
 
 /* Whether a guest stopped at IN or OUT exits under its I/O-exiting controls (SDM Vol. 3C 26.1.3);
  * false also for every form the Python path handles (string I/O, prefixes, no exit). */
 static bool io_exit(hhr_lp *lp, hhr_vmcs *vmcs, hhr_ctx *c, uint64_t rip, uint32_t *length,
                     uint64_t *qualification) {
     const hhr_transition_constants *k = lp->vmx->constants;
-    uint64_t physical;
-    hhr_fault fault;
-    const uint32_t longest = 3;
-    if (!hhr_translate_current(c, rip, HHR_ACCESS_FETCH, &physical, &fault)) return false;
-    if ((physical & PAGE_OFFSET_MASK) > PAGE_SIZE - longest) return false;
-    const uint8_t *code = c->ram + physical;
+    const uint8_t *code = code_at(c, rip, LONGEST_IO_FORM);
+    if (code == NULL) return false;
     uint32_t at = 0, size_of_wide = 4;
     if (code[0] == OPERAND_SIZE_PREFIX) {
         size_of_wide = 2;

@@ -164,7 +164,6 @@ typedef struct {
     hhr_vmcs *current;
     uint32_t vmx_on;
     uint32_t fast_entries;            /* the transition loop runs: VMRESUME may be taken in C */
-    uint64_t handled;
     const hhr_transition_constants *constants;
     uint32_t entry_pending;           /* the hook found a VMRESUME the loop carries out */
     uint32_t reserved;

@@ -16,7 +16,7 @@ from emu.lp import LogicalProcessor
 from emu.memory import HostMemory, MIB
 from emu.vmx import RaiseException
 from emu.vmx_caps import MACHINE_MAXPHYADDR, msr_values
-from emu.vmx_defs import EXCEPTIONS_WITH_ERROR_CODE, MSR_IA32_EFER, ExceptionVector, Rflags
+from emu.vmx_defs import EXCEPTIONS_WITH_ERROR_CODE, MSR_IA32_EFER, RFLAGS_ARITHMETIC, ExceptionVector, Rflags
 
 DEFAULT_RAM_SIZE = 64 * MIB
 DEFAULT_QUANTUM = 50_000          # ticks each LP runs before the next LP's turn
@@ -38,8 +38,7 @@ U32 = 0xFFFF_FFFF
 PRNG_MULTIPLIER = 6364136223846793005
 PRNG_INCREMENT = 1442695040888963407
 U64 = 0xFFFF_FFFF_FFFF_FFFF
-# RDRAND/RDSEED clear OF, SF, ZF, AF, PF and set CF on success (SDM Vol. 2B RDRAND).
-RANDOM_RESULT_CLEARED_FLAGS = Rflags.CF | Rflags.PF | Rflags.AF | Rflags.ZF | Rflags.SF | Rflags.OF
+VMX_CAPABILITY_MSRS = msr_values()   # what RDMSR of 0x480-0x491 reads (the capabilities are fixed)
 
 
 @dataclass
@@ -171,16 +170,12 @@ class Machine:
             self.running_lp.running_context().request_stop()  # end the run at the current block's end
 
     @property
-    def instructions_retired(self) -> int:
-        return self.retired
-
-    @property
     def now(self) -> int:
         return max(lp.now for lp in self.lps)
 
     def instruction_limit_reached(self) -> bool:
         """True (and the machine stopping) once the machine-wide instruction limit is reached."""
-        if self.instruction_limit is None or self.instructions_retired < self.instruction_limit:
+        if self.instruction_limit is None or self.retired < self.instruction_limit:
             return False
         self.request_stop(INSTRUCTION_LIMIT)
         return True
@@ -189,7 +184,7 @@ class Machine:
         """The running LP's time at which the machine-wide instruction limit would be reached."""
         if self.instruction_limit is None:
             return U64
-        return self.running_lp.now + max(self.instruction_limit - self.instructions_retired, 0)
+        return self.running_lp.now + max(self.instruction_limit - self.retired, 0)
 
     def run(self, max_instructions: int | None = None) -> RunResult:
         """Runs LPs round-robin, one quantum each, until a stop or the instruction limit."""
@@ -214,7 +209,7 @@ class Machine:
                     break
             else:
                 self.round = None
-        return RunResult(self.stop, self.instructions_retired, self.now, dict(self.exit_counts))
+        return RunResult(self.stop, self.retired, self.now, dict(self.exit_counts))
 
     def snapshot(self) -> snapshot_module.MachineSnapshot:
         """The whole machine's state, between runs (emu/snapshot.py)."""
@@ -296,7 +291,7 @@ class Machine:
         elif mnemonic in ("rdrand", "rdseed"):
             register = decode.operands(insn)[0]
             uc.reg_write(register.register, self._next_random() & ((1 << (8 * register.size)) - 1))
-            uc.reg_write(x86.UC_X86_REG_RFLAGS, (uc.reg_read(x86.UC_X86_REG_RFLAGS) & ~RANDOM_RESULT_CLEARED_FLAGS) | Rflags.CF)
+            uc.reg_write(x86.UC_X86_REG_RFLAGS, (uc.reg_read(x86.UC_X86_REG_RFLAGS) & ~RFLAGS_ARITHMETIC) | Rflags.CF)
         elif mnemonic == "out":   # the debug-exit port (decode.DEBUG_EXIT_OUT_PREFIX)
             port_operand, data_operand = insn.operands
             register = decode.unicorn_register(data_operand.reg)
@@ -313,9 +308,8 @@ class Machine:
             raise RaiseException(ExceptionVector.UD)
 
     def _read_msr(self, lp: LogicalProcessor, context, index: int) -> int:
-        vmx = msr_values()
-        if index in vmx:
-            return vmx[index]
+        if index in VMX_CAPABILITY_MSRS:
+            return VMX_CAPABILITY_MSRS[index]
         if index == msrs.IA32_FEATURE_CONTROL:
             return msrs.FEATURE_CONTROL_LOCKED_VMX
         if index == msrs.IA32_TSC:

@@ -13,13 +13,14 @@ from unicorn import x86_const as x86
 from emu import decode, fast, msrs, vmcs_fields as vf
 from emu.decode import MemoryOperand, RegisterOperand
 from emu.vmcs import DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT, ActiveVmcs
-from emu.vmentry_checks import check_vm_entry
+from emu.vmentry_checks import check_vm_entry, is_canonical
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import (
     EntryControls, ExitControls, ExitReason, InterruptionType, PinBasedControls,
     PrimaryProcessorControls, SecondaryProcessorControls, VmInstructionError,
     INTR_INFO_VALID, INTR_INFO_VECTOR_MASK, INTR_INFO_DELIVER_ERROR_CODE, INTR_INFO_TYPE_MASK,
     INTR_INFO_TYPE_SHIFT, make_interruption_info, ActivityState, ExceptionVector, MSR_IA32_EFER, Rflags,
+    RFLAGS_ARITHMETIC,
 )
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ U64 = 0xFFFF_FFFF_FFFF_FFFF
 PAGE_MASK = 0xFFF
 INVALID_VMCS_POINTER = U64
 CR4_VMXE = 1 << 13
-RFLAGS_ARITHMETIC = Rflags.CF | Rflags.PF | Rflags.AF | Rflags.ZF | Rflags.SF | Rflags.OF
 VM_ENTRY_FAILURE = 1 << 31
 MSR_LIST_ENTRY = struct.Struct("<IIQ")   # index, reserved, data (SDM Vol. 3C Table 25-15)
 INVEPT_DESCRIPTOR_SIZE = 16
@@ -41,14 +41,6 @@ VMCALLR_NOT_LAUNCHED = 64
 VMCALLR_NO_ENTRY_POINT = 65
 VMCALLR_ALREADY_IN_PROGRESS = 66
 VMCALLR_ENDED_BY_VM_EXIT = 67
-
-CANONICAL_SIGN_BIT = 47
-
-
-def _is_canonical(address: int) -> bool:
-    upper = address >> CANONICAL_SIGN_BIT
-    return upper == 0 or upper == U64 >> CANONICAL_SIGN_BIT
-
 
 VMX_MNEMONICS = frozenset({"vmxon", "vmxoff", "vmclear", "vmptrld", "vmptrst", "vmread", "vmwrite",
                            "vmlaunch", "vmresume", "vmcall", "invept", "invvpid", "vmfunc"})
@@ -381,7 +373,7 @@ class VmxUnit:
         reads (emu.vmcs.KEEPS_VERIFICATION lists those it does not; GUEST_RIP's one check, canonical
         form, is done here); the guest cannot make its own state invalid for these checks."""
         if vmcs.entry_verified and not vmcs.fast.checked_field_written and \
-                _is_canonical(vmcs.read("GUEST_RIP")):
+                is_canonical(vmcs.read("GUEST_RIP"), CAPS.linear_address_width):
             return None
         failure = check_vm_entry(vmcs.read, CAPS, launching=launching)
         vmcs.entry_verified = failure is None

@@ -693,6 +693,10 @@ class Rflags(enum.IntEnum):
     ID = 1 << 21
 
 
+# The status flags: VMX instructions report success and failure in them (SDM Vol. 3C 31.2), and
+# RDRAND/RDSEED clear all but CF (SDM Vol. 2B RDRAND).
+RFLAGS_ARITHMETIC = Rflags.CF | Rflags.PF | Rflags.AF | Rflags.ZF | Rflags.SF | Rflags.OF
+
 # Bits 63:22, 15, 5 and 3 are reserved (0); bit 1 is reserved (1). See: SDM Vol. 3C 27.3.1.4.
 RFLAGS_RESERVED_ZERO = 0xFFFF_FFFF_FFC0_8028
 
