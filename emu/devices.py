@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING, Callable
 
+from emu.vmx_defs import FIRST_DEVICE_VECTOR
+
 if TYPE_CHECKING:
     from emu.machine import Machine
 
@@ -40,7 +42,6 @@ WORD_MASK = 0xFFFF_FFFF
 WORD_BITS = 32
 BYTE_MASK = 0xFF
 MACHINE_CHANNEL = 0
-FIRST_DEVICE_VECTOR = 32  # vectors 0-31 are exceptions (SDM Vol. 3A 6.3.1)
 
 
 def _device_vector(value: int) -> int:

@@ -146,7 +146,7 @@ class FastState:
         self._icount_cache = ffi.new("hhr_icount_entry[]", ICOUNT_CACHE_ENTRIES)
         c = self.ctx
         c.api = API
-        c.uc = ffi.cast("void *", ctypes.cast(uc._uch, ctypes.c_void_p).value)
+        c.uc = uc_handle(uc)
         c.ram = ffi.cast("uint8_t *", ram_pointer)
         c.ram_size = ram_size
         c.maxphyaddr = maxphyaddr
@@ -206,7 +206,7 @@ class Registers:
     microseconds; this costs well under one)."""
 
     def __init__(self, uc):
-        self._handle = ffi.cast("void *", ctypes.cast(uc._uch, ctypes.c_void_p).value)
+        self._handle = uc_handle(uc)
         self._value = ffi.new("uint64_t *")
         self._table = ffi.new("hhr_descriptor_table *")
 
@@ -247,8 +247,6 @@ def register_guest_invalid_instruction_hook(uc, state) -> None:
     _register_hook(uc, uc_const.UC_HOOK_INSN_INVALID, "hhr_guest_invalid_instruction", state)
 
 
-def copy_general_purpose_registers(from_uc, to_uc) -> None:
+def copy_general_purpose_registers(source: FastState, destination: FastState) -> None:
     """Copies RAX..R15 except RSP from one instance to another in C (about a microsecond)."""
-    lib.hhr_copy_registers(API, ffi.cast("void *", ctypes.cast(from_uc._uch, ctypes.c_void_p).value),
-                           ffi.cast("void *", ctypes.cast(to_uc._uch, ctypes.c_void_p).value),
-                           _GPR_IDS, len(GENERAL_PURPOSE_REGISTERS))
+    lib.hhr_copy_registers(API, source.ctx.uc, destination.ctx.uc, _GPR_IDS, len(GENERAL_PURPOSE_REGISTERS))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from unicorn import x86_const as x86
 
 from emu import fast
-from emu.vmx_defs import ExceptionVector, Rflags
+from emu.vmx_defs import FIRST_DEVICE_VECTOR, ExceptionVector, Rflags
 
 IDT_GATE_SIZE = 16
 GATE_TYPE_INTERRUPT = 0xE
@@ -20,10 +20,6 @@ IST_SLOT_SIZE = 8
 STACK_ALIGNMENT_MASK = ~0xF    # 64-bit delivery aligns RSP to 16 bytes (SDM 6.14.2)
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 
-FIRST_DEVICE_VECTOR = 32  # vectors 0-31 are exceptions (SDM Vol. 3A 6.3.1)
-# Exceptions that push an error code (SDM Vol. 3A 6.13).
-ERROR_CODE_VECTORS = frozenset({ExceptionVector.DF, ExceptionVector.TS, ExceptionVector.NP, ExceptionVector.SS,
-                                ExceptionVector.GP, ExceptionVector.PF, ExceptionVector.AC})
 # Error code for a fault on an IDT entry: IDT bit (1) set, index in bits 15:3 (SDM 6.13).
 IDT_ERROR_CODE_FLAG = 0x2
 SELECTOR_INDEX_SHIFT = 3

@@ -175,8 +175,5 @@ def _rebuild_vmcs(machine: "Machine", state: VmcsState) -> ActiveVmcs:
     vmcs.inverse_call_saved = state.inverse_call_saved
     vmcs.lp_index = state.lp_index
     if state.context_id is not None:
-        context = machine.context_by_id[state.context_id]
-        vmcs.context = context
-        vmcs.fast.guest_uc = fast.uc_handle(context.uc)
-        vmcs.fast.guest_ctx = context.fast.ctx
+        vmcs.attach(machine.context_by_id[state.context_id])
     return vmcs

@@ -228,8 +228,12 @@ class ActiveVmcs:
         self.pull_live_state()
         image = b"".join(SLOT.pack(value) for value in self.values)
         ram.write(self.address + vf.VMCS_FIELDS_OFFSET, image)
-        ram.write_u32(self.address + vf.VMCS_LAUNCH_STATE_OFFSET,
-                      vf.LAUNCH_STATE_LAUNCHED if self.launched else vf.LAUNCH_STATE_CLEAR)
+        ram.write_u32(self.address + vf.VMCS_LAUNCH_STATE_OFFSET, self.launch_state)
+
+    @property
+    def launch_state(self) -> int:
+        """The launch-state word of the VMCS region (SDM Vol. 3C 25.1, 25.11.3)."""
+        return vf.LAUNCH_STATE_LAUNCHED if self.launched else vf.LAUNCH_STATE_CLEAR
 
     # --- field access -------------------------------------------------------------------------------
     def read(self, name: str) -> int:
@@ -315,11 +319,15 @@ class ActiveVmcs:
         else:
             uc.msr_write(_MSR_FIELDS[name], value)
 
+    def attach(self, context) -> None:
+        """Makes `context` the instance that runs this VMCS's guest, for Python and C alike."""
+        self.context = context
+        self.fast.guest_uc = context.fast.ctx.uc
+        self.fast.guest_ctx = context.fast.ctx
+
     def bind(self, context) -> None:
         """Makes `context` hold this VMCS's guest register state (the first VM entry)."""
-        self.context = context
-        self.fast.guest_uc = fast.uc_handle(context.uc)
-        self.fast.guest_ctx = context.fast.ctx
+        self.attach(context)
         for name in _LIVE_ORDER:
             self._write_live(name, self.values[_SLOT_INDEX[name]])
         self.fast.live_written = 0

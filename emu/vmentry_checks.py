@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
-from emu.vmcs_fields import FIELDS, LAUNCH_STATE_CLEAR, LAUNCH_STATE_LAUNCHED, U32_MASK, U64_MASK
+from emu.vmcs_fields import BY_NAME, LAUNCH_STATE_CLEAR, LAUNCH_STATE_LAUNCHED, U32_MASK, U64_MASK
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES, ControlCapability, VmxCapabilities
 from emu.vmx_defs import (
     AR_DB, AR_DPL_MASK, AR_DPL_SHIFT, AR_G, AR_L, AR_P, AR_RESERVED_11_8, AR_RESERVED_31_17, AR_S,
@@ -31,7 +31,7 @@ from emu.vmx_defs import (
     VMCS_LINK_POINTER_NONE, ActivityState, Cr0, Cr4, Efer, EntryControls,
     EntryFailureQualification, ExceptionVector, ExitControls, ExitReason, Interruptibility,
     InterruptionType, PinBasedControls, PrimaryProcessorControls, Rflags,
-    SecondaryProcessorControls, VmInstructionError, bit_names, interruption_type,
+    SecondaryProcessorControls, VmInstructionError, bit_names, interruption_type, unnamed_bits,
 )
 
 VMFAIL_VALID = "VMfailValid"
@@ -47,10 +47,8 @@ PENDING_DBG_RESERVED_BITS = 0xFFFF_FFFF_FFFF_AFF0
 # CR0.NW and CR0.CD are never checked in the guest CR0 field. See: SDM Vol. 3C 27.3.1.1.
 GUEST_CR0_UNCHECKED = int(Cr0.NW | Cr0.CD)
 CR3_TARGET_COUNT_ARCHITECTURAL_MAX = 4
-PHYSICAL_ADDRESS_FIELD_WIDTH = 64
 
 SEGMENTS = ("ES", "CS", "SS", "DS", "FS", "GS")
-_FIELD_MASKS = {field.name: field.mask for field in FIELDS}
 HOST_SELECTORS = ("ES", "CS", "SS", "DS", "FS", "GS", "TR")
 
 
@@ -359,7 +357,7 @@ def is_valid_pat(pat: int) -> bool:
 
 def _named_bits(mask: int, flags, reserved_label: str = "reserved") -> str:
     names = bit_names(mask, flags)
-    unnamed = mask & ~sum(member.value for member in flags)
+    unnamed = unnamed_bits(mask, flags)
     if unnamed:
         names = f"{names} {reserved_label} 0x{unnamed:x}".strip()
     return names
@@ -425,7 +423,7 @@ class EntryState:
     def __getitem__(self, name: str) -> int:
         value = self._values.get(name)
         if value is None:
-            value = self._values[name] = int(self._read(name)) & _FIELD_MASKS[name]
+            value = self._values[name] = int(self._read(name)) & BY_NAME[name].mask
         return value
 
     def canonical(self, address: int) -> bool:
@@ -954,7 +952,7 @@ def check_guest_code_data_segments(v: EntryState) -> CheckResult:
     return None
 
 
-def _system_segment_failure(v: EntryState, segment: Segment, allowed_types: tuple[int, ...],
+def _system_segment_failure(segment: Segment, allowed_types: tuple[int, ...],
                             type_text: str) -> CheckResult:
     prefix = f"guest.{segment.name.lower()}"
     ar = segment.access_rights
@@ -977,9 +975,9 @@ def _system_segment_failure(v: EntryState, segment: Segment, allowed_types: tupl
 def check_guest_tr(v: EntryState) -> CheckResult:
     tr = v.segment("TR")
     if v.ia32e_guest:
-        failure = _system_segment_failure(v, tr, (SYSTEM_TYPE_BUSY_TSS,), "11, a busy 64-bit TSS")
+        failure = _system_segment_failure(tr, (SYSTEM_TYPE_BUSY_TSS,), "11, a busy 64-bit TSS")
     else:
-        failure = _system_segment_failure(v, tr, (SYSTEM_TYPE_BUSY_TSS16, SYSTEM_TYPE_BUSY_TSS),
+        failure = _system_segment_failure(tr, (SYSTEM_TYPE_BUSY_TSS16, SYSTEM_TYPE_BUSY_TSS),
                                           "3 or 11, a busy TSS")
     if failure:
         return failure
@@ -992,7 +990,7 @@ def check_guest_ldtr(v: EntryState) -> CheckResult:
     ldtr = v.segment("LDTR")
     if not ldtr.usable:
         return None
-    return _system_segment_failure(v, ldtr, (SYSTEM_TYPE_LDT,), "2, an LDT")
+    return _system_segment_failure(ldtr, (SYSTEM_TYPE_LDT,), "2, an LDT")
 
 
 # --- 27.3.1.3 Guest descriptor-table registers ------------------------------------------------

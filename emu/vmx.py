@@ -13,28 +13,23 @@ from unicorn import x86_const as x86
 from emu import decode, fast, msrs, vmcs_fields as vf
 from emu.decode import MemoryOperand, RegisterOperand
 from emu.vmcs import DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT, ActiveVmcs
-from emu.vmentry_checks import check_vm_entry, is_canonical
+from emu.vmentry_checks import VMFAIL_VALID, check_launch_state, check_vm_entry, is_canonical
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import (
     EntryControls, ExitControls, ExitReason, InterruptionType, PinBasedControls,
     PrimaryProcessorControls, SecondaryProcessorControls, VmInstructionError,
     INTR_INFO_VALID, INTR_INFO_VECTOR_MASK, INTR_INFO_DELIVER_ERROR_CODE, INTR_INFO_TYPE_MASK,
     INTR_INFO_TYPE_SHIFT, make_interruption_info, ActivityState, ExceptionVector, MSR_IA32_EFER, Rflags,
-    RFLAGS_ARITHMETIC,
+    RFLAGS_ARITHMETIC, EXIT_REASON_VM_ENTRY_FAILURE, PAGE_OFFSET_MASK, Cr4, InveptType,
 )
 
 if TYPE_CHECKING:
     from emu.lp import LogicalProcessor
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
-PAGE_MASK = 0xFFF
 INVALID_VMCS_POINTER = U64
-CR4_VMXE = 1 << 13
-VM_ENTRY_FAILURE = 1 << 31
 MSR_LIST_ENTRY = struct.Struct("<IIQ")   # index, reserved, data (SDM Vol. 3C Table 25-15)
 INVEPT_DESCRIPTOR_SIZE = 16
-INVEPT_SINGLE_CONTEXT = 1
-INVEPT_ALL_CONTEXT = 2
 
 # Machine-specific VM-instruction errors of VMCALLR (above Intel's 1..28; documented in docs/machine.md).
 VMCALLR_NOT_LAUNCHED = 64
@@ -153,7 +148,7 @@ class VmxUnit:
         self.lp.publish("vmfail", error=int(error))
 
     def _valid_physical(self, address: int) -> bool:
-        return address & PAGE_MASK == 0 and address >> CAPS.maxphyaddr == 0 and \
+        return address & PAGE_OFFSET_MASK == 0 and address >> CAPS.maxphyaddr == 0 and \
             self.machine.ram.holds(address, vf.VMCS_REGION_SIZE)
 
     # --- dispatch -------------------------------------------------------------------------------------
@@ -162,7 +157,7 @@ class VmxUnit:
         entry happened: the LP now runs the guest), 'stay' (RIP already set) or raises RaiseException."""
         cr4 = self.lp.root.regs.read(x86.UC_X86_REG_CR4)
         if mnemonic == "vmxon":
-            if not cr4 & CR4_VMXE:
+            if not cr4 & Cr4.VMXE:
                 raise RaiseException(ExceptionVector.UD)
             return self._vmxon(insn)
         if not self.on:
@@ -292,10 +287,10 @@ class VmxUnit:
         kind = self.lp.root.regs.read(register.register)
         descriptor = self._read_memory(self._effective_address(insn, descriptor_operand), INVEPT_DESCRIPTOR_SIZE)
         eptp = struct.unpack_from("<Q", descriptor)[0]
-        if kind not in (INVEPT_SINGLE_CONTEXT, INVEPT_ALL_CONTEXT):
+        if kind not in (InveptType.SINGLE_CONTEXT, InveptType.ALL_CONTEXT):
             self.fail(VmInstructionError.INVALID_INVEPT_INVVPID_OPERAND)
             return "next"
-        self.machine.invalidate_ept(None if kind == INVEPT_ALL_CONTEXT else eptp)
+        self.machine.invalidate_ept(None if kind == InveptType.ALL_CONTEXT else eptp)
         self.succeed()
         self.lp.publish("invept", type=kind, eptp=eptp)
         return "next"
@@ -316,18 +311,16 @@ class VmxUnit:
         if vmcs is None:
             self.fail_invalid()
             return "next"
-        if launching and vmcs.launched:
-            self.fail(VmInstructionError.VMLAUNCH_NONCLEAR_VMCS)
-            return "next"
-        if not launching and not vmcs.launched:
-            self.fail(VmInstructionError.VMRESUME_NONLAUNCHED_VMCS)
+        failure = check_launch_state(vmcs.launch_state, launching=launching)
+        if failure is not None:
+            self.fail(failure.error)
             return "next"
         failure = self._check_entry(vmcs, launching)
         if failure is not None:
             self.lp.publish("vm-entry-failed", vmcs=vmcs.address, check=failure.check,
                             message=failure.message)
             self.machine.last_entry_failure = failure
-            if failure.kind == "VMfailValid":
+            if failure.kind == VMFAIL_VALID:
                 self.fail(failure.error)
                 return "next"
             return self._fail_entry(vmcs, failure.exit_reason, failure.qualification)
@@ -343,7 +336,7 @@ class VmxUnit:
     def _fail_entry(self, vmcs: ActiveVmcs, reason: int, qualification: int) -> str:
         """SDM Vol. 3C 27.8: a failure after the checks of 27.2 loads host state like a VM exit,
         with bit 31 of the exit reason set."""
-        vmcs.write("VM_EXIT_REASON", VM_ENTRY_FAILURE | int(reason))
+        vmcs.write("VM_EXIT_REASON", EXIT_REASON_VM_ENTRY_FAILURE | int(reason))
         vmcs.write("EXIT_QUALIFICATION", qualification)
         self.load_host_state(vmcs)
         return "stay"
@@ -407,7 +400,7 @@ class VmxUnit:
         if launching:
             vmcs.launched = True
         vmcs.lp_index = lp.index
-        fast.copy_general_purpose_registers(lp.root.uc, context.uc)
+        fast.copy_general_purpose_registers(lp.root.fast, context.fast)
         vmcs.halted = vmcs.read("GUEST_ACTIVITY_STATE") == ActivityState.HLT
         lp.enter_guest(vmcs)
         lp.publish("vm-entry", vmcs=vmcs.address, launch=launching, rip=vmcs.read("GUEST_RIP"))
@@ -437,7 +430,7 @@ class VmxUnit:
                 vmcs.read("VM_EXIT_CONTROLS") & ExitControls.SAVE_VMX_PREEMPTION_TIMER_VALUE:
             remaining = max(lp.preemption_deadline - lp.now, 0) >> CAPS.preemption_timer_rate
             vmcs.write("VMX_PREEMPTION_TIMER_VALUE", remaining)
-        fast.copy_general_purpose_registers(vmcs.context.uc, lp.root.uc)
+        fast.copy_general_purpose_registers(vmcs.context.fast, lp.root.fast)
         lp.publish("vm-exit", vmcs=vmcs.address, reason=int(reason), qualification=qualification,
                    rip=vmcs.read("GUEST_RIP"))
         self.machine.count_exit(int(reason))
@@ -488,7 +481,7 @@ class VmxUnit:
         failure = self._check_entry(vmcs, launching=False)
         if failure is not None:
             self.machine.last_entry_failure = failure
-            self.fail(failure.error if failure.kind == "VMfailValid" else VmInstructionError.ENTRY_INVALID_CONTROL_FIELD)
+            self.fail(failure.error if failure.kind == VMFAIL_VALID else VmInstructionError.ENTRY_INVALID_CONTROL_FIELD)
             return "next"
         lp = self.lp
         call_number = lp.root.reg(x86.UC_X86_REG_RAX)
@@ -509,7 +502,7 @@ class VmxUnit:
         rip, rsp, rflags = vmcs.inverse_call_saved
         vmcs.inverse_call_saved = None
         if succeeded:
-            fast.copy_general_purpose_registers(vmcs.context.uc, lp.root.uc)
+            fast.copy_general_purpose_registers(vmcs.context.fast, lp.root.fast)
         vmcs.write("GUEST_RIP", rip)
         vmcs.write("GUEST_RSP", rsp)
         vmcs.write("GUEST_RFLAGS", rflags)

@@ -15,7 +15,7 @@ from emu.vmcs_fields import ENCODING_INDEX_SHIFT, HIGHEST_FIELD_INDEX, U32_MASK,
 from emu.vmx_defs import (
     ENTRY_DEFAULT1, EXIT_DEFAULT1, PIN_BASED_DEFAULT1, PRIMARY_PROCESSOR_DEFAULT1,
     ActivityState, Cr0, Cr4, Efer, EntryControls, ExitControls, MemoryType, PinBasedControls,
-    PrimaryProcessorControls, SecondaryProcessorControls, bit_names,
+    PrimaryProcessorControls, SecondaryProcessorControls, bit_names, unnamed_bits,
     EPT_CAP_INVEPT, EPT_CAP_INVEPT_ALL_CONTEXT, EPT_CAP_INVEPT_SINGLE_CONTEXT,
     EPT_CAP_MEMORY_TYPE_UC, EPT_CAP_MEMORY_TYPE_WB, EPT_CAP_PDE_2MB_PAGES, EPT_CAP_PDPTE_1GB_PAGES,
     EPT_CAP_WALK_LENGTH_4, EPT_CAP_WALK_LENGTH_5, EPT_CAP_ACCESSED_DIRTY,
@@ -259,7 +259,7 @@ def markdown(caps: VmxCapabilities = MACHINE_VMX_CAPABILITIES) -> str:
             ("VM-exit", caps.exit, ExitControls),
             ("VM-entry", caps.entry, EntryControls)):
         must_parts = [bit_names(capability.must_be_one, flags)]
-        reserved_must = capability.must_be_one & ~sum(member.value for member in flags)
+        reserved_must = unnamed_bits(capability.must_be_one, flags)
         if reserved_must:
             must_parts.append(f"reserved default1 bits 0x{reserved_must:08X}")
         must_names = " + ".join(part for part in must_parts if part) or "-"

@@ -19,6 +19,11 @@ def bit_names(value: int, flags: type[enum.IntEnum]) -> str:
     return " ".join(member.name for member in flags if member.value & value)
 
 
+def unnamed_bits(value: int, flags: type[enum.IntEnum]) -> int:
+    """The bits of `value` that no member of `flags` names."""
+    return value & ~sum(member.value for member in flags)
+
+
 # --- VM-execution, VM-exit and VM-entry controls (SDM Vol. 3C 25.6, 25.7, 25.8) ----------------
 
 class PinBasedControls(enum.IntEnum):
@@ -440,6 +445,7 @@ EXCEPTIONS_WITH_ERROR_CODE = frozenset({ExceptionVector.DF, ExceptionVector.TS, 
                                         ExceptionVector.SS, ExceptionVector.GP, ExceptionVector.PF,
                                         ExceptionVector.AC})
 HIGHEST_EXCEPTION_VECTOR = 31
+FIRST_DEVICE_VECTOR = HIGHEST_EXCEPTION_VECTOR + 1   # vectors 0-31 are exceptions (SDM Vol. 3A 6.3.1)
 MAX_INSTRUCTION_LENGTH = 15
 
 
