@@ -87,9 +87,9 @@ def _isolated(statement: Statement, references: tuple[str, ...]) -> str:
     return "\n".join([statement.text] + [f"{name}:" for name in undefined])
 
 
-def _located_error(error: KsError, program: Program, base: int) -> AsmError:
-    """Turn a keystone error into an AsmError on the statement that causes it."""
-    emitting = [index for index, statement in enumerate(program.statements) if statement.kind != EMPTY]
+def _located_error(error: KsError, program: Program, emitting: list[int], base: int) -> AsmError:
+    """Turn a keystone error into an AsmError on the statement that causes it; `emitting` indexes the
+    statements that are not EMPTY."""
     # Most errors belong to one statement: assemble each alone.
     for index in emitting:
         statement = program.statements[index]
@@ -117,11 +117,11 @@ def _located_error(error: KsError, program: Program, base: int) -> AsmError:
     return AsmError(_keystone_message(error) + " (first seen at this line)", program.statements[emitting[low - 1]].location)
 
 
-def _run_keystone(text: str, base: int, program: Program) -> bytes:
+def _run_keystone(text: str, base: int, program: Program, emitting: list[int]) -> bytes:
     try:
         return _keystone(text, base)
     except KsError as error:
-        located = _located_error(error, program, base)
+        located = _located_error(error, program, emitting, base)
     except Exception as error:  # failures inside the binding itself must not leak as tracebacks
         located = AsmError(f"keystone failed: {type(error).__name__}: {error}")
     raise located
@@ -146,7 +146,7 @@ def _keystone_text(program: Program, table: list[str]) -> str:
 def _assemble_program(program: Program, base: int) -> Image:
     emitting = [index for index, statement in enumerate(program.statements) if statement.kind != EMPTY]
     table = [STATEMENT_MARKER.format(index) for index in emitting] + [END_MARKER] + list(program.labels)
-    output = _run_keystone(_keystone_text(program, table), base, program)
+    output = _run_keystone(_keystone_text(program, table), base, program, emitting)
     table_size = QUAD_SIZE * len(table)
     code = output[:-table_size]
     values = struct.unpack(f"<{len(table)}Q", output[-table_size:])

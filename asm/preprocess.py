@@ -20,6 +20,7 @@ from .syntax import (
     is_assignment,
     is_register_or_keyword,
     replace_identifiers,
+    split_first_word,
     split_instruction,
     split_labels,
     strip_comment,
@@ -112,11 +113,6 @@ def _validate_constants(constants: Mapping[str, int]) -> dict[str, str]:
     return rendered
 
 
-def _split_first_word(text: str) -> tuple[str, str]:
-    words = text.split(None, 1)
-    return (words[0] if words else ""), (words[1].strip() if len(words) > 1 else "")
-
-
 def _split_arguments(text: str) -> list[str]:
     """Split macro arguments at commas that are not inside brackets, parentheses or strings."""
     if not text.strip():
@@ -187,8 +183,9 @@ class _Preprocessor:
             self.expand(macro, body[len(macro.name):], location, depth)
             return
         body = self.substitute(body, location)
-        if first_word(body).lower() == VMCALLR_MNEMONIC:
-            if body.split(None, 1)[1:]:
+        mnemonic, operands = split_first_word(body)
+        if mnemonic.lower() == VMCALLR_MNEMONIC:
+            if operands:
                 raise AsmError(f"{VMCALLR_MNEMONIC} takes no operands", location)
             body = _VMCALLR_BYTES
             kind = INSTRUCTION
@@ -246,7 +243,7 @@ class _Preprocessor:
     # --- directives ----------------------------------------------------------------------------
 
     def directive(self, stripped: str, location: SourceLocation, directory: Path | None):
-        word, argument = _split_first_word(stripped)
+        word, argument = split_first_word(stripped)
         word = word.lower()
         if word == "%include":
             self.include(argument, location, directory)
@@ -259,7 +256,7 @@ class _Preprocessor:
             raise AsmError(f"unknown preprocessor directive {word} (known: {known})", location)
 
     def define(self, argument: str, location: SourceLocation):
-        name, value = _split_first_word(argument)
+        name, value = split_first_word(argument)
         if not IDENTIFIER.match(name) or not value:
             raise AsmError("expected %define NAME value", location)
         if is_register_or_keyword(name):
@@ -304,7 +301,7 @@ class _Preprocessor:
 
     def begin_macro(self, line: str, location: SourceLocation, directory: Path | None) -> _Macro:
         header = line.strip()[len("%macro"):].strip()
-        name, parameter_text = _split_first_word(header)
+        name, parameter_text = split_first_word(header)
         if not IDENTIFIER.match(name):
             raise AsmError("expected %macro NAME [param, ...]", location)
         if is_register_or_keyword(name):
@@ -366,7 +363,7 @@ class _Preprocessor:
             _, operands = split_instruction(statement.body)
         else:
             # String literals (.ascii "...") are skipped by the tokenizer.
-            _, operands = _split_first_word(statement.body)
+            _, operands = split_first_word(statement.body)
         referenced = []
         for name in identifiers(operands):
             if name in self.labels:

@@ -14,10 +14,10 @@ IDENTIFIER = re.compile(rf"{IDENTIFIER_PATTERN}\Z", re.ASCII)
 # One token of a source line. Numbers swallow their suffixes and prefixes (0x1f, 10h, 0b101) so the
 # letters inside them are never taken for identifiers.
 _TOKEN = re.compile(
-    r"""
+    rf"""
       (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
     | (?P<number>\d\w*)
-    | (?P<ident>[A-Za-z_.$][\w.$]*)
+    | (?P<ident>{IDENTIFIER_PATTERN})
     | (?P<space>\s+)
     | (?P<other>.)
     """,
@@ -58,7 +58,6 @@ DATA_DIRECTIVES = frozenset(
 ALIGNMENT_DIRECTIVES = frozenset({".align", ".balign", ".p2align"})
 ORIGIN_DIRECTIVE = ".org"
 SUPPORTED_DIRECTIVES = DATA_DIRECTIVES | ALIGNMENT_DIRECTIVES | {ORIGIN_DIRECTIVE}
-STRING_DIRECTIVES = frozenset({".ascii", ".asciz", ".string"})
 # Directives people reach for that the toolkit replaces with its own preprocessor.
 DIRECTIVE_HINTS = {
     ".equ": "use %define NAME value (or pass constants=)",
@@ -118,8 +117,14 @@ def is_assignment(body: str) -> bool:
     return _ASSIGNMENT.match(body) is not None
 
 
+def split_first_word(text: str) -> tuple[str, str]:
+    """Split text into its first word and the stripped rest ("" for either when absent)."""
+    words = text.split(None, 1)
+    return (words[0] if words else ""), (words[1].strip() if len(words) > 1 else "")
+
+
 def first_word(body: str) -> str:
-    return body.split(None, 1)[0] if body else ""
+    return split_first_word(body)[0]
 
 
 def split_instruction(body: str) -> tuple[str, str]:

@@ -22,8 +22,7 @@ FRAGMENTED_GPA_BASE = 16 * MIB       # guest-physical start of the fragmented re
 FRAGMENTED_HPA_BASE = 32 * MIB       # host-physical pool its pages are scattered over
 FRAGMENTED_RAM = 128 * MIB
 PT_ENTRIES = 512
-EPT_PD_TABLE = harness.EPT_ROOT + 2 * harness.PAGE_SIZE
-EPT_FIRST_PT = harness.EPT_ROOT + 3 * harness.PAGE_SIZE
+EPT_FIRST_PT = harness.EPT_PD + harness.PAGE_SIZE     # page tables go right after the harness's EPT PD
 SHUFFLE_SEED = 2026
 BARE_MEMORY = 16 * MIB
 SNAPSHOT_RAM = 64 * MIB
@@ -43,12 +42,18 @@ def loop_source(iterations: int) -> str:
     """
 
 
-def bare_unicorn(iterations: int, budget: bool) -> float:
-    """Guest instructions per second of the same loop on a plain Unicorn instance."""
-    code = harness.assemble(loop_source(iterations), harness.GUEST_CODE)
+def _bare_uc(code: bytes) -> Uc:
+    """A plain Unicorn instance with BARE_MEMORY mapped and `code` written at GUEST_CODE."""
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0, BARE_MEMORY, UC_PROT_ALL)
     uc.mem_write(harness.GUEST_CODE, code)
+    return uc
+
+
+def bare_unicorn(iterations: int, budget: bool) -> float:
+    """Guest instructions per second of the same loop on a plain Unicorn instance."""
+    code = harness.assemble(loop_source(iterations), harness.GUEST_CODE)
+    uc = _bare_uc(code)
     instructions = iterations * LOOP_INSTRUCTIONS_PER_ITERATION
     started = time.perf_counter()
     if budget:
@@ -83,9 +88,7 @@ def bare_unicorn_hook_round_trip(calls: int) -> float:
     """Host microseconds per CPUID trapped by a Python hook on plain Unicorn, for comparison."""
     code = harness.assemble(f"mov r9, {calls}\nagain: xor eax, eax\ncpuid\ndec r9\njnz again\nhlt",
                             harness.GUEST_CODE)
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
-    uc.mem_map(0, BARE_MEMORY, UC_PROT_ALL)
-    uc.mem_write(harness.GUEST_CODE, code)
+    uc = _bare_uc(code)
     uc.hook_add(UC_HOOK_INSN, lambda uc, data: 1, None, 1, 0, x86.UC_X86_INS_CPUID)
     started = time.perf_counter()
     uc.emu_start(harness.GUEST_CODE, harness.GUEST_CODE + len(code))
@@ -119,7 +122,7 @@ def fragmented_ept() -> tuple[float, int]:
                                   host_page | harness.EPT_RWX | (MemoryType.WB << harness.EPT_MEMORY_TYPE_SHIFT))
         first_pd_index = FRAGMENTED_GPA_BASE // harness.LARGE_PAGE_SIZE
         for table_index in range((FRAGMENTED_PAGES + PT_ENTRIES - 1) // PT_ENTRIES):
-            machine.ram.write_u64(EPT_PD_TABLE + 8 * (first_pd_index + table_index),
+            machine.ram.write_u64(harness.EPT_PD + 8 * (first_pd_index + table_index),
                                   (EPT_FIRST_PT + table_index * harness.PAGE_SIZE) | harness.EPT_RWX)
 
     run = harness.run_guest(source, ram_size=FRAGMENTED_RAM, prepare=map_scattered_pages)

@@ -5,15 +5,18 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from keystone import KS_ARCH_X86, KS_MODE_64, Ks
-
+import asm
 from emu import vmcs_fields as vf
-from emu.machine import Machine, RunResult
-from emu.memory import MIB
+from emu.machine import PTE_LARGE_PAGE, PTE_PRESENT_WRITABLE, Machine, RunResult
+from emu.memory import MIB, PAGE_SIZE
+from emu.vmcs_examples import (
+    CODE64_ACCESS_RIGHTS, CODE_SELECTOR, DATA_ACCESS_RIGHTS, DATA_SELECTOR, FLAT_LIMIT, TSS64_BUSY_ACCESS_RIGHTS,
+    TSS64_LIMIT, TSS_SELECTOR,
+)
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import (
-    EntryControls, ExitControls, ExitReason, MemoryType, PinBasedControls, PrimaryProcessorControls,
-    SecondaryProcessorControls, make_eptp,
+    AR_UNUSABLE, VMCS_LINK_POINTER_NONE, Cr4, EntryControls, ExitControls, ExitReason, MemoryType,
+    PrimaryProcessorControls, Rflags, SecondaryProcessorControls, make_eptp,
 )
 
 # Host-physical layout of the harness (all below the guest's RAM).
@@ -23,7 +26,8 @@ EXIT_STACK_TOP = 0x70000
 VMXON_REGION = 0x200000
 VMCS_REGION = 0x201000
 EPT_ROOT = 0x300000
-EPT_TABLES_END = 0x400000
+EPT_PDPT = EPT_ROOT + PAGE_SIZE
+EPT_PD = EPT_ROOT + 2 * PAGE_SIZE
 GUEST_HOST_BASE = 16 * MIB           # guest-physical 0 is host-physical 16 MiB
 GUEST_RAM = 4 * MIB
 
@@ -36,40 +40,27 @@ GUEST_IDT = 0x5000
 GUEST_STACK_TOP = 0x8000
 GUEST_CODE = 0x10000
 
-PAGE_SIZE = 4096
 LARGE_PAGE_SIZE = 2 * MIB
 EPT_RWX = 0x7
 EPT_MEMORY_TYPE_SHIFT = 3
 EPT_LARGE_PAGE = 0x80
-PTE_PRESENT_WRITABLE = 0x3
-PTE_LARGE_PAGE = 0x80
-CR4_VMXE = 1 << 13
 
 # 64-bit code, flat data and a busy 64-bit TSS (SDM Vol. 3A 3.4.5, 8.2.3).
 GDT_ENTRIES = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00008B0040000067, 0)
-CODE_SELECTOR = 0x08
-DATA_SELECTOR = 0x10
-TSS_SELECTOR = 0x18
-CODE_ACCESS_RIGHTS = 0xA09B
-DATA_ACCESS_RIGHTS = 0xC093
-TSS_ACCESS_RIGHTS = 0x8B
-TSS_LIMIT = 0x67
-UNUSABLE_SEGMENT = 1 << 16
-FLAT_LIMIT = 0xFFFF_FFFF
 IDT_LIMIT = 0xFFF
-RFLAGS_FIXED = 0x2
 DR7_DEFAULT = 0x400
 GUEST_CR0 = 0x8001_0031          # PE NE ET WP PG
 GUEST_CR4 = 0x2620               # PAE OSFXSR OSXMMEXCPT VMXE
 GUEST_EFER = 0xD00               # LME LMA NXE
 
-_ks = Ks(KS_ARCH_X86, KS_MODE_64)
 ENCODING = {field.name: field.encoding for field in vf.FIELDS}
+# Written from the monitor's own control registers, in this order.
+HOST_CONTROL_REGISTERS = ("cr3", "cr0", "cr4")
 
 
 def assemble(source: str, base: int) -> bytes:
-    encoding, _count = _ks.asm(source, base)
-    return bytes(encoding)
+    """The machine code of `source` assembled by the toolkit for load address `base`."""
+    return asm.assemble(source, base).code
 
 
 def guest_fields(primary: int = 0, pin: int = 0) -> dict[str, int]:
@@ -84,19 +75,19 @@ def guest_fields(primary: int = 0, pin: int = 0) -> dict[str, int]:
                                              | ExitControls.ACKNOWLEDGE_INTERRUPT_ON_EXIT),
         "VM_ENTRY_CONTROLS": CAPS.entry.adjust(EntryControls.IA32E_MODE_GUEST),
         "EPT_POINTER": make_eptp(EPT_ROOT, MemoryType.WB),
-        "VMCS_LINK_POINTER": 0xFFFF_FFFF_FFFF_FFFF,
+        "VMCS_LINK_POINTER": VMCS_LINK_POINTER_NONE,
         "GUEST_CR0": GUEST_CR0, "GUEST_CR3": GUEST_PML4, "GUEST_CR4": GUEST_CR4,
         "GUEST_IA32_EFER": GUEST_EFER,
-        "GUEST_CS_SELECTOR": CODE_SELECTOR, "GUEST_CS_AR_BYTES": CODE_ACCESS_RIGHTS, "GUEST_CS_LIMIT": FLAT_LIMIT,
+        "GUEST_CS_SELECTOR": CODE_SELECTOR, "GUEST_CS_AR_BYTES": CODE64_ACCESS_RIGHTS, "GUEST_CS_LIMIT": FLAT_LIMIT,
         "GUEST_SS_SELECTOR": DATA_SELECTOR, "GUEST_SS_AR_BYTES": DATA_ACCESS_RIGHTS, "GUEST_SS_LIMIT": FLAT_LIMIT,
-        "GUEST_DS_AR_BYTES": UNUSABLE_SEGMENT, "GUEST_ES_AR_BYTES": UNUSABLE_SEGMENT,
-        "GUEST_FS_AR_BYTES": UNUSABLE_SEGMENT, "GUEST_GS_AR_BYTES": UNUSABLE_SEGMENT,
-        "GUEST_LDTR_AR_BYTES": UNUSABLE_SEGMENT,
-        "GUEST_TR_SELECTOR": TSS_SELECTOR, "GUEST_TR_AR_BYTES": TSS_ACCESS_RIGHTS,
-        "GUEST_TR_LIMIT": TSS_LIMIT, "GUEST_TR_BASE": GUEST_TSS,
+        "GUEST_DS_AR_BYTES": AR_UNUSABLE, "GUEST_ES_AR_BYTES": AR_UNUSABLE,
+        "GUEST_FS_AR_BYTES": AR_UNUSABLE, "GUEST_GS_AR_BYTES": AR_UNUSABLE,
+        "GUEST_LDTR_AR_BYTES": AR_UNUSABLE,
+        "GUEST_TR_SELECTOR": TSS_SELECTOR, "GUEST_TR_AR_BYTES": TSS64_BUSY_ACCESS_RIGHTS,
+        "GUEST_TR_LIMIT": TSS64_LIMIT, "GUEST_TR_BASE": GUEST_TSS,
         "GUEST_GDTR_BASE": GUEST_GDT, "GUEST_GDTR_LIMIT": len(GDT_ENTRIES) * 8 - 1,
         "GUEST_IDTR_BASE": GUEST_IDT, "GUEST_IDTR_LIMIT": IDT_LIMIT,
-        "GUEST_RFLAGS": RFLAGS_FIXED, "GUEST_RSP": GUEST_STACK_TOP, "GUEST_RIP": GUEST_CODE,
+        "GUEST_RFLAGS": Rflags.FIXED1, "GUEST_RSP": GUEST_STACK_TOP, "GUEST_RIP": GUEST_CODE,
         "GUEST_DR7": DR7_DEFAULT,
         "HOST_CS_SELECTOR": CODE_SELECTOR, "HOST_SS_SELECTOR": DATA_SELECTOR, "HOST_TR_SELECTOR": TSS_SELECTOR,
         "HOST_RSP": EXIT_STACK_TOP,
@@ -105,10 +96,10 @@ def guest_fields(primary: int = 0, pin: int = 0) -> dict[str, int]:
 
 def _write_guest_memory(machine: Machine, guest_code: bytes) -> None:
     ram = machine.ram
-    ram.write_u64(EPT_ROOT, (EPT_ROOT + PAGE_SIZE) | EPT_RWX)
-    ram.write_u64(EPT_ROOT + PAGE_SIZE, (EPT_ROOT + 2 * PAGE_SIZE) | EPT_RWX)
+    ram.write_u64(EPT_ROOT, EPT_PDPT | EPT_RWX)
+    ram.write_u64(EPT_PDPT, EPT_PD | EPT_RWX)
     for index in range(GUEST_RAM // LARGE_PAGE_SIZE):
-        ram.write_u64(EPT_ROOT + 2 * PAGE_SIZE + 8 * index,
+        ram.write_u64(EPT_PD + 8 * index,
                       (GUEST_HOST_BASE + index * LARGE_PAGE_SIZE) | EPT_RWX
                       | (MemoryType.WB << EPT_MEMORY_TYPE_SHIFT) | EPT_LARGE_PAGE)
     ram.write_u64(GUEST_HOST_BASE + GUEST_PML4, GUEST_PDPT | PTE_PRESENT_WRITABLE)
@@ -118,15 +109,20 @@ def _write_guest_memory(machine: Machine, guest_code: bytes) -> None:
     machine.load(GUEST_HOST_BASE + GUEST_CODE, guest_code)
 
 
+def _vmwrite(name: str, value: str) -> str:
+    """Monitor code that VMWRITEs `value` (an immediate or a register) to the VMCS field `name`."""
+    return f"  mov rax, {ENCODING[name]:#x}\n  mov rbx, {value}\n  vmwrite rax, rbx"
+
+
 def monitor_source(fields: dict[str, int]) -> str:
     """VMXON, a VMCS written field by field, VMLAUNCH; the exit handler emulates COM1 output,
     skips CPUID and VMCALL, and ends the run with the guest's exit code on HLT."""
-    writes = "\n".join(f"  mov rax, {ENCODING[name]:#x}\n  mov rbx, {value:#x}\n  vmwrite rax, rbx"
-                       for name, value in fields.items())
+    writes = "\n".join(_vmwrite(name, f"{value:#x}") for name, value in fields.items())
+    host_registers = "\n".join(_vmwrite(f"HOST_{register.upper()}", register) for register in HOST_CONTROL_REGISTERS)
     e = ENCODING
     return f"""
       mov rax, cr4
-      or rax, {CR4_VMXE:#x}
+      or rax, {Cr4.VMXE:#x}
       mov cr4, rax
       mov rax, {VMXON_REGION:#x}
       push rax
@@ -136,15 +132,7 @@ def monitor_source(fields: dict[str, int]) -> str:
       vmptrld [rsp]
       pop rax
     {writes}
-      mov rax, {e['HOST_CR3']:#x}
-      mov rbx, cr3
-      vmwrite rax, rbx
-      mov rax, {e['HOST_CR0']:#x}
-      mov rbx, cr0
-      vmwrite rax, rbx
-      mov rax, {e['HOST_CR4']:#x}
-      mov rbx, cr4
-      vmwrite rax, rbx
+    {host_registers}
       mov rax, {e['HOST_RIP']:#x}
       lea rbx, [rip + exit_handler]
       vmwrite rax, rbx
