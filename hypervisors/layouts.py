@@ -53,6 +53,7 @@ HV1_VP = Struct("hv1_vp", [
 PARTITION_RUNNING = 1
 PARTITION_EXITED = 2          # the guest wrote its exit code to port 0xF4
 PARTITION_STOPPED = 3         # hv1 stopped it: stop_reason is the VM exit reason that did it
+PARTITION_STOP_ENTRY_FAILED = 0xFFFF_FFFF   # stop_reason when VMLAUNCH/VMRESUME itself failed (no exit)
 VP_RUNNABLE = 1
 VP_DONE = 2
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from emu.vmx_defs import ExitReason
+from emu.vmx_defs import EXIT_REASON_BASIC_MASK, ExitReason
 from guests import catalog
 from hypervisors import layouts
 from hypervisors.boot import boot
@@ -13,14 +13,13 @@ DEFAULT_INSTRUCTION_LIMIT = 2_000_000_000
 JSON_SCHEMA_VERSION = 1
 PARTITION_STATE_NAMES = {layouts.PARTITION_RUNNING: "running", layouts.PARTITION_EXITED: "exited",
                          layouts.PARTITION_STOPPED: "stopped"}
-ENTRY_FAILED = 0xFFFF_FFFF
 
 
 def reason_name(reason: int) -> str:
-    if reason == ENTRY_FAILED:
+    if reason == layouts.PARTITION_STOP_ENTRY_FAILED:
         return "VM entry failed"
     try:
-        return ExitReason(reason & 0xFFFF).name
+        return ExitReason(reason & EXIT_REASON_BASIC_MASK).name
     except ValueError:
         return f"exit reason {reason:#x}"
 

@@ -39,7 +39,6 @@
 %define HV_DATA 0x10
 %define HV_TSS 0x18
 %define PANIC_EXIT 0x7F
-%define ENTRY_FAILED_REASON 0xFFFFFFFF
 
 hv1_entry:
     mov r15, rdi
@@ -644,7 +643,7 @@ resume_vp:
 entry_failed:
     lea rbx, [rip + lp_current]
     mov rbp, [rbx + r15 * 8]
-    mov ebx, ENTRY_FAILED_REASON
+    mov ebx, PARTITION_STOP_ENTRY_FAILED
     jmp stop_partition
 
 ; Loads the guest's general registers from the VP record (rbp); rbp itself last.
