@@ -18,7 +18,10 @@ Memory map used by these programs (host-physical; root code runs on the firmware
 """
 from __future__ import annotations
 
+import signal
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from keystone import KS_ARCH_X86, KS_MODE_64, Ks, KsError
@@ -34,8 +37,9 @@ from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import (
     AR_DB, AR_G, AR_L, AR_P, AR_S, AR_UNUSABLE, EPT_LARGE_PAGE, EPT_MEMORY_TYPE_SHIFT, EPT_READ,
     EPT_RWX_MASK, SEGMENT_TYPE_ACCESSED, SEGMENT_TYPE_CODE, SEGMENT_TYPE_READABLE_OR_WRITABLE,
-    SYSTEM_TYPE_BUSY_TSS, VMCS_LINK_POINTER_NONE, Cr0, Cr4, Efer, EntryControls, ExitControls,
-    MemoryType, PrimaryProcessorControls, Rflags, SecondaryProcessorControls, make_eptp,
+    SYSTEM_TYPE_BUSY_TSS, VMCS_LINK_POINTER_NONE, Cr0, Cr4, Efer, EntryControls, ExceptionVector, ExitControls,
+    ExitReason, MemoryType, PinBasedControls, PrimaryProcessorControls, Rflags, SecondaryProcessorControls,
+    make_eptp,
 )
 
 PAGE_SIZE = 4096
@@ -189,6 +193,19 @@ def putc(character: str) -> str:
     return lines(f"mov dx, {COM1:#x}", f"mov al, {ord(character):#x}", "out dx, al")
 
 
+def arm_timer(vector: int, ticks: int, *, periodic: bool = False) -> str:
+    """Sets this LP's timer vector and arms it `ticks` ahead (with `periodic`, every `ticks`); clobbers rax, rdx."""
+    return lines(f"mov dx, {TIMER_VECTOR_PORT:#x}", f"mov eax, {vector:#x}", "out dx, eax",
+                 lines(f"mov dx, {TIMER_PERIOD_PORT:#x}", f"mov eax, {ticks}", "out dx, eax") if periodic else "",
+                 f"mov dx, {TIMER_ARM_PORT:#x}", f"mov eax, {ticks}", "out dx, eax")
+
+
+def send_ipi(vector: int, destination: int = 0) -> str:
+    """Sends interrupt `vector` to LP `destination`; clobbers rax, rdx."""
+    return lines(f"mov dx, {IPI_PORT:#x}", f"mov eax, {destination << IPI_DESTINATION_SHIFT | vector:#x}",
+                 "out dx, eax")
+
+
 def set_interrupt_gate(idt_base: int | str, vector: int, handler_label: str) -> str:
     """Writes a 64-bit interrupt gate to `handler_label` (selector CODE_SELECTOR); clobbers rax, rbx.
 
@@ -269,6 +286,16 @@ def enable_vmx() -> str:
 
 def make_current(vmcs: int = VMCS_REGION) -> str:
     return lines(vmx_pointer_instruction("vmclear", vmcs), vmx_pointer_instruction("vmptrld", vmcs))
+
+
+def write_revision(address: int, revision: int = CAPS.vmcs_revision_id) -> str:
+    """Writes a VMX region's revision id from the root program; clobbers rax."""
+    return lines(f"mov rax, {address:#x}", f"mov dword ptr [rax], {revision:#x}")
+
+
+def vmx_on_with_current_vmcs() -> str:
+    """Writes the revision ids, enters VMX operation and makes VMCS_REGION current."""
+    return lines(write_revision(VMXON_REGION), write_revision(VMCS_REGION), enable_vmx(), make_current())
 
 
 def write_fields(fields: dict[str, int]) -> str:
@@ -382,6 +409,11 @@ def event_kinds(machine: Machine) -> list[str]:
     return [event.kind for event in machine.events.events]
 
 
+def event_tuples(machine: Machine) -> list[tuple]:
+    """The machine's recorded events as comparable tuples."""
+    return [event.as_tuple() for event in machine.events.events]
+
+
 def events_of(machine: Machine, kind: str) -> list:
     return [event for event in machine.events.events if event.kind == kind]
 
@@ -405,6 +437,30 @@ def label_address(source: str, label: str, base: int = ROOT_CODE, *, root_progra
     text = lines(root_preamble(), source) if root_program else source
     code = assemble(lines(text, f"mov rax, {label}"), base)
     return struct.unpack_from("<I", code, len(code) - 4)[0]
+
+
+def expect_invalid_opcode(machine: Machine, body_before: str, instruction: str) -> None:
+    """Runs `instruction` after `body_before` and checks it raised #UD at its own address."""
+    body = lines(set_interrupt_gate(ROOT_IDT, ExceptionVector.UD, "fault_6"), body_before,
+                 "faulting:", instruction, debug_exit(EXIT_OK), fault_recorder(ExceptionVector.UD, False))
+    run = run_root(machine, body)
+    assert run.stop.exit_status == exit_status(EXIT_FAULT), "the instruction did not fault"
+    assert result(machine, SLOT_FAULT_VECTOR) == ExceptionVector.UD
+    assert result(machine, SLOT_FAULT_RIP) == label_address(body, "faulting")
+
+
+@contextmanager
+def timeout(seconds: int) -> Iterator[None]:
+    """Raises TimeoutError in the body if it runs longer than `seconds` (SIGALRM; main thread only)."""
+    def expire(_signal, _frame):
+        raise TimeoutError(f"the machine did not stop within {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 # --- EPT --------------------------------------------------------------------------------------------
@@ -615,3 +671,56 @@ def run_guest(machine: Machine, guest_code: str, *, stop_reasons: tuple[int, ...
     program = vmx_program(guest, exit_logger(stop_reasons, resume=resume, on_exit=on_exit),
                           before_launch=before_launch)
     return run_root(machine, program, max_instructions), guest
+
+
+# --- two LPs with timer ticks and IPIs ---------------------------------------------------------------
+QUANTUM = 400                            # ticks per LP turn: small, so the two LPs interleave finely
+LP0_TICK, LP1_TICK, IPI_VECTOR = 0x41, 0x42, 0x43
+LP0_PERIOD, LP1_PERIOD = 700, 1100
+TICKS_BEFORE_STOP = 20
+GUEST_CALL_EVERY = 300                   # guest loop iterations between VMCALLs
+CPUIDS = 20                              # 2 exits each: fewer than the exit log holds, the run ends at HLT
+CPUID_LOOP = lines(f"mov r9, {CPUIDS}", "again:", "mov eax, r9d", "cpuid", "vmcall", "dec r9", "jnz again", "hlt")
+
+
+def root_timers_program() -> str:
+    """LP 0 counts its own ticks and stops the machine; LP 1 ticks and sends LP 0 an IPI each tick."""
+    return lines(
+        set_interrupt_gate(ROOT_IDT, LP0_TICK, "lp0_tick"), set_interrupt_gate(ROOT_IDT, LP1_TICK, "lp1_tick"),
+        set_interrupt_gate(ROOT_IDT, IPI_VECTOR, "lp0_ipi"),
+        "xor r13, r13", "xor r14, r14",
+        "test rdi, rdi", "jnz lp1",
+        arm_timer(LP0_TICK, LP0_PERIOD, periodic=True), "sti",
+        "lp0_work:", "inc r14", "imul r15, r14, 7", f"cmp r13, {TICKS_BEFORE_STOP}", "jb lp0_work",
+        debug_exit(EXIT_OK),
+        "lp1:", arm_timer(LP1_TICK, LP1_PERIOD, periodic=True), "sti",
+        "lp1_work:", "inc r14", "jmp lp1_work",
+        "lp0_tick:", "push rax", "push rdx", putc("a"), "inc r13", "pop rdx", "pop rax", "iretq",
+        "lp0_ipi:", "push rax", "push rdx", putc("i"), "pop rdx", "pop rax", "iretq",
+        "lp1_tick:", "push rax", "push rdx", putc("b"), send_ipi(IPI_VECTOR), "pop rdx", "pop rax", "iretq")
+
+
+def guest_with_ipi_ticker(machine: Machine, guest_code: str, stop_reasons: tuple[int, ...] = ()) -> str:
+    """LP 0 runs `guest_code` as a guest that exits on each external interrupt, logged by the standard
+    exit logger (stopping on `stop_reasons`); LP 1 sends LP 0 an IPI on each of its timer ticks."""
+    guest = build_guest(machine, guest_code,
+                        controls=default_controls(pin=PinBasedControls.EXTERNAL_INTERRUPT_EXITING,
+                                                  exit=ExitControls.ACKNOWLEDGE_INTERRUPT_ON_EXIT))
+    lp1 = lines("lp1:", set_interrupt_gate(ROOT_IDT, LP1_TICK, "lp1_tick"),
+                arm_timer(LP1_TICK, LP1_PERIOD, periodic=True),
+                "sti", "lp1_work:", "pause", "jmp lp1_work",
+                "lp1_tick:", putc("b"), send_ipi(IPI_VECTOR), "iretq")
+    return lines("test rdi, rdi", "jnz lp1", vmx_program(guest, exit_logger(stop_reasons)), lp1)
+
+
+def guest_and_timer_program(machine: Machine) -> str:
+    """A guest that exits on LP 1's IPIs and now and then with VMCALL; the run ends when its exit log is full."""
+    guest_code = lines("xor ebx, ebx", "work:", "inc rbx", "mov rax, rbx", "xor edx, edx",
+                       f"mov ecx, {GUEST_CALL_EVERY}", "div rcx", "test rdx, rdx", "jnz work", "vmcall", "jmp work")
+    return guest_with_ipi_ticker(machine, guest_code)
+
+
+def cpuid_guest_with_interrupts(machine: Machine) -> str:
+    """A guest running CPUIDs (exits in C) and taking external-interrupt exits (in Python) from LP 1's
+    IPIs; the exit logger stops at the guest's HLT or when its log is full."""
+    return guest_with_ipi_ticker(machine, CPUID_LOOP, (ExitReason.HLT,))

@@ -18,7 +18,7 @@ from emu.vmx_defs import (
 )
 from tests.machine_programs import (
     EPT_WB, EXIT_STOPPED_ON_EXIT, GUEST_DATA, GUEST_PDPT, MIB, PAGE_1G, PAGE_2M, PAGE_SIZE, PTE_PRESENT_WRITABLE,
-    QWORD, SCRATCH, Ept, build_guest, exit_log, exit_logger, exit_status, lines, run_guest, run_root, vmx_program,
+    QWORD, SCRATCH, U64, Ept, build_guest, exit_log, exit_logger, exit_status, lines, run_guest, run_root, vmx_program,
 )
 
 SMALL_PAGE_GPA = 0x60_0000
@@ -155,7 +155,6 @@ SCATTERED_GPA = 16 * MIB
 SCATTERED_HPA_POOL = 64 * MIB
 SCATTERED_RAM = 128 * MIB
 HASH_MULTIPLIER = 31
-U64 = (1 << 64) - 1
 
 
 @pytest.mark.parametrize("order", ["reversed", "permuted"])

@@ -11,11 +11,11 @@ from emu.machine import FIRMWARE_PML4, Machine
 from emu.vmx_caps import msr_values
 from emu.vmx_defs import ExceptionVector
 from tests.machine_programs import (
-    CLOCK_HIGH_PORT, CLOCK_LOW_PORT, EXIT_FAULT, EXIT_OK, IPI_DESTINATION_SHIFT, IPI_PORT, PAGE_SHIFT, PAGE_SIZE,
-    QWORD, RESULTS, RFLAGS_CF, RFLAGS_ZF, ROOT_IDT, ROOT_IDT_LIMIT, ROOT_STACK_SIZE, ROOT_STACK_TOP, SCRATCH,
-    SLOT_FAULT_CR2, SLOT_FAULT_ERROR_CODE, SLOT_FAULT_RIP, SLOT_FAULT_VECTOR, TIMER_ARM_PORT, TIMER_PERIOD_PORT,
-    TIMER_VECTOR_PORT, VMXON_REGION, debug_exit, events_of, exit_status, fault_recorder, label_address, lines,
-    putc, result, results, run_root, save, set_interrupt_gate,
+    CLOCK_HIGH_PORT, CLOCK_LOW_PORT, EXIT_FAULT, EXIT_OK, PAGE_SHIFT, PAGE_SIZE, QWORD, RESULTS, RFLAGS_CF,
+    RFLAGS_ZF, ROOT_IDT, ROOT_IDT_LIMIT, ROOT_STACK_SIZE, ROOT_STACK_TOP, SCRATCH, SLOT_FAULT_CR2,
+    SLOT_FAULT_ERROR_CODE, SLOT_FAULT_RIP, SLOT_FAULT_VECTOR, VMXON_REGION, arm_timer, debug_exit, events_of,
+    exit_status, fault_recorder, label_address, lines, putc, result, results, run_root, save, send_ipi,
+    set_interrupt_gate,
 )
 
 UNMAPPED = 0x80_0000_0238               # PML4 entry 1 of the firmware's page tables is not present
@@ -65,17 +65,14 @@ def test_two_lps_exchange_ipis_through_their_own_idts():
     own_idt = lines("mov r12, rdi", f"shl r12, {PAGE_SHIFT}", f"add r12, {ROOT_IDT:#x}",
                     "sub rsp, 16", f"mov word ptr [rsp], {ROOT_IDT_LIMIT:#x}", "mov [rsp + 2], r12", "lidt [rsp]",
                     "add rsp, 16")
-    send = lambda destination: lines(f"mov dx, {IPI_PORT:#x}",                 # noqa: E731
-                                     f"mov eax, {destination << IPI_DESTINATION_SHIFT | IPI_VECTOR:#x}",
-                                     "out dx, eax")
     body = lines(own_idt,
                  "test rdi, rdi", "jnz lp1",
-                 set_interrupt_gate("r12", IPI_VECTOR, "lp0_handler"), "sti", send(1),
+                 set_interrupt_gate("r12", IPI_VECTOR, "lp0_handler"), "sti", send_ipi(IPI_VECTOR, destination=1),
                  "lp0_wait:", "hlt", "jmp lp0_wait",
                  "lp1:", set_interrupt_gate("r12", IPI_VECTOR, "lp1_handler"), "sti",
                  "lp1_wait:", "hlt", "jmp lp1_wait",
                  "lp0_handler:", putc("A"), debug_exit(EXIT_OK),
-                 "lp1_handler:", putc("B"), send(0), "iretq")
+                 "lp1_handler:", putc("B"), send_ipi(IPI_VECTOR, destination=0), "iretq")
     run = run_root(machine, body)
     assert run.stop.exit_status == exit_status(EXIT_OK), run.stop.report
     assert machine.io.console.text() == "BA"
@@ -86,9 +83,7 @@ def test_two_lps_exchange_ipis_through_their_own_idts():
 
 def test_periodic_timer_interrupts_in_root(machine):
     body = lines(set_interrupt_gate(ROOT_IDT, TICK_VECTOR, "tick"), "xor r13, r13",
-                 f"mov dx, {TIMER_VECTOR_PORT:#x}", f"mov eax, {TICK_VECTOR:#x}", "out dx, eax",
-                 f"mov dx, {TIMER_PERIOD_PORT:#x}", f"mov eax, {TICK_PERIOD}", "out dx, eax",
-                 f"mov dx, {TIMER_ARM_PORT:#x}", f"mov eax, {TICK_PERIOD}", "out dx, eax",
+                 arm_timer(TICK_VECTOR, TICK_PERIOD, periodic=True),
                  "sti", "spin:", f"cmp r13, {TICKS_WANTED}", "jb spin", save(0, "r13"), debug_exit(EXIT_OK),
                  "tick:", "inc r13", "iretq")
     run = run_root(machine, body)

@@ -5,16 +5,14 @@ A regression in the idle tests would make the machine spin forever, so each test
 """
 from __future__ import annotations
 
-import signal
-
 import pytest
 
 from emu.machine import Machine
 from emu.vmx_defs import ExceptionVector
 from tests.machine_programs import (
-    CLOCK_LOW_PORT, EXIT_FAULT, EXIT_OK, IPI_DESTINATION_SHIFT, IPI_PORT, ROOT_IDT, SLOT_FAULT_RIP,
-    SLOT_FAULT_VECTOR, TIMER_ARM_PORT, TIMER_VECTOR_PORT, debug_exit, exit_status, fault_recorder, lines,
-    result, run_root, save, set_interrupt_gate, assemble, events_of,
+    CLOCK_LOW_PORT, EXIT_FAULT, EXIT_OK, ROOT_IDT, SLOT_FAULT_RIP, SLOT_FAULT_VECTOR, TIMER_ARM_PORT,
+    TIMER_VECTOR_PORT, debug_exit, exit_status, fault_recorder, lines, result, run_root, save, send_ipi,
+    set_interrupt_gate, assemble, events_of, timeout,
 )
 
 ALARM_SECONDS = 60
@@ -33,23 +31,13 @@ MOV_RAX_RBX = bytes([0x48, 0x89, 0xD8])      # as long as `mov cr3, rax` (0F 22 
 
 @pytest.fixture(autouse=True)
 def alarm():
-    def expire(_signal, _frame):
-        raise TimeoutError(f"the machine did not stop within {ALARM_SECONDS} s")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(ALARM_SECONDS)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
-
-
-def self_ipi(lp: int = 0) -> str:
-    return lines(f"mov dx, {IPI_PORT:#x}", f"mov eax, {lp << IPI_DESTINATION_SHIFT | SELF_IPI_VECTOR:#x}",
-                 "out dx, eax")
+    with timeout(ALARM_SECONDS):
+        yield
 
 
 def test_halted_with_interrupts_off_and_a_vector_pending_stops_idle():
     machine = Machine(record_events=True)
-    run = run_root(machine, lines("cli", self_ipi(), "halt:", "hlt", "jmp halt"))
+    run = run_root(machine, lines("cli", send_ipi(SELF_IPI_VECTOR), "halt:", "hlt", "jmp halt"))
     assert run.stop.reason == "idle"
     assert machine.lps[0].pending_vectors == [SELF_IPI_VECTOR]
 
@@ -72,7 +60,7 @@ def test_instruction_limit_holds_to_one_block(lps):
 def test_self_ipi_is_taken_at_the_end_of_the_sending_block():
     machine = Machine()
     body = lines(set_interrupt_gate(ROOT_IDT, SELF_IPI_VECTOR, "handler"), "sti",
-                 f"mov dx, {CLOCK_LOW_PORT:#x}", "in eax, dx", "mov r14, rax", self_ipi(),
+                 f"mov dx, {CLOCK_LOW_PORT:#x}", "in eax, dx", "mov r14, rax", send_ipi(SELF_IPI_VECTOR),
                  "spin:", "pause", "jmp spin",
                  "handler:", f"mov dx, {CLOCK_LOW_PORT:#x}", "in eax, dx", "sub rax, r14", save(0),
                  debug_exit(EXIT_OK))

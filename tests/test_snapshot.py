@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from emu.machine import Machine
-from tests.machine_programs import run_root
-from tests.test_determinism import QUANTUM, guest_and_timer_program, root_timers_program
-from tests.test_transition_loop import cpuid_guest_with_interrupts
+from tests.machine_programs import (
+    QUANTUM, cpuid_guest_with_interrupts, event_tuples, guest_and_timer_program, root_timers_program, run_root,
+)
 
 PAUSE_FRACTIONS = (0.03, 0.5, 0.97)    # where in the reference run the machine pauses
 PROGRAMS = {
@@ -18,8 +18,7 @@ PROGRAMS = {
 
 
 def observed(machine: Machine, result) -> tuple:
-    return ([e.as_tuple() for e in machine.events.events], dict(machine.io.console.channels), result,
-            machine.statistics())
+    return event_tuples(machine), dict(machine.io.console.channels), result, machine.statistics()
 
 
 def new_machine() -> Machine:

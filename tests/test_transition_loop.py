@@ -2,34 +2,17 @@
 events, console, exit information, instruction counts and virtual time."""
 from __future__ import annotations
 
-import signal
-
 import pytest
 
 from emu.machine import Machine
-from emu.vmx_defs import ExitControls, ExitReason, PinBasedControls, PrimaryProcessorControls
+from emu.vmx_defs import ExitReason, PrimaryProcessorControls
 from tests.machine_programs import (
-    EXIT_STOPPED_ON_EXIT, IPI_PORT, ROOT_IDT, build_guest, default_controls, exit_log, exit_logger, run_guest,
-    exit_status, lines, putc, run_root, set_interrupt_gate, vmx_program,
+    CPUID_LOOP, EXIT_STOPPED_ON_EXIT, QUANTUM, build_guest, cpuid_guest_with_interrupts, default_controls,
+    event_tuples, exit_log, exit_logger, exit_status, lines, putc, run_guest, run_root, timeout, vmx_program,
 )
-from tests.test_determinism import LP1_PERIOD, LP1_TICK, IPI_VECTOR, QUANTUM, arm_periodic_timer
 from tools import harness
 
 ALARM_SECONDS = 30
-CPUIDS = 20                  # 2 exits each: fewer than the exit log holds, the run ends at HLT
-CPUID_LOOP = lines(f"mov r9, {CPUIDS}", "again:", "mov eax, r9d", "cpuid", "vmcall", "dec r9", "jnz again", "hlt")
-
-
-def cpuid_guest_with_interrupts(machine: Machine) -> str:
-    """LP 0: a guest running CPUIDs (exits in C) and taking external-interrupt exits (in Python) from
-    LP 1's IPIs; the exit logger stops at the guest's HLT or when its log is full."""
-    guest = build_guest(machine, CPUID_LOOP,
-                        controls=default_controls(pin=PinBasedControls.EXTERNAL_INTERRUPT_EXITING,
-                                                  exit=ExitControls.ACKNOWLEDGE_INTERRUPT_ON_EXIT))
-    lp1 = lines("lp1:", set_interrupt_gate(ROOT_IDT, LP1_TICK, "lp1_tick"), arm_periodic_timer(LP1_TICK, LP1_PERIOD),
-                "sti", "lp1_work:", "pause", "jmp lp1_work",
-                "lp1_tick:", putc("b"), f"mov dx, {IPI_PORT:#x}", f"mov eax, {IPI_VECTOR:#x}", "out dx, eax", "iretq")
-    return lines("test rdi, rdi", "jnz lp1", vmx_program(guest, exit_logger((ExitReason.HLT,))), lp1)
 
 
 def run(fast_transitions: bool) -> Machine:
@@ -41,7 +24,7 @@ def run(fast_transitions: bool) -> Machine:
 def test_loop_on_and_off_give_the_same_machine():
     fast, slow = run(True), run(False)
     assert fast.run_result.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), fast.run_result.stop.report
-    assert [e.as_tuple() for e in fast.events.events] == [e.as_tuple() for e in slow.events.events]
+    assert event_tuples(fast) == event_tuples(slow)
     assert fast.io.console.text() == slow.io.console.text()
     assert fast.run_result == slow.run_result
     assert exit_log(fast) == exit_log(slow)
@@ -56,7 +39,7 @@ def test_loop_on_and_off_give_the_same_machine():
 def test_harness_guest_the_same_with_and_without_the_loop(guest):
     fast = harness.run_guest(guest, record_events=True)
     slow = harness.run_guest(guest, record_events=True, fast_transitions=False)
-    assert [e.as_tuple() for e in fast.machine.events.events] == [e.as_tuple() for e in slow.machine.events.events]
+    assert event_tuples(fast.machine) == event_tuples(slow.machine)
     assert fast.console == slow.console
     assert fast.result == slow.result
     assert fast.machine.ram.read(harness.VMCS_REGION, harness.PAGE_SIZE) == \
@@ -66,19 +49,12 @@ def test_harness_guest_the_same_with_and_without_the_loop(guest):
 def test_a_guest_the_loop_does_not_take_runs_on_the_python_path():
     """With interrupt-window exiting the loop declines the guest before running it: the machine must
     go on in Python rather than ask the loop again and again."""
-    def expire(_signal, _frame):
-        raise TimeoutError("the machine made no progress")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(ALARM_SECONDS)
-    try:
+    with timeout(ALARM_SECONDS):
         machine = Machine(record_events=True)
         guest = build_guest(machine, lines("cli", "spin:", "pause", "jmp spin"),
                             controls=default_controls(primary=PrimaryProcessorControls.INTERRUPT_WINDOW_EXITING
                                                       | PrimaryProcessorControls.HLT_EXITING))
         result = run_root(machine, vmx_program(guest, exit_logger()), max_instructions=100_000)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
     assert result.stop.reason == "instruction-limit"
     assert result.instructions >= 100_000
 
@@ -91,7 +67,7 @@ IO_FORMS_INSTRUCTIONS = 7
 def test_io_exits_are_the_same_with_and_without_the_loop():
     fast = harness.run_guest(IO_FORMS, record_events=True)
     slow = harness.run_guest(IO_FORMS, record_events=True, fast_transitions=False)
-    assert [e.as_tuple() for e in fast.machine.events.events] == [e.as_tuple() for e in slow.machine.events.events]
+    assert event_tuples(fast.machine) == event_tuples(slow.machine)
     assert fast.console == slow.console and fast.result == slow.result
     io_exits = fast.result.exits_by_reason[ExitReason.IO_INSTRUCTION]
     assert io_exits == IO_FORMS_INSTRUCTIONS
@@ -113,8 +89,7 @@ def test_io_bitmaps_the_same_with_and_without_the_loop():
         controls = default_controls(primary=PrimaryProcessorControls.HLT_EXITING | PrimaryProcessorControls.USE_IO_BITMAPS)
         result, _ = run_guest(machine, guest, stop_reasons=(ExitReason.HLT,), controls=controls,
                               fields={"IO_BITMAP_A": IO_BITMAPS, "IO_BITMAP_B": IO_BITMAPS + harness.PAGE_SIZE})
-        results.append(([e.as_tuple() for e in machine.events.events], machine.io.console.text(), result,
-                        exit_log(machine)))
+        results.append((event_tuples(machine), machine.io.console.text(), result, exit_log(machine)))
     assert results[0] == results[1]
     assert [record.reason for record in results[0][3]] == [ExitReason.IO_INSTRUCTION] * 2 + [ExitReason.HLT]
     assert results[0][1] == "AB"
@@ -131,7 +106,7 @@ def test_hv1_runs_the_same_with_and_without_the_loop():
     for fast in (True, False):
         booted = boot(guests, lps=2, record_events=True, fast_transitions=fast)
         result = booted.machine.run(max_instructions=20_000_000)
-        runs.append(([e.as_tuple() for e in booted.machine.events.events], dict(booted.machine.io.console.channels),
+        runs.append((event_tuples(booted.machine), dict(booted.machine.io.console.channels),
                      result, booted.partitions(), booted.machine.statistics()["exits_by_reason"]))
         if fast:
             assert booted.machine.statistics()["transitions_in_c"] > 0

@@ -10,14 +10,12 @@ import pytest
 from emu.vmx import (
     VMCALLR_ENDED_BY_VM_EXIT, VMCALLR_NO_ENTRY_POINT, VMCALLR_NOT_LAUNCHED,
 )
-from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
-from emu.vmx_defs import ExceptionVector, ExitReason
+from emu.vmx_defs import ExitReason
 from tests.machine_programs import (
-    EXIT_FAULT, EXIT_OK, EXIT_STOPPED_ON_EXIT, GUEST_CODE, GUEST_INVERSE_HANDLER, GUEST_INVERSE_STACK_TOP,
-    GUEST_RAM_BASE, GUEST_SHARED, RFLAGS_CF, RFLAGS_ZF, ROOT_IDT, SLOT_FAULT_RIP, SLOT_FAULT_VECTOR, VMCS_REGION,
-    VMXON_REGION,
-    debug_exit, enable_vmx, events_of, exit_log, exit_status, fault_recorder, label_address, lines,
-    make_current, result, run_guest, run_root, save, save_flags, set_interrupt_gate, vmread,
+    EXIT_OK, EXIT_STOPPED_ON_EXIT, GUEST_CODE, GUEST_INVERSE_HANDLER, GUEST_INVERSE_STACK_TOP,
+    GUEST_RAM_BASE, GUEST_SHARED, RFLAGS_CF, RFLAGS_ZF, VMCS_REGION, VMXON_REGION,
+    debug_exit, enable_vmx, events_of, exit_log, exit_status, expect_invalid_opcode, label_address, lines,
+    result, run_guest, run_root, save, save_flags, vmread, vmx_on_with_current_vmcs, write_revision,
 )
 
 VMCALLR = ".byte 0x0f, 0x0a"
@@ -106,28 +104,19 @@ def test_inverse_hypercall_without_entry_point(machine):
     assert events_of(machine, "vmcallr") == []
 
 
-def write_revisions() -> str:
-    return lines(*(lines(f"mov rax, {region:#x}", f"mov dword ptr [rax], {CAPS.vmcs_revision_id:#x}")
-                   for region in (VMXON_REGION, VMCS_REGION)))
-
-
 def test_inverse_hypercall_outside_vmx_operation_raises_invalid_opcode(machine):
-    body = lines(set_interrupt_gate(ROOT_IDT, ExceptionVector.UD, "fault_6"), "faulting:", VMCALLR,
-                 debug_exit(EXIT_OK), fault_recorder(ExceptionVector.UD, False))
-    run = run_root(machine, body)
-    assert run.stop.exit_status == exit_status(EXIT_FAULT)
-    assert result(machine, SLOT_FAULT_VECTOR) == ExceptionVector.UD
-    assert result(machine, SLOT_FAULT_RIP) == label_address(body, "faulting")
+    expect_invalid_opcode(machine, "", VMCALLR)
 
 
 def test_inverse_hypercall_without_current_vmcs_fails_invalid(machine):
-    run = run_root(machine, lines(write_revisions(), enable_vmx(), VMCALLR, save_flags(0), debug_exit(EXIT_OK)))
+    run = run_root(machine, lines(write_revision(VMXON_REGION), write_revision(VMCS_REGION), enable_vmx(), VMCALLR,
+                                  save_flags(0), debug_exit(EXIT_OK)))
     assert run.stop.exit_status == exit_status(EXIT_OK)
     assert result(machine, 0) & (RFLAGS_CF | RFLAGS_ZF) == RFLAGS_CF
 
 
 def test_inverse_hypercall_on_a_vmcs_never_launched(machine):
-    body = lines(write_revisions(), enable_vmx(), make_current(), VMCALLR, save_flags(0),
+    body = lines(vmx_on_with_current_vmcs(), VMCALLR, save_flags(0),
                  vmread("rcx", "VM_INSTRUCTION_ERROR"), save(1, "rcx"), debug_exit(EXIT_OK))
     run = run_root(machine, body)
     assert run.stop.exit_status == exit_status(EXIT_OK)

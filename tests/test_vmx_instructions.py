@@ -22,12 +22,13 @@ from emu.vmx_defs import (
     PinBasedControls, PrimaryProcessorControls, Rflags, VmInstructionError, make_interruption_info,
 )
 from tests.machine_programs import (
-    ENCODING, EXIT_FAULT, EXIT_OK, EXIT_STOPPED_ON_EXIT, GUEST_CODE, GUEST_DATA, GUEST_IDT, PAGE_SIZE,
-    RFLAGS_CF, RFLAGS_ZF, ROOT_IDT, ROOT_STACK_TOP, SCRATCH, SLOT_FAULT_RIP, SLOT_FAULT_VECTOR,
-    GUEST_PML4, TIMER_ARM_PORT, TIMER_VECTOR_PORT, U64, VMCS_REGION, VMXON_REGION, assemble, build_guest, debug_exit,
-    default_controls, enable_vmx, events_of, exit_log, exit_status, fault_recorder, label_address, lines,
-    make_current, putc, result, results, run_guest, run_root, save, save_flags, set_interrupt_gate, vmread,
-    vmwrite, vmx_pointer_instruction, vmx_program,
+    ENCODING, EXIT_OK, EXIT_STOPPED_ON_EXIT, GUEST_CODE, GUEST_DATA, GUEST_IDT, PAGE_SIZE,
+    RFLAGS_CF, RFLAGS_ZF, ROOT_IDT, ROOT_STACK_TOP, SCRATCH,
+    GUEST_PML4, U64, VMCS_REGION, VMXON_REGION, arm_timer, assemble, build_guest, debug_exit,
+    default_controls, enable_vmx, event_kinds, events_of, exit_log, exit_status, expect_invalid_opcode,
+    label_address, lines, make_current, putc, result, results, run_guest, run_root, save, save_flags,
+    set_interrupt_gate, vmread, vmwrite, vmx_on_with_current_vmcs, vmx_pointer_instruction, vmx_program,
+    write_revision,
 )
 
 VMSUCCEED = ("VMsucceed", None)
@@ -49,10 +50,6 @@ def fail_valid(error: int) -> tuple[str, int]:
     return ("VMfailValid", int(error))
 
 
-def write_revision(address: int, revision: int = CAPS.vmcs_revision_id) -> str:
-    return lines(f"mov rax, {address:#x}", f"mov dword ptr [rax], {revision:#x}")
-
-
 def observe(slot: int) -> str:
     """After a VMX instruction: RFLAGS to `slot`, VM_INSTRUCTION_ERROR (or -1) to `slot + 1`."""
     return lines(save_flags(slot), "mov rcx, -1", vmread("rcx", "VM_INSTRUCTION_ERROR"), save(slot + 1, "rcx"))
@@ -69,25 +66,11 @@ def outcome(machine, slot: int) -> tuple[str, int | None]:
     return ("both CF and ZF", flags)
 
 
-def vmx_on_with_current_vmcs() -> str:
-    return lines(write_revision(VMXON_REGION), write_revision(VMCS_REGION), enable_vmx(), make_current())
-
-
 def run_ok(machine, body: str):
     run = run_root(machine, lines(body, debug_exit(EXIT_OK)))
     assert run.stop.reason == "debug-exit", run.stop.report
     assert run.stop.exit_status == exit_status(EXIT_OK)
     return run
-
-
-def expect_invalid_opcode(machine, body_before: str, instruction: str) -> None:
-    """Runs `instruction` after `body_before` and checks it raised #UD at its own address."""
-    body = lines(set_interrupt_gate(ROOT_IDT, ExceptionVector.UD, "fault_6"), body_before,
-                 "faulting:", instruction, debug_exit(EXIT_OK), fault_recorder(ExceptionVector.UD, False))
-    run = run_root(machine, body)
-    assert run.stop.exit_status == exit_status(EXIT_FAULT), "the instruction did not fault"
-    assert result(machine, SLOT_FAULT_VECTOR) == ExceptionVector.UD
-    assert result(machine, SLOT_FAULT_RIP) == label_address(body, "faulting")
 
 
 # --- VMXON / VMXOFF ------------------------------------------------------------------------------------
@@ -118,7 +101,7 @@ def test_vmxoff_leaves_vmx_operation(machine):
     expect_invalid_opcode(machine, lines(vmx_on_with_current_vmcs(), "vmxoff", save_flags(0),
                                          f"mov rax, {ENCODING['VM_EXIT_REASON']:#x}"), "vmread rcx, rax")
     assert outcome(machine, 0) == VMSUCCEED
-    assert [e.kind for e in machine.events.events if e.kind.startswith("vmxo")] == ["vmxon", "vmxoff"]
+    assert [kind for kind in event_kinds(machine) if kind.startswith("vmxo")] == ["vmxon", "vmxoff"]
 
 
 def test_vmxoff_outside_vmx_operation_raises_invalid_opcode(machine):
@@ -372,7 +355,7 @@ def test_vmx_instructions_in_a_guest_exit_with_their_reason(machine):
     assert [r.reason for r in log] == [reason for _, reason in GUEST_VMX_INSTRUCTIONS] + [ExitReason.HLT]
     lengths = [len(assemble(instruction, GUEST_CODE)) for instruction, _ in GUEST_VMX_INSTRUCTIONS]
     assert [r.instruction_length for r in log[:-1]] == lengths
-    assert [e.kind for e in machine.events.events].count("vmxon") == 1, "the guest's VMXON ran in root mode"
+    assert event_kinds(machine).count("vmxon") == 1, "the guest's VMXON ran in root mode"
 
 
 def test_exception_bitmap_turns_ud2_into_an_exit(machine):
@@ -543,15 +526,14 @@ def test_preemption_timer_exit(machine):
 
 @pytest.mark.parametrize("acknowledge", [True, False])
 def test_external_interrupt_exit(machine, acknowledge):
-    arm_timer = lines(f"mov dx, {TIMER_VECTOR_PORT:#x}", f"mov eax, {TIMER_VECTOR:#x}", "out dx, eax",
-                      f"mov dx, {TIMER_ARM_PORT:#x}", f"mov eax, {TIMER_TICKS}", "out dx, eax")
     # After the exit the root opens its interrupt window: an acknowledged interrupt was consumed by the
     # exit, an unacknowledged one is still pending and reaches the root's IDT handler.
     root_window = lines(set_interrupt_gate(ROOT_IDT, TIMER_VECTOR, "root_timer"), "xor r13, r13", "sti",
                         f"mov ecx, {TIMER_TICKS}", "window: loop window", "cli", save(0, "r13"), "jmp vm_exit_stop",
                         "root_timer:", "inc r13", "iretq")
     exit_controls = ExitControls.ACKNOWLEDGE_INTERRUPT_ON_EXIT if acknowledge else 0
-    run, _ = run_guest(machine, "spin: jmp spin", before_launch=arm_timer, on_exit=root_window,
+    run, _ = run_guest(machine, "spin: jmp spin", before_launch=arm_timer(TIMER_VECTOR, TIMER_TICKS),
+                       on_exit=root_window,
                        controls=default_controls(pin=PinBasedControls.EXTERNAL_INTERRUPT_EXITING, exit=exit_controls))
     assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
     (record,) = exit_log(machine)
@@ -584,9 +566,7 @@ def test_event_injection_on_vm_entry(machine):
 
 
 def test_guest_takes_its_own_timer_interrupt_without_exiting(machine):
-    guest = lines(set_interrupt_gate(GUEST_IDT, TIMER_VECTOR, "tick"),
-                  f"mov dx, {TIMER_VECTOR_PORT:#x}", f"mov eax, {TIMER_VECTOR:#x}", "out dx, eax",
-                  f"mov dx, {TIMER_ARM_PORT:#x}", f"mov eax, {TIMER_TICKS}", "out dx, eax",
+    guest = lines(set_interrupt_gate(GUEST_IDT, TIMER_VECTOR, "tick"), arm_timer(TIMER_VECTOR, TIMER_TICKS),
                   "sti", "spin: jmp spin",
                   "tick:", putc("T"), f"mov rax, {TIMER_VECTOR:#x}", "vmcall")
     run, _ = run_guest(machine, guest, stop_reasons=(ExitReason.VMCALL,))
