@@ -438,12 +438,8 @@ schedule.in_range:
     imul rbp, rdx, HV1_VP_SIZE
     lea rax, [rip + vps]
     add rbp, rax
-    cmp [rbp + HV1_VP_LP], r15d
-    jne schedule.skip
-    cmp dword ptr [rbp + HV1_VP_STATE], VP_RUNNABLE
-    jne schedule.skip
-    mov rax, [rbp + HV1_VP_PARTITION]
-    cmp dword ptr [rax + HV1_PARTITION_STATE], PARTITION_RUNNING
+    mov rdi, rbp
+    call vp_may_run
     jne schedule.skip
     cmp dword ptr [rbp + HV1_VP_HALTED], 0   ; a halted VP waits for its tick (above)
     je run_vp
@@ -465,33 +461,40 @@ idle.halt:
     hlt
     jmp idle
 
+; rdi = VP record: ZF = 1 if the VP is this LP's, runnable, and its partition is running.
+; Clobbers r10.
+vp_may_run:
+    cmp [rdi + HV1_VP_LP], r15d
+    jne vp_may_run.done
+    cmp dword ptr [rdi + HV1_VP_STATE], VP_RUNNABLE
+    jne vp_may_run.done
+    mov r10, [rdi + HV1_VP_PARTITION]
+    cmp dword ptr [r10 + HV1_PARTITION_STATE], PARTITION_RUNNING
+vp_may_run.done:
+    ret
+
 ; The earliest wake-up among this LP's halted VPs that a tick will wake (timer running, VP
 ; runnable, partition running): CF = 1, rax = its deadline, rsi = the VP's record; CF = 0 if there
-; is none. Clobbers rcx, r9, r10.
+; is none. Clobbers rcx, rdi, r10.
 earliest_wakeup:
     mov rax, NO_DEADLINE
     xor ecx, ecx                             ; VP number
-    lea r9, [rip + vps]
+    lea rdi, [rip + vps]
 earliest_wakeup.next:
     cmp rcx, [rip + vp_total]
     jae earliest_wakeup.done
-    cmp [r9 + HV1_VP_LP], r15d
-    jne earliest_wakeup.skip
-    cmp dword ptr [r9 + HV1_VP_HALTED], 0
+    cmp dword ptr [rdi + HV1_VP_HALTED], 0
     je earliest_wakeup.skip
-    cmp dword ptr [r9 + HV1_VP_STATE], VP_RUNNABLE
-    jne earliest_wakeup.skip
-    cmp qword ptr [r9 + HV1_VP_TIMER_PERIOD], 0
+    cmp qword ptr [rdi + HV1_VP_TIMER_PERIOD], 0
     je earliest_wakeup.skip
-    mov r10, [r9 + HV1_VP_PARTITION]
-    cmp dword ptr [r10 + HV1_PARTITION_STATE], PARTITION_RUNNING
+    call vp_may_run
     jne earliest_wakeup.skip
-    cmp [r9 + HV1_VP_TIMER_DEADLINE], rax
+    cmp [rdi + HV1_VP_TIMER_DEADLINE], rax
     jae earliest_wakeup.skip
-    mov rax, [r9 + HV1_VP_TIMER_DEADLINE]
-    mov rsi, r9
+    mov rax, [rdi + HV1_VP_TIMER_DEADLINE]
+    mov rsi, rdi
 earliest_wakeup.skip:
-    add r9, HV1_VP_SIZE
+    add rdi, HV1_VP_SIZE
     inc rcx
     jmp earliest_wakeup.next
 earliest_wakeup.done:
