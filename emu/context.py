@@ -208,8 +208,7 @@ class ExecutionContext:
         ctx.watch_interrupt_window = 1 if watch_interrupt_window else 0
         ctx.block_size = 0
         ctx.python_stop = 0
-        self.pending = None
-        self._stop_requested = False
+        self.clear_stop_request()
         start = self.regs.read(x86.UC_X86_REG_RIP)
         error = uc_const.UC_ERR_OK
         try:
@@ -218,8 +217,8 @@ class ExecutionContext:
             error = exc.errno
         return self.classify(error, watch_interrupt_window)
 
-    def prepare_for_transitions(self) -> None:
-        """Before the C transition loop runs this context: no Python stop is pending."""
+    def clear_stop_request(self) -> None:
+        """Before a run, by Python or by the C transition loop: no Python stop is pending."""
         self.pending = None
         self._stop_requested = False
 

@@ -79,9 +79,13 @@ class LogicalProcessor:
     def charge(self, context, count: int) -> None:
         """Counts instructions the machine carried out itself (emulated or trapped ones)."""
         context.add_retired(count)
-        self._time += count
-        self.instructions += count
-        self.machine.retired += count
+        self._account(count)
+
+    def _account(self, retired: int) -> None:
+        """Instructions retired on this LP move its virtual time and the machine's count."""
+        self._time += retired
+        self.instructions += retired
+        self.machine.retired += retired
 
     def end_run_by(self, deadline: int) -> None:
         """A deadline set while the LP runs (a timer armed by the running code) ends the run then."""
@@ -150,10 +154,7 @@ class LogicalProcessor:
             if self.halted or (self.guest is not None and self.guest.halted):
                 self._idle_until(slice_end)
                 continue
-            deadline = min(slice_end, machine.instruction_limit_time())
-            for candidate in (self.timer.deadline, self.preemption_deadline):
-                if candidate is not None:
-                    deadline = min(deadline, candidate)
+            deadline = self._next_event_by(min(slice_end, machine.instruction_limit_time()))
             if self._transitions_allowed() and self._run_transitions(deadline):
                 if machine.instruction_limit_reached():
                     break
@@ -181,7 +182,7 @@ class LogicalProcessor:
         vmcs = self.vmx.current
         contexts = [self.root] + ([vmcs.context] if vmcs is not None and vmcs.context is not None else [])
         for context in contexts:
-            context.prepare_for_transitions()
+            context.clear_stop_request()
             context.uc._hook_exception = None
         loop.in_guest = 1 if self.guest is not None else 0
         loop.time = self._time
@@ -220,15 +221,11 @@ class LogicalProcessor:
     def _run_and_handle(self, context: ctxmod.ExecutionContext, run: Callable[[], ctxmod.Stop]) -> None:
         """Carries out `run` (one run of `context`, or the classification of one), counts what it
         retired on this LP, and gives its stop its architectural effect."""
-        machine = self.machine
         self._running, self._run_mark = context, context.retired
         try:
             stop = run()
         finally:
-            retired = context.retired - self._run_mark
-            self._time += retired
-            self.instructions += retired
-            machine.retired += retired
+            self._account(context.retired - self._run_mark)
             self._running = None
         if self.guest is not None and context is not self.root:
             self._handle_guest_stop(stop)
@@ -255,12 +252,13 @@ class LogicalProcessor:
                 events.publish(event.time, self.index, "vm-entry", vmcs=event.vmcs, launch=False, rip=event.rip)
         events.before_publish = hook
 
+    def _next_event_by(self, limit: int) -> int:
+        """The earlier of `limit` and the LP's timer and VMX-preemption-timer deadlines."""
+        return min([limit] + [deadline for deadline in (self.timer.deadline, self.preemption_deadline)
+                              if deadline is not None])
+
     def _idle_until(self, slice_end: int) -> None:
-        wake = slice_end
-        for candidate in (self.timer.deadline, self.preemption_deadline):
-            if candidate is not None:
-                wake = min(wake, candidate)
-        self._time = max(self._time, wake)
+        self._time = max(self._time, self._next_event_by(slice_end))
 
     def _wants_window(self) -> bool:
         if self.guest is None:

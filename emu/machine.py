@@ -270,40 +270,41 @@ class Machine:
 
     def emulate_trapped(self, lp: LogicalProcessor, context, insn) -> None:
         """RDMSR, WRMSR, RDTSC(P), RDRAND/RDSEED and MOV to CR3 (root) carried out by the machine."""
-        uc = context.uc
+        regs = context.regs        # the fast register path; only 64-bit registers are read through it
         mnemonic = insn.mnemonic
         if mnemonic == "rdmsr":
-            value = self._read_msr(lp, context, uc.reg_read(x86.UC_X86_REG_RCX) & U32)
-            uc.reg_write(x86.UC_X86_REG_RAX, value & U32)
-            uc.reg_write(x86.UC_X86_REG_RDX, value >> 32)
+            value = self._read_msr(lp, context, regs.read(x86.UC_X86_REG_RCX) & U32)
+            regs.write(x86.UC_X86_REG_RAX, value & U32)
+            regs.write(x86.UC_X86_REG_RDX, value >> 32)
         elif mnemonic == "wrmsr":
-            index = uc.reg_read(x86.UC_X86_REG_RCX) & U32
-            value = (uc.reg_read(x86.UC_X86_REG_RDX) & U32) << 32 | (uc.reg_read(x86.UC_X86_REG_RAX) & U32)
+            index = regs.read(x86.UC_X86_REG_RCX) & U32
+            value = (regs.read(x86.UC_X86_REG_RDX) & U32) << 32 | (regs.read(x86.UC_X86_REG_RAX) & U32)
             if index not in msrs.NATIVE_MSRS:
                 raise RaiseException(ExceptionVector.GP, 0)
-            uc.msr_write(index, value)
+            context.uc.msr_write(index, value)
         elif mnemonic in ("rdtsc", "rdtscp"):
             tsc = lp.now
-            uc.reg_write(x86.UC_X86_REG_RAX, tsc & U32)
-            uc.reg_write(x86.UC_X86_REG_RDX, tsc >> 32)
+            regs.write(x86.UC_X86_REG_RAX, tsc & U32)
+            regs.write(x86.UC_X86_REG_RDX, tsc >> 32)
             if mnemonic == "rdtscp":
-                uc.reg_write(x86.UC_X86_REG_RCX, lp.index)
+                regs.write(x86.UC_X86_REG_RCX, lp.index)
         elif mnemonic in ("rdrand", "rdseed"):
             register = decode.operands(insn)[0]
-            uc.reg_write(register.register, self._next_random() & ((1 << (8 * register.size)) - 1))
-            uc.reg_write(x86.UC_X86_REG_RFLAGS, (uc.reg_read(x86.UC_X86_REG_RFLAGS) & ~RFLAGS_ARITHMETIC) | Rflags.CF)
+            regs.write(register.register, self._next_random() & ((1 << (8 * register.size)) - 1))
+            regs.write(x86.UC_X86_REG_RFLAGS, (regs.read(x86.UC_X86_REG_RFLAGS) & ~RFLAGS_ARITHMETIC) | Rflags.CF)
         elif mnemonic == "out":   # the debug-exit port (decode.DEBUG_EXIT_OUT_PREFIX)
             port_operand, data_operand = insn.operands
             register = decode.unicorn_register(data_operand.reg)
-            self.io.write(port_operand.imm, data_operand.size, uc.reg_read(register))
+            # AL, AX or EAX: read by the binding, which sizes its buffer to the register.
+            self.io.write(port_operand.imm, data_operand.size, context.uc.reg_read(register))
         elif decode.is_mov_to_cr3(mnemonic, insn.op_str):
             source = decode.operands(insn)[1]
-            value = uc.reg_read(source.register)
-            old = uc.reg_read(x86.UC_X86_REG_CR3)
-            uc.reg_write(x86.UC_X86_REG_CR3, value)
+            value = regs.read(source.register)
+            old = regs.read(x86.UC_X86_REG_CR3)
+            regs.write(x86.UC_X86_REG_CR3, value)
             lp.publish("cr3-write", old=old, new=value, rip=insn.address, context=context.name)
         elif decode.is_mov_from_cr3(mnemonic, insn.op_str):
-            uc.reg_write(decode.operands(insn)[0].register, uc.reg_read(x86.UC_X86_REG_CR3))
+            regs.write(decode.operands(insn)[0].register, regs.read(x86.UC_X86_REG_CR3))
         else:
             raise RaiseException(ExceptionVector.UD)
 
