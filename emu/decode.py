@@ -122,6 +122,19 @@ def unicorn_register(capstone_reg: int) -> int:
     return getattr(uc_x86, f"UC_X86_REG_{name}")
 
 
+_LEGACY_GENERAL_REGISTERS = ("AX", "BX", "CX", "DX", "SI", "DI", "BP", "SP")
+_NUMBERED_GENERAL_REGISTERS = range(8, 16)
+# The 64-bit register a 32-bit general register is the low half of: writing the 32-bit one
+# zero-extends into it (SDM Vol. 1 3.4.1.1).
+QWORD_REGISTER_OF_DWORD = {
+    **{getattr(uc_x86, f"UC_X86_REG_E{name}"): getattr(uc_x86, f"UC_X86_REG_R{name}")
+       for name in _LEGACY_GENERAL_REGISTERS},
+    **{getattr(uc_x86, f"UC_X86_REG_R{number}D"): getattr(uc_x86, f"UC_X86_REG_R{number}")
+       for number in _NUMBERED_GENERAL_REGISTERS},
+}
+DWORD_SIZE = 4
+
+
 @dataclass(frozen=True)
 class MemoryOperand:
     """An effective-address computation: base + index * scale + displacement (SDM Vol. 1 3.7.5)."""

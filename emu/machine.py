@@ -290,7 +290,11 @@ class Machine:
                 regs.write(x86.UC_X86_REG_RCX, lp.index)
         elif mnemonic in ("rdrand", "rdseed"):
             register = decode.operands(insn)[0]
-            regs.write(register.register, self._next_random() & ((1 << (8 * register.size)) - 1))
+            value = self._next_random() & ((1 << (8 * register.size)) - 1)
+            if register.size == decode.DWORD_SIZE:   # a 32-bit destination zero-extends (SDM Vol. 1 3.4.1.1)
+                regs.write(decode.QWORD_REGISTER_OF_DWORD[register.register], value)
+            else:
+                regs.write(register.register, value)
             regs.write(x86.UC_X86_REG_RFLAGS, (regs.read(x86.UC_X86_REG_RFLAGS) & ~RFLAGS_ARITHMETIC) | Rflags.CF)
         elif mnemonic == "out":   # the debug-exit port (decode.DEBUG_EXIT_OUT_PREFIX)
             port_operand, data_operand = insn.operands

@@ -9,13 +9,13 @@ import pytest
 
 from emu.machine import FIRMWARE_PML4, Machine
 from emu.vmx_caps import msr_values
-from emu.vmx_defs import ExceptionVector
+from emu.vmx_defs import RFLAGS_ARITHMETIC, ExceptionVector
 from tests.machine_programs import (
     CLOCK_HIGH_PORT, CLOCK_LOW_PORT, EXIT_FAULT, EXIT_OK, PAGE_SHIFT, PAGE_SIZE, QWORD, RESULTS, RFLAGS_CF,
     RFLAGS_ZF, ROOT_IDT, ROOT_IDT_LIMIT, ROOT_STACK_SIZE, ROOT_STACK_TOP, SCRATCH, SLOT_FAULT_CR2,
     SLOT_FAULT_ERROR_CODE, SLOT_FAULT_RIP, SLOT_FAULT_VECTOR, VMXON_REGION, arm_timer, debug_exit, events_of,
-    exit_status, fault_recorder, label_address, lines, putc, result, results, run_root, save, send_ipi,
-    set_interrupt_gate,
+    exit_status, fault_recorder, label_address, lines, putc, result, results, run_root, save, save_flags,
+    send_ipi, set_interrupt_gate, U64,
 )
 
 UNMAPPED = 0x80_0000_0238               # PML4 entry 1 of the firmware's page tables is not present
@@ -206,6 +206,30 @@ def test_mov_to_cr3_is_an_event(machine):
     writes = [(e.data["old"], e.data["new"], e.data["rip"]) for e in events_of(machine, "cr3-write")]
     assert writes == [(FIRMWARE_PML4, NEW_PML4, label_address(body, "to_new")),
                       (NEW_PML4, FIRMWARE_PML4, label_address(body, "to_old"))]
+
+
+def test_rdrand_rdseed_and_rdtscp_are_the_machine_s():
+    """RDRAND and RDSEED draw from the machine's deterministic sequence with CF = 1 and the other
+    status flags clear; a 32-bit destination zero-extends, a 16-bit one keeps the rest (SDM Vol. 1
+    3.4.1.1); RDTSCP's ECX is the LP index."""
+    body = lines("mov rax, -1", "rdrand rax", save(0), save_flags(1),
+                 "mov rbx, -1", "rdrand ebx", save(2, "rbx"),
+                 "mov rcx, -1", "rdrand cx", save(3, "rcx"),
+                 "mov rdx, -1", "rdseed rdx", save(4, "rdx"),
+                 "mov rcx, -1", "rdtscp", save(5, "rcx"), debug_exit(EXIT_OK))
+    runs = []
+    for _ in range(2):
+        machine = machine_with(1)
+        run = run_root(machine, body)
+        assert run.stop.exit_status == exit_status(EXIT_OK), run.stop.report
+        runs.append(results(machine, 6))
+    assert runs[0] == runs[1], "the sequence is the same on every run"
+    rax, flags, rbx, rcx, rdx, lp_index = runs[0]
+    assert len({rax, rdx}) == 2 and rax not in (0, U64)
+    assert flags & RFLAGS_ARITHMETIC == RFLAGS_CF
+    assert rbx >> 32 == 0
+    assert rcx >> 16 == U64 >> 16
+    assert lp_index == 0
 
 
 def test_debug_exit_stops_right_after_the_out(machine):
