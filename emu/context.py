@@ -11,13 +11,12 @@ from unicorn import x86_const as x86
 
 from emu import decode, fast
 from emu.vmcs import FIELD_TABLE, TRANSITION_CONSTANTS
+from emu.vmx_defs import PAGE_OFFSET_MASK, PAGE_SIZE
 
 # With Unicorn's exit list enabled, emu_start's `until` is ignored; this address is never executed
 # (it is not canonical) and keeps the list non-empty.
 NEVER_EXECUTED_ADDRESS = fast.lib.HHR_END_OF_RUN_ADDRESS
 HLT_OPCODE = 0xF4
-PAGE_SIZE = 4096
-PAGE_OFFSET_MASK = PAGE_SIZE - 1
 
 STALE_BLOCK_INSTRUCTIONS = 1
 

@@ -10,6 +10,7 @@ from unicorn import x86_const as uc_x86
 
 from asm.isa import VMCALLR_OPCODE  # the one definition of our inverse-hypercall encoding
 from emu.devices import DEBUG_EXIT_PORT
+from emu.vmcs_fields import U64_MASK as U64
 
 VMCALLR_LENGTH = len(VMCALLR_OPCODE)
 MAX_INSTRUCTION_LENGTH = 15
@@ -179,7 +180,6 @@ IRETQ_FRAME_SIZE = 5 * STACK_SLOT
 STACK_WRITES = frozenset({"push", "pushfq", "call"})
 STACK_READS = {"pop": STACK_SLOT, "popfq": STACK_SLOT, "ret": STACK_SLOT, "iretq": IRETQ_FRAME_SIZE}
 _SEGMENT_BASES = {cs_x86.X86_REG_FS: uc_x86.UC_X86_REG_FS_BASE, cs_x86.X86_REG_GS: uc_x86.UC_X86_REG_GS_BASE}
-U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
 @dataclass(frozen=True)

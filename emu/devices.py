@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING, Callable
 
+from emu.vmcs_fields import U32_MASK as WORD_MASK
 from emu.vmx_defs import FIRST_DEVICE_VECTOR
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ IPI_VECTOR_MASK = 0xFF
 IPI_DESTINATION_SHIFT = 8
 IPI_DESTINATION_MASK = 0xFF
 IPI_ALL_BUT_SELF = 1 << 16
-WORD_MASK = 0xFFFF_FFFF
 WORD_BITS = 32
 BYTE_MASK = 0xFF
 MACHINE_CHANNEL = 0

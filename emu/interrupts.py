@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from unicorn import x86_const as x86
 
 from emu import fast
+from emu.vmcs_fields import U64_MASK as U64
 from emu.vmx_defs import FIRST_DEVICE_VECTOR, ExceptionVector, Rflags
 
 IDT_GATE_SIZE = 16
@@ -18,7 +19,6 @@ GATE_IST_MASK = 0x7
 TSS_IST_OFFSET = 0x24          # IST1 at TSS+0x24, eight bytes each (SDM Vol. 3A Figure 8-11)
 IST_SLOT_SIZE = 8
 STACK_ALIGNMENT_MASK = ~0xF    # 64-bit delivery aligns RSP to 16 bytes (SDM 6.14.2)
-U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 # Error code for a fault on an IDT entry: IDT bit (1) set, index in bits 15:3 (SDM 6.13).
 IDT_ERROR_CODE_FLAG = 0x2

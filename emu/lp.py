@@ -11,6 +11,7 @@ from emu import context as ctxmod
 from emu import decode, fast, interrupts
 from emu.devices import Timer
 from emu.vmcs import IO_BITMAP_PORTS, ActiveVmcs
+from emu.vmcs_fields import U32_MASK as WORD_MASK
 from emu.vmx import NON_ROOT_EXIT_REASONS, VMX_MNEMONICS, RaiseException, VmxUnit
 from emu.vmx_defs import (
     ExitReason, InterruptionType, PinBasedControls, PrimaryProcessorControls, make_interruption_info,
@@ -28,7 +29,6 @@ INTO_OPCODE = 0xCE
 INT_N_OPCODE = 0xCD
 INT_N_LENGTH = 2
 SOFTWARE_EXCEPTION_LENGTH = 1
-WORD_MASK = 0xFFFF_FFFF
 BITS_PER_BYTE = 8
 # Unicorn errors that stand for an access the architecture refuses with #GP.
 PROTECTION_ERRORS = frozenset({uc_const.UC_ERR_FETCH_PROT, uc_const.UC_ERR_READ_PROT, uc_const.UC_ERR_WRITE_PROT,

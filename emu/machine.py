@@ -14,6 +14,7 @@ from emu.devices import IoBus
 from emu.events import EventStream
 from emu.lp import LogicalProcessor
 from emu.memory import HostMemory, MIB
+from emu.vmcs_fields import U32_MASK as U32, U64_MASK as U64
 from emu.vmx import RaiseException
 from emu.vmx_caps import MACHINE_MAXPHYADDR, msr_values
 from emu.vmx_defs import EXCEPTIONS_WITH_ERROR_CODE, MSR_IA32_EFER, RFLAGS_ARITHMETIC, ExceptionVector, Rflags
@@ -34,10 +35,8 @@ CR0_AT_START = (1 << 0) | (1 << 1) | (1 << 4) | (1 << 5) | (1 << 16) | (1 << 31)
 CR4_AT_START = (1 << 5) | (1 << 9) | (1 << 10)                                   # PAE OSFXSR OSXMMEXCPT
 EFER_AT_START = (1 << 8) | (1 << 10) | (1 << 11)                                 # LME LMA NXE
 
-U32 = 0xFFFF_FFFF
 PRNG_MULTIPLIER = 6364136223846793005
 PRNG_INCREMENT = 1442695040888963407
-U64 = 0xFFFF_FFFF_FFFF_FFFF
 VMX_CAPABILITY_MSRS = msr_values()   # what RDMSR of 0x480-0x491 reads (the capabilities are fixed)
 
 

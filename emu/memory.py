@@ -5,7 +5,8 @@ import ctypes
 import mmap
 import struct
 
-PAGE_SIZE = 4096
+from emu.vmx_defs import PAGE_SIZE
+
 MIB = 1 << 20
 MIN_RAM_SIZE = 16 * MIB
 MAX_RAM_SIZE = 64 * 1024 * MIB

@@ -13,6 +13,7 @@ from unicorn import x86_const as x86
 from emu import decode, fast, msrs, vmcs_fields as vf
 from emu.decode import MemoryOperand, RegisterOperand
 from emu.vmcs import DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT, ActiveVmcs
+from emu.vmcs_fields import U64_MASK as U64
 from emu.vmentry_checks import VMFAIL_VALID, check_launch_state, check_vm_entry, is_canonical
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import (
@@ -26,7 +27,6 @@ from emu.vmx_defs import (
 if TYPE_CHECKING:
     from emu.lp import LogicalProcessor
 
-U64 = 0xFFFF_FFFF_FFFF_FFFF
 INVALID_VMCS_POINTER = U64
 MSR_LIST_ENTRY = struct.Struct("<IIQ")   # index, reserved, data (SDM Vol. 3C Table 25-15)
 INVEPT_DESCRIPTOR_SIZE = 16
