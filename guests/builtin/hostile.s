@@ -5,24 +5,13 @@
 %define DOORBELL_STATUS_PORT 0x530
 %define HC_CONSOLE_WRITE 3
 %define VECTOR_UD 6
-%define IDT_BASE 0x5000             ; guest-physical, below the load address
-%define GATE_BYTES 16
-%define CODE_SELECTOR 0x08
-%define INTERRUPT_GATE 0x8E00
 %define FAR_OUTSIDE 0x20000000      ; 512 MiB: mapped by the guest's page tables, not by EPT
+%include "idt.inc"
 
 start:
     ; An IDT with one gate: #UD -> ud_handler.
-    lea rax, [rip + ud_handler]
-    mov rdi, IDT_BASE + VECTOR_UD * GATE_BYTES
-    mov word ptr [rdi], ax
-    mov word ptr [rdi + 2], CODE_SELECTOR
-    mov word ptr [rdi + 4], INTERRUPT_GATE
-    shr rax, 16
-    mov word ptr [rdi + 6], ax
-    shr rax, 16
-    mov dword ptr [rdi + 8], eax
-    lidt [rip + idtr]
+    SET_INTERRUPT_GATE VECTOR_UD, ud_handler
+    LOAD_IDT
     lea rax, [rip + after_vmxon]
     mov [rip + resume_at], rax
     vmxon [rip + scratch]
@@ -62,6 +51,3 @@ resume_at:
     .quad 0
 scratch:
     .quad 0
-idtr:
-    .word 0xFFF
-    .quad IDT_BASE

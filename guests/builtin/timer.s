@@ -1,6 +1,5 @@
 ; timer: on page tables and an IDT of its own, asks the hypervisor for a periodic tick (hypercall
-; set-timer), then idles with STI; HLT
-; until TICKS ticks have come. It checks that bad timer arguments are refused, that every wake-up
+; set-timer), then idles with STI; HLT until TICKS ticks have come. It checks that bad timer arguments are refused, that every wake-up
 ; from HLT came with a tick at its vector, that no tick came early (at least TICKS x PERIOD ticks of
 ; virtual time passed), and that ticks falling due while interrupts are off wait for STI and come
 ; as one. Prints what it saw; exit code 0, or 1 if a check failed.
@@ -13,15 +12,12 @@
 %define TOO_SHORT_PERIOD 10
 %define EXCEPTION_VECTOR 8          ; a vector the set-timer hypercall must refuse
 %define TICKS 25
-%define IDT_BASE 0x5000             ; guest-physical, below the load address
 %define OWN_PML4 0x6000
 %define OWN_PDPT 0x7000
 %define PAGE_PRESENT_WRITABLE 0x3
 %define PAGE_SIZE_1G 0x80           ; PDPT entry bit 7: a 1 GiB page
 %define IDENTITY_GIBS 4             ; the first 4 GiB map to themselves
-%define GATE_BYTES 16
-%define CODE_SELECTOR 0x08
-%define INTERRUPT_GATE 0x8E00
+%include "idt.inc"
 
 start:
     ; Page tables of its own, in place of the hypervisor's: 1 GiB pages mapping the first
@@ -40,16 +36,8 @@ map_gib:
     mov cr3, rdi
 
     ; An IDT with one gate: TIMER_VECTOR -> tick_handler.
-    lea rax, [rip + tick_handler]
-    mov rdi, IDT_BASE + TIMER_VECTOR * GATE_BYTES
-    mov word ptr [rdi], ax
-    mov word ptr [rdi + 2], CODE_SELECTOR
-    mov word ptr [rdi + 4], INTERRUPT_GATE
-    shr rax, 16
-    mov word ptr [rdi + 6], ax
-    shr rax, 16
-    mov dword ptr [rdi + 8], eax
-    lidt [rip + idtr]
+    SET_INTERRUPT_GATE TIMER_VECTOR, tick_handler
+    LOAD_IDT
 
     ; Arguments the hypervisor must refuse.
     mov eax, HC_SET_TIMER
@@ -144,9 +132,6 @@ tick_handler:
 .align 8
 ticks:
     .quad 0
-idtr:
-    .word 0xFFF
-    .quad IDT_BASE
 ticks_text:
     .asciz "timer ticks: "
 time_text:
