@@ -14,7 +14,9 @@ from emu import decode, fast, msrs, vmcs_fields as vf
 from emu.decode import MemoryOperand, RegisterOperand
 from emu.vmcs import DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT, ActiveVmcs
 from emu.vmcs_fields import U64_MASK as U64
-from emu.vmentry_checks import VMFAIL_VALID, check_launch_state, check_vm_entry, is_canonical
+from emu.vmentry_checks import (
+    VMFAIL_VALID, check_launch_state, check_vm_entry, fits_physical_address, is_canonical,
+)
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import (
     EntryControls, ExitControls, ExitReason, InterruptionType, PinBasedControls,
@@ -148,7 +150,7 @@ class VmxUnit:
         self.lp.publish("vmfail", error=int(error))
 
     def _valid_physical(self, address: int) -> bool:
-        return address & PAGE_OFFSET_MASK == 0 and address >> CAPS.maxphyaddr == 0 and \
+        return address & PAGE_OFFSET_MASK == 0 and fits_physical_address(address, CAPS) and \
             self.machine.ram.holds(address, vf.VMCS_REGION_SIZE)
 
     # --- dispatch -------------------------------------------------------------------------------------
