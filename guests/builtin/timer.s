@@ -1,8 +1,8 @@
 ; timer: on page tables and an IDT of its own, asks the hypervisor for a periodic tick (hypercall
 ; set-timer), then idles with STI; HLT until TICKS ticks have come. It checks that bad timer arguments are refused, that every wake-up
 ; from HLT came with a tick at its vector, that no tick came early (at least TICKS x PERIOD ticks of
-; virtual time passed), and that ticks falling due while interrupts are off wait for STI and come
-; as one. Prints what it saw; exit code 0, or 1 if a check failed.
+; virtual time passed), that ticks falling due while interrupts are off wait for STI and come as
+; one, and that stopping the timer withdraws a waiting tick. Prints what it saw; exit code 0, or 1 if a check failed.
 %define EXIT_PORT 0xF4
 %define HC_CLOCK 2
 %define HC_SET_TIMER 4
@@ -82,10 +82,7 @@ idle:
 
     ; Interrupts off for two periods: the ticks due meanwhile wait, and come as one after STI.
     mov rbx, [rip + ticks]
-    mov ecx, TIMER_PERIOD         ; two instructions a round
-masked:
-    dec ecx
-    jnz masked
+    call two_periods
     cmp [rip + ticks], rbx
     jne failed                    ; a tick while interrupts were off
     sti
@@ -97,11 +94,18 @@ wait_for_tick:
     cmp [rip + ticks], rbx
     jne failed                    ; more than one tick
 
+    ; A tick waiting for STI is withdrawn when the timer stops: none comes after STI.
+    call two_periods
     mov eax, HC_SET_TIMER
     xor edi, edi                  ; period 0: the timer stops
     vmcall
     test rax, rax
     jnz failed
+    sti
+    call two_periods
+    cli
+    cmp [rip + ticks], rbx
+    jne failed                    ; a tick after the timer stopped
 
     lea rsi, [rip + ticks_text]
     call print
@@ -122,6 +126,13 @@ failed:
     mov al, 1
     out EXIT_PORT, al
     jmp halt
+
+two_periods:                      ; runs for two timer periods (two instructions a round)
+    mov ecx, TIMER_PERIOD
+two_periods.round:
+    dec ecx
+    jnz two_periods.round
+    ret
 
 tick_handler:
     inc qword ptr [rip + ticks]

@@ -339,7 +339,7 @@ create_vp:
     VMWRITE_VALUE CPU_BASED_VM_EXEC_CONTROL, PROC_MUST_BE_ONE | PROC_HLT_EXITING | PROC_UNCONDITIONAL_IO_EXITING | PROC_ACTIVATE_SECONDARY_CONTROLS
     VMWRITE_VALUE SECONDARY_VM_EXEC_CONTROL, PROC2_MUST_BE_ONE | PROC2_ENABLE_EPT
     ; The timer's remaining value is saved at every exit, so a VP's quantum spans its exits.
-    VMWRITE_VALUE VM_EXIT_CONTROLS, EXIT_MUST_BE_ONE | EXIT_CTL_HOST_ADDRESS_SPACE_SIZE
+    VMWRITE_VALUE VM_EXIT_CONTROLS, EXIT_MUST_BE_ONE | EXIT_CTL_HOST_ADDRESS_SPACE_SIZE | EXIT_CTL_SAVE_VMX_PREEMPTION_TIMER_VALUE
     VMWRITE_VALUE VM_ENTRY_CONTROLS, ENTRY_MUST_BE_ONE | ENTRY_CTL_IA32E_MODE_GUEST
     VMWRITE_VALUE VMCS_LINK_POINTER, 0xFFFFFFFFFFFFFFFF
     mov rax, VMCS_FIELD_EPT_POINTER
@@ -615,6 +615,18 @@ set_slice.write:
     VMWRITE_REGISTER VMX_PREEMPTION_TIMER_VALUE, rcx
     ret
 
+; Before every entry (rbp = VP, its VMCS current): the VP's due tick delivered and its slice bounded
+; by the ticks on this LP. An LP where no timer runs has neither to do: its slices are the
+; preemption timer as run_vp set it and as each exit saved it.
+timers_before_entry:
+    lea rax, [rip + lp_timer_vps]
+    cmp qword ptr [rax + r15 * 8], 0
+    je timers_before_entry.none
+    call deliver_timer
+    jmp set_slice
+timers_before_entry.none:
+    ret
+
 ; rbp = the VP's record, rdx = the round robin's new position (the VP's number; a VP woken by its
 ; tick leaves the position where it was)
 run_vp:
@@ -626,21 +638,20 @@ run_vp:
     vmptrld [rsp]
     pop rax
     jbe entry_failed
+    VMWRITE_VALUE VMX_PREEMPTION_TIMER_VALUE, HV1_QUANTUM
     call read_clock
     add rax, HV1_QUANTUM
     mov [rbp + HV1_VP_SLICE_END], rax
     cmp dword ptr [rbp + HV1_VP_LAUNCHED], 0
     jne resume_vp
     mov dword ptr [rbp + HV1_VP_LAUNCHED], 1
-    call deliver_timer
-    call set_slice
+    call timers_before_entry
     call load_guest_registers
     vmlaunch
     jmp entry_failed
 
 resume_vp:
-    call deliver_timer
-    call set_slice
+    call timers_before_entry
     call load_guest_registers
     vmresume
 entry_failed:
@@ -764,6 +775,9 @@ advance_rip:
 ; The preemption timer: the slice is over (the next VP runs) or a tick is due: a halted VP's (the
 ; scheduler wakes it) or this VP's own (resume_vp delivers it).
 exit_preemption_timer:
+    lea rax, [rip + lp_timer_vps]
+    cmp qword ptr [rax + r15 * 8], 0
+    je schedule                              ; no timer on this LP: the slice is over
     call read_clock
     cmp rax, [rbp + HV1_VP_SLICE_END]
     jae schedule
@@ -777,8 +791,13 @@ exit_hlt:
     mov dword ptr [rbp + HV1_VP_HALTED], 1
     jmp schedule
 
-; The guest can take an interrupt now: resume_vp injects the pending tick.
+; The guest can take an interrupt now: resume_vp injects the waiting tick (if the timer was stopped
+; meanwhile, none waits, and the window is simply closed).
 exit_interrupt_window:
+    mov rax, VMCS_FIELD_CPU_BASED_VM_EXEC_CONTROL
+    vmread rbx, rax
+    and rbx, ~PROC_INTERRUPT_WINDOW_EXITING  ; off: deliver_timer asks again if a tick still waits
+    vmwrite rax, rbx
     jmp resume_vp
 
 ; CPUID: the fixed answers of hypervisors/invariants.py.
@@ -970,6 +989,16 @@ exit_vmcall.set_timer:
     cmp rsi, LAST_INTERRUPT_VECTOR
     ja exit_vmcall.result
 exit_vmcall.timer_checked:
+    lea rcx, [rip + lp_timer_vps]
+    lea rcx, [rcx + r15 * 8]                 ; this LP's count of running timers
+    cmp qword ptr [rbp + HV1_VP_TIMER_PERIOD], 0
+    je exit_vmcall.was_stopped
+    dec qword ptr [rcx]
+exit_vmcall.was_stopped:
+    test rdi, rdi
+    jz exit_vmcall.counted
+    inc qword ptr [rcx]
+exit_vmcall.counted:
     mov [rbp + HV1_VP_TIMER_PERIOD], rdi
     mov [rbp + HV1_VP_TIMER_VECTOR], esi
     mov dword ptr [rbp + HV1_VP_TIMER_PENDING], 0
@@ -1050,5 +1079,6 @@ running_partitions: .quad 0
 vp_total: .quad 0
 lp_current: .zero MAX_LPS * 8
 lp_next: .zero MAX_LPS * 8
+lp_timer_vps: .zero MAX_LPS * 8              ; VPs of each LP whose timer runs (the LP's own count)
 partitions: .zero MAX_PARTITIONS * HV1_PARTITION_SIZE
 vps: .zero MAX_VPS * HV1_VP_SIZE
