@@ -560,6 +560,9 @@ EPT_ACCESSED = 1 << 8
 EPT_DIRTY = 1 << 9
 EPT_USER_EXECUTE = 1 << 10
 EPT_SUPPRESS_VE = 1 << 63
+EPT_ADDRESS_MASK = 0x000F_FFFF_FFFF_F000      # bits 51:12: the next table or the 4 KiB page
+EPT_LEVEL_BITS = 9                           # each level translates 9 bits of the address
+EPT_PML4_SHIFT = 39                          # bits 47:39 select the PML4 entry
 
 # Extended-page-table pointer. See: SDM Vol. 3C 25.6.11.
 EPTP_MEMORY_TYPE_MASK = 0x7

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from asm import AsmError, assemble_file
 from guests import elf
+from hypervisors import guest_abi
 from hypervisors.boot import GuestImage
 from hypervisors.memory_map import DEFAULT_GUEST_MEMORY, GUEST_LOAD_ADDRESS
 
@@ -26,7 +27,8 @@ def builtin_names() -> list[str]:
 @lru_cache(maxsize=None)
 def builtin_image(name: str) -> bytes:
     try:
-        return assemble_file(BUILTIN_DIRECTORY / f"{name}.s", GUEST_LOAD_ADDRESS).code
+        return assemble_file(BUILTIN_DIRECTORY / f"{name}.s", GUEST_LOAD_ADDRESS,
+                             constants=guest_abi.constants()).code
     except AsmError as error:   # a broken built-in guest is a bug of ours; say where
         raise GuestSpecError(f"built-in guest {name!r} does not assemble: {error}") from None
 

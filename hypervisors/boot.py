@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from emu.machine import Machine
-from hypervisors import build, layouts
+from hypervisors import build, guest_abi, layouts
 from hypervisors.memory_map import (
     BOOT_INFO_ADDRESS, DEFAULT_GUEST_MEMORY, FREE_BASE, GUEST_LOAD_ADDRESS, GUEST_STAGING_BASE,
     GUEST_STAGING_END, GUEST_VP_STACK_SIZE, HEAP_BASE, HEAP_SIZE, HYPERVISOR_BASE, HYPERVISOR_MAX_SIZE,
@@ -15,6 +15,11 @@ FIRMWARE_STACK_TOP = 0x8000            # below the boot info; the hypervisor set
 FIRMWARE_STACK_SIZE = 0x100
 ENTRY_SYMBOL = "hv1_entry"
 MIN_RAM = 64 * MIB
+# What one partition's full map quota takes from free memory: its pages, the EPT page directory and
+# page tables of its window, and the page records of the frames they come from (one page in 512).
+_MAP_WINDOW_TABLE_PAGES = 1 + guest_abi.MAP_WINDOW_SIZE // LARGE_PAGE_SIZE
+_QUOTA_POOL_PAGES = guest_abi.MAP_QUOTA_PAGES + _MAP_WINDOW_TABLE_PAGES
+MAP_POOL_PER_GUEST = (_QUOTA_POOL_PAGES + -(-_QUOTA_POOL_PAGES // (LARGE_PAGE_SIZE // PAGE_SIZE - 1))) * PAGE_SIZE
 
 
 class BootError(ValueError):
@@ -56,6 +61,9 @@ def _check(guests: tuple[GuestImage, ...], lps: int) -> None:
     for guest in guests:
         if guest.memory_size % LARGE_PAGE_SIZE or guest.memory_size < 4 * MIB:
             raise BootError(f"guest {guest.name}: memory must be a multiple of 2 MiB, at least 4 MiB")
+        if guest.memory_size > guest_abi.MAP_WINDOW_BASE:
+            raise BootError(f"guest {guest.name}: at most {guest_abi.MAP_WINDOW_BASE // MIB} MiB "
+                            "(the map window lies above guest RAM)")
         if not 1 <= guest.vp_count:
             raise BootError(f"guest {guest.name}: at least one VP")
         stacks = guest.vp_count * GUEST_VP_STACK_SIZE
@@ -75,7 +83,9 @@ def boot(guests: list[GuestImage] | tuple[GuestImage, ...], *, hypervisor: str =
     if len(image.code) > HYPERVISOR_MAX_SIZE:
         raise BootError(f"{hypervisor} image of {len(image.code)} bytes is larger than {HYPERVISOR_MAX_SIZE}")
     needed = FREE_BASE + sum(guest.memory_size for guest in guests)
-    ram = ram_size if ram_size is not None else max(MIN_RAM, -(-needed // LARGE_PAGE_SIZE) * LARGE_PAGE_SIZE)
+    # By default every guest has room for its whole map quota (RAM is only committed where written).
+    with_pool = needed + len(guests) * MAP_POOL_PER_GUEST
+    ram = ram_size if ram_size is not None else max(MIN_RAM, -(-with_pool // LARGE_PAGE_SIZE) * LARGE_PAGE_SIZE)
     if ram < needed:
         raise BootError(f"--ram {ram // MIB} MiB is too small: the guests need {needed // MIB} MiB in all")
     machine = Machine(ram_size=ram, lps=lps, record_events=record_events, fast_transitions=fast_transitions)

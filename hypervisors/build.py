@@ -8,7 +8,7 @@ from pathlib import Path
 from asm import Image, assemble_file, merge_constants
 from emu import devices, vmcs_fields, vmx_defs
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES
-from hypervisors import invariants, layouts, memory_map
+from hypervisors import guest_abi, invariants, layouts, memory_map
 
 HERE = Path(__file__).resolve().parent
 HYPERVISORS = {"hv1": HERE / "hv1" / "hv1.s"}
@@ -21,6 +21,7 @@ _ENUM_PREFIXES = {
     vmx_defs.EntryControls: "ENTRY_CTL", vmx_defs.ExitReason: "EXIT_REASON", vmx_defs.Cr0: "CR0",
     vmx_defs.Cr4: "CR4", vmx_defs.Efer: "EFER", vmx_defs.ExceptionVector: "VECTOR",
     vmx_defs.InterruptionType: "INTR_TYPE", vmx_defs.MemoryType: "MEMORY_TYPE", vmx_defs.Rflags: "RFLAGS",
+    vmx_defs.InveptType: "INVEPT_TYPE",
 }
 _DEVICE_PORTS = ("COM1_BASE", "DEBUG_EXIT_PORT", "CLOCK_LOW_PORT", "CLOCK_HIGH_PORT", "LP_ID_PORT",
                  "LP_COUNT_PORT", "CONSOLE_CHANNEL_PORT")
@@ -51,6 +52,7 @@ def constants() -> dict[str, int]:
         {"UART_LSR": devices.UART_LSR, "LSR_READY": devices.LSR_THR_EMPTY | devices.LSR_TRANSMITTER_EMPTY},
         memory_map.constants(),
         invariants.constants(),
+        guest_abi.constants(),
         {"HV1_QUANTUM": HV1_QUANTUM},
         {"VMCS_REVISION": caps.vmcs_revision_id,
          "PIN_MUST_BE_ONE": caps.pin_based.must_be_one, "PROC_MUST_BE_ONE": caps.primary_processor.must_be_one,

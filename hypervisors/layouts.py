@@ -33,6 +33,8 @@ HV1_PARTITION = Struct("hv1_partition", [
     ("memory", 8), ("memory_size", 8),            # host-physical base and size of guest RAM
     ("eptp", 8),
     ("vps_done", 4), ("channel", 4),              # VPs that finished; console channel of its COM1
+    ("number", 4),                                # its place in the partition table (boot order)
+    ("mapped_pages", 4),                          # pages it has mapped by hypercall (map window)
 ])
 
 # hv1's virtual processor: where it runs and the guest registers a VM exit hands over.
@@ -49,6 +51,26 @@ HV1_VP = Struct("hv1_vp", [
     ("r8", 8), ("r9", 8), ("r10", 8), ("r11", 8), ("r12", 8), ("r13", 8), ("r14", 8), ("r15", 8),
 ])
 
+# hv1's page-ownership database: which host page belongs to whom (docs/hv1.md). One HV1_FRAME per
+# 2 MiB of RAM, in the array at hv1's `frame_table`; a frame whose 4 KiB pages have owners of their
+# own (pages mapped by hypercall, the EPT tables that map them) is *split* and has 512 HV1_PAGE records.
+HV1_FRAME = Struct("hv1_frame", [
+    ("owner", 4),                                 # an OWNER_* value
+    ("free_pages", 2),                            # of a split frame: its pages owned by nobody
+    ("first_free", 2),                            # of a split frame: no page below this one is free
+    ("pages", 8),                                 # of a split frame: host address of its HV1_PAGE records
+])
+
+HV1_PAGE = Struct("hv1_page", [
+    ("owner", 4),                                 # an OWNER_* value, never OWNER_SPLIT
+    ("guest_frame", 4),                           # a partition's page: guest-physical address >> 12
+])
+
+OWNER_FREE = 0
+OWNER_PARTITION_BASE = 1      # partition number n owns what says n + OWNER_PARTITION_BASE
+OWNER_SPLIT = 0xFFFF_FFFE     # a frame whose pages have their own HV1_PAGE records
+OWNER_HYPERVISOR = 0xFFFF_FFFF
+
 # Partition states (HV1_PARTITION.state) and how a stopped one ended (stop_reason).
 PARTITION_RUNNING = 1
 PARTITION_EXITED = 2          # the guest wrote its exit code to port 0xF4
@@ -57,6 +79,6 @@ PARTITION_STOP_ENTRY_FAILED = 0xFFFF_FFFF   # stop_reason when VMLAUNCH/VMRESUME
 VP_RUNNABLE = 1
 VP_DONE = 2
 
-LAYOUTS = (BOOT_INFO, GUEST_DESCRIPTOR, HV1_PARTITION, HV1_VP)
+LAYOUTS = (BOOT_INFO, GUEST_DESCRIPTOR, HV1_PARTITION, HV1_VP, HV1_FRAME, HV1_PAGE)
 STATES = {name: value for name, value in globals().items()
-          if name.startswith(("PARTITION_", "VP_")) and isinstance(value, int)}
+          if name.startswith(("PARTITION_", "VP_", "OWNER_")) and isinstance(value, int)}

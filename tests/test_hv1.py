@@ -41,7 +41,7 @@ def test_hello_prints_and_exits():
     assert document["machine_stop"]["reason"] == "debug-exit"
     assert guest(document, "hello") == {"name": "hello", "vps": 1, "memory": 64 * MIB,
                                         "console": "hello from VP 0\n", "exit_code": 0, "state": "exited",
-                                        "stop_reason": None}
+                                        "stop_reason": None, "mapped_pages": 0}
 
 
 def test_sieve_counts_the_primes_python_counts():
@@ -71,7 +71,7 @@ def test_hostile_guest_is_contained():
     together = run("hello", "hostile", "sieve", lps=2)
     hostile = guest(together, "hostile")
     assert hostile["state"] == "stopped" and hostile["stop_reason"] == "EPT_VIOLATION"
-    assert hostile["console"] == "UD UD "            # VMXON and VMCALLR came back as #UD
+    assert hostile["console"] == "UD UD mapped "     # VMXON and VMCALLR came back as #UD; it mapped a page
     for name in ("hello", "sieve"):
         assert guest(together, name) == guest(alone, name)
     assert together["exits_by_reason"]["VMXON"] == 1 and together["exits_by_reason"]["VMCALLR"] == 1

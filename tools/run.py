@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from emu.vmx_defs import EXIT_REASON_BASIC_MASK, ExitReason
 from guests import catalog
-from hypervisors import layouts
+from hypervisors import hv1_memory, layouts
 from hypervisors.boot import boot
 
 DEFAULT_INSTRUCTION_LIMIT = 2_000_000_000
@@ -47,8 +47,10 @@ def run(hypervisor: str, guest_specs: list[str], *, lps: int = 1, ram_size: int 
             "exit_code": partition["exit_code"] if state == "exited" else None,
             "state": state,
             "stop_reason": reason_name(partition["stop_reason"]) if state == "stopped" else None,
+            "mapped_pages": partition["mapped_pages"],
         })
     statistics = booted.machine.statistics()
+    host_pages = hv1_memory.read(booted).owned_pages()
     document = {
         "schema": JSON_SCHEMA_VERSION,
         "hypervisor": hypervisor, "lps": lps, "ram": booted.machine.ram.size,
@@ -59,6 +61,7 @@ def run(hypervisor: str, guest_specs: list[str], *, lps: int = 1, ram_size: int 
         "instructions": result.instructions, "virtual_time": result.virtual_time,
         "exits_by_reason": {reason_name(reason): count for reason, count in statistics["exits_by_reason"].items()},
         "instructions_by_lp": statistics["instructions_by_lp"],
+        "host_pages": dict(sorted(host_pages.items())),
     }
     return RunReport(document, seconds)
 
@@ -84,4 +87,6 @@ def text(report: RunReport) -> str:
         lines.append(stop["report"])
     exits = ", ".join(f"{name} {count}" for name, count in sorted(doc["exits_by_reason"].items()))
     lines.append(f"VM exits: {exits}")
+    pages = ", ".join(f"{owner} {count}" for owner, count in doc["host_pages"].items())
+    lines.append(f"host pages (4 KiB) by owner: {pages}")
     return "\n".join(lines)

@@ -4,9 +4,6 @@
 ; virtual time passed), that ticks falling due while interrupts are off wait for STI and come as
 ; one, and that stopping the timer withdraws a waiting tick. Prints what it saw; exit code 0, or 1 if a check failed.
 %define EXIT_PORT 0xF4
-%define HC_CLOCK 2
-%define HC_SET_TIMER 4
-%define EINVAL -22
 %define TIMER_VECTOR 0x40
 %define TIMER_PERIOD 10000
 %define TOO_SHORT_PERIOD 10

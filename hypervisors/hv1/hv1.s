@@ -8,19 +8,9 @@
 ; Registers the code keeps: r15 = this LP's index, rbp = the current VP's record (HV1_VP).
 ; All structure offsets, VMCS encodings and VMX bits are constants generated from Python.
 
-%define EINVAL (-22)                         ; hypercall errors, as negative values in RAX
-%define ENOSYS (-38)
-%define HC_VERSION 0                         ; hypercall numbers (docs/hv1.md)
-%define HC_YIELD 1
-%define HC_CLOCK 2
-%define HC_CONSOLE_WRITE 3
-%define HC_SET_TIMER 4
-%define TIMER_MIN_PERIOD 1000                ; shorter periods would leave a guest nothing but ticks
-%define FIRST_INTERRUPT_VECTOR 32
-%define LAST_INTERRUPT_VECTOR 255
+; Hypercall numbers (HC_*), their errors (EINVAL ...) and limits come from hypervisors/guest_abi.py.
 %define NO_DEADLINE -1                       ; larger than any deadline (unsigned)
 %define BLOCKING_BY_STI_OR_MOV_SS 3          ; interruptibility-state bits 1:0 (SDM Vol. 3C 25.4.2)
-%define CONSOLE_WRITE_MAX 4096
 %define LP_INDEX_SLOT 8                      ; the LP index lives in the top qword of its stack
 %define HOST_STACK_OFFSET 16                 ; HOST_RSP = stack top - 16
 %define SAVED_GPRS 15
@@ -29,8 +19,13 @@
 %define PTE_LARGE 0x83
 %define EPT_RWX 0x7
 %define EPT_LARGE (EPT_RWX | (MEMORY_TYPE_WB << 3) | 0x80)
+%define EPT_PAGE (EPT_RWX | (MEMORY_TYPE_WB << 3))  ; a 4 KiB page of the map window
 %define EPTP_VALUE_FLAGS (MEMORY_TYPE_WB | (3 << 3))
+%define PAGE_SHIFT 12
+%define FRAME_SHIFT 21                       ; the ownership database's frames are 2 MiB
+%define PAGES_PER_FRAME 512
 %define GIB 0x40000000
+%define GIB_SHIFT 30
 %define ENTRIES_PER_TABLE 512
 %define GATE_COUNT 32
 %define GATE_BYTES 16
@@ -147,23 +142,400 @@ enable_vmx:
     jbe panic
     ret
 
-; --- memory for the hypervisor's own structures: 4 KiB pages, bump-allocated, zero (RAM starts zero)
-; rax = a fresh page
-alloc_page:
+; --- memory for the hypervisor's own structures: 4 KiB pages bump-allocated from the heap, zero
+; (RAM starts zero). rcx = page count: rax = the first page. Clobbers rbx.
+alloc_pages:
     mov rax, [rip + heap_next]
     test rax, rax
-    jnz alloc_page.have
-    mov rax, HEAP_BASE + MAX_LPS * LP_STACK_SIZE + MAX_LPS * 4096
-alloc_page.have:
-    lea rbx, [rax + 4096]
+    jnz alloc_pages.have
+    mov rax, HEAP_BASE + MAX_LPS * LP_STACK_SIZE + MAX_LPS * PAGE_SIZE
+alloc_pages.have:
+    mov rbx, rcx
+    shl rbx, PAGE_SHIFT
+    add rbx, rax
+    push rcx
     mov rcx, HEAP_BASE + HEAP_SIZE
     cmp rbx, rcx
+    pop rcx
     ja panic
     mov [rip + heap_next], rbx
     ret
 
+; rax = one fresh page. Clobbers rbx.
+alloc_page:
+    push rcx
+    mov ecx, 1
+    call alloc_pages
+    pop rcx
+    ret
+
+; --- the page-ownership database (docs/hv1.md) -----------------------------------------------------
+; One HV1_FRAME per 2 MiB of RAM, owner OWNER_FREE (zero) until someone takes it. The frames below
+; free memory (firmware, hypervisor image, guest staging, heap) are the hypervisor's.
+init_ownership:
+    mov rax, [rip + boot_info]
+    mov rcx, [rax + BOOT_INFO_RAM_SIZE]
+    shr rcx, FRAME_SHIFT
+    mov [rip + frame_count], rcx
+    imul rcx, rcx, HV1_FRAME_SIZE
+    add rcx, PAGE_SIZE - 1
+    shr rcx, PAGE_SHIFT                      ; pages the table takes
+    call alloc_pages
+    mov [rip + frame_table], rax
+    mov rdx, [rip + boot_info]
+    test qword ptr [rdx + BOOT_INFO_FREE_BASE], LARGE_PAGE_SIZE - 1
+    jnz panic                                ; free memory must start on a frame
+    mov rdx, [rdx + BOOT_INFO_FREE_BASE]
+    mov ecx, OWNER_HYPERVISOR
+    xor eax, eax                             ; from host address 0 up to free memory
+    ; fall through: those frames are the hypervisor's
+
+; rax = a host address on a frame boundary, rdx = bytes (whole frames), ecx = owner: those frames
+; now say so. Clobbers rax, rdx.
+set_frames_owner:
+    shr rax, FRAME_SHIFT
+    imul rax, rax, HV1_FRAME_SIZE
+    add rax, [rip + frame_table]
+    shr rdx, FRAME_SHIFT
+set_frames_owner.frame:
+    test rdx, rdx
+    jz set_frames_owner.done
+    mov [rax + HV1_FRAME_OWNER], ecx
+    add rax, HV1_FRAME_SIZE
+    dec rdx
+    jmp set_frames_owner.frame
+set_frames_owner.done:
+    ret
+
+; --- the map pool: 4 KiB pages for hypercall maps and the EPT tables that map them ------------------
+; Pages come from split frames: free frames taken from the top of RAM down (partition RAM grows from
+; the bottom up), each keeping its 512 HV1_PAGE records in its own first page. Everything here runs
+; with memory_lock held.
+
+; edx = the owner: rax = a zeroed page it now owns, rdi = its HV1_PAGE record, CF = 0; CF = 1 when
+; free memory is used up. Preserves the other registers.
+alloc_pool_page:
+    push rbx
+    push rcx
+    push rdx
+    push rsi
+    mov rsi, [rip + pool_frame]              ; the split frame pages were taken from last
+    test rsi, rsi
+    jz alloc_pool_page.find_split
+    cmp word ptr [rsi + HV1_FRAME_FREE_PAGES], 0
+    jne alloc_pool_page.take
+alloc_pool_page.find_split:                  ; a split frame with a page freed since
+    mov rsi, [rip + frame_table]
+    mov rcx, [rip + frame_count]
+alloc_pool_page.split_frame:
+    cmp dword ptr [rsi + HV1_FRAME_OWNER], OWNER_SPLIT
+    jne alloc_pool_page.not_split
+    cmp word ptr [rsi + HV1_FRAME_FREE_PAGES], 0
+    jne alloc_pool_page.found
+alloc_pool_page.not_split:
+    add rsi, HV1_FRAME_SIZE
+    dec rcx
+    jnz alloc_pool_page.split_frame
+    mov rcx, [rip + frame_count]             ; none: split the highest free frame
+    imul rsi, rcx, HV1_FRAME_SIZE
+    add rsi, [rip + frame_table]
+alloc_pool_page.free_frame:
+    sub rsi, HV1_FRAME_SIZE
+    cmp dword ptr [rsi + HV1_FRAME_OWNER], OWNER_FREE
+    je alloc_pool_page.split
+    dec rcx
+    jnz alloc_pool_page.free_frame
+    stc                                      ; no free frame left
+    jmp alloc_pool_page.done
+alloc_pool_page.split:
+    call frame_address                       ; rax = the frame's host address
+    mov rdi, rax
+    push rax
+    mov ecx, PAGE_SIZE / 8
+    xor eax, eax
+    cld
+    rep stosq                                ; its records start as free (the frame held anything)
+    pop rax
+    mov dword ptr [rax + HV1_PAGE_OWNER], OWNER_HYPERVISOR  ; the records' own page
+    mov [rsi + HV1_FRAME_PAGES], rax
+    mov word ptr [rsi + HV1_FRAME_FREE_PAGES], PAGES_PER_FRAME - 1
+    mov word ptr [rsi + HV1_FRAME_FIRST_FREE], 1
+    mov dword ptr [rsi + HV1_FRAME_OWNER], OWNER_SPLIT
+alloc_pool_page.found:
+    mov [rip + pool_frame], rsi
+alloc_pool_page.take:
+    movzx ecx, word ptr [rsi + HV1_FRAME_FIRST_FREE]  ; page number in the frame: search from here
+    imul rdi, rcx, HV1_PAGE_SIZE
+    add rdi, [rsi + HV1_FRAME_PAGES]
+alloc_pool_page.record:
+    cmp dword ptr [rdi + HV1_PAGE_OWNER], OWNER_FREE
+    je alloc_pool_page.claim
+    add rdi, HV1_PAGE_SIZE
+    inc ecx
+    cmp ecx, PAGES_PER_FRAME
+    jb alloc_pool_page.record
+    jmp panic                                ; free_pages said there was one: the database is broken
+alloc_pool_page.claim:
+    mov [rdi + HV1_PAGE_OWNER], edx
+    mov dword ptr [rdi + HV1_PAGE_GUEST_FRAME], 0
+    dec word ptr [rsi + HV1_FRAME_FREE_PAGES]
+    lea ebx, [rcx + 1]
+    mov [rsi + HV1_FRAME_FIRST_FREE], bx
+    call frame_address
+    shl rcx, PAGE_SHIFT
+    add rax, rcx                             ; the page
+    push rdi
+    push rax
+    mov rdi, rax
+    mov ecx, PAGE_SIZE / 8
+    xor eax, eax
+    cld
+    rep stosq                                ; zero: nothing of its last owner shows through
+    pop rax
+    pop rdi
+    clc
+alloc_pool_page.done:
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rbx
+    ret
+
+; rsi = an HV1_FRAME record: rax = the host address of its frame.
+frame_address:
+    push rbx
+    push rdx
+    mov rax, rsi
+    sub rax, [rip + frame_table]
+    xor edx, edx
+    mov ebx, HV1_FRAME_SIZE
+    div rbx
+    shl rax, FRAME_SHIFT
+    pop rdx
+    pop rbx
+    ret
+
+; rax = a page of a split frame: it is free again. Clobbers rcx, rdx.
+free_pool_page:
+    mov rcx, rax
+    shr rcx, FRAME_SHIFT
+    cmp rcx, [rip + frame_count]
+    jae panic
+    imul rcx, rcx, HV1_FRAME_SIZE
+    add rcx, [rip + frame_table]
+    cmp dword ptr [rcx + HV1_FRAME_OWNER], OWNER_SPLIT
+    jne panic                                ; not a pool page: the EPT or the database is broken
+    mov rdx, rax
+    shr rdx, PAGE_SHIFT
+    and rdx, PAGES_PER_FRAME - 1             ; the page's number in its frame
+    cmp dx, [rcx + HV1_FRAME_FIRST_FREE]
+    jae free_pool_page.record
+    mov [rcx + HV1_FRAME_FIRST_FREE], dx     ; the lowest free page now
+free_pool_page.record:
+    imul rdx, rdx, HV1_PAGE_SIZE
+    add rdx, [rcx + HV1_FRAME_PAGES]
+    mov dword ptr [rdx + HV1_PAGE_OWNER], OWNER_FREE
+    mov dword ptr [rdx + HV1_PAGE_GUEST_FRAME], 0
+    inc word ptr [rcx + HV1_FRAME_FREE_PAGES]
+    ret
+
+; Serializes the map pool, the ownership database and the map windows' EPT across LPs.
+lock_memory:
+    lock bts qword ptr [rip + memory_lock], 0
+    jnc lock_memory.held
+lock_memory.wait:
+    pause
+    test qword ptr [rip + memory_lock], 1
+    jnz lock_memory.wait
+    jmp lock_memory
+lock_memory.held:
+    ret
+
+unlock_memory:
+    mov qword ptr [rip + memory_lock], 0
+    ret
+
+; --- the map window: EPT with 4 KiB pages (SDM Vol. 3C 29.3.2) -------------------------------------
+; rbx = partition, rsi = a page in its map window: rax = the address of the EPT entry that maps it,
+; CF = 0. With r10 = 1, tables missing on the way are made from the pool (the hypervisor's pages);
+; CF = 1 when a table is missing (r10 = 0) or cannot be made. Clobbers rcx, rdx, rdi, r8, r9.
+window_pte:
+    mov rax, [rbx + HV1_PARTITION_EPTP]
+    mov rcx, EPT_ADDRESS_MASK
+    and rax, rcx                             ; the PML4
+    mov ecx, EPT_PML4_SHIFT
+window_pte.level:
+    mov r8, rsi
+    shr r8, cl
+    and r8, ENTRIES_PER_TABLE - 1
+    lea r9, [rax + r8 * 8]                   ; the entry at this level
+    cmp ecx, PAGE_SHIFT
+    je window_pte.found
+    mov rax, [r9]
+    test rax, EPT_RWX
+    jnz window_pte.down
+    test r10, r10
+    jz window_pte.missing
+    mov edx, OWNER_HYPERVISOR
+    call alloc_pool_page                     ; a zeroed table
+    jc window_pte.missing
+    lea rdx, [rax + EPT_RWX]
+    mov [r9], rdx
+window_pte.down:
+    mov rdx, EPT_ADDRESS_MASK
+    and rax, rdx
+    sub ecx, EPT_LEVEL_BITS
+    jmp window_pte.level
+window_pte.found:
+    mov rax, r9
+    clc
+    ret
+window_pte.missing:
+    stc
+    ret
+
+; The map and unmap hypercalls' argument: rsi = the guest's RDI when it is a 4 KiB-aligned page of
+; the map window (CF = 0); otherwise CF = 1 and rax = EINVAL.
+window_argument:
+    mov rsi, [rbp + HV1_VP_RDI]
+    mov rax, EINVAL
+    test rsi, PAGE_SIZE - 1
+    jnz window_argument.bad
+    mov rcx, rsi
+    mov rdx, MAP_WINDOW_BASE
+    sub rcx, rdx
+    jb window_argument.bad
+    cmp rcx, MAP_WINDOW_SIZE
+    jae window_argument.bad
+    clc
+    ret
+window_argument.bad:
+    stc
+    ret
+
+; rbx = partition, rsi = a page of its map window: a zeroed pool page of the partition appears there.
+; rax = 0, EEXIST, or ENOMEM (quota or free memory used up).
+map_page:
+    mov rax, ENOMEM
+    cmp dword ptr [rbx + HV1_PARTITION_MAPPED_PAGES], MAP_QUOTA_PAGES
+    jae map_page.done
+    mov r10d, 1
+    call window_pte
+    jc map_page.no_memory
+    mov r11, rax                             ; the entry
+    mov rax, EEXIST
+    test qword ptr [r11], EPT_RWX
+    jnz map_page.done
+    mov edx, [rbx + HV1_PARTITION_NUMBER]
+    add edx, OWNER_PARTITION_BASE
+    call alloc_pool_page
+    jc map_page.no_memory
+    mov rcx, rsi
+    shr rcx, PAGE_SHIFT
+    mov [rdi + HV1_PAGE_GUEST_FRAME], ecx
+    or rax, EPT_PAGE
+    mov [r11], rax                           ; not present before: nothing cached to invalidate
+    inc dword ptr [rbx + HV1_PARTITION_MAPPED_PAGES]
+    xor eax, eax
+map_page.done:
+    ret
+map_page.no_memory:
+    mov rax, ENOMEM
+    ret
+
+; rbx = partition, rsi = a page of its map window: the page leaves the window and returns to the pool.
+; rax = 0, or ENOENT if nothing is mapped there.
+unmap_page:
+    xor r10d, r10d
+    call window_pte
+    jc unmap_page.not_mapped
+    mov r11, rax
+    mov rax, [r11]
+    test rax, EPT_RWX
+    jz unmap_page.not_mapped
+    mov qword ptr [r11], 0
+    call invalidate_partition_ept            ; no VP may use the page from here on
+    mov rcx, EPT_ADDRESS_MASK
+    and rax, rcx
+    call free_pool_page
+    dec dword ptr [rbx + HV1_PARTITION_MAPPED_PAGES]
+    xor eax, eax
+    ret
+unmap_page.not_mapped:
+    mov rax, ENOENT
+    ret
+
+; rbx = partition: INVEPT single-context for its EPTP. The machine drops that EPTP's cached
+; translations on every LP (docs/machine.md 7.10.5; SDM Vol. 3C 31.3). Preserves rax.
+invalidate_partition_ept:
+    push rax
+    push 0                                   ; the INVEPT descriptor: EPTP, then a reserved zero
+    push qword ptr [rbx + HV1_PARTITION_EPTP]
+    mov rax, INVEPT_TYPE_SINGLE_CONTEXT
+    invept rax, [rsp]
+    lea rsp, [rsp + 16]
+    jbe panic
+    pop rax
+    ret
+
+; rbx = a partition that has ended: its map window leaves its EPT, and every page under it (mapped
+; pages and the tables) returns to the pool. The window lies in one PDPT entry (guest_abi.py).
+; Clobbers rax, rcx, rdx, r8, r9, r12, r13, r14.
+release_map_window:
+    mov rax, [rbx + HV1_PARTITION_EPTP]
+    mov rcx, EPT_ADDRESS_MASK
+    and rax, rcx                             ; the PML4
+    mov rdx, MAP_WINDOW_BASE
+    shr rdx, EPT_PML4_SHIFT
+    and rdx, ENTRIES_PER_TABLE - 1
+    mov rax, [rax + rdx * 8]
+    test rax, EPT_RWX
+    jz release_map_window.done
+    and rax, rcx                             ; the PDPT
+    mov rdx, MAP_WINDOW_BASE
+    shr rdx, GIB_SHIFT
+    and rdx, ENTRIES_PER_TABLE - 1
+    lea r9, [rax + rdx * 8]
+    mov r8, [r9]
+    test r8, EPT_RWX
+    jz release_map_window.done
+    mov qword ptr [r9], 0
+    call invalidate_partition_ept            ; detached: no VP reaches the window any more
+    and r8, rcx                              ; the page directory
+    xor r12d, r12d
+release_map_window.directory_entry:
+    mov r13, [r8 + r12 * 8]
+    test r13, EPT_RWX
+    jz release_map_window.next_directory_entry
+    mov rcx, EPT_ADDRESS_MASK
+    and r13, rcx                             ; a page table
+    xor r14d, r14d
+release_map_window.table_entry:
+    mov rax, [r13 + r14 * 8]
+    test rax, EPT_RWX
+    jz release_map_window.next_table_entry
+    mov rcx, EPT_ADDRESS_MASK
+    and rax, rcx
+    call free_pool_page
+    dec dword ptr [rbx + HV1_PARTITION_MAPPED_PAGES]
+release_map_window.next_table_entry:
+    inc r14
+    cmp r14, ENTRIES_PER_TABLE
+    jb release_map_window.table_entry
+    mov rax, r13
+    call free_pool_page
+release_map_window.next_directory_entry:
+    inc r12
+    cmp r12, ENTRIES_PER_TABLE
+    jb release_map_window.directory_entry
+    mov rax, r8
+    call free_pool_page
+release_map_window.done:
+    ret
+
 ; --- partitions ------------------------------------------------------------------------------------
 create_partitions:
+    call init_ownership
     mov rax, [rip + boot_info]
     mov rbx, [rax + BOOT_INFO_FREE_BASE]
     mov [rip + free_next], rbx
@@ -203,6 +575,12 @@ create_partition:
     cmp rax, [rip + free_end]
     ja panic
     mov [rip + free_next], rax
+    mov rax, [rbp + HV1_PARTITION_MEMORY]    ; its frames are the partition's
+    mov rdx, [rbp + HV1_PARTITION_MEMORY_SIZE]
+    mov ecx, r12d
+    add ecx, OWNER_PARTITION_BASE
+    call set_frames_owner
+    mov [rbp + HV1_PARTITION_NUMBER], r12d
     mov dword ptr [rbp + HV1_PARTITION_STATE], PARTITION_RUNNING
     mov eax, r12d
     inc eax
@@ -238,11 +616,24 @@ build_guest_paging.gib:
     mov rax, rcx
     imul rax, rax, GIB
     cmp rax, [rbp + HV1_PARTITION_MEMORY_SIZE]
-    jae build_guest_paging.gdt
+    jae build_guest_paging.window
     or rax, PTE_LARGE
     mov [rdi + GUEST_PDPT + rcx * 8], rax
     inc rcx
     jmp build_guest_paging.gib
+build_guest_paging.window:                   ; the map window, identity too (docs/guests.md)
+    mov rax, MAP_WINDOW_BASE
+    mov rcx, rax
+    shr rcx, GIB_SHIFT                       ; its first PDPT entry (1 GiB each)
+    or rax, PTE_LARGE
+    mov rdx, MAP_WINDOW_SIZE / GIB
+build_guest_paging.window_gib:
+    mov [rdi + GUEST_PDPT + rcx * 8], rax
+    mov rbx, GIB
+    add rax, rbx
+    inc rcx
+    dec rdx
+    jnz build_guest_paging.window_gib
 build_guest_paging.gdt:
     mov rax, 0x00AF9B000000FFFF              ; 64-bit code
     mov [rdi + GUEST_GDT + GUEST_CODE_SELECTOR], rax
@@ -875,10 +1266,14 @@ exit_io.putc:
     jmp exit_io.done
 exit_io.exit_code:
     mov rsi, [rbp + HV1_VP_PARTITION]
+    mov eax, PARTITION_RUNNING
+    mov ecx, PARTITION_EXITED
+    lock cmpxchg [rsi + HV1_PARTITION_STATE], ecx
+    jne exit_io.ended_before                 ; another of its VPs ended it first
     movzx eax, byte ptr [rbp + HV1_VP_RAX]
     mov [rsi + HV1_PARTITION_EXIT_CODE], eax
-    mov dword ptr [rsi + HV1_PARTITION_STATE], PARTITION_EXITED
-    dec qword ptr [rip + running_partitions]
+    call partition_ended
+exit_io.ended_before:
     call advance_rip
     jmp schedule
 exit_io.in:
@@ -938,6 +1333,10 @@ exit_vmcall:
     je exit_vmcall.console_write
     cmp rax, HC_SET_TIMER
     je exit_vmcall.set_timer
+    cmp rax, HC_MAP_PAGE
+    je exit_vmcall.map_page
+    cmp rax, HC_UNMAP_PAGE
+    je exit_vmcall.unmap_page
     mov rax, ENOSYS
     jmp exit_vmcall.result
 exit_vmcall.version:
@@ -1005,6 +1404,20 @@ exit_vmcall.counted:
     call read_clock
     add rax, rdi
     mov [rbp + HV1_VP_TIMER_DEADLINE], rax
+    jmp exit_vmcall.written
+exit_vmcall.map_page:
+    lea r12, [rip + map_page]
+    jmp exit_vmcall.window
+exit_vmcall.unmap_page:
+    lea r12, [rip + unmap_page]
+exit_vmcall.window:                          ; r12 = map_page or unmap_page
+    call window_argument
+    jc exit_vmcall.result
+    mov rbx, [rbp + HV1_VP_PARTITION]
+    call lock_memory
+    call r12
+    call unlock_memory
+    jmp exit_vmcall.result
 exit_vmcall.written:
     xor eax, eax
 exit_vmcall.result:
@@ -1015,12 +1428,23 @@ exit_vmcall.result:
 ; rbp = VP, ebx = why: its partition stops for good; the LP goes on with other VPs.
 stop_partition:
     mov rsi, [rbp + HV1_VP_PARTITION]
-    cmp dword ptr [rsi + HV1_PARTITION_STATE], PARTITION_RUNNING
-    jne schedule
+    mov eax, PARTITION_RUNNING
+    mov ecx, PARTITION_STOPPED
+    lock cmpxchg [rsi + HV1_PARTITION_STATE], ecx
+    jne schedule                             ; it had ended already (another of its VPs, another LP)
     mov [rsi + HV1_PARTITION_STOP_REASON], ebx
-    mov dword ptr [rsi + HV1_PARTITION_STATE], PARTITION_STOPPED
-    dec qword ptr [rip + running_partitions]
+    call partition_ended
     jmp schedule
+
+; rsi = a partition that has just left PARTITION_RUNNING: one partition fewer runs, and the pages of
+; its map window go back to the pool.
+partition_ended:
+    lock dec qword ptr [rip + running_partitions]
+    mov rbx, rsi
+    call lock_memory
+    call release_map_window
+    call unlock_memory
+    ret
 
 ; --- failures of the hypervisor itself --------------------------------------------------------------
 panic_interrupt:
@@ -1074,6 +1498,10 @@ boot_done: .quad 0
 heap_next: .quad 0
 free_next: .quad 0
 free_end: .quad 0
+frame_table: .quad 0                         ; the page-ownership database: HV1_FRAME records
+frame_count: .quad 0
+pool_frame: .quad 0                          ; the split frame the map pool took a page from last
+memory_lock: .quad 0                         ; bit 0: held (lock_memory)
 partition_count: .quad 0
 running_partitions: .quad 0
 vp_total: .quad 0

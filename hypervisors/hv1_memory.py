@@ -1,0 +1,149 @@
+"""Reads hv1's page-ownership database and map-window EPT out of RAM, and checks that they agree (tests, tools)."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from emu.vmx_defs import EPT_ADDRESS_MASK, EPT_LEVEL_BITS, EPT_PML4_SHIFT, EPT_RWX_MASK, PAGE_SIZE
+from hypervisors import build, guest_abi, layouts
+from hypervisors.memory_map import LARGE_PAGE_SIZE
+
+PAGES_PER_FRAME = LARGE_PAGE_SIZE // PAGE_SIZE
+ENTRY_BYTES = 8
+ENTRIES_PER_TABLE = 1 << EPT_LEVEL_BITS
+PAGE_SHIFT = 12
+
+
+def owner_name(owner: int) -> str:
+    """`free`, `hypervisor`, `split` or `partition N` for an OWNER_* value."""
+    names = {layouts.OWNER_FREE: "free", layouts.OWNER_HYPERVISOR: "hypervisor", layouts.OWNER_SPLIT: "split"}
+    return names.get(owner, f"partition {owner - layouts.OWNER_PARTITION_BASE}")
+
+
+@dataclass
+class MemoryState:
+    """Who owns each host page, and what each partition's map window maps."""
+
+    frame_owners: list[int]                                     # per 2 MiB frame (OWNER_SPLIT if split)
+    page_owners: dict[int, tuple[int, int]]                     # host page of a split frame: (owner, guest frame)
+    split_free_counts: dict[int, tuple[int, int]]               # split frame: (free_pages, first_free) as recorded
+    windows: dict[int, dict[int, int]] = field(default_factory=dict)        # partition: {gpa: host page}
+    window_tables: dict[int, list[int]] = field(default_factory=dict)       # partition: host pages of its tables
+    mapped_counts: dict[int, int] = field(default_factory=dict)             # partition: mapped_pages field
+
+    def owned_pages(self) -> Counter:
+        """4 KiB pages by owner name over all of RAM (a whole frame counts 512)."""
+        counts: Counter = Counter()
+        for owner in self.frame_owners:
+            if owner != layouts.OWNER_SPLIT:
+                counts[owner_name(owner)] += PAGES_PER_FRAME
+        for owner, _ in self.page_owners.values():
+            counts[owner_name(owner)] += 1
+        return counts
+
+
+def _qword(ram, address: int) -> int:
+    return int.from_bytes(ram.read(address, ENTRY_BYTES), "little")
+
+
+def _present(entry: int) -> bool:
+    return bool(entry & EPT_RWX_MASK)
+
+
+def _window(ram, eptp: int) -> tuple[dict[int, int], list[int]]:
+    """The map window's leaves {gpa: host page} and the tables under its PDPT entry."""
+    leaves: dict[int, int] = {}
+    tables: list[int] = []
+    table = eptp & EPT_ADDRESS_MASK
+    shift = EPT_PML4_SHIFT
+    base = guest_abi.MAP_WINDOW_BASE
+    for _ in range(2):   # PML4, then PDPT: down to the window's page directory
+        entry = _qword(ram, table + ((base >> shift) & (ENTRIES_PER_TABLE - 1)) * ENTRY_BYTES)
+        if not _present(entry):
+            return leaves, tables
+        table = entry & EPT_ADDRESS_MASK
+        shift -= EPT_LEVEL_BITS
+    directory = table
+    tables.append(directory)
+    directory_entries = ram.read(directory, PAGE_SIZE)
+    for pd_index in range(ENTRIES_PER_TABLE):
+        pd_entry = int.from_bytes(directory_entries[pd_index * ENTRY_BYTES:(pd_index + 1) * ENTRY_BYTES], "little")
+        if not _present(pd_entry):
+            continue
+        page_table = pd_entry & EPT_ADDRESS_MASK
+        tables.append(page_table)
+        entries = ram.read(page_table, PAGE_SIZE)
+        for pt_index in range(ENTRIES_PER_TABLE):
+            leaf = int.from_bytes(entries[pt_index * ENTRY_BYTES:(pt_index + 1) * ENTRY_BYTES], "little")
+            if _present(leaf):
+                gpa = base + ((pd_index * ENTRIES_PER_TABLE + pt_index) << PAGE_SHIFT)
+                leaves[gpa] = leaf & EPT_ADDRESS_MASK
+    return leaves, tables
+
+
+def lock_held(booted) -> bool:
+    """hv1's memory_lock: while an LP holds it, the database and the windows may disagree for a moment."""
+    return bool(_qword(booted.machine.ram, build.image(booted.hypervisor).symbol("memory_lock")))
+
+
+def read(booted) -> MemoryState:
+    """hv1's memory state in a booted machine (hypervisors.boot.Booted), read from RAM."""
+    image = build.image(booted.hypervisor)
+    ram = booted.machine.ram
+    frame_table = _qword(ram, image.symbol("frame_table"))
+    frame_count = _qword(ram, image.symbol("frame_count"))
+    frame_bytes = ram.read(frame_table, frame_count * layouts.HV1_FRAME.size)
+    frame_owners, page_owners, free_counts = [], {}, {}
+    for number in range(frame_count):
+        frame = layouts.HV1_FRAME.unpack(frame_bytes[number * layouts.HV1_FRAME.size:
+                                                     (number + 1) * layouts.HV1_FRAME.size])
+        frame_owners.append(frame["owner"])
+        if frame["owner"] != layouts.OWNER_SPLIT:
+            continue
+        free_counts[number] = (frame["free_pages"], frame["first_free"])
+        records = ram.read(frame["pages"], PAGES_PER_FRAME * layouts.HV1_PAGE.size)
+        for index in range(PAGES_PER_FRAME):
+            record = layouts.HV1_PAGE.unpack(records[index * layouts.HV1_PAGE.size:(index + 1) * layouts.HV1_PAGE.size])
+            page_owners[number * LARGE_PAGE_SIZE + index * PAGE_SIZE] = (record["owner"], record["guest_frame"])
+    state = MemoryState(frame_owners, page_owners, free_counts)
+    for number, partition in enumerate(booted.partitions()):
+        state.windows[number], state.window_tables[number] = _window(ram, partition["eptp"])
+        state.mapped_counts[number] = partition["mapped_pages"]
+    return state
+
+
+def problems(state: MemoryState) -> list[str]:
+    """Every disagreement between the database, the map windows and the partition records ([] if none)."""
+    found = []
+    referenced: Counter = Counter()
+    for partition, window in state.windows.items():
+        owner = partition + layouts.OWNER_PARTITION_BASE
+        if len(window) != state.mapped_counts[partition]:
+            found.append(f"partition {partition}: {len(window)} pages in its window, "
+                         f"record says {state.mapped_counts[partition]}")
+        for gpa, page in window.items():
+            referenced[page] += 1
+            record = state.page_owners.get(page)
+            if record is None:
+                found.append(f"partition {partition}: {gpa:#x} maps {page:#x}, which is not a pool page")
+            elif record != (owner, gpa >> PAGE_SHIFT):
+                found.append(f"partition {partition}: {gpa:#x} maps {page:#x}, recorded as "
+                             f"{owner_name(record[0])} at guest frame {record[1]:#x}")
+        for table in state.window_tables[partition]:
+            referenced[table] += 1
+            if state.page_owners.get(table, (None,))[0] != layouts.OWNER_HYPERVISOR:
+                found.append(f"partition {partition}: EPT table {table:#x} is not a hypervisor page of the pool")
+    found += [f"host page {page:#x} is referenced {count} times" for page, count in referenced.items() if count > 1]
+    for page, (owner, _) in state.page_owners.items():
+        is_records_page = page % LARGE_PAGE_SIZE == 0
+        if owner not in (layouts.OWNER_FREE,) and not is_records_page and page not in referenced:
+            found.append(f"host page {page:#x} is owned by {owner_name(owner)} but nothing maps it")
+        if is_records_page and owner != layouts.OWNER_HYPERVISOR:
+            found.append(f"records page {page:#x} is owned by {owner_name(owner)}")
+    for frame, (free_pages, first_free) in state.split_free_counts.items():
+        owners = [state.page_owners[frame * LARGE_PAGE_SIZE + index * PAGE_SIZE][0] for index in range(PAGES_PER_FRAME)]
+        if owners.count(layouts.OWNER_FREE) != free_pages:
+            found.append(f"frame {frame}: {owners.count(layouts.OWNER_FREE)} free pages, record says {free_pages}")
+        if layouts.OWNER_FREE in owners[:first_free]:
+            found.append(f"frame {frame}: a page below first_free {first_free} is free")
+    return found
