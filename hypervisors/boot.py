@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from emu import devices
 from emu.machine import Machine
 from hypervisors import build, guest_abi, layouts
 from hypervisors.memory_map import (
@@ -107,7 +108,7 @@ def boot(guests: list[GuestImage] | tuple[GuestImage, ...], *, hypervisor: str =
     machine.load(BOOT_INFO_ADDRESS, layouts.BOOT_INFO.pack(
         magic=layouts.BOOT_INFO_MAGIC, version=layouts.BOOT_PROTOCOL_VERSION, lp_count=lps, ram_size=ram,
         heap_base=HEAP_BASE, heap_size=HEAP_SIZE, free_base=FREE_BASE, free_size=ram - FREE_BASE,
-        guest_count=len(guests), guests=descriptors_address))
+        guest_count=len(guests), doorbell_port=devices.DOORBELL_STATUS_PORT, guests=descriptors_address))
     stacks = [FIRMWARE_STACK_TOP - lp * FIRMWARE_STACK_SIZE for lp in range(lps)]
     machine.start(image.symbol(ENTRY_SYMBOL), stacks, argument=BOOT_INFO_ADDRESS)
     return Booted(machine, hypervisor, guests)

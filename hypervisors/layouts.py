@@ -14,7 +14,8 @@ BOOT_INFO = Struct("boot_info", [
     ("ram_size", 8),
     ("heap_base", 8), ("heap_size", 8),           # host memory reserved for the hypervisor's data
     ("free_base", 8), ("free_size", 8),           # host memory for partitions
-    ("guest_count", 4), ("_pad0", 4),
+    ("guest_count", 4),
+    ("doorbell_port", 4),                         # where an operator's requests arrive (docs/machine.md 6.8)
     ("guests", 8),                                # host-physical address of the guest descriptors
 ])
 

@@ -48,8 +48,12 @@ def selftest(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
+    if args.hypervisor:
+        from bench import hypervisor_speed
+
+        return hypervisor_speed.main(args.json, args.hv)
     if not args.machine:
-        print("hhr bench: only --machine exists so far (hot-restart scenarios come with the restart issue)",
+        print("hhr bench: --machine or --hypervisor (hot-restart scenarios come with the restart issue)",
               file=sys.stderr)
         return 2
     from bench import machine_speed
@@ -93,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.set_defaults(func=run)
     bench_parser = commands.add_parser("bench", help="benchmarks")
     bench_parser.add_argument("--machine", action="store_true", help="the machine's own speed against bare Unicorn")
+    bench_parser.add_argument("--hypervisor", action="store_true",
+                              help="a hypervisor's figures: boot, mixed workload, map storm, host memory")
+    bench_parser.add_argument("--hv", default="hv1", help="the hypervisor for --hypervisor (default hv1)")
     bench_parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
     bench_parser.set_defaults(func=bench)
     return parser
