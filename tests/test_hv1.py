@@ -78,8 +78,8 @@ def test_hostile_guest_is_contained():
 
 
 def test_run_json_is_deterministic():
-    first = run("hello,vps=3", "sieve", "hostile", lps=3)
-    second = run("hello,vps=3", "sieve", "hostile", lps=3)
+    first = run("hello,vps=3", "sieve", "hostile", "storm,vps=2", lps=3)
+    second = run("hello,vps=3", "sieve", "hostile", "storm,vps=2", lps=3)
     assert first == second
 
 
@@ -232,3 +232,17 @@ def test_timer_ticks_wake_a_halted_vp_on_time(neighbours):
     assert ticks * period <= time < (ticks + 1) * period
     for name in neighbours:
         assert guest(document, name)["exit_code"] == 0
+
+
+def test_every_lp_runs_on_hv1s_own_page_tables():
+    from unicorn import x86_const
+
+    from emu.machine import FIRMWARE_PML4
+    from hypervisors import boot, build
+
+    booted = boot.boot([catalog.parse("hello,vps=2")], lps=2)
+    booted.machine.run(max_instructions=50_000_000)
+    image = build.image("hv1")
+    hv_cr3 = int.from_bytes(booted.machine.ram.read(image.symbol("hv_cr3"), 8), "little")
+    assert hv_cr3 != FIRMWARE_PML4
+    assert [lp.root.reg(x86_const.UC_X86_REG_CR3) for lp in booted.machine.lps] == [hv_cr3, hv_cr3]

@@ -54,6 +54,8 @@ hv1_entry:
     cmp [rax + BOOT_INFO_MAGIC], rbx         ; the firmware really handed over a boot info
     jne panic
     mov [rip + boot_info], rax
+    call build_page_tables                   ; its own identity map: the firmware's is left behind
+    call load_page_tables
     call enable_vmx
     call create_partitions
     mov qword ptr [rip + boot_done], 1
@@ -63,9 +65,38 @@ wait_for_boot:
     pause
     cmp qword ptr [rip + boot_done], 0
     je wait_for_boot
+    call load_page_tables
     call load_descriptor_tables
     call enable_vmx
     jmp schedule
+
+; --- hv1's page tables: all of RAM mapped to itself with 1 GiB pages (SDM Vol. 3A 4.5), in the heap.
+; Every LP and every VMCS's HOST_CR3 use them.
+build_page_tables:
+    call alloc_page
+    mov [rip + hv_cr3], rax                  ; the PML4
+    mov rdi, rax
+    call alloc_page                          ; one PDPT: 512 GiB, more than the machine's RAM
+    lea rbx, [rax + PTE_PRESENT_WRITABLE]
+    mov [rdi], rbx
+    mov rdi, rax
+    mov rdx, [rip + boot_info]
+    mov rdx, [rdx + BOOT_INFO_RAM_SIZE]
+    xor eax, eax                             ; host address of the GiB
+build_page_tables.gib:
+    lea rbx, [rax + PTE_LARGE]
+    mov [rdi], rbx
+    add rdi, 8
+    mov rbx, GIB
+    add rax, rbx
+    cmp rax, rdx
+    jb build_page_tables.gib
+    ret
+
+load_page_tables:
+    mov rax, [rip + hv_cr3]
+    mov cr3, rax
+    ret
 
 ; --- descriptor tables (SDM Vol. 3A 3.5.1, 6.14.1) -------------------------------------------------
 build_tables:
@@ -1495,6 +1526,7 @@ hv_idt:
 .align 8
 boot_info: .quad 0
 boot_done: .quad 0
+hv_cr3: .quad 0                              ; hv1's PML4 (build_page_tables)
 heap_next: .quad 0
 free_next: .quad 0
 free_end: .quad 0
