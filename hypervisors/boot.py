@@ -14,7 +14,6 @@ from hypervisors.memory_map import (
 
 FIRMWARE_STACK_TOP = 0x8000            # below the boot info; the hypervisor sets up its own at once
 FIRMWARE_STACK_SIZE = 0x100
-ENTRY_SYMBOL = "hv1_entry"
 MIN_RAM = 64 * MIB
 # What one partition's full map quota takes from free memory: its pages, the EPT page directory and
 # page tables of its window, and the page records of the frames they come from (one page in 512).
@@ -45,10 +44,11 @@ class Booted:
     guests: tuple[GuestImage, ...]
 
     def partitions(self) -> list[dict]:
-        """hv1's partition records, one per guest, in boot order."""
+        """The hypervisor's partition records, one per guest, in boot order."""
         base = build.image(self.hypervisor).symbol("partitions")
-        size = layouts.HV1_PARTITION.size
-        return [layouts.HV1_PARTITION.unpack(self.machine.ram.read(base + i * size, size))
+        layout = build.hypervisor(self.hypervisor).records.partition
+        size = layout.size
+        return [layout.unpack(self.machine.ram.read(base + i * size, size))
                 for i in range(len(self.guests))]
 
 
@@ -110,5 +110,5 @@ def boot(guests: list[GuestImage] | tuple[GuestImage, ...], *, hypervisor: str =
         heap_base=HEAP_BASE, heap_size=HEAP_SIZE, free_base=FREE_BASE, free_size=ram - FREE_BASE,
         guest_count=len(guests), doorbell_port=devices.DOORBELL_STATUS_PORT, guests=descriptors_address))
     stacks = [FIRMWARE_STACK_TOP - lp * FIRMWARE_STACK_SIZE for lp in range(lps)]
-    machine.start(image.symbol(ENTRY_SYMBOL), stacks, argument=BOOT_INFO_ADDRESS)
+    machine.start(image.symbol(build.hypervisor(hypervisor).entry_symbol), stacks, argument=BOOT_INFO_ADDRESS)
     return Booted(machine, hypervisor, guests)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -11,8 +12,32 @@ from emu.vmx_caps import MACHINE_VMX_CAPABILITIES
 from hypervisors import guest_abi, invariants, layouts, memory_map
 
 HERE = Path(__file__).resolve().parent
-HYPERVISORS = {"hv1": HERE / "hv1" / "hv1.s"}
-HV1_QUANTUM = 20_000     # VMX-preemption-timer ticks a VP of hv1 runs before the next one
+COMMON_SOURCES = HERE / "common"        # code every hypervisor includes, written against generic names
+
+
+@dataclass(frozen=True)
+class Hypervisor:
+    """One hypervisor version: its top source, version number, time slice and record layouts."""
+
+    name: str
+    version: int                        # CPUID 0x40000001 EAX and the version hypercall: major << 16 | minor
+    quantum: int                        # VMX-preemption-timer ticks a VP runs before the next one
+    entry_symbol: str = "cold_entry"    # where the firmware starts every LP (docs/boot.md)
+
+    @property
+    def source(self) -> Path:
+        return HERE / self.name / f"{self.name}.s"
+
+    @property
+    def records(self) -> layouts.Records:
+        return layouts.RECORDS[self.name]
+
+
+HYPERVISORS = {
+    "hv1": Hypervisor("hv1", version=0x0001_0000, quantum=20_000),
+    "hv2": Hypervisor("hv2", version=0x0002_0000, quantum=30_000),
+}
+HV1_QUANTUM = HYPERVISORS["hv1"].quantum
 
 # Enumerations of vmx_defs exported to assembly as PREFIX_MEMBER.
 _ENUM_PREFIXES = {
@@ -35,9 +60,17 @@ def _enum_constants() -> dict[str, int]:
     return constants
 
 
+def hypervisor(name: str) -> Hypervisor:
+    if name not in HYPERVISORS:
+        raise ValueError(f"unknown hypervisor {name!r}; known: {', '.join(sorted(HYPERVISORS))}")
+    return HYPERVISORS[name]
+
+
 @lru_cache(maxsize=None)
-def constants() -> dict[str, int]:
-    """Layouts, states, VMCS encodings and offsets, VMX bits, device ports and the memory map."""
+def constants(name: str = "hv1") -> dict[str, int]:
+    """Layouts (the hypervisor's own records under generic names too), states, VMCS encodings and
+    offsets, VMX bits, device ports, the memory map, and the hypervisor's version and time slice."""
+    spec = hypervisor(name)
     vmx_values = {name: value for name, value in vars(vmx_defs).items()
                   if name.isupper() and isinstance(value, int) and not isinstance(value, enum.Enum)}
     caps = MACHINE_VMX_CAPABILITIES
@@ -53,7 +86,8 @@ def constants() -> dict[str, int]:
         memory_map.constants(),
         invariants.constants(),
         guest_abi.constants(),
-        {"HV1_QUANTUM": HV1_QUANTUM},
+        spec.records.constants(),
+        {"QUANTUM": spec.quantum, "HV_VERSION": spec.version},
         {"VMCS_REVISION": caps.vmcs_revision_id,
          "PIN_MUST_BE_ONE": caps.pin_based.must_be_one, "PROC_MUST_BE_ONE": caps.primary_processor.must_be_one,
          "PROC2_MUST_BE_ONE": caps.secondary_processor.must_be_one, "EXIT_MUST_BE_ONE": caps.exit.must_be_one,
@@ -64,6 +98,6 @@ def constants() -> dict[str, int]:
 @lru_cache(maxsize=None)
 def image(name: str) -> Image:
     """The assembled hypervisor `name`, at its load address."""
-    if name not in HYPERVISORS:
-        raise ValueError(f"unknown hypervisor {name!r}; known: {', '.join(sorted(HYPERVISORS))}")
-    return assemble_file(HYPERVISORS[name], memory_map.HYPERVISOR_BASE, constants=constants())
+    spec = hypervisor(name)
+    return assemble_file(spec.source, memory_map.HYPERVISOR_BASE, constants=constants(name),
+                         include_dirs=[COMMON_SOURCES])

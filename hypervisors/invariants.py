@@ -1,7 +1,6 @@
-"""What guests of hhr see of the platform and must keep seeing across a hot restart: hv1's CPUID answers."""
+"""What guests of hhr see of the platform and must keep seeing across a hot restart: the CPUID answers (the version leaf aside)."""
 from __future__ import annotations
 
-HV1_VERSION = 0x0001_0000                       # 1.0
 HV_CPUID_VENDOR = b"HHRHYPERVSR1"               # leaf 0 and leaf 0x40000000, twelve bytes
 HV_CPUID_MAX_BASIC_LEAF = 1
 HV_CPUID_HYPERVISOR_BASE = 0x4000_0000

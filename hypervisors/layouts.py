@@ -1,5 +1,7 @@
-"""The boot protocol's structures (firmware to hypervisor) and hv1's own records, defined once for Python and assembly."""
+"""The boot protocol's structures (firmware to hypervisor) and each hypervisor's own records, defined once for Python and assembly."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from asm.layout import Struct
 
@@ -67,19 +69,84 @@ HV1_PAGE = Struct("hv1_page", [
     ("guest_frame", 4),                           # a partition's page: guest-physical address >> 12
 ])
 
+# hv2's records: the same facts in other shapes, and more of them (docs/hv2.md). A hot restart
+# between the two translates through the transfer records of hypervisors/transfer.py.
+HV2_PARTITION = Struct("hv2_partition", [
+    ("number", 4), ("state", 4),
+    ("vp_count", 4), ("channel", 4),
+    ("memory", 8), ("memory_size", 8),
+    ("eptp", 8),
+    ("exit_code", 4), ("stop_reason", 4),
+    ("mapped_pages", 4), ("vps_done", 4),
+    ("exits", 8),                                 # VM exits of all its VPs (new in hv2)
+    ("name", GUEST_NAME_BYTES),                   # the guest's name (new in hv2)
+])
+
+HV2_VP = Struct("hv2_vp", [
+    ("rax", 8), ("rbx", 8), ("rcx", 8), ("rdx", 8), ("rsi", 8), ("rdi", 8), ("rbp", 8),
+    ("r8", 8), ("r9", 8), ("r10", 8), ("r11", 8), ("r12", 8), ("r13", 8), ("r14", 8), ("r15", 8),
+    ("partition", 8), ("vmcs", 8),
+    ("index", 4), ("lp", 4),
+    ("state", 4), ("launched", 4),
+    ("halted", 4), ("timer_pending", 4),
+    ("timer_vector", 4), ("_pad0", 4),
+    ("timer_period", 8), ("timer_deadline", 8),
+    ("slice_end", 8),
+    ("last_run", 8),                              # LP time it was last picked: hv2 runs the longest-waiting first
+    ("runs", 8),                                  # times it was picked (new in hv2)
+])
+
+HV2_FRAME = Struct("hv2_frame", [
+    ("pages", 8),                                 # of a split frame: its HV2_PAGE records, in hv2's heap
+    ("owner", 4),
+    ("free_pages", 2), ("first_free", 2),
+])
+
+HV2_PAGE = Struct("hv2_page", [
+    ("owner", 4), ("guest_frame", 4),
+    ("mapped_at", 8),                             # virtual time of the map (new in hv2)
+])
+
+
+@dataclass(frozen=True)
+class Records:
+    """One hypervisor version's record layouts; its assembly reaches them under generic names too."""
+
+    partition: Struct
+    vp: Struct
+    frame: Struct
+    page: Struct
+
+    GENERIC_PREFIXES = {"partition": "PARTITION", "vp": "VP", "frame": "FRAME", "page": "PAGE_RECORD"}
+
+    def constants(self) -> dict[str, int]:
+        """Each layout's own constants (HV1_VP_RAX) and the generic ones its shared code uses (VP_RAX)."""
+        table: dict[str, int] = {}
+        for role, prefix in self.GENERIC_PREFIXES.items():
+            layout = getattr(self, role)
+            table.update(layout.constants())
+            table.update(layout.constants(prefix))
+        return table
+
+
+RECORDS = {
+    "hv1": Records(partition=HV1_PARTITION, vp=HV1_VP, frame=HV1_FRAME, page=HV1_PAGE),
+    "hv2": Records(partition=HV2_PARTITION, vp=HV2_VP, frame=HV2_FRAME, page=HV2_PAGE),
+}
+
 OWNER_FREE = 0
 OWNER_PARTITION_BASE = 1      # partition number n owns what says n + OWNER_PARTITION_BASE
-OWNER_SPLIT = 0xFFFF_FFFE     # a frame whose pages have their own HV1_PAGE records
+OWNER_SPLIT = 0xFFFF_FFFE     # a frame whose pages have their own page records
 OWNER_HYPERVISOR = 0xFFFF_FFFF
 
-# Partition states (HV1_PARTITION.state) and how a stopped one ended (stop_reason).
+# Partition states (the partition records' state) and how a stopped one ended (stop_reason).
 PARTITION_RUNNING = 1
 PARTITION_EXITED = 2          # the guest wrote its exit code to port 0xF4
-PARTITION_STOPPED = 3         # hv1 stopped it: stop_reason is the VM exit reason that did it
+PARTITION_STOPPED = 3         # the hypervisor stopped it: stop_reason is the VM exit reason that did it
 PARTITION_STOP_ENTRY_FAILED = 0xFFFF_FFFF   # stop_reason when VMLAUNCH/VMRESUME itself failed (no exit)
 VP_RUNNABLE = 1
 VP_DONE = 2
 
-LAYOUTS = (BOOT_INFO, GUEST_DESCRIPTOR, HV1_PARTITION, HV1_VP, HV1_FRAME, HV1_PAGE)
+LAYOUTS = (BOOT_INFO, GUEST_DESCRIPTOR)
 STATES = {name: value for name, value in globals().items()
           if name.startswith(("PARTITION_", "VP_", "OWNER_")) and isinstance(value, int)}

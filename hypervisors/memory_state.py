@@ -1,4 +1,4 @@
-"""Reads hv1's page-ownership database and map-window EPT out of RAM, and checks that they agree (tests, tools)."""
+"""Reads a hypervisor's page-ownership database and map-window EPT out of RAM, and checks that they agree (tests, tools)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -27,6 +27,7 @@ class MemoryState:
     frame_owners: list[int]                                     # per 2 MiB frame (OWNER_SPLIT if split)
     page_owners: dict[int, tuple[int, int]]                     # host page of a split frame: (owner, guest frame)
     split_free_counts: dict[int, tuple[int, int]]               # split frame: (free_pages, first_free) as recorded
+    records_inside: set[int]                                    # split frames whose records fill their own first page
     windows: dict[int, dict[int, int]] = field(default_factory=dict)        # partition: {gpa: host page}
     window_tables: dict[int, list[int]] = field(default_factory=dict)       # partition: host pages of its tables
     mapped_counts: dict[int, int] = field(default_factory=dict)             # partition: mapped_pages field
@@ -82,30 +83,33 @@ def _window(ram, eptp: int) -> tuple[dict[int, int], list[int]]:
 
 
 def lock_held(booted) -> bool:
-    """hv1's memory_lock: while an LP holds it, the database and the windows may disagree for a moment."""
+    """The hypervisor's memory_lock: while an LP holds it, the database and the windows may disagree for a moment."""
     return bool(_qword(booted.machine.ram, build.image(booted.hypervisor).symbol("memory_lock")))
 
 
 def read(booted) -> MemoryState:
-    """hv1's memory state in a booted machine (hypervisors.boot.Booted), read from RAM."""
+    """The hypervisor's memory state in a booted machine (hypervisors.boot.Booted), read from RAM."""
     image = build.image(booted.hypervisor)
+    records = build.hypervisor(booted.hypervisor).records
+    frame_layout, page_layout = records.frame, records.page
     ram = booted.machine.ram
     frame_table = _qword(ram, image.symbol("frame_table"))
     frame_count = _qword(ram, image.symbol("frame_count"))
-    frame_bytes = ram.read(frame_table, frame_count * layouts.HV1_FRAME.size)
-    frame_owners, page_owners, free_counts = [], {}, {}
+    frame_bytes = ram.read(frame_table, frame_count * frame_layout.size)
+    frame_owners, page_owners, free_counts, records_inside = [], {}, {}, set()
     for number in range(frame_count):
-        frame = layouts.HV1_FRAME.unpack(frame_bytes[number * layouts.HV1_FRAME.size:
-                                                     (number + 1) * layouts.HV1_FRAME.size])
+        frame = frame_layout.unpack(frame_bytes[number * frame_layout.size:(number + 1) * frame_layout.size])
         frame_owners.append(frame["owner"])
         if frame["owner"] != layouts.OWNER_SPLIT:
             continue
         free_counts[number] = (frame["free_pages"], frame["first_free"])
-        records = ram.read(frame["pages"], PAGES_PER_FRAME * layouts.HV1_PAGE.size)
+        if frame["pages"] == number * LARGE_PAGE_SIZE:
+            records_inside.add(number)
+        data = ram.read(frame["pages"], PAGES_PER_FRAME * page_layout.size)
         for index in range(PAGES_PER_FRAME):
-            record = layouts.HV1_PAGE.unpack(records[index * layouts.HV1_PAGE.size:(index + 1) * layouts.HV1_PAGE.size])
+            record = page_layout.unpack(data[index * page_layout.size:(index + 1) * page_layout.size])
             page_owners[number * LARGE_PAGE_SIZE + index * PAGE_SIZE] = (record["owner"], record["guest_frame"])
-    state = MemoryState(frame_owners, page_owners, free_counts)
+    state = MemoryState(frame_owners, page_owners, free_counts, records_inside)
     for number, partition in enumerate(booted.partitions()):
         state.windows[number], state.window_tables[number] = _window(ram, partition["eptp"])
         state.mapped_counts[number] = partition["mapped_pages"]
@@ -135,7 +139,7 @@ def problems(state: MemoryState) -> list[str]:
                 found.append(f"partition {partition}: EPT table {table:#x} is not a hypervisor page of the pool")
     found += [f"host page {page:#x} is referenced {count} times" for page, count in referenced.items() if count > 1]
     for page, (owner, _) in state.page_owners.items():
-        is_records_page = page % LARGE_PAGE_SIZE == 0
+        is_records_page = page % LARGE_PAGE_SIZE == 0 and page // LARGE_PAGE_SIZE in state.records_inside
         if owner not in (layouts.OWNER_FREE,) and not is_records_page and page not in referenced:
             found.append(f"host page {page:#x} is owned by {owner_name(owner)} but nothing maps it")
         if is_records_page and owner != layouts.OWNER_HYPERVISOR:

@@ -1,5 +1,6 @@
-"""hv1's map and unmap hypercalls: the storm guest's figures recomputed in Python, and the page-ownership
-database checked against every partition's map window while guests map and unmap, and after they end."""
+"""The map and unmap hypercalls of hv1 and hv2: the storm guest's figures recomputed in Python, and the
+page-ownership database checked against every partition's map window while guests map and unmap, and
+after they end."""
 from __future__ import annotations
 
 import re
@@ -7,7 +8,7 @@ import re
 import pytest
 
 from guests import catalog
-from hypervisors import boot, guest_abi, hv1_memory, layouts
+from hypervisors import boot, guest_abi, memory_state, layouts
 from hypervisors.memory_map import FREE_BASE, LARGE_PAGE_SIZE, PAGE_SIZE
 from tools import run as run_module
 
@@ -50,14 +51,19 @@ def guest_named(document: dict, name: str) -> dict:
     return found
 
 
-def test_storm_figures_match_an_independent_computation():
-    storm = guest_named(run_module.run("hv1", ["storm"]).document, "storm")
+HYPERVISORS = pytest.mark.parametrize("hypervisor", ["hv1", "hv2"])
+
+
+@HYPERVISORS
+def test_storm_figures_match_an_independent_computation(hypervisor):
+    storm = guest_named(run_module.run(hypervisor, ["storm"]).document, "storm")
     assert storm["exit_code"] == 0, "the exit code names the first failed check (guests/builtin/storm.s)"
     assert storm["console"] == storm_expected(1)
 
 
-def test_storm_on_three_vps_over_two_lps_beside_other_guests():
-    document = run_module.run("hv1", ["storm,vps=3", "sieve", "storm"], lps=2).document
+@HYPERVISORS
+def test_storm_on_three_vps_over_two_lps_beside_other_guests(hypervisor):
+    document = run_module.run(hypervisor, ["storm,vps=3", "sieve", "storm"], lps=2).document
     storms = [g for g in document["guests"] if g["name"] == "storm"]
     assert [g["exit_code"] for g in storms] == [0, 0]
     assert storms[0]["console"] == storm_expected(3)
@@ -65,20 +71,22 @@ def test_storm_on_three_vps_over_two_lps_beside_other_guests():
     assert guest_named(document, "sieve")["exit_code"] == 0
 
 
-def booted_storms(lps: int = 2):
-    return boot.boot([catalog.parse("storm,vps=2"), catalog.parse("storm"), catalog.parse("hello")], lps=lps)
+def booted_storms(hypervisor: str = "hv1", lps: int = 2):
+    return boot.boot([catalog.parse("storm,vps=2"), catalog.parse("storm"), catalog.parse("hello")],
+                     hypervisor=hypervisor, lps=lps)
 
 
-def test_ownership_database_agrees_with_the_map_windows_while_guests_map_and_unmap():
-    booted = booted_storms()
+@HYPERVISORS
+def test_ownership_database_agrees_with_the_map_windows_while_guests_map_and_unmap(hypervisor):
+    booted = booted_storms(hypervisor)
     seen_mapped = 0
     for pause in (1_000_000, 3_000_000, 6_000_000, 12_000_000):
         booted.machine.run(max_instructions=pause)
-        while hv1_memory.lock_held(booted):     # a map or unmap is half done: let it finish
+        while memory_state.lock_held(booted):     # a map or unmap is half done: let it finish
             pause += LOCK_STEP
             booted.machine.run(max_instructions=pause)
-        state = hv1_memory.read(booted)
-        assert hv1_memory.problems(state) == [], f"after {pause} instructions"
+        state = memory_state.read(booted)
+        assert memory_state.problems(state) == [], f"after {pause} instructions"
         seen_mapped = max(seen_mapped, sum(len(window) for window in state.windows.values()))
         for partition, window in state.windows.items():
             assert all(guest_abi.MAP_WINDOW_BASE <= gpa < guest_abi.MAP_WINDOW_BASE + guest_abi.MAP_WINDOW_SIZE
@@ -86,13 +94,14 @@ def test_ownership_database_agrees_with_the_map_windows_while_guests_map_and_unm
     assert seen_mapped > 100, "the pauses should catch the storms with pages mapped"
 
 
-def test_the_database_knows_every_frame_and_the_pages_come_back_when_partitions_end():
-    booted = booted_storms()
+@HYPERVISORS
+def test_the_database_knows_every_frame_and_the_pages_come_back_when_partitions_end(hypervisor):
+    booted = booted_storms(hypervisor)
     result = booted.machine.run(max_instructions=400_000_000)
     assert result.stop.reason == "debug-exit"
     assert [p["exit_code"] for p in booted.partitions()] == [0, 0, 0]
-    state = hv1_memory.read(booted)
-    assert hv1_memory.problems(state) == []
+    state = memory_state.read(booted)
+    assert memory_state.problems(state) == []
     assert all(not window for window in state.windows.values())
     assert all(count == 0 for count in state.mapped_counts.values())
     first_free_frame = FREE_BASE // LARGE_PAGE_SIZE
@@ -102,24 +111,24 @@ def test_the_database_knows_every_frame_and_the_pages_come_back_when_partitions_
                        (partition["memory"] + partition["memory_size"]) // LARGE_PAGE_SIZE)
         assert {state.frame_owners[frame] for frame in frames} == {number + layouts.OWNER_PARTITION_BASE}
     # The storms filled their quotas, so the pool split frames; every page of them is free again
-    # except each frame's own records page.
+    # except, under hv1, each frame's own records page (hv2 keeps its records in its heap).
     assert len(state.split_free_counts) >= 2 * guest_abi.MAP_QUOTA_PAGES * PAGE_SIZE // LARGE_PAGE_SIZE
-    owners = {owner for owner, _ in state.page_owners.values()}
-    assert owners == {layouts.OWNER_FREE, layouts.OWNER_HYPERVISOR}
-    hypervisor_pages = [page for page, (owner, _) in state.page_owners.items() if owner == layouts.OWNER_HYPERVISOR]
-    assert all(page % LARGE_PAGE_SIZE == 0 for page in hypervisor_pages)
+    hypervisor_pages = {page for page, (owner, _) in state.page_owners.items() if owner == layouts.OWNER_HYPERVISOR}
+    assert {owner for owner, _ in state.page_owners.values()} <= {layouts.OWNER_FREE, layouts.OWNER_HYPERVISOR}
+    assert hypervisor_pages == {frame * LARGE_PAGE_SIZE for frame in state.records_inside}
+    assert bool(state.records_inside) == (hypervisor == "hv1")
 
 
 def test_problems_finds_a_page_the_database_does_not_give_to_its_mapper():
     booted = booted_storms(lps=1)
     booted.machine.run(max_instructions=3_000_000)
-    state = hv1_memory.read(booted)
+    state = memory_state.read(booted)
     partition, window = next((p, w) for p, w in state.windows.items() if w)
     gpa, page = next(iter(window.items()))
     state.page_owners[page] = (layouts.OWNER_FREE, 0)
-    assert any(f"{gpa:#x} maps {page:#x}" in problem for problem in hv1_memory.problems(state))
+    assert any(f"{gpa:#x} maps {page:#x}" in problem for problem in memory_state.problems(state))
     state.mapped_counts[partition] += 1
-    assert any("record says" in problem for problem in hv1_memory.problems(state))
+    assert any("record says" in problem for problem in memory_state.problems(state))
 
 
 def test_a_guest_too_large_for_the_space_below_the_map_window_is_refused():
@@ -138,7 +147,7 @@ def test_a_machine_without_room_for_maps_answers_enomem_and_guests_go_on():
     assert storm_record["state"] == layouts.PARTITION_EXITED
     assert storm_record["exit_code"] == storm_define("CHECK_PROBE_MAP"), "its first map gets ENOMEM"
     assert hello_record["exit_code"] == 0
-    assert hv1_memory.problems(hv1_memory.read(booted)) == []
+    assert memory_state.problems(memory_state.read(booted)) == []
 
 
 def test_the_documented_hypercall_table_is_the_abi():

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from emu.vmx_defs import EXIT_REASON_BASIC_MASK, ExitReason
 from guests import catalog
-from hypervisors import hv1_memory, layouts
+from hypervisors import memory_state, layouts
 from hypervisors.boot import boot
 
 DEFAULT_INSTRUCTION_LIMIT = 2_000_000_000
@@ -50,7 +50,7 @@ def run(hypervisor: str, guest_specs: list[str], *, lps: int = 1, ram_size: int 
             "mapped_pages": partition["mapped_pages"],
         })
     statistics = booted.machine.statistics()
-    host_pages = hv1_memory.read(booted).owned_pages()
+    host_pages = memory_state.read(booted).owned_pages()
     document = {
         "schema": JSON_SCHEMA_VERSION,
         "hypervisor": hypervisor, "lps": lps, "ram": booted.machine.ram.size,
