@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 from asm import Image, assemble_file, merge_constants
 from emu import devices, vmcs_fields, vmx_defs
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES
-from hypervisors import guest_abi, invariants, layouts, memory_map
+from hypervisors import guest_abi, invariants, layouts, memory_map, transfer
 
 HERE = Path(__file__).resolve().parent
 COMMON_SOURCES = HERE / "common"        # code every hypervisor includes, written against generic names
@@ -86,6 +87,7 @@ def constants(name: str = "hv1") -> dict[str, int]:
         memory_map.constants(),
         invariants.constants(),
         guest_abi.constants(),
+        transfer.constants(),
         spec.records.constants(),
         {"QUANTUM": spec.quantum, "HV_VERSION": spec.version},
         {"VMCS_REVISION": caps.vmcs_revision_id,
@@ -96,8 +98,21 @@ def constants(name: str = "hv1") -> dict[str, int]:
 
 
 @lru_cache(maxsize=None)
+def generated_sources() -> Path:
+    """A directory with the include files generated from Python tables (transfer.generated_includes)."""
+    directory = Path(tempfile.mkdtemp(prefix="hhr-generated-"))
+    for name, text in transfer.generated_includes().items():
+        (directory / name).write_text(text)
+    return directory
+
+
+def include_dirs() -> list[Path]:
+    return [COMMON_SOURCES, generated_sources()]
+
+
+@lru_cache(maxsize=None)
 def image(name: str) -> Image:
     """The assembled hypervisor `name`, at its load address."""
     spec = hypervisor(name)
     return assemble_file(spec.source, memory_map.HYPERVISOR_BASE, constants=constants(name),
-                         include_dirs=[COMMON_SOURCES])
+                         include_dirs=include_dirs())

@@ -19,7 +19,15 @@ BOOT_INFO = Struct("boot_info", [
     ("guest_count", 4),
     ("doorbell_port", 4),                         # where an operator's requests arrive (docs/machine.md 6.8)
     ("guests", 8),                                # host-physical address of the guest descriptors
+    # A hot restart (docs/protocol.md): how this hypervisor was started, and, when it was started
+    # in a service partition, the region it lives in and the old hypervisor's transfer area.
+    ("mode", 4), ("protocol", 4),                 # BOOT_MODE_*; the restart protocol version
+    ("service_base", 8), ("service_size", 8),
+    ("transfer_area", 8),
 ])
+
+BOOT_MODE_COLD = 0            # started by the firmware step, with guests to create
+BOOT_MODE_SERVICE = 1         # started by a running hypervisor in a service partition
 
 GUEST_DESCRIPTOR = Struct("guest_descriptor", [
     ("image", 8), ("image_size", 8),              # where the firmware staged the guest's image
@@ -136,6 +144,9 @@ RECORDS = {
 
 OWNER_FREE = 0
 OWNER_PARTITION_BASE = 1      # partition number n owns what says n + OWNER_PARTITION_BASE
+OWNER_FIRMWARE = 0xFFFF_FFFB  # the firmware's and the operator's (boot info, staging area): never allocated
+OWNER_SERVICE = 0xFFFF_FFFC   # the service region, kept for the next hypervisor (docs/protocol.md)
+OWNER_PREVIOUS = 0xFFFF_FFFD  # the previous hypervisor's, until the hot restart that replaced it is done
 OWNER_SPLIT = 0xFFFF_FFFE     # a frame whose pages have their own page records
 OWNER_HYPERVISOR = 0xFFFF_FFFF
 
@@ -149,4 +160,4 @@ VP_DONE = 2
 
 LAYOUTS = (BOOT_INFO, GUEST_DESCRIPTOR)
 STATES = {name: value for name, value in globals().items()
-          if name.startswith(("PARTITION_", "VP_", "OWNER_")) and isinstance(value, int)}
+          if name.startswith(("PARTITION_", "VP_", "OWNER_", "BOOT_MODE_")) and isinstance(value, int)}

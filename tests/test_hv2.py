@@ -70,7 +70,7 @@ def test_hv2_runs_the_vp_that_waited_longest():
 def test_images_are_position_independent(name):
     """A hot restart loads the new image wherever the service region is: the same bytes at any base."""
     spec = build.hypervisor(name)
-    images = [assemble_file(spec.source, base, constants=build.constants(name), include_dirs=[build.COMMON_SOURCES])
+    images = [assemble_file(spec.source, base, constants=build.constants(name), include_dirs=build.include_dirs())
               for base in (build.memory_map.HYPERVISOR_BASE, build.memory_map.HYPERVISOR_BASE + 0x1234_5000)]
     assert images[0].code == images[1].code
 

@@ -9,7 +9,7 @@ import pytest
 
 from guests import catalog
 from hypervisors import boot, guest_abi, memory_state, layouts
-from hypervisors.memory_map import FREE_BASE, LARGE_PAGE_SIZE, PAGE_SIZE
+from hypervisors.memory_map import FREE_BASE, HEAP_BASE, HYPERVISOR_BASE, LARGE_PAGE_SIZE, PAGE_SIZE
 from tools import run as run_module
 
 MASK64 = (1 << 64) - 1
@@ -105,7 +105,12 @@ def test_the_database_knows_every_frame_and_the_pages_come_back_when_partitions_
     assert all(not window for window in state.windows.values())
     assert all(count == 0 for count in state.mapped_counts.values())
     first_free_frame = FREE_BASE // LARGE_PAGE_SIZE
-    assert set(state.frame_owners[:first_free_frame]) == {layouts.OWNER_HYPERVISOR}
+    below_free = state.frame_owners[:first_free_frame]
+    image_frame, heap_frames = HYPERVISOR_BASE // LARGE_PAGE_SIZE, range(HEAP_BASE // LARGE_PAGE_SIZE,
+                                                                          FREE_BASE // LARGE_PAGE_SIZE)
+    assert {below_free[frame] for frame in (image_frame, *heap_frames)} == {layouts.OWNER_HYPERVISOR}
+    assert {owner for frame, owner in enumerate(below_free)
+            if frame != image_frame and frame not in heap_frames} == {layouts.OWNER_FIRMWARE}
     for number, partition in enumerate(booted.partitions()):
         frames = range(partition["memory"] // LARGE_PAGE_SIZE,
                        (partition["memory"] + partition["memory_size"]) // LARGE_PAGE_SIZE)

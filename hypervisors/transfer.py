@@ -1,0 +1,245 @@
+"""The hot-restart protocol's numbers and wire format (docs/protocol.md), defined once for Python and both hypervisors."""
+from __future__ import annotations
+
+import enum
+
+from asm.layout import Struct
+from emu import vmcs_fields
+from hypervisors import invariants, layouts
+
+PROTOCOL_VERSION = 1
+REQUEST_MAGIC = int.from_bytes(b"HHRR", "little")
+TRANSFER_MAGIC = int.from_bytes(b"HHRX", "little")
+DIGEST_BYTES = 32                      # SHA-256
+
+MIB = 1 << 20
+SERVICE_REGION_SIZE = 64 * MIB         # reserved at boot for the next hypervisor (whole 2 MiB frames)
+SERVICE_IMAGE_MAX = 2 * MIB            # the new image, at the start of the region
+TRANSFER_AREA_SIZE = 2 * MIB           # one frame of the old hypervisor's: the messages
+SERVICE_BOOT_BUDGET = 50_000_000       # ticks the new hypervisor may take to say it is ready
+SERVICE_CALL_BUDGET = 50_000_000       # ticks one inverse hypercall may take (preemption timer)
+PRECOPY_SMALL_DELTA = 64               # a round whose change log is this short ends the pre-copy
+PRECOPY_MAX_ROUNDS = 8
+CHANGE_LOG_ENTRIES = 4096              # more changes in one round: the next round re-sends everything
+STAGING_BASE = 4 * MIB                 # where the operator stages an image (the firmware's staging area)
+STAGING_END = 16 * MIB
+
+
+# Posted on the doorbell by the operator as 32-bit words (docs/protocol.md, 1. Request).
+RESTART_REQUEST = Struct("restart_request", [
+    ("magic", 4), ("version", 4),
+    ("image", 8),                              # host-physical address of the staged image
+    ("image_size", 4),
+    ("service_entry", 4),                      # offsets in the image of its three entry points
+    ("inverse_entry", 4),
+    ("takeover_entry", 4),
+    ("digest", DIGEST_BYTES),                  # SHA-256 of the image's bytes
+])
+REQUEST_WORDS = RESTART_REQUEST.size // 4
+
+# The transfer area: one message at a time, a header and then records.
+TRANSFER_HEADER = Struct("transfer_header", [
+    ("magic", 4), ("format", 4),
+    ("sequence", 4),                           # 1, 2, ... over the whole restart
+    ("record_count", 4),
+    ("bytes", 8),                              # header and records
+])
+RECORD_HEADER = Struct("record_header", [
+    ("type", 2), ("version", 2),
+    ("length", 4),                             # of the body that follows
+])
+
+
+class RecordType(enum.IntEnum):
+    INVARIANTS = 1
+    CPUID = 2
+    PARTITION = 3
+    VP = 4
+    MAP = 5
+    UNMAP = 6
+    OWNER = 7
+    VMCS = 8
+    END = 9
+
+
+RECORD_VERSION = 1
+
+INVARIANTS_RECORD = Struct("tr_invariants", [
+    ("protocol", 4), ("sender_version", 4),    # PROTOCOL_VERSION; the old hypervisor's version
+    ("lp_count", 4), ("vmcs_revision", 4),
+    ("ram_size", 8),
+    ("cpuid_leaves", 4), ("_pad0", 4),         # CPUID records that follow
+])
+CPUID_RECORD = Struct("tr_cpuid", [
+    ("leaf", 4), ("eax", 4), ("ebx", 4), ("ecx", 4), ("edx", 4),
+])
+PARTITION_RECORD = Struct("tr_partition", [
+    ("number", 4), ("state", 4),
+    ("exit_code", 4), ("stop_reason", 4),
+    ("vp_count", 4), ("channel", 4),
+    ("memory", 8), ("memory_size", 8),         # host-physical base and size of its RAM
+    ("mapped_pages", 4), ("vps_done", 4),
+    ("name", 16),
+])
+VP_RECORD = Struct("tr_vp", [
+    ("partition", 4), ("index", 4),
+    ("lp", 4), ("state", 4),
+    ("halted", 4), ("timer_pending", 4),
+    ("timer_vector", 4), ("_pad0", 4),
+    ("timer_period", 8), ("timer_deadline", 8),
+    ("rax", 8), ("rbx", 8), ("rcx", 8), ("rdx", 8), ("rsi", 8), ("rdi", 8), ("rbp", 8),
+    ("r8", 8), ("r9", 8), ("r10", 8), ("r11", 8), ("r12", 8), ("r13", 8), ("r14", 8), ("r15", 8),
+])
+MAP_RECORD = Struct("tr_map", [
+    ("partition", 4), ("_pad0", 4),
+    ("gpa", 8),                                # a page of its map window
+    ("hpa", 8),                                # the host page there
+])
+UNMAP_RECORD = Struct("tr_unmap", [
+    ("partition", 4), ("_pad0", 4),
+    ("gpa", 8),
+])
+OWNER_RECORD = Struct("tr_owner", [
+    ("base", 8), ("bytes", 8),                 # 4 KiB aligned host memory
+    ("owner", 4), ("_pad0", 4),                # a TRANSFER_OWNER value
+])
+VMCS_RECORD = Struct("tr_vmcs", [
+    ("partition", 4), ("index", 4),            # the VP
+    ("field_count", 4), ("_pad0", 4),          # VMCS_FIELD pairs that follow in the body
+])
+VMCS_FIELD = Struct("tr_vmcs_field", [
+    ("encoding", 4), ("_pad0", 4),
+    ("value", 8),
+])
+END_RECORD = Struct("tr_end", [
+    ("phase", 4), ("round", 4),
+    ("records", 4), ("_pad0", 4),              # records sent in the round, this one excluded
+])
+DIGEST_MESSAGE = Struct("tr_digest", [
+    ("chain", DIGEST_BYTES),                   # the sender's digest chain over every message
+])
+
+RECORD_LAYOUTS = {RecordType.INVARIANTS: INVARIANTS_RECORD, RecordType.CPUID: CPUID_RECORD,
+                  RecordType.PARTITION: PARTITION_RECORD, RecordType.VP: VP_RECORD,
+                  RecordType.MAP: MAP_RECORD, RecordType.UNMAP: UNMAP_RECORD,
+                  RecordType.OWNER: OWNER_RECORD, RecordType.VMCS: VMCS_RECORD, RecordType.END: END_RECORD}
+
+
+class TransferOwner(enum.IntEnum):
+    """Owners in OWNER records: the page-ownership database's own values (hypervisors/layouts.py)."""
+
+    FIRMWARE = layouts.OWNER_FIRMWARE          # the firmware's and operator's memory: nobody allocates it
+    PREVIOUS_HYPERVISOR = layouts.OWNER_PREVIOUS   # the old hypervisor's: free once the new one runs
+
+
+class Call(enum.IntEnum):
+    """Inverse hypercalls (VMCALLR, RAX) from the old hypervisor into the service partition."""
+
+    INVARIANTS = 1
+    STATE = 2
+    VERIFY = 3
+    COMMIT = 4
+
+
+class Reply(enum.IntEnum):
+    """What the new hypervisor returns in RAX; anything but ACCEPT aborts the restart."""
+
+    ACCEPT = 0
+    REFUSE_VERSION = 1
+    REFUSE_LP_COUNT = 2
+    REFUSE_CPUID = 3
+    REFUSE_VMX = 4
+    REFUSE_MESSAGE = 5                         # a bad header: magic, format, sequence, size
+    REFUSE_RECORD = 6                          # an unknown type or version, a wrong length
+    REFUSE_VALUE = 7                           # a value out of range
+    REFUSE_DIGEST = 8
+    REFUSE_NO_MEMORY = 9                       # the service region is too small for what it must build
+    REFUSE_ORDER = 10                          # a call out of protocol order
+
+
+class Phase(enum.IntEnum):
+    """restart_phase, also written to the machine's restart-phase port at every change."""
+
+    IDLE = 0
+    REQUESTED = 1
+    SERVICE = 2
+    INVARIANTS = 3
+    PRECOPY = 4
+    BLACKOUT = 5
+    COMMIT = 6
+    DEVIRTUALIZE = 7
+    RESUMED = 8                                # the new hypervisor runs guests again
+    ABORTED = 9
+
+
+class Status(enum.IntEnum):
+    """restart_status: how the last restart ended (0 while none has)."""
+
+    NONE = 0
+    DONE = 1
+    BAD_REQUEST = 2
+    DIGEST_MISMATCH = 3
+    SERVICE_FAILED = 4                         # the new hypervisor faulted or stopped before ready
+    SERVICE_TIMEOUT = 5
+    REFUSED = 6                                # restart_refusal has the Reply
+    CALL_FAILED = 7                            # an inverse hypercall ended by a VM exit: restart_exit_reason
+    BUSY = 8                                   # a request came while a restart ran
+
+
+SERVICE_READY = 0x100                          # hypercall (VMCALL RAX) of the service VP: initialized
+
+# The VMCS fields a restart carries for each VP: all guest state but the link pointer and the
+# preemption timer (each hypervisor sets its own), and the event being injected at the next entry.
+_NOT_CARRIED = {"VMCS_LINK_POINTER", "VMX_PREEMPTION_TIMER_VALUE"}
+VMCS_TRANSFER_FIELDS = tuple(
+    [field.encoding for field in vmcs_fields.FIELDS
+     if field.kind == vmcs_fields.FieldKind.GUEST and field.name not in _NOT_CARRIED]
+    + [vmcs_fields.BY_NAME[name].encoding
+       for name in ("VM_ENTRY_INTR_INFO_FIELD", "VM_ENTRY_EXCEPTION_ERROR_CODE", "VM_ENTRY_INSTRUCTION_LEN")])
+
+LAYOUTS = (RESTART_REQUEST, TRANSFER_HEADER, RECORD_HEADER, *RECORD_LAYOUTS.values(), VMCS_FIELD, DIGEST_MESSAGE)
+
+
+def constants() -> dict[str, int]:
+    """Everything above for assembly: layouts (TR_VP_RAX ...), and enumerations as PREFIX_NAME."""
+    values: dict[str, int] = {}
+    for layout in LAYOUTS:
+        values.update(layout.constants())
+    for enumeration, prefix in ((RecordType, "RECORD"), (TransferOwner, "TRANSFER_OWNER"), (Call, "CALL"),
+                                (Reply, "REPLY"), (Phase, "PHASE"), (Status, "STATUS")):
+        values.update({f"{prefix}_{member.name}": int(member) for member in enumeration})
+    values.update({name: value for name, value in globals().items()
+                   if name.isupper() and isinstance(value, int) and name != "MIB"})
+    values["VMCS_TRANSFER_FIELD_COUNT"] = len(VMCS_TRANSFER_FIELDS)
+    values["CPUID_INVARIANT_COUNT"] = len(cpuid_invariants())
+    return values
+
+
+def cpuid_invariants() -> list[tuple[int, int, int, int, int]]:
+    """(leaf, EAX, EBX, ECX, EDX) that a new hypervisor must answer as the old one did; leaf 1 EBX's
+    per-VP fields (APIC ID, VP count) and the version leaf are not invariants."""
+    values = invariants.constants()
+    vendor = (values["HV_CPUID_VENDOR_EBX"], values["HV_CPUID_VENDOR_ECX"], values["HV_CPUID_VENDOR_EDX"])
+    return [
+        (0, invariants.HV_CPUID_MAX_BASIC_LEAF, *vendor),
+        (1, invariants.HV_CPUID_FAMILY_MODEL, 0, invariants.HV_CPUID_LEAF1_ECX, invariants.HV_CPUID_LEAF1_EDX),
+        (invariants.HV_CPUID_HYPERVISOR_BASE, invariants.HV_CPUID_MAX_HYPERVISOR_LEAF, *vendor),
+    ]
+
+
+def generated_includes() -> dict[str, str]:
+    """Include files made from the tables above, for the hypervisors' assembly."""
+    return {"vmcs_transfer.inc": vmcs_field_table(), "cpuid_invariants.inc": cpuid_table()}
+
+
+def cpuid_table() -> str:
+    rows = "\n".join(f"    .long {', '.join(f'{value:#x}' for value in row)}" for row in cpuid_invariants())
+    return ("; cpuid_invariants.inc: generated by hypervisors/transfer.py; leaf, EAX, EBX, ECX, EDX per row.\n"
+            f"cpuid_invariants:\n{rows}\n")
+
+
+def vmcs_field_table() -> str:
+    """Assembly for the table of VMCS_TRANSFER_FIELDS (generated include vmcs_transfer.inc)."""
+    words = ", ".join(f"{encoding:#x}" for encoding in VMCS_TRANSFER_FIELDS)
+    return ("; vmcs_transfer.inc: generated by hypervisors/transfer.py; the VMCS fields a restart carries.\n"
+            f"vmcs_transfer_fields:\n    .long {words}\n")
