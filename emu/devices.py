@@ -1,4 +1,5 @@
-"""The machine's devices on the I/O-port bus: COM1, debug exit, clock, per-LP timer and IPIs, console channels, doorbell."""
+"""The machine's devices on the I/O-port bus: COM1, debug exit, clock, per-LP timer and IPIs, console channels,
+doorbell, restart-phase marker."""
 from __future__ import annotations
 
 from collections import deque
@@ -34,6 +35,7 @@ CONSOLE_CHANNEL_PORT = 0x540  # out: channel that following COM1 bytes belong to
 DOORBELL_STATUS_PORT = 0x530  # in: words left in the current doorbell message; out: acknowledge
 DOORBELL_DATA_PORT = 0x534    # in: next 32-bit word of the current message
 DOORBELL_VECTOR_PORT = 0x538  # out: vector raised on LP 0 when a message arrives (0 = none)
+RESTART_PHASE_PORT = 0x544    # root only; out: publish a `restart-phase` event; in: the last value written
 
 IPI_VECTOR_MASK = 0xFF
 IPI_DESTINATION_SHIFT = 8
@@ -124,6 +126,7 @@ class IoBus:
         self.console = Console()
         self.doorbell = Doorbell()
         self._clock_high_latch: dict[int, int] = {}
+        self.restart_phase = 0     # the last value root wrote to RESTART_PHASE_PORT
 
     def read(self, port: int, size: int) -> int:
         m = self.machine
@@ -149,7 +152,14 @@ class IoBus:
             return self.doorbell.words_left()
         if port == DOORBELL_DATA_PORT:
             return self.doorbell.next_word()
+        if port == RESTART_PHASE_PORT and self._from_root(lp):
+            return self.restart_phase
         return self.UNCLAIMED_READ
+
+    @staticmethod
+    def _from_root(lp) -> bool:
+        """The access comes from the LP's root mode, not from a guest reaching the bus without an I/O exit."""
+        return lp.running_context() is lp.root
 
     def write(self, port: int, size: int, value: int) -> None:
         m = self.machine
@@ -177,6 +187,10 @@ class IoBus:
             self.doorbell.acknowledge()
         elif port == DOORBELL_VECTOR_PORT:
             self.doorbell.vector = _device_vector(value)
+        elif port == RESTART_PHASE_PORT and self._from_root(lp):
+            # A marker in the event stream for hypervisors' protocol phases; to a guest the port is unclaimed.
+            self.restart_phase = value & WORD_MASK
+            m.events.publish(lp.now, lp.index, "restart-phase", phase=self.restart_phase)
 
     def _send_ipi(self, sender, value: int) -> None:
         vector = _device_vector(value)

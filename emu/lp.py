@@ -129,8 +129,8 @@ class LogicalProcessor:
 
     def is_stuck(self) -> bool:
         """Halted with nothing that could ever wake it: no timer or preemption deadline, and no
-        pending vector it could take (root with IF=0, or a guest that neither exits on external
-        interrupts nor has IF=1)."""
+        pending vector it could take (root with IF=0, a guest that neither exits on external
+        interrupts nor has IF=1, or a guest in an inverse hypercall, which takes none)."""
         if self.timer.deadline is not None or self.preemption_deadline is not None:
             return False
         if self.guest is None:
@@ -138,6 +138,8 @@ class LogicalProcessor:
         vmcs = self.guest
         if not vmcs.halted:
             return False
+        if vmcs.inverse_call_saved is not None:
+            return True   # interrupts are held pending during an inverse hypercall: only its timer wakes it
         takes_interrupts = bool(vmcs.read("PIN_BASED_VM_EXEC_CONTROL") & PinBasedControls.EXTERNAL_INTERRUPT_EXITING) \
             or bool(vmcs.read("GUEST_RFLAGS") & Rflags.IF)
         return not (self.pending_vectors and takes_interrupts)
@@ -283,11 +285,12 @@ class LogicalProcessor:
                 return True
             return False
         vmcs = self.guest
-        if vmcs.inverse_call_saved is not None:
-            return False  # interrupts are held pending while an inverse hypercall runs
         if self.preemption_deadline is not None and self.now >= self.preemption_deadline:
+            # Also during an inverse hypercall: the timer bounds the call and ends it (exit_guest).
             self.vmx.exit_guest(vmcs, ExitReason.PREEMPTION_TIMER)
             return True
+        if vmcs.inverse_call_saved is not None:
+            return False  # interrupts and interrupt windows are held pending while an inverse hypercall runs
         pin = vmcs.read("PIN_BASED_VM_EXEC_CONTROL")
         if self.pending_vectors and pin & PinBasedControls.EXTERNAL_INTERRUPT_EXITING:
             info = 0

@@ -103,7 +103,8 @@ def take(machine: "Machine") -> MachineSnapshot:
                  "channel": io.console.channel,
                  "doorbell": ([list(message) for message in io.doorbell.messages], io.doorbell.vector,
                               io.doorbell.acknowledged),
-                 "clock_latch": dict(io._clock_high_latch)},
+                 "clock_latch": dict(io._clock_high_latch),
+                 "restart_phase": io.restart_phase},
         events={"seq": machine.events._seq, "recorded": len(machine.events.events),
                 "recent": list(machine.events._recent)},
     )
@@ -159,6 +160,7 @@ def restore(machine: "Machine", snapshot: MachineSnapshot) -> None:
     io.doorbell.messages = collections.deque(list(message) for message in messages)
     io.doorbell.vector, io.doorbell.acknowledged = vector, acknowledged
     io._clock_high_latch = dict(snapshot.devices["clock_latch"])
+    io.restart_phase = snapshot.devices["restart_phase"]
     events = machine.events
     events._seq = snapshot.events["seq"]
     del events.events[snapshot.events["recorded"]:]

@@ -428,16 +428,23 @@ class VmxUnit:
         vmcs.record_exit(int(reason), qualification, instruction_length, interruption_info,
                          interruption_error or 0, idt_vectoring_info, idt_vectoring_error, guest_linear,
                          guest_physical, ActivityState.HLT if vmcs.halted else ActivityState.ACTIVE)
-        if lp.preemption_deadline is not None and \
-                vmcs.read("VM_EXIT_CONTROLS") & ExitControls.SAVE_VMX_PREEMPTION_TIMER_VALUE:
-            remaining = max(lp.preemption_deadline - lp.now, 0) >> CAPS.preemption_timer_rate
-            vmcs.write("VMX_PREEMPTION_TIMER_VALUE", remaining)
+        self._save_preemption_timer(vmcs)
         fast.copy_general_purpose_registers(vmcs.context.fast, lp.root.fast)
         lp.publish("vm-exit", vmcs=vmcs.address, reason=int(reason), qualification=qualification,
                    rip=vmcs.read("GUEST_RIP"))
         self.machine.count_exit(int(reason))
         lp.leave_guest()
         self.load_host_state(vmcs)
+
+    def _save_preemption_timer(self, vmcs: ActiveVmcs) -> None:
+        """With "save VMX-preemption timer value", the ticks left (0 once the timer has fired) go to
+        VMX_PREEMPTION_TIMER_VALUE (SDM Vol. 3C 28.3.4): at every VM exit, and at every end of an
+        inverse hypercall, which stops the timer in the same way."""
+        lp = self.lp
+        if lp.preemption_deadline is not None and \
+                vmcs.read("VM_EXIT_CONTROLS") & ExitControls.SAVE_VMX_PREEMPTION_TIMER_VALUE:
+            remaining = max(lp.preemption_deadline - lp.now, 0) >> CAPS.preemption_timer_rate
+            vmcs.write("VMX_PREEMPTION_TIMER_VALUE", remaining)
 
     def load_host_state(self, vmcs: ActiveVmcs) -> None:
         """SDM Vol. 3C 28.5: host RIP, RSP, control registers, bases and EFER; RFLAGS = 2."""
@@ -500,14 +507,18 @@ class VmxUnit:
         return "enter"
 
     def _end_inverse_call(self, vmcs: ActiveVmcs, succeeded: bool, exit_reason: int = 0) -> None:
+        """Step 11 (the guest's VMCALL) or step 12 (a VM-exit condition, the VMX-preemption timer's
+        expiry among them) of docs/machine.md 8.3: root continues after the VMCALLR."""
         lp = self.lp
         rip, rsp, rflags = vmcs.inverse_call_saved
         vmcs.inverse_call_saved = None
+        self._save_preemption_timer(vmcs)
         if succeeded:
             fast.copy_general_purpose_registers(vmcs.context.fast, lp.root.fast)
         vmcs.write("GUEST_RIP", rip)
         vmcs.write("GUEST_RSP", rsp)
         vmcs.write("GUEST_RFLAGS", rflags)
+        vmcs.halted = vmcs.read("GUEST_ACTIVITY_STATE") == ActivityState.HLT   # the state before the call
         lp.leave_guest()
         lp.publish("vmcallr-return", vmcs=vmcs.address, ok=succeeded,
                    result=lp.root.reg(x86.UC_X86_REG_RAX) if succeeded else None,

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from emu import devices
 from emu.machine import Machine
-from hypervisors import build, guest_abi, layouts
+from hypervisors import build, guest_abi, layouts, transfer
 from hypervisors.memory_map import (
     BOOT_INFO_ADDRESS, DEFAULT_GUEST_MEMORY, FREE_BASE, GUEST_LOAD_ADDRESS, GUEST_STAGING_BASE,
     GUEST_STAGING_END, GUEST_VP_STACK_SIZE, HEAP_BASE, HEAP_SIZE, HYPERVISOR_BASE, HYPERVISOR_MAX_SIZE,
@@ -19,6 +19,7 @@ MIN_RAM = 64 * MIB
 # page tables of its window, and the page records of the frames they come from (one page in 512).
 _MAP_WINDOW_TABLE_PAGES = 1 + guest_abi.MAP_WINDOW_SIZE // LARGE_PAGE_SIZE
 _QUOTA_POOL_PAGES = guest_abi.MAP_QUOTA_PAGES + _MAP_WINDOW_TABLE_PAGES
+RESTART_RESERVE = 2 * (transfer.SERVICE_REGION_SIZE + transfer.TRANSFER_AREA_SIZE)
 MAP_POOL_PER_GUEST = (_QUOTA_POOL_PAGES + -(-_QUOTA_POOL_PAGES // (LARGE_PAGE_SIZE // PAGE_SIZE - 1))) * PAGE_SIZE
 
 
@@ -84,8 +85,10 @@ def boot(guests: list[GuestImage] | tuple[GuestImage, ...], *, hypervisor: str =
     if len(image.code) > HYPERVISOR_MAX_SIZE:
         raise BootError(f"{hypervisor} image of {len(image.code)} bytes is larger than {HYPERVISOR_MAX_SIZE}")
     needed = FREE_BASE + sum(guest.memory_size for guest in guests)
-    # By default every guest has room for its whole map quota (RAM is only committed where written).
-    with_pool = needed + len(guests) * MAP_POOL_PER_GUEST
+    # By default every guest has room for its whole map quota, and there is room for two service
+    # regions and transfer areas (the hypervisor's, and one for the restart after next; RAM is only
+    # committed where written).
+    with_pool = needed + len(guests) * MAP_POOL_PER_GUEST + RESTART_RESERVE
     ram = ram_size if ram_size is not None else max(MIN_RAM, -(-with_pool // LARGE_PAGE_SIZE) * LARGE_PAGE_SIZE)
     if ram < needed:
         raise BootError(f"--ram {ram // MIB} MiB is too small: the guests need {needed // MIB} MiB in all")

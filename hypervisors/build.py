@@ -50,7 +50,8 @@ _ENUM_PREFIXES = {
     vmx_defs.InveptType: "INVEPT_TYPE",
 }
 _DEVICE_PORTS = ("COM1_BASE", "DEBUG_EXIT_PORT", "CLOCK_LOW_PORT", "CLOCK_HIGH_PORT", "LP_ID_PORT",
-                 "LP_COUNT_PORT", "CONSOLE_CHANNEL_PORT")
+                 "LP_COUNT_PORT", "CONSOLE_CHANNEL_PORT", "RESTART_PHASE_PORT", "DOORBELL_STATUS_PORT",
+                 "DOORBELL_DATA_PORT", "IPI_PORT", "IPI_DESTINATION_SHIFT")
 
 
 def _enum_constants() -> dict[str, int]:
@@ -78,7 +79,7 @@ def constants(name: str = "hv1") -> dict[str, int]:
     return merge_constants(
         *(layout.constants() for layout in layouts.LAYOUTS),
         layouts.STATES,
-        {"BOOT_MAGIC_VALUE": layouts.BOOT_INFO_MAGIC},
+        {"BOOT_MAGIC_VALUE": layouts.BOOT_INFO_MAGIC, "BOOT_PROTOCOL_VERSION": layouts.BOOT_PROTOCOL_VERSION},
         vmcs_fields.layout_constants(),
         _enum_constants(),
         vmx_values,

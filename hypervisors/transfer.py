@@ -60,6 +60,7 @@ class RecordType(enum.IntEnum):
     OWNER = 7
     VMCS = 8
     END = 9
+    WINDOW_RESET = 10                          # the partition's map window is emptied; MAPs follow
 
 
 RECORD_VERSION = 1
@@ -115,6 +116,9 @@ END_RECORD = Struct("tr_end", [
     ("phase", 4), ("round", 4),
     ("records", 4), ("_pad0", 4),              # records sent in the round, this one excluded
 ])
+WINDOW_RESET_RECORD = Struct("tr_window_reset", [
+    ("partition", 4), ("_pad0", 4),
+])
 DIGEST_MESSAGE = Struct("tr_digest", [
     ("chain", DIGEST_BYTES),                   # the sender's digest chain over every message
 ])
@@ -122,7 +126,8 @@ DIGEST_MESSAGE = Struct("tr_digest", [
 RECORD_LAYOUTS = {RecordType.INVARIANTS: INVARIANTS_RECORD, RecordType.CPUID: CPUID_RECORD,
                   RecordType.PARTITION: PARTITION_RECORD, RecordType.VP: VP_RECORD,
                   RecordType.MAP: MAP_RECORD, RecordType.UNMAP: UNMAP_RECORD,
-                  RecordType.OWNER: OWNER_RECORD, RecordType.VMCS: VMCS_RECORD, RecordType.END: END_RECORD}
+                  RecordType.OWNER: OWNER_RECORD, RecordType.VMCS: VMCS_RECORD, RecordType.END: END_RECORD,
+                  RecordType.WINDOW_RESET: WINDOW_RESET_RECORD}
 
 
 class TransferOwner(enum.IntEnum):
@@ -145,16 +150,16 @@ class Reply(enum.IntEnum):
     """What the new hypervisor returns in RAX; anything but ACCEPT aborts the restart."""
 
     ACCEPT = 0
-    REFUSE_VERSION = 1
-    REFUSE_LP_COUNT = 2
-    REFUSE_CPUID = 3
-    REFUSE_VMX = 4
-    REFUSE_MESSAGE = 5                         # a bad header: magic, format, sequence, size
-    REFUSE_RECORD = 6                          # an unknown type or version, a wrong length
-    REFUSE_VALUE = 7                           # a value out of range
-    REFUSE_DIGEST = 8
-    REFUSE_NO_MEMORY = 9                       # the service region is too small for what it must build
-    REFUSE_ORDER = 10                          # a call out of protocol order
+    VERSION = 1
+    LP_COUNT = 2
+    CPUID = 3
+    VMX = 4
+    MESSAGE = 5                         # a bad header: magic, format, sequence, size
+    RECORD = 6                          # an unknown type or version, a wrong length
+    VALUE = 7                           # a value out of range
+    DIGEST = 8
+    NO_MEMORY = 9                       # the service region is too small for what it must build
+    ORDER = 10                          # a call out of protocol order
 
 
 class Phase(enum.IntEnum):

@@ -25,7 +25,8 @@ def test_every_builtin_guest_ends_under_hv2_as_under_hv1():
     under_hv2 = run_module.run("hv2", ALL_GUESTS, lps=2).document
     assert outcome(under_hv2) == outcome(under_hv1)
     assert all(g["exit_code"] == 0 for g in under_hv2["guests"] if g["name"] != "hostile")
-    assert sorted(under_hv2["guests"][5]["console"].splitlines()) == [f"hello from VP {n}" for n in range(3)]
+    # Three VPs print at once, byte by byte: the bytes are the same, their interleaving may not be.
+    assert sorted(under_hv2["guests"][5]["console"]) == sorted("".join(f"hello from VP {n}\n" for n in range(3)))
 
 
 def test_the_version_guests_see_is_hv2s():

@@ -77,6 +77,14 @@ page_taken:
 partition_created:
     ret
 
+; rsi = a partition, rdi = the TR_PARTITION record being sent: what only hv1 keeps (nothing).
+partition_to_record:
+    ret
+
+; rbp = a partition, rdi = a TR_PARTITION record received: what hv1 keeps of it beyond the shared fields.
+partition_from_record:
+    ret
+
 panic_message:
     .asciz "hv1: panic\n"
 
@@ -86,4 +94,9 @@ panic_message:
 %include "schedule.inc"
 %include "exits.inc"
 %include "panic.inc"
+%include "restart.inc"
+%include "service.inc"
+%include "sha256.inc"
+%include "vmcs_transfer.inc"
+%include "cpuid_invariants.inc"
 %include "data.inc"

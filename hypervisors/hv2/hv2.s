@@ -81,6 +81,22 @@ partition_created:
     mov [rbp + PARTITION_NAME + 8], rax
     ret
 
+; rsi = a partition, rdi = the TR_PARTITION record being sent: what only hv2 keeps (the name).
+partition_to_record:
+    mov rax, [rsi + PARTITION_NAME]
+    mov [rdi + TR_PARTITION_NAME], rax
+    mov rax, [rsi + PARTITION_NAME + 8]
+    mov [rdi + TR_PARTITION_NAME + 8], rax
+    ret
+
+; rbp = a partition, rdi = a TR_PARTITION record received: what hv2 keeps of it beyond the shared fields.
+partition_from_record:
+    mov rax, [rdi + TR_PARTITION_NAME]
+    mov [rbp + PARTITION_NAME], rax
+    mov rax, [rdi + TR_PARTITION_NAME + 8]
+    mov [rbp + PARTITION_NAME + 8], rax
+    ret
+
 panic_message:
     .asciz "hv2: panic\n"
 
@@ -90,4 +106,9 @@ panic_message:
 %include "schedule.inc"
 %include "exits.inc"
 %include "panic.inc"
+%include "restart.inc"
+%include "service.inc"
+%include "sha256.inc"
+%include "vmcs_transfer.inc"
+%include "cpuid_invariants.inc"
 %include "data.inc"
