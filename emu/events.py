@@ -40,6 +40,9 @@ class EventStream:
     def subscribe(self, callback: Callable[[Event], None]) -> None:
         self._subscribers.append(callback)
 
+    def unsubscribe(self, callback: Callable[[Event], None]) -> None:
+        self._subscribers.remove(callback)
+
     def recent(self) -> list[Event]:
         """The last RECENT_EVENTS_KEPT events, oldest first."""
         return [Event(*entry) for entry in self._recent]

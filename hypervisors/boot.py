@@ -41,12 +41,21 @@ class GuestImage:
 @dataclass
 class Booted:
     machine: Machine
-    hypervisor: str
+    hypervisor: str                     # the hypervisor running now (a hot restart changes it)
     guests: tuple[GuestImage, ...]
+    image_base: int = HYPERVISOR_BASE   # where its image is (a hot restart loads it elsewhere)
+
+    def symbol(self, name: str) -> int:
+        """The address of a symbol of the running hypervisor's image, where that image is."""
+        image = build.image(self.hypervisor)
+        return image.symbol(name) - image.base + self.image_base
+
+    def read_qword(self, name: str) -> int:
+        return int.from_bytes(self.machine.ram.read(self.symbol(name), 8), "little")
 
     def partitions(self) -> list[dict]:
         """The hypervisor's partition records, one per guest, in boot order."""
-        base = build.image(self.hypervisor).symbol("partitions")
+        base = self.symbol("partitions")
         layout = build.hypervisor(self.hypervisor).records.partition
         size = layout.size
         return [layout.unpack(self.machine.ram.read(base + i * size, size))

@@ -86,17 +86,16 @@ def _window(ram, eptp: int) -> tuple[dict[int, int], list[int]]:
 
 def lock_held(booted) -> bool:
     """The hypervisor's memory_lock: while an LP holds it, the database and the windows may disagree for a moment."""
-    return bool(_qword(booted.machine.ram, build.image(booted.hypervisor).symbol("memory_lock")))
+    return bool(booted.read_qword("memory_lock"))
 
 
 def read(booted) -> MemoryState:
     """The hypervisor's memory state in a booted machine (hypervisors.boot.Booted), read from RAM."""
-    image = build.image(booted.hypervisor)
     records = build.hypervisor(booted.hypervisor).records
     frame_layout, page_layout = records.frame, records.page
     ram = booted.machine.ram
-    frame_table = _qword(ram, image.symbol("frame_table"))
-    frame_count = _qword(ram, image.symbol("frame_count"))
+    frame_table = booted.read_qword("frame_table")
+    frame_count = booted.read_qword("frame_count")
     frame_bytes = ram.read(frame_table, frame_count * frame_layout.size)
     frame_owners, page_owners, free_counts, records_inside = [], {}, {}, set()
     for number in range(frame_count):
@@ -137,8 +136,11 @@ def problems(state: MemoryState) -> list[str]:
                              f"{owner_name(record[0])} at guest frame {record[1]:#x}")
         for table in state.window_tables[partition]:
             referenced[table] += 1
-            if state.page_owners.get(table, (None,))[0] != layouts.OWNER_HYPERVISOR:
-                found.append(f"partition {partition}: EPT table {table:#x} is not a hypervisor page of the pool")
+            in_pool = state.page_owners.get(table, (None,))[0] == layouts.OWNER_HYPERVISOR
+            in_heap = state.frame_owners[table // LARGE_PAGE_SIZE] == layouts.OWNER_HYPERVISOR  # built by a restart
+            if not (in_pool or in_heap):
+                found.append(f"partition {partition}: EPT table {table:#x} is neither a hypervisor page of the "
+                             "pool nor in the hypervisor's own memory")
     found += [f"host page {page:#x} is referenced {count} times" for page, count in referenced.items() if count > 1]
     for page, (owner, _) in state.page_owners.items():
         is_records_page = page % LARGE_PAGE_SIZE == 0 and page // LARGE_PAGE_SIZE in state.records_inside

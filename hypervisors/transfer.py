@@ -10,7 +10,8 @@ from hypervisors import invariants, layouts
 PROTOCOL_VERSION = 1
 REQUEST_MAGIC = int.from_bytes(b"HHRR", "little")
 TRANSFER_MAGIC = int.from_bytes(b"HHRX", "little")
-DIGEST_BYTES = 32                      # SHA-256
+DIGEST_BYTES = 32                      # SHA-256, of the image
+STATE_DIGEST_BYTES = 16                # the state stream's digest (hypervisors/common/digest.inc)
 
 MIB = 1 << 20
 SERVICE_REGION_SIZE = 64 * MIB         # reserved at boot for the next hypervisor (whole 2 MiB frames)
@@ -120,7 +121,7 @@ WINDOW_RESET_RECORD = Struct("tr_window_reset", [
     ("partition", 4), ("_pad0", 4),
 ])
 DIGEST_MESSAGE = Struct("tr_digest", [
-    ("chain", DIGEST_BYTES),                   # the sender's digest chain over every message
+    ("chain", STATE_DIGEST_BYTES),             # the sender's digest chain over every message
 ])
 
 RECORD_LAYOUTS = {RecordType.INVARIANTS: INVARIANTS_RECORD, RecordType.CPUID: CPUID_RECORD,
@@ -218,6 +219,30 @@ def constants() -> dict[str, int]:
     values["VMCS_TRANSFER_FIELD_COUNT"] = len(VMCS_TRANSFER_FIELDS)
     values["CPUID_INVARIANT_COUNT"] = len(cpuid_invariants())
     return values
+
+
+_MASK64 = (1 << 64) - 1
+_DIGEST_LANE1_PRIME = 0x100000001B3
+_DIGEST_LANE2_MULTIPLIER = 0x9E3779B97F4A7C15
+_DIGEST_LANE2_ROTATION = 31
+STATE_DIGEST_START = (0xCBF29CE484222325).to_bytes(8, "little") + (0x6A09E667F3BCC908).to_bytes(8, "little")
+
+
+def chain_digest(previous: bytes, message: bytes) -> bytes:
+    """The state stream's digest after `message` (hypervisors/common/digest.inc, in Python)."""
+    lane1 = int.from_bytes(previous[:8], "little")
+    lane2 = int.from_bytes(previous[8:16], "little")
+
+    def mix(word: int) -> None:
+        nonlocal lane1, lane2
+        lane1 = ((lane1 ^ word) * _DIGEST_LANE1_PRIME) & _MASK64
+        lane2 = (lane2 + word * _DIGEST_LANE2_MULTIPLIER) & _MASK64
+        lane2 = ((lane2 << _DIGEST_LANE2_ROTATION) | (lane2 >> (64 - _DIGEST_LANE2_ROTATION))) & _MASK64
+
+    for offset in range(0, len(message), 8):
+        mix(int.from_bytes(message[offset:offset + 8], "little"))
+    mix(len(message))
+    return lane1.to_bytes(8, "little") + lane2.to_bytes(8, "little")
 
 
 def cpuid_invariants() -> list[tuple[int, int, int, int, int]]:

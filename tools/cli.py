@@ -1,4 +1,4 @@
-"""The `hhr` command: selftest, run, and machine benchmarks (restart, trace, bench and fuzz arrive with their issues)."""
+"""The `hhr` command: selftest, run, restart, and benchmarks (trace and fuzz arrive with their issues)."""
 from __future__ import annotations
 
 import argparse
@@ -81,20 +81,54 @@ def run(args: argparse.Namespace) -> int:
     return 0 if stop == "debug-exit" else 1
 
 
+def restart(args: argparse.Namespace) -> int:
+    """Runs guests under --from, hot-restarts into --to at --at instructions, reports phases and blackout."""
+    import json
+
+    from guests.catalog import GuestSpecError, parse_size
+    from hypervisors.boot import BootError
+    from tools import restart as restart_module
+
+    try:
+        ram = parse_size(args.ram) if args.ram else None
+        document = restart_module.restart(args.from_hv, args.to_hv, args.guest, lps=args.lps, ram_size=ram,
+                                          request_at=args.at, max_instructions=args.max_instructions,
+                                          injection=args.inject)
+    except (GuestSpecError, BootError, ValueError) as error:
+        print(f"hhr restart: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(document, indent=2) if args.json else restart_module.text(document))
+    done = document["restart"]["status"] == "done"
+    return 0 if done and document["machine_stop"]["reason"] == "debug-exit" else 1
+
+
+def _add_machine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lps", type=int, default=1, help="logical processors (default 1)")
+    parser.add_argument("--ram", help="machine RAM, e.g. 512M (default: what the guests need)")
+    parser.add_argument("--guest", action="append", required=True, metavar="SPEC",
+                        help="a built-in guest name or a flat binary, optionally ,vps=N,mem=SIZE (repeatable)")
+    parser.add_argument("--max-instructions", type=int, default=2_000_000_000,
+                        help="stop after this many instructions (default 2e9)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hhr", description="Hypervisor hot restart on an emulated x86-64 machine.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("selftest", help="boot the machine, launch a guest under VMX, report").set_defaults(func=selftest)
     run_parser = commands.add_parser("run", help="run guests under a hypervisor")
     run_parser.add_argument("--hv", default="hv1", help="the hypervisor (default hv1)")
-    run_parser.add_argument("--lps", type=int, default=1, help="logical processors (default 1)")
-    run_parser.add_argument("--ram", help="machine RAM, e.g. 512M (default: what the guests need)")
-    run_parser.add_argument("--guest", action="append", required=True, metavar="SPEC",
-                            help="a built-in guest name or a flat binary, optionally ,vps=N,mem=SIZE (repeatable)")
-    run_parser.add_argument("--max-instructions", type=int, default=2_000_000_000,
-                            help="stop after this many instructions (default 2e9)")
-    run_parser.add_argument("--json", action="store_true", help="print one JSON object (docs/hv1.md)")
+    _add_machine_arguments(run_parser)
     run_parser.set_defaults(func=run)
+    restart_parser = commands.add_parser("restart", help="hot-restart the hypervisor while guests run")
+    restart_parser.add_argument("--from", dest="from_hv", default="hv1", help="the hypervisor booted (default hv1)")
+    restart_parser.add_argument("--to", dest="to_hv", default="hv2", help="the hypervisor it becomes (default hv2)")
+    restart_parser.add_argument("--at", type=int, default=1_000_000,
+                                help="instructions before the request is rung on the doorbell (default 1e6)")
+    restart_parser.add_argument("--inject", default="none",
+                                help="a failure to provoke: digest, hang-boot, fault-boot, hang-call, corrupt-message")
+    _add_machine_arguments(restart_parser)
+    restart_parser.set_defaults(func=restart)
     bench_parser = commands.add_parser("bench", help="benchmarks")
     bench_parser.add_argument("--machine", action="store_true", help="the machine's own speed against bare Unicorn")
     bench_parser.add_argument("--hypervisor", action="store_true",

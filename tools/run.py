@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from emu.vmx_defs import EXIT_REASON_BASIC_MASK, ExitReason
 from guests import catalog
 from hypervisors import memory_state, layouts
-from hypervisors.boot import boot
+from hypervisors.boot import Booted, boot
 
 DEFAULT_INSTRUCTION_LIMIT = 2_000_000_000
 JSON_SCHEMA_VERSION = 1
@@ -36,10 +36,14 @@ def run(hypervisor: str, guest_specs: list[str], *, lps: int = 1, ram_size: int 
     booted = boot(guests, hypervisor=hypervisor, lps=lps, ram_size=ram_size, record_events=record_events)
     started = time.perf_counter()
     result = booted.machine.run(max_instructions=max_instructions)
-    seconds = time.perf_counter() - started
+    return RunReport(document(booted, result, lps), time.perf_counter() - started)
+
+
+def guest_reports(booted: Booted) -> list[dict]:
+    """Each guest as the running hypervisor's partition table says, with its console."""
     console = booted.machine.io.console
     reports = []
-    for number, (guest, partition) in enumerate(zip(guests, booted.partitions())):
+    for number, (guest, partition) in enumerate(zip(booted.guests, booted.partitions())):
         state = PARTITION_STATE_NAMES.get(partition["state"], "not started")
         reports.append({
             "name": guest.name, "vps": guest.vp_count, "memory": guest.memory_size,
@@ -49,13 +53,18 @@ def run(hypervisor: str, guest_specs: list[str], *, lps: int = 1, ram_size: int 
             "stop_reason": reason_name(partition["stop_reason"]) if state == "stopped" else None,
             "mapped_pages": partition["mapped_pages"],
         })
+    return reports
+
+
+def document(booted: Booted, result, lps: int) -> dict:
+    """The JSON document of docs/hv1.md (schema 1) for a machine that has stopped."""
     statistics = booted.machine.statistics()
     host_pages = memory_state.read(booted).owned_pages()
-    document = {
+    return {
         "schema": JSON_SCHEMA_VERSION,
-        "hypervisor": hypervisor, "lps": lps, "ram": booted.machine.ram.size,
-        "guests": reports,
-        "hypervisor_console": console.text(0),
+        "hypervisor": booted.hypervisor, "lps": lps, "ram": booted.machine.ram.size,
+        "guests": guest_reports(booted),
+        "hypervisor_console": booted.machine.io.console.text(0),
         "machine_stop": {"reason": result.stop.reason, "exit_status": result.stop.exit_status,
                          "report": result.stop.report},
         "instructions": result.instructions, "virtual_time": result.virtual_time,
@@ -63,7 +72,6 @@ def run(hypervisor: str, guest_specs: list[str], *, lps: int = 1, ram_size: int 
         "instructions_by_lp": statistics["instructions_by_lp"],
         "host_pages": dict(sorted(host_pages.items())),
     }
-    return RunReport(document, seconds)
 
 
 def text(report: RunReport) -> str:

@@ -109,6 +109,7 @@ panic_message:
 %include "restart.inc"
 %include "service.inc"
 %include "sha256.inc"
+%include "digest.inc"
 %include "vmcs_transfer.inc"
 %include "cpuid_invariants.inc"
 %include "data.inc"

@@ -1,0 +1,284 @@
+"""`hhr restart`: run guests under one hypervisor, hot-restart it into another mid-run, and measure what guests saw."""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+from emu.events import Event
+from guests import catalog
+from hypervisors import boot, build, memory_state, transfer
+from hypervisors.boot import Booted
+from hypervisors.memory_map import PAGE_SIZE
+from tools import run as run_module
+
+DEFAULT_REQUEST_AT = 1_000_000          # instructions (all LPs) before the operator rings the doorbell
+INJECTIONS = ("none", "digest", "hang-boot", "fault-boot", "hang-call", "corrupt-message")
+JUMP_TO_ITSELF = b"\xeb\xfe"            # jmp $: a new hypervisor that hangs in its first inverse call
+RESTART_BUDGET = 400_000_000            # instructions a restart may take before the operator gives up
+RUN_STEP = 1_000_000                    # the operator looks at the restart this often
+
+
+@dataclass
+class PhaseMark:
+    phase: transfer.Phase
+    virtual_time: int
+    host_time: float
+    instructions: int
+    inverse_calls: int
+    bytes_sent: int
+
+
+@dataclass
+class RestartRecorder:
+    """Follows the machine's events through a restart: phases, inverse calls, each VP's last exit
+    under the old hypervisor and first entry under the new, and guest memory at both ends."""
+
+    booted: Booted
+    to_hypervisor: str
+    corrupt_message: bool = False
+    marks: list[PhaseMark] = field(default_factory=list)
+    inverse_calls: int = 0
+    bytes_sent: int = 0
+    last_exit: dict[int, tuple[int, float]] = field(default_factory=dict)     # VMCS: (time, host time)
+    first_entry: dict[int, tuple[int, float]] = field(default_factory=dict)
+    old_vps: dict[int, tuple[int, int, int]] = field(default_factory=dict)   # VMCS: (partition, index, LP)
+    new_vps: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    memory_before: tuple[str, dict] | None = None
+    memory_after: tuple[str, dict] | None = None
+    service_region: int = 0
+    corrupted: bool = False
+    vp_states: dict[tuple[int, int], str] = field(default_factory=dict)     # (partition, VP): at the blackout
+    finished: bool = False              # the restart is done or has been aborted
+    python_digest: bytes = transfer.STATE_DIGEST_START    # the digest chain, computed here
+    digest_agrees: bool | None = None   # the old hypervisor's chain equals this one at VERIFY
+    own_seconds: float = 0.0            # host time the recorder itself spent (digests): not the machine's
+
+    def clock(self) -> float:
+        """Host time of the machine alone: the recorder's own work taken out."""
+        return time.perf_counter() - self.own_seconds
+
+    def __call__(self, event: Event) -> None:
+        kind = event.kind
+        if kind == "vm-exit":
+            if not self.new_vps:
+                self.last_exit[event.data["vmcs"]] = (event.time, self.clock())
+        elif kind == "vm-entry":
+            vmcs = event.data["vmcs"]
+            if self.new_vps and vmcs in self.new_vps and vmcs not in self.first_entry:
+                self.first_entry[vmcs] = (event.time, self.clock())
+        elif kind == "vmcallr":
+            self.inverse_calls += 1
+            area = self.booted.read_qword("transfer_area")
+            header = transfer.TRANSFER_HEADER.unpack(self.booted.machine.ram.read(area, transfer.TRANSFER_HEADER.size))
+            self.bytes_sent += header["bytes"]
+            message = self.booted.machine.ram.read(area, min(header["bytes"], transfer.TRANSFER_AREA_SIZE))
+            if event.data["call"] in (transfer.Call.INVARIANTS, transfer.Call.STATE):   # the chained messages
+                self.python_digest = transfer.chain_digest(self.python_digest, message)
+            elif event.data["call"] == transfer.Call.VERIFY:
+                sent = message[transfer.TRANSFER_HEADER.size:transfer.TRANSFER_HEADER.size + transfer.STATE_DIGEST_BYTES]
+                self.digest_agrees = sent == self.python_digest
+            if self.corrupt_message and not self.corrupted and event.data["call"] == transfer.Call.STATE:
+                self._corrupt(area, header)
+        elif kind == "restart-phase":
+            self._phase(transfer.Phase(event.data["phase"]), event.time)
+
+    def _phase(self, phase: transfer.Phase, virtual_time: int) -> None:
+        machine = self.booted.machine
+        self.marks.append(PhaseMark(phase, virtual_time, self.clock(),
+                                    sum(lp.instructions for lp in machine.lps), self.inverse_calls, self.bytes_sent))
+        started = time.perf_counter()
+        if phase == transfer.Phase.BLACKOUT:
+            self.old_vps = self._vp_table()
+            self.memory_before = guest_memory(self.booted)
+            self.service_region = self.booted.read_qword("service_region")
+        elif phase == transfer.Phase.RESUMED:
+            self.booted.hypervisor, self.booted.image_base = self.to_hypervisor, self.service_region
+            self.memory_after = guest_memory(self.booted)
+            self.new_vps = self._vp_table()
+            self.finished = True
+        elif phase == transfer.Phase.IDLE and any(mark.phase == transfer.Phase.ABORTED for mark in self.marks):
+            self.finished = True
+        self.own_seconds += time.perf_counter() - started
+
+    def _vp_table(self) -> dict[int, tuple[int, int, int]]:
+        layout = build.hypervisor(self.booted.hypervisor).records.vp
+        partition_layout = build.hypervisor(self.booted.hypervisor).records.partition
+        base, partitions = self.booted.symbol("vps"), self.booted.symbol("partitions")
+        table = {}
+        states = self.booted.partitions()
+        for number in range(self.booted.read_qword("vp_total")):
+            vp = layout.unpack(self.booted.machine.ram.read(base + number * layout.size, layout.size))
+            partition = (vp["partition"] - partitions) // partition_layout.size
+            table[vp["vmcs"]] = (partition, vp["index"], vp["lp"])
+            if not self.new_vps and not self.vp_states.get((partition, vp["index"])):
+                self.vp_states[(partition, vp["index"])] = vp_state(vp, states[partition])
+        return table
+
+    def _corrupt(self, area: int, header: dict) -> None:
+        """Flips one byte of the last record of a message in flight (the digest chain must catch it)."""
+        address = area + header["bytes"] - 1
+        value = self.booted.machine.ram.read(address, 1)[0]
+        self.booted.machine.ram.write(address, bytes([value ^ 0xFF]))
+        self.corrupted = True
+
+    def vp_blackouts(self) -> list[dict]:
+        by_identity = {identity[:2]: vmcs for vmcs, identity in self.new_vps.items()}
+        rows = []
+        for old_vmcs, (partition, index, lp) in sorted(self.old_vps.items(), key=lambda item: item[1]):
+            new_vmcs = by_identity.get((partition, index))
+            exit_mark, entry_mark = self.last_exit.get(old_vmcs), self.first_entry.get(new_vmcs)
+            state = self.vp_states.get((partition, index), "running")
+            row = {"partition": partition, "vp": index, "lp": lp, "state": state, "last_exit": None,
+                   "first_entry": None, "blackout_ticks": None, "blackout_host_ms": None}
+            if exit_mark and entry_mark and state == "running":
+                row.update(last_exit=exit_mark[0], first_entry=entry_mark[0],
+                           blackout_ticks=entry_mark[0] - exit_mark[0],
+                           blackout_host_ms=(entry_mark[1] - exit_mark[1]) * 1e3)
+            rows.append(row)
+        return rows
+
+    def phases(self) -> list[dict]:
+        rows = []
+        for mark, following in zip(self.marks, self.marks[1:]):
+            rows.append({"phase": mark.phase.name.lower(), "virtual_start": mark.virtual_time,
+                         "virtual_ticks": following.virtual_time - mark.virtual_time,
+                         "host_ms": (following.host_time - mark.host_time) * 1e3,
+                         "instructions": following.instructions - mark.instructions,
+                         "inverse_calls": following.inverse_calls - mark.inverse_calls,
+                         "bytes_sent": following.bytes_sent - mark.bytes_sent})
+        return rows
+
+
+def vp_state(vp: dict, partition: dict) -> str:
+    """`running`, `waiting` (halted for its timer), `sleeping` (halted for good), `ended`: a VP's
+    blackout is measured only if it was running."""
+    from hypervisors import layouts
+    if partition["state"] != layouts.PARTITION_RUNNING or vp["state"] != layouts.VP_RUNNABLE:
+        return "ended"
+    if vp["halted"]:
+        return "waiting" if vp["timer_period"] else "sleeping"
+    return "running"
+
+
+def guest_memory(booted: Booted) -> tuple[str, dict]:
+    """A SHA-256 of every partition's RAM and mapped pages, and every map window (gpa to host page)."""
+    digest = hashlib.sha256()
+    windows = memory_state.read(booted).windows
+    for number, partition in enumerate(booted.partitions()):
+        digest.update(booted.machine.ram.read(partition["memory"], partition["memory_size"]))
+        for gpa in sorted(windows[number]):
+            digest.update(booted.machine.ram.read(windows[number][gpa], PAGE_SIZE))
+    return digest.hexdigest(), {number: dict(window) for number, window in windows.items()}
+
+
+def request_words(image_code: bytes, symbols: dict[str, int], base: int, *, address: int = transfer.STAGING_BASE,
+                  digest: bytes | None = None) -> list[int]:
+    """The doorbell message for an image staged at `address` (docs/protocol.md, 1)."""
+    request = transfer.RESTART_REQUEST.pack(
+        magic=transfer.REQUEST_MAGIC, version=transfer.PROTOCOL_VERSION, image=address, image_size=len(image_code),
+        service_entry=symbols["service_entry"] - base, inverse_entry=symbols["inverse_entry"] - base,
+        takeover_entry=symbols["takeover_entry"] - base,
+        digest=digest if digest is not None else hashlib.sha256(image_code).digest())
+    return [int.from_bytes(request[offset:offset + 4], "little") for offset in range(0, len(request), 4)]
+
+
+def stage(booted: Booted, to_hypervisor: str, injection: str = "none") -> None:
+    """The operator's part: the new image into the staging area, the request on the doorbell."""
+    image = build.image(to_hypervisor)
+    code = bytearray(image.code)
+    symbols = dict(image.symbols)
+    if injection == "hang-boot":
+        symbols["service_entry"] = image.symbol("service_entry.stay")     # never says ready
+    elif injection == "fault-boot":
+        symbols["service_entry"] = image.symbol("panic")                  # I/O at once: an exit
+    elif injection == "hang-call":
+        offset = image.symbol("inverse_entry") - image.base
+        code[offset:offset + len(JUMP_TO_ITSELF)] = JUMP_TO_ITSELF
+    booted.machine.load(transfer.STAGING_BASE, bytes(code))
+    digest = hashlib.sha256(bytes(code)).digest()
+    if injection == "digest":
+        digest = bytes(reversed(digest))
+    booted.machine.ring_doorbell(request_words(bytes(code), symbols, image.base, digest=digest))
+
+
+def request(booted: Booted, to_hypervisor: str, *, injection: str = "none",
+            budget: int = RESTART_BUDGET) -> RestartRecorder:
+    """The operator requests a restart into `to_hypervisor` and the machine runs until it is done or
+    aborted (or `budget` more instructions have run); the recorder has what happened."""
+    build.hypervisor(to_hypervisor)
+    if injection not in INJECTIONS:
+        raise ValueError(f"unknown injection {injection!r}; known: {', '.join(INJECTIONS)}")
+    machine = booted.machine
+    recorder = RestartRecorder(booted, to_hypervisor, corrupt_message=injection == "corrupt-message")
+    machine.events.subscribe(recorder)
+    try:
+        stage(booted, to_hypervisor, injection)
+        limit = machine.retired + budget
+        while not recorder.finished and machine.retired < limit:
+            machine.run(max_instructions=min(limit, machine.retired + RUN_STEP))
+            if machine.stop is not None and machine.stop.reason != "instruction-limit":
+                break                           # the machine stopped for good
+    finally:
+        machine.events.unsubscribe(recorder)
+    return recorder
+
+
+def summary(booted: Booted, recorder: RestartRecorder, from_hypervisor: str, injection: str) -> dict:
+    """What `hhr restart --json` reports under "restart" (docs/protocol.md, Measurement)."""
+    vps = recorder.vp_blackouts()
+    blackouts = [vp["blackout_ticks"] for vp in vps if vp["blackout_ticks"] is not None]
+    before, after = recorder.memory_before, recorder.memory_after
+    return {
+        "from": from_hypervisor, "to": recorder.to_hypervisor, "injection": injection,
+        "status": transfer.Status(booted.read_qword("restart_status")).name.lower(),
+        "detail": booted.read_qword("restart_detail"),
+        "phases": recorder.phases(),
+        "vps": vps,
+        "blackout_max_ticks": max(blackouts) if blackouts else None,
+        "blackout_max_host_ms": max((vp["blackout_host_ms"] for vp in vps if vp["blackout_host_ms"] is not None),
+                                    default=None),
+        "guest_memory_unchanged": (before[0] == after[0]) if before and after else None,
+        "guest_pages_in_place": (before[1] == after[1]) if before and after else None,
+        "digest_agrees_with_python": recorder.digest_agrees,
+    }
+
+
+def restart(from_hypervisor: str, to_hypervisor: str, guest_specs: list[str], *, lps: int = 1,
+            ram_size: int | None = None, request_at: int = DEFAULT_REQUEST_AT,
+            max_instructions: int = run_module.DEFAULT_INSTRUCTION_LIMIT, injection: str = "none") -> dict:
+    """Boots, runs to `request_at`, requests the restart, runs to the end; the report (docs/protocol.md)."""
+    build.hypervisor(to_hypervisor)
+    guests = [catalog.parse(spec) for spec in guest_specs]
+    booted = boot.boot(guests, hypervisor=from_hypervisor, lps=lps, ram_size=ram_size)
+    started = time.perf_counter()
+    booted.machine.run(max_instructions=request_at)
+    if booted.machine.stop is not None and booted.machine.stop.reason != "instruction-limit":
+        raise ValueError(f"the guests ended before instruction {request_at}: request the restart earlier (--at)")
+    recorder = request(booted, to_hypervisor, injection=injection)
+    result = booted.machine.run(max_instructions=max_instructions)
+    document = run_module.document(booted, result, lps)
+    document["restart"] = summary(booted, recorder, from_hypervisor, injection)
+    document["restart"].update(request_at=request_at, host_seconds=time.perf_counter() - started)
+    return document
+
+
+def text(document: dict) -> str:
+    restart_info = document["restart"]
+    lines = [run_module.text(run_module.RunReport(document, restart_info["host_seconds"])),
+             f"hot restart {restart_info['from']} -> {restart_info['to']}: {restart_info['status']}"
+             + (f" (detail {restart_info['detail']})" if restart_info["status"] != "done" else "")]
+    if restart_info["phases"]:
+        lines.append(f"  {'phase':<12} {'virtual ticks':>14} {'host ms':>9} {'instructions':>13} "
+                     f"{'inverse calls':>14} {'bytes sent':>11}")
+        for phase in restart_info["phases"]:
+            lines.append(f"  {phase['phase']:<12} {phase['virtual_ticks']:>14} {phase['host_ms']:>9.2f} "
+                         f"{phase['instructions']:>13} {phase['inverse_calls']:>14} {phase['bytes_sent']:>11}")
+    for vp in restart_info["vps"]:
+        if vp["blackout_ticks"] is not None:
+            lines.append(f"  partition {vp['partition']} VP {vp['vp']} (LP {vp['lp']}): blackout "
+                         f"{vp['blackout_ticks']} ticks, {vp['blackout_host_ms']:.2f} ms host")
+    if restart_info["guest_memory_unchanged"] is not None:
+        lines.append(f"  guest memory unchanged across the blackout: {restart_info['guest_memory_unchanged']}; "
+                     f"every guest page in place: {restart_info['guest_pages_in_place']}")
+    return "\n".join(lines)
