@@ -104,7 +104,7 @@ class RestartRecorder:
     def _vp_table(self) -> dict[int, tuple[int, int, int]]:
         layout = build.hypervisor(self.booted.hypervisor).records.vp
         partition_layout = build.hypervisor(self.booted.hypervisor).records.partition
-        base, partitions = self.booted.symbol("vps"), self.booted.symbol("partitions")
+        base, partitions = self.booted.read_qword("vps"), self.booted.symbol("partitions")
         table = {}
         states = self.booted.partitions()
         for number in range(self.booted.read_qword("vp_total")):
@@ -121,6 +121,17 @@ class RestartRecorder:
         value = self.booted.machine.ram.read(address, 1)[0]
         self.booted.machine.ram.write(address, bytes([value ^ 0xFF]))
         self.corrupted = True
+
+    @property
+    def settled(self) -> bool:
+        """Aborted, or done with every VP that was running entered again under the new hypervisor."""
+        if not self.finished:
+            return False
+        if not self.new_vps:
+            return True
+        entered = {identity[:2] for vmcs, identity in self.new_vps.items() if vmcs in self.first_entry}
+        return all(identity[:2] in entered for identity in self.old_vps.values()
+                   if self.vp_states.get(identity[:2]) == "running")
 
     def vp_blackouts(self) -> list[dict]:
         by_identity = {identity[:2]: vmcs for vmcs, identity in self.new_vps.items()}
@@ -215,7 +226,7 @@ def request(booted: Booted, to_hypervisor: str, *, injection: str = "none",
     try:
         stage(booted, to_hypervisor, injection)
         limit = machine.retired + budget
-        while not recorder.finished and machine.retired < limit:
+        while not recorder.settled and machine.retired < limit:
             machine.run(max_instructions=min(limit, machine.retired + RUN_STEP))
             if machine.stop is not None and machine.stop.reason != "instruction-limit":
                 break                           # the machine stopped for good

@@ -35,7 +35,7 @@ pick_vp.look:
     xor edx, edx
 pick_vp.in_range:
     imul rbp, rdx, VP_SIZE
-    lea rax, [rip + vps]
+    mov rax, [rip + vps]
     add rbp, rax
     mov rdi, rbp
     call vp_may_run
@@ -94,10 +94,10 @@ panic_message:
 %include "schedule.inc"
 %include "exits.inc"
 %include "panic.inc"
-%include "restart.inc"
-%include "service.inc"
 %include "sha256.inc"
 %include "digest.inc"
+%include "restart.inc"
+%include "service.inc"
 %include "vmcs_transfer.inc"
 %include "cpuid_invariants.inc"
 %include "data.inc"

@@ -23,7 +23,7 @@ pick_vp:
     xor ecx, ecx                             ; VP number
     xor ebp, ebp                             ; the best so far (0: none yet)
     mov r9, NO_DEADLINE                      ; its last_run
-    lea rdi, [rip + vps]
+    mov rdi, [rip + vps]
 pick_vp.next:
     cmp rcx, [rip + vp_total]
     jae pick_vp.chosen
@@ -106,10 +106,10 @@ panic_message:
 %include "schedule.inc"
 %include "exits.inc"
 %include "panic.inc"
-%include "restart.inc"
-%include "service.inc"
 %include "sha256.inc"
 %include "digest.inc"
+%include "restart.inc"
+%include "service.inc"
 %include "vmcs_transfer.inc"
 %include "cpuid_invariants.inc"
 %include "data.inc"
