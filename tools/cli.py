@@ -91,7 +91,8 @@ def restart(args: argparse.Namespace) -> int:
 
     try:
         ram = parse_size(args.ram) if args.ram else None
-        document = restart_module.restart(args.from_hv, args.to_hv, args.guest, lps=args.lps, ram_size=ram,
+        document = restart_module.restart(args.from_hv, args.to_hv, args.guest or RESTART_DEMO_GUESTS,
+                                          lps=args.lps, ram_size=ram,
                                           request_at=args.at, max_instructions=args.max_instructions,
                                           injection=args.inject)
     except (GuestSpecError, BootError, ValueError) as error:
@@ -102,11 +103,15 @@ def restart(args: argparse.Namespace) -> int:
     return 0 if done and document["machine_stop"]["reason"] == "debug-exit" else 1
 
 
-def _add_machine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lps", type=int, default=1, help="logical processors (default 1)")
+RESTART_DEMO_GUESTS = ["storm,vps=2", "heartbeat", "hashchain", "timer"]
+
+
+def _add_machine_arguments(parser: argparse.ArgumentParser, *, lps: int = 1, guests: list[str] | None = None) -> None:
+    parser.add_argument("--lps", type=int, default=lps, help=f"logical processors (default {lps})")
     parser.add_argument("--ram", help="machine RAM, e.g. 512M (default: what the guests need)")
-    parser.add_argument("--guest", action="append", required=True, metavar="SPEC",
-                        help="a built-in guest name or a flat binary, optionally ,vps=N,mem=SIZE (repeatable)")
+    parser.add_argument("--guest", action="append", required=guests is None, metavar="SPEC",
+                        help="a built-in guest name or a flat binary, optionally ,vps=N,mem=SIZE (repeatable)"
+                             + (f"; default {' '.join(guests)}" if guests else ""))
     parser.add_argument("--max-instructions", type=int, default=2_000_000_000,
                         help="stop after this many instructions (default 2e9)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -127,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="instructions before the request is rung on the doorbell (default 1e6)")
     restart_parser.add_argument("--inject", default="none",
                                 help="a failure to provoke: digest, hang-boot, fault-boot, hang-call, corrupt-message")
-    _add_machine_arguments(restart_parser)
+    _add_machine_arguments(restart_parser, lps=2, guests=RESTART_DEMO_GUESTS)
     restart_parser.set_defaults(func=restart)
     bench_parser = commands.add_parser("bench", help="benchmarks")
     bench_parser.add_argument("--machine", action="store_true", help="the machine's own speed against bare Unicorn")

@@ -52,6 +52,7 @@ class RestartRecorder:
     finished: bool = False              # the restart is done or has been aborted
     python_digest: bytes = transfer.STATE_DIGEST_START    # the digest chain, computed here
     digest_agrees: bool | None = None   # the old hypervisor's chain equals this one at VERIFY
+    records_by_type: dict[str, int] = field(default_factory=dict)
     own_seconds: float = 0.0            # host time the recorder itself spent (digests): not the machine's
 
     def clock(self) -> float:
@@ -75,6 +76,8 @@ class RestartRecorder:
             message = self.booted.machine.ram.read(area, min(header["bytes"], transfer.TRANSFER_AREA_SIZE))
             if event.data["call"] in (transfer.Call.INVARIANTS, transfer.Call.STATE):   # the chained messages
                 self.python_digest = transfer.chain_digest(self.python_digest, message)
+                for record_type in record_types(message):
+                    self.records_by_type[record_type] = self.records_by_type.get(record_type, 0) + 1
             elif event.data["call"] == transfer.Call.VERIFY:
                 sent = message[transfer.TRANSFER_HEADER.size:transfer.TRANSFER_HEADER.size + transfer.STATE_DIGEST_BYTES]
                 self.digest_agrees = sent == self.python_digest
@@ -159,6 +162,30 @@ class RestartRecorder:
                          "inverse_calls": following.inverse_calls - mark.inverse_calls,
                          "bytes_sent": following.bytes_sent - mark.bytes_sent})
         return rows
+
+
+def record_types(message: bytes) -> list[str]:
+    """The type names of a message's records, in order (as far as the message holds together)."""
+    header = transfer.TRANSFER_HEADER.unpack(message[:transfer.TRANSFER_HEADER.size])
+    names, cursor = [], transfer.TRANSFER_HEADER.size
+    for _ in range(header["record_count"]):
+        if cursor + transfer.RECORD_HEADER.size > len(message):
+            break
+        record = transfer.RECORD_HEADER.unpack(message[cursor:cursor + transfer.RECORD_HEADER.size])
+        try:
+            names.append(transfer.RecordType(record["type"]).name.lower())
+        except ValueError:
+            names.append(f"type {record['type']}")
+        cursor += transfer.RECORD_HEADER.size + record["length"]
+    return names
+
+
+def heartbeat_gap(document: dict) -> int | None:
+    """The largest gap the heartbeat guest saw, from its own output (None without a heartbeat)."""
+    for guest in document["guests"]:
+        if guest["name"] == "heartbeat" and ":" in guest["console"]:
+            return int(guest["console"].rsplit(":", 1)[1])
+    return None
 
 
 def vp_state(vp: dict, partition: dict) -> str:
@@ -252,6 +279,7 @@ def summary(booted: Booted, recorder: RestartRecorder, from_hypervisor: str, inj
         "guest_memory_unchanged": (before[0] == after[0]) if before and after else None,
         "guest_pages_in_place": (before[1] == after[1]) if before and after else None,
         "digest_agrees_with_python": recorder.digest_agrees,
+        "records_sent": dict(sorted(recorder.records_by_type.items())),
     }
 
 
@@ -270,7 +298,8 @@ def restart(from_hypervisor: str, to_hypervisor: str, guest_specs: list[str], *,
     result = booted.machine.run(max_instructions=max_instructions)
     document = run_module.document(booted, result, lps)
     document["restart"] = summary(booted, recorder, from_hypervisor, injection)
-    document["restart"].update(request_at=request_at, host_seconds=time.perf_counter() - started)
+    document["restart"].update(request_at=request_at, host_seconds=time.perf_counter() - started,
+                               heartbeat_gap=heartbeat_gap(document))
     return document
 
 
@@ -289,6 +318,10 @@ def text(document: dict) -> str:
         if vp["blackout_ticks"] is not None:
             lines.append(f"  partition {vp['partition']} VP {vp['vp']} (LP {vp['lp']}): blackout "
                          f"{vp['blackout_ticks']} ticks, {vp['blackout_host_ms']:.2f} ms host")
+    if restart_info["heartbeat_gap"] is not None:
+        lines.append(f"  heartbeat's largest gap, seen from inside: {restart_info['heartbeat_gap']} ticks")
+    if restart_info["records_sent"]:
+        lines.append("  records sent: " + ", ".join(f"{name} {count}" for name, count in restart_info["records_sent"].items()))
     if restart_info["guest_memory_unchanged"] is not None:
         lines.append(f"  guest memory unchanged across the blackout: {restart_info['guest_memory_unchanged']}; "
                      f"every guest page in place: {restart_info['guest_pages_in_place']}")
