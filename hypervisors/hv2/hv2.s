@@ -100,16 +100,4 @@ partition_from_record:
 panic_message:
     .asciz "hv2: panic\n"
 
-%include "cpu.inc"
-%include "memory.inc"
-%include "partitions.inc"
-%include "schedule.inc"
-%include "exits.inc"
-%include "panic.inc"
-%include "sha256.inc"
-%include "digest.inc"
-%include "restart.inc"
-%include "service.inc"
-%include "vmcs_transfer.inc"
-%include "cpuid_invariants.inc"
-%include "data.inc"
+%include "body.inc"
