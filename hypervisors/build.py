@@ -14,6 +14,7 @@ from hypervisors import guest_abi, invariants, layouts, memory_map, transfer
 
 HERE = Path(__file__).resolve().parent
 COMMON_SOURCES = HERE / "common"        # code every hypervisor includes, written against generic names
+FRAME_RECORD_BYTES = 16                 # 1 << FRAME_RECORD_SHIFT of common/defs.inc
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class Hypervisor:
     @property
     def records(self) -> layouts.Records:
         return layouts.RECORDS[self.name]
+
+    def __post_init__(self) -> None:
+        if self.records.frame.size != FRAME_RECORD_BYTES:   # common/defs.inc shifts by FRAME_RECORD_SHIFT
+            raise ValueError(f"{self.name}: frame records must be {FRAME_RECORD_BYTES} bytes")
 
 
 HYPERVISORS = {

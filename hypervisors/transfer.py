@@ -35,7 +35,15 @@ RESTART_REQUEST = Struct("restart_request", [
     ("inverse_entry", 4),
     ("takeover_entry", 4),
     ("digest", DIGEST_BYTES),                  # SHA-256 of the image's bytes
+    ("mode", 4), ("_pad0", 4),                 # a Mode
 ])
+
+
+class Mode(enum.IntEnum):
+    """How state crosses: rounds while guests run, or everything in the blackout."""
+
+    PRECOPY = 0
+    STOP_AND_COPY = 1
 REQUEST_WORDS = RESTART_REQUEST.size // 4
 
 # The transfer area: one message at a time, a header and then records.
@@ -211,7 +219,7 @@ def constants() -> dict[str, int]:
     values: dict[str, int] = {}
     for layout in LAYOUTS:
         values.update(layout.constants())
-    for enumeration, prefix in ((RecordType, "RECORD"), (TransferOwner, "TRANSFER_OWNER"), (Call, "CALL"),
+    for enumeration, prefix in ((Mode, "MODE"), (RecordType, "RECORD"), (TransferOwner, "TRANSFER_OWNER"), (Call, "CALL"),
                                 (Reply, "REPLY"), (Phase, "PHASE"), (Status, "STATUS")):
         values.update({f"{prefix}_{member.name}": int(member) for member in enumeration})
     values.update({name: value for name, value in globals().items()

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def restart(args: argparse.Namespace) -> int:
-    """Runs guests under --from, hot-restarts into --to at --at instructions, reports phases and blackout."""
+    """Runs guests under --from, hot-restarts at each --at, reports phases and blackout."""
     import json
 
     from guests.catalog import GuestSpecError, parse_size
@@ -92,17 +92,18 @@ def restart(args: argparse.Namespace) -> int:
     try:
         ram = parse_size(args.ram) if args.ram else None
         document = restart_module.restart(args.from_hv, args.to_hv, args.guest or RESTART_DEMO_GUESTS,
-                                          lps=args.lps, ram_size=ram,
-                                          request_at=args.at, max_instructions=args.max_instructions,
-                                          injection=args.inject)
+                                          lps=args.lps, ram_size=ram, request_at=args.at or [DEFAULT_AT],
+                                          max_instructions=args.max_instructions, inject=args.inject,
+                                          mode=args.mode)
     except (GuestSpecError, BootError, ValueError) as error:
         print(f"hhr restart: {error}", file=sys.stderr)
         return 2
     print(json.dumps(document, indent=2) if args.json else restart_module.text(document))
-    done = document["restart"]["status"] == "done"
-    return 0 if done and document["machine_stop"]["reason"] == "debug-exit" else 1
+    committed = all(entry["outcome"] == "committed" for entry in document["restarts"])
+    return 0 if committed and document["machine_stop"]["reason"] == "debug-exit" else 1
 
 
+DEFAULT_AT = 1_000_000
 RESTART_DEMO_GUESTS = ["storm,vps=2", "heartbeat", "hashchain", "timer"]
 
 
@@ -128,10 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     restart_parser = commands.add_parser("restart", help="hot-restart the hypervisor while guests run")
     restart_parser.add_argument("--from", dest="from_hv", default="hv1", help="the hypervisor booted (default hv1)")
     restart_parser.add_argument("--to", dest="to_hv", default="hv2", help="the hypervisor it becomes (default hv2)")
-    restart_parser.add_argument("--at", type=int, default=1_000_000,
-                                help="instructions before the request is rung on the doorbell (default 1e6)")
-    restart_parser.add_argument("--inject", default="none",
-                                help="a failure to provoke: digest, hang-boot, fault-boot, hang-call, corrupt-message")
+    restart_parser.add_argument("--at", type=int, action="append",
+                                help="request a restart when the machine has retired this many instructions "
+                                     "(default 1e6; repeatable: the restarts alternate --to and --from)")
+    restart_parser.add_argument("--mode", default="precopy", choices=["precopy", "stop-and-copy"],
+                                help="state sent while guests run (default), or all of it in the blackout")
+    restart_parser.add_argument("--inject", default="none", metavar="STEP:FAULT",
+                                help="a fault at a protocol step (request, boot, invariants, precopy, blackout, "
+                                     "verify, commit) of the first restart: hang, crash, refuse or corrupt")
     _add_machine_arguments(restart_parser, lps=2, guests=RESTART_DEMO_GUESTS)
     restart_parser.set_defaults(func=restart)
     bench_parser = commands.add_parser("bench", help="benchmarks")

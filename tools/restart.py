@@ -11,10 +11,9 @@ from hypervisors import boot, build, memory_state, transfer
 from hypervisors.boot import Booted
 from hypervisors.memory_map import PAGE_SIZE
 from tools import run as run_module
+from tools.faults import Fault
 
 DEFAULT_REQUEST_AT = 1_000_000          # instructions (all LPs) before the operator rings the doorbell
-INJECTIONS = ("none", "digest", "hang-boot", "fault-boot", "hang-call", "corrupt-message")
-JUMP_TO_ITSELF = b"\xeb\xfe"            # jmp $: a new hypervisor that hangs in its first inverse call
 RESTART_BUDGET = 400_000_000            # instructions a restart may take before the operator gives up
 RUN_STEP = 1_000_000                    # the operator looks at the restart this often
 
@@ -36,7 +35,8 @@ class RestartRecorder:
 
     booted: Booted
     to_hypervisor: str
-    corrupt_message: bool = False
+    fault: Fault | None = None
+    check_memory: bool = True           # hash guest memory at both ends of the blackout
     marks: list[PhaseMark] = field(default_factory=list)
     inverse_calls: int = 0
     bytes_sent: int = 0
@@ -47,7 +47,7 @@ class RestartRecorder:
     memory_before: tuple[str, dict] | None = None
     memory_after: tuple[str, dict] | None = None
     service_region: int = 0
-    corrupted: bool = False
+    phase: transfer.Phase = transfer.Phase.IDLE
     vp_states: dict[tuple[int, int], str] = field(default_factory=dict)     # (partition, VP): at the blackout
     finished: bool = False              # the restart is done or has been aborted
     python_digest: bytes = transfer.STATE_DIGEST_START    # the digest chain, computed here
@@ -81,23 +81,25 @@ class RestartRecorder:
             elif event.data["call"] == transfer.Call.VERIFY:
                 sent = message[transfer.TRANSFER_HEADER.size:transfer.TRANSFER_HEADER.size + transfer.STATE_DIGEST_BYTES]
                 self.digest_agrees = sent == self.python_digest
-            if self.corrupt_message and not self.corrupted and event.data["call"] == transfer.Call.STATE:
-                self._corrupt(area, header)
+            if self.fault is not None:
+                self.fault.on_event(event, self.booted.machine, self.phase, area,
+                                    self.booted.read_qword("service_region"), self.to_hypervisor)
         elif kind == "restart-phase":
             self._phase(transfer.Phase(event.data["phase"]), event.time)
 
     def _phase(self, phase: transfer.Phase, virtual_time: int) -> None:
+        self.phase = phase
         machine = self.booted.machine
         self.marks.append(PhaseMark(phase, virtual_time, self.clock(),
                                     sum(lp.instructions for lp in machine.lps), self.inverse_calls, self.bytes_sent))
         started = time.perf_counter()
         if phase == transfer.Phase.BLACKOUT:
             self.old_vps = self._vp_table()
-            self.memory_before = guest_memory(self.booted)
+            self.memory_before = guest_memory(self.booted) if self.check_memory else None
             self.service_region = self.booted.read_qword("service_region")
         elif phase == transfer.Phase.RESUMED:
             self.booted.hypervisor, self.booted.image_base = self.to_hypervisor, self.service_region
-            self.memory_after = guest_memory(self.booted)
+            self.memory_after = guest_memory(self.booted) if self.check_memory else None
             self.new_vps = self._vp_table()
             self.finished = True
         elif phase == transfer.Phase.IDLE and any(mark.phase == transfer.Phase.ABORTED for mark in self.marks):
@@ -117,13 +119,6 @@ class RestartRecorder:
             if not self.new_vps and not self.vp_states.get((partition, vp["index"])):
                 self.vp_states[(partition, vp["index"])] = vp_state(vp, states[partition])
         return table
-
-    def _corrupt(self, area: int, header: dict) -> None:
-        """Flips one byte of the last record of a message in flight (the digest chain must catch it)."""
-        address = area + header["bytes"] - 1
-        value = self.booted.machine.ram.read(address, 1)[0]
-        self.booted.machine.ram.write(address, bytes([value ^ 0xFF]))
-        self.corrupted = True
 
     @property
     def settled(self) -> bool:
@@ -211,47 +206,38 @@ def guest_memory(booted: Booted) -> tuple[str, dict]:
 
 
 def request_words(image_code: bytes, symbols: dict[str, int], base: int, *, address: int = transfer.STAGING_BASE,
-                  digest: bytes | None = None) -> list[int]:
+                  digest: bytes | None = None, mode: transfer.Mode = transfer.Mode.PRECOPY) -> list[int]:
     """The doorbell message for an image staged at `address` (docs/protocol.md, 1)."""
     request = transfer.RESTART_REQUEST.pack(
         magic=transfer.REQUEST_MAGIC, version=transfer.PROTOCOL_VERSION, image=address, image_size=len(image_code),
         service_entry=symbols["service_entry"] - base, inverse_entry=symbols["inverse_entry"] - base,
         takeover_entry=symbols["takeover_entry"] - base,
-        digest=digest if digest is not None else hashlib.sha256(image_code).digest())
+        digest=digest if digest is not None else hashlib.sha256(image_code).digest(), mode=mode)
     return [int.from_bytes(request[offset:offset + 4], "little") for offset in range(0, len(request), 4)]
 
 
-def stage(booted: Booted, to_hypervisor: str, injection: str = "none") -> None:
+def stage(booted: Booted, to_hypervisor: str, fault: Fault | None = None,
+          mode: transfer.Mode = transfer.Mode.PRECOPY) -> None:
     """The operator's part: the new image into the staging area, the request on the doorbell."""
     image = build.image(to_hypervisor)
-    code = bytearray(image.code)
-    symbols = dict(image.symbols)
-    if injection == "hang-boot":
-        symbols["service_entry"] = image.symbol("service_entry.stay")     # never says ready
-    elif injection == "fault-boot":
-        symbols["service_entry"] = image.symbol("panic")                  # I/O at once: an exit
-    elif injection == "hang-call":
-        offset = image.symbol("inverse_entry") - image.base
-        code[offset:offset + len(JUMP_TO_ITSELF)] = JUMP_TO_ITSELF
+    code, symbols = bytearray(image.code), dict(image.symbols)
+    malformed, digest = fault.stage(code, symbols, image.base) if fault else (False, None)
     booted.machine.load(transfer.STAGING_BASE, bytes(code))
-    digest = hashlib.sha256(bytes(code)).digest()
-    if injection == "digest":
-        digest = bytes(reversed(digest))
-    booted.machine.ring_doorbell(request_words(bytes(code), symbols, image.base, digest=digest))
+    words = request_words(bytes(code), symbols, image.base, digest=digest, mode=mode)
+    booted.machine.ring_doorbell(words[:len(words) // 2] if malformed else words)
 
 
-def request(booted: Booted, to_hypervisor: str, *, injection: str = "none",
-            budget: int = RESTART_BUDGET) -> RestartRecorder:
+def request(booted: Booted, to_hypervisor: str, *, fault: Fault | None = None,
+            mode: transfer.Mode = transfer.Mode.PRECOPY, budget: int = RESTART_BUDGET,
+            check_memory: bool = True) -> RestartRecorder:
     """The operator requests a restart into `to_hypervisor` and the machine runs until it is done or
     aborted (or `budget` more instructions have run); the recorder has what happened."""
     build.hypervisor(to_hypervisor)
-    if injection not in INJECTIONS:
-        raise ValueError(f"unknown injection {injection!r}; known: {', '.join(INJECTIONS)}")
     machine = booted.machine
-    recorder = RestartRecorder(booted, to_hypervisor, corrupt_message=injection == "corrupt-message")
+    recorder = RestartRecorder(booted, to_hypervisor, fault, check_memory)
     machine.events.subscribe(recorder)
     try:
-        stage(booted, to_hypervisor, injection)
+        stage(booted, to_hypervisor, fault, mode)
         limit = machine.retired + budget
         while not recorder.settled and machine.retired < limit:
             machine.run(max_instructions=min(limit, machine.retired + RUN_STEP))
@@ -262,20 +248,25 @@ def request(booted: Booted, to_hypervisor: str, *, injection: str = "none",
     return recorder
 
 
-def summary(booted: Booted, recorder: RestartRecorder, from_hypervisor: str, injection: str) -> dict:
-    """What `hhr restart --json` reports under "restart" (docs/protocol.md, Measurement)."""
+def summary(booted: Booted, recorder: RestartRecorder, from_hypervisor: str, fault: Fault | None,
+            mode: transfer.Mode) -> dict:
+    """One restart as `hhr restart --json` reports it (docs/protocol.md, Measurement)."""
     vps = recorder.vp_blackouts()
-    blackouts = [vp["blackout_ticks"] for vp in vps if vp["blackout_ticks"] is not None]
+    blackouts = [vp for vp in vps if vp["blackout_ticks"] is not None]
     before, after = recorder.memory_before, recorder.memory_after
+    status = transfer.Status(booted.read_qword("restart_status")) if recorder.finished else None
     return {
-        "from": from_hypervisor, "to": recorder.to_hypervisor, "injection": injection,
-        "status": transfer.Status(booted.read_qword("restart_status")).name.lower(),
-        "detail": booted.read_qword("restart_detail"),
+        "from": from_hypervisor, "to": recorder.to_hypervisor, "mode": mode.name.lower().replace("_", "-"),
+        "inject": f"{fault.step}:{fault.fault}" if fault else None,
+        "outcome": "committed" if status == transfer.Status.DONE else "aborted" if status else "unfinished",
+        "reason": None if status in (None, transfer.Status.DONE) else status.name.lower(),
+        "detail": booted.read_qword("restart_detail") if status not in (None, transfer.Status.DONE) else None,
         "phases": recorder.phases(),
-        "vps": vps,
-        "blackout_max_ticks": max(blackouts) if blackouts else None,
-        "blackout_max_host_ms": max((vp["blackout_host_ms"] for vp in vps if vp["blackout_host_ms"] is not None),
-                                    default=None),
+        "blackout": {
+            "max_ticks": max((vp["blackout_ticks"] for vp in blackouts), default=None),
+            "max_host_ms": max((vp["blackout_host_ms"] for vp in blackouts), default=None),
+            "per_vp": vps,
+        },
         "guest_memory_unchanged": (before[0] == after[0]) if before and after else None,
         "guest_pages_in_place": (before[1] == after[1]) if before and after else None,
         "digest_agrees_with_python": recorder.digest_agrees,
@@ -284,45 +275,65 @@ def summary(booted: Booted, recorder: RestartRecorder, from_hypervisor: str, inj
 
 
 def restart(from_hypervisor: str, to_hypervisor: str, guest_specs: list[str], *, lps: int = 1,
-            ram_size: int | None = None, request_at: int = DEFAULT_REQUEST_AT,
-            max_instructions: int = run_module.DEFAULT_INSTRUCTION_LIMIT, injection: str = "none") -> dict:
-    """Boots, runs to `request_at`, requests the restart, runs to the end; the report (docs/protocol.md)."""
-    build.hypervisor(to_hypervisor)
+            ram_size: int | None = None, request_at: int | list[int] = DEFAULT_REQUEST_AT,
+            max_instructions: int = run_module.DEFAULT_INSTRUCTION_LIMIT, inject: str | None = None,
+            mode: str = "precopy") -> dict:
+    """Boots `from_hypervisor`, and at each instruction count of `request_at` requests a restart (into
+    `to_hypervisor`, then back, alternating); runs to the end and reports (docs/protocol.md)."""
+    build.hypervisor(from_hypervisor), build.hypervisor(to_hypervisor)
+    fault = Fault.parse(inject or "none")
+    copy_mode = {"precopy": transfer.Mode.PRECOPY, "stop-and-copy": transfer.Mode.STOP_AND_COPY}.get(mode)
+    if copy_mode is None:
+        raise ValueError(f"bad --mode {mode!r}: precopy or stop-and-copy")
+    points = sorted([request_at] if isinstance(request_at, int) else request_at)
     guests = [catalog.parse(spec) for spec in guest_specs]
     booted = boot.boot(guests, hypervisor=from_hypervisor, lps=lps, ram_size=ram_size)
     started = time.perf_counter()
-    booted.machine.run(max_instructions=request_at)
-    if booted.machine.stop is not None and booted.machine.stop.reason != "instruction-limit":
-        raise ValueError(f"the guests ended before instruction {request_at}: request the restart earlier (--at)")
-    recorder = request(booted, to_hypervisor, injection=injection)
+    summaries = []
+    for number, point in enumerate(points):
+        booted.machine.run(max_instructions=max(point, booted.machine.retired))
+        if booted.machine.stop is not None and booted.machine.stop.reason != "instruction-limit":
+            raise ValueError(f"the guests ended before instruction {point}: request the restart earlier (--at)")
+        source = booted.hypervisor
+        back = source == to_hypervisor and to_hypervisor != from_hypervisor     # alternate: there and back
+        target = from_hypervisor if back else to_hypervisor
+        recorder = request(booted, target, fault=fault if number == 0 else None, mode=copy_mode)
+        summaries.append(summary(booted, recorder, source, fault if number == 0 else None, copy_mode)
+                         | {"request_at": point})
     result = booted.machine.run(max_instructions=max_instructions)
     document = run_module.document(booted, result, lps)
-    document["restart"] = summary(booted, recorder, from_hypervisor, injection)
-    document["restart"].update(request_at=request_at, host_seconds=time.perf_counter() - started,
-                               heartbeat_gap=heartbeat_gap(document))
+    for entry in summaries:
+        entry["heartbeat_gap"] = heartbeat_gap(document)
+    document["restarts"] = summaries
+    document["restart"] = summaries[0]
+    document["host_seconds"] = time.perf_counter() - started
     return document
 
 
 def text(document: dict) -> str:
-    restart_info = document["restart"]
-    lines = [run_module.text(run_module.RunReport(document, restart_info["host_seconds"])),
-             f"hot restart {restart_info['from']} -> {restart_info['to']}: {restart_info['status']}"
-             + (f" (detail {restart_info['detail']})" if restart_info["status"] != "done" else "")]
-    if restart_info["phases"]:
-        lines.append(f"  {'phase':<12} {'virtual ticks':>14} {'host ms':>9} {'instructions':>13} "
-                     f"{'inverse calls':>14} {'bytes sent':>11}")
-        for phase in restart_info["phases"]:
-            lines.append(f"  {phase['phase']:<12} {phase['virtual_ticks']:>14} {phase['host_ms']:>9.2f} "
-                         f"{phase['instructions']:>13} {phase['inverse_calls']:>14} {phase['bytes_sent']:>11}")
-    for vp in restart_info["vps"]:
-        if vp["blackout_ticks"] is not None:
-            lines.append(f"  partition {vp['partition']} VP {vp['vp']} (LP {vp['lp']}): blackout "
-                         f"{vp['blackout_ticks']} ticks, {vp['blackout_host_ms']:.2f} ms host")
-    if restart_info["heartbeat_gap"] is not None:
-        lines.append(f"  heartbeat's largest gap, seen from inside: {restart_info['heartbeat_gap']} ticks")
-    if restart_info["records_sent"]:
-        lines.append("  records sent: " + ", ".join(f"{name} {count}" for name, count in restart_info["records_sent"].items()))
-    if restart_info["guest_memory_unchanged"] is not None:
-        lines.append(f"  guest memory unchanged across the blackout: {restart_info['guest_memory_unchanged']}; "
-                     f"every guest page in place: {restart_info['guest_pages_in_place']}")
+    lines = [run_module.text(run_module.RunReport(document, document["host_seconds"]))]
+    for restart_info in document["restarts"]:
+        outcome = restart_info["outcome"]
+        if restart_info["reason"]:
+            outcome += f": {restart_info['reason']} (detail {restart_info['detail']})"
+        lines.append(f"hot restart {restart_info['from']} -> {restart_info['to']} at instruction "
+                     f"{restart_info['request_at']} ({restart_info['mode']}): {outcome}")
+        if restart_info["phases"]:
+            lines.append(f"  {'phase':<12} {'virtual ticks':>14} {'host ms':>9} {'instructions':>13} "
+                         f"{'inverse calls':>14} {'bytes sent':>11}")
+            for phase in restart_info["phases"]:
+                lines.append(f"  {phase['phase']:<12} {phase['virtual_ticks']:>14} {phase['host_ms']:>9.2f} "
+                             f"{phase['instructions']:>13} {phase['inverse_calls']:>14} {phase['bytes_sent']:>11}")
+        for vp in restart_info["blackout"]["per_vp"]:
+            if vp["blackout_ticks"] is not None:
+                lines.append(f"  partition {vp['partition']} VP {vp['vp']} (LP {vp['lp']}): blackout "
+                             f"{vp['blackout_ticks']} ticks, {vp['blackout_host_ms']:.2f} ms host")
+        if restart_info["records_sent"]:
+            lines.append("  records sent: " + ", ".join(f"{name} {count}"
+                                                       for name, count in restart_info["records_sent"].items()))
+        if restart_info["guest_memory_unchanged"] is not None:
+            lines.append(f"  guest memory unchanged across the blackout: {restart_info['guest_memory_unchanged']}; "
+                         f"every guest page in place: {restart_info['guest_pages_in_place']}")
+    if document["restarts"] and document["restarts"][0]["heartbeat_gap"] is not None:
+        lines.append(f"heartbeat's largest gap, seen from inside: {document['restarts'][0]['heartbeat_gap']} ticks")
     return "\n".join(lines)

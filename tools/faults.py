@@ -1,0 +1,91 @@
+"""Faults injected at a named step of a hot restart (`hhr restart --inject STEP:FAULT`): each must abort it cleanly."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from emu.events import Event
+from hypervisors import build, transfer
+
+STEPS = ("request", "boot", "invariants", "precopy", "blackout", "verify", "commit")
+FAULTS = ("hang", "crash", "refuse", "corrupt")
+JUMP_TO_ITSELF = b"\xeb\xfe"                        # jmp $
+UNDEFINED_INSTRUCTION = b"\x0f\x0b"                 # ud2
+MOV_EAX_IMMEDIATE = b"\xb8"
+JUMP_RELATIVE = b"\xe9"
+JUMP_RELATIVE_LENGTH = 5
+MOV_EAX_LENGTH = 5
+
+# The inverse hypercall each step's fault strikes, and the new hypervisor's handler for it.
+CALL_OF_STEP = {"invariants": transfer.Call.INVARIANTS, "precopy": transfer.Call.STATE,
+                "blackout": transfer.Call.STATE, "verify": transfer.Call.VERIFY, "commit": transfer.Call.COMMIT}
+HANDLER_OF_CALL = {transfer.Call.INVARIANTS: "receive_invariants", transfer.Call.STATE: "receive_state",
+                   transfer.Call.VERIFY: "receive_verify", transfer.Call.COMMIT: "receive_commit"}
+PHASE_OF_STEP = {"precopy": transfer.Phase.PRECOPY, "blackout": transfer.Phase.BLACKOUT}
+
+
+class FaultSpecError(ValueError):
+    """An --inject argument that names no step or fault; the message lists them."""
+
+
+@dataclass
+class Fault:
+    """STEP:FAULT. `request` and `boot` faults change what the operator stages; the others strike the
+    new hypervisor when the old one calls it for that step: its handler hangs (`jmp $`), crashes
+    (`ud2`) or refuses, patched into its code in the service region; or the message is changed in
+    flight (`corrupt`)."""
+
+    step: str
+    fault: str
+    struck: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "Fault | None":
+        if text in ("", "none"):
+            return None
+        step, _, fault = text.partition(":")
+        if step not in STEPS or fault not in FAULTS:
+            raise FaultSpecError(f"bad --inject {text!r}: use STEP:FAULT with STEP one of {', '.join(STEPS)} "
+                                 f"and FAULT one of {', '.join(FAULTS)}")
+        return cls(step, fault)
+
+    def stage(self, code: bytearray, symbols: dict[str, int], base: int) -> tuple[bool, bytes | None]:
+        """Changes to the operator's request: (send a malformed request, digest to send instead)."""
+        if self.step == "request":
+            if self.fault == "corrupt":
+                return False, bytes(transfer.DIGEST_BYTES)
+            return True, None                         # hang, crash, refuse: a request it cannot take
+        if self.step == "boot":
+            target = "service_entry.stay" if self.fault == "hang" else "panic"
+            if self.fault in ("refuse", "corrupt"):
+                target = "panic"
+            symbols["service_entry"] = symbols[target]
+        return False, None
+
+    def on_event(self, event: Event, machine, phase: transfer.Phase, area: int, region: int, hypervisor: str) -> None:
+        """Strikes at the first inverse hypercall of the step."""
+        if self.struck or self.step in ("request", "boot") or event.kind != "vmcallr":
+            return
+        call = transfer.Call(event.data["call"])
+        if call != CALL_OF_STEP[self.step] or (self.step in PHASE_OF_STEP and phase != PHASE_OF_STEP[self.step]):
+            return
+        self.struck = True
+        if self.fault == "corrupt" and call != transfer.Call.COMMIT:
+            header = transfer.TRANSFER_HEADER.unpack(machine.ram.read(area, transfer.TRANSFER_HEADER.size))
+            last = area + min(header["bytes"], transfer.TRANSFER_AREA_SIZE) - 1
+            machine.ram.write(last, bytes([machine.ram.read(last, 1)[0] ^ 0xFF]))
+            return
+        image = build.image(hypervisor)
+        handler = region + image.symbol(HANDLER_OF_CALL[call]) - image.base
+        machine.ram.write(handler, self._patch(handler, region + image.symbol("inverse_reply") - image.base))
+        for vmcs in machine.active_vmcs.values():     # guest code translated before must go (not root's,
+            if vmcs.context is not None:              # which is running this hook)
+                vmcs.context.flush_code()
+
+    def _patch(self, handler: int, reply: int) -> bytes:
+        if self.fault == "hang":
+            return JUMP_TO_ITSELF
+        if self.fault == "crash":
+            return UNDEFINED_INSTRUCTION
+        jump_from = handler + MOV_EAX_LENGTH + JUMP_RELATIVE_LENGTH       # refuse (or corrupt at commit)
+        return (MOV_EAX_IMMEDIATE + int(transfer.Reply.VALUE).to_bytes(4, "little")
+                + JUMP_RELATIVE + (reply - jump_from).to_bytes(4, "little", signed=True))
