@@ -228,3 +228,13 @@ def test_the_state_digest_changes_with_every_byte_and_with_what_came_before():
     assert one != transfer.chain_digest(start, b"abd")
     assert one != transfer.chain_digest(start, b"abc\0")                # the length counts
     assert transfer.chain_digest(one, b"x") != transfer.chain_digest(start, b"x")
+
+
+def test_a_restart_with_ram_above_4_gib():
+    """Four 1 GiB guests put the service region and the new hypervisor's heap above 4 GiB: every
+    address it keeps must keep its 64 bits."""
+    document = restart_module.restart("hv1", "hv2", ["counter,mem=1G"] * 4, lps=2, request_at=2_000_000,
+                                      max_instructions=3_000_000)
+    assert document["ram"] > 4 << 30
+    assert document["restart"]["outcome"] == "committed", document["restart"]["reason"]
+    assert document["restart"]["guest_memory_unchanged"] and document["restart"]["guest_pages_in_place"]
