@@ -18,6 +18,11 @@ def test_mixed_workload_runs_every_guest_to_a_clean_exit():
     assert figures["mixed_exits"] > 0
 
 
-def test_bench_without_a_mode_says_which_exist(capsys):
-    assert cli.main(["bench"]) == 2
-    assert "--machine or --hypervisor" in capsys.readouterr().err
+def test_bench_modes_parse():
+    """`hhr bench` alone is the restart scenarios (tests/test_bench_restart.py runs them); the flags
+    choose the other benches."""
+    parser = cli.build_parser()
+    default = parser.parse_args(["bench"])
+    assert (default.machine, default.hypervisor, default.quick) == (False, False, False)
+    chosen = parser.parse_args(["bench", "--quick", "--output", "somewhere", "--hypervisor", "--hv", "hv2"])
+    assert (chosen.quick, chosen.output, chosen.hypervisor, chosen.hv) == (True, "somewhere", True, "hv2")

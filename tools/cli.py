@@ -48,17 +48,18 @@ def selftest(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
+    """Without a flag: the hot-restart scenarios (bench/README.md); --machine, --hypervisor: those benches."""
     if args.hypervisor:
         from bench import hypervisor_speed
 
         return hypervisor_speed.main(args.json, args.hv)
-    if not args.machine:
-        print("hhr bench: --machine or --hypervisor (hot-restart scenarios come with the restart issue)",
-              file=sys.stderr)
-        return 2
-    from bench import machine_speed
+    if args.machine:
+        from bench import machine_speed
 
-    return machine_speed.main(args.json)
+        return machine_speed.main(args.json)
+    from bench import restart_scenarios
+
+    return restart_scenarios.main(quick=args.quick, json_path=args.json, output=args.output)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,12 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
                                      "verify, commit) of the first restart: hang, crash, refuse or corrupt")
     _add_machine_arguments(restart_parser, lps=2, guests=RESTART_DEMO_GUESTS)
     restart_parser.set_defaults(func=restart)
-    bench_parser = commands.add_parser("bench", help="benchmarks")
+    bench_parser = commands.add_parser("bench", help="benchmarks: hot restart against the alternatives (default), "
+                                                     "--machine, --hypervisor")
     bench_parser.add_argument("--machine", action="store_true", help="the machine's own speed against bare Unicorn")
     bench_parser.add_argument("--hypervisor", action="store_true",
                               help="a hypervisor's figures: boot, mixed workload, map storm, host memory")
     bench_parser.add_argument("--hv", default="hv1", help="the hypervisor for --hypervisor (default hv1)")
-    bench_parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
+    bench_parser.add_argument("--json", metavar="FILE",
+                              help="also write every figure to FILE (restart scenarios: instead of DIR/"
+                                   "restart_scenarios.json)")
+    bench_parser.add_argument("--quick", action="store_true",
+                              help="restart scenarios: every scenario and sweep at small sizes (about 20 s)")
+    bench_parser.add_argument("--output", metavar="DIR",
+                              help="restart scenarios: where the JSON, Markdown table and plots go "
+                                   "(default bench/results)")
     bench_parser.set_defaults(func=bench)
     return parser
 

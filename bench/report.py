@@ -1,0 +1,152 @@
+"""Output of the restart scenarios (bench/restart_scenarios.py): terminal table, JSON, Markdown, PNG plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import restart_scenarios as scenarios
+
+SWEEP_TITLES = {"ram": "guest RAM (one guest, 1 LP)", "partitions": "partitions (2 LPs)",
+                "vps": "VPs (one guest, 4 LPs)", "mappings": "map-window mappings held (holder guest, 1 LP)",
+                "storm": "storm's mappings at the request (2 LPs)", "lps": "LPs (4 guests)"}
+PLOTS = {"ram": "blackout_vs_ram.png", "vps": "blackout_vs_vps.png", "partitions": "blackout_vs_partitions.png",
+         "mappings": "blackout_vs_mappings.png", "storm": "blackout_vs_storm.png", "lps": "blackout_vs_lps.png"}
+LOG_X = {"ram": 2, "partitions": 2, "vps": 2}     # sweeps drawn on a log scale: the base
+COLUMNS = ("sweep", "point", "scenario", "VP blackout ticks", "VP blackout host ms", "blackout phase ticks",
+           "restart ticks", "restart host s", "mappings req/blackout", "outcome")
+SCENARIO_STYLE = {scenarios.PRECOPY: ("tab:blue", "o"), scenarios.STOP_AND_COPY: ("tab:orange", "s"),
+                  scenarios.COLD: ("tab:red", "^")}
+
+
+def _number(value, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
+
+
+def _cells(row: dict) -> list[str]:
+    if row["outcome"] == "not measured":
+        return [row["sweep"], row["label"], row["scenario"], "not measured yet", "", "", "", "", "", ""]
+    mappings = "-"
+    if row.get("mappings_at_request"):
+        mappings = f"{row['mappings_at_request']:,}"
+        if row.get("mappings_at_blackout") is not None:
+            mappings += f" / {row['mappings_at_blackout']:,}"
+    return [row["sweep"], row["label"], row["scenario"], _number(row["blackout_ticks"]),
+            _number(row["blackout_host_ms"], 1), _number(row["blackout_phase_ticks"]),
+            _number(row["restart_ticks"]), _number(row["restart_host_s"], 2), mappings, row["outcome"]]
+
+
+def progress_line(row: dict) -> str:
+    cells = _cells(row)
+    if row["outcome"] == "not measured":
+        return f"{row['sweep']:<10} {row['label']:>7}  {row['scenario']:<14} not measured yet"
+    return (f"{row['sweep']:<10} {row['label']:>7}  {row['scenario']:<14} VP blackout {cells[3]:>11} ticks "
+            f"{cells[4]:>8} ms  ({row.get('bench_host_s', 0):.1f} s)")
+
+
+def table(document: dict) -> str:
+    """The terminal table: one line per point and scenario."""
+    rows = [list(COLUMNS)] + [_cells(row) for row in document["results"]]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(COLUMNS))]
+    lines = []
+    for number, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(width) if column < 3 else cell.rjust(width)
+                               for column, (cell, width) in enumerate(zip(row, widths))).rstrip())
+        if number == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def targets_text(document: dict) -> str:
+    lines = ["targets:"]
+    for target in document["targets"].values():
+        verdict = "MISSED" if target["verdict"] == "missed" else target["verdict"]
+        lines.append(f"  {verdict:<14} {target['target']}: {target['by']}")
+    return "\n".join(lines)
+
+
+def markdown(document: dict) -> str:
+    machine = document["machine"]
+    lines = [f"Restart scenarios, {'quick set' if document['quick'] else 'full set'}, {machine['date']}: "
+             f"{machine['platform']}, Python {machine['python']}, {machine['cpu_count']} CPUs, "
+             f"{document['host_seconds']:.0f} s.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * 3 + "---:|" * (len(COLUMNS) - 4) + "---|"]
+    for row in document["results"]:
+        lines.append("| " + " | ".join(_cells(row)) + " |")
+    lines += ["", "| target | verdict | figure |", "|---|---|---|"]
+    for target in document["targets"].values():
+        verdict = "not measured yet" if target["verdict"] == "not measured" else target["verdict"]
+        lines.append(f"| {target['target']} | {verdict} | {target['by']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(document: dict, sweep: str, path: Path) -> bool:
+    """Largest VP blackout against the sweep's value, one line per measured scenario: virtual ticks
+    (left) and host ms (right), both on log scales. False if the sweep has no results."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 1 else f"{value:g}")
+    # minor ticks of a log axis: only 2 and 5 of each decade carry a label
+    sparse = FuncFormatter(lambda value, _: plain(value) if f"{value:e}"[0] in "25" else "")
+
+    rows = [row for row in document["results"] if row["sweep"] == sweep and row["blackout_ticks"] is not None]
+    if not rows:
+        return False
+    figure, axes = pyplot.subplots(1, 2, figsize=(11, 4.2))
+    position = (lambda row: row["mappings_at_request"]) if sweep == "storm" else (lambda row: row["x"])
+    for axis, key, unit in ((axes[0], "blackout_ticks", "virtual ticks"), (axes[1], "blackout_host_ms", "host ms")):
+        for scenario, (colour, marker) in SCENARIO_STYLE.items():
+            line = sorted((position(row), row[key]) for row in rows if row["scenario"] == scenario)
+            if line:
+                axis.plot([x for x, _ in line], [y for _, y in line], marker=marker, color=colour,
+                          label=scenarios.SCENARIO_TITLES[scenario])
+        ended = [(position(row), row[key]) for row in rows if row.get("partitions_ended_by_blackout")]
+        if ended:   # a guest ended before the blackout: less state crossed than at the request
+            axis.scatter([x for x, _ in ended], [y for _, y in ended], s=160, facecolors="none",
+                         edgecolors="black", label="a guest ended before the blackout", zorder=3)
+        if sweep in LOG_X:
+            axis.set_xscale("log", base=LOG_X[sweep])
+            axis.minorticks_off()
+        if sweep in ("mappings", "storm"):          # counts of pages: matplotlib's own ticks
+            axis.xaxis.set_major_formatter(plain)
+        else:
+            ticks = sorted({(row["x"], row["label"]) for row in rows})
+            axis.set_xticks([x for x, _ in ticks], [label for _, label in ticks])
+        axis.set_yscale("log")
+        axis.yaxis.set_major_formatter(plain)
+        axis.yaxis.set_minor_formatter(sparse)
+        axis.set_xlabel(SWEEP_TITLES[sweep])
+        axis.set_ylabel(f"largest VP blackout ({unit})")
+        axis.grid(True, which="major", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    machine = document["machine"]
+    figure.suptitle(f"Blackout against {SWEEP_TITLES[sweep]} ({'quick' if document['quick'] else 'full'} set, "
+                    f"{machine['date'][:10]}; suspend-and-resume: not measured yet)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+    return True
+
+
+def write(document: dict, directory: Path, json_path: str | None = None) -> list[Path]:
+    """JSON (to `json_path` if given, else into the directory), Markdown and the plots; the paths written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    json_file = Path(json_path) if json_path else directory / scenarios.JSON_NAME
+    json_file.write_text(json.dumps(document, indent=2) + "\n")
+    markdown_file = directory / scenarios.MARKDOWN_NAME
+    markdown_file.write_text(markdown(document))
+    written = [json_file, markdown_file]
+    try:
+        import matplotlib  # noqa: F401  (the plots need it; the figures do not)
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib, or the package's "
+              "bench extra)")
+        return written
+    for sweep, name in PLOTS.items():
+        if plot(document, sweep, directory / name):
+            written.append(directory / name)
+    return written

@@ -1,0 +1,473 @@
+"""Blackout against the alternatives: hot restart (pre-copy, stop-and-copy) and cold restart, swept
+over guest RAM, partitions, VPs, map-window mappings (hypervisor state) and LPs (bench/README.md).
+
+Every point boots the same guests on the same machine (same LPs, RAM, and the machine's fixed seed:
+boot.boot always builds it with seed 0, and the machine is deterministic) and stops them at the same
+request point; only the scenario differs. The hot scenarios go through `tools.restart` (`request` and
+`summary`, the pieces `tools.restart.restart` is made of: the bench needs the recorder itself to read
+the map windows at the blackout, and need not run every guest to its end). Suspend and resume to disk
+is listed and reported as not measured: it needs a disk device and hypervisor code."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from asm import assemble
+from emu.events import Event
+from guests import catalog
+from hypervisors import boot, build, guest_abi, layouts, transfer
+from hypervisors.boot import Booted, GuestImage
+from hypervisors.memory_map import GUEST_LOAD_ADDRESS, MIB
+from tools import restart as restart_module
+
+FROM_HYPERVISOR, TO_HYPERVISOR = "hv1", "hv2"
+SCHEMA_VERSION = 1
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
+JSON_NAME, MARKDOWN_NAME = "restart_scenarios.json", "restart_scenarios.md"
+
+PRECOPY, STOP_AND_COPY, COLD, SUSPEND = "precopy", "stop-and-copy", "cold", "suspend-resume"
+SCENARIOS = (PRECOPY, STOP_AND_COPY, COLD, SUSPEND)
+HOT_MODES = {PRECOPY: transfer.Mode.PRECOPY, STOP_AND_COPY: transfer.Mode.STOP_AND_COPY}
+SCENARIO_TITLES = {PRECOPY: "hot restart, pre-copy", STOP_AND_COPY: "hot restart, stop-and-copy",
+                   COLD: "cold restart (reboot under hv2, redo the work)",
+                   SUSPEND: "suspend and resume to disk"}
+NOT_MEASURED = {SUSPEND: "not measured yet: needs a disk device and hypervisor code to write guest RAM "
+                         "and hypervisor state out and read them back"}
+
+AFTER_RESTART = 1_000_000         # instructions run after a hot restart: the guests go on, none is stopped
+COLD_BUDGET_FACTOR = 4            # a cold run gives up after this many times the request point ...
+COLD_BUDGET_EXTRA = 50_000_000    # ... plus this many instructions
+COLD_STEP = 1_000_000             # the cold run looks whether every VP is back this often
+
+COUNTER_POINT = 4_000_000         # LP time at the request for the counter sweeps (counter lives ~180M)
+# Hypervisor state: the holder guest (below) maps this many scattered map-window pages, then computes
+# without a VM exit, so the same mappings exist at the request and at the blackout, in every scenario.
+HELD_PAGES = (1_000, 2_000, 4_000, 8_000, 10_000, 16_000)
+MANY_MAPPINGS = 10_000            # the point the pre-copy target speaks of
+TICKS_PER_MAP = 800               # LP time the holder needs per page (about 795, measured) ...
+HOLDER_START = 1_000_000          # ... after this much: its request comes once every page is mapped
+# The storm guest maps while the restart runs (its quota fill, ~1,260 pages per million ticks, alone
+# on LP 1 beside a counter on LP 0) and ends, freeing its pages, at about LP time 14.4M. Request
+# points (LP time) found by experiment: about 2,000, 4,600 and 10,000 of its pages mapped.
+STORM_GUESTS = ("counter,mem=16M", "storm,mem=16M")
+STORM_POINTS = {3_000_000: "~2,000", 5_000_000: "~4,600", 9_500_000: "~10,000"}
+STORM_MANY_POINT = 9_500_000
+
+HOLDER_SOURCE = """
+; holder (bench/restart_scenarios.py): VP 0 maps PAGES pages of the map window, STRIDE pages apart
+; around it (so they are scattered over the window's EPT page tables), tags each, then computes
+; without a VM exit for ITERATIONS rounds, checks every tag and ends with exit code 0 (1: a map
+; failed, 2: a tag changed). Other VPs halt.
+%define EXIT_PORT 0xF4
+%define STRIDE 4099
+%define WINDOW_PAGE_MASK (MAP_WINDOW_SIZE / 4096 - 1)
+start:
+    test rdi, rdi
+    jnz halt
+    xor r12d, r12d
+map_page:
+    call page_of
+    mov eax, HC_MAP_PAGE
+    vmcall
+    test rax, rax
+    jnz map_failed
+    mov [rdi], r12
+    inc r12
+    cmp r12, PAGES
+    jb map_page
+    xor ecx, ecx
+    mov rdx, ITERATIONS
+work:
+    mov rax, rcx
+    imul rax, rcx
+    add rbx, rax
+    inc rcx
+    cmp rcx, rdx
+    jb work
+    xor r12d, r12d
+check_page:
+    call page_of
+    cmp [rdi], r12
+    jne tag_changed
+    inc r12
+    cmp r12, PAGES
+    jb check_page
+    xor eax, eax
+    out EXIT_PORT, al
+halt:
+    hlt
+    jmp halt
+map_failed:
+    mov al, 1
+    out EXIT_PORT, al
+    jmp halt
+tag_changed:
+    mov al, 2
+    out EXIT_PORT, al
+    jmp halt
+; r12 = page number: rdi = its guest-physical address. Clobbers rax.
+page_of:
+    imul rdi, r12, STRIDE
+    and rdi, WINDOW_PAGE_MASK
+    shl rdi, 12
+    mov rax, MAP_WINDOW_BASE
+    add rdi, rax
+    ret
+"""
+HOLDER_ITERATIONS = 50_000_000    # about 300 million instructions of work after the maps
+
+
+@lru_cache(maxsize=None)
+def holder_image(pages: int) -> bytes:
+    constants = guest_abi.constants() | {"PAGES": pages, "ITERATIONS": HOLDER_ITERATIONS}
+    return assemble(HOLDER_SOURCE, GUEST_LOAD_ADDRESS, constants=constants, filename="holder").code
+
+
+def guest(spec: str) -> GuestImage:
+    """A guest of the catalog (`NAME,vps=N,mem=SIZE`), or `holder,pages=N[,mem=SIZE]`."""
+    name, *options = spec.split(",")
+    if name != "holder":
+        return catalog.parse(spec)
+    values = dict(option.split("=", 1) for option in options)
+    return GuestImage("holder", holder_image(int(values["pages"])),
+                      catalog.parse_size(values.get("mem", "16M")), 1)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One configuration: the same for every scenario."""
+
+    sweep: str                    # ram, partitions, vps, mappings, storm, lps
+    label: str                    # the sweep's value as the table shows it
+    x: int                        # the sweep's value as a number (for plots)
+    guests: tuple[str, ...]
+    lps: int
+    request_per_lp: int           # LP time at the request
+
+    @property
+    def busy_lps(self) -> int:
+        """LPs with a VP: an LP without one retires nothing, so it does not count toward the request."""
+        vps = sum(guest(spec).vp_count for spec in self.guests)
+        return min(self.lps, vps)
+
+    @property
+    def request_at(self) -> int:
+        """The request, in instructions of the whole machine (what `machine.run` counts)."""
+        return self.request_per_lp * self.busy_lps
+
+
+def _size_label(size: int) -> str:
+    return f"{size >> 30}G" if size >= 1 << 30 else f"{size >> 20}M"
+
+
+def points(quick: bool = False) -> list[Point]:
+    """The sweeps (bench/README.md). Quick: every sweep and scenario, small sizes."""
+    ram_sizes = (16 * MIB, 256 * MIB) if quick else tuple(16 * MIB << shift for shift in range(7))   # to 1 GiB
+    partitions = (1, 4) if quick else (1, 2, 4, 8, 16)
+    vps = (1, 8) if quick else (1, 2, 4, 8, 16, 32)
+    held = (MANY_MAPPINGS,) if quick else HELD_PAGES
+    storm = (STORM_MANY_POINT,) if quick else tuple(STORM_POINTS)
+    lp_counts = (1, 2) if quick else (1, 2, 3, 4)
+    result = [Point("ram", _size_label(size), size, (f"counter,mem={_size_label(size)}",), 1, COUNTER_POINT)
+              for size in ram_sizes]
+    result += [Point("partitions", str(count), count, ("counter,mem=16M",) * count, 2, COUNTER_POINT)
+               for count in partitions]
+    result += [Point("vps", str(count), count, (f"counter,mem=16M,vps={count}",), 4, COUNTER_POINT)
+               for count in vps]
+    result += [Point("mappings", f"{pages:,}", pages, (f"holder,pages={pages}",), 1,
+                     HOLDER_START + pages * TICKS_PER_MAP) for pages in held]
+    result += [Point("storm", STORM_POINTS[at], at, STORM_GUESTS, 2, at) for at in storm]
+    result += [Point("lps", str(count), count, ("counter,mem=16M",) * 4, count, COUNTER_POINT)
+               for count in lp_counts]
+    return result
+
+
+# --- reading the machine -------------------------------------------------------------------------------
+def vp_table(booted: Booted) -> dict[int, dict]:
+    """The running hypervisor's VPs by VMCS address: partition, index, LP, and its state
+    (running, waiting, sleeping, ended: `tools.restart.vp_state`)."""
+    records = build.hypervisor(booted.hypervisor).records
+    base, partition_base = booted.read_qword("vps"), booted.symbol("partitions")
+    partitions = booted.partitions()
+    table = {}
+    for number in range(booted.read_qword("vp_total")):
+        vp = records.vp.unpack(booted.machine.ram.read(base + number * records.vp.size, records.vp.size))
+        partition = (vp["partition"] - partition_base) // records.partition.size
+        table[vp["vmcs"]] = {"partition": partition, "vp": vp["index"], "lp": vp["lp"],
+                             "state": restart_module.vp_state(vp, partitions[partition])}
+    return table
+
+
+def mapped_pages(booted: Booted) -> int:
+    return sum(partition["mapped_pages"] for partition in booted.partitions())
+
+
+@dataclass
+class GuestProgress:
+    """Guest instructions of every VMCS, from the event stream: the LP time between a VM entry and the
+    next VM exit is the guest's own (one tick per instruction retired on the LP). Each stretch is kept
+    with the host time at both ends, so the moment a VP reaches a given count can be found afterwards."""
+
+    started: float = field(default_factory=time.perf_counter)
+    entered: dict[int, tuple[int, float]] = field(default_factory=dict)
+    stretches: dict[int, list[tuple[int, int, float, float]]] = field(default_factory=dict)
+    first_entry: tuple[int, float] | None = None
+
+    def __call__(self, event: Event) -> None:
+        if event.kind == "vm-entry":
+            now = time.perf_counter()
+            self.entered[event.data["vmcs"]] = (event.time, now)
+            if self.first_entry is None:
+                self.first_entry = (event.time, now)
+        elif event.kind == "vm-exit":
+            entry = self.entered.pop(event.data["vmcs"], None)
+            if entry is not None:
+                self.stretches.setdefault(event.data["vmcs"], []).append(
+                    (entry[0], event.time, entry[1], time.perf_counter()))
+
+    def retired(self, vmcs: int) -> int:
+        return sum(end - start for start, end, _, _ in self.stretches.get(vmcs, ()))
+
+    def reached(self, vmcs: int, count: int) -> tuple[int, float] | None:
+        """LP time and host seconds (from `started`) at which the VMCS's guest had retired `count`."""
+        done = 0
+        for start, end, host_start, host_end in self.stretches.get(vmcs, ()):
+            if done + end - start >= count:
+                part = (count - done) / (end - start) if end > start else 1.0
+                return start + count - done, host_start + part * (host_end - host_start) - self.started
+            done += end - start
+        return None
+
+
+# --- the scenarios ---------------------------------------------------------------------------------------
+def _boot(point: Point, hypervisor: str) -> Booted:
+    return boot.boot([guest(spec) for spec in point.guests], hypervisor=hypervisor, lps=point.lps)
+
+
+def _run_to_request(booted: Booted, point: Point) -> None:
+    booted.machine.run(max_instructions=point.request_at)
+    if booted.machine.stop is not None and booted.machine.stop.reason != "instruction-limit":
+        raise RuntimeError(f"{point.sweep} {point.label}: the guests ended before instruction {point.request_at}")
+
+
+def hot(point: Point, scenario: str) -> dict:
+    """Boot hv1, run to the request point, hot-restart into hv2 (`tools.restart`), run a little on."""
+    started = time.perf_counter()
+    booted = _boot(point, FROM_HYPERVISOR)
+    _run_to_request(booted, point)
+    mappings_at_request = mapped_pages(booted)
+    mode = HOT_MODES[scenario]
+    recorder = restart_module.request(booted, TO_HYPERVISOR, mode=mode)
+    info = restart_module.summary(booted, recorder, FROM_HYPERVISOR, None, mode)
+    if recorder.finished and booted.hypervisor == TO_HYPERVISOR:
+        booted.machine.run(max_instructions=booted.machine.retired + AFTER_RESTART)
+    phases = {phase["phase"]: phase for phase in info["phases"]}
+    windows = recorder.memory_before[1] if recorder.memory_before else None
+    return {
+        "outcome": info["outcome"], "reason": info["reason"],
+        "blackout_ticks": info["blackout"]["max_ticks"], "blackout_host_ms": info["blackout"]["max_host_ms"],
+        "per_vp": [{key: vp[key] for key in ("partition", "vp", "lp", "state", "blackout_ticks", "blackout_host_ms")}
+                   for vp in info["blackout"]["per_vp"]],
+        "blackout_phase_ticks": phases["blackout"]["virtual_ticks"] if "blackout" in phases else None,
+        "blackout_phase_bytes": phases["blackout"]["bytes_sent"] if "blackout" in phases else None,
+        "restart_ticks": sum(phase["virtual_ticks"] for phase in info["phases"]),
+        "restart_host_s": sum(phase["host_ms"] for phase in info["phases"]) / 1e3,
+        "phases": {name: {"virtual_ticks": phase["virtual_ticks"], "host_ms": phase["host_ms"],
+                          "bytes_sent": phase["bytes_sent"]} for name, phase in phases.items()},
+        "mappings_at_request": mappings_at_request,
+        "mappings_at_blackout": sum(len(window) for window in windows.values()) if windows is not None else None,
+        "partitions_ended_by_blackout": _ended_by_blackout(info["blackout"]["per_vp"]),
+        "records_sent": info["records_sent"],   # by type: window_reset says a change log overflowed
+        "guest_memory_unchanged": info["guest_memory_unchanged"],
+        "guests_stopped_after": sum(1 for partition in booted.partitions()
+                                    if partition["state"] == layouts.PARTITION_STOPPED),
+        "bench_host_s": time.perf_counter() - started,
+    }
+
+
+def _ended_by_blackout(per_vp: list[dict]) -> int:
+    """Partitions that had ended when the blackout began (a storm that finished during pre-copy)."""
+    states: dict[int, set[str]] = {}
+    for vp in per_vp:
+        states.setdefault(vp["partition"], set()).add(vp["state"])
+    return sum(1 for partition_states in states.values() if partition_states == {"ended"})
+
+
+def cold(point: Point) -> dict:
+    """Boot hv1 and run to the request point; note each VP's guest instructions; discard the machine;
+    boot hv2 from scratch with the same guests and run until every VP has retired as many guest
+    instructions again. A VP's blackout is the virtual time (its LP's clock, from the cold boot) and
+    the host time that takes: the whole reboot, and the work redone."""
+    started = time.perf_counter()
+    booted = _boot(point, FROM_HYPERVISOR)
+    before = GuestProgress()
+    booted.machine.events.subscribe(before)
+    _run_to_request(booted, point)
+    booted.machine.events.unsubscribe(before)
+    mappings_at_request = mapped_pages(booted)
+    targets = {(vp["partition"], vp["vp"]): (before.retired(vmcs), vp)
+               for vmcs, vp in vp_table(booted).items() if before.retired(vmcs)}   # VPs that ran
+    del booted                                  # the machine is discarded: a cold restart keeps nothing
+
+    after = GuestProgress()
+    fresh = _boot(point, TO_HYPERVISOR)
+    fresh.machine.events.subscribe(after)
+    budget = point.request_at * COLD_BUDGET_FACTOR + COLD_BUDGET_EXTRA
+    reached: dict[tuple[int, int], tuple[int, float] | None] = {}
+    while fresh.machine.retired < budget:
+        fresh.machine.run(max_instructions=min(budget, fresh.machine.retired + COLD_STEP))
+        by_identity = {(vp["partition"], vp["vp"]): vmcs for vmcs, vp in vp_table(fresh).items()}
+        reached = {identity: after.reached(by_identity[identity], count) if identity in by_identity else None
+                   for identity, (count, _) in targets.items()}
+        if all(mark is not None for mark in reached.values()):
+            break
+        if fresh.machine.stop is not None and fresh.machine.stop.reason != "instruction-limit":
+            break
+    fresh.machine.events.unsubscribe(after)
+    per_vp = []
+    for identity, (count, vp) in sorted(targets.items()):
+        mark = reached.get(identity)
+        per_vp.append({"partition": vp["partition"], "vp": vp["vp"], "lp": vp["lp"], "state": vp["state"],
+                       "guest_instructions": count,
+                       "blackout_ticks": mark[0] if mark else None,
+                       "blackout_host_ms": mark[1] * 1e3 if mark else None})
+    running = [vp for vp in per_vp if vp["state"] == "running"]
+    complete = bool(running) and all(vp["blackout_ticks"] is not None for vp in running)
+    return {
+        "outcome": "back" if complete else "not back",
+        "blackout_ticks": max(vp["blackout_ticks"] for vp in running) if complete else None,
+        "blackout_host_ms": max(vp["blackout_host_ms"] for vp in running) if complete else None,
+        "per_vp": per_vp,
+        "blackout_phase_ticks": None,           # a cold restart has no such phase: all of it is blackout
+        "restart_ticks": max(vp["blackout_ticks"] for vp in running) if complete else None,
+        "restart_host_s": max(vp["blackout_host_ms"] for vp in running) / 1e3 if complete else None,
+        "boot_ticks": after.first_entry[0] if after.first_entry else None,
+        "boot_host_ms": (after.first_entry[1] - after.started) * 1e3 if after.first_entry else None,
+        "mappings_at_request": mappings_at_request,
+        "bench_host_s": time.perf_counter() - started,
+    }
+
+
+def measure_point(point: Point, scenario: str) -> dict:
+    if scenario in NOT_MEASURED:
+        return {"outcome": "not measured", "note": NOT_MEASURED[scenario]}
+    return hot(point, scenario) if scenario in HOT_MODES else cold(point)
+
+
+# --- the whole bench -------------------------------------------------------------------------------------
+def machine_info() -> dict:
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "implementation": platform.python_implementation(),
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _verdict(met: bool | None, comparable: bool = True) -> str:
+    if not comparable:
+        return "not comparable"
+    return "not measured" if met is None else "met" if met else "missed"
+
+
+def _compare_modes(results: list[dict], sweep: str, x: int, what: str) -> dict | None:
+    """Pre-copy against stop-and-copy at one point: the ratio of their largest VP blackouts."""
+    rows = {row["scenario"]: row for row in results if row["sweep"] == sweep and row["x"] == x}
+    pre, stop = rows.get(PRECOPY), rows.get(STOP_AND_COPY)
+    if not (pre and stop and pre["blackout_ticks"] and stop["blackout_ticks"]):
+        return None
+    ratio = stop["blackout_ticks"] / pre["blackout_ticks"]
+    # Comparable only if the same state had to cross: no guest ended before either blackout.
+    comparable = not pre["partitions_ended_by_blackout"] and not stop["partitions_ended_by_blackout"]
+    by = f"{ratio:.1f} against 3 ({pre['blackout_ticks']:,} against {stop['blackout_ticks']:,} ticks)"
+    if not comparable:
+        by += (f"; not comparable: guests ended before the blackout (pre-copy "
+               f"{pre['partitions_ended_by_blackout']}, stop-and-copy {stop['partitions_ended_by_blackout']}), "
+               f"mappings at the blackout {pre['mappings_at_blackout']:,} against {stop['mappings_at_blackout']:,}")
+    return {"target": f"pre-copy's largest VP blackout at least 3 times lower than stop-and-copy's with {what}",
+            "ratio": ratio, "host_ms_ratio": stop["blackout_host_ms"] / pre["blackout_host_ms"], "limit": 3.0,
+            "met": ratio >= 3.0 if comparable else None, "verdict": _verdict(ratio >= 3.0, comparable), "by": by,
+            "mappings_at_request": pre["mappings_at_request"],
+            "mappings_at_blackout": {PRECOPY: pre["mappings_at_blackout"], STOP_AND_COPY: stop["mappings_at_blackout"]}}
+
+
+def targets(results: list[dict]) -> dict:
+    """The issue's targets: each met, missed, not comparable or not measured, with the figures behind it."""
+    found = {}
+    for scenario in HOT_MODES:
+        rows = [row for row in results if row["sweep"] == "ram" and row["scenario"] == scenario
+                and row["blackout_ticks"] is not None]
+        if len(rows) >= 2:
+            smallest, largest = min(rows, key=lambda row: row["x"]), max(rows, key=lambda row: row["x"])
+            low = min(rows, key=lambda row: row["blackout_ticks"])
+            high = max(rows, key=lambda row: row["blackout_ticks"])
+            ratio = high["blackout_ticks"] / low["blackout_ticks"]
+            host = [row["blackout_host_ms"] for row in rows]
+            found[f"flat_in_guest_ram[{scenario}]"] = {
+                "target": f"{SCENARIO_TITLES[scenario]}: largest VP blackout flat in guest RAM from "
+                          f"{smallest['label']} to {largest['label']} (largest over smallest at most 1.2)",
+                "ratio": ratio, "host_ms_ratio": max(host) / min(host), "limit": 1.2,
+                "met": ratio <= 1.2, "verdict": _verdict(ratio <= 1.2),
+                "by": f"{ratio:.3f} against 1.2 ({low['blackout_ticks']:,} ticks at {low['label']}, "
+                      f"{high['blackout_ticks']:,} at {high['label']})"}
+    held = _compare_modes(results, "mappings", MANY_MAPPINGS, f"{MANY_MAPPINGS:,} scattered mappings held "
+                                                              "(holder guest)")
+    if held:
+        found["precopy_vs_stop_and_copy[held]"] = held
+    storm = _compare_modes(results, "storm", STORM_MANY_POINT, f"{STORM_POINTS[STORM_MANY_POINT]} mappings "
+                                                               "of a running storm at the request")
+    if storm:
+        found["precopy_vs_stop_and_copy[storm]"] = storm
+    found["suspend_resume_comparison"] = {"target": "hot restart against suspend and resume to disk",
+                                          "met": None, "verdict": "not measured", "by": NOT_MEASURED[SUSPEND]}
+    return found
+
+
+def run(quick: bool = False, progress=None, selected: list[Point] | None = None) -> dict:
+    """Measures every point in every scenario; the document `report` writes out."""
+    started = time.perf_counter()
+    results = []
+    for point in selected if selected is not None else points(quick):
+        for scenario in SCENARIOS:
+            figures = measure_point(point, scenario)
+            row = {"sweep": point.sweep, "label": point.label, "x": point.x, "scenario": scenario,
+                   "guests": list(point.guests), "lps": point.lps, "request_at": point.request_at,
+                   "request_per_lp": point.request_per_lp,
+                   "blackout_ticks": None, "blackout_host_ms": None, "blackout_phase_ticks": None,
+                   "restart_ticks": None, "restart_host_s": None} | figures
+            results.append(row)
+            if progress is not None:
+                progress(row)
+    document = {"schema": SCHEMA_VERSION, "bench": "restart_scenarios", "quick": quick,
+                "machine": machine_info(), "machine_seed": 0,
+                "from": FROM_HYPERVISOR, "to": TO_HYPERVISOR,
+                "scenarios": {name: SCENARIO_TITLES[name] for name in SCENARIOS},
+                "not_measured": dict(NOT_MEASURED),
+                "points": [asdict(point) | {"request_at": point.request_at}
+                           for point in (selected if selected is not None else points(quick))],
+                "results": results}
+    document["targets"] = targets(results)
+    document["host_seconds"] = time.perf_counter() - started
+    return document
+
+
+def main(quick: bool = False, json_path: str | None = None, output: str | None = None) -> int:
+    from bench import report
+
+    directory = Path(output) if output else DEFAULT_OUTPUT
+
+    def progress(row: dict) -> None:
+        print(report.progress_line(row), flush=True)
+
+    document = run(quick, progress)
+    written = report.write(document, directory, json_path)
+    print()
+    print(report.table(document))
+    print()
+    print(report.targets_text(document))
+    print(f"\n{len(document['results'])} results in {document['host_seconds']:.1f} s; written: "
+          + ", ".join(str(path) for path in written))
+    return 0

@@ -1,0 +1,144 @@
+"""`hhr bench` (the restart scenarios, bench/restart_scenarios.py): the quick set runs every sweep in every
+scenario, every figure is there, the files are written; pre-copy beats stop-and-copy with many mappings.
+Figures are checked for shape and sense, not for speed."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+
+from bench import machine_speed, hypervisor_speed, report
+from bench import restart_scenarios as scenarios
+from tools import cli
+
+HOT = (scenarios.PRECOPY, scenarios.STOP_AND_COPY)
+SWEEPS = {"ram", "partitions", "vps", "mappings", "storm", "lps"}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """The quick set through the command, once: its JSON document, output directory and terminal text."""
+    directory = tmp_path_factory.mktemp("bench")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = cli.main(["bench", "--quick", "--output", str(directory / "out"),
+                           "--json", str(directory / "figures.json")])
+    assert status == 0
+    document = json.loads((directory / "figures.json").read_text())
+    return document, directory, printed.getvalue()
+
+
+def rows(document, **match):
+    return [row for row in document["results"] if all(row[key] == value for key, value in match.items())]
+
+
+def test_every_point_has_every_scenario(quick):
+    document, _, _ = quick
+    assert {point["sweep"] for point in document["points"]} == SWEEPS
+    for point in document["points"]:
+        found = [row["scenario"] for row in rows(document, sweep=point["sweep"], x=point["x"])]
+        assert found == list(scenarios.SCENARIOS), point
+
+
+def test_hot_restarts_commit_with_every_figure(quick):
+    document, _, _ = quick
+    for row in document["results"]:
+        if row["scenario"] not in HOT:
+            continue
+        assert row["outcome"] == "committed", row
+        assert row["blackout_ticks"] > 0 and row["blackout_host_ms"] > 0
+        assert 0 < row["blackout_phase_ticks"] < row["blackout_ticks"] < row["restart_ticks"]
+        assert row["restart_host_s"] > 0
+        running = [vp for vp in row["per_vp"] if vp["state"] == "running"]
+        assert running and all(vp["blackout_ticks"] > 0 and vp["blackout_host_ms"] > 0 for vp in running)
+        assert row["blackout_ticks"] == max(vp["blackout_ticks"] for vp in running)
+        assert row["guest_memory_unchanged"] is True and row["guests_stopped_after"] == 0
+        assert {"requested", "blackout", "commit", "devirtualize"} <= set(row["phases"])
+        assert ("precopy" in row["phases"]) == (row["scenario"] == scenarios.PRECOPY)
+
+
+def test_cold_restart_redoes_at_least_the_work_done(quick):
+    document, _, _ = quick
+    for row in rows(document, scenario=scenarios.COLD):
+        assert row["outcome"] == "back", row
+        assert 0 < row["boot_ticks"] < row["blackout_ticks"] == row["restart_ticks"]
+        assert row["blackout_phase_ticks"] is None
+        for vp in row["per_vp"]:
+            if vp["state"] == "running":
+                assert vp["blackout_ticks"] >= vp["guest_instructions"] > 0, vp
+
+
+def test_suspend_and_resume_is_reported_as_not_measured(quick):
+    document, directory, printed = quick
+    for row in rows(document, scenario=scenarios.SUSPEND):
+        assert row["outcome"] == "not measured" and row["blackout_ticks"] is None
+    assert document["targets"]["suspend_resume_comparison"]["verdict"] == "not measured"
+    assert "not measured yet" in (directory / "out" / scenarios.MARKDOWN_NAME).read_text()
+    assert "not measured yet" in printed
+
+
+def test_precopy_blackout_is_below_stop_and_copy_with_many_mappings(quick):
+    document, _, _ = quick
+    point = {row["scenario"]: row for row in rows(document, sweep="mappings", x=scenarios.MANY_MAPPINGS)}
+    precopy, stop = point[scenarios.PRECOPY], point[scenarios.STOP_AND_COPY]
+    for row in (precopy, stop):     # the holder keeps its pages: the same state crosses either way
+        assert row["mappings_at_request"] == row["mappings_at_blackout"] == scenarios.MANY_MAPPINGS
+    assert precopy["blackout_ticks"] < stop["blackout_ticks"]
+    assert precopy["blackout_phase_bytes"] < stop["blackout_phase_bytes"]
+    target = document["targets"]["precopy_vs_stop_and_copy[held]"]
+    assert target["ratio"] == stop["blackout_ticks"] / precopy["blackout_ticks"]
+
+
+def test_storm_point_has_many_mappings_and_says_what_ended(quick):
+    document, _, _ = quick
+    for row in rows(document, sweep="storm"):
+        if row["scenario"] != scenarios.SUSPEND:
+            assert row["mappings_at_request"] > 0.8 * scenarios.MANY_MAPPINGS
+    for row in rows(document, sweep="storm", scenario=scenarios.STOP_AND_COPY):
+        assert row["partitions_ended_by_blackout"] == 0 and row["mappings_at_blackout"] >= row["mappings_at_request"]
+    target = document["targets"]["precopy_vs_stop_and_copy[storm]"]
+    assert target["verdict"] in ("met", "missed", "not comparable")
+
+
+def test_ram_targets_are_judged(quick):
+    document, _, _ = quick
+    for mode in HOT:
+        target = document["targets"][f"flat_in_guest_ram[{mode}]"]
+        assert target["verdict"] in ("met", "missed") and target["limit"] == 1.2 and target["ratio"] > 0
+
+
+def test_files_and_machine_description_are_written(quick):
+    document, directory, printed = quick
+    out = directory / "out"
+    assert set(document["machine"]) >= {"platform", "python", "cpu_count", "date"}
+    assert document["quick"] is True and document["machine_seed"] == 0
+    assert not (out / scenarios.JSON_NAME).exists()          # --json FILE took its place
+    markdown = (out / scenarios.MARKDOWN_NAME).read_text()
+    assert markdown.count("\n| ") >= len(document["results"]) and "| sweep | point | scenario |" in markdown
+    for name in report.PLOTS.values():
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert "VP blackout ticks" in printed and "targets:" in printed
+
+
+def test_cold_progress_finds_the_moment_a_count_is_reached():
+    progress = scenarios.GuestProgress(started=0.0)
+    progress.stretches[0x1000] = [(100, 200, 1.0, 2.0), (500, 600, 3.0, 4.0)]
+    assert progress.retired(0x1000) == 200
+    assert progress.reached(0x1000, 50) == (150, 1.5)
+    assert progress.reached(0x1000, 150) == (550, 3.5)
+    assert progress.reached(0x1000, 201) is None
+
+
+def test_request_counts_only_lps_with_a_vp():
+    point = scenarios.Point("vps", "1", 1, ("counter",), 4, 1_000_000)
+    assert point.busy_lps == 1 and point.request_at == 1_000_000
+    assert scenarios.Point("lps", "2", 2, ("counter",) * 4, 2, 1_000_000).request_at == 2_000_000
+
+
+def test_machine_and_hypervisor_benches_are_still_reached(monkeypatch):
+    monkeypatch.setattr(machine_speed, "main", lambda json_path: ("machine", json_path))
+    monkeypatch.setattr(hypervisor_speed, "main", lambda json_path, hv: ("hypervisor", json_path, hv))
+    assert cli.main(["bench", "--machine", "--json", "m.json"]) == ("machine", "m.json")
+    assert cli.main(["bench", "--hypervisor", "--hv", "hv2"]) == ("hypervisor", None, "hv2")
