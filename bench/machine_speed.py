@@ -10,12 +10,17 @@ from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, UC_PROT_ALL, Uc
 from unicorn import x86_const as x86
 
 from tools import harness
+from emu.machine import Machine
 from emu.memory import MIB
+from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import MemoryType
 
 LOOP_ITERATIONS = 20_000_000
 LOOP_INSTRUCTIONS_PER_ITERATION = 4
 CPUID_EXITS = 5_000
+INVERSE_CALLS = 2_000
+INVERSE_ENTRY_OFFSET = 3              # the guest's second VMCALL (each is 3 bytes)
+INSTRUCTIONS_PER_CALL_BOUND = 100     # far more than a round trip retires: a runaway loop stops
 FRAGMENTED_PAGES = 10_240
 FRAGMENTED_PASSES = 40
 FRAGMENTED_GPA_BASE = 16 * MIB       # guest-physical start of the fragmented region
@@ -82,6 +87,41 @@ def exit_round_trip(exits: int) -> float:
       hlt
     """)
     return run.seconds / exits * 1e6
+
+
+def inverse_call_round_trip(calls: int) -> float:
+    """Host microseconds per VMCALLR into a guest whose entry returns at once with VMCALL
+    (docs/machine.md 8): the root monitor launches the guest, which exits by VMCALL at once; the
+    exit handler then calls into it `calls` times and stops the machine."""
+    guest = harness.assemble("""
+      vmcall
+    inverse_entry:
+      vmcall
+    """, harness.GUEST_CODE)
+    inverse_entry = harness.GUEST_CODE + INVERSE_ENTRY_OFFSET
+    fields = harness.guest_fields() | {"INVERSE_HYPERCALL_ENTRY": inverse_entry}
+    monitor = harness.monitor_source(fields).replace("    exit_handler:\n", f"""    exit_handler:
+      mov r9, {calls}
+    call_again:
+      mov eax, 1
+      vmcallr
+      dec r9
+      jnz call_again
+      xor eax, eax
+      out 0xF4, al
+""", 1)
+    machine = Machine(ram_size=harness.GUEST_HOST_BASE + harness.GUEST_RAM + 16 * MIB, lps=1)
+    machine.ram.write_u32(harness.VMXON_REGION, CAPS.vmcs_revision_id)
+    machine.ram.write_u32(harness.VMCS_REGION, CAPS.vmcs_revision_id)
+    harness.write_guest_memory(machine, guest)
+    machine.load(harness.MONITOR_CODE, harness.assemble(monitor, harness.MONITOR_CODE))
+    machine.start(harness.MONITOR_CODE, [harness.MONITOR_STACK_TOP])
+    started = time.perf_counter()
+    result = machine.run(max_instructions=calls * INSTRUCTIONS_PER_CALL_BOUND)
+    seconds = time.perf_counter() - started
+    if machine.statistics()["inverse_calls_by_number"].get(1) != calls or result.stop.reason != "debug-exit":
+        raise RuntimeError(f"the inverse-call loop did not run as built: {result.stop}")
+    return seconds / calls * 1e6
 
 
 def bare_unicorn_hook_round_trip(calls: int) -> float:
@@ -151,6 +191,7 @@ def measure() -> dict:
         "machine_guest_ips": machine_loop(LOOP_ITERATIONS),
         "exit_round_trip_us": exit_round_trip(CPUID_EXITS),
         "bare_unicorn_cpuid_hook_us": bare_unicorn_hook_round_trip(CPUID_EXITS),
+        "inverse_call_round_trip_us": inverse_call_round_trip(INVERSE_CALLS),
     }
     figures["fragmented_ept_ips"], figures["fragmented_ept_instructions"] = fragmented_ept()
     figures["fragmented_ept_pages"] = FRAGMENTED_PAGES
@@ -169,6 +210,7 @@ def report(figures: dict) -> str:
         ("  ratio to bare without budget", f"{figures['machine_guest_ips'] / figures['bare_unicorn_no_budget_ips']:8.2f}"),
         ("VM exit round trip (CPUID loop)", f"{figures['exit_round_trip_us']:8.1f} us"),
         ("bare Unicorn Python CPUID hook", f"{figures['bare_unicorn_cpuid_hook_us']:8.1f} us"),
+        ("inverse hypercall round trip (VMCALLR, VMCALL)", f"{figures['inverse_call_round_trip_us']:8.1f} us"),
         (f"guest over {figures['fragmented_ept_pages']} scattered 4 KiB EPT pages",
          f"{figures['fragmented_ept_ips'] / mips:8.0f} M instr/s"),
         (f"snapshot of the whole machine ({figures['snapshot_ram_mib']} MiB RAM)", f"{figures['snapshot_ms']:8.1f} ms"),

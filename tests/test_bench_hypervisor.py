@@ -26,3 +26,9 @@ def test_bench_modes_parse():
     assert (default.machine, default.hypervisor, default.quick) == (False, False, False)
     chosen = parser.parse_args(["bench", "--quick", "--output", "somewhere", "--hypervisor", "--hv", "hv2"])
     assert (chosen.quick, chosen.output, chosen.hypervisor, chosen.hv) == (True, "somewhere", True, "hv2")
+
+
+def test_inverse_call_round_trip_runs_every_call():
+    from bench import machine_speed
+
+    assert machine_speed.inverse_call_round_trip(50) > 0      # raises if the loop did not make 50 calls

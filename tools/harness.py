@@ -94,7 +94,8 @@ def guest_fields(primary: int = 0, pin: int = 0) -> dict[str, int]:
     }
 
 
-def _write_guest_memory(machine: Machine, guest_code: bytes) -> None:
+def write_guest_memory(machine: Machine, guest_code: bytes) -> None:
+    """The guest's EPT, page tables, GDT and code, at GUEST_HOST_BASE."""
     ram = machine.ram
     ram.write_u64(EPT_ROOT, EPT_PDPT | EPT_RWX)
     ram.write_u64(EPT_PDPT, EPT_PD | EPT_RWX)
@@ -180,7 +181,7 @@ def run_guest(guest_source: str, *, primary: int = 0, max_instructions: int = 10
     machine = Machine(ram_size=ram_size, lps=1, record_events=record_events, fast_transitions=fast_transitions)
     machine.ram.write_u32(VMXON_REGION, CAPS.vmcs_revision_id)
     machine.ram.write_u32(VMCS_REGION, CAPS.vmcs_revision_id)
-    _write_guest_memory(machine, assemble(guest_source, GUEST_CODE))
+    write_guest_memory(machine, assemble(guest_source, GUEST_CODE))
     machine.load(MONITOR_CODE, assemble(monitor_source(guest_fields(primary)), MONITOR_CODE))
     if prepare is not None:
         prepare(machine)
