@@ -79,3 +79,14 @@ def test_images_are_position_independent(name):
 def test_map_window_constants_are_shared_by_both():
     for name in build.HYPERVISORS:
         assert build.constants(name)["MAP_WINDOW_BASE"] == guest_abi.MAP_WINDOW_BASE
+
+
+def test_the_boot_info_table_of_docs_boot_md_is_the_layout():
+    import re
+    from pathlib import Path
+
+    text = (Path(build.HERE).parent / "docs" / "boot.md").read_text()
+    section = text[text.index("## Boot info"):text.index("## Guest descriptor")]
+    documented = [name for row in re.findall(r"^\| ([a-z_, ]+) \| [\d, ]+ \|", section, re.MULTILINE)
+                  for name in row.split(", ")]
+    assert documented == [name for name in layouts.BOOT_INFO.field_names if not name.startswith("_")]
