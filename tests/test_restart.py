@@ -7,7 +7,7 @@ import pytest
 
 from guests import catalog
 from hypervisors import boot, layouts, memory_state, transfer
-from hypervisors.memory_map import FREE_BASE, HEAP_BASE, HYPERVISOR_BASE, LARGE_PAGE_SIZE, PAGE_SIZE
+from hypervisors.memory_map import FREE_BASE, HEAP_BASE, HYPERVISOR_BASE, LARGE_PAGE_SIZE
 from tools import faults
 from tools import restart as restart_module
 from tools import run as run_module

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from emu.events import Event
 from guests import catalog
-from hypervisors import boot, build, memory_state, transfer
+from hypervisors import boot, build, layouts, memory_state, transfer
 from hypervisors.boot import Booted
 from hypervisors.memory_map import PAGE_SIZE
 from tools import run as run_module
@@ -186,7 +186,6 @@ def heartbeat_gap(document: dict) -> int | None:
 def vp_state(vp: dict, partition: dict) -> str:
     """`running`, `waiting` (halted for its timer), `sleeping` (halted for good), `ended`: a VP's
     blackout is measured only if it was running."""
-    from hypervisors import layouts
     if partition["state"] != layouts.PARTITION_RUNNING or vp["state"] != layouts.VP_RUNNABLE:
         return "ended"
     if vp["halted"]:
