@@ -4,6 +4,8 @@ partition, and a blackout that does not grow with guest RAM."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from guests import catalog
 from hypervisors import boot, layouts, memory_state, transfer
@@ -238,3 +240,45 @@ def test_a_restart_with_ram_above_4_gib():
     assert document["ram"] > 4 << 30
     assert document["restart"]["outcome"] == "committed", document["restart"]["reason"]
     assert document["restart"]["guest_memory_unchanged"] and document["restart"]["guest_pages_in_place"]
+
+
+CORRUPTION_GUESTS = ["storm", "hashchain"]
+
+
+def corrupting(target_message: int, offset: int, xor: int, state: dict):
+    """An event callback that changes one byte of the `target_message`-th message the old hypervisor
+    sends (offset taken modulo its length), as it lies in the transfer area."""
+    def callback(event) -> None:
+        if event.kind != "vmcallr" or event.data["call"] not in (transfer.Call.INVARIANTS, transfer.Call.STATE):
+            return
+        state["messages"] += 1
+        if state["messages"] != target_message:
+            return
+        area = state["booted"].read_qword("transfer_area")
+        ram = state["booted"].machine.ram
+        length = transfer.TRANSFER_HEADER.unpack(ram.read(area, transfer.TRANSFER_HEADER.size))["bytes"]
+        address = area + offset % min(max(length, 1), transfer.TRANSFER_AREA_SIZE)
+        ram.write(address, bytes([ram.read(address, 1)[0] ^ xor]))
+        state["struck"] = True
+    return callback
+
+
+
+@settings(max_examples=6)
+@given(message=st.integers(min_value=1, max_value=4), offset=st.integers(min_value=0, max_value=1 << 16),
+       xor=st.integers(min_value=1, max_value=255))
+def test_no_corrupted_message_is_ever_accepted(message, offset, xor):
+    """Any single byte changed in flight in any message ends in an abort, and the guests compute what
+    they compute without a restart."""
+    booted = boot.boot([catalog.parse(spec) for spec in CORRUPTION_GUESTS], hypervisor="hv1")
+    booted.machine.run(max_instructions=REQUEST_AT)
+    state = {"messages": 0, "struck": False, "booted": booted}
+    booted.machine.events.subscribe(corrupting(message, offset, xor, state))
+    recorder = restart_module.request(booted, "hv2")
+    assert recorder.finished
+    if state["struck"]:
+        assert booted.hypervisor == "hv1", "a corrupted state was accepted"
+        assert transfer.Status(booted.read_qword("restart_status")) in (transfer.Status.REFUSED,
+                                                                      transfer.Status.CALL_FAILED)
+    result = booted.machine.run(max_instructions=2_000_000_000)
+    assert_oracle(run_module.document(booted, result, 1), CORRUPTION_GUESTS, 1)
