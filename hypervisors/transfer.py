@@ -197,7 +197,6 @@ class Status(enum.IntEnum):
     SERVICE_TIMEOUT = 5
     REFUSED = 6                                # restart_refusal has the Reply
     CALL_FAILED = 7                            # an inverse hypercall ended by a VM exit: restart_exit_reason
-    BUSY = 8                                   # a request came while a restart ran
 
 
 SERVICE_READY = 0x100                          # hypercall (VMCALL RAX) of the service VP: initialized
