@@ -1,7 +1,6 @@
 ; counter: a long, steady computation for restarts to happen during: the sum of i * i for i below
 ; ITERATIONS, modulo 2^64, in a tight loop of plain instructions; prints it (the test checks it
 ; against the closed form n(n-1)(2n-1)/6). Exit code 0.
-%define EXIT_PORT 0xF4
 %define ITERATIONS 30000000
 
 start:
@@ -19,13 +18,9 @@ square:
     call print
     mov rax, rbx
     call print_decimal
-    mov al, 0x0A
-    call putc
+    call print_newline
     xor eax, eax
-    out EXIT_PORT, al
-halt:
-    hlt
-    jmp halt
+    jmp exit_guest
 
 %include "console.inc"
 

@@ -1,7 +1,6 @@
 ; heartbeat: reads the clock in a tight loop for HEARTBEATS reads and reports the largest gap it
 ; ever saw between two reads, in ticks. Under a hot restart that gap is the blackout as the guest
 ; saw it. Exit code 0.
-%define EXIT_PORT 0xF4
 %define CLOCK_LOW 0x500
 %define CLOCK_HIGH 0x504
 %define HEARTBEATS 20000
@@ -26,13 +25,9 @@ not_larger:
     call print
     mov rax, r13
     call print_decimal
-    mov al, 0x0A
-    call putc
+    call print_newline
     xor eax, eax
-    out EXIT_PORT, al
-halt:
-    hlt
-    jmp halt
+    jmp exit_guest
 
 read_clock:                       ; rax = virtual time (the low read latches the high half)
     mov dx, CLOCK_LOW

@@ -3,7 +3,6 @@
 %define COM1 0x3F8
 %define LSR 0x3FD
 %define LSR_READY 0x20
-%define EXIT_PORT 0xF4
 
 start:
     mov r12, rdi

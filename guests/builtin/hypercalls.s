@@ -1,6 +1,5 @@
 ; hypercalls: exercises hv1's hypercall ABI (docs/hv1.md) and checks each answer; the exit code is
 ; 0 when every check passed, otherwise the number of the first failed check.
-%define EXIT_PORT 0xF4
 %define HC_UNKNOWN 0x777
 %define TOO_LONG 0x100000
 %define OUTSIDE_RAM 0x7FFFFFFF0000

@@ -1,7 +1,6 @@
 ; pingpong: two VPs take turns through shared memory. VP 0 moves the ball from even to odd, VP 1
 ; from odd to even, ROUNDS times each; VP 0 then prints the count and the sum of every value the two
 ; saw, and exits 0 if both are right. Run it with vps=2 (any other VP count exits with code 2).
-%define EXIT_PORT 0xF4
 %define ROUNDS 500
 %define WRONG_VP_COUNT 2
 
@@ -25,7 +24,7 @@ hit:
     dec r14
     jnz play
     test r12, r12
-    jnz halt
+    jnz halt_forever
 wait_other:
     cmp qword ptr [rip + ball], 2 * ROUNDS
     jb wait_other
@@ -37,20 +36,15 @@ wait_other:
     call putc
     mov rax, [rip + seen_sum]
     call print_decimal
-    mov al, 0x0A
-    call putc
+    call print_newline
     xor eax, eax
     mov rbx, 2 * ROUNDS * (2 * ROUNDS - 1) / 2
     cmp [rip + seen_sum], rbx     ; 0 + 1 + ... + (2 ROUNDS - 1)
     setne al
-    out EXIT_PORT, al
-halt:
-    hlt
-    jmp halt
+    jmp exit_guest
 wrong_vp_count:
     mov al, WRONG_VP_COUNT
-    out EXIT_PORT, al
-    jmp halt
+    jmp exit_guest
 
 %include "console.inc"
 
