@@ -63,7 +63,6 @@ HOLDER_SOURCE = """
 ; around it (so they are scattered over the window's EPT page tables), tags each, then computes
 ; without a VM exit for ITERATIONS rounds, checks every tag and ends with exit code 0 (1: a map
 ; failed, 2: a tag changed). Other VPs halt.
-%define EXIT_PORT 0xF4
 %define STRIDE 4099
 %define WINDOW_PAGE_MASK (MAP_WINDOW_SIZE / 4096 - 1)
 start:
