@@ -31,17 +31,27 @@ class EventStream:
         self.recording = record
         self.events: list[Event] = []
         self._subscribers: list[Callable[[Event], None]] = []
+        self._kinds: list[frozenset[str] | None] = []        # what each subscriber takes (None: all)
+        self._wanted: frozenset[str] | None = frozenset()   # kinds some subscriber takes (None: all)
         self._seq = 0
         self._recent: collections.deque[tuple] = collections.deque(maxlen=RECENT_EVENTS_KEPT)
         # Called before each event is published: a producer that buffers events (the C transition
         # loop) flushes them here, so the stream stays in order.
         self.before_publish: Callable[[], None] | None = None
 
-    def subscribe(self, callback: Callable[[Event], None]) -> None:
+    def subscribe(self, callback: Callable[[Event], None], kinds: frozenset[str] | None = None) -> None:
+        """`callback` gets every event, or only those of `kinds` (no Event is made for the others)."""
         self._subscribers.append(callback)
+        self._kinds.append(kinds)
+        self._update_wanted()
 
     def unsubscribe(self, callback: Callable[[Event], None]) -> None:
-        self._subscribers.remove(callback)
+        index = self._subscribers.index(callback)         # ValueError if it is not subscribed
+        del self._subscribers[index], self._kinds[index]
+        self._update_wanted()
+
+    def _update_wanted(self) -> None:
+        self._wanted = None if any(kinds is None for kinds in self._kinds) else frozenset().union(*self._kinds)
 
     def recent(self) -> list[Event]:
         """The last RECENT_EVENTS_KEPT events, oldest first."""
@@ -53,10 +63,11 @@ class EventStream:
         seq = self._seq
         self._seq = seq + 1
         self._recent.append((seq, time, lp, kind, data))
-        if not self.recording and not self._subscribers:
+        if not self.recording and self._wanted is not None and kind not in self._wanted:
             return
         event = Event(seq, time, lp, kind, data)
         if self.recording:
             self.events.append(event)
-        for callback in self._subscribers:
-            callback(event)
+        for callback, kinds in zip(self._subscribers, self._kinds):
+            if kinds is None or kind in kinds:
+                callback(event)

@@ -303,6 +303,17 @@ bool hhr_tlb_fill(void *uc, uint64_t address, int type, hhr_tlb_entry *result, v
     }
     result->paddr = physical & ~PAGE_OFFSET_MASK;
     result->perms = perms;
+    if (c->dirty_pages != NULL) {
+        /* Dirty-page tracking: a page is marked at the fill of its first write. A page not yet dirty
+         * is filled without write permission, so its first write comes back here as a write fill. */
+        uint64_t page = physical >> PAGE_SHIFT;
+        if (page < c->dirty_page_count) {
+            uint32_t access = access_from_mem_type(c->api, type);
+            if (access == HHR_ACCESS_WRITE) c->dirty_pages[page] = 1;
+            else if (!c->dirty_pages[page]) result->perms &= ~(uint32_t)HHR_PERM_WRITE;
+            if (access == HHR_ACCESS_FETCH) c->code_pages[page] = 1;   /* a restore of it drops translated code */
+        }
+    }
     return true;
 }
 
@@ -320,6 +331,11 @@ static hhr_icount_entry *icount_slot(hhr_ctx *c, uint64_t pc, uint32_t size) {
  * UC_HOOK_BLOCK: runs before each translated block. A stop requested here takes effect before the
  * block executes, so a block is counted exactly when it runs: preemption is deterministic.
  */
+/* Coverage (fuzzing): a block's place in the edge map is a multiplicative hash of its offset in
+ * the image, its top bits (AFL: previous block's place shifted, xor this block's). */
+#define EDGE_HASH_MULTIPLIER 0x9E3779B97F4A7C15ULL
+#define EDGE_HASH_SHIFT 48
+
 void hhr_block_hook(void *uc, uint64_t pc, uint32_t size, void *user_data) {
     hhr_ctx *c = (hhr_ctx *)user_data;
     (void)uc;
@@ -355,6 +371,38 @@ void hhr_block_hook(void *uc, uint64_t pc, uint32_t size, void *user_data) {
     c->block_icount = slot->icount;
     c->retired += slot->icount;
     c->blocks++;
+    if (c->edge_map != NULL && pc >= c->edge_low && pc < c->edge_high) {
+        uint64_t here = ((pc - c->edge_low) * EDGE_HASH_MULTIPLIER >> EDGE_HASH_SHIFT) & (HHR_EDGE_MAP_SIZE - 1);
+        uint8_t *counter = &c->edge_map[here ^ c->edge_previous];
+        if (*counter != UINT8_MAX) (*counter)++;
+        c->edge_previous = here >> 1;
+        if (c->block_map != NULL) c->block_map[pc - c->edge_low] = 1;
+    }
+}
+
+/* Coverage: edges hit in `map` and never before in `seen` are added to it; returns how many. */
+uint64_t hhr_edge_map_merge(const uint8_t *map, uint8_t *seen, uint64_t size) {
+    uint64_t fresh = 0;
+    for (uint64_t i = 0; i < size; i++) {
+        if (map[i] && !seen[i]) { seen[i] = 1; fresh++; }
+    }
+    return fresh;
+}
+
+/* The dirty pages' numbers into `pages` (room for `count`), their marks cleared; returns how many. */
+uint64_t hhr_dirty_collect(uint8_t *dirty, uint64_t count, uint32_t *pages) {
+    uint64_t found = 0;
+    const uint64_t *words = (const uint64_t *)dirty;
+    for (uint64_t w = 0; w < count / sizeof(uint64_t); w++) {
+        if (!words[w]) continue;
+        for (uint64_t i = w * sizeof(uint64_t); i < (w + 1) * sizeof(uint64_t); i++) {
+            if (dirty[i]) { pages[found++] = (uint32_t)i; dirty[i] = 0; }
+        }
+    }
+    for (uint64_t i = count / sizeof(uint64_t) * sizeof(uint64_t); i < count; i++) {
+        if (dirty[i]) { pages[found++] = (uint32_t)i; dirty[i] = 0; }
+    }
+    return found;
 }
 
 void hhr_forget_blocks(hhr_ctx *c) {

@@ -101,7 +101,17 @@ typedef struct {
     uint32_t fast_exits;              /* the transition loop runs this guest: VMCALL may exit in C */
     uint32_t exit_pending;            /* the exit reason the guest's invalid-instruction hook found */
     uint32_t reserved;
+    /* Fuzzing only (tools/fuzz, emu/dirty.py): all NULL otherwise, and then each costs one test. */
+    uint8_t *dirty_pages;             /* one byte per 4 KiB host page written since the mark */
+    uint64_t dirty_page_count;        /* pages dirty_pages and code_pages cover */
+    uint8_t *code_pages;              /* one byte per 4 KiB host page code was fetched from */
+    uint8_t *edge_map;                /* HHR_EDGE_MAP_SIZE counters of (block, next block) edges */
+    uint64_t edge_low, edge_high;     /* only blocks in [low, high) count: one image's code */
+    uint64_t edge_previous;           /* the last counted block's hash, shifted (AFL style) */
+    uint8_t *block_map;               /* one byte per byte of [low, high): a block starts there */
 } hhr_ctx;
+
+#define HHR_EDGE_MAP_SIZE 65536
 
 /* VMCS field facts the VMREAD/VMWRITE fast path needs, indexed by encoding (emu/vmcs_fields.py). */
 #define HHR_VMCS_ENCODING_LIMIT 0x8000
@@ -223,4 +233,6 @@ int hhr_translate_current(hhr_ctx *c, uint64_t linear, uint32_t access, uint64_t
 bool hhr_tlb_fill(void *uc, uint64_t address, int type, hhr_tlb_entry *result, void *user_data);
 void hhr_block_hook(void *uc, uint64_t pc, uint32_t size, void *user_data);
 void hhr_forget_blocks(hhr_ctx *c);
+uint64_t hhr_edge_map_merge(const uint8_t *map, uint8_t *seen, uint64_t size);
+uint64_t hhr_dirty_collect(uint8_t *dirty, uint64_t count, uint32_t *pages);
 void hhr_copy_registers(const hhr_api *api, void *from_uc, void *to_uc, const int *regids, int count);

@@ -95,6 +95,8 @@ class Machine:
                                           self.io.read, self.io.write, self._cpuid)
         self.contexts.append(context)
         self.context_by_id[context.fast.python_id] = context
+        if self.ram.dirty is not None:
+            self.ram.dirty.attach(context)
         return context
 
     def acquire_guest_context(self, vmcs) -> ctxmod.ExecutionContext:

@@ -28,6 +28,7 @@ class HostMemory:
         self._view = memoryview(self._map)
         self._anchor = (ctypes.c_char * size).from_buffer(self._map)
         self.pointer = ctypes.addressof(self._anchor)
+        self.dirty = None               # an emu.dirty.DirtyPages while fuzzing: writes from here mark pages
 
     def holds(self, address: int, length: int = 1) -> bool:
         return 0 <= address and address + length <= self.size
@@ -43,6 +44,8 @@ class HostMemory:
     def write(self, address: int, data: bytes) -> None:
         self._check(address, len(data))
         self._view[address:address + len(data)] = data
+        if self.dirty is not None:
+            self.dirty.mark(address, len(data))
 
     def read_u32(self, address: int) -> int:
         self._check(address, 4)
@@ -55,10 +58,14 @@ class HostMemory:
     def write_u32(self, address: int, value: int) -> None:
         self._check(address, 4)
         struct.pack_into("<I", self._map, address, value & 0xFFFF_FFFF)
+        if self.dirty is not None:
+            self.dirty.mark(address, 4)
 
     def write_u64(self, address: int, value: int) -> None:
         self._check(address, 8)
         struct.pack_into("<Q", self._map, address, value & 0xFFFF_FFFF_FFFF_FFFF)
+        if self.dirty is not None:
+            self.dirty.mark(address, 8)
 
     def view(self) -> memoryview:
         return self._view

@@ -2,7 +2,8 @@
 
 A snapshot is taken between runs (`Machine.run` has returned). Restoring it puts the machine back
 exactly: running on from a restored snapshot gives the same events, console and statistics as
-running on from the moment it was taken. The Unicorn instances are kept and their registers
+running on from the moment it was taken. A snapshot may leave RAM out (`with_ram=False`): emu/dirty.py
+keeps RAM itself, page by page, for the fuzzer's many restores. The Unicorn instances are kept and their registers
 restored; translated code and cached translations are dropped, so nothing from the abandoned future
 survives. Contexts created after the snapshot go back to the guest pool.
 """
@@ -71,7 +72,7 @@ class MachineSnapshot:
     events: dict[str, Any] = field(default_factory=dict)
 
 
-def take(machine: "Machine") -> MachineSnapshot:
+def take(machine: "Machine", with_ram: bool = True) -> MachineSnapshot:
     contexts = {
         python_id: ContextState(context.uc.context_save(),
                                 {name: getattr(context.fast.ctx, name) for name in _CONTEXT_FIELDS},
@@ -90,7 +91,7 @@ def take(machine: "Machine") -> MachineSnapshot:
            for lp in machine.lps]
     io = machine.io
     return MachineSnapshot(
-        ram=machine.ram.read(0, machine.ram.size),
+        ram=machine.ram.read(0, machine.ram.size) if with_ram else b"",
         contexts=contexts,
         guest_pool=[context.fast.python_id for context in machine._guest_pool],
         vmcs=vmcs_states,
@@ -110,8 +111,13 @@ def take(machine: "Machine") -> MachineSnapshot:
     )
 
 
-def restore(machine: "Machine", snapshot: MachineSnapshot) -> None:
-    machine.ram.write(0, snapshot.ram)
+def restore(machine: "Machine", snapshot: MachineSnapshot, with_ram: bool = True,
+            flush_code: bool | frozenset[int] = True) -> None:
+    """`flush_code` may name the contexts (python ids) whose translated code, block counts and trap
+    points go; the others keep theirs: only for a caller that knows no byte of code they ran
+    differs between now and the snapshot (emu/dirty.py)."""
+    if with_ram:
+        machine.ram.write(0, snapshot.ram)
     for python_id, context in machine.context_by_id.items():
         state = snapshot.contexts.get(python_id)
         if state is not None:
@@ -122,8 +128,10 @@ def restore(machine: "Machine", snapshot: MachineSnapshot) -> None:
         else:   # born after the snapshot: back to the pool as new
             context.fast.ctx.retired = 0
             context.fast.set_mode(fast.MODE_ROOT)
-        context.flush_code()
         context.flush_translations()
+        if flush_code is not True and python_id not in flush_code and state is not None:
+            continue
+        context.flush_code()
         if state is not None and state.exit_points:
             context.exit_points.update(state.exit_points)
             context.apply_exit_points()

@@ -1,0 +1,135 @@
+"""Dirty-page tracking and checkpoints restored by reverting only the pages written since: the fuzzer's fast restore.
+
+Tracking is off (one NULL test per TLB fill, no hook) unless a `DirtyPages` is started. While it is
+on, every write to RAM marks its 4 KiB page: writes by emulated code through the C TLB-fill hook
+(emu/fastpath.c: a page not yet dirty is filled without write permission, so its first write is
+filled again, as a write), writes by the machine's Python (emu/memory.py). Nothing is hooked per
+instruction. Pages code is fetched from are marked too, per context: a restore keeps the
+translated code of every context that ran none of the pages whose bytes it changes, which is most
+of a restore's saving.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from emu import fast
+from emu import snapshot as snapshot_module
+from emu.vmx_defs import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from emu.context import ExecutionContext
+    from emu.machine import Machine
+
+PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
+
+
+class DirtyPages:
+    """One mark per host page, set by any write since the last `collect`."""
+
+    def __init__(self, machine: "Machine"):
+        self.machine = machine
+        self.count = machine.ram.size // PAGE_SIZE
+        self.marks = fast.ffi.new("uint8_t[]", self.count)
+        # Pages code was fetched from since tracking began, per context (by its python id).
+        self.code: dict[int, Any] = {}
+        self._found = fast.ffi.new("uint32_t[]", self.count)
+        self.running = False
+
+    def start(self) -> None:
+        self.machine.ram.dirty = self
+        for context in self.machine.contexts:
+            self.attach(context)
+        self.running = True
+
+    def attach(self, context: "ExecutionContext") -> None:
+        context.fast.ctx.dirty_pages = self.marks
+        marks = self.code.setdefault(context.fast.python_id, fast.ffi.new("uint8_t[]", self.count))
+        context.fast.ctx.code_pages = marks
+        context.fast.ctx.dirty_page_count = self.count
+        context.flush_translations()          # translations made before had write permission
+
+    def stop(self) -> None:
+        for context in self.machine.contexts:
+            context.fast.ctx.dirty_pages = fast.ffi.NULL
+            context.fast.ctx.code_pages = fast.ffi.NULL
+            context.fast.ctx.dirty_page_count = 0
+            context.flush_translations()
+        self.machine.ram.dirty = None
+        self.running = False
+
+    def mark(self, address: int, length: int) -> None:
+        for page in range(address >> PAGE_SHIFT, ((address + max(length, 1) - 1) >> PAGE_SHIFT) + 1):
+            self.marks[page] = 1
+
+    def collect(self, rearm: bool = True) -> list[int]:
+        """The pages written since the last collect (their marks cleared). Translations are dropped so
+        that the next write to each page marks it again (`rearm=False` when the caller drops them)."""
+        found = fast.lib.hhr_dirty_collect(self.marks, self.count, self._found)
+        if rearm:
+            for context in self.machine.contexts:
+                context.flush_translations()
+        return list(self._found[0:found])
+
+
+class Checkpoints:
+    """A whole-machine snapshot taken once (the base) and named points reached from it by running,
+    each kept as the machine's state without RAM and the pages that differ from the base. Restoring a
+    point writes back only the pages dirtied since the last restore and those the two points differ in."""
+
+    def __init__(self, machine: "Machine"):
+        self.machine = machine
+        self.base = snapshot_module.take(machine)
+        self.pages = DirtyPages(machine)
+        self.pages.start()
+        self.points: dict[str, tuple[snapshot_module.MachineSnapshot, dict[int, bytes]]] = {"base": (self.base, {})}
+        self.current = "base"
+        self.current_pages: set[int] = set()  # pages where RAM differs from the base at the current point
+        self.pages_restored = 0               # statistics: pages written back by all restores
+        self.code_flushes = 0                 # restores that dropped translated code
+
+    def mark(self, name: str) -> None:
+        """The machine's state now, between runs, as point `name`."""
+        delta = dict(self.points[self.current][1])
+        ram = self.machine.ram
+        for page in self.pages.collect():
+            address = page << PAGE_SHIFT
+            content = ram.read(address, PAGE_SIZE)
+            if content == self.base.ram[address:address + PAGE_SIZE]:
+                delta.pop(page, None)
+            else:
+                delta[page] = content
+        self.points[name] = (snapshot_module.take(self.machine, with_ram=False), delta)
+        self.current, self.current_pages = name, set(delta)
+
+    def restore(self, name: str) -> None:
+        state, delta = self.points[name]
+        pages = set(self.pages.collect(rearm=False))
+        if name != self.current:
+            pages |= self.current_pages | delta.keys()
+        view, base, code = self.machine.ram.view(), self.base.ram, self.pages.code
+        stale: set[int] = set()               # contexts whose translated code a page held
+        for page in pages:
+            address = page << PAGE_SHIFT
+            content = delta.get(page)
+            if content is None:
+                content = base[address:address + PAGE_SIZE]
+            ran = [python_id for python_id, marks in code.items() if marks[page]]
+            if ran:
+                if view[address:address + PAGE_SIZE] == content:
+                    continue                  # written since, but with what it held: its code stands
+                stale.update(ran)
+            view[address:address + PAGE_SIZE] = content
+        # Drops every translation (TLB), and the translated code of the contexts that ran a page written back.
+        snapshot_module.restore(self.machine, state, with_ram=False, flush_code=frozenset(stale))
+        self.pages.collect(rearm=False)
+        self.code_flushes += bool(stale)
+        self.current, self.current_pages = name, set(delta)
+        self.pages_restored += len(pages)
+
+    def replace(self, name: str, point: tuple) -> None:
+        """Puts a point back as it was (one `points[name]` held before it was marked anew)."""
+        self.points[name] = point
+        self.current = ""                     # RAM is at no known point: the next restore writes every page that may differ
+
+    def close(self) -> None:
+        self.pages.stop()
