@@ -46,6 +46,7 @@ HV1_PARTITION = Struct("hv1_partition", [
     ("vps_done", 4), ("channel", 4),              # VPs that finished; console channel of its COM1
     ("number", 4),                                # its place in the partition table (boot order)
     ("mapped_pages", 4),                          # pages it has mapped by hypercall (map window)
+    ("window_sum", 8),                            # its window's sum (window_term of memory.inc): a restart checks it
 ])
 
 # hv1's virtual processor: where it runs and the guest registers a VM exit hands over.
@@ -88,6 +89,7 @@ HV2_PARTITION = Struct("hv2_partition", [
     ("mapped_pages", 4), ("vps_done", 4),
     ("exits", 8),                                 # VM exits of all its VPs (new in hv2)
     ("name", GUEST_NAME_BYTES),                   # the guest's name (new in hv2)
+    ("window_sum", 8),                            # its window's sum (window_term of memory.inc): a restart checks it
 ])
 
 HV2_VP = Struct("hv2_vp", [

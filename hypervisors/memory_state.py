@@ -5,7 +5,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from emu.vmx_defs import EPT_ADDRESS_MASK, EPT_LEVEL_BITS, EPT_PML4_SHIFT, EPT_RWX_MASK, PAGE_SIZE
-from hypervisors import build, guest_abi, layouts
+from hypervisors import build, guest_abi, layouts, transfer
 from hypervisors.memory_map import LARGE_PAGE_SIZE
 
 PAGES_PER_FRAME = LARGE_PAGE_SIZE // PAGE_SIZE
@@ -33,6 +33,7 @@ class MemoryState:
     windows: dict[int, dict[int, int]] = field(default_factory=dict)        # partition: {gpa: host page}
     window_tables: dict[int, list[int]] = field(default_factory=dict)       # partition: host pages of its tables
     mapped_counts: dict[int, int] = field(default_factory=dict)             # partition: mapped_pages field
+    window_sums: dict[int, int] = field(default_factory=dict)               # partition: window_sum field
 
     def owned_pages(self) -> Counter:
         """4 KiB pages by owner name over all of RAM (a whole frame counts 512)."""
@@ -114,6 +115,7 @@ def read(booted) -> MemoryState:
     for number, partition in enumerate(booted.partitions()):
         state.windows[number], state.window_tables[number] = _window(ram, partition["eptp"])
         state.mapped_counts[number] = partition["mapped_pages"]
+        state.window_sums[number] = partition["window_sum"]
     return state
 
 
@@ -126,6 +128,10 @@ def problems(state: MemoryState) -> list[str]:
         if len(window) != state.mapped_counts[partition]:
             found.append(f"partition {partition}: {len(window)} pages in its window, "
                          f"record says {state.mapped_counts[partition]}")
+        window_sum = transfer.window_sum(window)
+        if partition in state.window_sums and window_sum != state.window_sums[partition]:
+            found.append(f"partition {partition}: its window sums to {window_sum:#x}, record says "
+                         f"{state.window_sums[partition]:#x}")
         for gpa, page in window.items():
             referenced[page] += 1
             record = state.page_owners.get(page)

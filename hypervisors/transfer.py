@@ -24,6 +24,10 @@ PRECOPY_MAX_ROUNDS = 8
 CHANGE_LOG_ENTRIES = 4096              # more changes in one round: the next round re-sends everything
 STAGING_BASE = 4 * MIB                 # where the operator stages an image (the firmware's staging area)
 STAGING_END = 16 * MIB
+# A map window's sum (memory.inc, window_term): each mapping adds ((hpa * M1) ^ gpa) * M2, modulo 2^64;
+# a mapping that arrives changed in one field changes the new hypervisor's sum (odd multipliers).
+WINDOW_SUM_MULTIPLIER = 0x2545F491
+WINDOW_SUM_MIXER = 0x4F1BBCDD
 
 
 # Posted on the doorbell by the operator as 32-bit words (docs/protocol.md, 1. Request).
@@ -90,6 +94,7 @@ PARTITION_RECORD = Struct("tr_partition", [
     ("memory", 8), ("memory_size", 8),         # host-physical base and size of its RAM
     ("mapped_pages", 4), ("vps_done", 4),
     ("name", 16),
+    ("window_sum", 8),                         # the sum of window_term over its window: VERIFY compares it
 ])
 VP_RECORD = Struct("tr_vp", [
     ("partition", 4), ("index", 4),
@@ -250,6 +255,16 @@ def chain_digest(previous: bytes, message: bytes) -> bytes:
         mix(int.from_bytes(message[offset:offset + 8], "little"))
     mix(len(message))
     return lane1.to_bytes(8, "little") + lane2.to_bytes(8, "little")
+
+
+def window_term(gpa: int, hpa: int) -> int:
+    """A mapping's term of its window's sum (window_term of hypervisors/common/memory.inc, in Python)."""
+    return (((hpa * WINDOW_SUM_MULTIPLIER) & _MASK64) ^ gpa) * WINDOW_SUM_MIXER & _MASK64
+
+
+def window_sum(window: dict[int, int]) -> int:
+    """A map window's sum ({gpa: host page}), as the partition records keep it."""
+    return sum(window_term(gpa, page) for gpa, page in window.items()) & _MASK64
 
 
 def cpuid_invariants() -> list[tuple[int, int, int, int, int]]:
