@@ -1,4 +1,4 @@
-"""The `hhr` command: selftest, run, restart, and benchmarks (trace and fuzz arrive with their issues)."""
+"""The `hhr` command: selftest, run, restart, fuzz, and benchmarks (trace arrives with its issue)."""
 from __future__ import annotations
 
 import argparse
@@ -104,6 +104,40 @@ def restart(args: argparse.Namespace) -> int:
     return 0 if committed and document["machine_stop"]["reason"] == "debug-exit" else 1
 
 
+def fuzz(args: argparse.Namespace) -> int:
+    """Fuzzes the state transfer of a restart --from into --to (docs/fuzzing.md), or replays a finding."""
+    from pathlib import Path
+
+    from guests.catalog import GuestSpecError
+    from hypervisors.boot import BootError
+    from tools.fuzz import campaign
+    from tools.fuzz.executor import Setup
+
+    setup = Setup(args.from_hv, args.to_hv, tuple(args.guest or FUZZ_GUESTS), args.lps, args.at)
+    try:
+        if args.replay:
+            result, kind, _ = campaign.replay(Path(args.replay), setup)
+            print(campaign.replay_text(Path(args.replay), result, kind))
+            return 1 if result.finding else 0
+        if args.workers < 1:
+            raise ValueError("--workers must be at least 1")
+        options = campaign.Options(setup, args.target, Path(args.corpus), Path(args.findings), args.seconds,
+                                   args.runs, args.workers, args.seed)
+        if args.seconds is None and args.runs is None:
+            options.seconds = FUZZ_DEFAULT_SECONDS
+        stats = campaign.run_campaign(options)
+    except (GuestSpecError, BootError, ValueError, OSError) as error:
+        print(f"hhr fuzz: {error}", file=sys.stderr)
+        return 2
+    print(campaign.summary(stats, options))
+    for worker in stats:
+        for path in worker.saved:
+            print(f"  finding: {path}")
+    return 1 if any(worker.findings for worker in stats) else 0
+
+
+FUZZ_GUESTS = ["storm", "hashchain"]
+FUZZ_DEFAULT_SECONDS = 60
 DEFAULT_AT = 1_000_000
 RESTART_DEMO_GUESTS = ["storm,vps=2", "heartbeat", "hashchain", "timer"]
 
@@ -140,6 +174,28 @@ def build_parser() -> argparse.ArgumentParser:
                                      "verify, commit) of the first restart: hang, crash, refuse or corrupt")
     _add_machine_arguments(restart_parser, lps=2, guests=RESTART_DEMO_GUESTS)
     restart_parser.set_defaults(func=restart)
+    fuzz_parser = commands.add_parser("fuzz", help="fuzz the state transfer of a hot restart (docs/fuzzing.md)")
+    fuzz_parser.add_argument("--from", dest="from_hv", default="hv1", help="the old hypervisor (default hv1)")
+    fuzz_parser.add_argument("--to", dest="to_hv", default="hv2", help="the new hypervisor, fuzzed (default hv2)")
+    fuzz_parser.add_argument("--guest", action="append", metavar="SPEC",
+                             help=f"a guest as for hhr run (repeatable; default {' '.join(FUZZ_GUESTS)})")
+    fuzz_parser.add_argument("--lps", type=int, default=1, help="logical processors (default 1)")
+    fuzz_parser.add_argument("--at", type=int, default=400_000, help="the restart is requested after this many "
+                                                                      "instructions (default 400000)")
+    fuzz_parser.add_argument("--target", default="all", choices=["messages", "state", "vmcs", "all"],
+                             help="what inputs change: messages in flight, the old hypervisor's records, the "
+                                  "VMCS images, or all (default)")
+    fuzz_parser.add_argument("--corpus", default="fuzz-corpus", metavar="DIR",
+                             help="the corpus directory, one input per file (default fuzz-corpus)")
+    fuzz_parser.add_argument("--findings", default="fuzz-findings", metavar="DIR",
+                             help="where findings are saved (default fuzz-findings)")
+    fuzz_parser.add_argument("--seconds", type=float, help=f"campaign length (default {FUZZ_DEFAULT_SECONDS} s "
+                                                           "unless --runs)")
+    fuzz_parser.add_argument("--runs", type=int, help="stop each worker after this many inputs")
+    fuzz_parser.add_argument("--workers", type=int, default=1, help="parallel workers sharing the corpus")
+    fuzz_parser.add_argument("--seed", type=int, default=0, help="random seed (one worker: the same run)")
+    fuzz_parser.add_argument("--replay", metavar="FILE", help="run one finding or corpus file again and report")
+    fuzz_parser.set_defaults(func=fuzz)
     bench_parser = commands.add_parser("bench", help="benchmarks: hot restart against the alternatives (default), "
                                                      "--machine, --hypervisor")
     bench_parser.add_argument("--machine", action="store_true", help="the machine's own speed against bare Unicorn")

@@ -1,0 +1,341 @@
+"""`hhr fuzz` (docs/fuzzing.md): restore by dirty pages, properties of the transfer path, every oracle
+firing on a deliberately broken build or input, replay of saved findings, a short campaign."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+
+import capstone
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from emu import dirty, fast
+from emu import snapshot as snapshot_module
+from guests import catalog
+from hypervisors import boot, build, transfer
+from tools import cli
+from tools.fuzz import campaign, executor, fields, oracles
+from tools.fuzz.inputs import Edit, FuzzInput, apply_edits
+
+SMALL_GUESTS = ("storm,mem=8M", "counter,mem=4M")
+FINDINGS = Path(__file__).resolve().parent / "data" / "fuzz"
+NOP = b"\x90"
+JUMP_IF_NOT_EQUAL_LENGTH = 6                 # 0F 85 rel32
+
+
+@pytest.fixture(scope="module")
+def machine() -> executor.TransferMachine:
+    """One recorded restart (hv1 to hv2, storm and hashchain) shared by the tests of this module."""
+    return executor.TransferMachine(executor.Setup())
+
+
+@contextlib.contextmanager
+def broken(machine: executor.TransferMachine, point: str, address: int, patch: bytes):
+    """A deliberately broken build: `patch` written at `address` in the checkpoint `point`, for the
+    duration of the block."""
+    checkpoints = machine.checkpoints
+    saved = checkpoints.points[point]
+    checkpoints.restore(point)
+    machine.machine.ram.write(address, patch)
+    checkpoints.mark(point)
+    try:
+        yield
+    finally:
+        checkpoints.replace(point, saved)
+        checkpoints.restore(point)
+
+
+def in_region(machine: executor.TransferMachine, symbol: str) -> int:
+    image = build.image(machine.setup.to_hv)
+    return machine.region + image.symbol(symbol) - image.base
+
+
+def digest_check_jump(machine: executor.TransferMachine) -> int:
+    """The receiver's `jne` that refuses a digest mismatch (after `mov eax, REPLY_DIGEST`)."""
+    image = build.image(machine.setup.to_hv)
+    start = image.symbol("receive_verify")
+    disassembler = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    previous = None
+    for instruction in disassembler.disasm(image.code[start - image.base:start - image.base + 256], start):
+        if instruction.mnemonic == "jne" and previous == f"mov eax, {int(transfer.Reply.DIGEST)}":
+            return machine.region + instruction.address - image.base
+        previous = f"{instruction.mnemonic} {instruction.op_str}"
+    raise AssertionError("no digest check found in receive_verify")
+
+
+def last_state_message(machine: executor.TransferMachine) -> int:
+    return max(number for number, call in enumerate(machine.calls, 1) if call == transfer.Call.STATE)
+
+
+def trusted_field(machine: executor.TransferMachine, number: int, suffix: str) -> fields.Field:
+    return next(f for f in fields.message_fields(machine.messages[number - 1]) if f.name.endswith(suffix))
+
+
+# --- restore by dirty pages ------------------------------------------------------------------------------
+def test_restore_by_dirty_pages_gives_the_machine_a_full_restore_gives():
+    booted = boot.boot([catalog.parse(spec) for spec in SMALL_GUESTS], hypervisor="hv1")
+    machine = booted.machine
+    machine.run(max_instructions=300_000)
+    assert machine.ram.dirty is None and all(c.fast.ctx.dirty_pages == fast.ffi.NULL for c in machine.contexts)
+    checkpoints = dirty.Checkpoints(machine)
+    machine.run(max_instructions=1_500_000)
+    checkpoints.mark("later")
+    later_ram = hashlib.sha256(machine.ram.view()).hexdigest()
+    machine.run(max_instructions=3_000_000)
+
+    def run_on() -> tuple:
+        result = machine.run(max_instructions=machine.retired + 500_000)
+        return (hashlib.sha256(machine.ram.view()).hexdigest(), machine.retired, result.virtual_time,
+                machine.io.console.text(1), machine.io.console.text(2), dict(machine.exit_counts))
+
+    checkpoints.restore("base")
+    assert machine.ram.view() == checkpoints.base.ram
+    by_pages = run_on()
+    checkpoints.restore("later")
+    assert hashlib.sha256(machine.ram.view()).hexdigest() == later_ram
+    checkpoints.restore("base")
+    assert run_on() == by_pages
+    checkpoints.close()
+    snapshot_module.restore(machine, checkpoints.base)          # the full restore of the same moment
+    assert run_on() == by_pages
+    assert machine.ram.dirty is None and all(c.fast.ctx.dirty_pages == fast.ffi.NULL for c in machine.contexts)
+
+
+# --- properties of the transfer path -------------------------------------------------------------------------
+edits = st.builds(Edit, op=st.sampled_from(["set", "xor", "insert", "delete"]), offset=st.integers(0, 5000),
+                  width=st.sampled_from([0, 1, 2, 4, 8]), value=st.integers(0, (1 << 64) - 1),
+                  data=st.binary(max_size=16), field=st.sampled_from(["", "vp[3].rax"]))
+
+
+@given(st.builds(FuzzInput, target=st.sampled_from(["messages", "state", "vmcs"]), message=st.integers(1, 9),
+                 edits=st.lists(edits, max_size=4).map(tuple), fix_digest=st.booleans(), fix_length=st.booleans()))
+def test_an_input_file_reads_back_as_the_same_input(entry):
+    again = FuzzInput.decode(entry.encode())
+    assert again.encode() == entry.encode()
+    assert again.name() == hashlib.sha1(entry.encode()).hexdigest()
+
+
+@given(st.binary(min_size=1, max_size=64), st.lists(edits, max_size=4))
+def test_edits_apply_in_order_and_set_writes_exactly_its_width(message, edit_list):
+    result = apply_edits(message, tuple(edit_list))
+    for edit in edit_list:
+        if edit.op == "set" and edit.width and edit.offset + edit.width <= len(message) and len(edit_list) == 1:
+            assert result[edit.offset:edit.offset + edit.width] == (edit.value & ((1 << 8 * edit.width) - 1)).to_bytes(
+                edit.width, "little")
+    size = len(message) + sum(len(e.data) for e in edit_list if e.op == "insert")
+    assert len(result) <= size
+
+
+def test_the_fields_of_every_recorded_message_lie_inside_it_without_overlap(machine):
+    for message in machine.messages:
+        found = sorted(fields.message_fields(message), key=lambda f: f.offset)
+        assert found and found[0].offset == 0
+        for field, following in zip(found, found[1:]):
+            assert field.offset + field.width <= following.offset <= len(message), (field, following)
+
+
+def test_the_recorded_messages_chain_to_the_digest_the_old_hypervisor_sent(machine):
+    verify = machine.messages[-1]
+    assert machine.calls[-1] == transfer.Call.VERIFY
+    chain = machine.chain_before[-1]
+    assert verify[transfer.TRANSFER_HEADER.size:transfer.TRANSFER_HEADER.size + transfer.STATE_DIGEST_BYTES] == chain
+
+
+@settings(max_examples=12)
+@given(data=st.data())
+def test_no_byte_changed_in_flight_is_ever_committed_without_its_digest(machine, data):
+    number = data.draw(st.integers(1, len(machine.messages)))
+    length = len(machine.messages[number - 1])
+    entry = FuzzInput("messages", number, (Edit("xor", data.draw(st.integers(0, length - 1)),
+                                                value=data.draw(st.integers(1, 255))),))
+    result = machine.execute(entry)
+    assert result.outcome == "aborted" and result.finding is None, (result.replies, result.finding)
+    assert transfer.Status(result.status) in (transfer.Status.REFUSED, transfer.Status.CALL_FAILED)
+
+
+@settings(max_examples=12)
+@given(data=st.data())
+def test_checkable_fields_at_their_boundaries_never_break_the_machine(machine, data):
+    """With the digest fixed the new hypervisor's own checks are all that stand: whatever it does
+    with a boundary value, nothing escapes the machine, nothing hangs, no guest page is written, and
+    an abort leaves the guests as they were."""
+    number = data.draw(st.integers(1, len(machine.messages) - 1))
+    checkable = [f for f in fields.message_fields(machine.messages[number - 1]) if f.checkable]
+    field = data.draw(st.sampled_from(checkable))
+    value = data.draw(st.sampled_from([0, 1, (1 << 8 * field.width) - 1, 1 << (8 * field.width - 1)]))
+    entry = FuzzInput("messages", number, (Edit("set", field.offset, field.width, value, field=field.name),),
+                      fix_digest=True)
+    result = machine.execute(entry)
+    assert result.finding is None, result.finding
+    assert result.outcome in ("aborted", "committed")
+
+
+def test_coverage_counts_edges_of_the_new_hypervisor_only(machine):
+    machine.execute(FuzzInput("messages", 2))
+    hit = bytes(fast.ffi.buffer(machine.edge_map))
+    edges = len(hit) - hit.count(0)
+    assert edges > 50
+    low, high = machine.code_range
+    root = machine.machine.lps[0].root.fast.ctx
+    assert (root.edge_low, root.edge_high) == (low, high) and high - low == len(build.image("hv2").code)
+
+
+# --- every oracle fires ------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")     # the hook's own report
+def test_the_exception_oracle(machine, monkeypatch):
+    def broken_port(port, size):
+        raise ZeroDivisionError("a broken device")
+    monkeypatch.setattr(machine.machine.io, "_read", lambda port, lp: broken_port(port, 0))
+    result = machine.execute(FuzzInput("messages", 2))
+    assert result.finding.kind == oracles.EXCEPTION and "ZeroDivisionError" in result.finding.description
+
+
+def test_the_hang_oracle(machine, monkeypatch):
+    monkeypatch.setattr(executor, "HANG_BASE", 100_000)          # below the call's own timeout
+    with broken(machine, "m2", in_region(machine, "receive_state"), b"\xeb\xfe"):     # jmp $
+        result = machine.execute(FuzzInput("messages", 2))
+    assert result.outcome == "hang" and result.finding.kind == oracles.HANG
+
+
+def test_the_foreign_write_oracle(machine):
+    """A machine that lets the call write a guest page (a callback plays it) is caught."""
+    page = machine.partition_pages[0].start << executor.PAGE_SHIFT
+
+    def writes_a_guest_page(event):
+        if event.kind == "vmcallr-return":
+            machine.machine.ram.write(page, b"!")
+    events = machine.machine.events
+    events.unsubscribe(machine._on_event)                           # it acts before the fuzzer looks
+    events.subscribe(writes_a_guest_page, frozenset({"vmcallr-return"}))
+    events.subscribe(machine._on_event, executor.EVENTS_FOLLOWED)
+    try:
+        result = machine.execute(FuzzInput("messages", 1, (Edit("xor", 0, value=1),)))
+    finally:
+        machine.machine.events.unsubscribe(writes_a_guest_page)
+    assert result.finding.kind == oracles.FOREIGN_WRITE
+
+
+def test_the_lost_guest_state_oracle(machine):
+    """An abort path that loses a register (a callback clobbers one as the abort begins) is caught."""
+    records = build.hypervisor("hv1").records
+
+    def clobbers_a_register(event):
+        if event.kind == "restart-phase" and event.data["phase"] == transfer.Phase.ABORTED:
+            vps = machine.booted.read_qword("vps")
+            machine.machine.ram.write_u64(vps + records.vp.offset("rbx"), 0xBAD)
+    machine.machine.events.subscribe(clobbers_a_register)
+    try:
+        result = machine.execute(FuzzInput("messages", 2, (Edit("xor", 0, value=1),)))
+    finally:
+        machine.machine.events.unsubscribe(clobbers_a_register)
+    assert result.outcome == "aborted" and result.finding.kind == oracles.LOST_GUEST_STATE
+
+
+def test_the_digest_oracle_fires_when_the_receiver_skips_its_digest_check(machine):
+    number = last_state_message(machine)
+    field = trusted_field(machine, number, ".rbx")
+    entry = FuzzInput("messages", number, (Edit("xor", field.offset, value=1, field=field.name),))
+    assert machine.execute(entry).finding is None                      # the real receiver refuses it
+    with broken(machine, f"m{number}", digest_check_jump(machine), NOP * JUMP_IF_NOT_EQUAL_LENGTH):
+        result = machine.execute(entry)
+    assert result.outcome == "committed" and result.finding.kind == oracles.DIGEST_ACCEPTED
+
+
+def test_the_guest_output_oracle_fires_on_a_state_that_changes_a_guest(machine):
+    """A guest's RIP changed in the blackout (a trusted value: the receiver cannot tell) is accepted,
+    and running the guests to their end shows it."""
+    number = last_state_message(machine)
+    rip_index = transfer.VMCS_TRANSFER_FIELDS.index(0x681E)          # GUEST_RIP
+    targets = [f for f in fields.message_fields(machine.messages[number - 1])
+               if f.name.endswith(f".field[{rip_index}].value")]
+    entry = FuzzInput("vmcs", number, tuple(Edit("set", f.offset, 8, 0, field=f.name) for f in targets),
+                      fix_digest=True)
+    result = machine.execute(entry)
+    assert result.outcome == "committed" and result.finding is None and not result.guest_check_due
+    finding = machine.check_guests_after_commit(entry)
+    assert finding is not None and finding.kind == oracles.GUEST_OUTPUT
+
+
+def test_an_unchanged_restart_is_no_finding_and_the_guests_end_as_without_one(machine):
+    result = machine.execute(FuzzInput("messages", 2, fix_digest=True))
+    assert result.outcome == "committed" and not result.changed
+    assert machine.run_guests_to_end(machine.setup.to_hv) == []
+
+
+# --- saved findings, fixed in the hypervisors ------------------------------------------------------------------
+@pytest.mark.parametrize("path", sorted(FINDINGS.glob("*.json")), ids=lambda path: path.stem)
+def test_every_saved_finding_is_fixed(path, machine):
+    document = json.loads(path.read_text())
+    result, kind, _ = campaign.replay(path, None, machine)
+    assert kind == document["kind"]
+    assert result.finding is None, result.finding
+    assert result.outcome == "aborted"
+
+
+# --- a campaign --------------------------------------------------------------------------------------------------
+def test_a_short_campaign_keeps_a_libfuzzer_corpus_and_is_the_same_for_a_seed(machine, tmp_path):
+    def corpus_after(directory: Path) -> dict[str, bytes]:
+        options = campaign.Options(machine.setup, "messages", directory / "corpus", directory / "findings",
+                                   runs=25, seed=7, quiet=True)
+        stats = campaign.Worker(options, 0, machine=machine).fuzz()
+        assert stats.executions >= 25 and stats.edges > 0
+        return {path.name: path.read_bytes() for path in (directory / "corpus").iterdir()}
+
+    first = corpus_after(tmp_path / "one")
+    assert first == corpus_after(tmp_path / "two")
+    for name, content in first.items():
+        assert name == hashlib.sha1(content).hexdigest()
+        FuzzInput.decode(content)
+    seeded = {FuzzInput.decode(content).message for content in first.values()
+              if not FuzzInput.decode(content).edits}
+    assert seeded == set(range(1, len(machine.messages) + 1))      # the real restart's messages
+
+
+def test_the_command_line_runs_a_bounded_campaign_and_replays(tmp_path, capsys):
+    guests = [argument for spec in SMALL_GUESTS for argument in ("--guest", spec)]
+    code = cli.main(["fuzz", "--runs", "5", "--target", "messages", "--corpus", str(tmp_path / "c"),
+                     "--findings", str(tmp_path / "f"), "--seed", "1", *guests])
+    out = capsys.readouterr()
+    assert code == 0 and "execs/s per worker" in out.out and "edges of hv2" in out.out
+    corpus_file = next((tmp_path / "c").iterdir())
+    assert cli.main(["fuzz", "--replay", str(corpus_file), *guests]) == 0
+    assert "no finding" in capsys.readouterr().out
+    assert cli.main(["fuzz", "--replay", str(tmp_path / "missing.json")]) == 2
+
+
+def window_sum_check_jump(machine: executor.TransferMachine) -> int:
+    """The receiver's `jne` that refuses a window whose sum differs (after it reads claimed_window_sums)."""
+    image = build.image(machine.setup.to_hv)
+    start, sums = image.symbol("receive_verify"), image.symbol("claimed_window_sums")
+    disassembler = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    seen = False
+    for instruction in disassembler.disasm(image.code[start - image.base:start - image.base + 512], start):
+        if instruction.mnemonic == "lea" and instruction.op_str.startswith("rax, [rip + "):
+            seen = instruction.address + instruction.size + int(instruction.op_str.split("+ ")[1].rstrip("]"), 16) == sums
+        elif seen and instruction.mnemonic == "jne":
+            return machine.region + instruction.address - image.base
+    raise AssertionError("no window-sum check found in receive_verify")
+
+
+def test_a_mapping_changed_in_the_blackout_is_refused_by_the_window_sum(machine):
+    """The findings of tests/data/fuzz/blackout-map-*.json, on the MAP records that are the last word
+    for their page: each is refused at VERIFY; with the sum check patched out they are accepted,
+    and then a guest ends otherwise."""
+    number = last_state_message(machine)
+    message = machine.messages[number - 1]
+    last_for_page = {}
+    for field in fields.message_fields(message):
+        if field.name.endswith(".gpa"):
+            last_for_page[message[field.offset:field.offset + field.width]] = field.name.split(".")[0]
+    entries = [FuzzInput("messages", number, (Edit("xor", 2, value=0x20, field=f"{record}.hpa", at=f"{record}.hpa"),),
+                         fix_digest=True)
+               for record in list(last_for_page.values())[:4] if record.startswith("map[")]
+    for entry in entries:
+        result = machine.execute(entry)
+        assert result.outcome == "aborted" and result.replies[-1] == (transfer.Call.VERIFY, True, transfer.Reply.VALUE)
+    with broken(machine, f"m{number}", window_sum_check_jump(machine), NOP * JUMP_IF_NOT_EQUAL_LENGTH):
+        findings = [machine.execute(entry, deep=True).finding for entry in entries]
+    assert any(finding is not None and finding.kind == oracles.GUEST_OUTPUT for finding in findings), findings

@@ -1,0 +1,437 @@
+"""The machine under fuzzing: one real restart recorded, checkpoints at every message, and each input run from its message's checkpoint and judged."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from emu import dirty, fast
+from emu.vmx_defs import PAGE_SIZE
+from guests import catalog
+from hypervisors import boot, build, transfer
+from tools import restart as restart_module
+from tools import run as run_module
+from tools.fuzz import fields as fields_module
+from tools.fuzz import oracles
+from tools.fuzz.inputs import FuzzInput, apply_edits
+
+SETUP_BUDGET = 400_000_000          # instructions the reference restart may take
+GUEST_RUN_BUDGET = 4_000_000_000    # instructions guests may take to end after an accepted state
+HANG_SLACK = 4                      # an input may take this many times the reference's instructions ...
+HANG_BASE = transfer.SERVICE_CALL_BUDGET + 2_000_000   # ... plus one call's timeout and some
+EVENTS_FOLLOWED = frozenset({"vmcallr", "vmcallr-return", "restart-phase"})
+CHAINED_CALLS = (transfer.Call.INVARIANTS, transfer.Call.STATE)
+STOP_POINT = "fuzz-point"           # the machine's stop at a message (between runs, call entered)
+STOP_DONE = "fuzz-done"             # the transfer has ended: committed or aborted
+PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
+# Old-hypervisor record fields the state target leaves alone: pointers and tables only it uses
+# (changed, they break the sender itself, not the transfer).
+SENDER_OWN_FIELDS = (".vmcs", ".partition", ".eptp", ".slice_end", ".launched", ".last_run", ".runs", ".exits")
+SCHEDULING_FIELDS = {"slice_end", "launched", "last_run", "runs"}   # VP record fields that are the scheduler's, not the guest's
+
+
+class SetupError(ValueError):
+    """The setup cannot be fuzzed: its guests end too early, or its restart does not commit."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The machine a campaign fuzzes: the restart's two hypervisors, the guests, when it starts."""
+
+    from_hv: str = "hv1"
+    to_hv: str = "hv2"
+    guests: tuple[str, ...] = ("storm", "hashchain")
+    lps: int = 1
+    request_at: int = 400_000
+
+    def as_json(self) -> dict:
+        return {"from": self.from_hv, "to": self.to_hv, "guests": list(self.guests), "lps": self.lps,
+                "request_at": self.request_at}
+
+    @classmethod
+    def from_json(cls, document: dict) -> "Setup":
+        return cls(document["from"], document["to"], tuple(document["guests"]), int(document["lps"]),
+                   int(document["request_at"]))
+
+
+@dataclass
+class Result:
+    """What one input did."""
+
+    outcome: str                                 # committed, aborted, hang, exception
+    replies: list[tuple[int, bool, int]] = field(default_factory=list)   # (call, ok, result) in order
+    status: int | None = None                    # restart_status after the transfer
+    finding: oracles.Finding | None = None
+    changed: bool = False                        # the input changed what the new hypervisor received
+    instructions: int = 0
+    guest_check_due: bool = False                # committed with a checkable field changed: the guests
+                                                 # must be run to their end (`check_guests`) to judge it
+
+
+@dataclass
+class _Run:
+    """Per-input state the event callback keeps."""
+
+    fix_digest: bool
+    call: int = 0                                # the inverse hypercall under way
+    replies: list = field(default_factory=list)
+    before_abort: bytes | None = None            # the guests' fingerprint when the abort began
+    aborted: bool = False
+    committed: bool = False
+    past_commit: bool = False                    # the commit reply was given: no abort any more
+    machine_stop: str | None = None              # the machine stopped for good during the transfer
+    done: bool = False
+    foreign_pages: list[int] = field(default_factory=list)
+
+
+class TransferMachine:
+    """Boots the setup, runs to the restart's first inverse hypercall, and records a real restart:
+    each message as sent, a checkpoint at each message (the new hypervisor about to receive it),
+    the digest chain before it. `execute` runs one input from its checkpoint to the end of the
+    transfer and judges it."""
+
+    def __init__(self, setup: Setup, coverage: bool = True, check_guests: bool = True):
+        self.setup = setup
+        self.check_guests = check_guests
+        build.hypervisor(setup.from_hv), build.hypervisor(setup.to_hv)
+        self.booted = boot.boot([catalog.parse(spec) for spec in setup.guests], hypervisor=setup.from_hv,
+                                lps=setup.lps)
+        self.machine = self.booted.machine
+        self.machine.run(max_instructions=setup.request_at)
+        if self.machine.stop is not None and self.machine.stop.reason != "instruction-limit":
+            raise SetupError(f"the guests ended before instruction {setup.request_at}: restart earlier (--at)")
+        self.region = self.booted.read_qword("service_region")
+        self.old_image_base = self.booted.image_base
+        self.area = self.booted.read_qword("transfer_area")
+        self.state: _Run | None = None
+        self._recording: list[tuple[int, bytes]] | None = []
+        self.machine.events.subscribe(self._on_event, EVENTS_FOLLOWED)
+        restart_module.stage(self.booted, setup.to_hv)
+        self._run_to(STOP_POINT, SETUP_BUDGET)
+        self.checkpoints = dirty.Checkpoints(self.machine)
+        self.partition_pages = [range(p["memory"] >> PAGE_SHIFT, (p["memory"] + p["memory_size"]) >> PAGE_SHIFT)
+                                for p in self.booted.partitions()]     # host pages of each partition's RAM
+        self._record_reference()
+        image = build.image(setup.to_hv)
+        self.code_range = (self.region, self.region + len(image.code))
+        self.receiver_chain = self.region + image.symbol("digest_chain") - image.base
+        self.edge_map = fast.ffi.new("uint8_t[]", fast.lib.HHR_EDGE_MAP_SIZE) if coverage else None
+        # Blocks of the new hypervisor entered by any input so far (a mark at each block's first byte).
+        self.block_map = fast.ffi.new("uint8_t[]", len(image.code)) if coverage else None
+        self.reference_guests = (run_module.run(setup.from_hv, list(setup.guests), lps=setup.lps)
+                                 .document["guests"] if check_guests else None)
+        self.executions = 0
+
+    # --- the reference restart -------------------------------------------------------------------------
+    def _record_reference(self) -> None:
+        """From the first message on: every message and its checkpoint, then on to the commit."""
+        self.messages: list[bytes] = []
+        self.calls: list[int] = []
+        self.chain_before: list[bytes] = []
+        chain = transfer.STATE_DIGEST_START
+        started = self.machine.retired
+        self.remaining: list[int] = []
+        marks: list[int] = []
+        while True:
+            call, message = self._recording[-1]
+            number = len(self.messages) + 1
+            self.messages.append(message)
+            self.calls.append(call)
+            self.chain_before.append(chain)
+            if call in CHAINED_CALLS:
+                chain = transfer.chain_digest(chain, message)
+            self.checkpoints.mark(f"m{number}")
+            marks.append(self.machine.retired)
+            self.machine.stop = None
+            if call == transfer.Call.VERIFY:
+                break
+            self._run_to(STOP_POINT, SETUP_BUDGET)
+        self.state = _Run(False)
+        self._run_to(STOP_DONE, SETUP_BUDGET)
+        if not self.state.committed:
+            raise SetupError(f"the reference restart {self.setup.from_hv} -> {self.setup.to_hv} did not commit")
+        self.remaining = [self.machine.retired - mark for mark in marks]
+        self.reference_instructions = self.machine.retired - started
+        self.vmcs_messages = [number for number, message in enumerate(self.messages, 1)
+                              if any(name.startswith("vmcs[") for name in
+                                     (f.name for f in fields_module.message_fields(message)))]
+        self._recording = None
+        self.state = None
+
+    def _run_to(self, reason: str, budget: int) -> None:
+        limit = self.machine.retired + budget
+        while self.machine.retired < limit:
+            self.machine.stop = None if self.machine.stop is not None and self.machine.stop.reason in (
+                "instruction-limit", STOP_POINT, STOP_DONE) else self.machine.stop
+            self.machine.run(max_instructions=limit)
+            stop = self.machine.stop
+            if stop is not None and stop.reason == reason:
+                return
+            if stop is not None and stop.reason not in ("instruction-limit", STOP_POINT):
+                raise SetupError(f"the reference restart did not go through: the machine stopped ({stop.reason})")
+        raise SetupError(f"the reference restart did not reach its next step within {budget} instructions")
+
+    def _on_event(self, event) -> None:
+        kind = event.kind
+        if kind == "vmcallr":
+            call = event.data["call"]
+            if self._recording is not None:
+                header = transfer.TRANSFER_HEADER.unpack(self.machine.ram.read(self.area, transfer.TRANSFER_HEADER.size))
+                length = min(header["bytes"], transfer.TRANSFER_AREA_SIZE)
+                self._recording.append((call, self.machine.ram.read(self.area, length)))
+                if self.state is None:
+                    self.machine.request_stop(STOP_POINT)
+                return
+            state = self.state
+            if state is None:
+                return
+            state.call = call
+            if call == transfer.Call.VERIFY and state.fix_digest:
+                # The chain over the messages as the new hypervisor received them: its own, read
+                # from its memory (digest.inc computes what transfer.chain_digest does).
+                self.machine.ram.write(self.area + transfer.TRANSFER_HEADER.size,
+                                       self.machine.ram.read(self.receiver_chain, transfer.STATE_DIGEST_BYTES))
+        elif kind == "vmcallr-return" and self.state is not None:
+            state = self.state
+            if not state.replies and self.setup.lps == 1 and self._recording is None:
+                state.foreign_pages = self.foreign_writes()   # only the new hypervisor ran since the checkpoint
+            state.replies.append((state.call, event.data["ok"], event.data["result"]))
+        elif kind == "restart-phase" and self.state is not None:
+            phase = event.data["phase"]
+            if phase == transfer.Phase.DEVIRTUALIZE:
+                self.state.past_commit = True
+            if phase == transfer.Phase.ABORTED:
+                self.state.aborted = True
+                self.state.before_abort = self.guest_fingerprint()
+            elif phase == transfer.Phase.RESUMED or (phase == transfer.Phase.IDLE and self.state.aborted):
+                self.state.committed = phase == transfer.Phase.RESUMED
+                self.state.done = True
+                self.machine.request_stop(STOP_DONE)
+
+    # --- what an abort must leave as it was -------------------------------------------------------------
+    def guest_fingerprint(self) -> bytes:
+        """The old hypervisor's partition and VP records: what guests are (registers, state, timers)."""
+        booted = self.booted
+        records = build.hypervisor(self.setup.from_hv).records
+        partitions = booted.machine.ram.read(booted.symbol("partitions"), records.partition.size * len(booted.guests))
+        vps = booted.machine.ram.read(booted.read_qword("vps"), records.vp.size * booted.read_qword("vp_total"))
+        fingerprint = bytearray(partitions)
+        for number in range(len(vps) // records.vp.size):
+            record = records.vp.unpack(vps[number * records.vp.size:(number + 1) * records.vp.size])
+            fingerprint += repr(sorted((name, value) for name, value in record.items()
+                                       if name not in SCHEDULING_FIELDS)).encode()
+        return bytes(fingerprint)
+
+
+    def state_fields(self) -> list[fields_module.Field]:
+        """The old hypervisor's partition and VP records, field by field, at their addresses."""
+        booted = self.booted
+        records = build.hypervisor(self.setup.from_hv).records
+        found = []
+        base = booted.symbol("partitions")
+        for number in range(len(booted.guests)):
+            found += fields_module._struct_fields(records.partition, base + number * records.partition.size,
+                                                  f"partition[{number}]")
+        base = booted.read_qword("vps")
+        for number in range(booted.read_qword("vp_total")):
+            found += fields_module._struct_fields(records.vp, base + number * records.vp.size, f"vp[{number}]")
+        return [f for f in found if not f.name.endswith(SENDER_OWN_FIELDS)]
+
+    def read_state(self, address: int, width: int) -> int:
+        return int.from_bytes(self.checkpoints.base.ram[address:address + width], "little")
+
+    # --- one input --------------------------------------------------------------------------------------
+    def execute(self, fuzz_input: FuzzInput, deep: bool = False) -> Result:
+        """Runs `fuzz_input` from its checkpoint to the end of the transfer and judges it. `deep`: the
+        guests then run to their end and are compared with the reference, after an abort (of a message
+        or VMCS input), and after a commit that a changed checkable field went into (otherwise that
+        check is left to the caller: `guest_check_due`)."""
+        self.executions += 1
+        number = 1 if fuzz_input.target == "state" else self.message_number(fuzz_input.message)
+        self.checkpoints.restore(f"m{number}")
+        self.machine.stop = None
+        self.booted.hypervisor, self.booted.image_base = self.setup.from_hv, self.old_image_base
+        self._arm_coverage()
+        changed = self._strike(fuzz_input, number)
+        self.state = state = _Run(fuzz_input.fix_digest, self.calls[number - 1])
+        started = self.machine.retired
+        budget = HANG_BASE + HANG_SLACK * self.remaining[number - 1]
+        result = Result("aborted", changed=changed)
+        try:
+            self._run_until_done(budget)
+        except Exception as error:          # the oracle: nothing may escape the machine
+            self.state = None
+            result.outcome = "exception"
+            result.finding = oracles.Finding(oracles.EXCEPTION, f"{type(error).__name__}: {error}".splitlines()[0])
+            return result
+        result.instructions = self.machine.retired - started
+        result.replies = state.replies
+        self.state = None
+        if state.machine_stop is not None:
+            result.outcome = "machine-stopped"
+            if state.past_commit:
+                result.finding = oracles.Finding(oracles.GUEST_OUTPUT, f"the machine stopped after the commit: "
+                                                                       f"{state.machine_stop}")
+            elif fuzz_input.target != "state":      # (a changed old hypervisor may break itself)
+                result.finding = oracles.Finding(oracles.LOST_GUEST_STATE, f"the machine stopped before the "
+                                                                           f"transfer ended: {state.machine_stop}")
+            return result
+        if not state.done:
+            result.outcome = "hang"
+            result.finding = oracles.Finding(oracles.HANG, f"the transfer did not end within {budget} instructions")
+            return result
+        result.outcome = "committed" if state.committed else "aborted"
+        result.status = self.booted.read_qword("restart_status") if not state.committed else transfer.Status.DONE
+        result.finding = self._judge(fuzz_input, result, state, number, deep)
+        return result
+
+    def message_number(self, message: int) -> int:
+        """An input's message number, counted from 1 (negative: from the end)."""
+        number = len(self.messages) + 1 + message if message < 0 else message
+        if not 1 <= number <= len(self.messages):
+            raise ValueError(f"message {message}: this restart has messages 1 to {len(self.messages)} "
+                             f"(or -1 to -{len(self.messages)} from the end)")
+        return number
+
+    def _arm_coverage(self) -> None:
+        edge_map = self.edge_map if self.edge_map is not None else fast.ffi.NULL
+        block_map = self.block_map if self.block_map is not None else fast.ffi.NULL
+        if self.edge_map is not None:
+            fast.ffi.memmove(self.edge_map, bytes(fast.lib.HHR_EDGE_MAP_SIZE), fast.lib.HHR_EDGE_MAP_SIZE)
+        for context in self.machine.contexts:
+            ctx = context.fast.ctx
+            ctx.edge_map = edge_map
+            ctx.block_map = block_map
+            ctx.edge_low, ctx.edge_high = self.code_range
+            ctx.edge_previous = 0
+
+    def _strike(self, fuzz_input: FuzzInput, number: int) -> bool:
+        """Makes the input's edits at its checkpoint; True if they change what is received."""
+        ram = self.machine.ram
+        if fuzz_input.target == "state":
+            before = {}
+            for edit in fuzz_input.edits:
+                if edit.op == "set" and 0 <= edit.offset and ram.holds(edit.offset, edit.width):
+                    before[edit.offset] = ram.read(edit.offset, edit.width)
+                    ram.write(edit.offset, (edit.value & ((1 << (8 * edit.width)) - 1)).to_bytes(edit.width, "little"))
+            return any(ram.read(address, len(old)) != old for address, old in before.items())
+        original = self.messages[number - 1]
+        message = apply_edits(original, fuzz_input.edits)
+        if fuzz_input.fix_length and len(message) >= transfer.TRANSFER_HEADER.size:
+            offset = transfer.TRANSFER_HEADER.offset("bytes")
+            message[offset:offset + 8] = len(message).to_bytes(8, "little")
+        message = message[:transfer.TRANSFER_AREA_SIZE]
+        span = max(len(message), len(original))
+        before = ram.read(self.area, span)
+        ram.write(self.area, bytes(message))  # what lay after a shortened message stays as the sender left it
+        if self.calls[number - 1] in CHAINED_CALLS:
+            header = transfer.TRANSFER_HEADER.unpack(ram.read(self.area, transfer.TRANSFER_HEADER.size))
+            return ram.read(self.area, min(header["bytes"], transfer.TRANSFER_AREA_SIZE)) != original
+        return ram.read(self.area, span) != before
+
+    def _run_until_done(self, budget: int) -> None:
+        limit = self.machine.retired + budget
+        while not self.state.done and self.machine.retired < limit:
+            if self.machine.stop is not None and self.machine.stop.reason in ("instruction-limit", STOP_POINT):
+                self.machine.stop = None
+            self.machine.run(max_instructions=limit)
+            stop = self.machine.stop
+            if stop is not None and stop.reason not in ("instruction-limit", STOP_POINT, STOP_DONE):
+                self.state.machine_stop = f"{stop.reason} {stop.report}".strip().splitlines()[0]
+                return
+
+    # --- oracles ---------------------------------------------------------------------------------------
+    def _judge(self, fuzz_input: FuzzInput, result: Result, state: _Run, number: int,
+               deep: bool) -> oracles.Finding | None:
+        foreign = state.foreign_pages
+        if foreign:
+            return oracles.Finding(oracles.FOREIGN_WRITE, f"host page {foreign[0]:#x} of a partition written "
+                                                          f"during the transfer ({len(foreign)} pages)")
+        if result.outcome == "aborted":
+            if self.setup.lps == 1 and self.guest_fingerprint() != state.before_abort:
+                return oracles.Finding(oracles.LOST_GUEST_STATE, "the abort changed a guest's partition or VP "
+                                                                 "record")
+            if deep and self.check_guests and fuzz_input.target != "state":
+                differences = self.run_guests_to_end(self.setup.from_hv)
+                if differences:
+                    return oracles.Finding(oracles.LOST_GUEST_STATE, "after the abort: " + "; ".join(differences))
+            return None
+        if not result.changed:
+            return None
+        if not fuzz_input.fix_digest and fuzz_input.target != "state":
+            return oracles.Finding(oracles.DIGEST_ACCEPTED, f"message {number} changed in flight, digest not "
+                                                            f"fixed, and the restart committed")
+        if self.check_guests and touches_checkable(fuzz_input, self.messages[number - 1]):  # (number resolved)
+            result.guest_check_due = True
+            if deep:
+                return self.check_guests_after_commit(fuzz_input)
+        return None
+
+    def check_guests_after_commit(self, fuzz_input: FuzzInput) -> oracles.Finding | None:
+        """Right after `execute` committed `fuzz_input`: the guests run to their end under the new
+        hypervisor; a guest that ends otherwise than in the reference run is a finding."""
+        differences = self.run_guests_to_end(self.setup.to_hv)
+        if not differences:
+            return None
+        number = 1 if fuzz_input.target == "state" else self.message_number(fuzz_input.message)
+        return oracles.Finding(oracles.GUEST_OUTPUT, f"{fuzz_input.target} {number} accepted with "
+                                                     f"{describe_edits(fuzz_input)}; " + "; ".join(differences))
+
+    def foreign_writes(self) -> list[int]:
+        """Partition pages written since the checkpoint (asked when the struck call returns: with one
+        LP, only the new hypervisor has run since)."""
+        marks = fast.ffi.buffer(self.checkpoints.pages.marks)
+        found = []
+        for pages in self.partition_pages:
+            chunk = bytes(marks[pages.start:pages.stop])
+            if chunk.count(0) != len(chunk):
+                found += [pages.start + index for index, mark in enumerate(chunk) if mark]
+        return found
+
+    def run_guests_to_end(self, hypervisor: str) -> list[str]:
+        """The guests run to their end; how they differ from the reference run."""
+        if hypervisor == self.setup.to_hv and self.booted.hypervisor != hypervisor:
+            self.booted.hypervisor, self.booted.image_base = hypervisor, self.region
+        self.machine.stop = None
+        result = self.machine.run(max_instructions=self.machine.retired + GUEST_RUN_BUDGET)
+        reports = run_module.guest_reports(self.booted)
+        differences = oracles.guest_differences(reports, self.reference_guests)
+        if result.stop.reason != "debug-exit":
+            differences.insert(0, f"the machine stopped: {result.stop.reason}")
+        return differences
+
+
+def touches_checkable(fuzz_input: FuzzInput, message: bytes) -> bool:
+    """Every edit aims at a field the new hypervisor can check (or changes the records' shape): a
+    guest that then computes something else is the receiver's fault. An input that also changes a
+    trusted value (a register, a partition's state) is not judged so: that change alone may explain it."""
+    if not fuzz_input.edits:
+        return False
+    if fuzz_input.target == "state":
+        trusted = fields_module.TRUSTED_FIELDS["tr_vp"] | fields_module.TRUSTED_FIELDS["tr_partition"]
+        return all(not (name.startswith("_pad") or name in trusted)
+                   for name in (edit.field.split(".")[-1] for edit in fuzz_input.edits))
+    current = bytes(message)
+    for edit in fuzz_input.edits:          # each edit against the message as the edits before left it
+        if edit.op in ("set", "xor"):
+            found = fields_module.message_fields(current)
+            anchor = next((field for field in found if field.name == edit.at), None) if edit.at else None
+            field = fields_module.field_at(found, edit.offset + (anchor.offset if anchor else 0))
+            if field is not None and not field.checkable:
+                return False
+        current = bytes(apply_edits(current, (edit,)))
+    return True
+
+
+def describe_edits(fuzz_input: FuzzInput) -> str:
+    parts = []
+    for edit in fuzz_input.edits:
+        where = edit.field or f"byte {edit.offset}"
+        if edit.op == "set":
+            parts.append(f"{where} = {edit.value:#x}")
+        elif edit.op == "xor":
+            parts.append(f"{where} ^= {edit.value:#x}")
+        elif edit.op == "insert":
+            parts.append(f"{len(edit.data)} bytes inserted at {edit.offset}")
+        else:
+            parts.append(f"{edit.width} bytes deleted at {edit.offset}")
+    return ", ".join(parts) or "no edit"

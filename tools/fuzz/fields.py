@@ -1,0 +1,95 @@
+"""The fields of a transfer message, found from the record layouts of hypervisors/transfer.py, and which of them the new hypervisor can check."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hypervisors import transfer
+
+# Fields whose values the new hypervisor must take on the old one's word: guest registers, the
+# VMCS images' values, timers, a partition's outcome, names, padding. A changed value there changes
+# what a guest computes without any check being able to tell; every other field is checkable
+# (numbers, counts, lengths, types, versions, addresses, owners, encodings) and a wrong value there
+# must be refused.
+TRUSTED_FIELDS = {
+    "tr_vp": {"rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
+              "r15", "timer_deadline", "timer_pending", "timer_vector", "timer_period", "halted", "state"},
+    "tr_partition": {"state", "exit_code", "stop_reason", "vps_done", "name"},
+    "tr_vmcs_field": {"value"},
+    "tr_end": {"phase", "round", "records"},
+    "tr_invariants": {"sender_version"},
+}
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str               # record.field, e.g. "vp[2].rax", "header.bytes"
+    offset: int
+    width: int
+    checkable: bool
+
+
+def _struct_fields(layout, base: int, prefix: str) -> list[Field]:
+    trusted = TRUSTED_FIELDS.get(layout.name, set())
+    return [Field(f"{prefix}.{name}", base + layout.offset(name), size,
+                  not (name.startswith("_pad") or name in trusted))
+            for name, size in layout.fields]
+
+
+def message_fields(message: bytes) -> list[Field]:
+    """Every field of a message as far as its records hold together: the header, each record's
+    header and body (a VMCS record's (encoding, value) pairs too)."""
+    header_size = transfer.TRANSFER_HEADER.size
+    fields = _struct_fields(transfer.TRANSFER_HEADER, 0, "header")
+    if len(message) < header_size:
+        return [field for field in fields if field.offset + field.width <= len(message)]
+    header = transfer.TRANSFER_HEADER.unpack(message[:header_size])
+    cursor = header_size
+    for number in range(header["record_count"]):
+        if cursor + transfer.RECORD_HEADER.size > len(message):
+            break
+        record = transfer.RECORD_HEADER.unpack(message[cursor:cursor + transfer.RECORD_HEADER.size])
+        try:
+            kind = transfer.RecordType(record["type"])
+        except ValueError:
+            break
+        name = f"{kind.name.lower()}[{number}]"
+        fields += _struct_fields(transfer.RECORD_HEADER, cursor, f"{name}.record")
+        body = cursor + transfer.RECORD_HEADER.size
+        layout = transfer.RECORD_LAYOUTS[kind]
+        if body + layout.size <= len(message):
+            fields += _struct_fields(layout, body, name)
+        if kind == transfer.RecordType.VMCS:
+            pair = body + layout.size
+            for index in range((record["length"] - layout.size) // transfer.VMCS_FIELD.size):
+                if pair + transfer.VMCS_FIELD.size > len(message):
+                    break
+                fields += _struct_fields(transfer.VMCS_FIELD, pair, f"{name}.field[{index}]")
+                pair += transfer.VMCS_FIELD.size
+        cursor = body + record["length"]
+    return fields
+
+
+def records(message: bytes) -> list[tuple[int, int]]:
+    """(offset, size with header) of each record."""
+    header_size = transfer.TRANSFER_HEADER.size
+    if len(message) < header_size:
+        return []
+    header = transfer.TRANSFER_HEADER.unpack(message[:header_size])
+    spans, cursor = [], header_size
+    for _ in range(header["record_count"]):
+        if cursor + transfer.RECORD_HEADER.size > len(message):
+            break
+        length = transfer.RECORD_HEADER.unpack(message[cursor:cursor + transfer.RECORD_HEADER.size])["length"]
+        size = transfer.RECORD_HEADER.size + length
+        if cursor + size > len(message):
+            break
+        spans.append((cursor, size))
+        cursor += size
+    return spans
+
+
+def field_at(fields: list[Field], offset: int) -> Field | None:
+    for field in fields:
+        if field.offset <= offset < field.offset + field.width:
+            return field
+    return None

@@ -1,0 +1,34 @@
+"""What counts as a finding: its kinds, and the judgements that compare a run with the reference."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Each kind is a separate oracle (docs/fuzzing.md).
+EXCEPTION = "exception"              # a Python exception out of the machine
+GUEST_OUTPUT = "guest-output"        # a state accepted, and a guest then computes something else
+HANG = "hang"                        # the transfer did not end within the instruction budget
+FOREIGN_WRITE = "foreign-write"      # the new hypervisor's call wrote outside its service region
+LOST_GUEST_STATE = "lost-guest-state"  # an abort left a guest's state other than it was
+DIGEST_ACCEPTED = "digest-accepted"  # a message changed in flight, its digest not fixed, and yet committed
+KINDS = (EXCEPTION, GUEST_OUTPUT, HANG, FOREIGN_WRITE, LOST_GUEST_STATE, DIGEST_ACCEPTED)
+
+# Guests whose console names times or interleavings: only their outcome is compared.
+TIMING_DEPENDENT = {"heartbeat", "timer", "hello"}
+
+
+@dataclass
+class Finding:
+    kind: str
+    description: str                 # one line
+
+
+def guest_differences(reports: list[dict], reference: list[dict]) -> list[str]:
+    """How each guest's end differs from the reference run without a restart (empty: the same)."""
+    differences = []
+    for guest, expected in zip(reports, reference):
+        for key in ("state", "exit_code", "stop_reason"):
+            if guest[key] != expected[key]:
+                differences.append(f"{guest['name']}: {key} {guest[key]!r}, reference {expected[key]!r}")
+        if guest["name"] not in TIMING_DEPENDENT and guest["console"] != expected["console"]:
+            differences.append(f"{guest['name']}: console differs")
+    return differences
