@@ -318,6 +318,7 @@ class LogicalProcessor:
             if kind == ctxmod.STOP_INVALID_OPCODE:
                 self._root_invalid_opcode(stop.rip)
             elif kind == ctxmod.STOP_TRAPPED_INSTRUCTION:
+                self._notify_trapped(self.root, stop.instruction)
                 self._root_trapped(stop.instruction)
             elif kind == ctxmod.STOP_HLT:
                 self.halted = True
@@ -352,6 +353,12 @@ class LogicalProcessor:
             self.charge(self.root, 1)
         elif outcome == "stay":
             self.charge(self.root, 1)
+
+    def _notify_trapped(self, context: ctxmod.ExecutionContext, insn: decode.Instruction) -> None:
+        """A tracer, if one listens, sees the trapped instruction Unicorn does not run."""
+        observer = self.machine.trapped_instruction_observer
+        if observer is not None:
+            observer(self, context, insn)
 
     def _root_trapped(self, insn: decode.Instruction) -> None:
         self.machine.emulate_trapped(self, self.root, insn)
@@ -429,11 +436,14 @@ class LogicalProcessor:
                 return
             self._guest_exception(vmcs, ExceptionVector.UD, None, stop.rip)
         elif kind == ctxmod.STOP_TRAPPED_INSTRUCTION:
+            self._notify_trapped(context, stop.instruction)
             self._guest_trapped(vmcs, stop.instruction)
         elif kind == ctxmod.STOP_HLT:   # a HLT that ran before its trap point was set
             rip = stop.rip - 1
             context.set_reg(x86.UC_X86_REG_RIP, rip)
-            self._guest_trapped(vmcs, decode.decode_one(context.fetch(rip), rip))
+            instruction = decode.decode_one(context.fetch(rip), rip)
+            self._notify_trapped(context, instruction)
+            self._guest_trapped(vmcs, instruction)
         elif kind == ctxmod.STOP_EXCEPTION:
             kind, length = self._classify_event(context, stop.rip, stop.vector)
             hardware = kind == InterruptionType.HARDWARE_EXCEPTION

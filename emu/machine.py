@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
+from typing import Callable
 
 from unicorn import x86_const as x86
 
@@ -72,6 +73,11 @@ class Machine:
         self.events = EventStream(record_events)
         self.io = IoBus(self)
         self.contexts: list[ctxmod.ExecutionContext] = []
+        # Called with every context made from now on (a tracer hooks the guest instances made later).
+        self.context_observers: list[Callable[[ctxmod.ExecutionContext], None]] = []
+        # Called with (LP, context, instruction) before the machine carries out a trapped instruction
+        # (docs/machine.md 5.4), which Unicorn never runs: a tracer sees it here. None: nobody listens.
+        self.trapped_instruction_observer: Callable | None = None
         self.context_by_id: dict[int, ctxmod.ExecutionContext] = {}
         # Common VM exits and entries carried out in C (emu/fastpath.c); the same machine either way.
         self.fast_transitions = fast_transitions
@@ -95,6 +101,8 @@ class Machine:
                                           self.io.read, self.io.write, self._cpuid)
         self.contexts.append(context)
         self.context_by_id[context.fast.python_id] = context
+        for observer in self.context_observers:
+            observer(context)
         return context
 
     def acquire_guest_context(self, vmcs) -> ctxmod.ExecutionContext:
