@@ -133,6 +133,8 @@ class LogicalProcessor:
         interrupts nor has IF=1, or a guest in an inverse hypercall, which takes none)."""
         if self.timer.deadline is not None or self.preemption_deadline is not None:
             return False
+        if self.machine.io.disk.deadline(self.index) is not None:
+            return False
         if self.guest is None:
             return self.halted and not (self.pending_vectors and self._interrupts_enabled_in_root())
         vmcs = self.guest
@@ -247,6 +249,7 @@ class LogicalProcessor:
         for index in range(count):
             event = loop.events[index]
             if event.kind == fast.lib.HHR_EVENT_VM_EXIT:
+                self.machine.last_exits[event.vmcs] = event.time
                 events.publish(event.time, self.index, "vm-exit", vmcs=event.vmcs, reason=event.reason,
                                qualification=event.qualification, rip=event.rip)
                 self.machine.count_exit(event.reason)
@@ -256,7 +259,8 @@ class LogicalProcessor:
 
     def _next_event_by(self, limit: int) -> int:
         """The earlier of `limit` and the LP's timer and VMX-preemption-timer deadlines."""
-        return min([limit] + [deadline for deadline in (self.timer.deadline, self.preemption_deadline)
+        return min([limit] + [deadline for deadline in (self.timer.deadline, self.preemption_deadline,
+                                                        self.machine.io.disk.deadline(self.index))
                               if deadline is not None])
 
     def _idle_until(self, slice_end: int) -> None:
@@ -276,6 +280,9 @@ class LogicalProcessor:
         """Timers, interrupt acceptance and guest event exits at an instruction boundary. True if
         something changed what the LP runs next."""
         vector = self.timer.expire(self.now)
+        if vector:
+            self.raise_interrupt(vector)
+        vector = self.machine.io.disk.complete(self.index, self.now)
         if vector:
             self.raise_interrupt(vector)
         if self.guest is None:

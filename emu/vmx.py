@@ -430,6 +430,7 @@ class VmxUnit:
                          guest_physical, ActivityState.HLT if vmcs.halted else ActivityState.ACTIVE)
         self._save_preemption_timer(vmcs)
         fast.copy_general_purpose_registers(vmcs.context.fast, lp.root.fast)
+        lp.machine.last_exits[vmcs.address] = lp.now
         lp.publish("vm-exit", vmcs=vmcs.address, reason=int(reason), qualification=qualification,
                    rip=vmcs.read("GUEST_RIP"))
         self.machine.count_exit(int(reason))
