@@ -100,7 +100,7 @@ def restart(args: argparse.Namespace) -> int:
         print(f"hhr restart: {error}", file=sys.stderr)
         return 2
     print(json.dumps(document, indent=2) if args.json else restart_module.text(document))
-    committed = all(entry["outcome"] == "committed" for entry in document["restarts"])
+    committed = all(entry["outcome"] in ("committed", "resumed") for entry in document["restarts"])
     return 0 if committed and document["machine_stop"]["reason"] == "debug-exit" else 1
 
 
@@ -133,11 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     restart_parser.add_argument("--at", type=int, action="append",
                                 help="request a restart when the machine has retired this many instructions "
                                      "(default 1e6; repeatable: the restarts alternate --to and --from)")
-    restart_parser.add_argument("--mode", default="precopy", choices=["precopy", "stop-and-copy"],
-                                help="state sent while guests run (default), or all of it in the blackout")
+    restart_parser.add_argument("--mode", default="precopy", choices=["precopy", "stop-and-copy", "suspend"],
+                                help="state sent while guests run (default), all of it in the blackout, or "
+                                     "suspend to the disk, reset and resume under --to")
     restart_parser.add_argument("--inject", default="none", metavar="STEP:FAULT",
                                 help="a fault at a protocol step (request, boot, invariants, precopy, blackout, "
-                                     "verify, commit) of the first restart: hang, crash, refuse or corrupt")
+                                     "verify, commit) of the first restart: hang, crash, refuse or corrupt; "
+                                     "with --mode suspend: resume:corrupt (a byte of the image on the disk)")
     _add_machine_arguments(restart_parser, lps=2, guests=RESTART_DEMO_GUESTS)
     restart_parser.set_defaults(func=restart)
     bench_parser = commands.add_parser("bench", help="benchmarks: hot restart against the alternatives (default), "
