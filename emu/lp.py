@@ -11,13 +11,12 @@ from emu import context as ctxmod
 from emu import decode, fast, interrupts
 from emu.devices import Timer
 from emu.vmcs import IO_BITMAP_PORTS, ActiveVmcs
-from emu.vmcs_fields import U32_MASK as WORD_MASK
 from emu.vmx import NON_ROOT_EXIT_REASONS, VMX_MNEMONICS, RaiseException, VmxUnit
 from emu.vmx_defs import (
     ExitReason, InterruptionType, PinBasedControls, PrimaryProcessorControls, make_interruption_info,
     make_io_qualification, INTR_INFO_VECTOR_MASK, INTR_INFO_TYPE_MASK, INTR_INFO_TYPE_SHIFT,
     INTR_INFO_DELIVER_ERROR_CODE, ExitControls, EXCEPTIONS_WITH_ERROR_CODE, ExceptionVector, Rflags,
-    CR_QUAL_ACCESS_TYPE_SHIFT, CR_QUAL_GPR_SHIFT, CrAccessType,
+    CR_QUAL_ACCESS_TYPE_SHIFT, CR_QUAL_GPR_SHIFT, CrAccessType, FIRST_DEVICE_VECTOR,
 )
 
 if TYPE_CHECKING:
@@ -403,7 +402,7 @@ class LogicalProcessor:
 
     def _deliver_root(self, vector: int, error_code: int | None, return_rip: int) -> None:
         """Delivers through the root IDT; a fault while delivering becomes #DF, then a triple fault."""
-        self.publish("exception" if vector < interrupts.FIRST_DEVICE_VECTOR else "interrupt",
+        self.publish("exception" if vector < FIRST_DEVICE_VECTOR else "interrupt",
                      vector=vector, rip=return_rip, error_code=error_code)
         for attempt_vector, attempt_error in ((vector, error_code), (ExceptionVector.DF, 0)):
             try:

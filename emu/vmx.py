@@ -19,10 +19,7 @@ from emu.vmentry_checks import (
 )
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import (
-    EntryControls, ExitControls, ExitReason, InterruptionType, PinBasedControls,
-    PrimaryProcessorControls, SecondaryProcessorControls, VmInstructionError,
-    INTR_INFO_VALID, INTR_INFO_VECTOR_MASK, INTR_INFO_DELIVER_ERROR_CODE, INTR_INFO_TYPE_MASK,
-    INTR_INFO_TYPE_SHIFT, make_interruption_info, ActivityState, ExceptionVector, MSR_IA32_EFER, Rflags,
+    ExitControls, ExitReason, PinBasedControls, VmInstructionError, INTR_INFO_VALID, ActivityState, ExceptionVector, MSR_IA32_EFER, Rflags,
     RFLAGS_ARITHMETIC, EXIT_REASON_VM_ENTRY_FAILURE, PAGE_OFFSET_MASK, Cr4, InveptType,
 )
 
