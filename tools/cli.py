@@ -100,7 +100,7 @@ def restart(args: argparse.Namespace) -> int:
         print(f"hhr restart: {error}", file=sys.stderr)
         return 2
     print(json.dumps(document, indent=2) if args.json else restart_module.text(document))
-    committed = all(entry["outcome"] == "committed" for entry in document["restarts"])
+    committed = all(entry["outcome"] in ("committed", "resumed") for entry in document["restarts"])
     return 0 if committed and document["machine_stop"]["reason"] == "debug-exit" else 1
 
 
@@ -186,17 +186,23 @@ def _add_machine_arguments(parser: argparse.ArgumentParser, *, lps: int = 1, gue
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _add_restart_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_restart_arguments(parser: argparse.ArgumentParser, suspend: bool = True) -> None:
+    """The arguments of `hhr restart`; `suspend` False leaves out the suspend mode (a trace follows one
+    machine, and a suspend resets it)."""
     parser.add_argument("--from", dest="from_hv", default="hv1", help="the hypervisor booted (default hv1)")
     parser.add_argument("--to", dest="to_hv", default="hv2", help="the hypervisor it becomes (default hv2)")
     parser.add_argument("--at", type=int, action="append",
                         help="request a restart when the machine has retired this many instructions "
                              "(default 1e6; repeatable: the restarts alternate --to and --from)")
-    parser.add_argument("--mode", default="precopy", choices=["precopy", "stop-and-copy"],
-                        help="state sent while guests run (default), or all of it in the blackout")
+    modes = ["precopy", "stop-and-copy"] + (["suspend"] if suspend else [])
+    parser.add_argument("--mode", default="precopy", choices=modes,
+                        help="state sent while guests run (default), all of it in the blackout"
+                             + (", or suspend to the disk, reset and resume under --to" if suspend else ""))
     parser.add_argument("--inject", default="none", metavar="STEP:FAULT",
                         help="a fault at a protocol step (request, boot, invariants, precopy, blackout, "
-                             "verify, commit) of the first restart: hang, crash, refuse or corrupt")
+                             "verify, commit) of the first restart: hang, crash, refuse or corrupt"
+                             + ("; with --mode suspend: resume:corrupt (a byte of the image on the disk)"
+                                if suspend else ""))
     _add_machine_arguments(parser, lps=2, guests=RESTART_DEMO_GUESTS)
 
 
@@ -213,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     restart_parser.set_defaults(func=restart)
     trace_parser = commands.add_parser("trace", help="hot-restart and trace every instruction and event of the "
                                                      "hand-off (docs/tracing.md)")
-    _add_restart_arguments(trace_parser)
+    _add_restart_arguments(trace_parser, suspend=False)
     trace_parser.add_argument("--format", default="text", choices=["text", "jsonl", "tenet", "chrome"],
                               help="annotated text (default), JSON Lines, Tenet (a directory of files, one per "
                                    "context and LP), Chrome Trace Event JSON of the phases for Perfetto")
