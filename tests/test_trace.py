@@ -198,3 +198,18 @@ def test_the_chrome_format_draws_the_phases_of_the_window(tmp_path):
     phases = [event["name"] for event in document["traceEvents"] if event.get("cat") == "phase"]
     assert phases == [phase.upper() for phase in PHASES_IN_ORDER]
     assert document["metadata"]["hhr_trace"]["window"] == {"from_event": "doorbell", "to": "first-guest-instruction"}
+
+
+def test_the_summary_counts_instructions_by_routine_as_the_trace_shows_them(commit_trace):
+    from tools.trace.summary import routine
+
+    summary = commit_trace[-1]
+    assert summary["type"] == "summary"
+    expected: dict[str, int] = {}
+    for record in commit_trace:
+        if record["type"] == "insn":
+            expected[routine(record["sym"])] = expected.get(routine(record["sym"]), 0) + 1
+    by_routine = summary["instructions_by_routine"]
+    assert by_routine == expected and sum(by_routine.values()) == summary["instructions"]
+    assert list(by_routine.values()) == sorted(by_routine.values(), reverse=True)
+    assert "hv2:takeover_entry" in by_routine and "hv1:devirtualize" in by_routine

@@ -1,9 +1,20 @@
-"""The figures at the end of a trace: instructions per context and per phase, VM exits by reason, inverse hypercalls by call number."""
+"""The figures at the end of a trace: instructions per context, phase and routine, VM exits by reason, inverse hypercalls by call number."""
 from __future__ import annotations
 
 import collections
 
 from tools.trace.annotate import TracedEvent, TracedInstruction
+
+
+ROUTINES_PRINTED = 15                  # the text summary lists this many routines, the busiest first
+NO_SYMBOL = "(no symbol)"
+
+
+def routine(symbol: str | None) -> str:
+    """`hv2:receive_records.loop+0x1c` -> `hv2:receive_records`: local labels count as their routine."""
+    if symbol is None:
+        return NO_SYMBOL
+    return symbol.split("+")[0].split(".")[0]
 
 
 class Summary:
@@ -20,6 +31,7 @@ class Summary:
         self.first_time: int | None = None
         self.last_time: int | None = None
         self._counts: collections.Counter[tuple[str, str, int]] = collections.Counter()
+        self._by_symbol: collections.Counter[str | None] = collections.Counter()
 
     def _time(self, time: int) -> None:
         self.first_time = time if self.first_time is None else min(self.first_time, time)
@@ -27,6 +39,7 @@ class Summary:
 
     def instruction(self, line: TracedInstruction) -> None:
         self._counts[(line.context.name, line.phase, line.lp)] += 1
+        self._by_symbol[line.symbol] += 1
         time = line.time
         if self.last_time is None or time > self.last_time:
             self.last_time = time
@@ -60,7 +73,15 @@ class Summary:
             "instructions_by_phase": dict(sorted(self.by_phase.items())),
             "exits_by_reason": dict(sorted(self.exits_by_reason.items())),
             "inverse_calls_by_number": dict(sorted(self.inverse_calls.items())),
+            "instructions_by_routine": self.by_routine(),
         }
+
+    def by_routine(self) -> dict[str, int]:
+        """Instructions per routine (symbol without its local label and offset), the busiest first."""
+        counts: collections.Counter[str] = collections.Counter()
+        for symbol, count in self._by_symbol.items():
+            counts[routine(symbol)] += count
+        return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
     def lines(self) -> list[str]:
         """The summary as text, one figure per line."""
@@ -75,4 +96,8 @@ class Summary:
             out.append(f"{title}:" + ("" if table else " none"))
             width = max((len(name) for name in table), default=0)
             out += [f"  {name:<{width}}  {count:>12}" for name, count in table.items()]
+        busiest = list(figures["instructions_by_routine"].items())[:ROUTINES_PRINTED]
+        out.append(f"busiest routines (of {len(figures['instructions_by_routine'])}):" + ("" if busiest else " none"))
+        width = max((len(name) for name, _ in busiest), default=0)
+        out += [f"  {name:<{width}}  {count:>12}" for name, count in busiest]
         return out
