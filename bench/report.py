@@ -15,7 +15,7 @@ LOG_X = {"ram": 2, "partitions": 2, "vps": 2}     # sweeps drawn on a log scale:
 COLUMNS = ("sweep", "point", "scenario", "VP blackout ticks", "VP blackout host ms", "blackout phase ticks",
            "restart ticks", "restart host s", "mappings req/blackout", "outcome")
 SCENARIO_STYLE = {scenarios.PRECOPY: ("tab:blue", "o"), scenarios.STOP_AND_COPY: ("tab:orange", "s"),
-                  scenarios.COLD: ("tab:red", "^")}
+                  scenarios.COLD: ("tab:red", "^"), scenarios.SUSPEND: ("tab:green", "D")}
 
 
 def _number(value, digits: int = 0) -> str:
@@ -25,8 +25,6 @@ def _number(value, digits: int = 0) -> str:
 
 
 def _cells(row: dict) -> list[str]:
-    if row["outcome"] == "not measured":
-        return [row["sweep"], row["label"], row["scenario"], "not measured yet", "", "", "", "", "", ""]
     mappings = "-"
     if row.get("mappings_at_request"):
         mappings = f"{row['mappings_at_request']:,}"
@@ -39,8 +37,6 @@ def _cells(row: dict) -> list[str]:
 
 def progress_line(row: dict) -> str:
     cells = _cells(row)
-    if row["outcome"] == "not measured":
-        return f"{row['sweep']:<10} {row['label']:>7}  {row['scenario']:<14} not measured yet"
     return (f"{row['sweep']:<10} {row['label']:>7}  {row['scenario']:<14} VP blackout {cells[3]:>11} ticks "
             f"{cells[4]:>8} ms  ({row.get('bench_host_s', 0):.1f} s)")
 
@@ -76,8 +72,7 @@ def markdown(document: dict) -> str:
         lines.append("| " + " | ".join(_cells(row)) + " |")
     lines += ["", "| target | verdict | figure |", "|---|---|---|"]
     for target in document["targets"].values():
-        verdict = "not measured yet" if target["verdict"] == "not measured" else target["verdict"]
-        lines.append(f"| {target['target']} | {verdict} | {target['by']} |")
+        lines.append(f"| {target['target']} | {target['verdict']} | {target['by']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -125,7 +120,7 @@ def plot(document: dict, sweep: str, path: Path) -> bool:
     axes[0].legend(fontsize=8)
     machine = document["machine"]
     figure.suptitle(f"Blackout against {SWEEP_TITLES[sweep]} ({'quick' if document['quick'] else 'full'} set, "
-                    f"{machine['date'][:10]}; suspend-and-resume: not measured yet)", fontsize=10)
+                    f"{machine['date'][:10]})", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     pyplot.close(figure)

@@ -130,10 +130,14 @@ class ExecutionContext:
         return 1  # skip Unicorn's own CPUID
 
     def request_stop(self) -> None:
-        """Ends the current run at the end of the running block: the machine is stopping."""
+        """Ends the current run at the end of the running block: the block hook stops the run before
+        the next block, as it does when a budget runs out. (Unicorn's emu_stop would end the run at
+        the block's end too, but after the current instruction once a per-instruction hook is
+        installed: a trace would then change the run.)"""
         self._stop_requested = True
-        self.fast.ctx.python_stop = 1
-        self.uc.emu_stop()
+        ctx = self.fast.ctx
+        ctx.python_stop = 1
+        ctx.stop_at = ctx.retired
 
     # --- memory through this context's translation ----------------------------------------------
     def translate(self, linear: int, access: int):

@@ -1,10 +1,11 @@
 """The machine's devices on the I/O-port bus: COM1, debug exit, clock, per-LP timer and IPIs, console channels,
-doorbell, restart-phase marker."""
+doorbell, restart-phase marker, disk (emu/disk.py)."""
 from __future__ import annotations
 
 from collections import deque
 from typing import TYPE_CHECKING, Callable
 
+from emu.disk import Disk
 from emu.vmcs_fields import U32_MASK as WORD_MASK
 from emu.vmx_defs import FIRST_DEVICE_VECTOR
 
@@ -36,6 +37,14 @@ DOORBELL_STATUS_PORT = 0x530  # in: words left in the current doorbell message; 
 DOORBELL_DATA_PORT = 0x534    # in: next 32-bit word of the current message
 DOORBELL_VECTOR_PORT = 0x538  # out: vector raised on LP 0 when a message arrives (0 = none)
 RESTART_PHASE_PORT = 0x544    # root only; out: publish a `restart-phase` event; in: the last value written
+# The disk (emu/disk.py), root mode only.
+DISK_BLOCK_PORT = 0x550            # out: the first block of the next command
+DISK_ADDRESS_LOW_PORT = 0x554      # out: host-physical buffer address, bits 31:0
+DISK_ADDRESS_HIGH_PORT = 0x558     # out: bits 63:32
+DISK_COUNT_PORT = 0x55C            # out: blocks to move
+DISK_COMMAND_PORT = 0x560          # out: a DiskCommand, carried out at once; in: a DiskStatus
+DISK_VECTOR_PORT = 0x564           # out: vector raised on the issuing LP at completion (0 = none)
+DISK_CAPACITY_PORT = 0x568         # in: the disk's size in blocks
 
 IPI_VECTOR_MASK = 0xFF
 IPI_DESTINATION_SHIFT = 8
@@ -121,10 +130,11 @@ class IoBus:
 
     UNCLAIMED_READ = 0xFFFF_FFFF
 
-    def __init__(self, machine: "Machine"):
+    def __init__(self, machine: "Machine", disk: Disk | None = None):
         self.machine = machine
         self.console = Console()
         self.doorbell = Doorbell()
+        self.disk = disk if disk is not None else Disk()
         self._clock_high_latch: dict[int, int] = {}
         self.restart_phase = 0     # the last value root wrote to RESTART_PHASE_PORT
 
@@ -154,6 +164,10 @@ class IoBus:
             return self.doorbell.next_word()
         if port == RESTART_PHASE_PORT and self._from_root(lp):
             return self.restart_phase
+        if port == DISK_COMMAND_PORT and self._from_root(lp):
+            return int(self.disk.current_status(lp.now))
+        if port == DISK_CAPACITY_PORT and self._from_root(lp):
+            return self.disk.blocks
         return self.UNCLAIMED_READ
 
     @staticmethod
@@ -191,6 +205,27 @@ class IoBus:
             # A marker in the event stream for hypervisors' protocol phases; to a guest the port is unclaimed.
             self.restart_phase = value & WORD_MASK
             m.events.publish(lp.now, lp.index, "restart-phase", phase=self.restart_phase)
+        elif DISK_BLOCK_PORT <= port <= DISK_VECTOR_PORT and self._from_root(lp):
+            self._disk_register(lp, port, value & WORD_MASK)
+
+    def _disk_register(self, lp, port: int, value: int) -> None:
+        """A write to one of the disk's registers; to a guest the ports are unclaimed (DMA reaches all of RAM)."""
+        disk = self.disk
+        if port == DISK_BLOCK_PORT:
+            disk.block = value
+        elif port == DISK_ADDRESS_LOW_PORT:
+            disk.address = (disk.address & ~WORD_MASK) | value
+        elif port == DISK_ADDRESS_HIGH_PORT:
+            disk.address = (disk.address & WORD_MASK) | value << WORD_BITS
+        elif port == DISK_COUNT_PORT:
+            disk.count = value
+        elif port == DISK_VECTOR_PORT:
+            disk.vector = _device_vector(value)
+        elif port == DISK_COMMAND_PORT:
+            disk.command(lp, self.machine.ram, value, self.machine.flush_code)
+            self.machine.events.publish(lp.now, lp.index, "disk", command=value, block=disk.block,
+                                        count=disk.count, address=disk.address, status=int(disk.status),
+                                        completion=disk.completion)
 
     def _send_ipi(self, sender, value: int) -> None:
         vector = _device_vector(value)

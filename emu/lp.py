@@ -11,13 +11,12 @@ from emu import context as ctxmod
 from emu import decode, fast, interrupts
 from emu.devices import Timer
 from emu.vmcs import IO_BITMAP_PORTS, ActiveVmcs
-from emu.vmcs_fields import U32_MASK as WORD_MASK
 from emu.vmx import NON_ROOT_EXIT_REASONS, VMX_MNEMONICS, RaiseException, VmxUnit
 from emu.vmx_defs import (
     ExitReason, InterruptionType, PinBasedControls, PrimaryProcessorControls, make_interruption_info,
     make_io_qualification, INTR_INFO_VECTOR_MASK, INTR_INFO_TYPE_MASK, INTR_INFO_TYPE_SHIFT,
     INTR_INFO_DELIVER_ERROR_CODE, ExitControls, EXCEPTIONS_WITH_ERROR_CODE, ExceptionVector, Rflags,
-    CR_QUAL_ACCESS_TYPE_SHIFT, CR_QUAL_GPR_SHIFT, CrAccessType,
+    CR_QUAL_ACCESS_TYPE_SHIFT, CR_QUAL_GPR_SHIFT, CrAccessType, FIRST_DEVICE_VECTOR,
 )
 
 if TYPE_CHECKING:
@@ -133,6 +132,8 @@ class LogicalProcessor:
         interrupts nor has IF=1, or a guest in an inverse hypercall, which takes none)."""
         if self.timer.deadline is not None or self.preemption_deadline is not None:
             return False
+        if self.machine.io.disk.deadline(self.index) is not None:
+            return False
         if self.guest is None:
             return self.halted and not (self.pending_vectors and self._interrupts_enabled_in_root())
         vmcs = self.guest
@@ -247,6 +248,7 @@ class LogicalProcessor:
         for index in range(count):
             event = loop.events[index]
             if event.kind == fast.lib.HHR_EVENT_VM_EXIT:
+                self.machine.last_exits[event.vmcs] = event.time
                 events.publish(event.time, self.index, "vm-exit", vmcs=event.vmcs, reason=event.reason,
                                qualification=event.qualification, rip=event.rip)
                 self.machine.count_exit(event.reason)
@@ -256,7 +258,8 @@ class LogicalProcessor:
 
     def _next_event_by(self, limit: int) -> int:
         """The earlier of `limit` and the LP's timer and VMX-preemption-timer deadlines."""
-        return min([limit] + [deadline for deadline in (self.timer.deadline, self.preemption_deadline)
+        return min([limit] + [deadline for deadline in (self.timer.deadline, self.preemption_deadline,
+                                                        self.machine.io.disk.deadline(self.index))
                               if deadline is not None])
 
     def _idle_until(self, slice_end: int) -> None:
@@ -276,6 +279,9 @@ class LogicalProcessor:
         """Timers, interrupt acceptance and guest event exits at an instruction boundary. True if
         something changed what the LP runs next."""
         vector = self.timer.expire(self.now)
+        if vector:
+            self.raise_interrupt(vector)
+        vector = self.machine.io.disk.complete(self.index, self.now)
         if vector:
             self.raise_interrupt(vector)
         if self.guest is None:
@@ -318,6 +324,7 @@ class LogicalProcessor:
             if kind == ctxmod.STOP_INVALID_OPCODE:
                 self._root_invalid_opcode(stop.rip)
             elif kind == ctxmod.STOP_TRAPPED_INSTRUCTION:
+                self._notify_trapped(self.root, stop.instruction)
                 self._root_trapped(stop.instruction)
             elif kind == ctxmod.STOP_HLT:
                 self.halted = True
@@ -352,6 +359,12 @@ class LogicalProcessor:
             self.charge(self.root, 1)
         elif outcome == "stay":
             self.charge(self.root, 1)
+
+    def _notify_trapped(self, context: ctxmod.ExecutionContext, insn: decode.Instruction) -> None:
+        """A tracer, if one listens, sees the trapped instruction Unicorn does not run."""
+        observer = self.machine.trapped_instruction_observer
+        if observer is not None:
+            observer(self, context, insn)
 
     def _root_trapped(self, insn: decode.Instruction) -> None:
         self.machine.emulate_trapped(self, self.root, insn)
@@ -396,7 +409,7 @@ class LogicalProcessor:
 
     def _deliver_root(self, vector: int, error_code: int | None, return_rip: int) -> None:
         """Delivers through the root IDT; a fault while delivering becomes #DF, then a triple fault."""
-        self.publish("exception" if vector < interrupts.FIRST_DEVICE_VECTOR else "interrupt",
+        self.publish("exception" if vector < FIRST_DEVICE_VECTOR else "interrupt",
                      vector=vector, rip=return_rip, error_code=error_code)
         for attempt_vector, attempt_error in ((vector, error_code), (ExceptionVector.DF, 0)):
             try:
@@ -429,11 +442,14 @@ class LogicalProcessor:
                 return
             self._guest_exception(vmcs, ExceptionVector.UD, None, stop.rip)
         elif kind == ctxmod.STOP_TRAPPED_INSTRUCTION:
+            self._notify_trapped(context, stop.instruction)
             self._guest_trapped(vmcs, stop.instruction)
         elif kind == ctxmod.STOP_HLT:   # a HLT that ran before its trap point was set
             rip = stop.rip - 1
             context.set_reg(x86.UC_X86_REG_RIP, rip)
-            self._guest_trapped(vmcs, decode.decode_one(context.fetch(rip), rip))
+            instruction = decode.decode_one(context.fetch(rip), rip)
+            self._notify_trapped(context, instruction)
+            self._guest_trapped(vmcs, instruction)
         elif kind == ctxmod.STOP_EXCEPTION:
             kind, length = self._classify_event(context, stop.rip, stop.vector)
             hardware = kind == InterruptionType.HARDWARE_EXCEPTION

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
+from typing import Callable
 
 from unicorn import x86_const as x86
 
@@ -11,13 +12,14 @@ from emu import cpuid as cpuid_table
 from emu import decode, msrs
 from emu import snapshot as snapshot_module
 from emu.devices import IoBus
+from emu.disk import Disk
 from emu.events import EventStream
 from emu.lp import LogicalProcessor
 from emu.memory import HostMemory, MIB
 from emu.vmcs_fields import U32_MASK as U32, U64_MASK as U64
 from emu.vmx import RaiseException
 from emu.vmx_caps import MACHINE_MAXPHYADDR, msr_values
-from emu.vmx_defs import EXCEPTIONS_WITH_ERROR_CODE, MSR_IA32_EFER, RFLAGS_ARITHMETIC, ExceptionVector, Rflags
+from emu.vmx_defs import MSR_IA32_EFER, RFLAGS_ARITHMETIC, ExceptionVector, Rflags
 
 DEFAULT_RAM_SIZE = 64 * MIB
 DEFAULT_QUANTUM = 50_000          # ticks each LP runs before the next LP's turn
@@ -62,7 +64,8 @@ class Machine:
     """An x86-64 machine with a VMX-like extension; deterministic for the same inputs."""
 
     def __init__(self, ram_size: int = DEFAULT_RAM_SIZE, lps: int = 1, quantum: int = DEFAULT_QUANTUM,
-                 record_events: bool = False, seed: int = 0, fast_transitions: bool = True):
+                 record_events: bool = False, seed: int = 0, fast_transitions: bool = True,
+                 disk: Disk | None = None, start_time: int = 0):
         if not 1 <= lps <= MAX_LPS:
             raise ValueError(f"the machine has 1 to {MAX_LPS} logical processors, not {lps}")
         if quantum < 1:
@@ -70,8 +73,15 @@ class Machine:
         self.ram = HostMemory(ram_size)
         self.quantum = quantum
         self.events = EventStream(record_events)
-        self.io = IoBus(self)
+        self.io = IoBus(self, disk)
+        self._settings = dict(ram_size=ram_size, lps=lps, quantum=quantum, record_events=record_events,
+                              seed=seed, fast_transitions=fast_transitions)
         self.contexts: list[ctxmod.ExecutionContext] = []
+        # Called with every context made from now on (a tracer hooks the guest instances made later).
+        self.context_observers: list[Callable[[ctxmod.ExecutionContext], None]] = []
+        # Called with (LP, context, instruction) before the machine carries out a trapped instruction
+        # (docs/machine.md 5.4), which Unicorn never runs: a tracer sees it here. None: nobody listens.
+        self.trapped_instruction_observer: Callable | None = None
         self.context_by_id: dict[int, ctxmod.ExecutionContext] = {}
         # Common VM exits and entries carried out in C (emu/fastpath.c); the same machine either way.
         self.fast_transitions = fast_transitions
@@ -80,6 +90,7 @@ class Machine:
         self.exit_counts: collections.Counter[int] = collections.Counter()
         self.inverse_call_counts: collections.Counter[int] = collections.Counter()
         self.last_entry_failure = None
+        self.last_exits: dict[int, int] = {}   # VMCS address: LP time of its latest VM exit (for measurements)
         self.stop: MachineStop | None = None
         self.instruction_limit: int | None = None
         self.retired = 0    # instructions retired by the whole machine; LPs add to it
@@ -87,6 +98,8 @@ class Machine:
         self._prng = seed & U64
         self.running_lp: LogicalProcessor | None = None
         self.lps = [LogicalProcessor(self, index) for index in range(lps)]
+        for lp in self.lps:
+            lp._time = start_time            # a machine after a reset: virtual time goes on (docs/machine.md 4.3)
         self.running_lp = self.lps[0]
 
     # --- contexts --------------------------------------------------------------------------------------
@@ -97,6 +110,8 @@ class Machine:
         self.context_by_id[context.fast.python_id] = context
         if self.ram.dirty is not None:
             self.ram.dirty.attach(context)
+        for observer in self.context_observers:
+            observer(context)
         return context
 
     def acquire_guest_context(self, vmcs) -> ctxmod.ExecutionContext:
@@ -130,6 +145,10 @@ class Machine:
     # --- memory loading (the firmware and the operator write RAM from outside) --------------------------
     def load(self, address: int, data: bytes) -> None:
         self.ram.write(address, data)
+        self.flush_code()
+
+    def flush_code(self) -> None:
+        """RAM was written from outside the processors (the firmware, the operator, DMA): translated code is dropped."""
         for context in self.contexts:
             context.flush_code()
 
@@ -211,6 +230,18 @@ class Machine:
             else:
                 self.round = None
         return RunResult(self.stop, self.retired, self.now, dict(self.exit_counts))
+
+    def reset(self) -> "Machine":
+        """The machine after a reset (power cycle): the same hardware with RAM zero, every LP in its
+        state at power-on, devices cleared, and virtual time going on from the latest LP clock. The
+        disk is kept, and so is the console's text: it was received at the other end of the COM1
+        line. Returns the new machine; this one is left as it stopped."""
+        self.io.disk.reset()
+        machine = Machine(**self._settings, disk=self.io.disk, start_time=self.now)
+        machine.io.console.channels = {channel: bytearray(text) for channel, text in self.io.console.channels.items()}
+        machine.io.console.echo = self.io.console.echo
+        machine.events.publish(machine.now, 0, "reset", previous_instructions=self.retired)
+        return machine
 
     def snapshot(self) -> snapshot_module.MachineSnapshot:
         """The whole machine's state, between runs (emu/snapshot.py)."""

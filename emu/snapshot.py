@@ -99,13 +99,14 @@ def take(machine: "Machine", with_ram: bool = True) -> MachineSnapshot:
         machine={"retired": machine.retired, "exit_counts": collections.Counter(machine.exit_counts),
                  "inverse_call_counts": collections.Counter(machine.inverse_call_counts),
                  "stop": copy.copy(machine.stop), "prng": machine._prng, "round": machine.round,
-                 "last_entry_failure": machine.last_entry_failure},
+                 "last_entry_failure": machine.last_entry_failure, "last_exits": dict(machine.last_exits)},
         devices={"channels": {channel: bytes(data) for channel, data in io.console.channels.items()},
                  "channel": io.console.channel,
                  "doorbell": ([list(message) for message in io.doorbell.messages], io.doorbell.vector,
                               io.doorbell.acknowledged),
                  "clock_latch": dict(io._clock_high_latch),
-                 "restart_phase": io.restart_phase},
+                 "restart_phase": io.restart_phase,
+                 "disk": _disk_state(io.disk)},
         events={"seq": machine.events._seq, "recorded": len(machine.events.events),
                 "recent": list(machine.events._recent)},
     )
@@ -161,6 +162,7 @@ def restore(machine: "Machine", snapshot: MachineSnapshot, with_ram: bool = True
     machine._prng = m["prng"]
     machine.round = m["round"]
     machine.last_entry_failure = m["last_entry_failure"]
+    machine.last_exits = dict(m["last_exits"])
     io = machine.io
     io.console.channels = {channel: bytearray(data) for channel, data in snapshot.devices["channels"].items()}
     io.console.channel = snapshot.devices["channel"]
@@ -169,6 +171,7 @@ def restore(machine: "Machine", snapshot: MachineSnapshot, with_ram: bool = True
     io.doorbell.vector, io.doorbell.acknowledged = vector, acknowledged
     io._clock_high_latch = dict(snapshot.devices["clock_latch"])
     io.restart_phase = snapshot.devices["restart_phase"]
+    _restore_disk(io.disk, snapshot.devices["disk"])
     events = machine.events
     events._seq = snapshot.events["seq"]
     del events.events[snapshot.events["recorded"]:]
@@ -187,3 +190,19 @@ def _rebuild_vmcs(machine: "Machine", state: VmcsState) -> ActiveVmcs:
     if state.context_id is not None:
         vmcs.attach(machine.context_by_id[state.context_id])
     return vmcs
+
+
+_DISK_FIELDS = ("block", "address", "count", "vector", "status", "completion", "issuer", "commands",
+                "bytes_read", "bytes_written", "busy_ticks")
+
+
+def _disk_state(disk) -> dict:
+    """The disk's registers, counters and contents (copied: the disk outlives the snapshot)."""
+    return {"fields": {name: getattr(disk, name) for name in _DISK_FIELDS},
+            "chunks": {index: bytes(chunk) for index, chunk in disk.chunks.items()}}
+
+
+def _restore_disk(disk, state: dict) -> None:
+    for name, value in state["fields"].items():
+        setattr(disk, name, value)
+    disk.chunks = {index: bytearray(chunk) for index, chunk in state["chunks"].items()}

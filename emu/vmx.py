@@ -19,10 +19,7 @@ from emu.vmentry_checks import (
 )
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import (
-    EntryControls, ExitControls, ExitReason, InterruptionType, PinBasedControls,
-    PrimaryProcessorControls, SecondaryProcessorControls, VmInstructionError,
-    INTR_INFO_VALID, INTR_INFO_VECTOR_MASK, INTR_INFO_DELIVER_ERROR_CODE, INTR_INFO_TYPE_MASK,
-    INTR_INFO_TYPE_SHIFT, make_interruption_info, ActivityState, ExceptionVector, MSR_IA32_EFER, Rflags,
+    ExitControls, ExitReason, PinBasedControls, VmInstructionError, INTR_INFO_VALID, ActivityState, ExceptionVector, MSR_IA32_EFER, Rflags,
     RFLAGS_ARITHMETIC, EXIT_REASON_VM_ENTRY_FAILURE, PAGE_OFFSET_MASK, Cr4, InveptType,
 )
 
@@ -430,6 +427,7 @@ class VmxUnit:
                          guest_physical, ActivityState.HLT if vmcs.halted else ActivityState.ACTIVE)
         self._save_preemption_timer(vmcs)
         fast.copy_general_purpose_registers(vmcs.context.fast, lp.root.fast)
+        lp.machine.last_exits[vmcs.address] = lp.now
         lp.publish("vm-exit", vmcs=vmcs.address, reason=int(reason), qualification=qualification,
                    rip=vmcs.read("GUEST_RIP"))
         self.machine.count_exit(int(reason))

@@ -91,8 +91,6 @@ def boot(guests: list[GuestImage] | tuple[GuestImage, ...], *, hypervisor: str =
     guests = tuple(guests)
     _check(guests, lps)
     image = build.image(hypervisor)
-    if len(image.code) > HYPERVISOR_MAX_SIZE:
-        raise BootError(f"{hypervisor} image of {len(image.code)} bytes is larger than {HYPERVISOR_MAX_SIZE}")
     needed = FREE_BASE + sum(guest.memory_size for guest in guests)
     # By default every guest has room for its whole map quota, and there is room for two service
     # regions and transfer areas (the hypervisor's, and one for the restart after next; RAM is only
@@ -102,7 +100,7 @@ def boot(guests: list[GuestImage] | tuple[GuestImage, ...], *, hypervisor: str =
     if ram < needed:
         raise BootError(f"--ram {ram // MIB} MiB is too small: the guests need {needed // MIB} MiB in all")
     machine = Machine(ram_size=ram, lps=lps, record_events=record_events, fast_transitions=fast_transitions)
-    machine.load(HYPERVISOR_BASE, image.code)
+    _load_hypervisor(machine, image, hypervisor)
     descriptors = bytearray()
     staging = GUEST_STAGING_BASE
     for guest in guests:
@@ -117,10 +115,34 @@ def boot(guests: list[GuestImage] | tuple[GuestImage, ...], *, hypervisor: str =
         staging += -(-len(guest.image) // PAGE_SIZE) * PAGE_SIZE
     descriptors_address = BOOT_INFO_ADDRESS + layouts.BOOT_INFO.size
     machine.load(descriptors_address, bytes(descriptors))
+    _start(machine, hypervisor, image, guest_count=len(guests), guests=descriptors_address)
+    return Booted(machine, hypervisor, guests)
+
+
+def _load_hypervisor(machine: Machine, image, name: str) -> None:
+    if len(image.code) > HYPERVISOR_MAX_SIZE:
+        raise BootError(f"{name} image of {len(image.code)} bytes is larger than {HYPERVISOR_MAX_SIZE}")
+    machine.load(HYPERVISOR_BASE, image.code)
+
+
+def _start(machine: Machine, hypervisor: str, image, **fields) -> None:
+    """The boot info (docs/boot.md) and every LP at the hypervisor's entry."""
+    lps, ram = len(machine.lps), machine.ram.size
     machine.load(BOOT_INFO_ADDRESS, layouts.BOOT_INFO.pack(
         magic=layouts.BOOT_INFO_MAGIC, version=layouts.BOOT_PROTOCOL_VERSION, lp_count=lps, ram_size=ram,
         heap_base=HEAP_BASE, heap_size=HEAP_SIZE, free_base=FREE_BASE, free_size=ram - FREE_BASE,
-        guest_count=len(guests), doorbell_port=devices.DOORBELL_STATUS_PORT, guests=descriptors_address))
+        doorbell_port=devices.DOORBELL_STATUS_PORT, **fields))
     stacks = [FIRMWARE_STACK_TOP - lp * FIRMWARE_STACK_SIZE for lp in range(lps)]
     machine.start(image.symbol(build.hypervisor(hypervisor).entry_symbol), stacks, argument=BOOT_INFO_ADDRESS)
-    return Booted(machine, hypervisor, guests)
+
+
+def resume(suspended: Booted, hypervisor: str) -> Booted:
+    """The firmware after a suspend: the machine reset (RAM zero, the disk kept, virtual time going
+    on), `hypervisor` loaded and started with BOOT_MODE_RESUME and no guests to create; it reads
+    them back from the disk (docs/protocol.md, Suspend and resume)."""
+    image = build.image(hypervisor)
+    machine = suspended.machine.reset()
+    _load_hypervisor(machine, image, hypervisor)
+    _start(machine, hypervisor, image, mode=layouts.BOOT_MODE_RESUME, protocol=transfer.PROTOCOL_VERSION,
+           resume_block=transfer.SUSPEND_HEADER_BLOCK)
+    return Booted(machine, hypervisor, suspended.guests)

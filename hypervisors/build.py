@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from asm import Image, assemble_file, merge_constants
-from emu import devices, vmcs_fields, vmx_defs
+from emu import devices, disk, vmcs_fields, vmx_defs
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES
 from hypervisors import guest_abi, invariants, layouts, memory_map, transfer
 
@@ -52,11 +52,13 @@ _ENUM_PREFIXES = {
     vmx_defs.EntryControls: "ENTRY_CTL", vmx_defs.ExitReason: "EXIT_REASON", vmx_defs.Cr0: "CR0",
     vmx_defs.Cr4: "CR4", vmx_defs.Efer: "EFER", vmx_defs.ExceptionVector: "VECTOR",
     vmx_defs.InterruptionType: "INTR_TYPE", vmx_defs.MemoryType: "MEMORY_TYPE", vmx_defs.Rflags: "RFLAGS",
-    vmx_defs.InveptType: "INVEPT_TYPE",
+    vmx_defs.InveptType: "INVEPT_TYPE", disk.DiskCommand: "DISK_COMMAND", disk.DiskStatus: "DISK_STATUS",
 }
 _DEVICE_PORTS = ("COM1_BASE", "DEBUG_EXIT_PORT", "CLOCK_LOW_PORT", "CLOCK_HIGH_PORT", "LP_ID_PORT",
                  "LP_COUNT_PORT", "CONSOLE_CHANNEL_PORT", "RESTART_PHASE_PORT", "DOORBELL_STATUS_PORT",
-                 "DOORBELL_DATA_PORT", "DOORBELL_VECTOR_PORT", "IPI_PORT", "IPI_DESTINATION_SHIFT")
+                 "DOORBELL_DATA_PORT", "DOORBELL_VECTOR_PORT", "IPI_PORT", "IPI_DESTINATION_SHIFT", "IPI_ALL_BUT_SELF",
+                 "DISK_BLOCK_PORT", "DISK_ADDRESS_LOW_PORT", "DISK_ADDRESS_HIGH_PORT", "DISK_COUNT_PORT",
+                 "DISK_COMMAND_PORT", "DISK_VECTOR_PORT", "DISK_CAPACITY_PORT")
 
 
 def _enum_constants() -> dict[str, int]:
@@ -89,6 +91,7 @@ def constants(name: str = "hv1") -> dict[str, int]:
         _enum_constants(),
         vmx_values,
         {name: getattr(devices, name) for name in _DEVICE_PORTS},
+        {"DISK_BLOCK_SIZE": disk.DISK_BLOCK_SIZE, "DISK_BLOCK_SHIFT": disk.DISK_BLOCK_SIZE.bit_length() - 1},
         {"UART_LSR": devices.UART_LSR, "LSR_READY": devices.LSR_THR_EMPTY | devices.LSR_TRANSMITTER_EMPTY},
         memory_map.constants(),
         invariants.constants(),

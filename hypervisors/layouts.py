@@ -24,10 +24,12 @@ BOOT_INFO = Struct("boot_info", [
     ("mode", 4), ("protocol", 4),                 # BOOT_MODE_*; the restart protocol version
     ("service_base", 8), ("service_size", 8),
     ("transfer_area", 8),
+    ("resume_block", 8),                          # BOOT_MODE_RESUME: the disk block of the suspend image
 ])
 
 BOOT_MODE_COLD = 0            # started by the firmware step, with guests to create
 BOOT_MODE_SERVICE = 1         # started by a running hypervisor in a service partition
+BOOT_MODE_RESUME = 2          # started by the firmware after a reset, to resume the guests a suspend left on the disk
 
 GUEST_DESCRIPTOR = Struct("guest_descriptor", [
     ("image", 8), ("image_size", 8),              # where the firmware staged the guest's image

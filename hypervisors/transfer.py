@@ -44,10 +44,13 @@ RESTART_REQUEST = Struct("restart_request", [
 
 
 class Mode(enum.IntEnum):
-    """How state crosses: rounds while guests run, or everything in the blackout."""
+    """How state crosses: rounds while guests run, everything in the blackout, or through the disk:
+    the old hypervisor writes state and guest RAM out and powers the machine off, and the next one
+    reads them back after a cold boot (docs/protocol.md, Suspend and resume)."""
 
     PRECOPY = 0
     STOP_AND_COPY = 1
+    SUSPEND = 2
 REQUEST_WORDS = RESTART_REQUEST.size // 4
 
 # The transfer area: one message at a time, a header and then records.
@@ -189,6 +192,9 @@ class Phase(enum.IntEnum):
     DEVIRTUALIZE = 7
     RESUMED = 8                                # the new hypervisor runs guests again
     ABORTED = 9
+    SUSPENDING = 10                            # suspend: the state is on the disk, guest RAM goes after it
+    SUSPENDED = 11                             # the suspend image is complete: the machine powers off
+    RESUMING = 12                              # a hypervisor cold-booted to resume reads the image back
 
 
 class Status(enum.IntEnum):
@@ -202,7 +208,28 @@ class Status(enum.IntEnum):
     SERVICE_TIMEOUT = 5
     REFUSED = 6                                # restart_refusal has the Reply
     CALL_FAILED = 7                            # an inverse hypercall ended by a VM exit: restart_exit_reason
+    DISK_FAILED = 8                            # a disk command failed: the detail is its DiskStatus
 
+
+# Suspend and resume (docs/protocol.md): the image on the disk. Block SUSPEND_HEADER_BLOCK holds a
+# SUSPEND_HEADER, written last; the messages follow it, each in whole blocks, exactly as they would
+# be in the transfer area (the last one the digest, as VERIFY carries it), then every partition's
+# RAM in partition order, then every page of every map window (partition, then guest-physical order).
+SUSPEND_MAGIC = int.from_bytes(b"HHRS", "little")
+SUSPEND_FORMAT = 1
+SUSPEND_HEADER_BLOCK = 0
+SUSPEND_STATE_BLOCK = 1
+SUSPEND_HEADER = Struct("suspend_header", [
+    ("magic", 4), ("format", 4),
+    ("messages", 4), ("sender_version", 4),   # messages on the disk, the digest's included; HV_VERSION
+    ("state_block", 8),                        # the first message's block
+    ("memory_block", 8),                       # the first block of guest RAM
+    ("end_block", 8),                          # the block after the image
+    ("buffer", 8),                             # the suspending hypervisor's transfer area: free memory
+                                               # for any hypervisor, where the resuming one reads messages
+])
+SUSPEND_EXIT_CODE = 0x53                       # the debug-exit value of a suspended machine ("S")
+RESUME_REFUSED_EXIT_CODE = 0x52                # the value of a resume that refused the image ("R")
 
 SERVICE_READY = 0x100                          # hypercall (VMCALL RAX) of the service VP: initialized
 
@@ -215,7 +242,8 @@ VMCS_TRANSFER_FIELDS = tuple(
     + [vmcs_fields.BY_NAME[name].encoding
        for name in ("VM_ENTRY_INTR_INFO_FIELD", "VM_ENTRY_EXCEPTION_ERROR_CODE", "VM_ENTRY_INSTRUCTION_LEN")])
 
-LAYOUTS = (RESTART_REQUEST, TRANSFER_HEADER, RECORD_HEADER, *RECORD_LAYOUTS.values(), VMCS_FIELD, DIGEST_MESSAGE)
+LAYOUTS = (RESTART_REQUEST, TRANSFER_HEADER, RECORD_HEADER, *RECORD_LAYOUTS.values(), VMCS_FIELD, DIGEST_MESSAGE,
+           SUSPEND_HEADER)
 
 
 def constants() -> dict[str, int]:

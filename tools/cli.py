@@ -1,4 +1,4 @@
-"""The `hhr` command: selftest, run, restart, fuzz, and benchmarks (trace arrives with its issue)."""
+"""The `hhr` command: selftest, run, restart, trace, fuzz, and benchmarks."""
 from __future__ import annotations
 
 import argparse
@@ -100,8 +100,77 @@ def restart(args: argparse.Namespace) -> int:
         print(f"hhr restart: {error}", file=sys.stderr)
         return 2
     print(json.dumps(document, indent=2) if args.json else restart_module.text(document))
-    committed = all(entry["outcome"] == "committed" for entry in document["restarts"])
+    committed = all(entry["outcome"] in ("committed", "resumed") for entry in document["restarts"])
     return 0 if committed and document["machine_stop"]["reason"] == "debug-exit" else 1
+
+
+def trace(args: argparse.Namespace) -> int:
+    """Hot-restarts as `hhr restart` does and writes every instruction and event of the window."""
+    from guests.catalog import GuestSpecError, parse_size
+    from hypervisors import transfer
+    from hypervisors.boot import BootError
+    from tools.trace import session as trace_session
+    from tools.trace.filters import Filters
+    from tools.trace.window import Window, WindowError, parse_ticks_range
+
+    try:
+        ram = parse_size(args.ram) if args.ram else None
+        if args.window and (args.from_event or args.to_event):
+            raise WindowError("give either --window or --from-event/--to-event")
+        if args.window:
+            window = Window.of_time(*parse_ticks_range(args.window, "--window"))
+        else:
+            window = Window(start_event=args.from_event or "doorbell",
+                            end_event=args.to_event or "first-guest-instruction")
+        phase_names = [phase.name.lower() for phase in transfer.Phase]
+        for name in args.phase or ():
+            if name.lower() not in phase_names:
+                raise WindowError(f"--phase {name!r}: one of {', '.join(phase_names)}")
+        for lp in args.lp or ():
+            if not 0 <= lp < args.lps:
+                raise WindowError(f"--lp {lp}: the machine has LPs 0 to {args.lps - 1}")
+        filters = Filters(lps=frozenset(args.lp or ()), contexts=frozenset(args.context or ()),
+                          phases=frozenset(name.lower() for name in args.phase or ()),
+                          symbols=tuple(args.symbol or ()),
+                          time_range=parse_ticks_range(args.range, "--range") if args.range else None,
+                          events_only=args.events_only)
+        options = trace_session.TraceOptions(
+            from_hypervisor=args.from_hv, to_hypervisor=args.to_hv, guests=args.guest or RESTART_DEMO_GUESTS,
+            lps=args.lps, ram_size=ram, request_at=args.at or [DEFAULT_AT], max_instructions=args.max_instructions,
+            inject=args.inject, mode=args.mode, format=args.format, output=args.output, window=window,
+            filters=filters, to_end=args.to_end, progress=None if args.quiet else sys.stderr)
+        result = trace_session.trace(options)
+    except (GuestSpecError, BootError, WindowError, ValueError, OSError) as error:
+        print(f"hhr trace: {error}", file=sys.stderr)
+        return 2
+    out = sys.stderr if args.output is None else sys.stdout
+    try:
+        _print_trace_summary(result, args, out)
+    except BrokenPipeError:     # `hhr trace -o FILE | head`: the reader has gone
+        pass
+    return 0
+
+
+def _print_trace_summary(result, args: argparse.Namespace, out) -> None:
+    if args.json:   # the summary, and with --to-end the run's document as `hhr restart --json` gives it
+        import json
+
+        print(json.dumps({"summary": result.summary.as_dict(), "recorded": result.recorded,
+                          "outputs": [str(path) for path in result.outputs], "run": result.document},
+                         indent=2), file=out)
+        return
+    for line in result.summary.lines():
+        print(line, file=out)
+    figures = f"host time {result.host_seconds:.2f} s for {result.recorded} instructions recorded"
+    if result.host_seconds and result.recorded:
+        figures += f" ({result.recorded / result.host_seconds:,.0f} per second)"
+    if result.outputs:
+        shown = ", ".join(str(path) for path in result.outputs[:SHOWN_OUTPUTS])
+        figures += f"; written to {shown}" + (" ..." if len(result.outputs) > SHOWN_OUTPUTS else "")
+    print(figures, file=out)
+
+
+SHOWN_OUTPUTS = 4       # files named after a trace (a Tenet trace has one per context and LP)
 
 
 def fuzz(args: argparse.Namespace) -> int:
@@ -153,6 +222,26 @@ def _add_machine_arguments(parser: argparse.ArgumentParser, *, lps: int = 1, gue
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _add_restart_arguments(parser: argparse.ArgumentParser, suspend: bool = True) -> None:
+    """The arguments of `hhr restart`; `suspend` False leaves out the suspend mode (a trace follows one
+    machine, and a suspend resets it)."""
+    parser.add_argument("--from", dest="from_hv", default="hv1", help="the hypervisor booted (default hv1)")
+    parser.add_argument("--to", dest="to_hv", default="hv2", help="the hypervisor it becomes (default hv2)")
+    parser.add_argument("--at", type=int, action="append",
+                        help="request a restart when the machine has retired this many instructions "
+                             "(default 1e6; repeatable: the restarts alternate --to and --from)")
+    modes = ["precopy", "stop-and-copy"] + (["suspend"] if suspend else [])
+    parser.add_argument("--mode", default="precopy", choices=modes,
+                        help="state sent while guests run (default), all of it in the blackout"
+                             + (", or suspend to the disk, reset and resume under --to" if suspend else ""))
+    parser.add_argument("--inject", default="none", metavar="STEP:FAULT",
+                        help="a fault at a protocol step (request, boot, invariants, precopy, blackout, "
+                             "verify, commit) of the first restart: hang, crash, refuse or corrupt"
+                             + ("; with --mode suspend: resume:corrupt (a byte of the image on the disk)"
+                                if suspend else ""))
+    _add_machine_arguments(parser, lps=2, guests=RESTART_DEMO_GUESTS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hhr", description="Hypervisor hot restart on an emulated x86-64 machine.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -162,18 +251,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_machine_arguments(run_parser)
     run_parser.set_defaults(func=run)
     restart_parser = commands.add_parser("restart", help="hot-restart the hypervisor while guests run")
-    restart_parser.add_argument("--from", dest="from_hv", default="hv1", help="the hypervisor booted (default hv1)")
-    restart_parser.add_argument("--to", dest="to_hv", default="hv2", help="the hypervisor it becomes (default hv2)")
-    restart_parser.add_argument("--at", type=int, action="append",
-                                help="request a restart when the machine has retired this many instructions "
-                                     "(default 1e6; repeatable: the restarts alternate --to and --from)")
-    restart_parser.add_argument("--mode", default="precopy", choices=["precopy", "stop-and-copy"],
-                                help="state sent while guests run (default), or all of it in the blackout")
-    restart_parser.add_argument("--inject", default="none", metavar="STEP:FAULT",
-                                help="a fault at a protocol step (request, boot, invariants, precopy, blackout, "
-                                     "verify, commit) of the first restart: hang, crash, refuse or corrupt")
-    _add_machine_arguments(restart_parser, lps=2, guests=RESTART_DEMO_GUESTS)
+    _add_restart_arguments(restart_parser)
     restart_parser.set_defaults(func=restart)
+    trace_parser = commands.add_parser("trace", help="hot-restart and trace every instruction and event of the "
+                                                     "hand-off (docs/tracing.md)")
+    _add_restart_arguments(trace_parser, suspend=False)
+    trace_parser.add_argument("--format", default="text", choices=["text", "jsonl", "tenet", "chrome"],
+                              help="annotated text (default), JSON Lines, Tenet (a directory of files, one per "
+                                   "context and LP), Chrome Trace Event JSON of the phases for Perfetto")
+    trace_parser.add_argument("--output", "-o", metavar="PATH",
+                              help="the trace file (for tenet: a directory); default standard output")
+    trace_parser.add_argument("--from-event", metavar="KIND",
+                              help="the window begins at the first event of this kind from the doorbell on "
+                                   "(default: the doorbell)")
+    trace_parser.add_argument("--to-event", metavar="KIND",
+                              help="the window ends at the first event of this kind after its beginning "
+                                   "(default: the first guest instruction under the new hypervisor)")
+    trace_parser.add_argument("--window", metavar="START:END",
+                              help="the window is this range of virtual time instead (ticks, END excluded)")
+    trace_parser.add_argument("--lp", type=int, action="append", help="only this LP (repeatable)")
+    trace_parser.add_argument("--context", action="append", metavar="NAME",
+                              help="only instructions of this context, as printed: hv1@root, hv2@service, "
+                                   "hv2@root, p0.vp1 (repeatable)")
+    trace_parser.add_argument("--phase", action="append", metavar="NAME",
+                              help="only while this protocol phase is current: requested, service, invariants, "
+                                   "precopy, blackout, commit, devirtualize, resumed (repeatable)")
+    trace_parser.add_argument("--symbol", action="append", metavar="NAME",
+                              help="only instructions inside this symbol (hv2:receive_records, or a name found "
+                                   "in either image; `name.local` labels count as inside `name`)")
+    trace_parser.add_argument("--range", metavar="START:END", help="only this range of virtual time (ticks)")
+    trace_parser.add_argument("--events-only", action="store_true",
+                              help="no instruction lines (no per-instruction hook is installed)")
+    trace_parser.add_argument("--to-end", action="store_true",
+                              help="after the window, run on to the guests' end as `hhr restart` does")
+    trace_parser.add_argument("--quiet", "-q", action="store_true", help="no progress lines on standard error")
+    trace_parser.set_defaults(func=trace)
     fuzz_parser = commands.add_parser("fuzz", help="fuzz the state transfer of a hot restart (docs/fuzzing.md)")
     fuzz_parser.add_argument("--from", dest="from_hv", default="hv1", help="the old hypervisor (default hv1)")
     fuzz_parser.add_argument("--to", dest="to_hv", default="hv2", help="the new hypervisor, fuzzed (default hv2)")

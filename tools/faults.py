@@ -1,4 +1,5 @@
-"""Faults injected at a named step of a hot restart (`hhr restart --inject STEP:FAULT`): each must abort it cleanly."""
+"""Faults injected at a named step of a hot restart (`hhr restart --inject STEP:FAULT`), and into a
+suspend's image on the disk (`--mode suspend --inject resume:corrupt`): each must abort it cleanly."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -89,3 +90,28 @@ class Fault:
         jump_from = handler + MOV_EAX_LENGTH + JUMP_RELATIVE_LENGTH       # refuse (or corrupt at commit)
         return (MOV_EAX_IMMEDIATE + int(transfer.Reply.VALUE).to_bytes(4, "little")
                 + JUMP_RELATIVE + (reply - jump_from).to_bytes(4, "little", signed=True))
+
+
+SUSPEND_INJECTIONS = ("resume:corrupt",)          # the faults a suspend takes (--mode suspend)
+
+
+def corrupt_suspend_image(disk) -> None:
+    """A bit of the first VP record's RBX flipped in the suspend image on `disk`, before the resume:
+    a value any VP may hold, so only the digest chain can tell (docs/protocol.md, Suspend and resume)."""
+    from emu.disk import DISK_BLOCK_SIZE
+    header = transfer.SUSPEND_HEADER.unpack(disk.read(transfer.SUSPEND_HEADER_BLOCK * DISK_BLOCK_SIZE,
+                                                      transfer.SUSPEND_HEADER.size))
+    block = header["state_block"]
+    for _ in range(header["messages"]):
+        start = block * DISK_BLOCK_SIZE
+        message_bytes = transfer.TRANSFER_HEADER.unpack(disk.read(start, transfer.TRANSFER_HEADER.size))["bytes"]
+        message = disk.read(start, min(message_bytes, transfer.TRANSFER_AREA_SIZE))
+        cursor = transfer.TRANSFER_HEADER.size
+        while cursor + transfer.RECORD_HEADER.size <= len(message):
+            record = transfer.RECORD_HEADER.unpack(message[cursor:cursor + transfer.RECORD_HEADER.size])
+            if record["type"] == transfer.RecordType.VP:
+                where = start + cursor + transfer.RECORD_HEADER.size + transfer.VP_RECORD.offset("rbx")
+                disk.write(where, bytes([disk.read(where, 1)[0] ^ 1]))
+                return
+            cursor += transfer.RECORD_HEADER.size + record["length"]
+        block += max(1, -(-message_bytes // DISK_BLOCK_SIZE))

@@ -4,15 +4,19 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from emu.events import Event
 from guests import catalog
 from hypervisors import boot, build, layouts, memory_state, transfer
 from hypervisors.boot import Booted
-from hypervisors.memory_map import PAGE_SIZE
+from emu.disk import DISK_BLOCK_SIZE, Disk, DiskCommand
+from hypervisors.memory_map import HYPERVISOR_BASE, PAGE_SIZE
 from tools import run as run_module
-from tools.faults import Fault
+from tools.faults import SUSPEND_INJECTIONS, Fault, corrupt_suspend_image
 
+MODES = {"precopy": transfer.Mode.PRECOPY, "stop-and-copy": transfer.Mode.STOP_AND_COPY,
+         "suspend": transfer.Mode.SUSPEND}
 DEFAULT_REQUEST_AT = 1_000_000          # instructions (all LPs) before the operator rings the doorbell
 RESTART_BUDGET = 400_000_000            # instructions a restart may take before the operator gives up
 RUN_STEP = 1_000_000                    # the operator looks at the restart this often
@@ -37,6 +41,7 @@ class RestartRecorder:
     to_hypervisor: str
     fault: Fault | None = None
     check_memory: bool = True           # hash guest memory at both ends of the blackout
+    mode: transfer.Mode = transfer.Mode.PRECOPY
     marks: list[PhaseMark] = field(default_factory=list)
     inverse_calls: int = 0
     bytes_sent: int = 0
@@ -54,6 +59,9 @@ class RestartRecorder:
     digest_agrees: bool | None = None   # the old hypervisor's chain equals this one at VERIFY
     records_by_type: dict[str, int] = field(default_factory=dict)
     own_seconds: float = 0.0            # host time the recorder itself spent (digests): not the machine's
+    disk_before: dict = field(default_factory=dict)   # the disk's counters at the request
+    instruction_base: int = 0           # instructions of the machines before a reset (suspend and resume)
+    reset: bool = False                 # the machine was reset to resume from the disk
 
     def clock(self) -> float:
         """Host time of the machine alone: the recorder's own work taken out."""
@@ -86,17 +94,26 @@ class RestartRecorder:
                                     self.booted.read_qword("service_region"), self.to_hypervisor)
         elif kind == "restart-phase":
             self._phase(transfer.Phase(event.data["phase"]), event.time)
+        elif kind == "disk" and event.data["command"] == DiskCommand.WRITE and event.data["status"] == 0 \
+                and self.phase in (transfer.Phase.INVARIANTS, transfer.Phase.BLACKOUT):
+            self.bytes_sent += event.data["count"] * DISK_BLOCK_SIZE    # a suspend's messages, in whole blocks
 
     def _phase(self, phase: transfer.Phase, virtual_time: int) -> None:
         self.phase = phase
         machine = self.booted.machine
         self.marks.append(PhaseMark(phase, virtual_time, self.clock(),
-                                    sum(lp.instructions for lp in machine.lps), self.inverse_calls, self.bytes_sent))
+                                    self.instruction_base + sum(lp.instructions for lp in machine.lps),
+                                    self.inverse_calls, self.bytes_sent))
         started = time.perf_counter()
         if phase == transfer.Phase.BLACKOUT:
             self.old_vps = self._vp_table()
             self.memory_before = guest_memory(self.booted) if self.check_memory else None
-            self.service_region = self.booted.read_qword("service_region")
+            self.service_region = HYPERVISOR_BASE if self.mode == transfer.Mode.SUSPEND \
+                else self.booted.read_qword("service_region")
+        elif phase == transfer.Phase.SUSPENDED:
+            self._read_suspend_image()
+        elif phase == transfer.Phase.ABORTED and self.reset:
+            self.finished = True                # a resume that refused the image: the machine stops
         elif phase == transfer.Phase.RESUMED:
             self.booted.hypervisor, self.booted.image_base = self.to_hypervisor, self.service_region
             self.memory_after = guest_memory(self.booted) if self.check_memory else None
@@ -105,6 +122,26 @@ class RestartRecorder:
         elif phase == transfer.Phase.IDLE and any(mark.phase == transfer.Phase.ABORTED for mark in self.marks):
             self.finished = True
         self.own_seconds += time.perf_counter() - started
+
+    def _read_suspend_image(self) -> None:
+        """The messages the old hypervisor wrote to the disk: counted, typed and chained in Python as
+        the inverse hypercalls' messages are, and the chain compared with the digest written last."""
+        for message in suspend_messages(self.booted.machine.io.disk)[:-1]:
+            self.python_digest = transfer.chain_digest(self.python_digest, message)
+            for record_type in record_types(message):
+                self.records_by_type[record_type] = self.records_by_type.get(record_type, 0) + 1
+        digest = suspend_messages(self.booted.machine.io.disk)[-1]
+        written = digest[transfer.TRANSFER_HEADER.size:transfer.TRANSFER_HEADER.size + transfer.STATE_DIGEST_BYTES]
+        self.digest_agrees = written == self.python_digest
+
+    def switch_machine(self, booted: Booted) -> None:
+        """The operator resumed on a reset machine: follow it from now on."""
+        self.instruction_base += sum(lp.instructions for lp in self.booted.machine.lps)
+        self.booted.machine.events.unsubscribe(self)
+        self.booted.machine, self.booted.hypervisor, self.booted.image_base = \
+            booted.machine, booted.hypervisor, booted.image_base
+        self.booted.machine.events.subscribe(self)
+        self.reset = True
 
     def _vp_table(self) -> dict[int, tuple[int, int, int]]:
         layout = build.hypervisor(self.booted.hypervisor).records.vp
@@ -175,6 +212,34 @@ def record_types(message: bytes) -> list[str]:
     return names
 
 
+def suspend_messages(disk) -> list[bytes]:
+    """The messages of the suspend image on `disk`, in order, the digest message last (empty without
+    an image)."""
+    header = transfer.SUSPEND_HEADER.unpack(
+        disk.read(transfer.SUSPEND_HEADER_BLOCK * DISK_BLOCK_SIZE, transfer.SUSPEND_HEADER.size))
+    if header["magic"] != transfer.SUSPEND_MAGIC:
+        return []
+    messages, block = [], header["state_block"]
+    for _ in range(header["messages"]):
+        header_bytes = disk.read(block * DISK_BLOCK_SIZE, transfer.TRANSFER_HEADER.size)
+        size = min(transfer.TRANSFER_HEADER.unpack(header_bytes)["bytes"], transfer.TRANSFER_AREA_SIZE)
+        messages.append(disk.read(block * DISK_BLOCK_SIZE, size))
+        block += max(1, -(-size // DISK_BLOCK_SIZE))
+    return messages
+
+
+def disk_counters(disk) -> dict:
+    return {"commands": disk.commands, "bytes_written": disk.bytes_written, "bytes_read": disk.bytes_read,
+            "busy_ticks": disk.busy_ticks}
+
+
+def suspend_request_words() -> list[int]:
+    """The doorbell message of a suspend: no image, the next hypervisor is the one booted after it."""
+    request = transfer.RESTART_REQUEST.pack(magic=transfer.REQUEST_MAGIC, version=transfer.PROTOCOL_VERSION,
+                                            mode=transfer.Mode.SUSPEND)
+    return [int.from_bytes(request[offset:offset + 4], "little") for offset in range(0, len(request), 4)]
+
+
 def heartbeat_gap(document: dict) -> int | None:
     """The largest gap the heartbeat guest saw, from its own output (None without a heartbeat)."""
     for guest in document["guests"]:
@@ -218,6 +283,9 @@ def request_words(image_code: bytes, symbols: dict[str, int], base: int, *, addr
 def stage(booted: Booted, to_hypervisor: str, fault: Fault | None = None,
           mode: transfer.Mode = transfer.Mode.PRECOPY) -> None:
     """The operator's part: the new image into the staging area, the request on the doorbell."""
+    if mode == transfer.Mode.SUSPEND:
+        booted.machine.ring_doorbell(suspend_request_words())
+        return
     image = build.image(to_hypervisor)
     code, symbols = bytearray(image.code), dict(image.symbols)
     malformed, digest = fault.stage(code, symbols, image.base) if fault else (False, None)
@@ -228,23 +296,42 @@ def stage(booted: Booted, to_hypervisor: str, fault: Fault | None = None,
 
 def request(booted: Booted, to_hypervisor: str, *, fault: Fault | None = None,
             mode: transfer.Mode = transfer.Mode.PRECOPY, budget: int = RESTART_BUDGET,
-            check_memory: bool = True) -> RestartRecorder:
+            check_memory: bool = True, before_resume: Callable[[Disk], None] | None = None) -> RestartRecorder:
     """The operator requests a restart into `to_hypervisor` and the machine runs until it is done or
-    aborted (or `budget` more instructions have run); the recorder has what happened."""
+    aborted (or `budget` more instructions have run); the recorder has what happened. A suspend's
+    machine powers off: the operator then resumes it under `to_hypervisor` (`before_resume` sees the
+    disk first: a test can damage it)."""
     build.hypervisor(to_hypervisor)
-    machine = booted.machine
-    recorder = RestartRecorder(booted, to_hypervisor, fault, check_memory)
-    machine.events.subscribe(recorder)
+    recorder = RestartRecorder(booted, to_hypervisor, fault, check_memory, mode)
+    recorder.disk_before = disk_counters(booted.machine.io.disk)
+    now = recorder.clock()     # exits before the request: their virtual time is known, their host time is taken as now
+    recorder.last_exit = {vmcs: (time, now) for vmcs, time in booted.machine.last_exits.items()}
+    booted.machine.events.subscribe(recorder)
     try:
         stage(booted, to_hypervisor, fault, mode)
-        limit = machine.retired + budget
-        while not recorder.settled and machine.retired < limit:
-            machine.run(max_instructions=min(limit, machine.retired + RUN_STEP))
+        left = budget
+        while not recorder.settled and left > 0:
+            machine = booted.machine
+            before = machine.retired
+            machine.run(max_instructions=before + min(left, RUN_STEP))
+            left -= machine.retired - before
             if machine.stop is not None and machine.stop.reason != "instruction-limit":
+                if suspended(booted, recorder):
+                    if before_resume is not None:
+                        before_resume(machine.io.disk)
+                    recorder.switch_machine(boot.resume(booted, to_hypervisor))   # the operator powers on
+                    continue
                 break                           # the machine stopped for good
     finally:
-        machine.events.unsubscribe(recorder)
+        booted.machine.events.unsubscribe(recorder)
     return recorder
+
+
+def suspended(booted: Booted, recorder: RestartRecorder) -> bool:
+    """The machine powered itself off at the end of a suspend (docs/protocol.md, Suspend and resume)."""
+    stop = booted.machine.stop
+    return (recorder.phase == transfer.Phase.SUSPENDED and not recorder.reset and stop.reason == "debug-exit"
+            and stop.exit_status == (transfer.SUSPEND_EXIT_CODE << 1) | 1)
 
 
 def summary(booted: Booted, recorder: RestartRecorder, from_hypervisor: str, fault: Fault | None,
@@ -257,7 +344,8 @@ def summary(booted: Booted, recorder: RestartRecorder, from_hypervisor: str, fau
     return {
         "from": from_hypervisor, "to": recorder.to_hypervisor, "mode": mode.name.lower().replace("_", "-"),
         "inject": f"{fault.step}:{fault.fault}" if fault else None,
-        "outcome": "committed" if status == transfer.Status.DONE else "aborted" if status else "unfinished",
+        "outcome": ("resumed" if mode == transfer.Mode.SUSPEND else "committed") if status == transfer.Status.DONE
+        else "aborted" if status else "unfinished",
         "reason": None if status in (None, transfer.Status.DONE) else status.name.lower(),
         "detail": booted.read_qword("restart_detail") if status not in (None, transfer.Status.DONE) else None,
         "phases": recorder.phases(),
@@ -270,6 +358,8 @@ def summary(booted: Booted, recorder: RestartRecorder, from_hypervisor: str, fau
         "guest_pages_in_place": (before[1] == after[1]) if before and after else None,
         "digest_agrees_with_python": recorder.digest_agrees,
         "records_sent": dict(sorted(recorder.records_by_type.items())),
+        "disk": {name: value - recorder.disk_before.get(name, 0)
+                 for name, value in disk_counters(booted.machine.io.disk).items()},
     }
 
 
@@ -280,10 +370,18 @@ def restart(from_hypervisor: str, to_hypervisor: str, guest_specs: list[str], *,
     """Boots `from_hypervisor`, and at each instruction count of `request_at` requests a restart (into
     `to_hypervisor`, then back, alternating); runs to the end and reports (docs/protocol.md)."""
     build.hypervisor(from_hypervisor), build.hypervisor(to_hypervisor)
-    fault = Fault.parse(inject or "none")
-    copy_mode = {"precopy": transfer.Mode.PRECOPY, "stop-and-copy": transfer.Mode.STOP_AND_COPY}.get(mode)
+    copy_mode = MODES.get(mode)
     if copy_mode is None:
-        raise ValueError(f"bad --mode {mode!r}: precopy or stop-and-copy")
+        raise ValueError(f"bad --mode {mode!r}: {', '.join(MODES)}")
+    damage = None
+    if copy_mode == transfer.Mode.SUSPEND:
+        if inject not in (None, "none", *SUSPEND_INJECTIONS):
+            raise ValueError(f"bad --inject {inject!r} for a suspend: {', '.join(SUSPEND_INJECTIONS)} (the other "
+                             "faults strike a hot restart's inverse hypercalls, which a suspend has not)")
+        damage = corrupt_suspend_image if inject in SUSPEND_INJECTIONS else None
+        fault = None
+    else:
+        fault = Fault.parse(inject or "none")
     points = sorted([request_at] if isinstance(request_at, int) else request_at)
     guests = [catalog.parse(spec) for spec in guest_specs]
     booted = boot.boot(guests, hypervisor=from_hypervisor, lps=lps, ram_size=ram_size)
@@ -296,9 +394,10 @@ def restart(from_hypervisor: str, to_hypervisor: str, guest_specs: list[str], *,
         source = booted.hypervisor
         back = source == to_hypervisor and to_hypervisor != from_hypervisor     # alternate: there and back
         target = from_hypervisor if back else to_hypervisor
-        recorder = request(booted, target, fault=fault if number == 0 else None, mode=copy_mode)
+        recorder = request(booted, target, fault=fault if number == 0 else None, mode=copy_mode,
+                           before_resume=damage if number == 0 else None)
         summaries.append(summary(booted, recorder, source, fault if number == 0 else None, copy_mode)
-                         | {"request_at": point})
+                         | {"request_at": point} | ({"inject": inject} if damage and number == 0 else {}))
     result = booted.machine.run(max_instructions=max_instructions)
     document = run_module.document(booted, result, lps)
     for entry in summaries:
@@ -315,7 +414,8 @@ def text(document: dict) -> str:
         outcome = restart_info["outcome"]
         if restart_info["reason"]:
             outcome += f": {restart_info['reason']} (detail {restart_info['detail']})"
-        lines.append(f"hot restart {restart_info['from']} -> {restart_info['to']} at instruction "
+        kind = "suspend and resume" if restart_info["mode"] == "suspend" else "hot restart"
+        lines.append(f"{kind} {restart_info['from']} -> {restart_info['to']} at instruction "
                      f"{restart_info['request_at']} ({restart_info['mode']}): {outcome}")
         if restart_info["phases"]:
             lines.append(f"  {'phase':<12} {'virtual ticks':>14} {'host ms':>9} {'instructions':>13} "

@@ -1,0 +1,509 @@
+"""`hhr trace`: boots and hot-restarts as `hhr restart` does, records the window and writes it in the chosen format with a summary."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from unicorn import x86_const as x86
+
+from emu.machine import INSTRUCTION_LIMIT
+from guests import catalog
+from hypervisors import boot, build, transfer
+from hypervisors.memory_map import GUEST_LOAD_ADDRESS
+from tools import restart as restart_module
+from tools import run as run_module
+from tools.faults import Fault
+from tools.trace import annotate
+from tools.trace.contexts import GUEST, NEW, Classifier, HypervisorAt
+from tools.trace.filters import Filters
+from tools.trace.jsonl import SCHEMA_VERSION, JsonLinesWriter
+from tools.trace.recorder import Recorder
+from tools.trace.registers import REGISTER_NAMES
+from tools.trace.summary import Summary
+from tools.trace.symbols import Placement, Symbolizer, builtin_guest_image
+from tools.trace.tenet import TenetWriter
+from tools.trace.text import TextWriter
+from tools.trace.window import FIRST_NEW_GUEST_INSTRUCTION, Window
+
+FORMATS = ("text", "jsonl", "tenet", "chrome")
+TRACE_STEP = 200_000                    # instructions between the driver's looks at the window
+PROGRESS_EVERY = 250_000                # instructions traced between two progress lines
+OUTPUT_BUFFER = 1 << 20
+DEVIRTUALIZE = transfer.Phase.DEVIRTUALIZE.name.lower()
+RESUMED = transfer.Phase.RESUMED.name.lower()
+
+
+@dataclass
+class TraceOptions:
+    """The arguments of `hhr restart` and the trace's own."""
+
+    from_hypervisor: str = "hv1"
+    to_hypervisor: str = "hv2"
+    guests: list[str] = field(default_factory=lambda: ["storm,vps=2", "heartbeat", "hashchain", "timer"])
+    lps: int = 2
+    ram_size: int | None = None
+    request_at: list[int] = field(default_factory=lambda: [restart_module.DEFAULT_REQUEST_AT])
+    max_instructions: int = run_module.DEFAULT_INSTRUCTION_LIMIT
+    inject: str | None = None
+    mode: str = "precopy"
+    format: str = "text"
+    output: str | None = None           # a file (a directory for tenet); None: standard output
+    window: Window = field(default_factory=Window)
+    filters: Filters = field(default_factory=Filters)
+    to_end: bool = False                # after the window, run on to the end as `hhr restart` does
+    progress: IO[str] | None = None
+
+
+@dataclass
+class TraceResult:
+    summary: Summary
+    recorded: int                       # instructions the recorder saw in the window (before filters)
+    host_seconds: float                 # from the window's start to its end
+    outputs: list[Path]
+    document: dict | None = None        # `hhr restart --json`'s document, with to_end
+
+
+class TraceSession:
+    """Follows the machine's events, opens and closes the window, arms the recorder, and hands each
+    instruction and event, named and filtered, to the writer and the summary."""
+
+    def __init__(self, booted: boot.Booted, options: TraceOptions):
+        self.booted = booted
+        self.machine = booted.machine
+        self.options = options
+        self.window = options.window
+        self.filters = options.filters
+        self.instructions_wanted = not options.filters.events_only and options.format != "chrome"
+        self.recorder = Recorder(self.machine, self._on_instruction) if self.instructions_wanted else None
+        self.summary = Summary()
+        self.target = options.to_hypervisor
+        self.phase = annotate.phase_name(self.machine.io.restart_phase)
+        self.classifier: Classifier | None = None
+        self.symbolizer: Symbolizer | None = None
+        self.disassembler = annotate.Disassembler()
+        self.writer = None
+        self.outputs: list[Path] = []
+        self.recorded = 0
+        self.armed = False
+        self.arm_at: int | None = None      # arm when the machine has retired this many (found by a first pass)
+        self.finished = False
+        self._saved_fast_transitions = self.machine.fast_transitions
+        self._started: float | None = None
+        self._ended: float | None = None
+        self._stream: IO[str] | None = None
+        self.headers: list[Placement] = []
+        # The default window ends on each LP at its own first guest instruction under the new
+        # hypervisor (or its first HLT in the new hypervisor's root once it has resumed, for an LP
+        # with no guest to run); the trace ends when every LP is done.
+        self.done_lps: set[int] = set()
+        self.new_root_lps: set[int] = set()
+        self._unfiltered = options.filters == Filters()
+        self._disassemble = options.format != "tenet"
+        self.per_lp_end = not self.window.by_time and self.window.end_event == FIRST_NEW_GUEST_INSTRUCTION
+
+    # --- arming -----------------------------------------------------------------------------------------
+    def arm(self) -> None:
+        """Between runs: the recorder's hooks go in (if instructions are wanted) and the C transition
+        loop is turned off, so that every VM transition is published where it happens."""
+        if self.armed:
+            return
+        self.armed = True
+        self.machine.fast_transitions = False
+        if self.recorder is not None:
+            self.recorder.install()
+            if self.window.by_time:
+                self.recorder.admit_time = self.window.admits_time
+                self.recorder.recording = True
+
+    def disarm(self) -> None:
+        """Between runs: hooks out, the machine as it was."""
+        if not self.armed:
+            return
+        if self.recorder is not None:
+            self.recorder.remove()
+        self.machine.fast_transitions = self._saved_fast_transitions
+        self.armed = False
+
+    def _describe(self) -> None:
+        """The hypervisors where they run now: the running one, and the target in its service region."""
+        booted, ram = self.booted, self.machine.ram
+        old_name, new_name = booted.hypervisor, self.target
+        old = HypervisorAt(old_name, Placement(old_name, build.image(old_name), booted.image_base))
+        service_region = old.qword(ram, "service_region")
+        new_label = new_name if new_name != old_name else f"{new_name}-new"
+        new = HypervisorAt(new_name, Placement(new_label, build.image(new_name), service_region))
+        self.classifier = Classifier(ram, old, new)
+        guests = {}
+        for number, guest in enumerate(booted.guests):
+            image = builtin_guest_image(guest.name)
+            if image is not None:
+                guests[number] = Placement(guest.name, image, GUEST_LOAD_ADDRESS)
+        self.symbolizer = Symbolizer([old.placement, new.placement], guests)
+        if not self.headers:
+            self.headers = [old.placement, new.placement]
+
+    # --- the window ------------------------------------------------------------------------------------
+    def _open(self) -> None:
+        self._started = time.perf_counter()
+        if self.writer is None:
+            self.writer = self._make_writer()
+        if self.recorder is not None and not self.window.by_time:
+            self.recorder.recording = True
+
+    def _close(self) -> None:
+        """The window is over: nothing more is recorded, and the run pauses at the block's end."""
+        self.window.closed = True
+        self._ended = time.perf_counter()
+        if self.recorder is not None:
+            self.recorder.recording = False
+        self.machine.request_stop(INSTRUCTION_LIMIT)
+
+    def on_machine_event(self, event) -> None:
+        kind = event.kind
+        if kind == "doorbell":
+            self._describe()
+            if not self.window.by_time and self.window.start_event == "doorbell":
+                self.arm()
+        if self.recorder is not None and self.recorder.recording:
+            self.recorder.finish()
+        if kind == "restart-phase":
+            self.phase = annotate.phase_name(event.data["phase"])
+            if self.classifier is not None:
+                self.classifier.forget_unknown()
+        if self.window.closed:
+            return
+        if self.window.by_time:
+            inside = self.armed and self.window.admits_time(event.time)
+            if inside and self.writer is None:
+                self._open()
+        else:
+            was_open = self.window.opened
+            line = annotate.event(event, self.phase, self._vmcs_name, self._vmcall_number)
+            inside = self.window.on_event(kind, line.data)
+            if inside and not was_open:
+                self._open()
+        if not inside or event.lp in self.done_lps:
+            return
+        if self.window.by_time:
+            line = annotate.event(event, self.phase, self._vmcs_name, self._vmcall_number)
+        if self.filters.event(event.lp, self.phase, event.time):
+            self.writer.event(line)
+            self.summary.event(line)
+        if self.window.closed:
+            self._close()
+        elif self.per_lp_end:
+            self._follow_lp_end(event)
+
+    def _follow_lp_end(self, event) -> None:
+        kind, lp = event.kind, event.lp
+        if kind == "vmxon" and self.phase in (DEVIRTUALIZE, RESUMED):
+            self.new_root_lps.add(lp)
+        elif kind == "hlt" and lp in self.new_root_lps and self.phase == RESUMED:
+            self._lp_done(lp)
+        elif kind == "vm-entry" and not self.instructions_wanted:
+            info = self.classifier.guest(event.data["vmcs"])
+            if info.kind == GUEST and info.hypervisor == NEW:
+                self._lp_done(lp)   # without instructions, an LP's window ends at the entry that runs its guest
+
+    def _lp_done(self, lp: int) -> None:
+        self.done_lps.add(lp)
+        if len(self.done_lps) == len(self.machine.lps):
+            self._close()
+
+    def _vmcs_name(self, vmcs: int) -> str:
+        return self.classifier.guest(vmcs).name if self.classifier is not None else f"vmcs@{vmcs:#x}"
+
+    def _vmcall_number(self, vmcs: int) -> int | None:
+        active = self.machine.active_vmcs.get(vmcs)
+        if active is None or active.context is None:
+            return None
+        return active.context.reg(x86.UC_X86_REG_RAX)
+
+    def _on_instruction(self, record) -> None:
+        if self.window.closed or record.lp in self.done_lps:
+            return
+        if self.writer is None:
+            self._open()
+        self.recorded += 1
+        if self.classifier is None:
+            self._describe()
+        if record.vmcs is None:
+            info = self.classifier.root(record.lp, record.address)
+            partition = None
+        else:
+            info = self.classifier.guest(record.vmcs)
+            partition = info.partition if info.kind == GUEST else None
+        symbol = self.symbolizer.symbolize(record.address, partition)
+        if self._unfiltered or self.filters.instruction(record.lp, info.name, self.phase, record.time, symbol):
+            text = self.disassembler.text(record.address, record.code) if self._disassemble else ""
+            line = annotate.instruction(record, info, self.phase, symbol, text)
+            self.writer.instruction(line)
+            self.summary.instruction(line)
+        if self.options.progress is not None and self.recorded % PROGRESS_EVERY == 0:
+            rate = self.recorded / max(time.perf_counter() - self._started, 1e-9)
+            self.options.progress.write(f"hhr trace: {self.recorded} instructions, virtual time {record.time}, "
+                                        f"{rate:,.0f} instructions/s\n")
+            self.options.progress.flush()
+        if self.per_lp_end and info.kind == GUEST and info.hypervisor == NEW:
+            self._lp_done(record.lp)
+
+    # --- output ----------------------------------------------------------------------------------------
+    def header(self) -> dict:
+        machine, options = self.machine, self.options
+        roles = ("old", "new")
+        return {
+            "version": SCHEMA_VERSION,
+            "machine": {"lps": len(machine.lps), "ram": machine.ram.size, "quantum": machine.quantum},
+            "restart": {"from": options.from_hypervisor, "to": options.to_hypervisor, "mode": options.mode,
+                        "request_at": options.request_at[0], "inject": options.inject},
+            "guests": [{"partition": number, "name": guest.name, "vps": guest.vp_count}
+                       for number, guest in enumerate(self.booted.guests)],
+            "window": self.window.describe(),
+            "filters": self.filters.describe(),
+            "images": [{"role": role, **placement.as_header()} for role, placement in zip(roles, self.headers)],
+            "registers": list(REGISTER_NAMES),
+        }
+
+    def _make_writer(self):
+        if self.classifier is None:
+            self._describe()
+        options = self.options
+        header = self.header()
+        if options.format == "tenet":
+            if options.output is None:
+                raise ValueError("--format tenet writes a directory of files: give it with --output")
+            return TenetWriter(options.output, header)
+        if options.output is None:
+            stream = sys.stdout
+        else:
+            stream = open(options.output, "w", encoding="utf-8", buffering=OUTPUT_BUFFER, newline="\n")
+            self._stream = stream
+            self.outputs.append(Path(options.output))
+        if options.format == "text":
+            return TextWriter(stream, header)
+        if options.format == "jsonl":
+            return JsonLinesWriter(stream, header)
+        return _ChromeAdapter(stream, self)
+
+    def finish(self) -> None:
+        """Closes the writer with the summary (an empty window still gets its header and summary)."""
+        if self.finished:
+            return
+        self.finished = True
+        if self._ended is None:
+            self._ended = time.perf_counter()
+        if self.writer is None:
+            self.writer = self._make_writer()
+        self.writer.close(self.summary.lines(), self.summary.as_dict())
+        if isinstance(self.writer, TenetWriter):
+            self.outputs += self.writer.paths
+        if self._stream is not None:
+            self._stream.close()
+        elif self.options.format != "tenet":
+            sys.stdout.flush()
+
+    @property
+    def host_seconds(self) -> float:
+        if self._started is None:
+            return 0.0
+        return (self._ended or time.perf_counter()) - self._started
+
+
+class _ChromeAdapter:
+    """The Chrome Trace Event writer of tools/trace_chrome.py behind the writers' interface."""
+
+    def __init__(self, stream: IO[str], session: TraceSession):
+        from tools import trace_chrome
+
+        booted = session.booted
+        self.chrome = trace_chrome.ChromeTraceWriter(
+            stream, lps=len(booted.machine.lps), metadata={"hhr_trace": session.header()},
+            hypervisors=[session.options.from_hypervisor, session.options.to_hypervisor],
+            describe_vmcs=trace_chrome.booted_vmcs_describer(booted))
+
+    def instruction(self, _line) -> None:
+        pass
+
+    def event(self, line) -> None:
+        self.chrome.on_event(line.source)
+
+    def close(self, _summary, _figures) -> None:
+        self.chrome.close()
+
+
+class _StartFinder:
+    """The first, untraced pass: where (in instructions retired, machine-wide) the window begins, so
+    that the traced pass can put its hooks in just before, between runs, instead of from the
+    doorbell on. An event inside a run is seen with the count of when that run began (the C loop
+    runs many), hence the margin."""
+
+    MARGIN = 4 * TRACE_STEP
+
+    def __init__(self, machine, window: Window):
+        self.machine = machine
+        self.window = Window(**{name: getattr(window, name) for name in
+                                ("start_event", "end_event", "start_time", "end_time")})
+        self.position: int | None = None
+        self.phase = annotate.phase_name(machine.io.restart_phase)
+        self.window.closed = False
+        self.last_before: int = 0           # a time window: the count before the last step that did not reach it
+
+    def on_machine_event(self, event) -> None:
+        if self.position is not None or self.window.by_time:
+            return
+        line = annotate.event(event, self.phase, lambda vmcs: None, lambda vmcs: None)
+        if self.window.on_event(event.kind, line.data):
+            self.position = max(self.machine.retired - self.MARGIN, 0)
+            self.machine.request_stop(INSTRUCTION_LIMIT)
+
+    def before_step(self) -> None:
+        if self.window.by_time and self.position is None:
+            if max(lp.now for lp in self.machine.lps) >= self.window.start_time:
+                self.position = self.last_before
+                self.machine.request_stop(INSTRUCTION_LIMIT)
+            else:
+                self.last_before = self.machine.retired
+
+    @property
+    def found(self) -> bool:
+        return self.position is not None
+
+
+def _advance(machine, limit: int, session: TraceSession | None = None) -> None:
+    """Runs the machine to `limit` instructions (or a final stop). The traced pass arms the session
+    at its position and disarms it when the window has closed, both between runs."""
+    while True:
+        if session is not None and session.arm_at is not None and not session.armed and not session.window.closed:
+            if machine.retired >= session.arm_at:
+                session.arm()
+            else:
+                machine.run(max_instructions=min(limit, session.arm_at))
+                if _final_stop(machine) or machine.retired >= limit:
+                    return
+                continue
+        machine.run(max_instructions=limit)
+        if session is not None and session.window.closed and session.armed:
+            session.disarm()
+        stop = machine.stop
+        if stop is None or stop.reason != INSTRUCTION_LIMIT or machine.retired >= limit:
+            return
+
+
+def _final_stop(machine) -> bool:
+    return machine.stop is not None and machine.stop.reason != INSTRUCTION_LIMIT
+
+
+def _drive(options: TraceOptions, session: TraceSession | None, finder: _StartFinder | None,
+           booted: boot.Booted) -> list[dict]:
+    """Runs the restarts of `options` on `booted`: with the trace (session), or only to find where its
+    window begins (finder, which stops the drive there). Returns the restarts' summaries."""
+    machine = booted.machine
+    window = session.window if session is not None else finder.window
+    fault = Fault.parse(options.inject or "none")
+    copy_mode = {"precopy": transfer.Mode.PRECOPY, "stop-and-copy": transfer.Mode.STOP_AND_COPY}[options.mode]
+
+    def done() -> bool:
+        if finder is not None:
+            return finder.found
+        return window.closed and not options.to_end
+
+    def step(limit: int) -> None:
+        if finder is not None:
+            finder.before_step()
+            if finder.found:
+                return
+        _advance(machine, limit, session)
+
+    summaries = []
+    for number, point in enumerate(sorted(options.request_at)):
+        while machine.retired < point and not _final_stop(machine) and not done():
+            step(min(point, machine.retired + TRACE_STEP) if window.by_time else point)
+        if _final_stop(machine):
+            raise ValueError(f"the guests ended before instruction {point}: request the restart earlier (--at)")
+        if done():
+            break
+        source = booted.hypervisor
+        back = source == options.to_hypervisor and options.to_hypervisor != options.from_hypervisor
+        target = options.from_hypervisor if back else options.to_hypervisor
+        if session is not None:
+            session.target = target
+        strike = fault if number == 0 else None
+        recorder = restart_module.RestartRecorder(booted, target, strike, check_memory=False)
+        machine.events.subscribe(recorder)
+        try:
+            restart_module.stage(booted, target, strike, copy_mode)
+            limit = machine.retired + restart_module.RESTART_BUDGET
+            while not recorder.settled and machine.retired < limit and not _final_stop(machine) and not done():
+                step(min(limit, machine.retired + TRACE_STEP))
+        finally:
+            machine.events.unsubscribe(recorder)
+        if session is not None and not window.by_time and window.opened and not window.closed:
+            session._close()            # the restart ended without the window's end: so does the trace
+            session.disarm()
+        summaries.append(restart_module.summary(booted, recorder, source, strike, copy_mode)
+                         | {"request_at": point})
+    if window.by_time:
+        while not done() and not _final_stop(machine) and machine.retired < options.max_instructions:
+            if session is not None and min(lp.now for lp in machine.lps) >= window.end_time:
+                session._close()
+                break
+            step(min(options.max_instructions, machine.retired + TRACE_STEP))
+    return summaries
+
+
+def _boot(options: TraceOptions) -> boot.Booted:
+    guests = [catalog.parse(spec) for spec in options.guests]
+    return boot.boot(guests, hypervisor=options.from_hypervisor, lps=options.lps, ram_size=options.ram_size)
+
+
+def trace(options: TraceOptions) -> TraceResult:
+    """Boots, runs to the request, restarts with the trace on, and writes it (docs/tracing.md). A
+    window that does not begin at the doorbell is found first by an untraced pass of the same run
+    (the machine is deterministic), so the hooks go in only just before it."""
+    if options.format not in FORMATS:
+        raise ValueError(f"bad --format {options.format!r}: one of {', '.join(FORMATS)}")
+    if options.mode not in ("precopy", "stop-and-copy"):
+        raise ValueError(f"bad --mode {options.mode!r}: precopy or stop-and-copy")
+    if options.format == "tenet" and options.output is None:
+        raise ValueError("--format tenet writes a directory of files: give it with --output")
+    if options.output is not None:
+        target = Path(options.output)
+        folder = target if options.format == "tenet" else target.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir() or (target.exists() and target.is_dir() != (options.format == "tenet")):
+            raise ValueError(f"cannot write the trace to {options.output!r}"
+                             + (": it must be a directory" if options.format == "tenet" else ""))
+    build.hypervisor(options.from_hypervisor), build.hypervisor(options.to_hypervisor)
+    Fault.parse(options.inject or "none")
+    window = options.window
+    arm_at = None
+    if window.by_time or window.start_event != "doorbell":
+        booted = _boot(options)
+        finder = _StartFinder(booted.machine, window)
+        booted.machine.events.subscribe(finder.on_machine_event)
+        _drive(options, None, finder, booted)
+        arm_at = finder.position if finder.found else None
+    started = time.perf_counter()
+    booted = _boot(options)
+    machine = booted.machine
+    session = TraceSession(booted, options)
+    session.arm_at = arm_at
+    machine.events.subscribe(session.on_machine_event)
+    try:
+        summaries = _drive(options, session, None, booted)
+        session.disarm()
+        session.finish()
+        document = None
+        if options.to_end:
+            result = machine.run(max_instructions=options.max_instructions)
+            document = run_module.document(booted, result, options.lps)
+            document["restarts"] = summaries
+            document["host_seconds"] = time.perf_counter() - started
+    finally:
+        machine.events.unsubscribe(session.on_machine_event)
+        session.disarm()
+    return TraceResult(session.summary, session.recorded, session.host_seconds, session.outputs, document)
