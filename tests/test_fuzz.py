@@ -272,7 +272,10 @@ def test_every_saved_finding_is_fixed(path, machine):
     result, kind, _ = campaign.replay(path, None, machine)
     assert kind == document["kind"]
     assert result.finding is None, result.finding
-    assert result.outcome == "aborted"
+    # Aborted where the edit still strikes what it struck; a build whose restart sends other records
+    # (other timing, another layout) may leave the edited record overwritten by a later one, and then
+    # a commit is right: the replay ran the guests to their end and found them as in the reference.
+    assert result.outcome in ("aborted", "committed")
 
 
 # --- a campaign --------------------------------------------------------------------------------------------------
