@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from asm import Image, assemble_file, merge_constants
-from emu import devices, disk, vmcs_fields, vmx_defs
+from emu import devices, disk, vmcs_fields, vmentry_checks, vmx_defs
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES
 from hypervisors import guest_abi, invariants, layouts, memory_map, transfer
 
@@ -52,7 +52,8 @@ _ENUM_PREFIXES = {
     vmx_defs.EntryControls: "ENTRY_CTL", vmx_defs.ExitReason: "EXIT_REASON", vmx_defs.Cr0: "CR0",
     vmx_defs.Cr4: "CR4", vmx_defs.Efer: "EFER", vmx_defs.ExceptionVector: "VECTOR",
     vmx_defs.InterruptionType: "INTR_TYPE", vmx_defs.MemoryType: "MEMORY_TYPE", vmx_defs.Rflags: "RFLAGS",
-    vmx_defs.InveptType: "INVEPT_TYPE", disk.DiskCommand: "DISK_COMMAND", disk.DiskStatus: "DISK_STATUS",
+    vmx_defs.InveptType: "INVEPT_TYPE", vmx_defs.ActivityState: "ACTIVITY",
+    vmx_defs.Interruptibility: "INTERRUPTIBILITY", disk.DiskCommand: "DISK_COMMAND", disk.DiskStatus: "DISK_STATUS",
 }
 _DEVICE_PORTS = ("COM1_BASE", "DEBUG_EXIT_PORT", "CLOCK_LOW_PORT", "CLOCK_HIGH_PORT", "LP_ID_PORT",
                  "LP_COUNT_PORT", "CONSOLE_CHANNEL_PORT", "RESTART_PHASE_PORT", "DOORBELL_STATUS_PORT",
@@ -67,6 +68,22 @@ def _enum_constants() -> dict[str, int]:
         for member in enumeration:
             constants[f"{prefix}_{member.name}"] = int(member)
     return constants
+
+
+def _guest_state_check_constants() -> dict[str, int]:
+    """What the receiver's checks of a VP's guest state need of the machine (service.inc,
+    guest_state.inc): the facts of emu/vmx_caps.py and the reserved bits of emu/vmentry_checks.py.
+    CR0 and CR4 fixed bits are not here: the hypervisor reads them with RDMSR."""
+    caps = MACHINE_VMX_CAPABILITIES
+    return {
+        "GUEST_LINEAR_ADDRESS_WIDTH": caps.linear_address_width,
+        "GUEST_MAXPHYADDR": caps.maxphyaddr,
+        "GUEST_EFER_SUPPORTED": caps.efer_supported,
+        "GUEST_ACTIVITY_STATES": sum(1 << int(state) for state in caps.activity_states),
+        "GUEST_CR0_UNCHECKED": vmentry_checks.GUEST_CR0_UNCHECKED,
+        "GUEST_INTERRUPTIBILITY_RESERVED": vmentry_checks.INTERRUPTIBILITY_RESERVED_BITS,
+        "GUEST_PENDING_DBG_RESERVED": vmentry_checks.PENDING_DBG_RESERVED_BITS | vmx_defs.PENDING_DBG_RTM,
+    }
 
 
 def hypervisor(name: str) -> Hypervisor:
@@ -99,6 +116,7 @@ def constants(name: str = "hv1") -> dict[str, int]:
         transfer.constants(),
         spec.records.constants(),
         {"QUANTUM": spec.quantum, "HV_VERSION": spec.version},
+        _guest_state_check_constants(),
         {"VMCS_REVISION": caps.vmcs_revision_id,
          "PIN_MUST_BE_ONE": caps.pin_based.must_be_one, "PROC_MUST_BE_ONE": caps.primary_processor.must_be_one,
          "PROC2_MUST_BE_ONE": caps.secondary_processor.must_be_one, "EXIT_MUST_BE_ONE": caps.exit.must_be_one,

@@ -242,6 +242,8 @@ VMCS_TRANSFER_FIELDS = tuple(
     + [vmcs_fields.BY_NAME[name].encoding
        for name in ("VM_ENTRY_INTR_INFO_FIELD", "VM_ENTRY_EXCEPTION_ERROR_CODE", "VM_ENTRY_INSTRUCTION_LEN")])
 
+VMCS_IMAGE_SLOT_BYTES = 8                      # a VMCS image holds each carried field in a qword
+
 LAYOUTS = (RESTART_REQUEST, TRANSFER_HEADER, RECORD_HEADER, *RECORD_LAYOUTS.values(), VMCS_FIELD, DIGEST_MESSAGE,
            SUSPEND_HEADER)
 
@@ -257,8 +259,16 @@ def constants() -> dict[str, int]:
     values.update({name: value for name, value in globals().items()
                    if name.isupper() and isinstance(value, int) and name != "MIB"})
     values["VMCS_TRANSFER_FIELD_COUNT"] = len(VMCS_TRANSFER_FIELDS)
+    values.update(vmcs_image_offsets())
     values["CPUID_INVARIANT_COUNT"] = len(cpuid_invariants())
     return values
+
+
+def vmcs_image_offsets() -> dict[str, int]:
+    """VMCS_IMAGE_<FIELD>: where a field's value lies in a VP's VMCS image (a qword per field, in the
+    order of VMCS_TRANSFER_FIELDS), for the receiver's checks of the guest state."""
+    return {f"VMCS_IMAGE_{vmcs_fields.lookup(encoding)[0].name}": index * VMCS_IMAGE_SLOT_BYTES
+            for index, encoding in enumerate(VMCS_TRANSFER_FIELDS)}
 
 
 _MASK64 = (1 << 64) - 1

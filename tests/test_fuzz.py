@@ -40,6 +40,8 @@ def broken(machine: executor.TransferMachine, point: str, address: int, patch: b
     saved = checkpoints.points[point]
     checkpoints.restore(point)
     machine.machine.ram.write(address, patch)
+    for context in machine.machine.contexts:     # code translated before the patch would run on
+        context.flush_code()
     checkpoints.mark(point)
     try:
         yield
