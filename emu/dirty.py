@@ -6,7 +6,8 @@ on, every write to RAM marks its 4 KiB page: writes by emulated code through the
 filled again, as a write), writes by the machine's Python (emu/memory.py). Nothing is hooked per
 instruction. Pages code is fetched from are marked too, per context: a restore keeps the
 translated code of every context that ran none of the pages whose bytes it changes, which is most
-of a restore's saving.
+of a restore's saving. Byte ranges the owner knows hold data only (`Checkpoints.trust_data_ranges`)
+do not count as a change to a page's code; a page Python wrote outside them always does.
 """
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ class DirtyPages:
         self.code: dict[int, Any] = {}
         self._found = fast.ffi.new("uint32_t[]", self.count)
         self.running = False
+        # Pages Python wrote (not emulated code: Unicorn sees those and retranslates what they change)
+        # outside the ranges trusted to hold data only, since the last restore: translated code from
+        # them may be stale whatever they hold at the restore.
+        self.python_written: set[int] = set()
+        self.data_only: list[tuple[int, int]] = []
 
     def start(self) -> None:
         self.machine.ram.dirty = self
@@ -58,8 +64,11 @@ class DirtyPages:
         self.running = False
 
     def mark(self, address: int, length: int) -> None:
-        for page in range(address >> PAGE_SHIFT, ((address + max(length, 1) - 1) >> PAGE_SHIFT) + 1):
+        pages = range(address >> PAGE_SHIFT, ((address + max(length, 1) - 1) >> PAGE_SHIFT) + 1)
+        for page in pages:
             self.marks[page] = 1
+        if not any(start <= address and address + length <= stop for start, stop in self.data_only):
+            self.python_written.update(pages)
 
     def collect(self, rearm: bool = True) -> list[int]:
         """The pages written since the last collect (their marks cleared). Translations are dropped so
@@ -86,6 +95,38 @@ class Checkpoints:
         self.current_pages: set[int] = set()  # pages where RAM differs from the base at the current point
         self.pages_restored = 0               # statistics: pages written back by all restores
         self.code_flushes = 0                 # restores that dropped translated code
+        # Host-physical byte ranges the owner knows no code was ever translated from (data beside code
+        # in one page): a page whose bytes differ only there keeps its translated code. The owner
+        # empties it (`trust_data_ranges(())`) as soon as it sees code run there.
+        self._code_spans: dict[int, list[tuple[int, int]]] = {}
+
+    def trust_data_ranges(self, ranges) -> None:
+        """Sets the data-only ranges (host-physical [start, stop)); () trusts none."""
+        spans: dict[int, list[tuple[int, int]]] = {}
+        for start, stop in ranges:
+            for page in range(start >> PAGE_SHIFT, ((stop - 1) >> PAGE_SHIFT) + 1):
+                spans.setdefault(page, [])
+        for page in spans:                    # the page's bytes outside every range: where code may be
+            base, cursor, code = page << PAGE_SHIFT, 0, []
+            for start, stop in sorted(ranges):
+                low, high = max(start - base, 0), min(stop - base, PAGE_SIZE)
+                if low >= high:
+                    continue
+                if low > cursor:
+                    code.append((cursor, low))
+                cursor = max(cursor, high)
+            if cursor < PAGE_SIZE:
+                code.append((cursor, PAGE_SIZE))
+            spans[page] = code
+        self._code_spans = spans
+        self.pages.data_only = sorted(ranges)
+
+    def _same_code(self, page: int, now, content) -> bool:
+        """The page's bytes that code may have been translated from are the same in both."""
+        spans = self._code_spans.get(page)
+        if spans is None:
+            return now == content
+        return all(now[low:high] == content[low:high] for low, high in spans)
 
     def mark(self, name: str) -> None:
         """The machine's state now, between runs, as point `name`."""
@@ -104,6 +145,8 @@ class Checkpoints:
     def restore(self, name: str) -> None:
         state, delta = self.points[name]
         pages = set(self.pages.collect(rearm=False))
+        python_written = self.pages.python_written
+        pages |= python_written
         if name != self.current:
             pages |= self.current_pages | delta.keys()
         view, base, code = self.machine.ram.view(), self.base.ram, self.pages.code
@@ -115,13 +158,18 @@ class Checkpoints:
                 content = base[address:address + PAGE_SIZE]
             ran = [python_id for python_id, marks in code.items() if marks[page]]
             if ran:
-                if view[address:address + PAGE_SIZE] == content:
+                now = view[address:address + PAGE_SIZE]
+                if page in python_written:
+                    stale.update(ran)         # code may have been translated from bytes Python overwrote
+                elif now == content:
                     continue                  # written since, but with what it held: its code stands
-                stale.update(ran)
+                elif not self._same_code(page, now, content):
+                    stale.update(ran)         # (only data beside the code changed: it stands)
             view[address:address + PAGE_SIZE] = content
         # Drops every translation (TLB), and the translated code of the contexts that ran a page written back.
         snapshot_module.restore(self.machine, state, with_ram=False, flush_code=frozenset(stale))
         self.pages.collect(rearm=False)
+        python_written.clear()
         self.code_flushes += bool(stale)
         self.current, self.current_pages = name, set(delta)
         self.pages_restored += len(pages)

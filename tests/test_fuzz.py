@@ -106,6 +106,49 @@ def test_restore_by_dirty_pages_gives_the_machine_a_full_restore_gives():
     assert machine.ram.dirty is None and all(c.fast.ctx.dirty_pages == fast.ffi.NULL for c in machine.contexts)
 
 
+def test_a_restore_keeps_translated_code_when_only_data_beside_it_changed_and_never_hides_a_code_change(machine):
+    """The new hypervisor's variables share a page with its receiving code: a restore that changes
+    only them keeps the code (the shortcut), one that changes an instruction there drops it, so the
+    changed instruction runs (the digest check patched out is seen at once)."""
+    checkpoints = machine.checkpoints
+    page = digest_check_jump(machine) >> executor.PAGE_SHIFT
+    assert page in checkpoints._code_spans                    # code with trusted data beside it
+    number = last_state_message(machine)
+    unchanged = FuzzInput("messages", -1, fix_digest=True)
+    machine.execute(unchanged)
+    flushes = checkpoints.code_flushes
+    address = page << executor.PAGE_SHIFT
+    for _ in range(3):                    # each run changes the page's data; each restore puts it back
+        assert machine.execute(unchanged).outcome == "committed"
+        at_checkpoint = checkpoints.points[f"m{len(machine.messages)}"][1].get(page) or \
+            checkpoints.base.ram[address:address + executor.PAGE_SIZE]
+        assert machine.machine.ram.read(address, executor.PAGE_SIZE) != at_checkpoint
+    assert checkpoints.code_flushes == flushes
+    field = trusted_field(machine, number, ".rbx")
+    entry = FuzzInput("messages", number, (Edit("xor", field.offset, value=1, field=field.name),))
+    with broken(machine, f"m{number}", digest_check_jump(machine), NOP * JUMP_IF_NOT_EQUAL_LENGTH):
+        assert machine.execute(entry).finding.kind == oracles.DIGEST_ACCEPTED
+    assert machine.execute(entry).finding is None                      # the real check is back
+    assert checkpoints.code_flushes > flushes
+
+
+def test_code_run_in_a_trusted_data_range_ends_the_trust(machine):
+    """The data ranges are trusted to hold no code only while no block was entered in one: a block
+    mark there (as a jump into data would leave) makes every restore compare whole pages again."""
+    image = build.image(machine.setup.to_hv)
+    ranges = list(machine.data_ranges)
+    assert ranges and all(image.base <= start < stop <= image.end for start, stop in ranges)
+    mark = ranges[-1][0] - image.base
+    try:
+        machine.block_map[mark] = 1
+        machine.execute(FuzzInput("messages", 1))
+        assert machine.data_ranges == [] and machine.checkpoints._code_spans == {}
+    finally:
+        machine.block_map[mark] = 0
+        machine.data_ranges = ranges
+        machine._trust_data_ranges()
+
+
 # --- properties of the transfer path -------------------------------------------------------------------------
 edits = st.builds(Edit, op=st.sampled_from(["set", "xor", "insert", "delete"]), offset=st.integers(0, 5000),
                   width=st.sampled_from([0, 1, 2, 4, 8]), value=st.integers(0, (1 << 64) - 1),

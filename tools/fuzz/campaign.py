@@ -98,7 +98,7 @@ class Worker:
         self.corpus = corpus_module.Corpus(options.corpus)
         self.seen = fast.ffi.new("uint8_t[]", fast.lib.HHR_EDGE_MAP_SIZE)
         self.signatures: set[tuple] = set()
-        self.cost: dict[str, int] = {}        # instructions each corpus input took: the cheaper, the likelier a parent
+        self.cost: dict[FuzzInput, int] = {}  # instructions each corpus input took: the cheaper, the likelier a parent
         self._next_sync = CORPUS_SYNC_EVERY
         self.stats = Stats(setup_seconds=time.perf_counter() - started)
 
@@ -107,10 +107,11 @@ class Worker:
 
     def run_one(self, entry: FuzzInput, keep: bool) -> Result:
         result = self.machine.execute(entry)
-        self.cost[entry.name()] = result.instructions
         self.stats.executions += 1
         self.stats.outcomes[result.outcome] += 1
         fresh = fast.lib.hhr_edge_map_merge(self.machine.edge_map, self.seen, fast.lib.HHR_EDGE_MAP_SIZE)
+        if fresh or not keep:                 # (a corpus input: only they are drawn as parents)
+            self.cost[entry] = result.instructions
         if result.guest_check_due and (fresh or self.rng.random() < GUEST_CHECK_SAMPLE):
             self.stats.guest_checks += 1
             result.finding = self.machine.check_guests_after_commit(entry)
@@ -140,7 +141,7 @@ class Worker:
             if entry.target in self.targets:
                 self.run_one(entry, keep=False)
         for entry in seeds(self.machine, self.targets):     # the real restart's messages, kept whatever they reach
-            self.run_one(entry, keep=True)
+            self.cost[entry] = self.run_one(entry, keep=True).instructions
             self.corpus.add(entry)
         pool = [entry for entry in self.corpus.entries if entry.target in self.targets] or seeds(self.machine, self.targets)
         last_report = started
@@ -156,7 +157,7 @@ class Worker:
             if self.rng.random() < FRESH_SHARE:
                 parent = self.mutator.fresh(self.rng.choice(self.targets))
             else:
-                parent = self.rng.choices(pool, [COST_SCALE / (COST_SCALE + self.cost.get(entry.name(), COST_SCALE))
+                parent = self.rng.choices(pool, [COST_SCALE / (COST_SCALE + self.cost.get(entry, COST_SCALE))
                                                  for entry in pool])[0]
             for _ in range(CHILDREN_PER_PARENT):      # siblings start from the same checkpoint: cheap restores
                 if options.runs is not None and self.stats.executions >= options.runs:

@@ -46,3 +46,37 @@ def basic_blocks(image: Image, source_suffix: str | None = None) -> int:
                         leaders.add(target)
         cursor = max(cursor, data_end)
     return len({leader for leader in leaders if leader in wanted})
+
+
+# Instructions after which execution never falls through to the next byte.
+NO_FALL_THROUGH = ("jmp", "ret", "iret", "ud2", "sysret", "vmlaunch", "vmresume")
+ALIGNMENT_GAP_MAX = 16    # bytes between two data ranges taken as alignment padding (merged with them)
+
+
+def data_out_of_reach(image: Image) -> list[tuple[int, int]]:
+    """The image's data ranges (addresses) that code cannot run into by falling through: those right
+    after an unconditional jump or return (data ranges a few bytes of alignment apart count as one).
+    Only a jump into them runs them, and a block entered there shows in the block map (`data_entered`)."""
+    merged: list[list[int]] = []
+    for start, stop in sorted(image.data_ranges):
+        if merged and start - merged[-1][1] < ALIGNMENT_GAP_MAX:
+            merged[-1][1] = stop
+        else:
+            merged.append([start, stop])
+    starts = sorted(entry.address for entry in image.lines)
+    found = []
+    for start, stop in merged:
+        position = next((index for index, address in enumerate(starts) if address >= start), len(starts))
+        if position == 0:
+            continue
+        previous = starts[position - 1]
+        instructions = list(disasm.decode(image.code[previous - image.base:start - image.base], previous))
+        if len(instructions) == 1 and instructions[0].mnemonic.startswith(NO_FALL_THROUGH):
+            found.append((start, stop))
+    return found
+
+
+def data_entered(image: Image, block_map, ranges: list[tuple[int, int]]) -> bool:
+    """A block was entered inside one of `ranges` (addresses): code ran what was taken for data."""
+    marks = bytes(block_map)
+    return any(any(marks[start - image.base:stop - image.base]) for start, stop in ranges)

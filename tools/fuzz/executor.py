@@ -10,6 +10,7 @@ from guests import catalog
 from hypervisors import boot, build, transfer
 from tools import restart as restart_module
 from tools import run as run_module
+from tools.fuzz import coverage as coverage_module
 from tools.fuzz import fields as fields_module
 from tools.fuzz import oracles
 from tools.fuzz.inputs import FuzzInput, apply_edits
@@ -103,20 +104,31 @@ class TransferMachine:
         self.old_image_base = self.booted.image_base
         self.area = self.booted.read_qword("transfer_area")
         self.state: _Run | None = None
+        self._vp_spans: list[tuple[int, int]] | None = None
         self._recording: list[tuple[int, bytes]] | None = []
         self.machine.events.subscribe(self._on_event, EVENTS_FOLLOWED)
+        image = self.image = build.image(setup.to_hv)
+        self.code_range = (self.region, self.region + len(image.code))
+        self.receiver_chain = self.region + image.symbol("digest_chain") - image.base
+        self.edge_map = fast.ffi.new("uint8_t[]", fast.lib.HHR_EDGE_MAP_SIZE) if coverage else None
+        # Blocks of the new hypervisor entered by any input so far (a mark at each block's first byte);
+        # during the setup, by the reference restart (in the contexts there are when it is staged).
+        self.block_map = fast.ffi.new("uint8_t[]", len(image.code)) if coverage else None
         restart_module.stage(self.booted, setup.to_hv)
+        self._arm_coverage()
         self._run_to(STOP_POINT, SETUP_BUDGET)
         self.checkpoints = dirty.Checkpoints(self.machine)
         self.partition_pages = [range(p["memory"] >> PAGE_SHIFT, (p["memory"] + p["memory_size"]) >> PAGE_SHIFT)
                                 for p in self.booted.partitions()]     # host pages of each partition's RAM
         self._record_reference()
-        image = build.image(setup.to_hv)
-        self.code_range = (self.region, self.region + len(image.code))
-        self.receiver_chain = self.region + image.symbol("digest_chain") - image.base
-        self.edge_map = fast.ffi.new("uint8_t[]", fast.lib.HHR_EDGE_MAP_SIZE) if coverage else None
-        # Blocks of the new hypervisor entered by any input so far (a mark at each block's first byte).
-        self.block_map = fast.ffi.new("uint8_t[]", len(image.code)) if coverage else None
+        # The new hypervisor's data beside its code (its variables share pages with its code): a restore
+        # that changes only them keeps the translated code, as long as the block map shows no code run
+        # there (checked after every input, `_check_data_ranges`). Without a block map, none is trusted.
+        self.data_ranges = coverage_module.data_out_of_reach(image) if self.block_map is not None else []
+        self._check_data_ranges()
+        self._trust_data_ranges()
+        if self.block_map is not None:        # the figures count what inputs enter
+            fast.ffi.memmove(self.block_map, bytes(len(image.code)), len(image.code))
         self.reference_guests = (run_module.run(setup.from_hv, list(setup.guests), lps=setup.lps)
                                  .document["guests"] if check_guests else None)
         self.executions = 0
@@ -209,18 +221,20 @@ class TransferMachine:
 
     # --- what an abort must leave as it was -------------------------------------------------------------
     def guest_fingerprint(self) -> bytes:
-        """The old hypervisor's partition and VP records: what guests are (registers, state, timers)."""
+        """The old hypervisor's partition and VP records: what guests are (registers, state, timers),
+        as their bytes (a VP record's scheduling fields left out)."""
         booted = self.booted
         records = build.hypervisor(self.setup.from_hv).records
-        partitions = booted.machine.ram.read(booted.symbol("partitions"), records.partition.size * len(booted.guests))
-        vps = booted.machine.ram.read(booted.read_qword("vps"), records.vp.size * booted.read_qword("vp_total"))
-        fingerprint = bytearray(partitions)
-        for number in range(len(vps) // records.vp.size):
-            record = records.vp.unpack(vps[number * records.vp.size:(number + 1) * records.vp.size])
-            fingerprint += repr(sorted((name, value) for name, value in record.items()
-                                       if name not in SCHEDULING_FIELDS)).encode()
+        ram = booted.machine.ram
+        fingerprint = bytearray(ram.read(booted.symbol("partitions"), records.partition.size * len(booted.guests)))
+        vps = ram.read(booted.read_qword("vps"), records.vp.size * booted.read_qword("vp_total"))
+        if self._vp_spans is None:            # the byte spans of a VP record's other fields
+            self._vp_spans = [(records.vp.offset(name), records.vp.offset(name) + size)
+                              for name, size in records.vp.fields if name not in SCHEDULING_FIELDS]
+        for start in range(0, len(vps) - records.vp.size + 1, records.vp.size):
+            for low, high in self._vp_spans:
+                fingerprint += vps[start + low:start + high]
         return bytes(fingerprint)
-
 
     def state_fields(self) -> list[fields_module.Field]:
         """The old hypervisor's partition and VP records, field by field, at their addresses."""
@@ -259,10 +273,12 @@ class TransferMachine:
         try:
             self._run_until_done(budget)
         except Exception as error:          # the oracle: nothing may escape the machine
+            self._check_data_ranges()
             self.state = None
             result.outcome = "exception"
             result.finding = oracles.Finding(oracles.EXCEPTION, f"{type(error).__name__}: {error}".splitlines()[0])
             return result
+        self._check_data_ranges()
         result.instructions = self.machine.retired - started
         result.replies = state.replies
         self.state = None
@@ -303,6 +319,18 @@ class TransferMachine:
             ctx.block_map = block_map
             ctx.edge_low, ctx.edge_high = self.code_range
             ctx.edge_previous = 0
+
+    def _check_data_ranges(self) -> None:
+        """Trusts the new hypervisor's data ranges (host-physical) to hold no translated code unless a
+        block was entered in one; then none from now on."""
+        if self.data_ranges and coverage_module.data_entered(self.image, fast.ffi.buffer(self.block_map),
+                                                             self.data_ranges):
+            self.data_ranges = []
+            self.checkpoints.trust_data_ranges(())
+
+    def _trust_data_ranges(self) -> None:
+        offset = self.region - self.image.base
+        self.checkpoints.trust_data_ranges([(start + offset, stop + offset) for start, stop in self.data_ranges])
 
     def _strike(self, fuzz_input: FuzzInput, number: int) -> bool:
         """Makes the input's edits at its checkpoint; True if they change what is received."""
@@ -393,6 +421,7 @@ class TransferMachine:
             self.booted.hypervisor, self.booted.image_base = hypervisor, self.region
         self.machine.stop = None
         result = self.machine.run(max_instructions=self.machine.retired + GUEST_RUN_BUDGET)
+        self._check_data_ranges()
         reports = run_module.guest_reports(self.booted)
         differences = oracles.guest_differences(reports, self.reference_guests)
         if result.stop.reason != "debug-exit":

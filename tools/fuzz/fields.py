@@ -69,18 +69,27 @@ def message_fields(message: bytes) -> list[Field]:
     return fields
 
 
+# Where `records` reads a message's record count and each record's length (read in place: it runs for
+# every mutation, and unpacking whole headers there cost more than the rest of the mutation).
+_COUNT_AT = transfer.TRANSFER_HEADER.offset("record_count")
+_COUNT_BYTES = transfer.TRANSFER_HEADER.field_size("record_count")
+_LENGTH_AT = transfer.RECORD_HEADER.offset("length")
+_LENGTH_BYTES = transfer.RECORD_HEADER.field_size("length")
+
+
 def records(message: bytes) -> list[tuple[int, int]]:
     """(offset, size with header) of each record."""
     header_size = transfer.TRANSFER_HEADER.size
     if len(message) < header_size:
         return []
-    header = transfer.TRANSFER_HEADER.unpack(message[:header_size])
+    count = int.from_bytes(message[_COUNT_AT:_COUNT_AT + _COUNT_BYTES], "little")
+    record_header = transfer.RECORD_HEADER.size
     spans, cursor = [], header_size
-    for _ in range(header["record_count"]):
-        if cursor + transfer.RECORD_HEADER.size > len(message):
+    for _ in range(count):
+        if cursor + record_header > len(message):
             break
-        length = transfer.RECORD_HEADER.unpack(message[cursor:cursor + transfer.RECORD_HEADER.size])["length"]
-        size = transfer.RECORD_HEADER.size + length
+        at = cursor + _LENGTH_AT
+        size = record_header + int.from_bytes(message[at:at + _LENGTH_BYTES], "little")
         if cursor + size > len(message):
             break
         spans.append((cursor, size))

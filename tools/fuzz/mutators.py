@@ -101,9 +101,7 @@ class Mutator:
         message = bytes(apply_edits(self.messages[number - 1], tuple(edits)))
         if not message:
             return None
-        fields = self._fields(number, parent.edits)
-        if parent.target == "vmcs":
-            fields = [field for field in fields if field.name.startswith("vmcs[")] or fields
+        fields = self._fields(number, parent.edits, parent.target == "vmcs")
         if rng.random() < STRUCTURED_SHARE and fields:
             field = rng.choice(fields)
             value = int.from_bytes(message[field.offset:field.offset + field.width], "little")
@@ -124,17 +122,21 @@ class Mutator:
                                                      for _ in range(rng.randint(1, INSERT_MAX))))
         return Edit("delete", offset, rng.randint(1, INSERT_MAX))
 
-    def _fields(self, number: int, edits: tuple[Edit, ...]) -> list[fields_module.Field]:
+    def _fields(self, number: int, edits: tuple[Edit, ...], vmcs_only: bool = False) -> list[fields_module.Field]:
         """The fields of message `number` as `edits` (a parent's) leave it: found once per parent (its
         children's own edits are aimed by them too) and, while the edits keep the message's shape
-        (no bytes in or out, record headers and count as they were), those of the message as sent."""
+        (no bytes in or out, record headers and count as they were), those of the message as sent.
+        `vmcs_only`: only the VMCS records' fields (all of them if it has none)."""
         if all(edit.op in ("set", "xor") and not _shapes(edit) for edit in edits):
             edits = ()
-        key = (number, edits)
+        key = (number, edits, vmcs_only)
         if key not in self._field_cache:
             if len(self._field_cache) >= FIELD_CACHE_ENTRIES:
                 self._field_cache.pop(next(iter(self._field_cache)))
-            self._field_cache[key] = fields_module.message_fields(bytes(apply_edits(self.messages[number - 1], edits)))
+            found = fields_module.message_fields(bytes(apply_edits(self.messages[number - 1], edits)))
+            if vmcs_only:
+                found = [field for field in found if field.name.startswith("vmcs[")] or found
+            self._field_cache[key] = found
         return self._field_cache[key]
 
     def _new_record(self) -> bytes:
