@@ -176,7 +176,7 @@ def test_the_blackout_does_not_grow_with_guest_ram(report_timing):
 
 
 def test_stop_and_copy_sends_everything_in_the_blackout():
-    document = restart_module.restart("hv1", "hv2", ["storm", "hashchain"], request_at=8_000_000,
+    document = restart_module.restart("hv1", "hv2", ["storm", "hashchain"], request_at=5_000_000,
                                       mode="stop-and-copy")
     restart = document["restart"]
     assert restart["outcome"] == "committed" and restart["mode"] == "stop-and-copy"
