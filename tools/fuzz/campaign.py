@@ -226,13 +226,18 @@ def _worker_main(options: Options, index: int, queue) -> None:
     queue.put((index, final, True))
 
 
-def status_line(all_stats: list[Stats], workers: int) -> str:
-    executions = sum(s.executions for s in all_stats)
-    rate = sum(s.executions / s.seconds for s in all_stats if s.seconds > 0)
+def findings_text(all_stats: list[Stats]) -> str:
+    """Every worker's findings, by kind: `guest-output 1, hang 2`, or `none`."""
     findings = Counter()
     for s in all_stats:
         findings.update(s.findings)
-    found = ", ".join(f"{kind} {count}" for kind, count in sorted(findings.items())) or "none"
+    return ", ".join(f"{kind} {count}" for kind, count in sorted(findings.items())) or "none"
+
+
+def status_line(all_stats: list[Stats], workers: int) -> str:
+    executions = sum(s.executions for s in all_stats)
+    rate = sum(s.executions / s.seconds for s in all_stats if s.seconds > 0)
+    found = findings_text(all_stats)
     return (f"execs {executions}  {rate:.0f}/s ({rate / max(workers, 1):.0f}/s per worker)  "
             f"edges {max((s.edges for s in all_stats), default=0)}  "
             f"corpus {max((s.corpus for s in all_stats), default=0)}  findings: {found}")
@@ -274,10 +279,7 @@ def summary(all_stats: list[Stats], options: Options) -> str:
     executions = sum(s.executions for s in all_stats)
     seconds = max((s.seconds for s in all_stats), default=0.0)
     per_worker = [s.executions / s.seconds for s in all_stats if s.seconds > 0]
-    findings = Counter()
-    for s in all_stats:
-        findings.update(s.findings)
-    found = ", ".join(f"{kind} {count}" for kind, count in sorted(findings.items())) or "none"
+    found = findings_text(all_stats)
     return (f"fuzz {options.setup.from_hv} -> {options.setup.to_hv} ({options.target}): {executions} executions in "
             f"{seconds:.1f} s, {sum(per_worker) / max(len(per_worker), 1):.0f} execs/s per worker, "
             f"{max((s.edges for s in all_stats), default=0)} edges of {options.setup.to_hv} "

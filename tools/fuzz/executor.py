@@ -1,7 +1,6 @@
 """The machine under fuzzing: one real restart recorded, checkpoints at every message, and each input run from its message's checkpoint and judged."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 from emu import dirty, fast
