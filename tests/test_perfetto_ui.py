@@ -31,7 +31,8 @@ CHROMIUM_ARGUMENTS = ["--no-sandbox", "--disable-gpu", "--disable-background-net
 SERVER_START_SECONDS = 60                   # bounds on waiting, so a broken setup fails instead of hanging
 SERVER_POLL_SECONDS = 0.1
 LOAD_MILLISECONDS = 120_000
-QUERY_MILLISECONDS = 60_000
+QUERY_MILLISECONDS = 30_000
+QUERY_ATTEMPTS = 3                         # the same query typed again if no result came
 VIEWPORT = {"width": 1600, "height": 1000}
 SCREENSHOT_VARIABLE = "HHR_PERFETTO_SCREENSHOT"
 SCREENSHOT_MARGIN = 100_000                # ticks shown before the SERVICE phase and after the last VP resumed
@@ -114,11 +115,17 @@ def query(page, sql: str) -> list[list[str]]:
     if not page.locator(".pf-omnibox--query-mode").count():
         page.keyboard.type(":")
         page.locator(".pf-omnibox--query-mode").wait_for(timeout=QUERY_MILLISECONDS)
-    box.fill(sql)
-    box.press("Enter")
     result = page.locator("section.pf-query-table").filter(
         has=page.locator(".pf-header-description", has_text=sql))
-    result.locator("h1", has_text="rows").wait_for(timeout=QUERY_MILLISECONDS)
+    for attempt in range(QUERY_ATTEMPTS):       # a loaded machine's UI can drop a query typed too early
+        box.fill(sql)
+        box.press("Enter")
+        try:
+            result.locator("h1", has_text="rows").wait_for(timeout=QUERY_MILLISECONDS)
+            break
+        except sync_api.TimeoutError:
+            if attempt == QUERY_ATTEMPTS - 1:
+                raise
     return [[cell.inner_text() for cell in row.locator("td").all()] for row in result.locator("tbody tr").all()]
 
 
