@@ -29,15 +29,10 @@ class Filters:
                 "events_only": self.events_only}
 
     def instruction(self, lp: int, context: str, phase: str, time: int, symbol: str | None) -> bool:
-        if self.events_only:
-            return False
-        if self.lps and lp not in self.lps:
+        """What `event` asks of an event, and the context and symbol filters."""
+        if self.events_only or not self.event(lp, phase, time):
             return False
         if self.contexts and context not in self.contexts:
-            return False
-        if self.phases and phase not in self.phases:
-            return False
-        if self.time_range is not None and not self.time_range[0] <= time < self.time_range[1]:
             return False
         if self.symbols and not any(matches(symbol, wanted) for wanted in self.symbols):
             return False
