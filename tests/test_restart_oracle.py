@@ -1,0 +1,170 @@
+"""The restart oracle sweep: the `cpustate` guest (several VPs on every LP) and gcc-built C guests
+are hot-restarted in every direction, in every mode, on 1, 2 and 8 LPs, early, midway and late in
+cpustate's life, and 50 times in a row; every guest's console must be byte-identical to a run with
+no restart, and every guest must exit 0.
+
+CI runs a covering design (every pair of parameter values in at least one case, `ci_cases`); set
+HHR_ORACLE_FULL=1 to run the full product of the parameters (108 cases, by hand)."""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+from guests import catalog
+from hypervisors import boot, layouts
+from tools import restart as restart_module
+
+DIRECTIONS = [("hv1", "hv2"), ("hv2", "hv1"), ("hv1", "hv1"), ("hv2", "hv2")]
+MODES = ["precopy", "stop-and-copy", "suspend"]
+LP_COUNTS = [1, 2, 8]
+POINTS = {"early": 0.1, "middle": 0.5, "late": 0.9}    # fractions of cpustate's life in the run without restart
+FULL_PRODUCT = os.environ.get("HHR_ORACLE_FULL") == "1"
+
+CPUSTATE_VPS_PER_LP = 2         # VPs are dealt to LPs round robin: every LP holds two of cpustate's
+CPUSTATE = "cpustate"
+EXAMPLES = Path(__file__).resolve().parent.parent / "guests" / "examples"
+C_GUESTS = ["primes"]           # guests/examples/NAME.c
+C_BUILD = ["-O2", "-ffreestanding", "-fno-pie", "-no-pie", "-nostdlib", "-static", "-mno-red-zone",
+           "-Wl,-Ttext-segment=0x100000", "-Wl,--build-id=none"]     # docs/guests.md
+LIFE_STEP = 250_000             # instructions between looks at the partition table (the reference run)
+RUN_LIMIT = 2_000_000_000
+ROW_RESTARTS = 50
+ROW_LPS = 1
+ROW_CPUSTATE = "cpustate_long"  # a restart takes about 2.5 million instructions: its life holds 50
+ROW_CPUSTATE_VPS = 2
+
+
+def ci_cases() -> list[tuple]:
+    """A covering array of strength 2 for DIRECTIONS x MODES x LP_COUNTS x POINTS in 12 cases: case
+    (d, m) takes LP count (d + m) mod 3 and point (d + 2m) mod 3. For fixed d the map m -> either is
+    onto, likewise for fixed m and d in 0-2, and (d, m) -> (LP count, point) is a bijection of Z3 x Z3
+    for d in 0-2 (its matrix [[1, 1], [1, 2]] has determinant 1): every pair appears."""
+    points = list(POINTS)
+    return [(DIRECTIONS[d], MODES[m], LP_COUNTS[(d + m) % 3], points[(d + 2 * m) % 3])
+            for d in range(len(DIRECTIONS)) for m in range(len(MODES))]
+
+
+def cases() -> list[tuple]:
+    if FULL_PRODUCT:
+        return list(itertools.product(DIRECTIONS, MODES, LP_COUNTS, POINTS))
+    return ci_cases()
+
+
+def case_id(case: tuple) -> str:
+    (source, target), mode, lps, point = case
+    return f"{source}-{target}-{mode}-{lps}lp-{point}"
+
+
+@pytest.fixture(scope="module")
+def c_guests(tmp_path_factory) -> list[str]:
+    """The C examples built with the system's gcc, as guest specs."""
+    compiler = shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("gcc is not installed: the C guests cannot be built")
+    directory = tmp_path_factory.mktemp("c-guests")
+    specs = []
+    for name in C_GUESTS:
+        output = directory / f"{name}.elf"
+        subprocess.run([compiler, *C_BUILD, "-o", str(output), str(EXAMPLES / f"{name}.c")], check=True)
+        specs.append(str(output))
+    return specs
+
+
+def guest_specs(c_guests: list[str], cpustate: str, vps: int) -> list[str]:
+    return [f"{cpustate},vps={vps}", *c_guests]
+
+
+def outcomes(document_guests: list[dict]) -> dict[str, tuple]:
+    """Each guest's console, state and exit code, by name."""
+    return {guest["name"]: (guest["console"], guest["state"], guest["exit_code"]) for guest in document_guests}
+
+
+@lru_cache(maxsize=None)
+def reference(hypervisor: str, specs: tuple[str, ...], lps: int) -> tuple[dict, int]:
+    """The run without a restart under `hypervisor`: each guest's outcome, and the instructions
+    retired (all LPs) when cpustate ended, found by looking every LIFE_STEP instructions."""
+    from tools import run as run_module
+
+    booted = boot.boot([catalog.parse(spec) for spec in specs], hypervisor=hypervisor, lps=lps)
+    cpustate_end = None
+    while True:
+        result = booted.machine.run(max_instructions=booted.machine.retired + LIFE_STEP)
+        if cpustate_end is None and booted.partitions()[0]["state"] != layouts.PARTITION_RUNNING:
+            cpustate_end = booted.machine.retired
+        if result.stop.reason != "instruction-limit" or booted.machine.retired > RUN_LIMIT:
+            break
+    document = run_module.document(booted, result, lps)
+    return outcomes(document["guests"]), cpustate_end or booted.machine.retired
+
+
+def assert_reference_is_clean(expected: dict, lps: int, cpustate_vps: int) -> None:
+    """Without a restart every guest exits 0 and cpustate saw nothing change: else the sweep would
+    compare against a broken run."""
+    for name, (console, state, exit_code) in expected.items():
+        assert (state, exit_code) == ("exited", 0), f"{name} without a restart ({lps} LPs): {state}, " \
+                                                    f"exit code {exit_code}, console:\n{console}"
+    console = next(iter(expected.values()))[0]        # cpustate is the first guest
+    lines = console.splitlines()
+    assert [SUMMARY.fullmatch(line) is not None for line in lines] == [True] * cpustate_vps, console
+    assert [int(SUMMARY.fullmatch(line).group(1)) for line in lines] == list(range(cpustate_vps))
+
+
+SUMMARY = re.compile(r"cpustate vp (\d+): all \d+ values intact after \d+ checks")
+
+
+def assert_same_as_without_restart(document: dict, expected: dict) -> None:
+    broken = [entry for entry in document["restarts"] if entry["outcome"] not in ("committed", "resumed")]
+    assert not broken, f"restarts not carried out: {broken}"
+    assert document["machine_stop"]["reason"] == "debug-exit", document["machine_stop"]
+    found = outcomes(document["guests"])
+    for name, (console, state, exit_code) in expected.items():
+        assert found[name][0] == console, f"{name}'s console differs from the run without a restart"
+        assert found[name][1:] == (state, exit_code), f"{name} ended otherwise: {found[name][1:]}"
+
+
+def test_the_ci_design_covers_every_pair_of_parameter_values():
+    design = ci_cases()
+    columns = [DIRECTIONS, MODES, LP_COUNTS, list(POINTS)]
+    for first, second in itertools.combinations(range(len(columns)), 2):
+        wanted = set(itertools.product(columns[first], columns[second]))
+        assert {(case[first], case[second]) for case in design} == wanted, (first, second)
+    assert len(design) == len(DIRECTIONS) * len(MODES)
+
+
+@pytest.mark.parametrize("case", cases(), ids=case_id)
+def test_a_restart_changes_nothing_a_guest_sees(case, c_guests):
+    (source, target), mode, lps, point = case
+    specs = tuple(guest_specs(c_guests, CPUSTATE, CPUSTATE_VPS_PER_LP * lps))
+    expected, cpustate_end = reference(source, specs, lps)
+    assert_reference_is_clean(expected, lps, CPUSTATE_VPS_PER_LP * lps)
+    request_at = int(cpustate_end * POINTS[point])
+    document = restart_module.restart(source, target, list(specs), lps=lps, request_at=request_at, mode=mode,
+                                      max_instructions=RUN_LIMIT)
+    assert document["hypervisor"] == target
+    assert_same_as_without_restart(document, expected)
+
+
+def test_fifty_restarts_in_a_row_alternating_versions_change_nothing_a_guest_sees(c_guests):
+    specs = tuple(guest_specs(c_guests, ROW_CPUSTATE, ROW_CPUSTATE_VPS))
+    expected, cpustate_end = reference("hv1", specs, ROW_LPS)
+    assert_reference_is_clean(expected, ROW_LPS, ROW_CPUSTATE_VPS)
+    booted = boot.boot([catalog.parse(spec) for spec in specs], hypervisor="hv1", lps=ROW_LPS)
+    booted.machine.run(max_instructions=int(cpustate_end * POINTS["early"]))
+    for number in range(ROW_RESTARTS):
+        target = "hv2" if booted.hypervisor == "hv1" else "hv1"
+        recorder = restart_module.request(booted, target, check_memory=False)
+        assert recorder.finished and booted.hypervisor == target, f"restart {number} into {target}"
+    assert booted.partitions()[0]["state"] == layouts.PARTITION_RUNNING, \
+        "cpustate ended before the last restart: the row did not test it"
+    from tools import run as run_module
+
+    result = booted.machine.run(max_instructions=RUN_LIMIT)
+    document = run_module.document(booted, result, ROW_LPS) | {"restarts": []}
+    assert_same_as_without_restart(document, expected)
