@@ -5,8 +5,8 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from asm import AsmError, assemble_file
-from guests import elf
+from asm import AsmError, Image, assemble_file
+from guests import cpustate_layout, elf
 from hypervisors import guest_abi
 from hypervisors.boot import GuestImage
 from hypervisors.memory_map import DEFAULT_GUEST_MEMORY, GUEST_LOAD_ADDRESS
@@ -24,13 +24,29 @@ def builtin_names() -> list[str]:
     return sorted(path.stem for path in BUILTIN_DIRECTORY.glob("*.s"))
 
 
+# Built-in guests with a layout of their own in Python: its constants join the guest ABI's.
+GUEST_LAYOUTS = {"cpustate": cpustate_layout.constants, "cpustate_long": cpustate_layout.constants}
+
+
+def builtin_constants(name: str) -> dict[str, int]:
+    """The constants a built-in guest is assembled with."""
+    constants = guest_abi.constants()
+    if name in GUEST_LAYOUTS:
+        constants |= GUEST_LAYOUTS[name]()
+    return constants
+
+
 @lru_cache(maxsize=None)
-def builtin_image(name: str) -> bytes:
+def builtin_assembly(name: str) -> Image:
+    """A built-in guest assembled at its load address, with its symbols."""
     try:
-        return assemble_file(BUILTIN_DIRECTORY / f"{name}.s", GUEST_LOAD_ADDRESS,
-                             constants=guest_abi.constants()).code
+        return assemble_file(BUILTIN_DIRECTORY / f"{name}.s", GUEST_LOAD_ADDRESS, constants=builtin_constants(name))
     except AsmError as error:   # a broken built-in guest is a bug of ours; say where
         raise GuestSpecError(f"built-in guest {name!r} does not assemble: {error}") from None
+
+
+def builtin_image(name: str) -> bytes:
+    return builtin_assembly(name).code
 
 
 def parse_size(text: str) -> int:

@@ -5,10 +5,8 @@ import bisect
 from dataclasses import dataclass
 from functools import lru_cache
 
-from asm import Image, assemble_file
+from asm import Image
 from guests import catalog
-from hypervisors import guest_abi
-from hypervisors.memory_map import GUEST_LOAD_ADDRESS
 
 SCOPE_SEPARATOR = "."                   # `function.local` labels belong to `function`
 
@@ -41,7 +39,7 @@ def builtin_guest_image(name: str) -> Image | None:
     """A built-in guest's image with its symbols (None for a guest from a file)."""
     if name not in catalog.builtin_names():
         return None
-    return assemble_file(catalog.BUILTIN_DIRECTORY / f"{name}.s", GUEST_LOAD_ADDRESS, constants=guest_abi.constants())
+    return catalog.builtin_assembly(name)
 
 
 class Symbolizer:
