@@ -15,6 +15,7 @@ from hypervisors.memory_map import (
 FIRMWARE_STACK_TOP = 0x8000            # below the boot info; the hypervisor sets up its own at once
 FIRMWARE_STACK_SIZE = 0x100
 MIN_RAM = 64 * MIB
+KIB = 1 << 10
 # What one partition's full map quota takes from free memory: its pages, the EPT page directory and
 # page tables of its window, and the page records of the frames they come from (one page in 512).
 _MAP_WINDOW_TABLE_PAGES = 1 + guest_abi.MAP_WINDOW_SIZE // LARGE_PAGE_SIZE
@@ -88,14 +89,14 @@ def _check(guests: tuple[GuestImage, ...], lps: int) -> None:
             raise BootError(f"guest {guest.name}: entry {guest.entry:#x} is not inside its image")
         if GUEST_LOAD_ADDRESS + guest.extent > guest.memory_size - stacks:
             needed = -(-(GUEST_LOAD_ADDRESS + guest.extent + stacks) // LARGE_PAGE_SIZE) * LARGE_PAGE_SIZE
-            raise BootError(f"guest {guest.name}: its image ({_size(guest.extent)}"
-                            + (f", {_size(guest.zero_fill)} of it zero fill" if guest.zero_fill else "")
+            raise BootError(f"guest {guest.name}: its image ({_size(len(guest.image))}"
+                            + (f" from the file, then {_size(guest.zero_fill)} of zero fill" if guest.zero_fill else "")
                             + f") does not fit below its stacks in {guest.memory_size // MIB} MiB: "
                             f"give it mem={needed // MIB}M or more")
 
 
 def _size(count: int) -> str:
-    return f"{count / MIB:.1f} MiB" if count >= MIB else f"{count} bytes"
+    return f"{count / MIB:.1f} MiB" if count >= MIB else f"{count / KIB:.1f} KiB"
 
 
 def boot(guests: list[GuestImage] | tuple[GuestImage, ...], *, hypervisor: str = "hv1", lps: int = 1,
