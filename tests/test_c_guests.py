@@ -234,11 +234,36 @@ def test_the_loader_stages_file_bytes_only(built):
 
 BSS_BYTES = 24 * MIB
 BSS_SCAN_QWORDS = BSS_BYTES // 8
-ELF_HEADER_BYTES = 64
-PROGRAM_HEADER_BYTES = 56
 CODE_OFFSET = 0x1000                  # where the code sits in the file: one page, like ld's segments
 ELF_CODE_ADDRESS = GUEST_LOAD_ADDRESS + CODE_OFFSET
-PF_RWX = 7
+PF_RWX = 7                            # a segment's flags: readable, writable, executable
+PAGE_ALIGNMENT = 0x1000
+EV_CURRENT = 1                        # the ELF version, in the identification bytes and the header
+
+
+def elf_file(entry: int, segments: list[tuple[int, bytes, int]]) -> bytes:
+    """A static x86-64 ELF: each (address, file bytes, memory size) a loadable segment, the file
+    bytes one after another from CODE_OFFSET on."""
+    header = elf.HEADER.pack(elf.ELF_MAGIC, elf.ELFCLASS64, elf.ELFDATA2LSB, EV_CURRENT, 0, 0, bytes(7),
+                             elf.ET_EXEC, elf.EM_X86_64, EV_CURRENT, entry, elf.HEADER.size, 0, 0, elf.HEADER.size,
+                             elf.PROGRAM_HEADER.size, len(segments), 0, 0, 0)
+    program_headers, offset = b"", CODE_OFFSET
+    for address, contents, memory in segments:
+        program_headers += elf.PROGRAM_HEADER.pack(elf.PT_LOAD, PF_RWX, offset, address, address, len(contents),
+                                                   memory, PAGE_ALIGNMENT)
+        offset += len(contents)
+    return (header + program_headers).ljust(CODE_OFFSET, b"\0") + b"".join(c for _a, c, _m in segments)
+
+
+def test_flatten_stops_at_the_last_non_zero_file_byte():
+    text, data_address = b"\x90" * 100 + b"\0" * 28, GUEST_LOAD_ADDRESS + 0x3000
+    flat = elf.flatten(elf_file(GUEST_LOAD_ADDRESS, [(GUEST_LOAD_ADDRESS, text, len(text)),
+                                                     (data_address, b"\x11\x22" + bytes(500), 0x10000)]))
+    assert flat.image == text[:100].ljust(0x3000, b"\0") + b"\x11\x22"
+    assert flat.extent == 0x3000 + 0x10000
+    all_zero = elf.flatten(elf_file(GUEST_LOAD_ADDRESS, [(GUEST_LOAD_ADDRESS, text, len(text)),
+                                                         (data_address, bytes(500), 0x10000)]))
+    assert all_zero.image == text[:100] and all_zero.extent == 0x13000
 
 
 def bss_checker() -> bytes:
@@ -282,12 +307,7 @@ def bss_checker() -> bytes:
     bss:
     """
     code = assemble(source, ELF_CODE_ADDRESS).code
-    header = struct.pack("<4sBBBBB7sHHIQQQIHHHHHH", elf.ELF_MAGIC, elf.ELFCLASS64, elf.ELFDATA2LSB, 1, 0, 0,
-                         bytes(7), elf.ET_EXEC, elf.EM_X86_64, 1, ELF_CODE_ADDRESS, ELF_HEADER_BYTES, 0, 0,
-                         ELF_HEADER_BYTES, PROGRAM_HEADER_BYTES, 1, 0, 0, 0)
-    segment = struct.pack("<IIQQQQQQ", elf.PT_LOAD, PF_RWX, CODE_OFFSET, ELF_CODE_ADDRESS, ELF_CODE_ADDRESS,
-                          len(code), len(code) + BSS_BYTES, 0x1000)
-    return (header + segment).ljust(CODE_OFFSET, b"\0") + code
+    return elf_file(ELF_CODE_ADDRESS, [(ELF_CODE_ADDRESS, code, len(code) + BSS_BYTES)])
 
 
 def test_a_guest_with_24_mib_of_bss_runs_and_finds_it_zero(tmp_path):
