@@ -9,15 +9,18 @@ set HHR_ORACLE_FULL=1 to run the full product of the parameters (324 cases) by h
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
+import subprocess
+import sys
 from functools import lru_cache
+from pathlib import Path
 
 import pytest
 
 from guests import c_examples, catalog
 from hypervisors import boot, layouts
-from tools import restart as restart_module
 from tools import run as run_module
 
 DIRECTIONS = [("hv1", "hv2"), ("hv2", "hv1"), ("hv1", "hv1"), ("hv2", "hv2")]
@@ -119,6 +122,22 @@ def assert_reference_is_clean(expected: dict, lps: int, cpustate_vps: int) -> No
 SUMMARY = re.compile(r"cpustate vp (\d+): all \d+ values intact after \d+ checks")
 
 
+def in_own_process(**request) -> dict:
+    """tests/restart_oracle_worker.py's answer to `request`: the run's document. A crash of the
+    machine fails the test with the signal and the end of the worker's standard error."""
+    worker = subprocess.run([sys.executable, "-X", "faulthandler", str(WORKER), json.dumps(request)],
+                            capture_output=True, text=True,
+                            timeout=WORKER_TIMEOUT)
+    if worker.returncode < 0:
+        pytest.fail(f"the machine's process died by signal {-worker.returncode} ({request}):\n{worker.stderr[-2000:]}")
+    assert worker.returncode == 0, f"the worker failed ({request}):\n{worker.stderr[-4000:]}"
+    return json.loads(worker.stdout)
+
+
+WORKER = Path(__file__).resolve().parent / "restart_oracle_worker.py"
+WORKER_TIMEOUT = 900            # seconds: a hang fails the case too
+
+
 def assert_same_as_without_restart(document: dict, expected: dict) -> None:
     broken = [entry for entry in document["restarts"] if entry["outcome"] not in ("committed", "resumed")]
     assert not broken, f"restarts not carried out: {broken}"
@@ -145,9 +164,8 @@ def test_a_restart_changes_nothing_a_guest_sees(case, c_guests):
     specs = guest_specs(CPUSTATE, CPUSTATE_VPS_PER_LP * lps, [c_guests[c_guest]])
     expected, cpustate_end = reference(specs, lps)
     assert_reference_is_clean(expected, lps, CPUSTATE_VPS_PER_LP * lps)
-    request_at = int(cpustate_end * POINTS[point])
-    document = restart_module.restart(source, target, list(specs), lps=lps, request_at=request_at, mode=mode,
-                                      max_instructions=RUN_LIMIT)
+    document = in_own_process(kind="restart", source=source, target=target, specs=list(specs), lps=lps,
+                              request_at=int(cpustate_end * POINTS[point]), mode=mode, run_limit=RUN_LIMIT)
     assert document["hypervisor"] == target
     assert_same_as_without_restart(document, expected)
 
@@ -156,14 +174,8 @@ def test_fifty_restarts_in_a_row_alternating_versions_change_nothing_a_guest_see
     specs = guest_specs(ROW_CPUSTATE, ROW_CPUSTATE_VPS, [c_guests[name] for name in ROW_C_GUESTS])
     expected, cpustate_end = reference(specs, ROW_LPS)
     assert_reference_is_clean(expected, ROW_LPS, ROW_CPUSTATE_VPS)
-    booted = boot.boot([catalog.parse(spec) for spec in specs], hypervisor="hv1", lps=ROW_LPS)
-    booted.machine.run(max_instructions=int(cpustate_end * POINTS["early"]))
-    for number in range(ROW_RESTARTS):
-        target = "hv2" if booted.hypervisor == "hv1" else "hv1"
-        recorder = restart_module.request(booted, target, check_memory=False)
-        assert recorder.finished and booted.hypervisor == target, f"restart {number} into {target}"
-    assert booted.partitions()[0]["state"] == layouts.PARTITION_RUNNING, \
-        "cpustate ended before the last restart: the row did not test it"
-    result = booted.machine.run(max_instructions=RUN_LIMIT)
-    document = run_module.document(booted, result, ROW_LPS) | {"restarts": []}
+    document = in_own_process(kind="row", specs=list(specs), lps=ROW_LPS, restarts=ROW_RESTARTS,
+                              request_at=int(cpustate_end * POINTS["early"]), run_limit=RUN_LIMIT)
+    assert len(document["restarts"]) == ROW_RESTARTS, f"a restart failed: {document['restarts'][-1]}"
+    assert document["first_guest_ran_to_the_last"], "cpustate ended before the last restart: the row did not test it"
     assert_same_as_without_restart(document, expected)

@@ -1,0 +1,44 @@
+"""One case of tests/test_restart_oracle.py in a process of its own, so that a machine crash fails the case instead of ending pytest: argv[1] is the request (JSON), the answer (JSON) goes to standard output."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from guests import catalog  # noqa: E402  (after the repository root is on the path)
+from hypervisors import boot, layouts  # noqa: E402
+from tools import restart as restart_module  # noqa: E402
+from tools import run as run_module  # noqa: E402
+
+
+def restart(request: dict) -> dict:
+    """`hhr restart`'s document for one restart."""
+    return restart_module.restart(request["source"], request["target"], request["specs"], lps=request["lps"],
+                                  request_at=request["request_at"], mode=request["mode"],
+                                  max_instructions=request["run_limit"])
+
+
+def row(request: dict) -> dict:
+    """Restarts back to back, alternating between hv1 and hv2 (no guest-memory hashing: it would
+    dominate), then the run to the end; says whether the first guest still ran after the last."""
+    booted = boot.boot([catalog.parse(spec) for spec in request["specs"]], hypervisor="hv1", lps=request["lps"])
+    booted.machine.run(max_instructions=request["request_at"])
+    restarts = []
+    for _ in range(request["restarts"]):
+        target = "hv2" if booted.hypervisor == "hv1" else "hv1"
+        recorder = restart_module.request(booted, target, check_memory=False)
+        restarts.append({"to": target, "finished": recorder.finished, "hypervisor": booted.hypervisor,
+                         "outcome": "committed" if recorder.finished and booted.hypervisor == target else "failed"})
+        if restarts[-1]["outcome"] != "committed":
+            break
+    first_running = booted.partitions()[0]["state"] == layouts.PARTITION_RUNNING
+    result = booted.machine.run(max_instructions=request["run_limit"])
+    return run_module.document(booted, result, request["lps"]) | {"restarts": restarts,
+                                                                    "first_guest_ran_to_the_last": first_running}
+
+
+if __name__ == "__main__":
+    question = json.loads(sys.argv[1])
+    print(json.dumps({"restart": restart, "row": row}[question["kind"]](question)))
