@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 VP_AREAS = 0x400000             # guest-physical: VP v's area is VP_AREAS + v x VP_AREA_BYTES (identity-mapped)
-VP_AREA_BYTES = 0x10000
+VP_AREA_SHIFT = 16
+VP_AREA_BYTES = 1 << VP_AREA_SHIFT
 
 # Offsets in a VP's area.
 AREA_OFFSETS = {
@@ -41,8 +42,9 @@ def slot(name: str) -> int:
 
 
 def constants() -> dict[str, int]:
-    """VP_AREAS, VP_AREA_BYTES, AREA_<NAME> offsets, SLOT_<NAME> numbers and GPR_COUNT."""
-    values = {"VP_AREAS": VP_AREAS, "VP_AREA_BYTES": VP_AREA_BYTES, "GPR_COUNT": len(GENERAL_REGISTERS)}
+    """VP_AREAS, VP_AREA_SHIFT and _BYTES, AREA_<NAME> offsets, SLOT_<NAME> numbers and GPR_COUNT."""
+    values = {"VP_AREAS": VP_AREAS, "VP_AREA_SHIFT": VP_AREA_SHIFT, "VP_AREA_BYTES": VP_AREA_BYTES,
+              "GPR_COUNT": len(GENERAL_REGISTERS)}
     values.update({f"AREA_{name}": offset for name, offset in AREA_OFFSETS.items()})
     values.update({f"SLOT_{name}": number for number, name in enumerate(SLOTS)})
     return values
