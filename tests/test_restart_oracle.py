@@ -26,7 +26,8 @@ from tools import run as run_module
 DIRECTIONS = [("hv1", "hv2"), ("hv2", "hv1"), ("hv1", "hv1"), ("hv2", "hv2")]
 MODES = ["precopy", "stop-and-copy", "suspend"]
 LP_COUNTS = [1, 2, 8]
-POINTS = {"early": 0.1, "middle": 0.5, "late": 0.9}    # fractions of cpustate's life in the run without restart
+POINTS = {"early": 0.1, "middle": 0.5, "late": 0.9}    # where in cpustate's life the blackout falls (about)
+RESTART_LEAD = 2_500_000        # instructions per LP from the doorbell to the blackout: the new hypervisor boots
 C_GUESTS = ["sha256", "numeric", "memwalk"]     # guests/examples/NAME.c: gcc keeps their values in XMM registers
 PARAMETERS = [DIRECTIONS, MODES, LP_COUNTS, list(POINTS), C_GUESTS]
 FULL_PRODUCT = os.environ.get("HHR_ORACLE_FULL") == "1"
@@ -164,10 +165,14 @@ def test_a_restart_changes_nothing_a_guest_sees(case, c_guests):
     specs = guest_specs(CPUSTATE, CPUSTATE_VPS_PER_LP * lps, [c_guests[c_guest]])
     expected, cpustate_end = reference(specs, lps)
     assert_reference_is_clean(expected, lps, CPUSTATE_VPS_PER_LP * lps)
+    window = cpustate_end - lps * RESTART_LEAD
+    assert window > 0, f"cpustate ends {cpustate_end} instructions in: too soon for a restart on {lps} LPs"
     document = in_own_process(kind="restart", source=source, target=target, specs=list(specs), lps=lps,
-                              request_at=int(cpustate_end * POINTS[point]), mode=mode, run_limit=RUN_LIMIT)
+                              request_at=int(window * POINTS[point]), mode=mode, run_limit=RUN_LIMIT)
     assert document["hypervisor"] == target
     assert_same_as_without_restart(document, expected)
+    at_blackout = [vp["state"] for vp in document["restart"]["blackout"]["per_vp"] if vp["partition"] == 0]
+    assert "running" in at_blackout, f"cpustate's VPs at the blackout: {at_blackout}: the case did not test it"
 
 
 def test_fifty_restarts_in_a_row_alternating_versions_change_nothing_a_guest_sees(c_guests):
