@@ -79,3 +79,13 @@ def test_a_guest_that_loaded_fs_or_gs_survives_a_hot_restart(tmp_path, segment, 
     assert f"{segment} kept" in restarted.stdout, restarted.stdout
     assert "exited with code 0" in restarted.stdout, restarted.stdout
     assert "committed" in restarted.stdout.lower(), restarted.stdout
+
+
+@pytest.mark.parametrize("mode, verdict", [("stop-and-copy", "committed"), ("suspend", "resumed")])
+def test_a_guest_that_loaded_fs_survives_the_other_hand_off_modes(tmp_path, mode, verdict):
+    guest = tmp_path / "fs-selector.bin"
+    guest.write_bytes(selector_guest("fs"))
+    restarted = hhr("restart", "--mode", mode, "--lps", "1", "--guest", str(guest), "--at", str(RESTART_AT))
+    assert restarted.returncode == 0, f"hhr restart died ({restarted.returncode}):\n{restarted.stderr[-3000:]}"
+    assert "fs kept" in restarted.stdout and "exited with code 0" in restarted.stdout, restarted.stdout
+    assert f"({mode}): {verdict}" in restarted.stdout, restarted.stdout
