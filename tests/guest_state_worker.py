@@ -4,7 +4,8 @@ Run as `python -m tests.guest_state_worker` by tests/test_guest_state_entry.py, 
 emulator kills this process and fails the test instead of killing pytest. A case (JSON object) holds:
 
     fields       VMCS field name -> value, written over a valid 64-bit guest (tests.machine_programs)
-    gdt          quadwords written at the guest's GDT (guest-physical GUEST_GDT)
+    gdt          quadwords written at the guest's GDT (guest-physical GUEST_GDT, or gdt_at; the
+                 bytes that fall outside guest RAM are left out)
     guest_memory [guest-physical, quadword] pairs written through the guest's EPT (page tables, ...)
     ept          [guest-physical, EPT permission bits] pairs: that page is mapped with 4 KiB pages and
                  these permissions (0: not present)
@@ -74,8 +75,11 @@ def run_case(case: dict) -> dict:
     guest = build_guest(machine, GUEST_CODE, controls=_controls(),
                         fields={"VMX_PREEMPTION_TIMER_VALUE": PREEMPTION_TIMER_TICKS})
     guest.fields.update(case.get("fields", {}))
+    gdt_at = case.get("gdt_at", GUEST_GDT)
     for index, quad in enumerate(case.get("gdt", [])):
-        guest.write_u64(GUEST_GDT + index * QWORD, quad)
+        for offset, byte in enumerate(quad.to_bytes(QWORD, "little")):
+            if guest.ept.translate(gdt_at + index * QWORD + offset) is not None:   # a GDT may run off guest RAM
+                guest.write(gdt_at + index * QWORD + offset, bytes([byte]))
     for gpa, value in case.get("guest_memory", []):
         guest.write_u64(gpa, value)
     for gpa, permissions in case.get("ept", []):

@@ -37,7 +37,7 @@ EXPECTED_OUTCOMES = {"exit", "vmfail", "entry-failure"}
 U16, U32, U64 = (1 << 16) - 1, (1 << 32) - 1, (1 << 64) - 1
 NON_CANONICAL = 1 << 47
 SEGMENTS = ("ES", "CS", "SS", "DS", "FS", "GS")
-DATA_SELECTOR_INDEX = 2          # the guest GDT of tests.machine_programs: null, code, data, TSS
+DATA_INDEX = 2                   # the guest GDT of tests.machine_programs: null, code, data, TSS
 GDT_ENTRY = 8
 LIMIT_GRANULARITY_SHIFT = 12
 
@@ -132,7 +132,7 @@ def segment_fields(name: str, selector: int, quad: int) -> dict[str, int]:
             f"GUEST_{name}_AR_BYTES": access_rights}
 
 
-DATA_SELECTOR = DATA_SELECTOR_INDEX * GDT_ENTRY
+DATA_SELECTOR = DATA_INDEX * GDT_ENTRY
 FLAT_DATA = segment_fields("FS", DATA_SELECTOR, GDT_DATA)
 assert FLAT_DATA["GUEST_FS_AR_BYTES"] == DATA_ACCESS_RIGHTS and FLAT_DATA["GUEST_FS_LIMIT"] == FLAT_LIMIT
 NOT_ACCESSED_DATA = GDT_DATA & ~(SEGMENT_TYPE_ACCESSED << DESCRIPTOR_ACCESS_SHIFT)
@@ -146,6 +146,17 @@ def fs_or_gs(segment: str) -> dict[str, int]:
 
 def gdt_with_data(quad: int) -> list[int]:
     return [0, GDT_CODE64, quad]
+
+
+# GDTs elsewhere: descriptors that straddle a page boundary, or run off the end of guest RAM.
+GDT_PLACES = [GUEST_GDT + PAGE_SIZE - DATA_INDEX * GDT_ENTRY - GDT_ENTRY // 2, GUEST_GDT + GDT_ENTRY // 2,
+              GUEST_RAM_SIZE - DATA_INDEX * GDT_ENTRY - GDT_ENTRY // 2]
+
+
+def straddling(gdt_at: int) -> dict:
+    """FS holds the data selector of a GDT at `gdt_at`, whose data descriptor spans two pages."""
+    return {"fields": {**fs_or_gs("FS"), "GUEST_GDTR_BASE": gdt_at}, "gdt_at": gdt_at,
+            "gdt": gdt_with_data(GDT_DATA)}
 
 
 # --- the cases a property test or a bug report found, kept as regressions ------------------------------
@@ -174,6 +185,8 @@ REGRESSIONS = [
     ("fs-gdt-crosses-into-non-canonical",
      {"fields": {**fs_or_gs("FS"), "GUEST_GDTR_BASE": NON_CANONICAL - DATA_SELECTOR - 4}},
      "entry-failure", GUEST_FS_GS_DESCRIPTOR_TRANSLATES),
+    ("fs-descriptor-straddles-two-pages", straddling(GDT_PLACES[0]), "exit", None),
+    ("fs-descriptor-runs-off-guest-ram", straddling(GDT_PLACES[2]), "entry-failure", GUEST_FS_GS_DESCRIPTOR_TRANSLATES),
     ("gs-written-before-vmresume-not-present",
      {"gdt": gdt_with_data(NOT_PRESENT_DATA), "resume_fields": fs_or_gs("GS")},
      "entry-failure", GUEST_FS_GS_DESCRIPTOR_LOADABLE),
@@ -232,7 +245,6 @@ descriptors = st.one_of(
 access_rights = st.one_of(st.integers(0, U32), st.just(int(AR_UNUSABLE)), st.just(DATA_ACCESS_RIGHTS))
 
 
-CODE_INDEX, DATA_INDEX = 1, 2          # the valid code and data descriptors every generated GDT starts with
 rpls = rarely(st.integers(1, 3), 0, odds=15)
 
 
@@ -297,6 +309,9 @@ def guest_state_cases(draw) -> dict:
     for mutated in draw(st.lists(FIELD_MUTATIONS, max_size=3)):
         fields.update(mutated)
     case = {"fields": fields, "gdt": gdt}
+    gdt_at = draw(rarely(st.sampled_from(GDT_PLACES), GUEST_GDT))
+    if gdt_at != GUEST_GDT:
+        case["gdt_at"] = fields["GUEST_GDTR_BASE"] = gdt_at
     corruptions = draw(rarely(st.lists(st.tuples(st.sampled_from([GUEST_PML4, GUEST_PDPT]), u64s),
                                        min_size=1, max_size=2), []))
     if corruptions:
