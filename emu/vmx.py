@@ -15,7 +15,7 @@ from emu.decode import MemoryOperand, RegisterOperand
 from emu.vmcs import DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT, ActiveVmcs
 from emu.vmcs_fields import U64_MASK as U64
 from emu.vmentry_checks import (
-    VMFAIL_VALID, check_launch_state, check_vm_entry, fits_physical_address, is_canonical,
+    VMFAIL_VALID, EntryCheckFailure, check_launch_state, check_vm_entry, fits_physical_address, is_canonical,
 )
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import (
@@ -339,7 +339,7 @@ class VmxUnit:
         self.begin_guest(vmcs, launching, insn.size, msr_loads=msr_loads)
         return "enter"
 
-    def _report_entry_failure(self, vmcs: ActiveVmcs, failure) -> None:
+    def _report_entry_failure(self, vmcs: ActiveVmcs, failure: EntryCheckFailure) -> None:
         self.lp.publish("vm-entry-failed", vmcs=vmcs.address, check=failure.check, message=failure.message)
         self.machine.last_entry_failure = failure
 
@@ -384,7 +384,7 @@ class VmxUnit:
             vmcs.fast.checked_field_written = 0
         return failure
 
-    def load_guest_state(self, vmcs: ActiveVmcs, launching: bool):
+    def load_guest_state(self, vmcs: ActiveVmcs, launching: bool) -> EntryCheckFailure | None:
         """Loads the guest state of the VMCS into its guest instance (SDM Vol. 3C 27.3.2): all of it at
         the first entry, what software wrote since at later ones. Returns None, or the failure when
         the instance cannot take it (emu/segment_load.py); the guest is then not entered."""
@@ -561,8 +561,7 @@ class VmxUnit:
             return "next"
         lp = self.lp
         call_number = lp.root.reg(x86.UC_X86_REG_RAX)
-        saved = (vmcs.read("GUEST_RIP"), vmcs.read("GUEST_RSP"), vmcs.read("GUEST_RFLAGS"))
-        vmcs.inverse_call_saved = saved
+        vmcs.inverse_call_saved = (vmcs.read("GUEST_RIP"), vmcs.read("GUEST_RSP"), vmcs.read("GUEST_RFLAGS"))
         lp.publish("vmcallr", vmcs=vmcs.address, call=call_number)
         self.machine.count_inverse_call(call_number)
         self.begin_guest(vmcs, launching=False, instruction_length=instruction_length, inject=False)
