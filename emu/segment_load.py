@@ -16,8 +16,8 @@ from unicorn import x86_const as x86
 
 from emu import fast
 from emu.vmentry_checks import (
-    GUEST_FS_GS_DESCRIPTOR_LOADABLE, GUEST_FS_GS_DESCRIPTOR_TRANSLATES, EntryCheckFailure, is_canonical,
-    make_failure, guest_state_message,
+    GUEST_FS_GS_DESCRIPTOR_LOADABLE, GUEST_FS_GS_DESCRIPTOR_TRANSLATES, EntryCheckFailure, guest_state_message,
+    is_canonical, make_failure,
 )
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import (
@@ -119,7 +119,10 @@ def _access(context, address: int, length: int, access: int) -> tuple[bytes | No
             return None, f"{address:#x} is not canonical"
         physical, fault = context.translate(address, access)
         if fault is not None:
-            return None, f"{_FAULT_NAMES.get(fault.kind, 'a fault')} at {address:#x}"
+            where = f"linear {address:#x}"
+            if fault.kind != fast.FAULT_PAGE_FAULT:
+                where += f", guest-physical {fault.guest_physical:#x}"
+            return None, f"{_FAULT_NAMES.get(fault.kind, 'a fault')} at {where}"
         chunk = min(length, PAGE_SIZE - address % PAGE_SIZE)
         data += context.ram.read(physical, chunk)
         address = (address + chunk) & U64
