@@ -81,6 +81,18 @@ def test_a_guest_that_loaded_fs_or_gs_survives_a_hot_restart(tmp_path, segment, 
     assert "committed" in restarted.stdout.lower(), restarted.stdout
 
 
+def test_several_vps_on_two_lps_that_loaded_gs_survive_a_hot_restart(tmp_path):
+    """Three VPs on two LPs: the new hypervisor's guest instances come from a pool that served other
+    VMCSs (the service partition's among them) before."""
+    guest = tmp_path / "gs-selector.bin"
+    guest.write_bytes(selector_guest("gs"))
+    restarted = hhr("restart", "--lps", "2", "--guest", f"{guest},vps=3", "--guest", "counter",
+                    "--at", str(RESTART_AT))
+    assert restarted.returncode == 0, f"hhr restart died ({restarted.returncode}):\n{restarted.stderr[-3000:]}"
+    assert "gs kept" in restarted.stdout and "gs changed" not in restarted.stdout, restarted.stdout
+    assert "committed" in restarted.stdout, restarted.stdout
+
+
 @pytest.mark.parametrize("mode, verdict", [("stop-and-copy", "committed"), ("suspend", "resumed")])
 def test_a_guest_that_loaded_fs_survives_the_other_hand_off_modes(tmp_path, mode, verdict):
     guest = tmp_path / "fs-selector.bin"
