@@ -12,6 +12,7 @@ emulator kills this process and fails the test instead of killing pytest. A case
     resume_fields  fields written at the first VM exit before VMRESUME (the entry that loads only
                  what software wrote)
     fix_gdt_after_failure  after a failed entry, set P in GDT entry 2 (in memory) and VMLAUNCH again
+    code         machine code (hex) the guest runs instead of GUEST_CODE's instructions
 
 The guest runs a few instructions that use its segments, under a short VMX-preemption timer, so every
 entry that succeeds ends in a VM exit. The answer (one line of JSON) is:
@@ -31,10 +32,10 @@ import traceback
 from emu.machine import Machine
 from emu.vmx_defs import AR_P, EPT_RWX_MASK, EXIT_REASON_VM_ENTRY_FAILURE, PinBasedControls
 from tests.machine_programs import (
-    EXIT_LAUNCH_FAILED, EXIT_LOG_FULL, EXIT_RESUME_FAILED, EXIT_STOPPED_ON_EXIT, PAGE_2M,
-    PAGE_SIZE, QWORD, RFLAGS_CF, RFLAGS_ZF, SLOT_LAUNCH_ERROR, SLOT_LAUNCH_FLAGS, SLOT_RESUME_ERROR,
-    SLOT_RESUME_FLAGS, GUEST_GDT, VMCS_REGION, build_guest, debug_exit, default_controls, events_of, exit_log,
-    exit_logger, exit_status, lines, result, run_root, vmread, vmwrite, vmx_program,
+    EXIT_LAUNCH_FAILED, EXIT_LOG_FULL, EXIT_RESUME_FAILED, EXIT_STOPPED_ON_EXIT, GUEST_CODE as GUEST_CODE_ADDRESS,
+    GUEST_GDT, PAGE_2M, PAGE_SIZE, QWORD, RFLAGS_CF, RFLAGS_ZF, SLOT_LAUNCH_ERROR, SLOT_LAUNCH_FLAGS,
+    SLOT_RESUME_ERROR, SLOT_RESUME_FLAGS, VMCS_REGION, build_guest, debug_exit, default_controls, events_of,
+    exit_log, exit_logger, exit_status, lines, result, run_root, vmread, vmwrite, vmx_program,
 )
 
 INSTRUCTION_LIMIT = 200_000          # far more than two entries, a few guest instructions and the timer need
@@ -75,6 +76,8 @@ def run_case(case: dict) -> dict:
     guest = build_guest(machine, GUEST_CODE, controls=_controls(),
                         fields={"VMX_PREEMPTION_TIMER_VALUE": PREEMPTION_TIMER_TICKS})
     guest.fields.update(case.get("fields", {}))
+    if "code" in case:
+        guest.write(GUEST_CODE_ADDRESS, bytes.fromhex(case["code"]))
     gdt_at = case.get("gdt_at", GUEST_GDT)
     for index, quad in enumerate(case.get("gdt", [])):
         for offset, byte in enumerate(quad.to_bytes(QWORD, "little")):

@@ -1,7 +1,8 @@
 """No guest state crashes the machine: fresh VMCSs with generated guest-state areas (selectors with
 matching GDT entries in guest memory, access rights, bases, limits, control registers, RFLAGS, RIP,
 RSP, activity state, paging and EPT around the GDT) are entered with VMLAUNCH, and VMRESUME after
-more fields are written; each must end in a VM exit, a VMfail or a VM-entry failure.
+more fields are written, the guest running generated code too; each must end in a VM exit, a VMfail
+or a VM-entry failure.
 
 The cases run in a subprocess (tests/guest_state_worker.py), one process for many cases, so that a
 crash or a hang fails the test, with the case and the process's last words, instead of killing pytest."""
@@ -23,8 +24,8 @@ from emu.vmx_defs import (
     make_interruption_info,
 )
 from tests.machine_programs import (
-    DATA_ACCESS_RIGHTS, FLAT_LIMIT, GDT_CODE64, GDT_DATA, GUEST_GDT, GUEST_PDPT, GUEST_PML4, GUEST_RAM_SIZE,
-    PAGE_SIZE, guest_state_fields,
+    DATA_ACCESS_RIGHTS, FLAT_LIMIT, GDT_CODE64, GDT_DATA, GUEST_CODE, GUEST_GDT, GUEST_PDPT, GUEST_PML4,
+    GUEST_RAM_SIZE, PAGE_SIZE, assemble, guest_state_fields,
 )
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +33,7 @@ WORKER = [sys.executable, "-X", "faulthandler", "-m", "tests.guest_state_worker"
 CASE_TIMEOUT_SECONDS = 60        # one case takes milliseconds; a case still running after this hangs
 CASES_PER_WORKER = 40            # a machine's Unicorn instances are not freed: a fresh worker now and then
 PROPERTY_EXAMPLES = 400
+CODE_EXAMPLES = 150
 LAST_WORDS = 4000                # characters of the worker's stderr shown with a finding
 EXPECTED_OUTCOMES = {"exit", "vmfail", "entry-failure"}
 U16, U32, U64 = (1 << 16) - 1, (1 << 32) - 1, (1 << 64) - 1
@@ -301,12 +303,12 @@ FIELD_MUTATIONS = st.one_of(
 
 
 @st.composite
-def guest_state_cases(draw) -> dict:
+def guest_state_cases(draw, most_mutations: int = 3) -> dict:
     gdt = [0, GDT_CODE64, GDT_DATA] + draw(st.lists(descriptors, min_size=1, max_size=5))
     fields: dict[str, int] = {"GUEST_GDTR_LIMIT": len(gdt) * GDT_ENTRY - 1}
     for name in ("DS", "ES", "FS", "GS"):
         fields.update(draw(data_segment(name, gdt)))
-    for mutated in draw(st.lists(FIELD_MUTATIONS, max_size=3)):
+    for mutated in draw(st.lists(FIELD_MUTATIONS, max_size=most_mutations)):
         fields.update(mutated)
     case = {"fields": fields, "gdt": gdt}
     gdt_at = draw(rarely(st.sampled_from(GDT_PLACES), GUEST_GDT))
@@ -337,3 +339,30 @@ def test_no_generated_guest_state_crashes_the_machine(worker, case):
     event(answer["outcome"])     # the spread of outcomes and checks: pytest --hypothesis-show-statistics
     for check in answer["detail"]["checks"]:
         event(f"failed check {check}")
+
+
+# Guest code the guest runs after such an entry: random bytes, or instructions that load segments and
+# descriptor tables, change control registers, MSRs and the stack, fault, trap and return across privilege.
+GUEST_INSTRUCTIONS = [
+    "mov ax, 0x10", "mov ax, 0x13", "mov ax, 0x4", "mov ax, 0x18", "mov fs, ax", "mov gs, ax", "mov ss, ax",
+    "mov ds, ax", "mov ax, fs", "lldt ax", "ltr ax", "verr ax", "lar eax, ax", "lsl eax, ax", "lgdt [rip]",
+    "lidt [rip]", "sgdt [rsp]", "iretq", "retfq", "push 0x8", "push 0x10", "pushfq", "popfq", "int3",
+    "int 0x80", "ud2", "hlt", "cpuid", "vmcall", "mov rax, cr0", "mov cr0, rax", "mov cr3, rax", "mov cr4, rax",
+    "clts", "xor eax, eax", "mov rsp, 0x8000", "mov rax, 0x1000", "mov ecx, 0xc0000100", "mov ecx, 0xc0000102",
+    "wrmsr", "rdmsr", "swapgs", "syscall", "sysret", "mov rax, [rax]", "mov [rax], rax", "jmp rax", "fld1",
+    "movd xmm0, eax", "fxsave [rsp]", "fxrstor [rsp]", "mov dr7, rax", "mov rax, dr6", "invlpg [rax]",
+    "in al, 0x60", "out 0x80, al", "rep movsb", "sti", "cli", "rdtscp",
+]
+STOP = ["vmcall", "hlt"]
+guest_code = st.one_of(
+    st.binary(min_size=1, max_size=64),
+    st.lists(st.sampled_from(GUEST_INSTRUCTIONS), min_size=1, max_size=12).map(
+        lambda chosen: assemble("\n".join(chosen + STOP), GUEST_CODE)))
+
+
+@settings(max_examples=CODE_EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(case=guest_state_cases(most_mutations=1), code=guest_code)
+def test_no_generated_guest_code_crashes_the_machine(worker, case, code):
+    answer = enter(worker, {**case, "code": code.hex()})
+    event(answer["outcome"])
