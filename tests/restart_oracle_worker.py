@@ -13,6 +13,20 @@ from tools import restart as restart_module  # noqa: E402
 from tools import run as run_module  # noqa: E402
 
 
+def reference(request: dict) -> dict:
+    """The run without a restart (under hv1): its document, with the instructions retired (all LPs)
+    when the first guest ended, found by looking every `step` instructions."""
+    booted = boot.boot([catalog.parse(spec) for spec in request["specs"]], hypervisor="hv1", lps=request["lps"])
+    first_end = None
+    while True:
+        result = booted.machine.run(max_instructions=booted.machine.retired + request["step"])
+        if first_end is None and booted.partitions()[0]["state"] != layouts.PARTITION_RUNNING:
+            first_end = booted.machine.retired
+        if result.stop.reason != "instruction-limit" or booted.machine.retired > request["run_limit"]:
+            break
+    return run_module.document(booted, result, request["lps"]) | {"first_guest_end": first_end or booted.machine.retired}
+
+
 def restart(request: dict) -> dict:
     """`hhr restart`'s document for one restart."""
     return restart_module.restart(request["source"], request["target"], request["specs"], lps=request["lps"],
@@ -41,4 +55,4 @@ def row(request: dict) -> dict:
 
 if __name__ == "__main__":
     question = json.loads(sys.argv[1])
-    print(json.dumps({"restart": restart, "row": row}[question["kind"]](question)))
+    print(json.dumps({"reference": reference, "restart": restart, "row": row}[question["kind"]](question)))

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from guests import c_examples, catalog
-from hypervisors import boot, layouts
+from guests import c_examples
 from tools import run as run_module
 
 DIRECTIONS = [("hv1", "hv2"), ("hv2", "hv1"), ("hv1", "hv1"), ("hv2", "hv2")]
@@ -93,19 +92,11 @@ def outcomes(document_guests: list[dict]) -> dict[str, tuple]:
 
 @lru_cache(maxsize=None)
 def reference(specs: tuple[str, ...], lps: int) -> tuple[dict, int]:
-    """The run without a restart (under hv1: what a guest sees is the same under either hypervisor):
-    each guest's outcome, and the instructions retired (all LPs) when cpustate ended, found by
-    looking every LIFE_STEP instructions."""
-    booted = boot.boot([catalog.parse(spec) for spec in specs], hypervisor="hv1", lps=lps)
-    cpustate_end = None
-    while True:
-        result = booted.machine.run(max_instructions=booted.machine.retired + LIFE_STEP)
-        if cpustate_end is None and booted.partitions()[0]["state"] != layouts.PARTITION_RUNNING:
-            cpustate_end = booted.machine.retired
-        if result.stop.reason != "instruction-limit" or booted.machine.retired > RUN_LIMIT:
-            break
-    document = run_module.document(booted, result, lps)
-    return outcomes(document["guests"]), cpustate_end or booted.machine.retired
+    """The run without a restart (under hv1: what a guest sees is the same under either hypervisor),
+    in a process of its own like the restarts: each guest's outcome, and the instructions retired
+    (all LPs) when cpustate ended, found by looking every LIFE_STEP instructions."""
+    document = in_own_process(kind="reference", specs=list(specs), lps=lps, step=LIFE_STEP, run_limit=RUN_LIMIT)
+    return outcomes(document["guests"]), document["first_guest_end"]
 
 
 def assert_reference_is_clean(expected: dict, lps: int, cpustate_vps: int) -> None:
