@@ -1,0 +1,114 @@
+"""A VP's state beyond the VMCS (x87/SSE, CR2, DR0-DR3, DR6, the MSRs root and guest share) and the MSRs guests may use, defined once."""
+from __future__ import annotations
+
+import enum
+
+from emu import msrs, vmcs_fields
+from emu.vmx_defs import MSR_IA32_EFER
+
+FXSAVE_AREA_BYTES = 512                 # what FXSAVE stores (SDM Vol. 1 10.5.1, Table 10-2)
+FXSAVE_ALIGNMENT = 16                   # FXSAVE/FXRSTOR fault on a less aligned area
+FXSAVE_FCW = 0                          # offsets in the FXSAVE image
+FXSAVE_MXCSR = 24
+FXSAVE_MXCSR_MASK = 28
+FXSAVE_FCW_INITIAL = 0x037F             # FNINIT's control word (SDM Vol. 1 8.1.5)
+MXCSR_INITIAL = 0x1F80                  # every exception masked, round to nearest (SDM Vol. 1 10.2.3)
+MXCSR_MASK_DEFAULT = 0xFFBF             # a zero MXCSR_MASK field means this one (SDM Vol. 1 11.6.6)
+DR6_INITIAL = 0xFFFF0FF0                # DR6 at power-up (SDM Vol. 3A Table 10-1)
+PAT_INITIAL = 0x0007040600070406        # IA32_PAT at power-up (SDM Vol. 3A 13.12.4)
+PAT_RESERVED_BITS = 0xF8F8F8F8F8F8F8F8  # bits 7:3 of every entry (SDM Vol. 3A 13.12.2)
+PAT_VALID_TYPES = frozenset({0, 1, 4, 5, 6, 7})   # UC, WC, WT, WP, WB, UC- (Table 13-10); 2 and 3 reserved
+HIGH_DWORD = 0xFFFF_FFFF_0000_0000
+
+
+class MsrCheck(enum.IntEnum):
+    """What WRMSR checks of a value before it takes it (#GP(0) otherwise), per MSR (SDM Vol. 4 Table 2-2)."""
+
+    ANY = 0
+    CANONICAL = 1                       # an address: canonical
+    HIGH_ZERO = 2                       # bits 63:32 reserved
+    PAT = 3                             # eight entries of a valid memory type, bits 7:3 zero
+    EFER = 4                            # no unsupported bit; LME as it is (paging is on); LMA read-only
+
+
+# The MSRs root and guest share (the VMCS switches none of them, SDM Vol. 3C 28.3, 29.3): a
+# hypervisor keeps them per VP and switches them itself. In this order in both hypervisors' VP
+# records and in the VP_STATE transfer record: (field name, MSR index, WRMSR check).
+SHARED_MSRS = (
+    ("kernel_gs_base", msrs.IA32_KERNEL_GS_BASE, MsrCheck.CANONICAL),
+    ("star", msrs.IA32_STAR, MsrCheck.ANY),
+    ("lstar", msrs.IA32_LSTAR, MsrCheck.CANONICAL),
+    ("cstar", msrs.IA32_CSTAR, MsrCheck.CANONICAL),
+    ("fmask", msrs.IA32_FMASK, MsrCheck.HIGH_ZERO),
+    ("tsc_aux", msrs.IA32_TSC_AUX, MsrCheck.HIGH_ZERO),
+    ("pat", msrs.IA32_PAT, MsrCheck.PAT),
+)
+SHARED_MSR_BYTES = 8
+
+# The MSRs a guest reaches through its VMCS: RDMSR reads the guest field, WRMSR writes it.
+VMCS_MSRS = (
+    (msrs.IA32_FS_BASE, "GUEST_FS_BASE", MsrCheck.CANONICAL),
+    (msrs.IA32_GS_BASE, "GUEST_GS_BASE", MsrCheck.CANONICAL),
+    (msrs.IA32_SYSENTER_CS, "GUEST_SYSENTER_CS", MsrCheck.HIGH_ZERO),   # a 32-bit field
+    (msrs.IA32_SYSENTER_ESP, "GUEST_SYSENTER_ESP", MsrCheck.CANONICAL),
+    (msrs.IA32_SYSENTER_EIP, "GUEST_SYSENTER_EIP", MsrCheck.CANONICAL),
+    (MSR_IA32_EFER, "GUEST_IA32_EFER", MsrCheck.EFER),
+)
+
+# The registers of the state beyond the VMCS, each a qword, in the order the VP_STATE record keeps them.
+DEBUG_AND_CONTROL_REGISTERS = ("cr2", "dr0", "dr1", "dr2", "dr3", "dr6")
+
+
+def record_fields() -> list[tuple[str, int]]:
+    """The VP-state fields as they sit in a record: the registers, the shared MSRs, then the FXSAVE image."""
+    return ([(name, 8) for name in DEBUG_AND_CONTROL_REGISTERS]
+            + [(name, SHARED_MSR_BYTES) for name, _, _ in SHARED_MSRS]
+            + [("fx_area", FXSAVE_AREA_BYTES)])
+
+
+def initial_fxsave_image() -> bytes:
+    """The FXSAVE image a VP starts with: FCW 0x037F, MXCSR 0x1F80, everything else 0."""
+    image = bytearray(FXSAVE_AREA_BYTES)
+    image[FXSAVE_FCW:FXSAVE_FCW + 2] = FXSAVE_FCW_INITIAL.to_bytes(2, "little")
+    image[FXSAVE_MXCSR:FXSAVE_MXCSR + 4] = MXCSR_INITIAL.to_bytes(4, "little")
+    return bytes(image)
+
+
+def msr_value_refused(check: MsrCheck, value: int, linear_address_width: int = 48) -> bool:
+    """True if WRMSR would refuse `value` under `check` (EFER: only the reserved bits, for tools)."""
+    if check == MsrCheck.CANONICAL:
+        top = value >> (linear_address_width - 1)
+        return top not in (0, (1 << (64 - linear_address_width + 1)) - 1)
+    if check == MsrCheck.HIGH_ZERO:
+        return bool(value & HIGH_DWORD)
+    if check == MsrCheck.PAT:
+        return bool(value & PAT_RESERVED_BITS) or any(((value >> (8 * entry)) & 0x7) not in PAT_VALID_TYPES
+                                                       for entry in range(8))
+    return False
+
+
+def constants() -> dict[str, int]:
+    """For assembly: the FXSAVE offsets and initial values, the checks, the table sizes."""
+    values = {name: value for name, value in globals().items()
+              if name.isupper() and isinstance(value, int)}
+    values.update({f"MSR_CHECK_{member.name}": int(member) for member in MsrCheck})
+    values["SHARED_MSR_COUNT"] = len(SHARED_MSRS)
+    values["VMCS_MSR_COUNT"] = len(VMCS_MSRS)
+    values["PAT_VALID_TYPE_BITS"] = sum(1 << kind for kind in PAT_VALID_TYPES)
+    return values
+
+
+def msr_tables() -> str:
+    """Assembly (generated include msr_tables.inc): the shared MSRs' indices and checks, in record
+    order; the VMCS MSRs' indices, guest-field encodings and checks."""
+    shared_indices = ", ".join(f"{index:#x}" for _, index, _ in SHARED_MSRS)
+    shared_checks = ", ".join(str(int(check)) for _, _, check in SHARED_MSRS)
+    vmcs_indices = ", ".join(f"{index:#x}" for index, _, _ in VMCS_MSRS)
+    vmcs_encodings = ", ".join(f"{vmcs_fields.BY_NAME[field].encoding:#x}" for _, field, _ in VMCS_MSRS)
+    vmcs_checks = ", ".join(str(int(check)) for _, _, check in VMCS_MSRS)
+    return ("; msr_tables.inc: generated by hypervisors/vp_state.py; the MSRs guests use.\n"
+            f"shared_msr_indices:\n    .long {shared_indices}\n"
+            f"shared_msr_checks:\n    .byte {shared_checks}\n"
+            f"vmcs_msr_indices:\n    .long {vmcs_indices}\n"
+            f"vmcs_msr_encodings:\n    .long {vmcs_encodings}\n"
+            f"vmcs_msr_checks:\n    .byte {vmcs_checks}\n")
