@@ -112,8 +112,11 @@ VP_RECORD = Struct("tr_vp", [
 # The state real hardware leaves to the hypervisor (hypervisors/vp_state.py): sent after each VP record.
 VP_STATE_RECORD = Struct("tr_vp_state", [
     ("partition", 4), ("index", 4),            # the VP (the index where TR_VP_INDEX is)
-    *vp_state.record_fields(),                 # CR2, DR0-DR3, DR6, the shared MSRs, the FXSAVE image
-])
+    *vp_state.transfer_record_fields(),        # CR2, DR0-DR3, DR6, the shared MSRs, the FXSAVE image
+])                                             # (from fx_header on, 512 bytes)
+if (VP_STATE_RECORD.size - VP_STATE_RECORD.offset("fx_header") != vp_state.FXSAVE_AREA_BYTES
+        or VP_STATE_RECORD.offset("mxcsr") - VP_STATE_RECORD.offset("fx_header") != vp_state.FXSAVE_MXCSR):
+    raise ValueError("tr_vp_state: the FXSAVE image must be whole from fx_header on, MXCSR where FXSAVE puts it")
 MAP_RECORD = Struct("tr_map", [
     ("partition", 4), ("_pad0", 4),
     ("gpa", 8),                                # a page of its map window

@@ -66,6 +66,16 @@ def record_fields() -> list[tuple[str, int]]:
             + [("fx_area", FXSAVE_AREA_BYTES)])
 
 
+def transfer_record_fields() -> list[tuple[str, int]]:
+    """The same for the VP_STATE transfer record, whose FXSAVE image is cut where MXCSR lies so that
+    the one field of it a receiver checks is a field of its own (for the fuzzer, docs/fuzzing.md)."""
+    return record_fields()[:-1] + [
+        ("fx_header", FXSAVE_MXCSR),                                   # FCW, FSW, FTW, FOP, FIP, FDP
+        ("mxcsr", 4), ("mxcsr_mask", 4),
+        ("fx_registers", FXSAVE_AREA_BYTES - FXSAVE_MXCSR_MASK - 4),   # ST0-ST7, XMM0-XMM15, the rest
+    ]
+
+
 def initial_fxsave_image() -> bytes:
     """The FXSAVE image a VP starts with: FCW 0x037F, MXCSR 0x1F80, everything else 0."""
     image = bytearray(FXSAVE_AREA_BYTES)

@@ -421,3 +421,27 @@ def test_a_partition_record_naming_ram_that_is_not_its_own_aborts_the_restart(ma
     with broken(machine, "m1", check, CLEAR_CARRY_AND_RETURN):
         finding = machine.execute(entries[0], deep=True).finding
     assert finding is not None and finding.kind == oracles.GUEST_OUTPUT, finding
+
+
+@pytest.mark.parametrize("suffix, value", [
+    (".mxcsr", 0x1F80 | (1 << 16)),                  # a reserved MXCSR bit (above MXCSR_MASK)
+    (".lstar", 1 << 47),                             # a non-canonical address
+    (".kernel_gs_base", 0x8000_0000_0000_0000),
+    (".fmask", 1 << 32),                             # bits 63:32 reserved
+    (".tsc_aux", 1 << 40),
+    (".pat", 0x0007_0406_0007_0403),                 # memory type 3 is reserved
+    (".dr6", 1 << 32),
+])
+def test_a_vp_state_record_that_fxrstor_or_wrmsr_would_refuse_is_refused(machine, suffix, value):
+    """The fuzzer's view of the VP_STATE record: its checked fields, each set (digest fixed) to a value
+    the processor would refuse when the new hypervisor loads it: the record is refused with VALUE,
+    the restart aborts and the guests go on as they were."""
+    number = last_state_message(machine)
+    field = next(f for f in fields.message_fields(machine.messages[number - 1])
+                 if f.name.startswith("vp_state[") and f.name.endswith(suffix))
+    assert field.checkable
+    entry = FuzzInput("messages", number, (Edit("set", field.offset, field.width, value, field=field.name),),
+                      fix_digest=True)
+    result = machine.execute(entry)
+    assert result.outcome == "aborted" and result.finding is None, result
+    assert result.replies[-1] == (transfer.Call.STATE, True, transfer.Reply.VALUE)
