@@ -9,7 +9,7 @@ from unicorn import Uc, UcError
 from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
 
-from emu import decode, fast
+from emu import decode, fast, msrs
 from emu.vmcs import FIELD_TABLE, TRANSITION_CONSTANTS
 from emu.vmx_defs import PAGE_OFFSET_MASK, PAGE_SIZE
 
@@ -91,15 +91,16 @@ class ExecutionContext:
         code = self.read_linear(pc, size, fast.ACCESS_FETCH)
         if code is None:
             # Translated through a cached mapping the tables no longer hold (changed without
-            # INVLPG/INVEPT): the bytes cannot be read back, so the block counts as one instruction.
-            return STALE_BLOCK_INSTRUCTIONS
-        count, traps = decode.scan_block(code, pc, self.kind == GUEST)
-        new_traps = [address for address in traps if address not in self.exit_points]
+            # INVLPG/INVEPT): the bytes cannot be read back, so the block counts as one instruction
+            # and may touch any shared state.
+            return STALE_BLOCK_INSTRUCTIONS | fast.USES_ALL << fast.BLOCK_USES_SHIFT
+        scan = decode.scan_block(code, pc, self.kind == GUEST)
+        new_traps = [address for address in scan.traps if address not in self.exit_points]
         if new_traps:
             self.exit_points.update(new_traps)
             self._pending_removals.append((pc, pc + size))
             return fast.NEW_BLOCK_STOP
-        return count
+        return scan.count | scan.uses << fast.BLOCK_USES_SHIFT
 
     def _on_invalid_opcode(self, uc, _user_data) -> bool:
         self.pending = Stop(STOP_INVALID_OPCODE, self.regs.read(x86.UC_X86_REG_RIP))
@@ -186,6 +187,26 @@ class ExecutionContext:
 
     def set_reg(self, register: int, value: int) -> None:
         self.regs.write(register, value)
+
+    def write_shared(self, register: int, value: int) -> None:
+        """Writes CR2 or a debug register, state the LP's root and guests share (docs/machine.md 7.4)."""
+        self.fast.acquire_shared(fast.USES_SCALARS)
+        self.regs.write(register, value)
+
+    def read_shared(self, register: int) -> int:
+        self.fast.acquire_shared(fast.USES_SCALARS)
+        return self.regs.read(register)
+
+    def read_msr(self, index: int) -> int:
+        """An MSR Unicorn models, as software in this instance sees it (shared ones included)."""
+        if index in msrs.SHARED_MSRS:
+            self.fast.acquire_shared(fast.USES_SCALARS)
+        return self.uc.msr_read(index)
+
+    def write_msr(self, index: int, value: int) -> None:
+        if index in msrs.SHARED_MSRS:
+            self.fast.acquire_shared(fast.USES_SCALARS)
+        self.uc.msr_write(index, value)
 
     def flush_translations(self) -> None:
         """Drops every cached translation (Unicorn's TLB): CR3 loads, INVEPT, a new EPTP."""
@@ -317,7 +338,7 @@ class ExecutionContext:
         if size == 0 or not begin <= rip < begin + size:
             return
         code = self.read_linear(begin, rip - begin, fast.ACCESS_FETCH) if rip > begin else b""
-        done = decode.scan_block(code, begin, self.kind == GUEST)[0] if code else 0
+        done = decode.scan_block(code, begin, self.kind == GUEST).count if code else 0
         ctx.retired -= ctx.block_icount - done
         ctx.block_size = 0
 

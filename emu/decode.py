@@ -1,6 +1,7 @@
 """Instruction decoding for the machine: instruction counts of translated blocks, trapped instructions, operands."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -10,6 +11,7 @@ from unicorn import x86_const as uc_x86
 
 from asm.isa import VMCALLR_OPCODE  # the one definition of our inverse-hypercall encoding
 from emu.devices import DEBUG_EXIT_PORT
+from emu.fast import USES_SCALARS, USES_X87_SSE
 from emu.vmcs_fields import U64_MASK as U64
 
 VMCALLR_LENGTH = len(VMCALLR_OPCODE)
@@ -27,6 +29,33 @@ DEBUG_EXIT_OUT_PREFIX = f"{DEBUG_EXIT_PORT:#x},"
 # MOV to CR3 is trapped (root and guest) so that every address-space switch is an exact event and a
 # guest's can be a CR-access VM exit; a guest's MOV from CR3 is trapped for CR3-store exiting.
 CR3_REGISTER_NAME = "cr3"
+
+# Instructions that read or change state VMX leaves shared between root and guest (docs/machine.md
+# 7.4): an instance runs a block holding one only after taking the LP's current values.
+X87_MNEMONIC_PREFIX = "f"           # every x87 instruction (SDM Vol. 1 8.2), FXSAVE and FXRSTOR too
+X87_SSE_MNEMONICS = frozenset({
+    "wait", "emms", "ldmxcsr", "stmxcsr",
+    # SSE conversions to a general register from memory name no vector register, yet set MXCSR flags
+    "cvtsd2si", "cvttsd2si", "cvtss2si", "cvttss2si", "xsave", "xsave64", "xsaveopt", "xsaveopt64", "xsavec",
+    "xsavec64", "xsaves", "xsaves64", "xrstor", "xrstor64", "xrstors", "xrstors64",
+})
+VECTOR_REGISTER_PATTERN = re.compile(r"\b[xyz]?mm\d")   # an MMX, XMM, YMM or ZMM operand
+# CR2 and DR0-DR7 by MOV; KERNEL_GS_BASE by SWAPGS; STAR, LSTAR, CSTAR and FMASK by SYSCALL and
+# SYSRET (SDM Vol. 3A 5.8.8); TSC_AUX by RDTSCP and RDPID.
+SHARED_SCALAR_REGISTER_PATTERN = re.compile(r"\b(cr2|dr\d)\b")
+SHARED_SCALAR_MNEMONICS = frozenset({"swapgs", "syscall", "sysret", "sysretq", "rdtscp", "rdpid"})
+
+
+def shared_state_uses(mnemonic: str, op_str: str) -> int:
+    """The classes of shared state (fast.USES_*) an instruction may read or change."""
+    uses = 0
+    if mnemonic.startswith(X87_MNEMONIC_PREFIX) or mnemonic in X87_SSE_MNEMONICS or \
+            VECTOR_REGISTER_PATTERN.search(op_str):
+        uses |= USES_X87_SSE
+    if mnemonic in SHARED_SCALAR_MNEMONICS or SHARED_SCALAR_REGISTER_PATTERN.search(op_str):
+        uses |= USES_SCALARS
+    return uses
+
 
 _md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 _md_detail = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
@@ -70,9 +99,19 @@ def is_trapped(instruction: "Instruction", guest: bool) -> bool:
                        GUEST_TRAPPED_MNEMONICS if guest else ROOT_TRAPPED_MNEMONICS)
 
 
+@dataclass(frozen=True)
+class BlockScan:
+    """What the machine needs to know of a translated block before it runs."""
+
+    count: int                  # instructions
+    traps: tuple[int, ...]      # addresses of the trapped instructions in it
+    uses: int                   # classes of shared state it touches (fast.USES_*)
+
+
 @lru_cache(maxsize=1 << 16)
-def scan_block(code: bytes, address: int, guest: bool) -> tuple[int, tuple[int, ...]]:
-    """Counts the instructions of a block and lists the addresses of trapped instructions in it.
+def scan_block(code: bytes, address: int, guest: bool) -> BlockScan:
+    """Counts the instructions of a block, lists the addresses of trapped instructions in it and
+    the shared state it touches.
 
     Bytes capstone cannot decode (a VMX-like instruction of ours, or a genuinely invalid one) end
     the block in Unicorn as #UD; they count as one instruction.
@@ -80,15 +119,17 @@ def scan_block(code: bytes, address: int, guest: bool) -> tuple[int, tuple[int, 
     trapped = GUEST_TRAPPED_MNEMONICS if guest else ROOT_TRAPPED_MNEMONICS
     count = 0
     traps: list[int] = []
+    uses = 0
     offset = 0
     for _addr, size, mnemonic, op_str in _md.disasm_lite(code, address):
         count += 1
         if _is_trapped(mnemonic, op_str, trapped):
             traps.append(address + offset)
+        uses |= shared_state_uses(base_mnemonic(mnemonic), op_str)
         offset += size
     if offset < len(code):
         count += 1  # the undecodable instruction that ends the block
-    return count, tuple(traps)
+    return BlockScan(count, tuple(traps), uses)
 
 
 @dataclass(frozen=True)

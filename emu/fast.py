@@ -10,6 +10,7 @@ from unicorn import unicorn_const as uc_const
 from unicorn import x86_const
 from unicorn.unicorn_py3 import unicorn as uc_binding
 
+from emu import msrs
 from emu.vmx_defs import MSR_IA32_EFER
 
 
@@ -74,6 +75,57 @@ MODRM_REGISTER_ORDER = (
     x86_const.UC_X86_REG_R8, x86_const.UC_X86_REG_R9, x86_const.UC_X86_REG_R10, x86_const.UC_X86_REG_R11,
     x86_const.UC_X86_REG_R12, x86_const.UC_X86_REG_R13, x86_const.UC_X86_REG_R14, x86_const.UC_X86_REG_R15,
 )
+
+
+# Shared state (emu/fastpath.h, hhr_shared): the classes, and the registers each copies between
+# instances, in an order whose writes do not disturb each other (FSW, which holds TOP, before the
+# physical x87 registers; the MSRs by index through UC_X86_REG_MSR).
+USES_X87_SSE = lib.HHR_USES_X87_SSE
+USES_SCALARS = lib.HHR_USES_SCALARS
+USES_ALL = lib.HHR_USES_ALL
+BLOCK_USES_SHIFT = lib.HHR_BLOCK_USES_SHIFT
+XMM_REGISTER_COUNT = 16          # XMM0-XMM15 in 64-bit mode (SDM Vol. 1 10.2.2)
+X87_REGISTER_COUNT = 8
+X87_SSE_REGISTERS = (
+    (x86_const.UC_X86_REG_FPSW, x86_const.UC_X86_REG_FPCW, x86_const.UC_X86_REG_FPTAG,
+     x86_const.UC_X86_REG_FIP, x86_const.UC_X86_REG_FCS, x86_const.UC_X86_REG_FDP,
+     x86_const.UC_X86_REG_FDS, x86_const.UC_X86_REG_FOP)
+    + tuple(x86_const.UC_X86_REG_FP0 + n for n in range(X87_REGISTER_COUNT))
+    + (x86_const.UC_X86_REG_MXCSR,)
+    + tuple(getattr(x86_const, f"UC_X86_REG_XMM{n}") for n in range(XMM_REGISTER_COUNT)))
+SCALAR_REGISTERS = (x86_const.UC_X86_REG_CR2, x86_const.UC_X86_REG_DR0, x86_const.UC_X86_REG_DR1,
+                    x86_const.UC_X86_REG_DR2, x86_const.UC_X86_REG_DR3, x86_const.UC_X86_REG_DR6)
+
+
+def _shared_register_table(registers: tuple[int, ...], msr_indices: tuple[int, ...] = ()):
+    entries = [(register, 0) for register in registers] + \
+        [(x86_const.UC_X86_REG_MSR, index) for index in msr_indices]
+    table = ffi.new("hhr_shared_register[]", len(entries))
+    for slot, (register, index) in zip(table, entries):
+        slot.regid = register
+        slot.msr = index
+    return table
+
+
+SHARED_REGISTER_TABLES = {
+    lib.HHR_SHARED_X87_SSE: _shared_register_table(X87_SSE_REGISTERS),
+    lib.HHR_SHARED_SCALARS: _shared_register_table(SCALAR_REGISTERS, tuple(sorted(msrs.SHARED_MSRS))),
+}
+
+
+def new_shared_state(root_ctx):
+    """One LP's hhr_shared, its root instance holding the current values of every class."""
+    shared = ffi.new("hhr_shared *")
+    shared.root = root_ctx
+    for cls, table in SHARED_REGISTER_TABLES.items():
+        shared.registers[cls] = table
+        shared.register_count[cls] = len(table)
+        shared.holder[cls] = root_ctx
+        shared.generation[cls] = 1
+        shared.exclusive[cls] = 1
+        root_ctx.held[cls] = 1
+    root_ctx.shared = shared
+    return shared
 
 
 def _function_pointer(cfunction) -> int:
@@ -164,6 +216,18 @@ class FastState:
 
     def release(self) -> None:
         _new_block_handlers.pop(self.python_id, None)
+
+    def acquire_shared(self, uses: int = USES_ALL) -> None:
+        """Before the machine reads or writes shared state in this instance (docs/machine.md 7.4)."""
+        lib.hhr_shared_acquire(self.ctx, uses)
+
+    def attach_shared(self, shared) -> None:
+        """This instance runs on the LP of `shared` from now on."""
+        lib.hhr_shared_attach(self.ctx, shared)
+
+    def detach_shared(self) -> None:
+        """This instance leaves its LP; the values it holds go to the LP's root instance."""
+        lib.hhr_shared_detach(self.ctx)
 
     @property
     def retired(self) -> int:

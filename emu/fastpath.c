@@ -357,15 +357,18 @@ void hhr_block_hook(void *uc, uint64_t pc, uint32_t size, void *user_data) {
     hhr_icount_entry *slot = icount_slot(c, pc, size);
     if (slot->pc != pc || slot->size != size) {
         c->icount_misses++;
-        int icount = hhr_on_new_block(c->python_id, pc, size);
-        if (icount < 0) {
+        int answer = hhr_on_new_block(c->python_id, pc, size);
+        if (answer < 0) {
             stop(c, HHR_STOP_NEW_TRAPS);
             return;
         }
         slot->pc = pc;
         slot->size = size;
-        slot->icount = (uint32_t)icount;
+        slot->icount = (uint32_t)answer & HHR_BLOCK_COUNT_MASK;
+        slot->uses = (uint32_t)answer >> HHR_BLOCK_USES_SHIFT;
     }
+    /* The block is about to run: if it touches shared state, this instance takes it first. */
+    if (slot->uses) hhr_shared_acquire(c, slot->uses);
     c->block_pc = pc;
     c->block_size = size;
     c->block_icount = slot->icount;
@@ -416,6 +419,71 @@ void hhr_copy_registers(const hhr_api *api, void *from_uc, void *to_uc, const in
         api->reg_read(from_uc, regids[i], &value);
         api->reg_write(to_uc, regids[i], &value);
     }
+}
+
+/* Unicorn's uc_x86_msr: the MSR an access of UC_X86_REG_MSR reads or writes. */
+typedef struct {
+    uint32_t index;
+    uint64_t value;
+} msr_access;
+
+/* Copies one class of shared state from one instance to another, register by register. */
+static void copy_shared_class(hhr_shared *s, const hhr_ctx *from, const hhr_ctx *to, int cls) {
+    const hhr_api *api = to->api;
+    for (uint32_t i = 0; i < s->register_count[cls]; i++) {
+        const hhr_shared_register *r = &s->registers[cls][i];
+        if (r->regid == api->reg_msr) {
+            msr_access msr = {r->msr, 0};
+            api->reg_read(from->uc, r->regid, &msr);
+            api->reg_write(to->uc, r->regid, &msr);
+        } else {
+            uint8_t value[HHR_SHARED_VALUE_BYTES] = {0};
+            api->reg_read(from->uc, r->regid, value);
+            api->reg_write(to->uc, r->regid, value);
+        }
+    }
+    s->copies[cls]++;
+}
+
+/* Before `c` runs code that may read or change shared state of the classes in `uses`: its copy
+ * gets the current values (from the holder, if it has not got them), and it becomes the holder. */
+void hhr_shared_acquire(hhr_ctx *c, uint32_t uses) {
+    hhr_shared *s = c->shared;
+    if (s == NULL) return;
+    for (int cls = 0; cls < HHR_SHARED_CLASSES; cls++) {
+        if (!((uses >> cls) & 1)) continue;
+        if (s->holder[cls] == c && s->exclusive[cls]) continue;
+        if (c->held[cls] != s->generation[cls]) copy_shared_class(s, (hhr_ctx *)s->holder[cls], c, cls);
+        s->generation[cls]++;
+        c->held[cls] = s->generation[cls];
+        s->holder[cls] = c;
+        s->exclusive[cls] = 1;
+    }
+}
+
+/* `c` leaves its LP (its VMCS is cleared, or entered on another LP): what it holds goes back to
+ * the LP's root instance, so nothing of the LP's state leaves with it. */
+void hhr_shared_detach(hhr_ctx *c) {
+    hhr_shared *s = c->shared;
+    if (s == NULL) return;
+    hhr_ctx *root = (hhr_ctx *)s->root;
+    for (int cls = 0; cls < HHR_SHARED_CLASSES; cls++) {
+        if (s->holder[cls] == c && root != c) {
+            if (root->held[cls] != s->generation[cls]) copy_shared_class(s, c, root, cls);
+            root->held[cls] = s->generation[cls];
+            s->holder[cls] = root;
+            s->exclusive[cls] = 1;
+        }
+        c->held[cls] = 0;
+    }
+    c->shared = NULL;
+}
+
+/* `c` runs on the LP of `shared` from now on; its own copy is current for no class yet. */
+void hhr_shared_attach(hhr_ctx *c, hhr_shared *shared) {
+    if (c->shared == shared) return;
+    hhr_shared_detach(c);
+    c->shared = shared;
 }
 
 /*
@@ -617,6 +685,7 @@ static void enter_on_vmresume(hhr_lp *lp, hhr_vmcs *vmcs) {
     const hhr_api *api = lp->root->api;
     uint64_t rip = read_register(lp->root, api->reg_rip) + k->vmresume_length;
     api->reg_write(lp->root->uc, api->reg_rip, &rip);
+    hhr_shared_attach(vmcs->guest_ctx, lp->shared);
     if (vmcs->live_written & k->guest_rip_live_bit) {
         api->reg_write(vmcs->guest_uc, api->reg_rip, &vmcs->values[k->guest_rip]);
         vmcs->live_written &= ~k->guest_rip_live_bit;
@@ -724,7 +793,9 @@ int hhr_run_transitions(hhr_lp *lp) {
         hhr_vmcs *vmcs = v->current;
         if (lp->time >= lp->deadline || lp->attention || lp->event_count + 2 > HHR_EVENTS_MAX) break;
         if (lp->in_guest && (vmcs == NULL || vmcs->inverse_call || vmcs->halted ||
-                             (vmcs->values[k->primary_controls] & k->interrupt_window_control))) break;
+                             (vmcs->values[k->primary_controls] & k->interrupt_window_control) ||
+                             vmcs->values[k->exit_msr_store_count] || vmcs->values[k->exit_msr_load_count]))
+            break;   /* VM exits with MSR lists are Python's (emu/vmx.py) */
         if (lp->in_guest && lp->preemption_active && lp->time >= lp->preemption_deadline) {
             exit_simply(lp, vmcs, k->exit_reason_preemption_timer, 0, 0);
             continue;

@@ -71,7 +71,44 @@ typedef struct {
     uint64_t pc;
     uint32_t size;
     uint32_t icount;
+    uint32_t uses;                    /* HHR_USES_* classes of shared state its instructions touch */
+    uint32_t reserved;
 } hhr_icount_entry;
+
+/*
+ * State real hardware shares between VMX root and non-root operation: VM entries and exits do not
+ * switch it (SDM Vol. 3C 27.3, 28.3), so root code sees the guest's values after a VM exit and the
+ * guest sees root's after a VM entry (docs/machine.md 7.4). Every Unicorn instance keeps its own
+ * copy; per LP one instance holds the current values of each class, and an instance that is about
+ * to run a block touching a class first takes the values from that holder (hhr_shared_acquire).
+ */
+#define HHR_SHARED_X87_SSE 0          /* what FXSAVE stores: x87, MXCSR, XMM0-XMM15 */
+#define HHR_SHARED_SCALARS 1          /* CR2, DR0-DR3, DR6 and the MSRs VMX does not switch */
+#define HHR_SHARED_CLASSES 2
+#define HHR_USES_X87_SSE 1            /* 1 << HHR_SHARED_X87_SSE */
+#define HHR_USES_SCALARS 2            /* 1 << HHR_SHARED_SCALARS */
+#define HHR_USES_ALL 3
+#define HHR_BLOCK_USES_SHIFT 24       /* hhr_on_new_block's answer: count | uses << this */
+#define HHR_BLOCK_COUNT_MASK 16777215 /* (1 << HHR_BLOCK_USES_SHIFT) - 1 */
+#define HHR_SHARED_VALUE_BYTES 16     /* the widest register copied: an XMM register */
+
+/* One register of a shared class: a Unicorn register id, or UC_X86_REG_MSR with the MSR's index. */
+typedef struct {
+    int regid;
+    uint32_t msr;
+} hhr_shared_register;
+
+/* One LP's shared state: which instance holds the current values of each class. */
+typedef struct {
+    void *holder[HHR_SHARED_CLASSES];          /* hhr_ctx * */
+    uint64_t generation[HHR_SHARED_CLASSES];   /* bumped whenever the holder may change the values */
+    uint32_t exclusive[HHR_SHARED_CLASSES];    /* no other instance holds the current generation */
+    uint32_t reserved;
+    void *root;                                /* hhr_ctx * of the LP's root instance */
+    const hhr_shared_register *registers[HHR_SHARED_CLASSES];
+    uint32_t register_count[HHR_SHARED_CLASSES];
+    uint64_t copies[HHR_SHARED_CLASSES];       /* statistics: copies between instances */
+} hhr_shared;
 
 /* One per Unicorn instance (a logical processor in root mode, or one VMCS's guest). */
 typedef struct {
@@ -109,6 +146,10 @@ typedef struct {
     uint64_t edge_low, edge_high;     /* only blocks in [low, high) count: one image's code */
     uint64_t edge_previous;           /* the last counted block's hash, shifted (AFL style) */
     uint8_t *block_map;               /* one byte per byte of [low, high): a block starts there */
+    /* Shared state (hhr_shared): the LP this instance runs on, and the generation of each class
+     * its own copy holds (0: none). */
+    hhr_shared *shared;
+    uint64_t held[HHR_SHARED_CLASSES];
 } hhr_ctx;
 
 #define HHR_EDGE_MAP_SIZE 65536
@@ -154,7 +195,7 @@ typedef struct {
     int32_t entry_interruption_info, guest_rip, ept_pointer, pin_controls, primary_controls;
     int32_t exit_controls, host_cr0, host_cr3, host_cr4, host_fs_base, host_gs_base;
     int32_t host_gdtr_base, host_idtr_base, host_efer, host_rsp, host_rip, entry_msr_load_count;
-    int32_t io_bitmap_a, io_bitmap_b;
+    int32_t io_bitmap_a, io_bitmap_b, exit_msr_store_count, exit_msr_load_count;
     uint64_t interruption_info_valid, preemption_timer_control, interrupt_window_control;
     uint64_t load_efer_control, rflags_after_exit, descriptor_limit_after_exit, hlt_exiting_control;
     uint64_t unconditional_io_control, io_bitmaps_control, io_direction_in, io_immediate, io_port_shift;
@@ -200,6 +241,7 @@ typedef struct {
     hhr_ctx *root;
     hhr_vmx *vmx;
     const int *handover;              /* general registers VM transitions hand over */
+    hhr_shared *shared;               /* the LP's shared state (x87/SSE, CR2, DRs, MSRs) */
     int handover_count;
     uint32_t in_guest;
     uint64_t time;                    /* the LP's virtual time */
@@ -236,3 +278,6 @@ void hhr_forget_blocks(hhr_ctx *c);
 uint64_t hhr_edge_map_merge(const uint8_t *map, uint8_t *seen, uint64_t size);
 uint64_t hhr_dirty_collect(uint8_t *dirty, uint64_t count, uint32_t *pages);
 void hhr_copy_registers(const hhr_api *api, void *from_uc, void *to_uc, const int *regids, int count);
+void hhr_shared_acquire(hhr_ctx *c, uint32_t uses);
+void hhr_shared_attach(hhr_ctx *c, hhr_shared *shared);
+void hhr_shared_detach(hhr_ctx *c);

@@ -8,7 +8,7 @@ from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
 
 from emu import context as ctxmod
-from emu import decode, fast, interrupts
+from emu import decode, fast, interrupts, msrs
 from emu.devices import Timer
 from emu.vmcs import IO_BITMAP_PORTS, ActiveVmcs
 from emu.vmx import NON_ROOT_EXIT_REASONS, VMX_MNEMONICS, RaiseException, VmxUnit
@@ -35,6 +35,18 @@ PROTECTION_ERRORS = frozenset({uc_const.UC_ERR_FETCH_PROT, uc_const.UC_ERR_READ_
 IO_MNEMONIC_SIZES = {"insb": 1, "insw": 2, "insd": 4, "outsb": 1, "outsw": 2, "outsd": 4}
 
 
+MSR_EXIT_REASONS = {"rdmsr": ExitReason.RDMSR, "wrmsr": ExitReason.WRMSR}
+# The MSR bitmap (SDM Vol. 3C 25.6.9): four 1 KiB parts, read then write, each with a bit per MSR
+# of 00000000H-00001FFFH (low) or C0000000H-C0001FFFH (high).
+MSR_BITMAP_RANGE = 0x2000
+MSR_BITMAP_LOW_FIRST = 0x0000_0000
+MSR_BITMAP_HIGH_FIRST = 0xC000_0000
+MSR_BITMAP_LOW_PART = 0
+MSR_BITMAP_HIGH_PART = 1024
+MSR_BITMAP_WRITE_PARTS = 2048
+BITS_PER_BYTE = 8
+
+
 class LogicalProcessor:
     """One LP: its root context, VMX unit, timer, pending interrupts and virtual clock."""
 
@@ -42,6 +54,9 @@ class LogicalProcessor:
         self.machine = machine
         self.index = index
         self.root = machine.new_context(ctxmod.ROOT, f"lp{index}")
+        # What root and guest share on this LP (docs/machine.md 7.4); TSC_AUX starts at the LP index.
+        self.shared = fast.new_shared_state(self.root.fast.ctx)
+        self.root.uc.msr_write(msrs.IA32_TSC_AUX, index)
         self.vmx = VmxUnit(self)
         self.timer = Timer()
         self.pending_vectors: list[int] = []
@@ -59,6 +74,7 @@ class LogicalProcessor:
         self._transitions.vmx = self.root.fast_vmx
         self._transitions.handover = fast.HANDOVER_REGISTERS
         self._transitions.handover_count = fast.HANDOVER_REGISTER_COUNT
+        self._transitions.shared = self.shared
         self._in_transitions = False
         self.transitions_in_c = 0    # VM exits and entries the C loop carried out
 
@@ -339,7 +355,7 @@ class LogicalProcessor:
                 self._root_emulator_error(stop)
         except RaiseException as exc:
             if exc.cr2 is not None:
-                self.root.set_reg(x86.UC_X86_REG_CR2, exc.cr2)
+                self.root.write_shared(x86.UC_X86_REG_CR2, exc.cr2)
             self._deliver_root(exc.vector, exc.error_code, stop.rip)
 
     def _root_invalid_opcode(self, rip: int) -> None:
@@ -394,7 +410,7 @@ class LogicalProcessor:
     def _root_translation_fault(self, stop: ctxmod.Stop) -> None:
         fault = stop.fault
         if fault.kind == fast.FAULT_PAGE_FAULT:
-            self.root.set_reg(x86.UC_X86_REG_CR2, fault.linear)
+            self.root.write_shared(x86.UC_X86_REG_CR2, fault.linear)
             self.publish("page-fault", rip=stop.rip, address=fault.linear, error_code=fault.page_fault_error_code)
             self._deliver_root(ExceptionVector.PF, fault.page_fault_error_code, stop.rip)
             return
@@ -489,7 +505,7 @@ class LogicalProcessor:
                                 instruction_length=length, interruption_info=info, interruption_error=error_code)
             return
         if cr2 is not None:
-            vmcs.context.set_reg(x86.UC_X86_REG_CR2, cr2)
+            vmcs.context.write_shared(x86.UC_X86_REG_CR2, cr2)
         self._deliver_guest(vmcs, vector, error_code, rip, kind)
 
     def _deliver_guest(self, vmcs: ActiveVmcs, vector: int, error_code: int | None, rip: int,
@@ -540,10 +556,8 @@ class LogicalProcessor:
                 vmcs.halted = True
         elif mnemonic in ("in", "out") or mnemonic in IO_MNEMONIC_SIZES:
             self._guest_io(vmcs, insn, controls)
-        elif mnemonic == "rdmsr":
-            self.vmx.exit_guest(vmcs, ExitReason.RDMSR, instruction_length=insn.size)
-        elif mnemonic == "wrmsr":
-            self.vmx.exit_guest(vmcs, ExitReason.WRMSR, instruction_length=insn.size)
+        elif mnemonic in MSR_EXIT_REASONS and self._msr_access_exits(vmcs, controls, mnemonic == "wrmsr"):
+            self.vmx.exit_guest(vmcs, MSR_EXIT_REASONS[mnemonic], instruction_length=insn.size)
         elif mnemonic in ("rdtsc", "rdtscp") and controls & PrimaryProcessorControls.RDTSC_EXITING:
             reason = ExitReason.RDTSC if mnemonic == "rdtsc" else ExitReason.RDTSCP
             self.vmx.exit_guest(vmcs, reason, instruction_length=insn.size)
@@ -554,9 +568,28 @@ class LogicalProcessor:
         elif mnemonic == "mov" and self._cr3_access_exits(insn, controls):
             self._exit_on_cr3_access(vmcs, insn)
         else:
-            self.machine.emulate_trapped(self, context, insn)
+            try:
+                self.machine.emulate_trapped(self, context, insn)
+            except RaiseException as exc:
+                self._guest_exception(vmcs, exc.vector, exc.error_code, insn.address, cr2=exc.cr2)
+                return
             context.set_reg(x86.UC_X86_REG_RIP, insn.address + insn.size)
             self.charge(context, 1)
+
+    def _msr_access_exits(self, vmcs: ActiveVmcs, controls: int, writing: bool) -> bool:
+        """RDMSR and WRMSR exit unless "use MSR bitmaps" is 1 and the MSR's bit in the bitmap is 0
+        (SDM Vol. 3C 26.1.3, 25.6.9); MSRs outside the two ranges the bitmaps cover always exit."""
+        if not controls & PrimaryProcessorControls.USE_MSR_BITMAPS:
+            return True
+        index = vmcs.context.reg(x86.UC_X86_REG_RCX) & msrs.LOW_HALF_MASK
+        for first, part in ((MSR_BITMAP_LOW_FIRST, MSR_BITMAP_LOW_PART), (MSR_BITMAP_HIGH_FIRST, MSR_BITMAP_HIGH_PART)):
+            if first <= index < first + MSR_BITMAP_RANGE:
+                offset = index - first
+                byte = vmcs.read("MSR_BITMAP") + (MSR_BITMAP_WRITE_PARTS if writing else 0) + part + offset // BITS_PER_BYTE
+                if not self.machine.ram.holds(byte, 1):
+                    return True
+                return bool(self.machine.ram.read(byte, 1)[0] >> (offset % BITS_PER_BYTE) & 1)
+        return True
 
     @staticmethod
     def _cr3_access_exits(insn: decode.Instruction, controls: int) -> bool:

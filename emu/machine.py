@@ -130,6 +130,7 @@ class Machine:
     def release_guest_context(self, vmcs) -> None:
         context = vmcs.unbind()
         if context is not None:
+            context.fast.detach_shared()   # what it holds of its LP's shared state stays on the LP
             self._guest_pool.append(context)
 
     def invalidate_ept(self, eptp: int | None) -> None:
@@ -271,7 +272,7 @@ class Machine:
 
     # --- failures ----------------------------------------------------------------------------------------
     def _report(self, lp: LogicalProcessor, headline: str, rip: int) -> str:
-        cr2 = lp.root.reg(x86.UC_X86_REG_CR2)
+        cr2 = lp.root.read_shared(x86.UC_X86_REG_CR2)
         lines = [headline, f"  LP {lp.index}  RIP {rip:#x}  CR2 {cr2:#x}  virtual time {lp.now}",
                  "  last events:"]
         lines += [f"    {e.time:>12} lp{e.lp} {e.kind} {e.data}" for e in self.events.recent()]
@@ -305,21 +306,21 @@ class Machine:
         regs = context.regs        # the fast register path; only 64-bit registers are read through it
         mnemonic = insn.mnemonic
         if mnemonic == "rdmsr":
-            value = self._read_msr(lp, context, regs.read(x86.UC_X86_REG_RCX) & U32)
+            value = self.read_msr(lp, context, regs.read(x86.UC_X86_REG_RCX) & U32)
             regs.write(x86.UC_X86_REG_RAX, value & U32)
             regs.write(x86.UC_X86_REG_RDX, value >> 32)
         elif mnemonic == "wrmsr":
             index = regs.read(x86.UC_X86_REG_RCX) & U32
             value = (regs.read(x86.UC_X86_REG_RDX) & U32) << 32 | (regs.read(x86.UC_X86_REG_RAX) & U32)
-            if index not in msrs.NATIVE_MSRS:
+            if index not in msrs.NATIVE_MSRS or not msrs.write_is_valid(index, value):
                 raise RaiseException(ExceptionVector.GP, 0)
-            context.uc.msr_write(index, value)
+            context.write_msr(index, value)
         elif mnemonic in ("rdtsc", "rdtscp"):
             tsc = lp.now
             regs.write(x86.UC_X86_REG_RAX, tsc & U32)
             regs.write(x86.UC_X86_REG_RDX, tsc >> 32)
             if mnemonic == "rdtscp":
-                regs.write(x86.UC_X86_REG_RCX, lp.index)
+                regs.write(x86.UC_X86_REG_RCX, context.read_msr(msrs.IA32_TSC_AUX))
         elif mnemonic in ("rdrand", "rdseed"):
             register = decode.operands(insn)[0]
             value = self._next_random() & ((1 << (8 * register.size)) - 1)
@@ -344,15 +345,14 @@ class Machine:
         else:
             raise RaiseException(ExceptionVector.UD)
 
-    def _read_msr(self, lp: LogicalProcessor, context, index: int) -> int:
+    def read_msr(self, lp: LogicalProcessor, context, index: int) -> int:
+        """RDMSR in a context (section 5.5 of docs/machine.md); RaiseException(#GP) if unsupported."""
         if index in VMX_CAPABILITY_MSRS:
             return VMX_CAPABILITY_MSRS[index]
         if index == msrs.IA32_FEATURE_CONTROL:
             return msrs.FEATURE_CONTROL_LOCKED_VMX
         if index == msrs.IA32_TSC:
             return lp.now
-        if index == msrs.IA32_TSC_AUX:
-            return lp.index
         if index in msrs.NATIVE_MSRS:
-            return context.uc.msr_read(index)
+            return context.read_msr(index)
         raise RaiseException(ExceptionVector.GP, 0)

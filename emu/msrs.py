@@ -24,7 +24,46 @@ FEATURE_CONTROL_LOCKED_VMX = 0x5      # lock bit and "VMX outside SMX" (SDM Vol.
 # MSRs Unicorn models; RDMSR and WRMSR reach them directly.
 NATIVE_MSRS = frozenset({MSR_IA32_EFER, IA32_STAR, IA32_LSTAR, IA32_CSTAR, IA32_FMASK, IA32_FS_BASE,
                          IA32_GS_BASE, IA32_KERNEL_GS_BASE, IA32_SYSENTER_CS, IA32_SYSENTER_ESP,
-                         IA32_SYSENTER_EIP, IA32_PAT})
+                         IA32_SYSENTER_EIP, IA32_PAT, IA32_TSC_AUX})
+
+# MSRs no VMCS field holds and no VM entry or exit switches on this machine (there are no "load
+# IA32_PAT" controls): root and guest share them, as they share x87/SSE state, CR2 and DR0-DR6
+# (docs/machine.md 7.4).
+SHARED_MSRS = frozenset({IA32_KERNEL_GS_BASE, IA32_STAR, IA32_LSTAR, IA32_CSTAR, IA32_FMASK, IA32_TSC_AUX,
+                         IA32_PAT})
+
+# What WRMSR refuses with #GP(0) (SDM Vol. 4 Table 2-2; Vol. 3A 5.8.8 for the SYSCALL MSRs).
+CANONICAL_ADDRESS_MSRS = frozenset({IA32_FS_BASE, IA32_GS_BASE, IA32_KERNEL_GS_BASE, IA32_LSTAR,
+                                    IA32_CSTAR, IA32_SYSENTER_ESP, IA32_SYSENTER_EIP})
+LOW_HALF_ONLY_MSRS = frozenset({IA32_FMASK, IA32_TSC_AUX})   # bits 63:32 reserved
+LOW_HALF_MASK = 0xFFFF_FFFF
+CANONICAL_SIGN_BIT = 47
+PAT_ENTRIES = 8
+PAT_ENTRY_BITS = 8
+PAT_VALID_TYPES = frozenset({0, 1, 4, 5, 6, 7})   # UC, WC, WT, WP, WB, UC- (SDM Vol. 3A 11.12.2)
+
+
+def is_canonical(address: int) -> bool:
+    """Bits 63:47 all equal (SDM Vol. 1 3.3.7.1)."""
+    upper = address >> CANONICAL_SIGN_BIT
+    return upper == 0 or upper == (1 << (64 - CANONICAL_SIGN_BIT)) - 1
+
+
+def pat_is_valid(value: int) -> bool:
+    """Every entry a defined memory type with its reserved bits 7:3 clear (SDM Vol. 3A 11.12.2)."""
+    entries = ((value >> (PAT_ENTRY_BITS * n)) & ((1 << PAT_ENTRY_BITS) - 1) for n in range(PAT_ENTRIES))
+    return all(entry in PAT_VALID_TYPES for entry in entries)
+
+
+def write_is_valid(index: int, value: int) -> bool:
+    """Whether WRMSR of `value` to a writable MSR completes instead of raising #GP(0)."""
+    if index in CANONICAL_ADDRESS_MSRS:
+        return is_canonical(value)
+    if index in LOW_HALF_ONLY_MSRS:
+        return value <= LOW_HALF_MASK
+    if index == IA32_PAT:
+        return pat_is_valid(value)
+    return True
 
 # MSRs a VM-entry MSR-load list may load on this machine. SDM Vol. 3C 27.4 forbids FS and GS base
 # (the guest-state area holds them); IA32_EFER is loaded by the "load IA32_EFER" entry control.

@@ -32,6 +32,8 @@ class ContextState:
     fields: dict[str, int]
     exit_points: frozenset[int]
     name: str
+    shared_lp: int | None = None          # the LP whose shared state it takes part in
+    held: tuple[int, ...] = ()            # the generation of each shared class its copy holds
 
 
 @dataclass
@@ -56,6 +58,7 @@ class LpState:
     transitions_in_c: int
     vmx: tuple[bool, int, int | None]
     cr2_history: list[int]
+    shared: tuple = ()                    # per class: holder's python id, generation, exclusive
 
 
 @dataclass
@@ -72,11 +75,24 @@ class MachineSnapshot:
     events: dict[str, Any] = field(default_factory=dict)
 
 
+def _shared_lp(machine: "Machine", context) -> int | None:
+    shared = context.fast.ctx.shared
+    return next((lp.index for lp in machine.lps if lp.shared == shared), None)
+
+
+def _shared_classes(machine: "Machine", lp) -> tuple:
+    by_ctx = {context.fast.ctx: python_id for python_id, context in machine.context_by_id.items()}
+    shared = lp.shared
+    return tuple((by_ctx[fast.ffi.cast("hhr_ctx *", shared.holder[cls])], shared.generation[cls],
+                  shared.exclusive[cls]) for cls in range(fast.lib.HHR_SHARED_CLASSES))
+
+
 def take(machine: "Machine", with_ram: bool = True) -> MachineSnapshot:
     contexts = {
         python_id: ContextState(context.uc.context_save(),
                                 {name: getattr(context.fast.ctx, name) for name in _CONTEXT_FIELDS},
-                                frozenset(context.exit_points), context.name)
+                                frozenset(context.exit_points), context.name, _shared_lp(machine, context),
+                                tuple(context.fast.ctx.held))
         for python_id, context in machine.context_by_id.items()}
     vmcs_states = [
         VmcsState(vmcs.address, bytes(fast.ffi.buffer(vmcs.values)),
@@ -87,7 +103,7 @@ def take(machine: "Machine", with_ram: bool = True) -> MachineSnapshot:
                    lp.guest.address if lp.guest is not None else None,
                    (lp.timer.vector, lp.timer.period, lp.timer.deadline), lp.transitions_in_c,
                    (lp.vmx.on, lp.vmx.vmxon_region, lp.vmx.current.address if lp.vmx.current is not None else None),
-                   list(lp.cr2_history))
+                   list(lp.cr2_history), _shared_classes(machine, lp))
            for lp in machine.lps]
     io = machine.io
     return MachineSnapshot(
@@ -126,9 +142,11 @@ def restore(machine: "Machine", snapshot: MachineSnapshot, with_ram: bool = True
             for name, value in state.fields.items():
                 setattr(context.fast.ctx, name, value)
             context.name = state.name
+            _restore_shared_membership(machine, context, state.shared_lp, state.held)
         else:   # born after the snapshot: back to the pool as new
             context.fast.ctx.retired = 0
             context.fast.set_mode(fast.MODE_ROOT)
+            _restore_shared_membership(machine, context, None, ())
         context.flush_translations()
         if flush_code is not True and python_id not in flush_code and state is not None:
             continue
@@ -154,6 +172,10 @@ def restore(machine: "Machine", snapshot: MachineSnapshot, with_ram: bool = True
         lp.vmx.on, lp.vmx.vmxon_region = on, region
         lp.vmx.current = machine.active_vmcs[current] if current is not None else None
         lp.cr2_history = list(state.cr2_history)
+        for cls, (holder, generation, exclusive) in enumerate(state.shared):
+            lp.shared.holder[cls] = machine.context_by_id[holder].fast.ctx
+            lp.shared.generation[cls] = generation
+            lp.shared.exclusive[cls] = exclusive
     m = snapshot.machine
     machine.retired = m["retired"]
     machine.exit_counts = collections.Counter(m["exit_counts"])
@@ -177,6 +199,14 @@ def restore(machine: "Machine", snapshot: MachineSnapshot, with_ram: bool = True
     del events.events[snapshot.events["recorded"]:]
     events._recent.clear()
     events._recent.extend(snapshot.events["recent"])
+
+
+def _restore_shared_membership(machine: "Machine", context, lp_index: int | None, held: tuple) -> None:
+    """Puts a context back into its LP's shared state as it was (the holders follow per LP)."""
+    ctx = context.fast.ctx
+    ctx.shared = machine.lps[lp_index].shared if lp_index is not None else fast.ffi.NULL
+    for cls in range(fast.lib.HHR_SHARED_CLASSES):
+        ctx.held[cls] = held[cls] if held else 0
 
 
 def _rebuild_vmcs(machine: "Machine", state: VmcsState) -> ActiveVmcs:

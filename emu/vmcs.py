@@ -10,7 +10,7 @@ import struct
 
 from unicorn import x86_const as x86
 
-from emu import fast, vmcs_fields as vf
+from emu import fast, msrs, vmcs_fields as vf
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES
 from emu.vmcs_fields import FIELDS, BY_NAME
 from emu.vmx_defs import (
@@ -55,14 +55,20 @@ _TABLE_FIELDS = {
     "GUEST_IDTR_BASE": (x86.UC_X86_REG_IDTR, 1), "GUEST_IDTR_LIMIT": (x86.UC_X86_REG_IDTR, 2),
     "GUEST_TR_BASE": (x86.UC_X86_REG_TR, 1), "GUEST_TR_LIMIT": (x86.UC_X86_REG_TR, 2),
     "GUEST_TR_SELECTOR": (x86.UC_X86_REG_TR, 0),
+    "GUEST_LDTR_BASE": (x86.UC_X86_REG_LDTR, 1), "GUEST_LDTR_LIMIT": (x86.UC_X86_REG_LDTR, 2),
+    "GUEST_LDTR_SELECTOR": (x86.UC_X86_REG_LDTR, 0),
 }
-_MSR_FIELDS = {"GUEST_IA32_EFER": MSR_IA32_EFER}
+# The SYSENTER MSRs are guest-state fields: every VM exit saves them and every VM entry loads them
+# (SDM Vol. 3C 28.3.1, 27.3.2.1), so the guest's live in its instance.
+_MSR_FIELDS = {"GUEST_IA32_EFER": MSR_IA32_EFER, "GUEST_SYSENTER_CS": msrs.IA32_SYSENTER_CS,
+               "GUEST_SYSENTER_ESP": msrs.IA32_SYSENTER_ESP, "GUEST_SYSENTER_EIP": msrs.IA32_SYSENTER_EIP}
 # The order guest state is loaded in: control registers before the rest (CR4.PAE before CR0.PG).
 _LOAD_ORDER = ("GUEST_CR4", "GUEST_IA32_EFER", "GUEST_CR3", "GUEST_CR0")
 LIVE_FIELD_NAMES = frozenset(_REGISTER_FIELDS) | frozenset(_TABLE_FIELDS) | frozenset(_MSR_FIELDS)
 # Control registers first, then the GDT, then selectors (which read it), then the rest (the FS and
 # GS bases after their selectors, which would otherwise reset them).
-_BEFORE_SELECTORS = _LOAD_ORDER + ("GUEST_GDTR_BASE", "GUEST_GDTR_LIMIT")
+_BEFORE_SELECTORS = _LOAD_ORDER + ("GUEST_GDTR_BASE", "GUEST_GDTR_LIMIT", "GUEST_LDTR_SELECTOR",
+                                   "GUEST_LDTR_BASE", "GUEST_LDTR_LIMIT")
 _LIVE_ORDER = _BEFORE_SELECTORS + tuple(sorted(_SEGMENT_FIELDS)) + \
     tuple(sorted(LIVE_FIELD_NAMES.difference(_BEFORE_SELECTORS, _SEGMENT_FIELDS)))
 _LIVE_BIT = {name: 1 << index for index, name in enumerate(_LIVE_ORDER)}
@@ -126,7 +132,9 @@ def _transition_constants():
             ("host_cr4", "HOST_CR4"), ("host_fs_base", "HOST_FS_BASE"), ("host_gs_base", "HOST_GS_BASE"),
             ("host_gdtr_base", "HOST_GDTR_BASE"), ("host_idtr_base", "HOST_IDTR_BASE"),
             ("host_efer", "HOST_IA32_EFER"), ("host_rsp", "HOST_RSP"), ("host_rip", "HOST_RIP"),
-            ("entry_msr_load_count", "VM_ENTRY_MSR_LOAD_COUNT"), ("io_bitmap_a", "IO_BITMAP_A"),
+            ("entry_msr_load_count", "VM_ENTRY_MSR_LOAD_COUNT"),
+            ("exit_msr_store_count", "VM_EXIT_MSR_STORE_COUNT"), ("exit_msr_load_count", "VM_EXIT_MSR_LOAD_COUNT"),
+            ("io_bitmap_a", "IO_BITMAP_A"),
             ("io_bitmap_b", "IO_BITMAP_B"), ("preemption_timer_value", "VMX_PREEMPTION_TIMER_VALUE")):
         setattr(k, member, _SLOT_INDEX[name])
     k.interruption_info_valid = INTERRUPTION_INFO_VALID

@@ -146,9 +146,13 @@ ENTRY_CHECKS: tuple[EntryCheck, ...] = (
     EntryCheck("controls.exit.preemption_timer", "27.2.1.2",
                "save VMX-preemption timer value requires activate VMX-preemption timer"),
     EntryCheck("controls.exit.msr_store_count", "27.2.1.2",
-               "VM-exit MSR-store count must be 0 (machine limitation: no MSR lists)"),
+               "VM-exit MSR-store count at most the recommended maximum of IA32_VMX_MISC (machine policy)"),
+    EntryCheck("controls.exit.msr_store_address", "27.2.1.2",
+               "VM-exit MSR-store address: bits 3:0 zero, first and last byte below 2^MAXPHYADDR"),
     EntryCheck("controls.exit.msr_load_count", "27.2.1.2",
-               "VM-exit MSR-load count must be 0 (machine limitation: no MSR lists)"),
+               "VM-exit MSR-load count at most the recommended maximum of IA32_VMX_MISC (machine policy)"),
+    EntryCheck("controls.exit.msr_load_address", "27.2.1.2",
+               "VM-exit MSR-load address: bits 3:0 zero, first and last byte below 2^MAXPHYADDR"),
     # 27.2.1.3 VM-entry control fields
     EntryCheck("controls.entry.allowed0", "27.2.1.3", "VM-entry controls: allowed-0 bits must be 1"),
     EntryCheck("controls.entry.allowed1", "27.2.1.3",
@@ -610,11 +614,11 @@ def check_preemption_timer_save(v: EntryState) -> CheckResult:
 
 
 def check_exit_msr_lists(v: EntryState) -> CheckResult:
-    for name, check_id in (("VM_EXIT_MSR_STORE_COUNT", "controls.exit.msr_store_count"),
-                           ("VM_EXIT_MSR_LOAD_COUNT", "controls.exit.msr_load_count")):
-        if v[name]:
-            return make_failure(check_id, f"{_CTRL} {name} {v[name]} (this machine has no VM-exit MSR "
-                                "lists: the count must be 0)")
+    for kind in ("STORE", "LOAD"):
+        failure = _msr_list_failure(v, f"VM_EXIT_MSR_{kind}_COUNT", f"VM_EXIT_MSR_{kind}_ADDR",
+                                    f"controls.exit.msr_{kind.lower()}")
+        if failure is not None:
+            return failure
     return None
 
 
@@ -668,21 +672,28 @@ MSR_LIST_ENTRY_SIZE = 16            # SDM Vol. 3C 25.7.2, Table 25-15
 MSR_LIST_ALIGNMENT_MASK = 0xF
 
 
-def check_entry_msr_list(v: EntryState) -> CheckResult:
-    count = v["VM_ENTRY_MSR_LOAD_COUNT"]
+def _msr_list_failure(v: EntryState, count_field: str, address_field: str, check_prefix: str) -> CheckResult:
+    """An MSR list's count and address (SDM Vol. 3C 27.2.1.2, 27.2.1.3): the count at most the
+    recommended maximum (machine policy), the address 16-byte aligned with the whole list below
+    2^MAXPHYADDR."""
+    count = v[count_field]
     if not count:
         return None
     if count > v.caps.msr_list_recommended_maximum:
-        return make_failure("controls.entry.msr_load_count",
-                            f"{_CTRL} VM_ENTRY_MSR_LOAD_COUNT {count} (at most "
+        return make_failure(f"{check_prefix}_count",
+                            f"{_CTRL} {count_field} {count} (at most "
                             f"{v.caps.msr_list_recommended_maximum} on this machine)")
-    address = v["VM_ENTRY_MSR_LOAD_ADDR"]
+    address = v[address_field]
     last = address + count * MSR_LIST_ENTRY_SIZE - 1
     if address & MSR_LIST_ALIGNMENT_MASK or (address | last) & ~v.caps.physical_address_mask:
-        return make_failure("controls.entry.msr_load_address",
-                            f"{_CTRL} VM_ENTRY_MSR_LOAD_ADDR 0x{address:x} with {count} entries (bits 3:0 must "
+        return make_failure(f"{check_prefix}_address",
+                            f"{_CTRL} {address_field} 0x{address:x} with {count} entries (bits 3:0 must "
                             "be 0, and the list must lie below 2^MAXPHYADDR)")
     return None
+
+
+def check_entry_msr_list(v: EntryState) -> CheckResult:
+    return _msr_list_failure(v, "VM_ENTRY_MSR_LOAD_COUNT", "VM_ENTRY_MSR_LOAD_ADDR", "controls.entry.msr_load")
 
 
 # --- 27.2.2 Host control registers and MSRs ---------------------------------------------------

@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 
 INVALID_VMCS_POINTER = U64
 MSR_LIST_ENTRY = struct.Struct("<IIQ")   # index, reserved, data (SDM Vol. 3C Table 25-15)
+MSR_LIST_VALUE_OFFSET = 8
+MSR_VALUE = struct.Struct("<Q")
+# VMX-abort indicators (SDM Vol. 3C 28.7).
+VMX_ABORT_SAVING_GUEST_MSRS = 1
+VMX_ABORT_LOADING_HOST_MSRS = 4
 INVEPT_DESCRIPTOR_SIZE = 16
 
 # Machine-specific VM-instruction errors of VMCALLR (above Intel's 1..28; documented in docs/machine.md).
@@ -353,7 +358,7 @@ class VmxUnit:
             if not self.machine.ram.holds(entry, MSR_LIST_ENTRY.size):
                 return number
             index, reserved, value = MSR_LIST_ENTRY.unpack(self.machine.ram.read(entry, MSR_LIST_ENTRY.size))
-            if reserved or index not in msrs.ENTRY_LOADABLE_MSRS:
+            if reserved or index not in msrs.ENTRY_LOADABLE_MSRS or not msrs.write_is_valid(index, value):
                 return number
             loads.append((index, value))
         return loads
@@ -390,8 +395,10 @@ class VmxUnit:
             vmcs.bind(context)
         else:
             vmcs.load_written_state()
+        # The guest runs on this LP: it shares the LP's x87/SSE state, CR2, DRs and MSRs (7.4).
+        context.fast.attach_shared(lp.shared)
         for index, value in msr_loads:
-            context.uc.msr_write(index, value)
+            context.write_msr(index, value)
         eptp = vmcs.read("EPT_POINTER")
         if context.fast.ctx.eptp != eptp or context.fast.ctx.mode != fast.MODE_GUEST:
             context.fast.set_mode(fast.MODE_GUEST, eptp)
@@ -426,6 +433,7 @@ class VmxUnit:
                          interruption_error or 0, idt_vectoring_info, idt_vectoring_error, guest_linear,
                          guest_physical, ActivityState.HLT if vmcs.halted else ActivityState.ACTIVE)
         self._save_preemption_timer(vmcs)
+        stored = self._store_exit_msrs(vmcs)
         fast.copy_general_purpose_registers(vmcs.context.fast, lp.root.fast)
         lp.machine.last_exits[vmcs.address] = lp.now
         lp.publish("vm-exit", vmcs=vmcs.address, reason=int(reason), qualification=qualification,
@@ -433,6 +441,49 @@ class VmxUnit:
         self.machine.count_exit(int(reason))
         lp.leave_guest()
         self.load_host_state(vmcs)
+        if stored:
+            self._load_exit_msrs(vmcs)
+
+    def _msr_list(self, vmcs: ActiveVmcs, kind: str):
+        """The entries of the VM-exit MSR-store or MSR-load list: (address, index, reserved, value)."""
+        address = vmcs.read(f"VM_EXIT_MSR_{kind}_ADDR")
+        for number in range(vmcs.read(f"VM_EXIT_MSR_{kind}_COUNT")):
+            entry = address + number * MSR_LIST_ENTRY.size
+            if not self.machine.ram.holds(entry, MSR_LIST_ENTRY.size):
+                yield entry, None, None, None
+                return
+            yield (entry, *MSR_LIST_ENTRY.unpack(self.machine.ram.read(entry, MSR_LIST_ENTRY.size)))
+
+    def _store_exit_msrs(self, vmcs: ActiveVmcs) -> bool:
+        """SDM Vol. 3C 28.4: the guest's value of each MSR of the VM-exit MSR-store list goes to its
+        entry; an entry that cannot be stored is a VMX abort (28.7). False after an abort."""
+        for entry, index, reserved, _value in self._msr_list(vmcs, "STORE"):
+            value = None
+            if index is not None and not reserved:
+                try:
+                    value = self.machine.read_msr(self.lp, vmcs.context, index)
+                except RaiseException:
+                    value = None
+            if value is None:
+                self._vmx_abort(vmcs, VMX_ABORT_SAVING_GUEST_MSRS, f"VM-exit MSR-store entry at {entry:#x}")
+                return False
+            self.machine.ram.write(entry + MSR_LIST_VALUE_OFFSET, MSR_VALUE.pack(value))
+        return True
+
+    def _load_exit_msrs(self, vmcs: ActiveVmcs) -> None:
+        """SDM Vol. 3C 28.6: after host state, each MSR of the VM-exit MSR-load list is loaded as
+        WRMSR would; an entry WRMSR would refuse, or that may not be loaded, is a VMX abort."""
+        for entry, index, reserved, value in self._msr_list(vmcs, "LOAD"):
+            if index is None or reserved or index not in msrs.ENTRY_LOADABLE_MSRS or \
+                    not msrs.write_is_valid(index, value):
+                self._vmx_abort(vmcs, VMX_ABORT_LOADING_HOST_MSRS, f"VM-exit MSR-load entry at {entry:#x}")
+                return
+            self.lp.root.write_msr(index, value)
+
+    def _vmx_abort(self, vmcs: ActiveVmcs, indicator: int, what: str) -> None:
+        """SDM Vol. 3C 28.7: the abort indicator goes to the VMCS region and the LP shuts down."""
+        self.machine.ram.write_u32(vmcs.address + vf.VMCS_ABORT_OFFSET, indicator)
+        self.machine.machine_check(self.lp, f"VMX abort {indicator}: {what} cannot be processed")
 
     def _save_preemption_timer(self, vmcs: ActiveVmcs) -> None:
         """With "save VMX-preemption timer value", the ticks left (0 once the timer has fired) go to

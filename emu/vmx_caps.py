@@ -105,7 +105,7 @@ class VmxCapabilities:
         PrimaryProcessorControls.INTERRUPT_WINDOW_EXITING | PrimaryProcessorControls.HLT_EXITING
         | PrimaryProcessorControls.RDTSC_EXITING | PrimaryProcessorControls.UNCONDITIONAL_IO_EXITING
         | PrimaryProcessorControls.USE_IO_BITMAPS | PrimaryProcessorControls.CR3_LOAD_EXITING
-        | PrimaryProcessorControls.CR3_STORE_EXITING))
+        | PrimaryProcessorControls.CR3_STORE_EXITING | PrimaryProcessorControls.USE_MSR_BITMAPS))
     secondary_processor: ControlCapability = field(default_factory=lambda: _control(
         SecondaryProcessorControls.ENABLE_EPT, SecondaryProcessorControls.ENABLE_VPID))
     exit: ControlCapability = field(default_factory=lambda: _control(

@@ -32,7 +32,6 @@ PERMISSIVE = dataclasses.replace(
     pin_based=_extend(MACHINE.pin_based, PinBasedControls.VIRTUAL_NMIS),
     primary_processor=_extend(MACHINE.primary_processor,
                               PrimaryProcessorControls.NMI_WINDOW_EXITING
-                              | PrimaryProcessorControls.USE_MSR_BITMAPS
                               | PrimaryProcessorControls.MONITOR_TRAP_FLAG),
     secondary_processor=_extend(MACHINE.secondary_processor,
                                 SecondaryProcessorControls.UNRESTRICTED_GUEST,
@@ -92,8 +91,6 @@ FAILING_CASES = [
      "machine", True),
     ("controls.proc.allowed0", clear("CPU_BASED_VM_EXEC_CONTROL",
                                      PrimaryProcessorControls.ACTIVATE_SECONDARY_CONTROLS), "machine", True),
-    ("controls.proc.allowed1", or_("CPU_BASED_VM_EXEC_CONTROL", PrimaryProcessorControls.USE_MSR_BITMAPS),
-     "machine", True),
     ("controls.proc.allowed1", or_("CPU_BASED_VM_EXEC_CONTROL", PrimaryProcessorControls.MONITOR_TRAP_FLAG),
      "machine", True),
     ("controls.proc2.allowed0", clear("SECONDARY_VM_EXEC_CONTROL", SecondaryProcessorControls.ENABLE_EPT),
@@ -103,7 +100,7 @@ FAILING_CASES = [
     ("controls.io_bitmap", set_(IO_BITMAP_A=0x0011_0800), "machine", True),
     ("controls.io_bitmap", set_(IO_BITMAP_B=1 << 39), "machine", True),
     ("controls.msr_bitmap", chain(or_("CPU_BASED_VM_EXEC_CONTROL", PrimaryProcessorControls.USE_MSR_BITMAPS),
-                                  set_(MSR_BITMAP=0x0012_0123)), "permissive", True),
+                                  set_(MSR_BITMAP=0x0012_0123)), "machine", True),
     ("controls.virtual_nmis", chain(clear("PIN_BASED_VM_EXEC_CONTROL", PinBasedControls.NMI_EXITING),
                                     or_("PIN_BASED_VM_EXEC_CONTROL", PinBasedControls.VIRTUAL_NMIS)),
      "permissive", True),
@@ -128,8 +125,12 @@ FAILING_CASES = [
     ("controls.exit.allowed1", or_("VM_EXIT_CONTROLS", ExitControls.LOAD_IA32_PAT), "machine", True),
     ("controls.exit.preemption_timer", or_("VM_EXIT_CONTROLS", ExitControls.SAVE_VMX_PREEMPTION_TIMER_VALUE),
      "machine", True),
-    ("controls.exit.msr_store_count", set_(VM_EXIT_MSR_STORE_COUNT=1), "machine", True),
-    ("controls.exit.msr_load_count", set_(VM_EXIT_MSR_LOAD_COUNT=2), "machine", True),
+    ("controls.exit.msr_store_count", set_(VM_EXIT_MSR_STORE_COUNT=513), "machine", True),
+    ("controls.exit.msr_store_address", set_(VM_EXIT_MSR_STORE_COUNT=1, VM_EXIT_MSR_STORE_ADDR=0x1008),
+     "machine", True),
+    ("controls.exit.msr_load_count", set_(VM_EXIT_MSR_LOAD_COUNT=600), "machine", True),
+    ("controls.exit.msr_load_address", set_(VM_EXIT_MSR_LOAD_COUNT=2, VM_EXIT_MSR_LOAD_ADDR=1 << 39),
+     "machine", True),
     # 27.2.1.3 VM-entry controls
     ("controls.entry.allowed0", clear("VM_ENTRY_CONTROLS", EntryControls.IA32E_MODE_GUEST), "machine", True),
     ("controls.entry.allowed1", or_("VM_ENTRY_CONTROLS", EntryControls.LOAD_IA32_PAT), "machine", True),
@@ -375,8 +376,8 @@ def test_messages_from_the_reference():
 
 def test_messages_name_the_offending_control_bits():
     vmcs = example_valid_vmcs()
-    vmcs["CPU_BASED_VM_EXEC_CONTROL"] |= PrimaryProcessorControls.USE_MSR_BITMAPS
-    assert "USE_MSR_BITMAPS" in run(vmcs).message
+    vmcs["CPU_BASED_VM_EXEC_CONTROL"] |= PrimaryProcessorControls.MONITOR_TRAP_FLAG
+    assert "MONITOR_TRAP_FLAG" in run(vmcs).message
     vmcs = example_valid_vmcs()
     vmcs["PIN_BASED_VM_EXEC_CONTROL"] = 0
     assert "missing 0x00000016" in run(vmcs).message
@@ -536,8 +537,8 @@ def test_capability_policy():
     assert values[0x48E] & PrimaryProcessorControls.ACTIVATE_SECONDARY_CONTROLS
     assert values[0x48F] & ExitControls.HOST_ADDRESS_SPACE_SIZE
     assert values[0x490] & EntryControls.IA32E_MODE_GUEST
-    assert not (values[0x48E] >> 32) & (PrimaryProcessorControls.USE_MSR_BITMAPS
-                                        | PrimaryProcessorControls.MONITOR_TRAP_FLAG)
+    assert not (values[0x48E] >> 32) & PrimaryProcessorControls.MONITOR_TRAP_FLAG
+    assert (values[0x48E] >> 32) & PrimaryProcessorControls.USE_MSR_BITMAPS
     cr3_exiting = PrimaryProcessorControls.CR3_LOAD_EXITING | PrimaryProcessorControls.CR3_STORE_EXITING
     assert (values[0x48E] >> 32) & cr3_exiting == cr3_exiting and not values[0x48E] & cr3_exiting
     assert not (values[0x48B] >> 32) & SecondaryProcessorControls.UNRESTRICTED_GUEST
