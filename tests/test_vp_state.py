@@ -16,6 +16,7 @@ LPS = 2                                                # VPs 0 and 2 of vpstate 
 REQUEST_AT = 4_000_000                                 # while the VPs are in their checks
 DIRECTIONS = [("hv1", "hv2"), ("hv2", "hv1"), ("hv1", "hv1"), ("hv2", "hv2")]
 MODES = ["precopy", "stop-and-copy", "suspend"]
+RETURN = b"\xc3"
 BOOTED_BEFORE_FIRST_SWITCH = 10_000                     # the VPs are made; none has left its LP yet
 INTACT = "vp 0: intact\nvp 1: intact\nvp 2: intact\nrefused with #GP: 7 of 7\n"
 
@@ -33,6 +34,18 @@ def test_vps_sharing_an_lp_keep_their_own_state_and_msr_refusals_are_general_pro
     guest = vpstate_guest(document)
     assert guest["console"] == INTACT and guest["exit_code"] == 0, guest
     assert document["exits_by_reason"].get("RDMSR", 0) > 0 and document["exits_by_reason"].get("WRMSR", 0) > 0
+
+
+@pytest.mark.parametrize("hypervisor", ["hv1", "hv2"])
+def test_without_the_switch_the_guest_sees_its_state_change(hypervisor):
+    """The control: with load_vp_state patched to return at once, VPs sharing an LP see each other's
+    values, and vpstate says which (so the test above could fail)."""
+    booted = boot.boot([catalog.parse(spec) for spec in GUESTS], hypervisor=hypervisor, lps=LPS)
+    booted.machine.ram.write(booted.symbol("load_vp_state"), RETURN)
+    result = booted.machine.run(max_instructions=run_module.DEFAULT_INSTRUCTION_LIMIT)
+    guest = vpstate_guest(run_module.document(booted, result, LPS))
+    assert guest["exit_code"] == 1
+    assert "changed: x87 mxcsr xmm cr2 dr0 dr1 dr2 dr3 kernel_gs_base" in guest["console"], guest["console"]
 
 
 @pytest.mark.parametrize("mode", MODES)
