@@ -40,7 +40,7 @@ class Hypervisor:
         vp = self.records.vp                                 # VP records lie one after the other from a page
         if vp.size % vp_state.FXSAVE_ALIGNMENT or vp.offset("fx_area") % vp_state.FXSAVE_ALIGNMENT:
             raise ValueError(f"{self.name}: VP records and their FXSAVE areas must be 16-byte aligned")
-        msr_offsets = [vp.offset(name) for name, _, _ in vp_state.SHARED_MSRS]
+        msr_offsets = [vp.offset(name) for name, _ in vp_state.SHARED_MSRS]
         if msr_offsets != list(range(msr_offsets[0], msr_offsets[0] + 8 * len(msr_offsets), 8)):
             raise ValueError(f"{self.name}: the shared MSRs must follow each other in table order (vp_state.inc loops)")
 

@@ -16,13 +16,14 @@ MXCSR_INITIAL = 0x1F80                  # every exception masked, round to neare
 MXCSR_MASK_DEFAULT = 0xFFBF             # a zero MXCSR_MASK field means this one (SDM Vol. 1 11.6.6)
 DR6_INITIAL = 0xFFFF0FF0                # DR6 at power-up (SDM Vol. 3A Table 10-1)
 PAT_INITIAL = 0x0007040600070406        # IA32_PAT at power-up (SDM Vol. 3A 13.12.4)
-PAT_RESERVED_BITS = 0xF8F8F8F8F8F8F8F8  # bits 7:3 of every entry (SDM Vol. 3A 13.12.2)
-PAT_VALID_TYPES = frozenset({0, 1, 4, 5, 6, 7})   # UC, WC, WT, WP, WB, UC- (Table 13-10); 2 and 3 reserved
-HIGH_DWORD = 0xFFFF_FFFF_0000_0000
+PAT_ENTRY_TYPE_BITS = 3                 # an entry's type; its bits 7:3 are reserved (SDM Vol. 3A 13.12.2)
+PAT_RESERVED_BITS = sum(((1 << msrs.PAT_ENTRY_BITS) - (1 << PAT_ENTRY_TYPE_BITS)) << (msrs.PAT_ENTRY_BITS * entry)
+                        for entry in range(msrs.PAT_ENTRIES))
 
 
 class MsrCheck(enum.IntEnum):
-    """What WRMSR checks of a value before it takes it (#GP(0) otherwise), per MSR (SDM Vol. 4 Table 2-2)."""
+    """What WRMSR checks of a value before it takes it (#GP(0) otherwise), per MSR (SDM Vol. 4 Table 2-2;
+    the machine's own checks are emu/msrs.py's, and msr_check derives these from them)."""
 
     ANY = 0
     CANONICAL = 1                       # an address: canonical
@@ -31,28 +32,45 @@ class MsrCheck(enum.IntEnum):
     EFER = 4                            # no unsupported bit; LME as it is (paging is on); LMA read-only
 
 
-# The MSRs root and guest share (the VMCS switches none of them, SDM Vol. 3C 28.3, 29.3): a
-# hypervisor keeps them per VP and switches them itself. In this order in both hypervisors' VP
-# records and in the VP_STATE transfer record: (field name, MSR index, WRMSR check).
+def msr_check(index: int) -> MsrCheck:
+    """The check WRMSR makes of an MSR's value, from the machine's own sets (emu/msrs.py). IA32_EFER:
+    what a guest may change of it with paging on. IA32_SYSENTER_CS: bits 63:32 too, since the
+    VMCS field that holds a guest's is 32 bits wide (SDM Vol. 3C 25.4.2)."""
+    if index in msrs.CANONICAL_ADDRESS_MSRS:
+        return MsrCheck.CANONICAL
+    if index in msrs.LOW_HALF_ONLY_MSRS or index == msrs.IA32_SYSENTER_CS:
+        return MsrCheck.HIGH_ZERO
+    if index == msrs.IA32_PAT:
+        return MsrCheck.PAT
+    if index == MSR_IA32_EFER:
+        return MsrCheck.EFER
+    return MsrCheck.ANY
+
+
+# The MSRs root and guest share (emu/msrs.py SHARED_MSRS: the VMCS switches none of them, SDM Vol.
+# 3C 28.3, 29.3): a hypervisor keeps them per VP and switches them itself. In this order in both
+# hypervisors' VP records and in the VP_STATE transfer record: (field name, MSR index).
 SHARED_MSRS = (
-    ("kernel_gs_base", msrs.IA32_KERNEL_GS_BASE, MsrCheck.CANONICAL),
-    ("star", msrs.IA32_STAR, MsrCheck.ANY),
-    ("lstar", msrs.IA32_LSTAR, MsrCheck.CANONICAL),
-    ("cstar", msrs.IA32_CSTAR, MsrCheck.CANONICAL),
-    ("fmask", msrs.IA32_FMASK, MsrCheck.HIGH_ZERO),
-    ("tsc_aux", msrs.IA32_TSC_AUX, MsrCheck.HIGH_ZERO),
-    ("pat", msrs.IA32_PAT, MsrCheck.PAT),
+    ("kernel_gs_base", msrs.IA32_KERNEL_GS_BASE),
+    ("star", msrs.IA32_STAR),
+    ("lstar", msrs.IA32_LSTAR),
+    ("cstar", msrs.IA32_CSTAR),
+    ("fmask", msrs.IA32_FMASK),
+    ("tsc_aux", msrs.IA32_TSC_AUX),
+    ("pat", msrs.IA32_PAT),
 )
+if {index for _, index in SHARED_MSRS} != msrs.SHARED_MSRS:
+    raise ValueError("vp_state.SHARED_MSRS must name exactly the machine's shared MSRs (emu/msrs.py)")
 SHARED_MSR_BYTES = 8
 
 # The MSRs a guest reaches through its VMCS: RDMSR reads the guest field, WRMSR writes it.
 VMCS_MSRS = (
-    (msrs.IA32_FS_BASE, "GUEST_FS_BASE", MsrCheck.CANONICAL),
-    (msrs.IA32_GS_BASE, "GUEST_GS_BASE", MsrCheck.CANONICAL),
-    (msrs.IA32_SYSENTER_CS, "GUEST_SYSENTER_CS", MsrCheck.HIGH_ZERO),   # a 32-bit field
-    (msrs.IA32_SYSENTER_ESP, "GUEST_SYSENTER_ESP", MsrCheck.CANONICAL),
-    (msrs.IA32_SYSENTER_EIP, "GUEST_SYSENTER_EIP", MsrCheck.CANONICAL),
-    (MSR_IA32_EFER, "GUEST_IA32_EFER", MsrCheck.EFER),
+    (msrs.IA32_FS_BASE, "GUEST_FS_BASE"),
+    (msrs.IA32_GS_BASE, "GUEST_GS_BASE"),
+    (msrs.IA32_SYSENTER_CS, "GUEST_SYSENTER_CS"),
+    (msrs.IA32_SYSENTER_ESP, "GUEST_SYSENTER_ESP"),
+    (msrs.IA32_SYSENTER_EIP, "GUEST_SYSENTER_EIP"),
+    (MSR_IA32_EFER, "GUEST_IA32_EFER"),
 )
 
 # The registers of the state beyond the VMCS, each a qword, in the order the VP_STATE record keeps them.
@@ -62,7 +80,7 @@ DEBUG_AND_CONTROL_REGISTERS = ("cr2", "dr0", "dr1", "dr2", "dr3", "dr6")
 def record_fields() -> list[tuple[str, int]]:
     """The VP-state fields as they sit in a record: the registers, the shared MSRs, then the FXSAVE image."""
     return ([(name, 8) for name in DEBUG_AND_CONTROL_REGISTERS]
-            + [(name, SHARED_MSR_BYTES) for name, _, _ in SHARED_MSRS]
+            + [(name, SHARED_MSR_BYTES) for name, _ in SHARED_MSRS]
             + [("fx_area", FXSAVE_AREA_BYTES)])
 
 
@@ -84,19 +102,6 @@ def initial_fxsave_image() -> bytes:
     return bytes(image)
 
 
-def msr_value_refused(check: MsrCheck, value: int, linear_address_width: int = 48) -> bool:
-    """True if WRMSR would refuse `value` under `check` (EFER: only the reserved bits, for tools)."""
-    if check == MsrCheck.CANONICAL:
-        top = value >> (linear_address_width - 1)
-        return top not in (0, (1 << (64 - linear_address_width + 1)) - 1)
-    if check == MsrCheck.HIGH_ZERO:
-        return bool(value & HIGH_DWORD)
-    if check == MsrCheck.PAT:
-        return bool(value & PAT_RESERVED_BITS) or any(((value >> (8 * entry)) & 0x7) not in PAT_VALID_TYPES
-                                                       for entry in range(8))
-    return False
-
-
 def constants() -> dict[str, int]:
     """For assembly: the FXSAVE offsets and initial values, the checks, the table sizes."""
     values = {name: value for name, value in globals().items()
@@ -104,18 +109,20 @@ def constants() -> dict[str, int]:
     values.update({f"MSR_CHECK_{member.name}": int(member) for member in MsrCheck})
     values["SHARED_MSR_COUNT"] = len(SHARED_MSRS)
     values["VMCS_MSR_COUNT"] = len(VMCS_MSRS)
-    values["PAT_VALID_TYPE_BITS"] = sum(1 << kind for kind in PAT_VALID_TYPES)
+    values["PAT_VALID_TYPE_BITS"] = sum(1 << kind for kind in msrs.PAT_VALID_TYPES)
+    values["PAT_ENTRIES"] = msrs.PAT_ENTRIES
+    values["PAT_ENTRY_BITS"] = msrs.PAT_ENTRY_BITS
     return values
 
 
 def msr_tables() -> str:
     """Assembly (generated include msr_tables.inc): the shared MSRs' indices and checks, in record
     order; the VMCS MSRs' indices, guest-field encodings and checks."""
-    shared_indices = ", ".join(f"{index:#x}" for _, index, _ in SHARED_MSRS)
-    shared_checks = ", ".join(str(int(check)) for _, _, check in SHARED_MSRS)
-    vmcs_indices = ", ".join(f"{index:#x}" for index, _, _ in VMCS_MSRS)
-    vmcs_encodings = ", ".join(f"{vmcs_fields.BY_NAME[field].encoding:#x}" for _, field, _ in VMCS_MSRS)
-    vmcs_checks = ", ".join(str(int(check)) for _, _, check in VMCS_MSRS)
+    shared_indices = ", ".join(f"{index:#x}" for _, index in SHARED_MSRS)
+    shared_checks = ", ".join(str(int(msr_check(index))) for _, index in SHARED_MSRS)
+    vmcs_indices = ", ".join(f"{index:#x}" for index, _ in VMCS_MSRS)
+    vmcs_encodings = ", ".join(f"{vmcs_fields.BY_NAME[field].encoding:#x}" for _, field in VMCS_MSRS)
+    vmcs_checks = ", ".join(str(int(msr_check(index))) for index, _ in VMCS_MSRS)
     return ("; msr_tables.inc: generated by hypervisors/vp_state.py; the MSRs guests use.\n"
             f"shared_msr_indices:\n    .long {shared_indices}\n"
             f"shared_msr_checks:\n    .byte {shared_checks}\n"
