@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from emu import msrs
+from emu.vmx_defs import ExitReason
 from guests import catalog
 from hypervisors import boot, build, transfer, vp_state
 from tools import restart as restart_module
@@ -16,6 +17,7 @@ LPS = 2                                                # VPs 0 and 2 of vpstate 
 REQUEST_AT = 4_000_000                                 # while the VPs are in their checks
 DIRECTIONS = [("hv1", "hv2"), ("hv2", "hv1"), ("hv1", "hv1"), ("hv2", "hv2")]
 MODES = ["precopy", "stop-and-copy", "suspend"]
+SWITCHING_RUN = 10_000_000                              # about 500 slices of counters on one LP
 RETURN = b"\xc3"
 BOOTED_BEFORE_FIRST_SWITCH = 10_000                     # the VPs are made; none has left its LP yet
 INTACT = "vp 0: intact\nvp 1: intact\nvp 2: intact\nrefused with #GP: 7 of 7\n"
@@ -98,3 +100,18 @@ def test_the_vp_state_record_holds_every_piece_of_state():
         msrs.IA32_TSC_AUX, msrs.IA32_PAT}
     assert record.size - record.offset("fx_header") == vp_state.FXSAVE_AREA_BYTES
     assert transfer.RECORD_LAYOUTS[transfer.RecordType.VP_STATE] is record
+
+
+@pytest.mark.parametrize("hypervisor", ["hv1", "hv2"])
+def test_a_switch_between_vps_whose_msrs_agree_writes_no_msr(hypervisor):
+    """Four counters (VP index 0 each, so the same MSR values) take turns on one LP: each switch
+    reads IA32_KERNEL_GS_BASE once (SWAPGS may have changed it) and writes no MSR, since the LP holds
+    the values already; only the LP's first load may write (its power-up values are not the VPs')."""
+    booted = boot.boot([catalog.parse("counter,mem=4M")] * 4, hypervisor=hypervisor, lps=1)
+    trapped: list[str] = []
+    booted.machine.trapped_instruction_observer = lambda lp, context, insn: trapped.append(insn.mnemonic)
+    result = booted.machine.run(max_instructions=SWITCHING_RUN)
+    switches = result.exits_by_reason[ExitReason.PREEMPTION_TIMER]
+    assert switches > 100
+    assert trapped.count("wrmsr") <= len(vp_state.SHARED_MSRS)
+    assert abs(trapped.count("rdmsr") - switches) <= len(vp_state.SHARED_MSRS) + 1
