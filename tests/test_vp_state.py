@@ -18,6 +18,7 @@ REQUEST_AT = 4_000_000                                 # while the VPs are in th
 DIRECTIONS = [("hv1", "hv2"), ("hv2", "hv1"), ("hv1", "hv1"), ("hv2", "hv2")]
 MODES = ["precopy", "stop-and-copy", "suspend"]
 SWITCHING_RUN = 10_000_000                              # about 500 slices of counters on one LP
+MSR_BITMAP_BYTES = 4096
 RETURN = b"\xc3"
 BOOTED_BEFORE_FIRST_SWITCH = 10_000                     # the VPs are made; none has left its LP yet
 INTACT = "vp 0: intact\nvp 1: intact\nvp 2: intact\nrefused with #GP: 7 of 7\n"
@@ -36,6 +37,23 @@ def test_vps_sharing_an_lp_keep_their_own_state_and_msr_refusals_are_general_pro
     guest = vpstate_guest(document)
     assert guest["console"] == INTACT and guest["exit_code"] == 0, guest
     assert document["exits_by_reason"].get("RDMSR", 0) > 0 and document["exits_by_reason"].get("WRMSR", 0) > 0
+
+
+@pytest.mark.parametrize("hypervisor", ["hv1", "hv2"])
+def test_rdmsr_passes_by_the_msr_bitmap_and_is_served_the_same_when_it_exits(hypervisor):
+    """The MSR bitmap lets vpstate's RDMSRs of served MSRs run without an exit (only its RDMSR of an
+    MSR there is none of exits); with every bit of the bitmap set, each exits and the hypervisor's
+    handler gives the same values."""
+    document = run_module.run(hypervisor, GUESTS, lps=LPS).document
+    assert document["exits_by_reason"]["RDMSR"] == 1
+    booted = boot.boot([catalog.parse(spec) for spec in GUESTS], hypervisor=hypervisor, lps=LPS)
+    booted.machine.run(max_instructions=BOOTED_BEFORE_FIRST_SWITCH)
+    booted.machine.ram.write(booted.read_qword("msr_bitmap"), b"\xff" * MSR_BITMAP_BYTES)
+    result = booted.machine.run(max_instructions=run_module.DEFAULT_INSTRUCTION_LIMIT)
+    exiting = run_module.document(booted, result, LPS)
+    assert exiting["exits_by_reason"]["RDMSR"] > 1000
+    guest = vpstate_guest(exiting)
+    assert guest["console"] == INTACT and guest["exit_code"] == 0, guest
 
 
 @pytest.mark.parametrize("hypervisor", ["hv1", "hv2"])
