@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
@@ -14,20 +15,37 @@ from emu import msrs
 from emu.vmx_defs import MSR_IA32_EFER
 
 
-def _load_fastpath():
-    """Imports the compiled module, building it in place first when running from a source tree."""
+def _built_from_current_sources() -> bool:
+    """Whether a compiled emu._fastpath exists and was built from today's fastpath.c and .h (a
+    checkout that moved on since its last build must not load the old module)."""
+    from emu import fastpath_build
+
+    spec = importlib.util.find_spec("emu._fastpath")
+    if spec is None or spec.origin is None:
+        return False
     try:
-        return importlib.import_module("emu._fastpath")
-    except ImportError:
+        with open(spec.origin, "rb") as module_file:
+            return fastpath_build.DIGEST_MARKER in module_file.read()
+    except OSError:
+        return False
+
+
+def _load_fastpath():
+    """Imports the compiled module, building it in place first when running from a source tree
+    that has none, or one built from other sources."""
+    if not _built_from_current_sources():
         import warnings
 
         from emu import fastpath_build
 
-        with warnings.catch_warnings():   # setuptools comments on pyproject.toml while it builds
-            warnings.simplefilter("ignore")
-            fastpath_build.ffi.compile(tmpdir=str(fastpath_build.HERE.parent), verbose=False)
+        try:
+            with warnings.catch_warnings():   # setuptools comments on pyproject.toml while it builds
+                warnings.simplefilter("ignore")
+                fastpath_build.ffi.compile(tmpdir=str(fastpath_build.HERE.parent), verbose=False)
+        except Exception as exc:  # an installed package without a compiler: the installed module
+            warnings.warn(f"emu._fastpath could not be rebuilt from its sources ({exc})")
         importlib.invalidate_caches()
-        return importlib.import_module("emu._fastpath")
+    return importlib.import_module("emu._fastpath")
 
 
 _fastpath = _load_fastpath()

@@ -314,6 +314,10 @@ class Machine:
             value = (regs.read(x86.UC_X86_REG_RDX) & U32) << 32 | (regs.read(x86.UC_X86_REG_RAX) & U32)
             if index not in msrs.NATIVE_MSRS or not msrs.write_is_valid(index, value):
                 raise RaiseException(ExceptionVector.GP, 0)
+            if index == MSR_IA32_EFER:
+                value = msrs.efer_write(context.read_msr(index), value)
+                if value is None:
+                    raise RaiseException(ExceptionVector.GP, 0)
             context.write_msr(index, value)
         elif mnemonic in ("rdtsc", "rdtscp"):
             tsc = lp.now

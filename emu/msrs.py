@@ -1,7 +1,7 @@
 """The model-specific registers of the machine: their indices and which ones software may read, write and load."""
 from __future__ import annotations
 
-from emu.vmx_defs import MSR_IA32_EFER
+from emu.vmx_defs import MSR_IA32_EFER, Efer
 
 # Indices, SDM Vol. 4 Table 2-2.
 IA32_TSC = 0x10
@@ -55,8 +55,20 @@ def pat_is_valid(value: int) -> bool:
     return all(entry in PAT_VALID_TYPES for entry in entries)
 
 
+EFER_DEFINED_BITS = Efer.SCE | Efer.LME | Efer.LMA | Efer.NXE
+
+
+def efer_write(current: int, value: int) -> int | None:
+    """What WRMSR to IA32_EFER loads, or None for #GP(0): reserved bits must be 0 and LME may not
+    change while paging is on, as it always is here; LMA is the processor's own (SDM Vol. 3A 9.8.5)."""
+    if value & ~EFER_DEFINED_BITS or (value ^ current) & Efer.LME:
+        return None
+    return (value & ~Efer.LMA) | (current & Efer.LMA)
+
+
 def write_is_valid(index: int, value: int) -> bool:
-    """Whether WRMSR of `value` to a writable MSR completes instead of raising #GP(0)."""
+    """Whether WRMSR of `value` to a writable MSR completes instead of raising #GP(0) (IA32_EFER
+    depends on its current value too: efer_write)."""
     if index in CANONICAL_ADDRESS_MSRS:
         return is_canonical(value)
     if index in LOW_HALF_ONLY_MSRS:

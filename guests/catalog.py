@@ -66,5 +66,6 @@ def parse(spec: str) -> GuestImage:
             flat = elf.flatten(image)
         except elf.ElfError as error:
             raise GuestSpecError(f"guest file {target!r}: {error}") from None
-        return GuestImage(path.stem, flat.image, memory, vps, flat.entry)
+        return GuestImage(path.stem, flat.image, memory, vps, flat.entry,
+                          zero_fill=flat.extent - len(flat.image))
     return GuestImage(path.stem, image, memory, vps)

@@ -1,4 +1,4 @@
-"""Static ELF64 executables as guests: their loadable segments laid out as one flat image (bss zeroed)."""
+"""Static ELF64 executables as guests: their loadable segments laid out as one flat image, zero fill left to guest RAM."""
 from __future__ import annotations
 
 import struct
@@ -15,7 +15,7 @@ PT_LOAD = 1
 # ELF64 header and program header (System V ABI, "ELF-64 Object File Format" 1.5).
 HEADER = struct.Struct("<4sBBBBB7sHHIQQQIHHHHHH")
 PROGRAM_HEADER = struct.Struct("<IIQQQQQQ")
-MAX_IMAGE = 256 << 20
+MAX_IMAGE = 256 << 20       # the staged bytes: from GUEST_LOAD_ADDRESS to the last non-zero file byte
 
 
 class ElfError(ValueError):
@@ -24,8 +24,9 @@ class ElfError(ValueError):
 
 @dataclass(frozen=True)
 class FlatGuest:
-    image: bytes          # from GUEST_LOAD_ADDRESS on
+    image: bytes          # from GUEST_LOAD_ADDRESS to the last non-zero file byte: what is staged
     entry: int
+    extent: int           # bytes from GUEST_LOAD_ADDRESS the segments take in guest RAM, zero fill included
 
 
 def is_elf(data: bytes) -> bool:
@@ -33,7 +34,8 @@ def is_elf(data: bytes) -> bool:
 
 
 def flatten(data: bytes) -> FlatGuest:
-    """Segments placed at their addresses relative to GUEST_LOAD_ADDRESS, file bytes then zeros."""
+    """Segments placed at their addresses relative to GUEST_LOAD_ADDRESS: the file bytes to stage, and
+    the extent their zero fill (bss) reaches in guest RAM."""
     if len(data) < HEADER.size:
         raise ElfError("too short for an ELF header")
     (magic, klass, encoding, _version, _abi, _abi_version, _pad, kind, machine, _eversion, entry,
@@ -54,14 +56,18 @@ def flatten(data: bytes) -> FlatGuest:
         if p_vaddr < GUEST_LOAD_ADDRESS or p_filesz > p_memsz or p_offset + p_filesz > len(data):
             raise ElfError(f"segment at {p_vaddr:#x} is below {GUEST_LOAD_ADDRESS:#x} or malformed: "
                            "link with -Wl,-Ttext-segment=0x100000")
-        segments.append((p_vaddr, data[p_offset:p_offset + p_filesz], p_memsz))
+        # Guest RAM starts zero (docs/boot.md): a segment's trailing zero bytes, like its zero fill
+        # (bss), need no staging room.
+        segments.append((p_vaddr, data[p_offset:p_offset + p_filesz].rstrip(b"\0"), p_memsz))
     if not segments:
         raise ElfError("no loadable segment")
-    end = max(vaddr + memsz for vaddr, _bytes, memsz in segments)
-    if end - GUEST_LOAD_ADDRESS > MAX_IMAGE:
-        raise ElfError("the loaded image would be larger than 256 MiB")
-    image = bytearray(end - GUEST_LOAD_ADDRESS)
+    extent = max(vaddr + memsz for vaddr, _bytes, memsz in segments) - GUEST_LOAD_ADDRESS
+    staged = max([vaddr + len(contents) - GUEST_LOAD_ADDRESS for vaddr, contents, _memsz in segments if contents],
+                 default=0)
+    if staged > MAX_IMAGE:
+        raise ElfError(f"the file's bytes would span more than {MAX_IMAGE >> 20} MiB of guest memory")
+    image = bytearray(staged)
     for vaddr, contents, _memsz in segments:
         start = vaddr - GUEST_LOAD_ADDRESS
         image[start:start + len(contents)] = contents
-    return FlatGuest(bytes(image), entry)
+    return FlatGuest(bytes(image), entry, extent)

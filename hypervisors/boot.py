@@ -15,6 +15,7 @@ from hypervisors.memory_map import (
 FIRMWARE_STACK_TOP = 0x8000            # below the boot info; the hypervisor sets up its own at once
 FIRMWARE_STACK_SIZE = 0x100
 MIN_RAM = 64 * MIB
+KIB = 1 << 10
 # What one partition's full map quota takes from free memory: its pages, the EPT page directory and
 # page tables of its window, and the page records of the frames they come from (one page in 512).
 _MAP_WINDOW_TABLE_PAGES = 1 + guest_abi.MAP_WINDOW_SIZE // LARGE_PAGE_SIZE
@@ -32,10 +33,16 @@ class GuestImage:
     """A guest to create: a flat image loaded at GUEST_LOAD_ADDRESS, its RAM and its VP count."""
 
     name: str
-    image: bytes
+    image: bytes                        # what is staged and copied into guest RAM
     memory_size: int = DEFAULT_GUEST_MEMORY
     vp_count: int = 1
     entry: int = GUEST_LOAD_ADDRESS
+    zero_fill: int = 0                  # bytes after the image that the guest uses and finds zero (an ELF's bss)
+
+    @property
+    def extent(self) -> int:
+        """The bytes from GUEST_LOAD_ADDRESS on that the guest's image takes in its RAM, zero fill included."""
+        return len(self.image) + self.zero_fill
 
 
 @dataclass
@@ -78,11 +85,18 @@ def _check(guests: tuple[GuestImage, ...], lps: int) -> None:
         if not 1 <= guest.vp_count:
             raise BootError(f"guest {guest.name}: at least one VP")
         stacks = guest.vp_count * GUEST_VP_STACK_SIZE
-        if not GUEST_LOAD_ADDRESS <= guest.entry < GUEST_LOAD_ADDRESS + len(guest.image):
+        if not GUEST_LOAD_ADDRESS <= guest.entry < GUEST_LOAD_ADDRESS + guest.extent:
             raise BootError(f"guest {guest.name}: entry {guest.entry:#x} is not inside its image")
-        if GUEST_LOAD_ADDRESS + len(guest.image) > guest.memory_size - stacks:
-            raise BootError(f"guest {guest.name}: its image does not fit below its stacks in "
-                            f"{guest.memory_size // MIB} MiB")
+        if GUEST_LOAD_ADDRESS + guest.extent > guest.memory_size - stacks:
+            needed = -(-(GUEST_LOAD_ADDRESS + guest.extent + stacks) // LARGE_PAGE_SIZE) * LARGE_PAGE_SIZE
+            raise BootError(f"guest {guest.name}: its image ({_size(len(guest.image))}"
+                            + (f" from the file, then {_size(guest.zero_fill)} of zero fill" if guest.zero_fill else "")
+                            + f") does not fit below its stacks in {guest.memory_size // MIB} MiB: "
+                            f"give it mem={needed // MIB}M or more")
+
+
+def _size(count: int) -> str:
+    return f"{count / MIB:.1f} MiB" if count >= MIB else f"{count / KIB:.1f} KiB"
 
 
 def boot(guests: list[GuestImage] | tuple[GuestImage, ...], *, hypervisor: str = "hv1", lps: int = 1,
@@ -104,9 +118,9 @@ def boot(guests: list[GuestImage] | tuple[GuestImage, ...], *, hypervisor: str =
     descriptors = bytearray()
     staging = GUEST_STAGING_BASE
     for guest in guests:
-        if staging + len(guest.image) > GUEST_STAGING_END:
+        if staging + len(guest.image) > GUEST_STAGING_END:   # zero fill is not staged: guest RAM starts zero
             raise BootError("the guest images together are larger than the staging area "
-                            f"({(GUEST_STAGING_END - GUEST_STAGING_BASE) // MIB} MiB)")
+                            f"({(GUEST_STAGING_END - GUEST_STAGING_BASE) // MIB} MiB; an ELF's bss takes none of it)")
         machine.load(staging, guest.image)
         descriptors += layouts.GUEST_DESCRIPTOR.pack(
             image=staging, image_size=len(guest.image), memory_size=guest.memory_size, entry=guest.entry,

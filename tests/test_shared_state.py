@@ -218,3 +218,16 @@ def test_snapshot_restores_which_instance_holds_the_shared_state():
     assert (again.stop.exit_status, [result(machine, slot) for slot in range(4)],
             guest.read_u64(GUEST_DATA + 8), guest.read_u64(GUEST_DATA + 16)) == outcome
     assert outcome[0] == exit_status(EXIT_OK)
+
+
+@pytest.mark.parametrize("value,faults", [(0xD01, False), (0x401, True), (0xD00 | (1 << 20), True)])
+def test_wrmsr_to_efer_keeps_long_mode(value, faults):
+    """SCE and NXE may change; LME may not while paging is on, reserved bits never (SDM Vol. 3A 9.8.5)."""
+    machine = Machine()
+    program = lines(set_interrupt_gate(ROOT_IDT, ExceptionVector.GP, "fault_13"),
+                    "mov ecx, 0xC0000080", mov_imm("rax", value), "xor edx, edx", "wrmsr", "rdmsr", save(0),
+                    debug_exit(EXIT_OK), fault_recorder(ExceptionVector.GP, True))
+    run = run_root(machine, program)
+    assert run.stop.exit_status == exit_status(EXIT_FAULT if faults else EXIT_OK), run.stop.report
+    if not faults:
+        assert result(machine, 0) == 0xD01

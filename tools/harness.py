@@ -115,9 +115,10 @@ def _vmwrite(name: str, value: str) -> str:
     return f"  mov rax, {ENCODING[name]:#x}\n  mov rbx, {value}\n  vmwrite rax, rbx"
 
 
-def monitor_source(fields: dict[str, int]) -> str:
-    """VMXON, a VMCS written field by field, VMLAUNCH; the exit handler emulates COM1 output,
-    skips CPUID and VMCALL, and ends the run with the guest's exit code on HLT."""
+def monitor_source(fields: dict[str, int], on_exit: str = "") -> str:
+    """VMXON, a VMCS written field by field, VMLAUNCH; the exit handler runs `on_exit` first (code
+    that must keep RAX and R12-R14), emulates COM1 output, skips CPUID and VMCALL, and ends the run
+    with the guest's exit code on HLT."""
     writes = "\n".join(_vmwrite(name, f"{value:#x}") for name, value in fields.items())
     host_registers = "\n".join(_vmwrite(f"HOST_{register.upper()}", register) for register in HOST_CONTROL_REGISTERS)
     e = ENCODING
@@ -141,6 +142,7 @@ def monitor_source(fields: dict[str, int]) -> str:
       mov al, 0xFE
       out 0xF4, al
     exit_handler:
+    {on_exit}
       mov r14, {e['VM_EXIT_REASON']:#x}
       vmread r13, r14
       cmp r13, {int(ExitReason.HLT)}
@@ -175,14 +177,15 @@ class HarnessRun:
 
 def run_guest(guest_source: str, *, primary: int = 0, max_instructions: int = 10 ** 10,
               ram_size: int = 64 * MIB, record_events: bool = False,
-              prepare: Callable[[Machine], None] | None = None, fast_transitions: bool = True) -> HarnessRun:
+              prepare: Callable[[Machine], None] | None = None, fast_transitions: bool = True,
+              monitor_on_exit: str = "") -> HarnessRun:
     """Runs `guest_source` (assembled at GUEST_CODE) under the monitor; the guest ends with HLT and
     its AL is the exit code; bytes it OUTs to any port are printed on COM1 by the monitor."""
     machine = Machine(ram_size=ram_size, lps=1, record_events=record_events, fast_transitions=fast_transitions)
     machine.ram.write_u32(VMXON_REGION, CAPS.vmcs_revision_id)
     machine.ram.write_u32(VMCS_REGION, CAPS.vmcs_revision_id)
     write_guest_memory(machine, assemble(guest_source, GUEST_CODE))
-    machine.load(MONITOR_CODE, assemble(monitor_source(guest_fields(primary)), MONITOR_CODE))
+    machine.load(MONITOR_CODE, assemble(monitor_source(guest_fields(primary), monitor_on_exit), MONITOR_CODE))
     if prepare is not None:
         prepare(machine)
     machine.start(MONITOR_CODE, [MONITOR_STACK_TOP])
