@@ -283,6 +283,16 @@ class FastState:
         return None, Fault(f.kind, access, 0, f.guest_physical, 0, False, f.ept_qualification)
 
 
+class RegisterWriteRefused(RuntimeError):
+    """Unicorn refused a register write the machine relied on: a bug of the machine's (a write
+    that can be refused for a guest's reasons is checked first, or made with Registers.try_write)."""
+
+    def __init__(self, register: int, value, error: int):
+        super().__init__(f"Unicorn refused to write register {register} = {value!r} (error {error})")
+        self.register = register
+        self.error = error
+
+
 class Registers:
     """Scalar register access through Unicorn's C API (the binding's reg_read costs several
     microseconds; this costs well under one)."""
@@ -297,8 +307,14 @@ class Registers:
         return self._value[0]
 
     def write(self, register: int, value: int) -> None:
+        error = self.try_write(register, value)
+        if error != uc_const.UC_ERR_OK:
+            raise RegisterWriteRefused(register, value, error)
+
+    def try_write(self, register: int, value: int) -> int:
+        """Writes a register; returns Unicorn's error code (UC_ERR_OK, or why it refused the value)."""
         self._value[0] = value & 0xFFFF_FFFF_FFFF_FFFF
-        API.reg_write(self._handle, register, self._value)
+        return API.reg_write(self._handle, register, self._value)
 
     def read_table(self, register: int) -> tuple[int, int]:
         """Base and limit of GDTR, IDTR, LDTR or TR."""
@@ -311,7 +327,9 @@ class Registers:
         self._table.base = base
         self._table.limit = limit
         self._table.flags = 0
-        API.reg_write(self._handle, register, self._table)
+        error = API.reg_write(self._handle, register, self._table)
+        if error != uc_const.UC_ERR_OK:
+            raise RegisterWriteRefused(register, (base, limit), error)
 
 
 def uc_handle(uc):

@@ -9,8 +9,10 @@ from __future__ import annotations
 import struct
 
 from unicorn import x86_const as x86
+from unicorn.unicorn_const import UC_ERR_OK
 
-from emu import fast, msrs, vmcs_fields as vf
+from emu import fast, msrs, segment_load, vmcs_fields as vf
+from emu.vmentry_checks import EntryCheckFailure
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES
 from emu.vmcs_fields import FIELDS, BY_NAME
 from emu.vmx_defs import (
@@ -41,8 +43,8 @@ _REGISTER_FIELDS = {
     "GUEST_FS_BASE": x86.UC_X86_REG_FS_BASE,
     "GUEST_GS_BASE": x86.UC_X86_REG_GS_BASE,
 }
-# Segment selectors: loading one makes Unicorn read its descriptor from the guest's GDT, so the
-# guest's IRETQ, far returns and interrupt frames see the CS and SS the VMCS gave it.
+# Segment selectors, so the guest's IRETQ, far returns and interrupt frames see the CS and SS the VMCS
+# gave it. Unicorn loads FS and GS through their descriptors in guest memory (emu/segment_load.py).
 _SEGMENT_FIELDS = {
     "GUEST_CS_SELECTOR": x86.UC_X86_REG_CS, "GUEST_SS_SELECTOR": x86.UC_X86_REG_SS,
     "GUEST_DS_SELECTOR": x86.UC_X86_REG_DS, "GUEST_ES_SELECTOR": x86.UC_X86_REG_ES,
@@ -72,6 +74,11 @@ _BEFORE_SELECTORS = _LOAD_ORDER + ("GUEST_GDTR_BASE", "GUEST_GDTR_LIMIT", "GUEST
 _LIVE_ORDER = _BEFORE_SELECTORS + tuple(sorted(_SEGMENT_FIELDS)) + \
     tuple(sorted(LIVE_FIELD_NAMES.difference(_BEFORE_SELECTORS, _SEGMENT_FIELDS)))
 _LIVE_BIT = {name: 1 << index for index, name in enumerate(_LIVE_ORDER)}
+_ALL_LIVE_BITS = (1 << len(_LIVE_ORDER)) - 1
+# Selectors loaded through a descriptor, and the base register that load would change: the base is
+# the VMCS's, loaded from its own field (SDM Vol. 3C 27.3.2.2), so the load leaves it as it was.
+_DESCRIPTOR_LOADED_BASES = {"GUEST_FS_SELECTOR": x86.UC_X86_REG_FS_BASE,
+                            "GUEST_GS_SELECTOR": x86.UC_X86_REG_GS_BASE}
 _SLOT_INDEX = {field.name: index for index, field in enumerate(FIELDS)}
 _GUEST_RIP = "GUEST_RIP"
 # Fields software may write without the full VM-entry checks running again: no check reads the
@@ -167,6 +174,14 @@ def _transition_constants():
 
 
 TRANSITION_CONSTANTS = _transition_constants()
+
+
+class _NotLoadable(Exception):
+    """A guest-state field the guest instance cannot take; carries the VM-entry failure."""
+
+    def __init__(self, failure: EntryCheckFailure):
+        super().__init__(failure.message)
+        self.failure = failure
 
 
 class ActiveVmcs:
@@ -296,14 +311,20 @@ class ActiveVmcs:
         if field.name not in KEEPS_VERIFICATION:
             self.fast.checked_field_written = 1
 
-    def load_written_state(self) -> None:
-        """VM entry: guest state software wrote goes into the guest instance (SDM Vol. 3C 27.3.2)."""
+    def load_written_state(self) -> EntryCheckFailure | None:
+        """VM entry: guest state software wrote goes into the guest instance (SDM Vol. 3C 27.3.2).
+        If the instance cannot take it (emu/segment_load.py), the failure; the written fields then
+        keep their values and are loaded again at the next entry."""
         written = self.fast.live_written
         if written and self.context is not None:
-            for name in _LIVE_ORDER:
-                if written & _LIVE_BIT[name]:
-                    self._write_live(name, self.values[_SLOT_INDEX[name]])
+            try:
+                for name in _LIVE_ORDER:
+                    if written & _LIVE_BIT[name]:
+                        self._write_live(name, self.values[_SLOT_INDEX[name]])
+            except _NotLoadable as refused:
+                return refused.failure
         self.fast.live_written = 0
+        return None
 
     # --- live guest state ---------------------------------------------------------------------------
     def _read_live(self, name: str) -> int:
@@ -317,7 +338,9 @@ class ActiveVmcs:
 
     def _write_live(self, name: str, value: int) -> None:
         uc = self.context.uc
-        if name in _REGISTER_FIELDS:
+        if name in _DESCRIPTOR_LOADED_BASES:
+            self._load_selector_through_descriptor(name, value)
+        elif name in _REGISTER_FIELDS:
             self.context.regs.write(_REGISTER_FIELDS[name], value)
         elif name in _TABLE_FIELDS:
             register, part = _TABLE_FIELDS[name]
@@ -327,18 +350,41 @@ class ActiveVmcs:
         else:
             uc.msr_write(_MSR_FIELDS[name], value)
 
+    def _load_selector_through_descriptor(self, name: str, selector: int) -> None:
+        """Loads FS or GS once the descriptor reads and writes Unicorn makes are known to succeed;
+        raises _NotLoadable otherwise, or when Unicorn refuses the selector all the same."""
+        regs = self.context.regs
+        register = _REGISTER_FIELDS[name]
+        failure = segment_load.load_refusal(self.context, register, selector)
+        if failure is None:
+            base_register = _DESCRIPTOR_LOADED_BASES[name]
+            base = regs.read(base_register)
+            error = regs.try_write(register, selector)
+            if error == UC_ERR_OK:
+                regs.write(base_register, base)
+                return
+            failure = segment_load.emulator_refusal(register, selector, error)
+        raise _NotLoadable(failure)
+
     def attach(self, context) -> None:
         """Makes `context` the instance that runs this VMCS's guest, for Python and C alike."""
         self.context = context
         self.fast.guest_uc = context.fast.ctx.uc
         self.fast.guest_ctx = context.fast.ctx
 
-    def bind(self, context) -> None:
-        """Makes `context` hold this VMCS's guest register state (the first VM entry)."""
+    def bind(self, context) -> EntryCheckFailure | None:
+        """Makes `context` hold this VMCS's guest register state (the first VM entry). If the instance
+        cannot take it (emu/segment_load.py), the failure: the fields keep the guest state, as if
+        software had just written all of them, and the next entry loads them again."""
         self.attach(context)
-        for name in _LIVE_ORDER:
-            self._write_live(name, self.values[_SLOT_INDEX[name]])
+        try:
+            for name in _LIVE_ORDER:
+                self._write_live(name, self.values[_SLOT_INDEX[name]])
+        except _NotLoadable as refused:
+            self.fast.live_written = _ALL_LIVE_BITS
+            return refused.failure
         self.fast.live_written = 0
+        return None
 
     def pull_live_state(self) -> None:
         if self.context is None:

@@ -323,6 +323,24 @@ ENTRY_CHECKS: tuple[EntryCheck, ...] = (
 CHECKS_BY_ID: dict[str, EntryCheck] = {check.id: check for check in ENTRY_CHECKS}
 assert len(CHECKS_BY_ID) == len(ENTRY_CHECKS), "duplicate entry-check id"
 
+# Checks this machine makes while it loads guest state into the guest's instance (SDM 27.3.2), after
+# the checks above passed: the SDM has no such checks. Unicorn loads the FS and GS selectors through
+# their descriptors in guest memory (emu/segment_load.py), where the SDM loads the hidden part of
+# every segment register from the VMCS; docs/machine.md 7.7.4 and 10.2.
+GUEST_FS_GS_DESCRIPTOR_TRANSLATES = "guest.fs_gs.descriptor_translates"
+GUEST_FS_GS_DESCRIPTOR_LOADABLE = "guest.fs_gs.descriptor_loadable"
+LOAD_CHECKS: tuple[EntryCheck, ...] = (
+    EntryCheck(GUEST_FS_GS_DESCRIPTOR_LOADABLE, "27.3.2",
+               "machine-specific: a non-null guest FS or GS selector must select a descriptor within the "
+               "guest's GDT (LDT if TI = 1) that MOV to FS/GS at CPL 0 loads: S = 1, readable if code, "
+               "DPL >= RPL unless conforming code, P = 1"),
+    EntryCheck(GUEST_FS_GS_DESCRIPTOR_TRANSLATES, "27.3.2",
+               "machine-specific: that descriptor's 8 bytes must translate for reading through the guest's "
+               "paging and EPT, and its high dword for writing too if its accessed bit is 0"),
+)
+LOAD_CHECKS_BY_ID: dict[str, EntryCheck] = {check.id: check for check in LOAD_CHECKS}
+assert not set(LOAD_CHECKS_BY_ID) & set(CHECKS_BY_ID), "duplicate entry-check id"
+
 _GUEST_DEFAULT_QUALIFICATION = {
     "guest.interruptibility.nmi_sti": EntryFailureQualification.NMI_INJECTION_BLOCKED_BY_STI,
     "guest.vmcs_link_pointer": EntryFailureQualification.VMCS_LINK_POINTER,
@@ -331,7 +349,7 @@ _GUEST_DEFAULT_QUALIFICATION = {
 
 def make_failure(check_id: str, message: str) -> EntryCheckFailure:
     """The failure for check `check_id`: VMfailValid error or VM-entry failure per its stage."""
-    check = CHECKS_BY_ID[check_id]
+    check = CHECKS_BY_ID.get(check_id) or LOAD_CHECKS_BY_ID[check_id]
     if check.kind == ENTRY_FAILURE:
         qualification = _GUEST_DEFAULT_QUALIFICATION.get(check_id, EntryFailureQualification.DEFAULT)
         return EntryCheckFailure(kind=ENTRY_FAILURE, check=check_id, sdm=check.sdm, message=message,
@@ -449,6 +467,11 @@ CheckResult = Optional[EntryCheckFailure]
 _CTRL = "VMFAIL: VMCS EXEC CTRL:"
 _HOST = "VMFAIL: VMCS host state invalid"
 _GUEST = "VMENTER FAIL: VMCS guest state invalid"
+
+
+def guest_state_message(detail: str) -> str:
+    """The message of a failed guest-state check: the common prefix, then what failed and why."""
+    return f"{_GUEST} {detail}"
 
 
 # --- 27.1 Basic VM-entry checks ---------------------------------------------------------------
@@ -1198,7 +1221,7 @@ def check_vm_entry(read: Callable[[str], int], caps: VmxCapabilities = MACHINE_V
 def markdown() -> str:
     """Every check with its id, SDM section, outcome and rule, as Markdown."""
     lines = ["| check id | SDM (Vol. 3C) | on failure | rule |", "|---|---|---|---|"]
-    for check in ENTRY_CHECKS:
+    for check in ENTRY_CHECKS + LOAD_CHECKS:
         if check.kind == ENTRY_FAILURE:
             qualification = int(_GUEST_DEFAULT_QUALIFICATION.get(check.id, EntryFailureQualification.DEFAULT))
             outcome = f"exit {int(ExitReason.INVALID_GUEST_STATE)}, qual. {qualification}"

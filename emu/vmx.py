@@ -15,7 +15,7 @@ from emu.decode import MemoryOperand, RegisterOperand
 from emu.vmcs import DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT, ActiveVmcs
 from emu.vmcs_fields import U64_MASK as U64
 from emu.vmentry_checks import (
-    VMFAIL_VALID, check_launch_state, check_vm_entry, fits_physical_address, is_canonical,
+    VMFAIL_VALID, EntryCheckFailure, check_launch_state, check_vm_entry, fits_physical_address, is_canonical,
 )
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import (
@@ -321,12 +321,14 @@ class VmxUnit:
             return "next"
         failure = self._check_entry(vmcs, launching)
         if failure is not None:
-            self.lp.publish("vm-entry-failed", vmcs=vmcs.address, check=failure.check,
-                            message=failure.message)
-            self.machine.last_entry_failure = failure
+            self._report_entry_failure(vmcs, failure)
             if failure.kind == VMFAIL_VALID:
                 self.fail(failure.error)
                 return "next"
+            return self._fail_entry(vmcs, failure.exit_reason, failure.qualification)
+        failure = self.load_guest_state(vmcs, launching)
+        if failure is not None:
+            self._report_entry_failure(vmcs, failure)
             return self._fail_entry(vmcs, failure.exit_reason, failure.qualification)
         msr_loads = self._entry_msr_loads(vmcs)
         if isinstance(msr_loads, int):
@@ -336,6 +338,10 @@ class VmxUnit:
             return self._fail_entry(vmcs, ExitReason.MSR_LOADING, msr_loads)
         self.begin_guest(vmcs, launching, insn.size, msr_loads=msr_loads)
         return "enter"
+
+    def _report_entry_failure(self, vmcs: ActiveVmcs, failure: EntryCheckFailure) -> None:
+        self.lp.publish("vm-entry-failed", vmcs=vmcs.address, check=failure.check, message=failure.message)
+        self.machine.last_entry_failure = failure
 
     def _fail_entry(self, vmcs: ActiveVmcs, reason: int, qualification: int) -> str:
         """SDM Vol. 3C 27.8: a failure after the checks of 27.2 loads host state like a VM exit,
@@ -378,31 +384,38 @@ class VmxUnit:
             vmcs.fast.checked_field_written = 0
         return failure
 
-    def begin_guest(self, vmcs: ActiveVmcs, launching: bool, instruction_length: int,
-                    inject: bool = True, msr_loads: list[tuple[int, int]] = ()) -> None:
-        """Loads guest state and hands the LP to the guest's context (SDM Vol. 3C 27.3.2, 27.6)."""
-        machine = self.machine
-        lp = self.lp
-        # The VMX instruction retires in root mode before the guest starts.
-        lp.root.set_reg(x86.UC_X86_REG_RIP, lp.root.reg(x86.UC_X86_REG_RIP) + instruction_length)
-        lp.charge(lp.root, 1)
+    def load_guest_state(self, vmcs: ActiveVmcs, launching: bool) -> EntryCheckFailure | None:
+        """Loads the guest state of the VMCS into its guest instance (SDM Vol. 3C 27.3.2): all of it at
+        the first entry, what software wrote since at later ones. Returns None, or the failure when
+        the instance cannot take it (emu/segment_load.py); the guest is then not entered."""
         context = vmcs.context
-        if context is None:
-            context = machine.acquire_guest_context(vmcs)
-            vmcs.bind(context)
-        elif launching:
-            context.flush_code()
-            vmcs.bind(context)
-        else:
-            vmcs.load_written_state()
-        # The guest runs on this LP: it shares the LP's x87/SSE state, CR2, DRs and MSRs (7.4).
-        context.fast.attach_shared(lp.shared)
-        for index, value in msr_loads:
-            context.write_msr(index, value)
+        fresh = context is None
+        if fresh:
+            context = self.machine.acquire_guest_context(vmcs)
+        # The guest's translation first: loading FS and GS reads their descriptors through it.
         eptp = vmcs.read("EPT_POINTER")
         if context.fast.ctx.eptp != eptp or context.fast.ctx.mode != fast.MODE_GUEST:
             context.fast.set_mode(fast.MODE_GUEST, eptp)
             context.flush_translations()
+        if fresh:
+            return vmcs.bind(context)
+        if launching:
+            context.flush_code()
+            return vmcs.bind(context)
+        return vmcs.load_written_state()
+
+    def begin_guest(self, vmcs: ActiveVmcs, launching: bool, instruction_length: int,
+                    inject: bool = True, msr_loads: list[tuple[int, int]] = ()) -> None:
+        """Hands the LP to the guest's context once its state is loaded (SDM Vol. 3C 27.4, 27.6)."""
+        lp = self.lp
+        context = vmcs.context
+        # The VMX instruction retires in root mode before the guest starts.
+        lp.root.set_reg(x86.UC_X86_REG_RIP, lp.root.reg(x86.UC_X86_REG_RIP) + instruction_length)
+        lp.charge(lp.root, 1)
+        # The guest runs on this LP: it shares the LP's x87/SSE state, CR2, DRs and MSRs (7.4).
+        context.fast.attach_shared(lp.shared)
+        for index, value in msr_loads:
+            context.write_msr(index, value)
         if launching:
             vmcs.launched = True
         vmcs.lp_index = lp.index
@@ -540,6 +553,11 @@ class VmxUnit:
         if failure is not None:
             self.machine.last_entry_failure = failure
             self.fail(failure.error if failure.kind == VMFAIL_VALID else VmInstructionError.ENTRY_INVALID_CONTROL_FIELD)
+            return "next"
+        failure = self.load_guest_state(vmcs, launching=False)
+        if failure is not None:
+            self._report_entry_failure(vmcs, failure)
+            self.fail(VmInstructionError.ENTRY_INVALID_CONTROL_FIELD)   # as a failed guest-state check
             return "next"
         lp = self.lp
         call_number = lp.root.reg(x86.UC_X86_REG_RAX)

@@ -1,6 +1,7 @@
 """Tests of the VM-entry checks: the valid example VMCS passes, each check catches its one broken field."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -564,8 +565,16 @@ def test_non_true_control_msrs_report_default1_bits():
 
 def test_markdown_tables_list_every_check():
     text = checks.markdown()
-    for check in checks.ENTRY_CHECKS:
+    for check in checks.ENTRY_CHECKS + checks.LOAD_CHECKS:
         assert f"| {check.id} | {check.sdm} |" in text
+
+
+def test_the_reference_lists_the_checks_as_the_module_does():
+    reference = (Path(__file__).resolve().parent.parent / "docs" / "vmx-reference.md").read_text()
+    begin = "<!-- BEGIN GENERATED: python -m emu.vmentry_checks --markdown -->\n"
+    table = reference[reference.index(begin) + len(begin):]
+    assert table[:table.index("<!-- END GENERATED -->")] == checks.markdown(), \
+        "docs/vmx-reference.md section 4 is stale: paste `python -m emu.vmentry_checks --markdown` there"
 
 
 NON_TRUE_CONTROL_MSRS = {"PIN_BASED_VM_EXEC_CONTROL": 0x481, "CPU_BASED_VM_EXEC_CONTROL": 0x482,
