@@ -10,7 +10,7 @@ from pathlib import Path
 from asm import Image, assemble_file, merge_constants
 from emu import devices, disk, vmcs_fields, vmentry_checks, vmx_defs
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES
-from hypervisors import guest_abi, invariants, layouts, memory_map, transfer
+from hypervisors import guest_abi, invariants, layouts, memory_map, transfer, vp_state
 
 HERE = Path(__file__).resolve().parent
 COMMON_SOURCES = HERE / "common"        # code every hypervisor includes, written against generic names
@@ -37,6 +37,12 @@ class Hypervisor:
     def __post_init__(self) -> None:
         if self.records.frame.size != FRAME_RECORD_BYTES:   # common/defs.inc shifts by FRAME_RECORD_SHIFT
             raise ValueError(f"{self.name}: frame records must be {FRAME_RECORD_BYTES} bytes")
+        vp = self.records.vp                                 # VP records lie one after the other from a page
+        if vp.size % vp_state.FXSAVE_ALIGNMENT or vp.offset("fx_area") % vp_state.FXSAVE_ALIGNMENT:
+            raise ValueError(f"{self.name}: VP records and their FXSAVE areas must be 16-byte aligned")
+        msr_offsets = [vp.offset(name) for name, _ in vp_state.SHARED_MSRS]
+        if msr_offsets != list(range(msr_offsets[0], msr_offsets[0] + 8 * len(msr_offsets), 8)):
+            raise ValueError(f"{self.name}: the shared MSRs must follow each other in table order (vp_state.inc loops)")
 
 
 HYPERVISORS = {
@@ -114,6 +120,7 @@ def constants(name: str = "hv1") -> dict[str, int]:
         invariants.constants(),
         guest_abi.constants(),
         transfer.constants(),
+        vp_state.constants(),
         spec.records.constants(),
         {"QUANTUM": spec.quantum, "HV_VERSION": spec.version},
         _guest_state_check_constants(),
@@ -128,7 +135,7 @@ def constants(name: str = "hv1") -> dict[str, int]:
 def generated_sources() -> Path:
     """A directory with the include files generated from Python tables (transfer.generated_includes)."""
     directory = Path(tempfile.mkdtemp(prefix="hhr-generated-"))
-    for name, text in transfer.generated_includes().items():
+    for name, text in {**transfer.generated_includes(), "msr_tables.inc": vp_state.msr_tables()}.items():
         (directory / name).write_text(text)
     return directory
 

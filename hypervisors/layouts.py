@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from asm.layout import Struct
+from hypervisors import vp_state
 
 BOOT_INFO_MAGIC = int.from_bytes(b"HHRBOOT1", "little")
 BOOT_PROTOCOL_VERSION = 1
@@ -63,6 +64,11 @@ HV1_VP = Struct("hv1_vp", [
     ("slice_end", 8),                             # LP time its time slice ends
     ("rax", 8), ("rbx", 8), ("rcx", 8), ("rdx", 8), ("rsi", 8), ("rdi", 8), ("rbp", 8),
     ("r8", 8), ("r9", 8), ("r10", 8), ("r11", 8), ("r12", 8), ("r13", 8), ("r14", 8), ("r15", 8),
+    # The state the VMCS does not hold (hypervisors/vp_state.py): CR2, DR0-DR3, DR6, the shared MSRs,
+    # then the FXSAVE area (16-byte aligned: VP records are, hypervisors/build.py checks it).
+    *vp_state.record_fields()[:-1],
+    ("_pad1", 8),
+    vp_state.record_fields()[-1],
 ])
 
 # hv1's page-ownership database: which host page belongs to whom (docs/hv1.md). One HV1_FRAME per
@@ -95,6 +101,7 @@ HV2_PARTITION = Struct("hv2_partition", [
 ])
 
 HV2_VP = Struct("hv2_vp", [
+    vp_state.record_fields()[-1],                 # hv2 keeps the FXSAVE area first (16-byte aligned)
     ("rax", 8), ("rbx", 8), ("rcx", 8), ("rdx", 8), ("rsi", 8), ("rdi", 8), ("rbp", 8),
     ("r8", 8), ("r9", 8), ("r10", 8), ("r11", 8), ("r12", 8), ("r13", 8), ("r14", 8), ("r15", 8),
     ("partition", 8), ("vmcs", 8),
@@ -106,6 +113,9 @@ HV2_VP = Struct("hv2_vp", [
     ("slice_end", 8),
     ("last_run", 8),                              # LP time it was last picked: hv2 runs the longest-waiting first
     ("runs", 8),                                  # times it was picked (new in hv2)
+    *vp_state.record_fields()[len(vp_state.DEBUG_AND_CONTROL_REGISTERS):-1],   # the shared MSRs first,
+    *reversed(vp_state.record_fields()[:len(vp_state.DEBUG_AND_CONTROL_REGISTERS)]),  # then DR6 ... CR2
+    ("_pad1", 8),                                 # a multiple of 16 bytes: every record's FXSAVE area aligned
 ])
 
 HV2_FRAME = Struct("hv2_frame", [

@@ -5,9 +5,9 @@ import enum
 
 from asm.layout import Struct
 from emu import vmcs_fields
-from hypervisors import invariants, layouts
+from hypervisors import invariants, layouts, vp_state
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2                   # 2: VP_STATE records (a receiver of version 1 would drop that state)
 REQUEST_MAGIC = int.from_bytes(b"HHRR", "little")
 TRANSFER_MAGIC = int.from_bytes(b"HHRX", "little")
 DIGEST_BYTES = 32                      # SHA-256, of the image
@@ -77,6 +77,7 @@ class RecordType(enum.IntEnum):
     VMCS = 8
     END = 9
     WINDOW_RESET = 10                          # the partition's map window is emptied; MAPs follow
+    VP_STATE = 11                              # a VP's state beyond the VMCS: FXSAVE image, CR2, DRs, shared MSRs
 
 
 RECORD_VERSION = 1
@@ -108,6 +109,14 @@ VP_RECORD = Struct("tr_vp", [
     ("rax", 8), ("rbx", 8), ("rcx", 8), ("rdx", 8), ("rsi", 8), ("rdi", 8), ("rbp", 8),
     ("r8", 8), ("r9", 8), ("r10", 8), ("r11", 8), ("r12", 8), ("r13", 8), ("r14", 8), ("r15", 8),
 ])
+# The state real hardware leaves to the hypervisor (hypervisors/vp_state.py): sent after each VP record.
+VP_STATE_RECORD = Struct("tr_vp_state", [
+    ("partition", 4), ("index", 4),            # the VP (the index where TR_VP_INDEX is)
+    *vp_state.transfer_record_fields(),        # CR2, DR0-DR3, DR6, the shared MSRs, the FXSAVE image
+])                                             # (from fx_header on, 512 bytes)
+if (VP_STATE_RECORD.size - VP_STATE_RECORD.offset("fx_header") != vp_state.FXSAVE_AREA_BYTES
+        or VP_STATE_RECORD.offset("mxcsr") - VP_STATE_RECORD.offset("fx_header") != vp_state.FXSAVE_MXCSR):
+    raise ValueError("tr_vp_state: the FXSAVE image must be whole from fx_header on, MXCSR where FXSAVE puts it")
 MAP_RECORD = Struct("tr_map", [
     ("partition", 4), ("_pad0", 4),
     ("gpa", 8),                                # a page of its map window
@@ -144,7 +153,7 @@ RECORD_LAYOUTS = {RecordType.INVARIANTS: INVARIANTS_RECORD, RecordType.CPUID: CP
                   RecordType.PARTITION: PARTITION_RECORD, RecordType.VP: VP_RECORD,
                   RecordType.MAP: MAP_RECORD, RecordType.UNMAP: UNMAP_RECORD,
                   RecordType.OWNER: OWNER_RECORD, RecordType.VMCS: VMCS_RECORD, RecordType.END: END_RECORD,
-                  RecordType.WINDOW_RESET: WINDOW_RESET_RECORD}
+                  RecordType.WINDOW_RESET: WINDOW_RESET_RECORD, RecordType.VP_STATE: VP_STATE_RECORD}
 
 
 class TransferOwner(enum.IntEnum):

@@ -75,7 +75,10 @@ def test_suspend_and_resume_has_every_figure_and_a_longer_blackout_than_hot_rest
     for row in rows(document, scenario=scenarios.SUSPEND):
         assert row["outcome"] == "resumed", row
         assert row["blackout_ticks"] > 0 and row["blackout_host_ms"] > 0 and row["restart_host_s"] > 0
-        assert 0 < row["blackout_phase_ticks"] < row["blackout_ticks"] < row["restart_ticks"]
+        # (A VP's blackout may outlast the restart, request to RESUMED: with VPs sharing an LP it
+        # begins at the VP's last exit, up to a round of slices before the request, and ends at its
+        # first entry, after the slices of the VPs that run before it.)
+        assert 0 < row["blackout_phase_ticks"] < min(row["blackout_ticks"], row["restart_ticks"])
         running = [vp for vp in row["per_vp"] if vp["state"] == "running"]
         assert running and all(vp["blackout_ticks"] > 0 and vp["blackout_host_ms"] > 0 for vp in running)
         assert row["blackout_ticks"] == max(vp["blackout_ticks"] for vp in running)

@@ -344,8 +344,6 @@ RESTARTS = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="x87/SSE state is not yet carried across a restart: after it the "
-                                        "guest finds its XMM registers zeroed and prints other results")
 @pytest.mark.parametrize("name, direction, mode, request_at", RESTARTS)
 def test_a_c_guest_prints_the_same_with_a_restart(built, name, direction, mode, request_at):
     without = run_alone(built[name])

@@ -364,10 +364,11 @@ def test_the_command_line_runs_a_bounded_campaign_and_replays(tmp_path, capsys):
     assert cli.main(["fuzz", "--replay", str(tmp_path / "missing.json")]) == 2
 
 
-def window_sum_check_jump(machine: executor.TransferMachine) -> int:
-    """The receiver's `jne` that refuses a window whose sum differs (after it reads claimed_window_sums)."""
+def window_sum_check_jump(machine: executor.TransferMachine, claimed: str = "claimed_window_sums") -> int:
+    """The receiver's `jne` that refuses a window whose sum differs (after it reads claimed_window_sums),
+    or with `claimed_mapped_pages` the one that refuses a window whose page count differs."""
     image = build.image(machine.setup.to_hv)
-    start, sums = image.symbol("receive_verify"), image.symbol("claimed_window_sums")
+    start, sums = image.symbol("receive_verify"), image.symbol(claimed)
     disassembler = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
     seen = False
     for instruction in disassembler.disasm(image.code[start - image.base:start - image.base + 512], start):
@@ -393,11 +394,17 @@ def test_a_mapping_changed_in_the_blackout_is_refused_by_the_window_sum(machine)
     for entry in entries:
         result = machine.execute(entry)
         assert result.outcome == "aborted" and result.replies[-1] == (transfer.Call.VERIFY, True, transfer.Reply.VALUE)
-    # Some of them the page count catches too (a changed page that collides with another); the
-    # others only the sum: with it patched out they are accepted. (Whether a guest then notices
+    # The page count may catch some of them too (a changed page that collides with another, which
+    # depends on where the pool's pages lie): with the count check patched out the sum still
+    # refuses every one; with both patched out they are accepted. (Whether a guest then notices
     # depends on whether it reads that page again: the saved findings are runs where storm did.)
-    with broken(machine, f"m{number}", window_sum_check_jump(machine), NOP * JUMP_IF_NOT_EQUAL_LENGTH):
-        outcomes = [machine.execute(entry).outcome for entry in entries]
+    count_check = window_sum_check_jump(machine, "claimed_mapped_pages")
+    with broken(machine, f"m{number}", count_check, NOP * JUMP_IF_NOT_EQUAL_LENGTH):
+        for entry in entries:
+            result = machine.execute(entry)
+            assert result.outcome == "aborted" and result.replies[-1] == (transfer.Call.VERIFY, True, transfer.Reply.VALUE)
+        with broken(machine, f"m{number}", window_sum_check_jump(machine), NOP * JUMP_IF_NOT_EQUAL_LENGTH):
+            outcomes = [machine.execute(entry).outcome for entry in entries]
     assert "committed" in outcomes, outcomes
 
 
@@ -421,3 +428,27 @@ def test_a_partition_record_naming_ram_that_is_not_its_own_aborts_the_restart(ma
     with broken(machine, "m1", check, CLEAR_CARRY_AND_RETURN):
         finding = machine.execute(entries[0], deep=True).finding
     assert finding is not None and finding.kind == oracles.GUEST_OUTPUT, finding
+
+
+@pytest.mark.parametrize("suffix, value", [
+    (".mxcsr", 0x1F80 | (1 << 16)),                  # a reserved MXCSR bit (above MXCSR_MASK)
+    (".lstar", 1 << 47),                             # a non-canonical address
+    (".kernel_gs_base", 0x8000_0000_0000_0000),
+    (".fmask", 1 << 32),                             # bits 63:32 reserved
+    (".tsc_aux", 1 << 40),
+    (".pat", 0x0007_0406_0007_0403),                 # memory type 3 is reserved
+    (".dr6", 1 << 32),
+])
+def test_a_vp_state_record_that_fxrstor_or_wrmsr_would_refuse_is_refused(machine, suffix, value):
+    """The fuzzer's view of the VP_STATE record: its checked fields, each set (digest fixed) to a value
+    the processor would refuse when the new hypervisor loads it: the record is refused with VALUE,
+    the restart aborts and the guests go on as they were."""
+    number = last_state_message(machine)
+    field = next(f for f in fields.message_fields(machine.messages[number - 1])
+                 if f.name.startswith("vp_state[") and f.name.endswith(suffix))
+    assert field.checkable
+    entry = FuzzInput("messages", number, (Edit("set", field.offset, field.width, value, field=field.name),),
+                      fix_digest=True)
+    result = machine.execute(entry)
+    assert result.outcome == "aborted" and result.finding is None, result
+    assert result.replies[-1] == (transfer.Call.STATE, True, transfer.Reply.VALUE)

@@ -140,12 +140,15 @@ def test_after_the_restart_the_old_hypervisors_memory_is_free_and_the_database_a
     assert booted.image_base == recorder.service_region
 
 
+BOOTED = 22_000         # instructions by which boot has reserved the service region, before any guest runs
+
+
 def test_guests_cannot_reach_the_service_partition_or_the_doorbell():
     """The hostile guest rings the doorbell and executes VMCALLR during the restart; no partition's
     EPT maps a page of the service region or the transfer area, before or after."""
     guests = ["hostile", "storm", "hashchain"]
     booted = boot.boot([catalog.parse(spec) for spec in guests], hypervisor="hv1")
-    booted.machine.run(max_instructions=20_000)          # the hostile guest has not run yet
+    booted.machine.run(max_instructions=BOOTED)          # the hostile guest has not run yet
     region, area = booted.read_qword("service_region"), booted.read_qword("transfer_area")
     recorder = restart_module.request(booted, "hv2")
     assert recorder.finished and booted.hypervisor == "hv2"

@@ -17,6 +17,9 @@ TRUSTED_FIELDS = {
     "tr_vmcs_field": {"value"},
     "tr_end": {"phase", "round", "records"},
     "tr_invariants": {"sender_version"},
+    # A VP's state beyond the VMCS: any value of these is one a guest may hold (MXCSR, DR6 and the
+    # MSRs but STAR are checked: hypervisors/common/vp_state.inc).
+    "tr_vp_state": {"cr2", "dr0", "dr1", "dr2", "dr3", "star", "fx_header", "mxcsr_mask", "fx_registers"},
 }
 
 
