@@ -140,8 +140,8 @@ def new_shared_state(root_ctx):
         shared.register_count[cls] = len(table)
         shared.holder[cls] = root_ctx
         shared.generation[cls] = 1
-        shared.exclusive[cls] = 1
         root_ctx.held[cls] = 1
+        root_ctx.holds |= 1 << cls
     root_ctx.shared = shared
     return shared
 

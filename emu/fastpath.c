@@ -367,8 +367,9 @@ void hhr_block_hook(void *uc, uint64_t pc, uint32_t size, void *user_data) {
         slot->icount = (uint32_t)answer & HHR_BLOCK_COUNT_MASK;
         slot->uses = (uint32_t)answer >> HHR_BLOCK_USES_SHIFT;
     }
-    /* The block is about to run: if it touches shared state, this instance takes it first. */
-    if (slot->uses) hhr_shared_acquire(c, slot->uses);
+    /* The block is about to run: if it touches shared state this instance does not hold, it takes
+     * it first. */
+    if (slot->uses & ~c->holds) hhr_shared_acquire(c, slot->uses);
     c->block_pc = pc;
     c->block_size = size;
     c->block_icount = slot->icount;
@@ -445,19 +446,26 @@ static void copy_shared_class(hhr_shared *s, const hhr_ctx *from, const hhr_ctx 
     s->copies[cls]++;
 }
 
+/* Makes `c` the holder of class `cls`: the only instance whose copy is current. */
+static void take_holder(hhr_shared *s, hhr_ctx *c, int cls) {
+    hhr_ctx *previous = (hhr_ctx *)s->holder[cls];
+    uint32_t bit = 1U << cls;
+    if (previous != NULL) previous->holds &= ~bit;
+    s->generation[cls]++;
+    c->held[cls] = s->generation[cls];
+    s->holder[cls] = c;
+    c->holds |= bit;
+}
+
 /* Before `c` runs code that may read or change shared state of the classes in `uses`: its copy
  * gets the current values (from the holder, if it has not got them), and it becomes the holder. */
 void hhr_shared_acquire(hhr_ctx *c, uint32_t uses) {
     hhr_shared *s = c->shared;
     if (s == NULL) return;
     for (int cls = 0; cls < HHR_SHARED_CLASSES; cls++) {
-        if (!((uses >> cls) & 1)) continue;
-        if (s->holder[cls] == c && s->exclusive[cls]) continue;
+        if (!((uses >> cls) & 1) || s->holder[cls] == c) continue;
         if (c->held[cls] != s->generation[cls]) copy_shared_class(s, (hhr_ctx *)s->holder[cls], c, cls);
-        s->generation[cls]++;
-        c->held[cls] = s->generation[cls];
-        s->holder[cls] = c;
-        s->exclusive[cls] = 1;
+        take_holder(s, c, cls);
     }
 }
 
@@ -470,12 +478,11 @@ void hhr_shared_detach(hhr_ctx *c) {
     for (int cls = 0; cls < HHR_SHARED_CLASSES; cls++) {
         if (s->holder[cls] == c && root != c) {
             if (root->held[cls] != s->generation[cls]) copy_shared_class(s, c, root, cls);
-            root->held[cls] = s->generation[cls];
-            s->holder[cls] = root;
-            s->exclusive[cls] = 1;
+            take_holder(s, root, cls);
         }
         c->held[cls] = 0;
     }
+    c->holds = 0;
     c->shared = NULL;
 }
 

@@ -101,9 +101,8 @@ typedef struct {
 /* One LP's shared state: which instance holds the current values of each class. */
 typedef struct {
     void *holder[HHR_SHARED_CLASSES];          /* hhr_ctx * */
-    uint64_t generation[HHR_SHARED_CLASSES];   /* bumped whenever the holder may change the values */
-    uint32_t exclusive[HHR_SHARED_CLASSES];    /* no other instance holds the current generation */
-    uint32_t reserved;
+    uint64_t generation[HHR_SHARED_CLASSES];   /* bumped at every change of holder: only the holder
+                                                  has the current values, others had them earlier */
     void *root;                                /* hhr_ctx * of the LP's root instance */
     const hhr_shared_register *registers[HHR_SHARED_CLASSES];
     uint32_t register_count[HHR_SHARED_CLASSES];
@@ -150,6 +149,8 @@ typedef struct {
      * its own copy holds (0: none). */
     hhr_shared *shared;
     uint64_t held[HHR_SHARED_CLASSES];
+    uint32_t holds;                   /* HHR_USES_* of the classes this instance is the holder of */
+    uint32_t reserved2;
 } hhr_ctx;
 
 #define HHR_EDGE_MAP_SIZE 65536

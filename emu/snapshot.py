@@ -58,7 +58,7 @@ class LpState:
     transitions_in_c: int
     vmx: tuple[bool, int, int | None]
     cr2_history: list[int]
-    shared: tuple = ()                    # per class: holder's python id, generation, exclusive
+    shared: tuple = ()                    # per class: the holder's python id and the generation
 
 
 @dataclass
@@ -83,8 +83,8 @@ def _shared_lp(machine: "Machine", context) -> int | None:
 def _shared_classes(machine: "Machine", lp) -> tuple:
     by_ctx = {context.fast.ctx: python_id for python_id, context in machine.context_by_id.items()}
     shared = lp.shared
-    return tuple((by_ctx[fast.ffi.cast("hhr_ctx *", shared.holder[cls])], shared.generation[cls],
-                  shared.exclusive[cls]) for cls in range(fast.lib.HHR_SHARED_CLASSES))
+    return tuple((by_ctx[fast.ffi.cast("hhr_ctx *", shared.holder[cls])], shared.generation[cls])
+                 for cls in range(fast.lib.HHR_SHARED_CLASSES))
 
 
 def take(machine: "Machine", with_ram: bool = True) -> MachineSnapshot:
@@ -172,10 +172,11 @@ def restore(machine: "Machine", snapshot: MachineSnapshot, with_ram: bool = True
         lp.vmx.on, lp.vmx.vmxon_region = on, region
         lp.vmx.current = machine.active_vmcs[current] if current is not None else None
         lp.cr2_history = list(state.cr2_history)
-        for cls, (holder, generation, exclusive) in enumerate(state.shared):
-            lp.shared.holder[cls] = machine.context_by_id[holder].fast.ctx
+        for cls, (holder, generation) in enumerate(state.shared):
+            holder_ctx = machine.context_by_id[holder].fast.ctx
+            lp.shared.holder[cls] = holder_ctx
             lp.shared.generation[cls] = generation
-            lp.shared.exclusive[cls] = exclusive
+            holder_ctx.holds |= 1 << cls
     m = snapshot.machine
     machine.retired = m["retired"]
     machine.exit_counts = collections.Counter(m["exit_counts"])
@@ -205,6 +206,7 @@ def _restore_shared_membership(machine: "Machine", context, lp_index: int | None
     """Puts a context back into its LP's shared state as it was (the holders follow per LP)."""
     ctx = context.fast.ctx
     ctx.shared = machine.lps[lp_index].shared if lp_index is not None else fast.ffi.NULL
+    ctx.holds = 0                         # set again from each LP's holders
     for cls in range(fast.lib.HHR_SHARED_CLASSES):
         ctx.held[cls] = held[cls] if held else 0
 
