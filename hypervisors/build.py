@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import re
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -14,6 +15,28 @@ from hypervisors import guest_abi, invariants, layouts, memory_map, transfer, vp
 
 HERE = Path(__file__).resolve().parent
 COMMON_SOURCES = HERE / "common"        # code every hypervisor includes, written against generic names
+CONTRACT = COMMON_SOURCES / "contract.inc"   # the labels a top source provides to the shared code
+_PROVIDES = re.compile(r"^;\s*PROVIDES\s+([A-Za-z_]\w*)\s+(\w+\.inc)\s*$", re.MULTILINE)
+_LABEL_DEFINITION = re.compile(r"^([A-Za-z_][\w.]*):", re.MULTILINE)
+
+
+class ContractError(ValueError):
+    """A hypervisor's top source lacks a label the shared code calls (hypervisors/common/contract.inc)."""
+
+
+def provided_labels() -> dict[str, str]:
+    """The labels a top source must define, each with the shared include that uses it."""
+    return dict(_PROVIDES.findall(CONTRACT.read_text(encoding="utf-8")))
+
+
+def check_contract(source: Path) -> None:
+    """Refuses a top source that does not define every label of contract.inc."""
+    defined = set(_LABEL_DEFINITION.findall(source.read_text(encoding="utf-8")))
+    missing = [(label, include) for label, include in provided_labels().items() if label not in defined]
+    if missing:
+        named = ", ".join(f"{label} (called by common/{include})" for label, include in missing)
+        raise ContractError(f"{source.name} does not define {named}: every hypervisor provides the labels "
+                            f"of hypervisors/common/contract.inc")
 FRAME_RECORD_BYTES = 16                 # 1 << FRAME_RECORD_SHIFT of common/defs.inc
 
 
@@ -148,5 +171,6 @@ def include_dirs() -> list[Path]:
 def image(name: str) -> Image:
     """The assembled hypervisor `name`, at its load address."""
     spec = hypervisor(name)
+    check_contract(spec.source)
     return assemble_file(spec.source, memory_map.HYPERVISOR_BASE, constants=constants(name),
                          include_dirs=include_dirs())

@@ -14,6 +14,7 @@
 ; All structure offsets, VMCS encodings and VMX bits are constants generated from Python.
 
 %include "defs.inc"
+%include "contract.inc"                       ; the labels this file provides to the shared code
 %include "entry.inc"
 
 ; --- hv1's policy ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 ; Registers the code keeps: r15 = this LP's index, rbp = the current VP's record.
 
 %include "defs.inc"
+%include "contract.inc"                       ; the labels this file provides to the shared code
 %include "entry.inc"
 
 %define RECORD_PAGES_PER_FRAME (PAGES_PER_FRAME * PAGE_RECORD_SIZE / PAGE_SIZE)
