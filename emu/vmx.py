@@ -19,6 +19,7 @@ from emu.vmentry_checks import (
 )
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import (
+    VMCALLR_ALREADY_IN_PROGRESS, VMCALLR_ENDED_BY_VM_EXIT, VMCALLR_NO_ENTRY_POINT, VMCALLR_NOT_LAUNCHED,
     ExitControls, ExitReason, PinBasedControls, VmInstructionError, INTR_INFO_VALID, ActivityState, ExceptionVector, MSR_IA32_EFER, Rflags,
     RFLAGS_ARITHMETIC, EXIT_REASON_VM_ENTRY_FAILURE, PAGE_OFFSET_MASK, Cr4, InveptType,
 )
@@ -35,11 +36,6 @@ VMX_ABORT_SAVING_GUEST_MSRS = 1
 VMX_ABORT_LOADING_HOST_MSRS = 4
 INVEPT_DESCRIPTOR_SIZE = 16
 
-# Machine-specific VM-instruction errors of VMCALLR (above Intel's 1..28; documented in docs/machine.md).
-VMCALLR_NOT_LAUNCHED = 64
-VMCALLR_NO_ENTRY_POINT = 65
-VMCALLR_ALREADY_IN_PROGRESS = 66
-VMCALLR_ENDED_BY_VM_EXIT = 67
 
 VMX_MNEMONICS = frozenset({"vmxon", "vmxoff", "vmclear", "vmptrld", "vmptrst", "vmread", "vmwrite",
                            "vmlaunch", "vmresume", "vmcall", "invept", "invvpid", "vmfunc"})

@@ -283,6 +283,12 @@ EXIT_REASON_DESCRIPTIONS: dict[ExitReason, str] = {
 }
 
 # Exit-reason field format. See: SDM Vol. 3C 25.9.1.
+# Machine-specific VM-instruction errors of VMCALLR (above Intel's 1..28; docs/machine.md 8.4).
+VMCALLR_NOT_LAUNCHED = 64
+VMCALLR_NO_ENTRY_POINT = 65
+VMCALLR_ALREADY_IN_PROGRESS = 66
+VMCALLR_ENDED_BY_VM_EXIT = 67
+
 EXIT_REASON_BASIC_MASK = 0xFFFF
 EXIT_REASON_VM_ENTRY_FAILURE = 1 << 31
 

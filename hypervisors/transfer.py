@@ -282,10 +282,15 @@ def vmcs_image_offsets() -> dict[str, int]:
 
 
 _MASK64 = (1 << 64) - 1
-_DIGEST_LANE1_PRIME = 0x100000001B3
-_DIGEST_LANE2_MULTIPLIER = 0x9E3779B97F4A7C15
-_DIGEST_LANE2_ROTATION = 31
-STATE_DIGEST_START = (0xCBF29CE484222325).to_bytes(8, "little") + (0x6A09E667F3BCC908).to_bytes(8, "little")
+# The state stream's digest (hypervisors/common/digest.inc takes these as constants): two 64-bit lanes.
+DIGEST_LANE_BYTES = 8
+DIGEST_LANE1_PRIME = 0x100000001B3              # FNV-1a's 64-bit prime
+DIGEST_LANE2_MULTIPLIER = 0x9E3779B97F4A7C15    # 2^64 / golden ratio
+DIGEST_LANE2_ROTATION = 31
+DIGEST_LANE1_START = 0xCBF29CE484222325         # FNV-1a's offset basis: no lane starts at 0
+DIGEST_LANE2_START = 0x6A09E667F3BCC908         # SHA-512's first initial word
+STATE_DIGEST_START = DIGEST_LANE1_START.to_bytes(DIGEST_LANE_BYTES, "little") + \
+    DIGEST_LANE2_START.to_bytes(DIGEST_LANE_BYTES, "little")
 
 
 def chain_digest(previous: bytes, message: bytes) -> bytes:
@@ -295,9 +300,9 @@ def chain_digest(previous: bytes, message: bytes) -> bytes:
 
     def mix(word: int) -> None:
         nonlocal lane1, lane2
-        lane1 = ((lane1 ^ word) * _DIGEST_LANE1_PRIME) & _MASK64
-        lane2 = (lane2 + word * _DIGEST_LANE2_MULTIPLIER) & _MASK64
-        lane2 = ((lane2 << _DIGEST_LANE2_ROTATION) | (lane2 >> (64 - _DIGEST_LANE2_ROTATION))) & _MASK64
+        lane1 = ((lane1 ^ word) * DIGEST_LANE1_PRIME) & _MASK64
+        lane2 = (lane2 + word * DIGEST_LANE2_MULTIPLIER) & _MASK64
+        lane2 = ((lane2 << DIGEST_LANE2_ROTATION) | (lane2 >> (64 - DIGEST_LANE2_ROTATION))) & _MASK64
 
     for offset in range(0, len(message), 8):
         mix(int.from_bytes(message[offset:offset + 8], "little"))
