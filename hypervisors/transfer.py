@@ -155,6 +155,24 @@ RECORD_LAYOUTS = {RecordType.INVARIANTS: INVARIANTS_RECORD, RecordType.CPUID: CP
                   RecordType.OWNER: OWNER_RECORD, RecordType.VMCS: VMCS_RECORD, RecordType.END: END_RECORD,
                   RecordType.WINDOW_RESET: WINDOW_RESET_RECORD, RecordType.VP_STATE: VP_STATE_RECORD}
 
+# Fields whose values the new hypervisor must take on the old one's word: guest registers, the
+# VMCS images' values, timers, a partition's outcome, names. A changed value there changes what a
+# guest computes without any check being able to tell; every other field (padding aside) is
+# checkable (numbers, counts, lengths, types, versions, addresses, owners, encodings) and a wrong
+# value there must be refused. The fuzzer (tools/fuzz/fields.py) aims its oracles by these marks.
+TRUSTED_FIELDS = {
+    VP_RECORD.name: {"rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12", "r13",
+                     "r14", "r15", "timer_deadline", "timer_pending", "timer_vector", "timer_period", "halted",
+                     "state"},
+    PARTITION_RECORD.name: {"state", "exit_code", "stop_reason", "vps_done", "name"},
+    VMCS_FIELD.name: {"value"},
+    END_RECORD.name: {"phase", "round", "records"},
+    INVARIANTS_RECORD.name: {"sender_version"},
+    # A VP's state beyond the VMCS: any value of these is one a guest may hold (MXCSR, DR6 and the
+    # MSRs but STAR are checked: hypervisors/common/vp_state.inc).
+    VP_STATE_RECORD.name: {"cr2", "dr0", "dr1", "dr2", "dr3", "star", "fx_header", "mxcsr_mask", "fx_registers"},
+}
+
 
 class TransferOwner(enum.IntEnum):
     """Owners in OWNER records: the page-ownership database's own values (hypervisors/layouts.py)."""

@@ -175,3 +175,12 @@ def test_a_good_value_at_the_boundary_is_still_accepted(machine, first_vp, case)
     assert machine_guest_checks(first_vp.image(GOOD_VALUES[case])) == []
     result = machine.execute(first_vp.input(*GOOD_VALUES[case]))
     assert result.outcome == "committed", result.replies
+
+
+def test_trust_marks_name_fields_of_their_layouts():
+    """transfer.TRUSTED_FIELDS names, per layout, the fields the receiver takes on trust; a mark that
+    names no field (a renamed field, say) would silently make that field look checkable."""
+    from hypervisors import transfer
+    layouts = {layout.name: layout for layout in transfer.LAYOUTS}
+    for layout_name, trusted in transfer.TRUSTED_FIELDS.items():
+        assert trusted <= {name for name, _size in layouts[layout_name].fields}, layout_name

@@ -435,7 +435,8 @@ def touches_checkable(fuzz_input: FuzzInput, message: bytes) -> bool:
     if not fuzz_input.edits:
         return False
     if fuzz_input.target == "state":
-        trusted = fields_module.TRUSTED_FIELDS["tr_vp"] | fields_module.TRUSTED_FIELDS["tr_partition"]
+        trusted = transfer.TRUSTED_FIELDS[transfer.VP_RECORD.name] | \
+            transfer.TRUSTED_FIELDS[transfer.PARTITION_RECORD.name]
         return all(not (name.startswith("_pad") or name in trusted)
                    for name in (edit.field.split(".")[-1] for edit in fuzz_input.edits))
     current = bytes(message)

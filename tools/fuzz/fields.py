@@ -5,24 +5,6 @@ from dataclasses import dataclass
 
 from hypervisors import transfer
 
-# Fields whose values the new hypervisor must take on the old one's word: guest registers, the
-# VMCS images' values, timers, a partition's outcome, names, padding. A changed value there changes
-# what a guest computes without any check being able to tell; every other field is checkable
-# (numbers, counts, lengths, types, versions, addresses, owners, encodings) and a wrong value there
-# must be refused.
-TRUSTED_FIELDS = {
-    "tr_vp": {"rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
-              "r15", "timer_deadline", "timer_pending", "timer_vector", "timer_period", "halted", "state"},
-    "tr_partition": {"state", "exit_code", "stop_reason", "vps_done", "name"},
-    "tr_vmcs_field": {"value"},
-    "tr_end": {"phase", "round", "records"},
-    "tr_invariants": {"sender_version"},
-    # A VP's state beyond the VMCS: any value of these is one a guest may hold (MXCSR, DR6 and the
-    # MSRs but STAR are checked: hypervisors/common/vp_state.inc).
-    "tr_vp_state": {"cr2", "dr0", "dr1", "dr2", "dr3", "star", "fx_header", "mxcsr_mask", "fx_registers"},
-}
-
-
 @dataclass(frozen=True)
 class Field:
     name: str               # record.field, e.g. "vp[2].rax", "header.bytes"
@@ -32,7 +14,7 @@ class Field:
 
 
 def _struct_fields(layout, base: int, prefix: str) -> list[Field]:
-    trusted = TRUSTED_FIELDS.get(layout.name, set())
+    trusted = transfer.TRUSTED_FIELDS.get(layout.name, set())   # marked beside the layouts
     return [Field(f"{prefix}.{name}", base + layout.offset(name), size,
                   not (name.startswith("_pad") or name in trusted))
             for name, size in layout.fields]
