@@ -2,8 +2,52 @@
 from __future__ import annotations
 
 import collections
+import enum
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+
+class EventKind(str, enum.Enum):
+    """Every kind of event the machine publishes, with the data each carries (docs/machine.md 9.1
+    describes them; a test keeps that table and this list the same). A kind is its string: code may
+    compare an event's kind with either."""
+
+    def __new__(cls, value: str, keys: tuple[str, ...]):
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.keys = frozenset(keys)
+        return member
+
+    VMXON = ("vmxon", ("region", "ok"))
+    VMXOFF = ("vmxoff", ())
+    VMCLEAR = ("vmclear", ("vmcs",))
+    VMPTRLD = ("vmptrld", ("vmcs",))
+    VM_ENTRY = ("vm-entry", ("vmcs", "launch", "rip"))
+    VM_EXIT = ("vm-exit", ("vmcs", "reason", "qualification", "rip"))
+    VM_ENTRY_FAILED = ("vm-entry-failed", ("vmcs", "check", "message"))
+    VMFAIL = ("vmfail", ("error",))
+    VMCALLR = ("vmcallr", ("vmcs", "call"))
+    VMCALLR_RETURN = ("vmcallr-return", ("vmcs", "ok", "result", "exit_reason"))
+    INVEPT = ("invept", ("type", "eptp"))
+    CR3_WRITE = ("cr3-write", ("old", "new", "rip", "context"))
+    EXCEPTION = ("exception", ("vector", "rip", "error_code"))
+    INTERRUPT = ("interrupt", ("vector", "rip", "error_code"))
+    PAGE_FAULT = ("page-fault", ("rip", "address", "error_code"))
+    DELIVERY_FAULT = ("delivery-fault", ("vector", "fault_vector"))
+    TRIPLE_FAULT = ("triple-fault", ("rip",))
+    MACHINE_CHECK = ("machine-check", ("message",))
+    HLT = ("hlt", ("rip",))
+    IPI = ("ipi", ("vector", "to"))
+    IO_IN = ("io-in", ("port", "size", "value"))
+    IO_OUT = ("io-out", ("port", "size", "value"))
+    DOORBELL = ("doorbell", ("words",))
+    INJECT = ("inject", ("vmcs", "vector", "type"))
+    RESTART_PHASE = ("restart-phase", ("phase",))
+    DISK = ("disk", ("command", "block", "count", "address", "status", "completion"))
+    RESET = ("reset", ("previous_instructions",))
+
+
+EVENT_KINDS = frozenset(kind.value for kind in EventKind)
 
 
 @dataclass(frozen=True)
@@ -41,6 +85,9 @@ class EventStream:
 
     def subscribe(self, callback: Callable[[Event], None], kinds: frozenset[str] | None = None) -> None:
         """`callback` gets every event, or only those of `kinds` (no Event is made for the others)."""
+        unknown = set(kinds or ()) - EVENT_KINDS
+        if unknown:
+            raise ValueError(f"no such event kind: {', '.join(sorted(unknown))} (emu/events.py EventKind)")
         self._subscribers.append(callback)
         self._kinds.append(kinds)
         self._update_wanted()
@@ -58,6 +105,8 @@ class EventStream:
         return [Event(*entry) for entry in self._recent]
 
     def publish(self, time: int, lp: int, kind: str, **data: Any) -> None:
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"no such event kind: {kind!r} (emu/events.py EventKind)")
         if self.before_publish is not None:
             self.before_publish()
         seq = self._seq
