@@ -21,7 +21,7 @@ from pathlib import Path
 from asm import assemble
 from emu.events import Event
 from guests import catalog
-from hypervisors import boot, build, guest_abi, layouts, transfer
+from hypervisors import boot, guest_abi, layouts, transfer
 from hypervisors.boot import Booted, GuestImage
 from hypervisors.memory_map import GUEST_LOAD_ADDRESS, MIB
 from tools import restart as restart_module
@@ -191,13 +191,10 @@ def points(quick: bool = False) -> list[Point]:
 def vp_table(booted: Booted) -> dict[int, dict]:
     """The running hypervisor's VPs by VMCS address: partition, index, LP, and its state
     (running, waiting, sleeping, ended: `tools.restart.vp_state`)."""
-    records = build.hypervisor(booted.hypervisor).records
-    base, partition_base = booted.read_qword("vps"), booted.symbol("partitions")
     partitions = booted.partitions()
     table = {}
-    for number in range(booted.read_qword("vp_total")):
-        vp = records.vp.unpack(booted.machine.ram.read(base + number * records.vp.size, records.vp.size))
-        partition = (vp["partition"] - partition_base) // records.partition.size
+    for record in booted.vp_records():
+        vp, partition = record.fields, record.partition
         table[vp["vmcs"]] = {"partition": partition, "vp": vp["index"], "lp": vp["lp"],
                              "state": restart_module.vp_state(vp, partitions[partition])}
     return table

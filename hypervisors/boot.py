@@ -45,6 +45,16 @@ class GuestImage:
         return len(self.image) + self.zero_fill
 
 
+@dataclass(frozen=True)
+class VpRecord:
+    """One VP record of the running hypervisor, as its own layout reads it."""
+
+    number: int                         # its place in the hypervisor's VP array
+    address: int
+    partition: int                      # the number of its partition (boot order)
+    fields: dict                        # the record's fields by name
+
+
 @dataclass
 class Booted:
     machine: Machine
@@ -59,6 +69,51 @@ class Booted:
 
     def read_qword(self, name: str) -> int:
         return int.from_bytes(self.machine.ram.read(self.symbol(name), 8), "little")
+
+    # --- a typed view of the running hypervisor's globals (hypervisors/common/data.inc) -----------------
+    @property
+    def records(self) -> layouts.Records:
+        """The running hypervisor's own record layouts."""
+        return build.hypervisor(self.hypervisor).records
+
+    @property
+    def service_region(self) -> int:
+        """Where the next hypervisor's image goes (its service partition's memory)."""
+        return self.read_qword("service_region")
+
+    @property
+    def transfer_area(self) -> int:
+        """The transfer messages' area in the service region."""
+        return self.read_qword("transfer_area")
+
+    @property
+    def restart_status(self) -> int:
+        """The last restart's transfer.Status, and its detail (for a refusal: which check)."""
+        return self.read_qword("restart_status")
+
+    @property
+    def restart_detail(self) -> int:
+        return self.read_qword("restart_detail")
+
+    @property
+    def vp_total(self) -> int:
+        return self.read_qword("vp_total")
+
+    @property
+    def vp_base(self) -> int:
+        """The address of the first VP record (they follow each other)."""
+        return self.read_qword("vps")
+
+    def vp_records(self) -> list[VpRecord]:
+        """Every VP record of the running hypervisor, with the number of its partition."""
+        layout, partition_size = self.records.vp, self.records.partition.size
+        base, partitions = self.vp_base, self.symbol("partitions")
+        found = []
+        for number in range(self.vp_total):
+            address = base + number * layout.size
+            fields = layout.unpack(self.machine.ram.read(address, layout.size))
+            found.append(VpRecord(number, address, (fields["partition"] - partitions) // partition_size, fields))
+        return found
 
     def partitions(self) -> list[dict]:
         """The hypervisor's partition records, one per guest, in boot order."""

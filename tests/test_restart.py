@@ -149,7 +149,7 @@ def test_guests_cannot_reach_the_service_partition_or_the_doorbell():
     guests = ["hostile", "storm", "hashchain"]
     booted = boot.boot([catalog.parse(spec) for spec in guests], hypervisor="hv1")
     booted.machine.run(max_instructions=BOOTED)          # the hostile guest has not run yet
-    region, area = booted.read_qword("service_region"), booted.read_qword("transfer_area")
+    region, area = booted.service_region, booted.transfer_area
     recorder = restart_module.request(booted, "hv2")
     assert recorder.finished and booted.hypervisor == "hv2"
     forbidden = range(region, region + transfer.SERVICE_REGION_SIZE)

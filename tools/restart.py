@@ -78,7 +78,7 @@ class RestartRecorder:
                 self.first_entry[vmcs] = (event.time, self.clock())
         elif kind == "vmcallr":
             self.inverse_calls += 1
-            area = self.booted.read_qword("transfer_area")
+            area = self.booted.transfer_area
             header = transfer.TRANSFER_HEADER.unpack(self.booted.machine.ram.read(area, transfer.TRANSFER_HEADER.size))
             self.bytes_sent += header["bytes"]
             message = self.booted.machine.ram.read(area, min(header["bytes"], transfer.TRANSFER_AREA_SIZE))
@@ -91,7 +91,7 @@ class RestartRecorder:
                 self.digest_agrees = sent == self.python_digest
             if self.fault is not None:
                 self.fault.on_event(event, self.booted.machine, self.phase, area,
-                                    self.booted.read_qword("service_region"), self.to_hypervisor)
+                                    self.booted.service_region, self.to_hypervisor)
         elif kind == "restart-phase":
             self._phase(transfer.Phase(event.data["phase"]), event.time)
         elif kind == "disk" and event.data["command"] == DiskCommand.WRITE and event.data["status"] == 0 \
@@ -109,7 +109,7 @@ class RestartRecorder:
             self.old_vps = self._vp_table()
             self.memory_before = guest_memory(self.booted) if self.check_memory else None
             self.service_region = HYPERVISOR_BASE if self.mode == transfer.Mode.SUSPEND \
-                else self.booted.read_qword("service_region")
+                else self.booted.service_region
         elif phase == transfer.Phase.SUSPENDED:
             self._read_suspend_image()
         elif phase == transfer.Phase.ABORTED and self.reset:
@@ -144,14 +144,10 @@ class RestartRecorder:
         self.reset = True
 
     def _vp_table(self) -> dict[int, tuple[int, int, int]]:
-        layout = build.hypervisor(self.booted.hypervisor).records.vp
-        partition_layout = build.hypervisor(self.booted.hypervisor).records.partition
-        base, partitions = self.booted.read_qword("vps"), self.booted.symbol("partitions")
         table = {}
         states = self.booted.partitions()
-        for number in range(self.booted.read_qword("vp_total")):
-            vp = layout.unpack(self.booted.machine.ram.read(base + number * layout.size, layout.size))
-            partition = (vp["partition"] - partitions) // partition_layout.size
+        for record in self.booted.vp_records():
+            vp, partition = record.fields, record.partition
             table[vp["vmcs"]] = (partition, vp["index"], vp["lp"])
             if not self.new_vps and not self.vp_states.get((partition, vp["index"])):
                 self.vp_states[(partition, vp["index"])] = vp_state(vp, states[partition])
@@ -340,14 +336,14 @@ def summary(booted: Booted, recorder: RestartRecorder, from_hypervisor: str, fau
     vps = recorder.vp_blackouts()
     blackouts = [vp for vp in vps if vp["blackout_ticks"] is not None]
     before, after = recorder.memory_before, recorder.memory_after
-    status = transfer.Status(booted.read_qword("restart_status")) if recorder.finished else None
+    status = transfer.Status(booted.restart_status) if recorder.finished else None
     return {
         "from": from_hypervisor, "to": recorder.to_hypervisor, "mode": mode.name.lower().replace("_", "-"),
         "inject": f"{fault.step}:{fault.fault}" if fault else None,
         "outcome": ("resumed" if mode == transfer.Mode.SUSPEND else "committed") if status == transfer.Status.DONE
         else "aborted" if status else "unfinished",
         "reason": None if status in (None, transfer.Status.DONE) else status.name.lower(),
-        "detail": booted.read_qword("restart_detail") if status not in (None, transfer.Status.DONE) else None,
+        "detail": booted.restart_detail if status not in (None, transfer.Status.DONE) else None,
         "phases": recorder.phases(),
         "blackout": {
             "max_ticks": max((vp["blackout_ticks"] for vp in blackouts), default=None),

@@ -30,7 +30,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Sequence
 
 from emu.events import Event
 from emu.vmx_defs import ExitReason
-from hypervisors import build, transfer
+from hypervisors import transfer
 
 if TYPE_CHECKING:
     from hypervisors.boot import Booted
@@ -82,13 +82,11 @@ def booted_vmcs_describer(booted: Booted) -> VmcsDescriber:
     """Places a VMCS from the VP table of the hypervisor running now (the booted one, the new one
     once `tools.restart.RestartRecorder` has seen RESUMED) or as the old one's service VP."""
     def describe(vmcs: int) -> VmcsIdentity | None:
-        records = build.hypervisor(booted.hypervisor).records
+        records = booted.records
         ram = booted.machine.ram
-        vps, partitions = booted.read_qword("vps"), booted.symbol("partitions")
-        for number in range(booted.read_qword("vp_total")):
-            vp = records.vp.unpack(ram.read(vps + number * records.vp.size, records.vp.size))
+        for record in booted.vp_records():
+            vp, partition = record.fields, record.partition
             if vp["vmcs"] == vmcs:
-                partition = (vp["partition"] - partitions) // records.partition.size
                 name = booted.guests[partition].name if 0 <= partition < len(booted.guests) else ""
                 return VmcsIdentity(partition, vp["index"], name)
         service_vmcs = int.from_bytes(ram.read(booted.symbol("service_vp") + records.vp.offset("vmcs"), 8), "little")

@@ -99,9 +99,9 @@ class TransferMachine:
         self.machine.run(max_instructions=setup.request_at)
         if self.machine.stop is not None and self.machine.stop.reason != "instruction-limit":
             raise SetupError(f"the guests ended before instruction {setup.request_at}: restart earlier (--at)")
-        self.region = self.booted.read_qword("service_region")
+        self.region = self.booted.service_region
         self.old_image_base = self.booted.image_base
-        self.area = self.booted.read_qword("transfer_area")
+        self.area = self.booted.transfer_area
         self.state: _Run | None = None
         self._vp_spans: list[tuple[int, int]] | None = None
         self._recording: list[tuple[int, bytes]] | None = []
@@ -226,7 +226,7 @@ class TransferMachine:
         records = build.hypervisor(self.setup.from_hv).records
         ram = booted.machine.ram
         fingerprint = bytearray(ram.read(booted.symbol("partitions"), records.partition.size * len(booted.guests)))
-        vps = ram.read(booted.read_qword("vps"), records.vp.size * booted.read_qword("vp_total"))
+        vps = ram.read(booted.vp_base, records.vp.size * booted.vp_total)
         if self._vp_spans is None:            # the byte spans of a VP record's other fields
             self._vp_spans = [(records.vp.offset(name), records.vp.offset(name) + size)
                               for name, size in records.vp.fields if name not in SCHEDULING_FIELDS]
@@ -244,9 +244,8 @@ class TransferMachine:
         for number in range(len(booted.guests)):
             found += fields_module._struct_fields(records.partition, base + number * records.partition.size,
                                                   f"partition[{number}]")
-        base = booted.read_qword("vps")
-        for number in range(booted.read_qword("vp_total")):
-            found += fields_module._struct_fields(records.vp, base + number * records.vp.size, f"vp[{number}]")
+        for record in booted.vp_records():
+            found += fields_module._struct_fields(records.vp, record.address, f"vp[{record.number}]")
         return [f for f in found if not f.name.endswith(SENDER_OWN_FIELDS)]
 
     def read_state(self, address: int, width: int) -> int:
@@ -295,7 +294,7 @@ class TransferMachine:
             result.finding = oracles.Finding(oracles.HANG, f"the transfer did not end within {budget} instructions")
             return result
         result.outcome = "committed" if state.committed else "aborted"
-        result.status = self.booted.read_qword("restart_status") if not state.committed else transfer.Status.DONE
+        result.status = self.booted.restart_status if not state.committed else transfer.Status.DONE
         result.finding = self._judge(fuzz_input, result, state, number, deep)
         return result
 
