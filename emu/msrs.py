@@ -1,6 +1,8 @@
 """The model-specific registers of the machine: their indices and which ones software may read, write and load."""
 from __future__ import annotations
 
+from emu.vmentry_checks import is_canonical
+from emu.vmx_caps import MACHINE_VMX_CAPABILITIES
 from emu.vmx_defs import MSR_IA32_EFER, Efer
 
 # Indices, SDM Vol. 4 Table 2-2.
@@ -37,16 +39,9 @@ CANONICAL_ADDRESS_MSRS = frozenset({IA32_FS_BASE, IA32_GS_BASE, IA32_KERNEL_GS_B
                                     IA32_CSTAR, IA32_SYSENTER_ESP, IA32_SYSENTER_EIP})
 LOW_HALF_ONLY_MSRS = frozenset({IA32_FMASK, IA32_TSC_AUX})   # bits 63:32 reserved
 LOW_HALF_MASK = 0xFFFF_FFFF
-CANONICAL_SIGN_BIT = 47
 PAT_ENTRIES = 8
 PAT_ENTRY_BITS = 8
 PAT_VALID_TYPES = frozenset({0, 1, 4, 5, 6, 7})   # UC, WC, WT, WP, WB, UC- (SDM Vol. 3A 11.12.2)
-
-
-def is_canonical(address: int) -> bool:
-    """Bits 63:47 all equal (SDM Vol. 1 3.3.7.1)."""
-    upper = address >> CANONICAL_SIGN_BIT
-    return upper == 0 or upper == (1 << (64 - CANONICAL_SIGN_BIT)) - 1
 
 
 def pat_is_valid(value: int) -> bool:
@@ -70,7 +65,7 @@ def write_is_valid(index: int, value: int) -> bool:
     """Whether WRMSR of `value` to a writable MSR completes instead of raising #GP(0) (IA32_EFER
     depends on its current value too: efer_write)."""
     if index in CANONICAL_ADDRESS_MSRS:
-        return is_canonical(value)
+        return is_canonical(value, MACHINE_VMX_CAPABILITIES.linear_address_width)
     if index in LOW_HALF_ONLY_MSRS:
         return value <= LOW_HALF_MASK
     if index == IA32_PAT:
@@ -80,3 +75,9 @@ def write_is_valid(index: int, value: int) -> bool:
 # MSRs a VM-entry MSR-load list may load on this machine. SDM Vol. 3C 27.4 forbids FS and GS base
 # (the guest-state area holds them); IA32_EFER is loaded by the "load IA32_EFER" entry control.
 ENTRY_LOADABLE_MSRS = NATIVE_MSRS - {IA32_FS_BASE, IA32_GS_BASE, MSR_IA32_EFER}
+
+
+def list_may_load(index: int, value: int) -> bool:
+    """Whether a VM-entry or VM-exit MSR-load list may load `value` into MSR `index` (SDM Vol. 3C
+    27.4, 28.6): an MSR of ENTRY_LOADABLE_MSRS and a value WRMSR would take."""
+    return index in ENTRY_LOADABLE_MSRS and write_is_valid(index, value)

@@ -350,17 +350,11 @@ class VmxUnit:
     def _entry_msr_loads(self, vmcs: ActiveVmcs) -> list[tuple[int, int]] | int:
         """The VM-entry MSR-load list (SDM Vol. 3C 27.4), or the 1-based number of the first entry
         that cannot be loaded: bits 63:32 of an entry are reserved, and only the MSRs of
-        emu.msrs.ENTRY_LOADABLE_MSRS may be loaded. The list is checked whole before anything is
-        loaded, so a failing list loads nothing."""
-        count = vmcs.read("VM_ENTRY_MSR_LOAD_COUNT")
-        address = vmcs.read("VM_ENTRY_MSR_LOAD_ADDR")
+        emu.msrs.ENTRY_LOADABLE_MSRS may be loaded, with values WRMSR would take. The list is checked
+        whole before anything is loaded, so a failing list loads nothing."""
         loads = []
-        for number in range(1, count + 1):
-            entry = address + (number - 1) * MSR_LIST_ENTRY.size
-            if not self.machine.ram.holds(entry, MSR_LIST_ENTRY.size):
-                return number
-            index, reserved, value = MSR_LIST_ENTRY.unpack(self.machine.ram.read(entry, MSR_LIST_ENTRY.size))
-            if reserved or index not in msrs.ENTRY_LOADABLE_MSRS or not msrs.write_is_valid(index, value):
+        for number, (_entry, index, reserved, value) in enumerate(self._msr_list(vmcs, "VM_ENTRY_MSR_LOAD"), 1):
+            if index is None or reserved or not msrs.list_may_load(index, value):
                 return number
             loads.append((index, value))
         return loads
@@ -453,10 +447,12 @@ class VmxUnit:
         if stored:
             self._load_exit_msrs(vmcs)
 
-    def _msr_list(self, vmcs: ActiveVmcs, kind: str):
-        """The entries of the VM-exit MSR-store or MSR-load list: (address, index, reserved, value)."""
-        address = vmcs.read(f"VM_EXIT_MSR_{kind}_ADDR")
-        for number in range(vmcs.read(f"VM_EXIT_MSR_{kind}_COUNT")):
+    def _msr_list(self, vmcs: ActiveVmcs, fields: str):
+        """The entries of the MSR list whose fields are `fields`_COUNT and `fields`_ADDR (SDM Vol. 3C
+        25.7.2, 25.8.2): (address, index, reserved, value), the last entry (address, None, None, None)
+        if it does not lie in RAM."""
+        address = vmcs.read(f"{fields}_ADDR")
+        for number in range(vmcs.read(f"{fields}_COUNT")):
             entry = address + number * MSR_LIST_ENTRY.size
             if not self.machine.ram.holds(entry, MSR_LIST_ENTRY.size):
                 yield entry, None, None, None
@@ -466,7 +462,7 @@ class VmxUnit:
     def _store_exit_msrs(self, vmcs: ActiveVmcs) -> bool:
         """SDM Vol. 3C 28.4: the guest's value of each MSR of the VM-exit MSR-store list goes to its
         entry; an entry that cannot be stored is a VMX abort (28.7). False after an abort."""
-        for entry, index, reserved, _value in self._msr_list(vmcs, "STORE"):
+        for entry, index, reserved, _value in self._msr_list(vmcs, "VM_EXIT_MSR_STORE"):
             value = None
             if index is not None and not reserved:
                 try:
@@ -482,9 +478,8 @@ class VmxUnit:
     def _load_exit_msrs(self, vmcs: ActiveVmcs) -> None:
         """SDM Vol. 3C 28.6: after host state, each MSR of the VM-exit MSR-load list is loaded as
         WRMSR would; an entry WRMSR would refuse, or that may not be loaded, is a VMX abort."""
-        for entry, index, reserved, value in self._msr_list(vmcs, "LOAD"):
-            if index is None or reserved or index not in msrs.ENTRY_LOADABLE_MSRS or \
-                    not msrs.write_is_valid(index, value):
+        for entry, index, reserved, value in self._msr_list(vmcs, "VM_EXIT_MSR_LOAD"):
+            if index is None or reserved or not msrs.list_may_load(index, value):
                 self._vmx_abort(vmcs, VMX_ABORT_LOADING_HOST_MSRS, f"VM-exit MSR-load entry at {entry:#x}")
                 return
             self.lp.root.write_msr(index, value)
