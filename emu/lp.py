@@ -13,6 +13,8 @@ from emu.devices import Timer
 from emu.vmcs import IO_BITMAP_PORTS, ActiveVmcs
 from emu.vmx import NON_ROOT_EXIT_REASONS, VMX_MNEMONICS, RaiseException, VmxUnit
 from emu.vmx_defs import (
+    MSR_BITMAP_HIGH_FIRST, MSR_BITMAP_HIGH_PART, MSR_BITMAP_LOW_FIRST, MSR_BITMAP_LOW_PART, MSR_BITMAP_RANGE,
+    MSR_BITMAP_WRITE_PARTS,
     ExitReason, InterruptionType, PinBasedControls, PrimaryProcessorControls, make_interruption_info,
     make_io_qualification, INTR_INFO_VECTOR_MASK, INTR_INFO_TYPE_MASK, INTR_INFO_TYPE_SHIFT,
     INTR_INFO_DELIVER_ERROR_CODE, ExitControls, EXCEPTIONS_WITH_ERROR_CODE, ExceptionVector, Rflags,
@@ -36,14 +38,6 @@ IO_MNEMONIC_SIZES = {"insb": 1, "insw": 2, "insd": 4, "outsb": 1, "outsw": 2, "o
 
 
 MSR_EXIT_REASONS = {"rdmsr": ExitReason.RDMSR, "wrmsr": ExitReason.WRMSR}
-# The MSR bitmap (SDM Vol. 3C 25.6.9): four 1 KiB parts, read then write, each with a bit per MSR
-# of 00000000H-00001FFFH (low) or C0000000H-C0001FFFH (high).
-MSR_BITMAP_RANGE = 0x2000
-MSR_BITMAP_LOW_FIRST = 0x0000_0000
-MSR_BITMAP_HIGH_FIRST = 0xC000_0000
-MSR_BITMAP_LOW_PART = 0
-MSR_BITMAP_HIGH_PART = 1024
-MSR_BITMAP_WRITE_PARTS = 2048
 BITS_PER_BYTE = 8
 
 

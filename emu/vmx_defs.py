@@ -283,6 +283,15 @@ EXIT_REASON_DESCRIPTIONS: dict[ExitReason, str] = {
 }
 
 # Exit-reason field format. See: SDM Vol. 3C 25.9.1.
+# The MSR bitmap (SDM Vol. 3C 25.6.9): four 1 KiB parts, read then write, each with a bit per MSR
+# of 00000000H-00001FFFH (low) or C0000000H-C0001FFFH (high).
+MSR_BITMAP_RANGE = 0x2000
+MSR_BITMAP_LOW_FIRST = 0x0000_0000
+MSR_BITMAP_HIGH_FIRST = 0xC000_0000
+MSR_BITMAP_LOW_PART = 0
+MSR_BITMAP_HIGH_PART = 1024
+MSR_BITMAP_WRITE_PARTS = 2048
+
 # Machine-specific VM-instruction errors of VMCALLR (above Intel's 1..28; docs/machine.md 8.4).
 VMCALLR_NOT_LAUNCHED = 64
 VMCALLR_NO_ENTRY_POINT = 65

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import enum
 
-from emu import lp, msrs, vmcs_fields
-from emu.vmx_defs import MSR_IA32_EFER
+from emu import msrs, vmcs_fields
+from emu.vmx_defs import MSR_BITMAP_HIGH_PART, MSR_BITMAP_LOW_PART, MSR_IA32_EFER
 
 FXSAVE_AREA_BYTES = 512                 # what FXSAVE stores (SDM Vol. 1 10.5.1, Table 10-2)
 FXSAVE_ALIGNMENT = 16                   # FXSAVE/FXRSTOR fault on a less aligned area
@@ -73,12 +73,10 @@ VMCS_MSRS = (
     (MSR_IA32_EFER, "GUEST_IA32_EFER"),
 )
 
-# The MSR bitmap (SDM Vol. 3C 25.6.9; the machine's reading of it, emu/lp.py): a read bitmap for MSRs
-# 0-0x1FFF, one for 0xC0000000-0xC0001FFF, then the two write bitmaps; a bit of 1 makes the access exit.
-MSR_BITMAP_RANGE = lp.MSR_BITMAP_RANGE
-MSR_BITMAP_HIGH_FIRST = lp.MSR_BITMAP_HIGH_FIRST
-MSR_BITMAP_LOW_READ = lp.MSR_BITMAP_LOW_PART
-MSR_BITMAP_HIGH_READ = lp.MSR_BITMAP_HIGH_PART
+# The MSR bitmap's read parts (its layout is emu/vmx_defs.py's, SDM Vol. 3C 25.6.9; a bit of 1 makes
+# the access exit): one for MSRs 0-0x1FFF, one for 0xC0000000-0xC0001FFF.
+MSR_BITMAP_LOW_READ = MSR_BITMAP_LOW_PART
+MSR_BITMAP_HIGH_READ = MSR_BITMAP_HIGH_PART
 
 # The registers of the state beyond the VMCS, each a qword, in the order the VP_STATE record keeps them.
 DEBUG_AND_CONTROL_REGISTERS = ("cr2", "dr0", "dr1", "dr2", "dr3", "dr6")
