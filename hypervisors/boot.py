@@ -88,11 +88,12 @@ class Booted:
 
     @property
     def restart_status(self) -> int:
-        """The last restart's transfer.Status, and its detail (for a refusal: which check)."""
+        """The last restart's transfer.Status."""
         return self.read_qword("restart_status")
 
     @property
     def restart_detail(self) -> int:
+        """What the last restart's status names (for a refusal: which check)."""
         return self.read_qword("restart_detail")
 
     @property
