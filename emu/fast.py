@@ -11,21 +11,19 @@ from unicorn import unicorn_const as uc_const
 from unicorn import x86_const
 from unicorn.unicorn_py3 import unicorn as uc_binding
 
-from emu import msrs
+from emu import fastpath_digest, msrs
 from emu.vmx_defs import MSR_IA32_EFER
 
 
-def _built_from_current_sources() -> bool:
-    """Whether a compiled emu._fastpath exists and was built from today's fastpath.c and .h (a
-    checkout that moved on since its last build must not load the old module)."""
-    from emu import fastpath_build
-
+def _built_from_current_sources(marker: bytes) -> bool:
+    """Whether a compiled emu._fastpath exists and carries `marker`, the digest of today's
+    fastpath.c and .h (a checkout that moved on since its last build must not load the old module)."""
     spec = importlib.util.find_spec("emu._fastpath")
     if spec is None or spec.origin is None:
         return False
     try:
         with open(spec.origin, "rb") as module_file:
-            return fastpath_build.DIGEST_MARKER in module_file.read()
+            return marker in module_file.read()
     except OSError:
         return False
 
@@ -33,7 +31,7 @@ def _built_from_current_sources() -> bool:
 def _load_fastpath():
     """Imports the compiled module, building it in place first when running from a source tree
     that has none, or one built from other sources."""
-    if not _built_from_current_sources():
+    if not _built_from_current_sources(fastpath_digest.marker()):
         import warnings
 
         from emu import fastpath_build

@@ -1,16 +1,18 @@
 """Builds the machine's C hot path (emu/fastpath.c) as the extension module emu._fastpath with cffi."""
-import hashlib
+import importlib.util
 from pathlib import Path
 
 import cffi
 
 HERE = Path(__file__).resolve().parent
+# By path: setuptools' cffi_modules runs this file on its own, where the emu package may not import.
+_digest_spec = importlib.util.spec_from_file_location("emu_fastpath_digest", HERE / "fastpath_digest.py")
+fastpath_digest = importlib.util.module_from_spec(_digest_spec)
+_digest_spec.loader.exec_module(fastpath_digest)
 HEADER = (HERE / "fastpath.h").read_text()
 SOURCE = (HERE / "fastpath.c").read_text()
 # The built module carries this marker, so a module built from other sources is known before import.
-DIGEST_MARKER_PREFIX = b"hhr-fastpath-source-"
-SOURCE_DIGEST = hashlib.sha256((HEADER + SOURCE).encode()).hexdigest()[:32]
-DIGEST_MARKER = DIGEST_MARKER_PREFIX + SOURCE_DIGEST.encode()
+DIGEST_MARKER = fastpath_digest.marker()
 
 # The block hook asks Python how many instructions a newly seen block holds.
 CALLBACKS = 'extern "Python" int hhr_on_new_block(int python_id, uint64_t pc, uint32_t size);'
