@@ -9,7 +9,7 @@ from unicorn import x86_const as x86
 
 from emu import context as ctxmod
 from emu import cpuid as cpuid_table
-from emu import decode, msrs
+from emu import decode, lifetime, msrs
 from emu import snapshot as snapshot_module
 from emu.devices import IoBus
 from emu.disk import Disk
@@ -70,6 +70,7 @@ class Machine:
             raise ValueError(f"the machine has 1 to {MAX_LPS} logical processors, not {lps}")
         if quantum < 1:
             raise ValueError("the quantum is at least one tick")
+        lifetime.note_new_machine(self)
         self.ram = HostMemory(ram_size)
         self.quantum = quantum
         self.events = EventStream(record_events)
