@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from keystone import KS_ARCH_X86, KS_MODE_64, Ks
 
-from emu import decode, traps
+from emu import context, decode, traps
 from emu.traps import Catch
 from emu.vmcs import TRANSITION_CONSTANTS
 from emu.vmx_defs import ExitReason
@@ -81,6 +81,13 @@ def test_instructions_caught_at_exit_points_have_an_emulation_or_always_exit():
             assert trap.emulation, trap.name
         if trap.root is Catch.EXIT_POINT:
             assert trap.emulation, trap.name
+
+
+def test_the_instructions_context_hooks_are_the_tables_hooked_rows():
+    hooked_rows = {trap.name for trap in traps.caught_by(False, Catch.HOOK)}
+    assert hooked_rows == {traps.CPUID.name, traps.IN_OUT.name, traps.STRING_IO.name}
+    assert set(context.HOOKED_INSTRUCTIONS) == traps.CPUID.mnemonics | traps.IN_OUT.mnemonics
+    assert not traps.caught_by(True, Catch.HOOK), "a guest stops in front of every hooked instruction"
 
 
 SAMPLES = ("cpuid", "hlt", "in al, dx", "in eax, 0x60", "out dx, al", "out 0x80, al", "out 0xf4, al",
