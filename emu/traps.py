@@ -214,6 +214,7 @@ def trapped_operand_forms(guest: bool) -> tuple[Trap, ...]:
     return tuple(trap for trap in caught_by(guest, Catch.EXIT_POINT) if trap.operands_start or trap.operands_end)
 
 
+@lru_cache(maxsize=1 << 12)
 def exit_point_trap(mnemonic: str, op_str: str, guest: bool) -> Trap:
     """The row of an instruction a context of that kind stopped at (its exit point)."""
     for trap in caught_by(guest, Catch.EXIT_POINT):
