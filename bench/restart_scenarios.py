@@ -28,7 +28,10 @@ from tools import restart as restart_module
 
 FROM_HYPERVISOR, TO_HYPERVISOR = "hv1", "hv2"
 SCHEMA_VERSION = 1
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
+# A run writes here, in the current directory, unless told where: the reference results committed in
+# bench/results are replaced only by `hhr bench --output bench/results` (REFERENCE_OUTPUT).
+DEFAULT_OUTPUT = Path("hhr-bench-results")
+REFERENCE_OUTPUT = Path(__file__).resolve().parent / "results"
 JSON_NAME, MARKDOWN_NAME = "restart_scenarios.json", "restart_scenarios.md"
 
 PRECOPY, STOP_AND_COPY, COLD, SUSPEND = "precopy", "stop-and-copy", "cold", "suspend-resume"
