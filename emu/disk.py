@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from emu.lp import LogicalProcessor
     from emu.memory import HostMemory
 
-# Its ports are in emu/devices.py with the others (DISK_*_PORT); docs/machine.md 6.10.
+# Its ports are in emu/ports.py with the others (DISK_*_PORT); docs/machine.md 6.10.
 DISK_BLOCK_SIZE = 4096             # bytes per block (an NVMe namespace formatted with 4 KiB LBAs)
 DISK_DEFAULT_BLOCKS = 1 << 20      # 4 GiB: a whole 1 GiB guest and its hypervisor's state fit several times
 DISK_CHUNK = 64 * 1024             # storage granule: a chunk that is all zero is not kept
