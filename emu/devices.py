@@ -3,7 +3,7 @@ doorbell, restart-phase marker, disk (emu/disk.py). The port numbers are in emu/
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from emu.disk import Disk
 from emu.ports import (
@@ -18,7 +18,9 @@ from emu.vmcs_fields import U32_MASK as WORD_MASK
 from emu.vmx_defs import FIRST_DEVICE_VECTOR
 
 if TYPE_CHECKING:
-    from emu.machine import Machine
+    from emu.events import EventStream
+    from emu.lp import LogicalProcessor
+    from emu.memory import HostMemory
 
 WORD_BITS = 32
 BYTE_MASK = 0xFF
@@ -48,6 +50,13 @@ class Console:
     def text(self, channel: int = MACHINE_CHANNEL) -> str:
         return self.channels.get(channel, bytearray()).decode("utf-8", errors="replace")
 
+    def save_state(self) -> tuple:
+        return {channel: bytes(data) for channel, data in self.channels.items()}, self.channel
+
+    def restore_state(self, state: tuple) -> None:
+        channels, self.channel = state
+        self.channels = {channel: bytearray(data) for channel, data in channels.items()}
+
 
 class Timer:
     """A per-LP timer counting virtual ticks: one-shot or periodic, raising one vector."""
@@ -68,6 +77,12 @@ class Timer:
         if self.deadline is not None and self.deadline <= now:
             self.deadline = now + self.period  # a long pause does not queue a burst of ticks
         return self.vector
+
+    def save_state(self) -> tuple:
+        return self.vector, self.period, self.deadline
+
+    def restore_state(self, state: tuple) -> None:
+        self.vector, self.period, self.deadline = state
 
 
 class Doorbell:
@@ -94,25 +109,61 @@ class Doorbell:
             self.messages.popleft()
             self.acknowledged += 1
 
+    def save_state(self) -> tuple:
+        return [list(message) for message in self.messages], self.vector, self.acknowledged
+
+    def restore_state(self, state: tuple) -> None:
+        messages, self.vector, self.acknowledged = state
+        self.messages = deque(list(message) for message in messages)
+
+
+class BusHost(Protocol):
+    """What the bus asks of the machine: the LP making the access, every LP (IPIs, the LP count),
+    and a stop (the debug exit)."""
+
+    running_lp: "LogicalProcessor"
+    lps: list["LogicalProcessor"]
+
+    def request_stop(self, reason: str, exit_status: int | None = None, lp: int | None = None,
+                     report: str = "") -> None: ...
+
 
 class IoBus:
-    """Routes IN/OUT by port to the machine's devices; unclaimed ports read all ones, writes vanish."""
+    """Routes IN/OUT by port to the machine's devices; unclaimed ports read all ones, writes vanish.
+    It uses the machine's RAM (disk DMA), its event stream, `flush_code` (RAM written by DMA) and a
+    BusHost."""
 
     UNCLAIMED_READ = 0xFFFF_FFFF
 
-    def __init__(self, machine: "Machine", disk: Disk | None = None):
-        self.machine = machine
+    def __init__(self, host: BusHost, events: "EventStream", ram: "HostMemory", flush_code: Callable[[], None],
+                 disk: Disk | None = None):
+        self.host = host
+        self.events = events
+        self.ram = ram
+        self.flush_code = flush_code
         self.console = Console()
         self.doorbell = Doorbell()
         self.disk = disk if disk is not None else Disk()
         self._clock_high_latch: dict[int, int] = {}
         self.restart_phase = 0     # the last value root wrote to RESTART_PHASE_PORT
 
+    def save_state(self) -> dict:
+        """The devices' registers and contents (the disk's included), for a snapshot."""
+        return {"console": self.console.save_state(), "doorbell": self.doorbell.save_state(),
+                "clock_latch": dict(self._clock_high_latch), "restart_phase": self.restart_phase,
+                "disk": self.disk.save_state()}
+
+    def restore_state(self, state: dict) -> None:
+        self.console.restore_state(state["console"])
+        self.doorbell.restore_state(state["doorbell"])
+        self._clock_high_latch = dict(state["clock_latch"])
+        self.restart_phase = state["restart_phase"]
+        self.disk.restore_state(state["disk"])
+
     def read(self, port: int, size: int) -> int:
-        m = self.machine
-        lp = m.running_lp
+        lp = self.host.running_lp
         value = self._read(port, lp)
-        m.events.publish(lp.now, lp.index, "io-in", port=port, size=size, value=value)
+        self.events.publish(lp.now, lp.index, "io-in", port=port, size=size, value=value)
         return value & ((1 << (8 * size)) - 1)
 
     def _read(self, port: int, lp) -> int:
@@ -127,7 +178,7 @@ class IoBus:
         if port == LP_ID_PORT:
             return lp.index
         if port == LP_COUNT_PORT:
-            return len(self.machine.lps)
+            return len(self.host.lps)
         if port == DOORBELL_STATUS_PORT:
             return self.doorbell.words_left()
         if port == DOORBELL_DATA_PORT:
@@ -146,13 +197,12 @@ class IoBus:
         return lp.running_context() is lp.root
 
     def write(self, port: int, size: int, value: int) -> None:
-        m = self.machine
-        lp = m.running_lp
-        m.events.publish(lp.now, lp.index, "io-out", port=port, size=size, value=value)
+        lp = self.host.running_lp
+        self.events.publish(lp.now, lp.index, "io-out", port=port, size=size, value=value)
         if port == COM1_BASE + UART_THR:
             self.console.write_byte(value)
         elif port == DEBUG_EXIT_PORT:
-            m.request_stop("debug-exit", exit_status=((value & BYTE_MASK) << 1) | 1, lp=lp.index)
+            self.host.request_stop("debug-exit", exit_status=((value & BYTE_MASK) << 1) | 1, lp=lp.index)
         elif port == TIMER_VECTOR_PORT:
             lp.timer.vector = _device_vector(value)
             if not lp.timer.vector:
@@ -174,7 +224,7 @@ class IoBus:
         elif port == RESTART_PHASE_PORT and self._from_root(lp):
             # A marker in the event stream for hypervisors' protocol phases; to a guest the port is unclaimed.
             self.restart_phase = value & WORD_MASK
-            m.events.publish(lp.now, lp.index, "restart-phase", phase=self.restart_phase)
+            self.events.publish(lp.now, lp.index, "restart-phase", phase=self.restart_phase)
         elif DISK_BLOCK_PORT <= port <= DISK_VECTOR_PORT and self._from_root(lp):
             self._disk_register(lp, port, value & WORD_MASK)
 
@@ -192,8 +242,8 @@ class IoBus:
         elif port == DISK_VECTOR_PORT:
             disk.vector = _device_vector(value)
         elif port == DISK_COMMAND_PORT:
-            disk.command(lp, self.machine.ram, value, self.machine.flush_code)
-            self.machine.events.publish(lp.now, lp.index, "disk", command=value, block=disk.block,
+            disk.command(lp, self.ram, value, self.flush_code)
+            self.events.publish(lp.now, lp.index, "disk", command=value, block=disk.block,
                                         count=disk.count, address=disk.address, status=int(disk.status),
                                         completion=disk.completion)
 
@@ -202,12 +252,13 @@ class IoBus:
         if not vector:
             return
         if value & IPI_ALL_BUT_SELF:
-            targets = [lp for lp in self.machine.lps if lp is not sender]
+            targets = [lp for lp in self.host.lps if lp is not sender]
         else:
             destination = (value >> IPI_DESTINATION_SHIFT) & IPI_DESTINATION_MASK
-            targets = [self.machine.lps[destination]] if destination < len(self.machine.lps) else []
+            lps = self.host.lps
+            targets = [lps[destination]] if destination < len(lps) else []
         for target in targets:
-            self.machine.events.publish(sender.now, sender.index, "ipi", vector=vector, to=target.index)
+            self.events.publish(sender.now, sender.index, "ipi", vector=vector, to=target.index)
             target.raise_interrupt(vector)
             if target is sender:
                 sender.running_context().request_stop()  # a self-IPI is taken at the end of the block

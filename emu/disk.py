@@ -44,6 +44,11 @@ def transfer_ticks(command: DiskCommand, byte_count: int) -> int:
     return DISK_COMMAND_LATENCY_TICKS + -(-byte_count * TICKS_PER_SECOND // bandwidth)
 
 
+# What a snapshot keeps of the disk besides its contents: the registers, the command under way, the counters.
+_STATE_FIELDS = ("block", "address", "count", "vector", "status", "completion", "issuer", "commands",
+                 "bytes_read", "bytes_written", "busy_ticks")
+
+
 class Disk:
     """Blocks of DISK_BLOCK_SIZE bytes, kept in chunks of DISK_CHUNK bytes; chunks never written, or
     written all zero, are not stored. It is not part of any one machine: a machine reset keeps it."""
@@ -127,6 +132,16 @@ class Disk:
         self.block = self.address = self.count = self.vector = 0
         self.status = DiskStatus.READY
         self.completion = self.issuer = None
+
+    def save_state(self) -> dict:
+        """The disk's registers, counters and contents (copied: the disk outlives a snapshot)."""
+        return {"fields": {name: getattr(self, name) for name in _STATE_FIELDS},
+                "chunks": {index: bytes(chunk) for index, chunk in self.chunks.items()}}
+
+    def restore_state(self, state: dict) -> None:
+        for name, value in state["fields"].items():
+            setattr(self, name, value)
+        self.chunks = {index: bytearray(chunk) for index, chunk in state["chunks"].items()}
 
     # --- the device, as root code sees it ---------------------------------------------------------------
     def current_status(self, now: int) -> DiskStatus:
