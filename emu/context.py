@@ -11,7 +11,7 @@ from unicorn import x86_const as x86
 
 from emu import decode, fast, msrs
 from emu.vmcs import FIELD_TABLE, TRANSITION_CONSTANTS
-from emu.vmx_defs import PAGE_OFFSET_MASK, PAGE_SIZE
+from emu.vmx_defs import PAGE_OFFSET_MASK, PAGE_SIZE, U32_MASK
 
 # With Unicorn's exit list enabled, emu_start's `until` is ignored; this address is never executed
 # (it is not canonical) and keeps the list non-empty.
@@ -138,8 +138,8 @@ class ExecutionContext:
 
     def _on_cpuid(self, uc, _user_data) -> int:
         regs = self.regs
-        leaf = regs.read(x86.UC_X86_REG_RAX) & 0xFFFF_FFFF
-        subleaf = regs.read(x86.UC_X86_REG_RCX) & 0xFFFF_FFFF
+        leaf = regs.read(x86.UC_X86_REG_RAX) & U32_MASK
+        subleaf = regs.read(x86.UC_X86_REG_RCX) & U32_MASK
         eax, ebx, ecx, edx = self._cpuid(leaf, subleaf)
         regs.write(x86.UC_X86_REG_RAX, eax)
         regs.write(x86.UC_X86_REG_RBX, ebx)

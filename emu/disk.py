@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
-from emu.vmcs_fields import U32_MASK as WORD_MASK
+from emu.vmx_defs import U32_MASK as WORD_MASK
 
 if TYPE_CHECKING:
     from emu.lp import LogicalProcessor

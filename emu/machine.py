@@ -19,7 +19,7 @@ from emu.memory import HostMemory, MIB
 from emu.prng import Prng
 from emu.vmcs_cache import VmcsCache
 from emu.vmx_counters import VmxCounters
-from emu.vmcs_fields import U32_MASK as U32, U64_MASK as U64
+from emu.vmx_defs import U32_MASK as U32, U64_MASK as U64
 from emu.vmx import RaiseException
 from emu.vmx_caps import MACHINE_MAXPHYADDR, msr_values
 from emu.vmx_defs import MSR_IA32_EFER, RFLAGS_ARITHMETIC, ExceptionVector, Rflags

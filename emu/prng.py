@@ -1,7 +1,7 @@
 """The machine's pseudo-random source for RDRAND and RDSEED: a 64-bit linear congruential generator seeded at power-on."""
 from __future__ import annotations
 
-from emu.vmcs_fields import U64_MASK as U64
+from emu.vmx_defs import U64_MASK as U64
 
 # Knuth's MMIX constants: a full-period generator modulo 2^64.
 PRNG_MULTIPLIER = 6364136223846793005

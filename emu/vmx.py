@@ -13,7 +13,7 @@ from unicorn import x86_const as x86
 from emu import decode, fast, msrs, vmcs_fields as vf
 from emu.decode import MemoryOperand, RegisterOperand
 from emu.vmcs import DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT, ActiveVmcs
-from emu.vmcs_fields import U64_MASK as U64
+from emu.vmx_defs import U64_MASK as U64
 from emu.vmentry_checks import (
     VMFAIL_VALID, EntryCheckFailure, check_launch_state, check_vm_entry, fits_physical_address, is_canonical,
 )
