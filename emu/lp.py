@@ -24,7 +24,6 @@ from emu.vmx_defs import (
 
 if TYPE_CHECKING:
     from emu.devices import IoBus
-    from emu.disk import Disk
     from emu.events import EventStream
     from emu.memory import HostMemory
     from emu.vmcs_cache import VmcsCache
@@ -91,17 +90,16 @@ class LpHost(Protocol):
 class LogicalProcessor:
     """One LP: its root context, VMX unit, timer, pending interrupts and virtual clock. Besides its
     LpHost it uses RAM (the MSR and I/O bitmaps), the event stream, the I/O bus (a guest's I/O
-    without an exit), the disk (its completions), the VMCS cache, the transition counters, and the
+    without an exit, and the completions of the bus's disk), the VMCS cache, the transition counters, and the
     machine's contexts by python id (the one the C loop runs)."""
 
     def __init__(self, index: int, root: ctxmod.ExecutionContext, host: LpHost, *, ram: "HostMemory",
-                 events: "EventStream", io: "IoBus", disk: "Disk", vmcs_cache: "VmcsCache", counters: "VmxCounters",
+                 events: "EventStream", io: "IoBus", vmcs_cache: "VmcsCache", counters: "VmxCounters",
                  context_by_id: dict[int, ctxmod.ExecutionContext], start_time: int = 0):
         self.host = host
         self.ram = ram
         self.events = events
         self.io = io
-        self.disk = disk
         self.counters = counters
         self.context_by_id = context_by_id
         self.index = index
@@ -228,7 +226,7 @@ class LogicalProcessor:
         interrupts nor has IF=1, or a guest in an inverse hypercall, which takes none)."""
         if self.timer.deadline is not None or self.preemption_deadline is not None:
             return False
-        if self.disk.deadline(self.index) is not None:
+        if self.io.disk.deadline(self.index) is not None:
             return False
         if self.guest is None:
             return self.halted and not (self.pending_vectors and self._interrupts_enabled_in_root())
@@ -354,7 +352,7 @@ class LogicalProcessor:
     def _next_event_by(self, limit: int) -> int:
         """The earlier of `limit` and the LP's timer and VMX-preemption-timer deadlines."""
         return min([limit] + [deadline for deadline in (self.timer.deadline, self.preemption_deadline,
-                                                        self.disk.deadline(self.index))
+                                                        self.io.disk.deadline(self.index))
                               if deadline is not None])
 
     def _idle_until(self, slice_end: int) -> None:
@@ -376,7 +374,7 @@ class LogicalProcessor:
         vector = self.timer.expire(self.now)
         if vector:
             self.raise_interrupt(vector)
-        vector = self.disk.complete(self.index, self.now)
+        vector = self.io.disk.complete(self.index, self.now)
         if vector:
             self.raise_interrupt(vector)
         if self.guest is None:

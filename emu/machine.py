@@ -95,7 +95,7 @@ class Machine:
         self.prng = Prng(seed)
         self.running_lp: LogicalProcessor | None = None
         self.lps = [LogicalProcessor(index, self.new_context(ctxmod.ROOT, f"lp{index}"), self, ram=self.ram,
-                                     events=self.events, io=self.io, disk=self.io.disk,
+                                     events=self.events, io=self.io,
                                      vmcs_cache=self.vmcs_cache, counters=self.counters,
                                      context_by_id=self.context_by_id, start_time=start_time)
                     for index in range(lps)]
