@@ -14,8 +14,7 @@ from emu.ports import (
     LP_ID_PORT, LSR_THR_EMPTY, LSR_TRANSMITTER_EMPTY, RESTART_PHASE_PORT, TIMER_ARM_PORT, TIMER_PERIOD_PORT,
     TIMER_VECTOR_PORT, UART_LSR, UART_THR,
 )
-from emu.vmx_defs import U32_MASK as WORD_MASK
-from emu.vmx_defs import FIRST_DEVICE_VECTOR
+from emu.vmx_defs import FIRST_DEVICE_VECTOR, U32_MASK as WORD_MASK
 
 if TYPE_CHECKING:
     from emu.events import EventStream

@@ -18,11 +18,10 @@ from emu.lp import LogicalProcessor
 from emu.memory import HostMemory, MIB
 from emu.prng import Prng
 from emu.vmcs_cache import VmcsCache
-from emu.vmx_counters import VmxCounters
-from emu.vmx_defs import U32_MASK as U32, U64_MASK as U64
 from emu.vmx import RaiseException
 from emu.vmx_caps import MACHINE_MAXPHYADDR, msr_values
-from emu.vmx_defs import MSR_IA32_EFER, RFLAGS_ARITHMETIC, ExceptionVector, Rflags
+from emu.vmx_counters import VmxCounters
+from emu.vmx_defs import MSR_IA32_EFER, RFLAGS_ARITHMETIC, U32_MASK as U32, U64_MASK as U64, ExceptionVector, Rflags
 
 DEFAULT_RAM_SIZE = 64 * MIB
 DEFAULT_QUANTUM = 50_000          # ticks each LP runs before the next LP's turn

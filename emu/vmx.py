@@ -13,12 +13,12 @@ from unicorn import x86_const as x86
 from emu import decode, fast, msrs, vmcs_fields as vf
 from emu.decode import MemoryOperand, RegisterOperand
 from emu.vmcs import DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT, ActiveVmcs
-from emu.vmx_defs import U64_MASK as U64
 from emu.vmentry_checks import (
     VMFAIL_VALID, EntryCheckFailure, check_launch_state, check_vm_entry, fits_physical_address, is_canonical,
 )
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import (
+    U64_MASK as U64,
     VMCALLR_ALREADY_IN_PROGRESS, VMCALLR_ENDED_BY_VM_EXIT, VMCALLR_NO_ENTRY_POINT, VMCALLR_NOT_LAUNCHED,
     ExitControls, ExitReason, PinBasedControls, VmInstructionError, INTR_INFO_VALID, ActivityState, ExceptionVector, MSR_IA32_EFER, Rflags,
     RFLAGS_ARITHMETIC, EXIT_REASON_VM_ENTRY_FAILURE, PAGE_OFFSET_MASK, Cr4, InveptType,
