@@ -1,5 +1,6 @@
 """The machine's parts use narrow collaborators, not the Machine: only the machine itself, the snapshot
-(the sum of the parts' states) and the fuzzer's checkpoints (whole-machine snapshots) hold one."""
+(the sum of the parts' states), the fuzzer's checkpoints (whole-machine snapshots) and the count of
+machines alive hold one."""
 from __future__ import annotations
 
 import ast
@@ -13,6 +14,7 @@ HOLD_THE_MACHINE = {
     "machine.py": "it is the machine",
     "snapshot.py": "a snapshot is the sum of every part's state",
     "dirty.py": "Checkpoints take and restore whole-machine snapshots",
+    "lifetime.py": "it counts the machines alive (reading none of their parts) to collect dropped ones",
 }
 
 
