@@ -16,7 +16,7 @@ from unicorn import x86_const as x86
 
 from guests import c_examples, catalog, elf
 from hypervisors.boot import boot
-from emu.devices import COM1_BASE as CONSOLE_PORT
+from emu.ports import COM1_BASE as CONSOLE_PORT
 from hypervisors.guest_abi import EXIT_PORT
 from hypervisors.memory_map import DEFAULT_GUEST_MEMORY, GUEST_LOAD_ADDRESS
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from emu import devices
+from emu import ports
 from emu.machine import Machine
 from hypervisors import build, guest_abi, layouts, transfer
 from hypervisors.memory_map import (
@@ -201,7 +201,7 @@ def _start(machine: Machine, hypervisor: str, image, **fields) -> None:
     machine.load(BOOT_INFO_ADDRESS, layouts.BOOT_INFO.pack(
         magic=layouts.BOOT_INFO_MAGIC, version=layouts.BOOT_PROTOCOL_VERSION, lp_count=lps, ram_size=ram,
         heap_base=HEAP_BASE, heap_size=HEAP_SIZE, free_base=FREE_BASE, free_size=ram - FREE_BASE,
-        doorbell_port=devices.DOORBELL_STATUS_PORT, **fields))
+        doorbell_port=ports.DOORBELL_STATUS_PORT, **fields))
     stacks = [FIRMWARE_STACK_TOP - lp * FIRMWARE_STACK_SIZE for lp in range(lps)]
     machine.start(image.symbol(build.hypervisor(hypervisor).entry_symbol), stacks, argument=BOOT_INFO_ADDRESS)
 

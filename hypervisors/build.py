@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from asm import Image, assemble_file, merge_constants
-from emu import devices, disk, vmcs_fields, vmentry_checks, vmx_defs
+from emu import disk, ports, vmcs_fields, vmentry_checks, vmx_defs
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES
 from hypervisors import guest_abi, invariants, layouts, memory_map, transfer, vp_state
 
@@ -139,9 +139,9 @@ def constants(name: str = "hv1") -> dict[str, int]:
         vmcs_fields.layout_constants(),
         _enum_constants(),
         vmx_values,
-        {name: getattr(devices, name) for name in _DEVICE_PORTS},
+        {name: getattr(ports, name) for name in _DEVICE_PORTS},
         {"DISK_BLOCK_SIZE": disk.DISK_BLOCK_SIZE, "DISK_BLOCK_SHIFT": disk.DISK_BLOCK_SIZE.bit_length() - 1},
-        {"UART_LSR": devices.UART_LSR, "LSR_READY": devices.LSR_THR_EMPTY | devices.LSR_TRANSMITTER_EMPTY},
+        {"UART_LSR": ports.UART_LSR, "LSR_READY": ports.LSR_THR_EMPTY | ports.LSR_TRANSMITTER_EMPTY},
         memory_map.constants(),
         invariants.constants(),
         guest_abi.constants(),

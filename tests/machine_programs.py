@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from keystone import KS_ARCH_X86, KS_MODE_64, Ks, KsError
 
 from emu import vmcs_fields as vf
-from emu.devices import (  # noqa: F401  (the ports test programs use, re-exported)
+from emu.ports import (  # noqa: F401  (the ports test programs use, re-exported)
     CLOCK_HIGH_PORT, CLOCK_LOW_PORT, COM1_BASE as COM1, DEBUG_EXIT_PORT, IPI_DESTINATION_SHIFT, IPI_PORT,
     TIMER_ARM_PORT, TIMER_PERIOD_PORT, TIMER_VECTOR_PORT,
 )
