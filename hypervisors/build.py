@@ -11,7 +11,7 @@ from pathlib import Path
 from asm import Image, assemble_file, merge_constants
 from emu import devices, disk, vmcs_fields, vmentry_checks, vmx_defs
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES
-from hypervisors import guest_abi, invariants, layouts, memory_map, transfer, vp_state
+from hypervisors import guest_abi, invariants, layouts, memory_map, segments, transfer, vp_state
 
 HERE = Path(__file__).resolve().parent
 COMMON_SOURCES = HERE / "common"        # code every hypervisor includes, written against generic names
@@ -140,6 +140,7 @@ def constants(name: str = "hv1") -> dict[str, int]:
         {"DISK_BLOCK_SIZE": disk.DISK_BLOCK_SIZE, "DISK_BLOCK_SHIFT": disk.DISK_BLOCK_SIZE.bit_length() - 1},
         {"UART_LSR": devices.UART_LSR, "LSR_READY": devices.LSR_THR_EMPTY | devices.LSR_TRANSMITTER_EMPTY},
         memory_map.constants(),
+        segments.constants(),
         invariants.constants(),
         guest_abi.constants(),
         transfer.constants(),
