@@ -87,7 +87,7 @@ def _window(ram, eptp: int) -> tuple[dict[int, int], list[int]]:
 
 def lock_held(booted) -> bool:
     """The hypervisor's memory_lock: while an LP holds it, the database and the windows may disagree for a moment."""
-    return bool(booted.read_qword("memory_lock"))
+    return bool(booted.memory_lock)
 
 
 def read(booted) -> MemoryState:
@@ -95,8 +95,8 @@ def read(booted) -> MemoryState:
     records = build.hypervisor(booted.hypervisor).records
     frame_layout, page_layout = records.frame, records.page
     ram = booted.machine.ram
-    frame_table = booted.read_qword("frame_table")
-    frame_count = booted.read_qword("frame_count")
+    frame_table = booted.frame_table
+    frame_count = booted.frame_count
     frame_bytes = ram.read(frame_table, frame_count * frame_layout.size)
     frame_owners, page_owners, free_counts, records_inside = [], {}, {}, set()
     for number in range(frame_count):
