@@ -12,8 +12,9 @@ from emu.machine import PTE_LARGE_PAGE, PTE_PRESENT_WRITABLE, Machine, RunResult
 from emu.memory import MIB, PAGE_SIZE
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import (
-    AR_UNUSABLE, VMCS_LINK_POINTER_NONE, Cr0, Cr4, Efer, EntryControls, ExitControls, ExitReason, MemoryType,
-    PrimaryProcessorControls, Rflags, SecondaryProcessorControls, make_eptp,
+    AR_UNUSABLE, EPT_LARGE_PAGE, EPT_MEMORY_TYPE_SHIFT, EPT_RWX_MASK, VMCS_LINK_POINTER_NONE, Cr0, Cr4, Efer,
+    EntryControls, ExitControls, ExitReason, MemoryType, PrimaryProcessorControls, Rflags,
+    SecondaryProcessorControls, make_eptp,
 )
 from hypervisors import memory_map, segments
 
@@ -42,10 +43,8 @@ GUEST_IDT = 0x5000
 GUEST_STACK_TOP = 0x8000
 GUEST_CODE = 0x10000
 
-LARGE_PAGE_SIZE = 2 * MIB
-EPT_RWX = 0x7
-EPT_MEMORY_TYPE_SHIFT = 3
-EPT_LARGE_PAGE = 0x80
+LARGE_PAGE_SIZE = memory_map.LARGE_PAGE_SIZE
+EPT_RWX = EPT_RWX_MASK
 
 # 64-bit code, flat data and a busy 64-bit TSS: the GDT the hypervisors give their guests.
 GDT_ENTRIES = tuple(descriptor for _, descriptor in sorted(segments.GUEST_GDT_ENTRIES.items()))

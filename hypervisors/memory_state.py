@@ -6,12 +6,9 @@ from dataclasses import dataclass, field
 
 from emu.vmx_defs import EPT_ADDRESS_MASK, EPT_LEVEL_BITS, EPT_PML4_SHIFT, EPT_RWX_MASK, PAGE_SIZE
 from hypervisors import build, guest_abi, layouts, transfer
-from hypervisors.memory_map import LARGE_PAGE_SIZE
-
-PAGES_PER_FRAME = LARGE_PAGE_SIZE // PAGE_SIZE
-ENTRY_BYTES = 8
-ENTRIES_PER_TABLE = 1 << EPT_LEVEL_BITS
-PAGE_SHIFT = 12
+from hypervisors.memory_map import (
+    ENTRIES_PER_TABLE, LARGE_PAGE_SIZE, PAGE_SHIFT, PAGES_PER_FRAME, TABLE_ENTRY_BYTES as ENTRY_BYTES,
+)
 
 
 def owner_name(owner: int) -> str:
