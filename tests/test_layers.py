@@ -1,0 +1,77 @@
+"""The parts of hhr import only downwards (docs/architecture.md, "The parts and what each may use").
+
+Layers, lowest first: asm (the toolchain) < emu (the machine) < hypervisors (images, boot, the
+transfer protocol's layouts) < guests < tools (the libraries behind each command) < bench <
+tools.cli (the command line, which nothing imports). A module may import its own layer and those
+below; tests import anything.
+"""
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPOSITORY_ROOT
+
+LAYERS = ("asm", "emu", "hypervisors", "guests", "tools", "bench", "tools.cli")
+
+
+def layer_of(module: str) -> int | None:
+    """The layer of a dotted module name, None for modules outside hhr's parts (stdlib, unicorn, tests)."""
+    best = None
+    for index, prefix in enumerate(LAYERS):
+        if module == prefix or module.startswith(prefix + "."):
+            best = index          # later, longer prefixes (tools.cli) win over their package (tools)
+    return best
+
+
+def product_modules() -> dict[str, Path]:
+    modules = {}
+    for package in {layer.split(".")[0] for layer in LAYERS}:
+        for path in (REPOSITORY_ROOT / package).rglob("*.py"):
+            modules[".".join(path.relative_to(REPOSITORY_ROOT).with_suffix("").parts)] = path
+    return modules
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every absolute import in a file, as the dotted names it may mean (`from a import b`: a and a.b)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def upward_imports() -> list[str]:
+    found = []
+    for module, path in sorted(product_modules().items()):
+        own = layer_of(module)
+        for name in sorted(imported_modules(path)):
+            target = layer_of(name)
+            if target is not None and own is not None and target > own:
+                found.append(f"{module} ({LAYERS[own]}) imports {name} ({LAYERS[target]})")
+    return found
+
+
+def test_every_part_imports_only_its_own_layer_and_those_below():
+    assert upward_imports() == []
+
+
+@pytest.mark.parametrize("module, layer", [("emu.machine", "emu"), ("tools.cli", "tools.cli"),
+                                           ("tools.restart", "tools"), ("bench", "bench"), ("unicorn", None)])
+def test_layers_are_read_by_the_longest_prefix(module, layer):
+    assert layer_of(module) == (LAYERS.index(layer) if layer else None)
+
+
+def test_an_upward_import_is_found(tmp_path, monkeypatch):
+    offending = tmp_path / "emu" / "offender.py"
+    offending.parent.mkdir()
+    offending.write_text("from tools import restart\n")
+    monkeypatch.setattr(sys.modules[__name__], "product_modules", lambda: {"emu.offender": offending})
+    assert upward_imports() == ["emu.offender (emu) imports tools (tools)",
+                                "emu.offender (emu) imports tools.restart (tools)"]
