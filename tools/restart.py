@@ -7,10 +7,10 @@ from typing import Callable
 
 from emu.disk import Disk
 from guests import catalog
-from hypervisors import boot, build, timeline, transfer
+from hypervisors import boot, build, transfer
 from hypervisors.boot import Booted
 from hypervisors.memory_map import HYPERVISOR_BASE
-from hypervisors.timeline import RestartTimeline, Transition
+from hypervisors.timeline import Outcome, RestartTimeline, Transition
 from tools import blackout, digest_check, phase_meter
 from tools import run as run_module
 from tools.blackout import VpBlackouts
@@ -51,21 +51,24 @@ class RestartRecorder:
             self.timeline.subscribe(listener)
 
     def _subscriptions(self) -> list[tuple]:
-        """The event subscribers in the order they must see an event: the digest reads a message
-        before a fault corrupts it."""
+        """The parts' event subscribers in the order they must see an event (the digest reads a
+        message before a fault corrupts it); the timeline comes after them."""
         found = [(self.blackouts.on_event, blackout.EVENT_KINDS), (self.meter.on_event, phase_meter.EVENT_KINDS),
                  (self.digest.on_event, digest_check.EVENT_KINDS)]
         if self.fault_hook is not None:
             found.append((self.fault_hook.on_event, FaultHook.EVENT_KINDS))
-        return found + [(self.timeline.on_event, timeline.FOLLOWED_KINDS)]
+        return found
 
     def follow(self, events) -> None:
+        """Subscribe the parts and the timeline to an event stream (emu/events.py)."""
         for callback, kinds in self._subscriptions():
             events.subscribe(callback, kinds)
+        self.timeline.follow(events)
 
     def leave(self, events) -> None:
         for callback, _ in self._subscriptions():
             events.unsubscribe(callback)
+        self.timeline.leave(events)
 
     def _on_transition(self, transition: Transition) -> None:
         if transition.phase == transfer.Phase.BLACKOUT:
@@ -91,7 +94,7 @@ class RestartRecorder:
     @property
     def committed(self) -> bool:
         """The new hypervisor runs the guests (after a suspend: resumed)."""
-        return self.finished and self.timeline.ending.outcome == timeline.Outcome.COMMITTED
+        return self.finished and self.timeline.ending.outcome == Outcome.COMMITTED
 
     @property
     def phase(self) -> transfer.Phase | None:
