@@ -43,6 +43,11 @@ class Transition:
     ending: Ending | None               # set on the transition that ends the restart
 
     @property
+    def ongoing(self) -> bool:
+        """A restart goes on after this transition (False at its end, and at IDLE outside one)."""
+        return self.restart != 0 and self.ending is None
+
+    @property
     def name(self) -> str:
         """The phase's name (`phase N` for a number no phase has)."""
         return self.phase.name if self.phase is not None else f"phase {self.value}"
@@ -64,8 +69,8 @@ def ends_restart(phase: Phase | None, resuming: bool) -> Outcome | None:
 
 
 class RestartTimeline:
-    """Follows restart-phase events (`on_event`, or `follow` an event stream) and tells
-    its listeners each transition, in order. Also readable at any time: the current phase, the
+    """Follows restart-phase events (`on_event`, or `follow` an event stream) and tells its listeners
+    each transition, in the order they subscribed. Also readable at any time: the current phase, the
     restart in progress, whether it is over and how it ended."""
 
     def __init__(self, *, phase: int = Phase.IDLE, mode: Mode | None = None, status: StatusReader | None = None):
@@ -92,8 +97,8 @@ class RestartTimeline:
 
     @property
     def over(self) -> bool:
-        """The restart that began has ended (False before any began)."""
-        return self.ending is not None and not self.in_restart
+        """The last restart that began has ended (False before any began)."""
+        return self.ending is not None
 
     def subscribe(self, listener: TransitionListener) -> None:
         self._listeners.append(listener)
@@ -132,8 +137,8 @@ class RestartTimeline:
             ending = self._ending(outcome)
             self.in_restart, self.ending = False, ending
         self.value = value
-        transition = Transition(value, phase, previous, time, lp, self.restarts if (self.in_restart or ending) else 0,
-                                self.mode, begins, ending)
+        restart = self.restarts if self.in_restart or ending is not None else 0
+        transition = Transition(value, phase, previous, time, lp, restart, self.mode, begins, ending)
         self.transitions.append(transition)
         for listener in tuple(self._listeners):
             listener(transition)

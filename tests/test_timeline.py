@@ -49,7 +49,7 @@ def test_a_committed_restart_recorded_from_the_machine():
     assert [t.phase for t in seen] == [Phase.REQUESTED, Phase.SERVICE, Phase.INVARIANTS, Phase.PRECOPY,
                                        Phase.BLACKOUT, Phase.COMMIT, Phase.DEVIRTUALIZE, Phase.RESUMED]
     assert [t.begins for t in seen] == [True] + [False] * 7
-    assert all(t.ending is None for t in seen[:-1])
+    assert all(t.ending is None and t.ongoing for t in seen[:-1]) and not seen[-1].ongoing
     assert seen[-1].ending.outcome == Outcome.COMMITTED and seen[-1].ending.status == Status.DONE
     assert [t.previous for t in seen[1:]] == [t.phase for t in seen[:-1]]
     assert all(t.restart == 1 and t.mode == Mode.PRECOPY for t in seen)
@@ -103,3 +103,4 @@ def test_a_timeline_started_mid_restart_and_an_unknown_phase():
     assert RestartTimeline().phase == Phase.IDLE and not RestartTimeline().over
     idle, seen = follow(phase_events(Phase.IDLE))
     assert not idle.over and seen[0].ending is None and seen[0].restart == 0, "IDLE outside a restart ends nothing"
+    assert not seen[0].ongoing

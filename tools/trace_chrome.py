@@ -330,7 +330,7 @@ class ChromeTraceWriter:
         if transition.begins:
             self._restart = _Open(f"hot restart {transition.restart}", transition.time, transition.lp,
                                   {"restart": transition.restart})
-        if transition.ending is not None or transition.phase == transfer.Phase.IDLE:
+        if not transition.ongoing:
             if transition.ending is not None and transition.ending.outcome == Outcome.COMMITTED:
                 self._instant(RESTART_PID, tid, transition.name, "phase", transition.time, {"phase": transition.value})
             self._end_restart(transition.time)
