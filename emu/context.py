@@ -23,6 +23,11 @@ STALE_BLOCK_INSTRUCTIONS = 1
 ROOT = "root"
 GUEST = "guest"
 
+# Instructions a Unicorn instruction hook carries out in place (emu/traps.py, Catch.HOOK), by the
+# Unicorn instruction the hook is registered for: IN and OUT (INS and OUTS too) reach the I/O bus
+# and CPUID the machine's table. A guest stops in front of them (Catch.EXIT_POINT) before a hook runs.
+HOOKED_INSTRUCTIONS = {"in": x86.UC_X86_INS_IN, "out": x86.UC_X86_INS_OUT, "cpuid": x86.UC_X86_INS_CPUID}
+
 
 @dataclass
 class Stop:
@@ -82,9 +87,8 @@ class ExecutionContext:
             fast.register_guest_invalid_instruction_hook(self.uc, self.fast.ctx)
         self.uc.hook_add(uc_const.UC_HOOK_INSN_INVALID, self._on_invalid_opcode)
         self.uc.hook_add(uc_const.UC_HOOK_INTR, self._on_interrupt)
-        self.uc.hook_add(uc_const.UC_HOOK_INSN, self._on_in, None, 1, 0, x86.UC_X86_INS_IN)
-        self.uc.hook_add(uc_const.UC_HOOK_INSN, self._on_out, None, 1, 0, x86.UC_X86_INS_OUT)
-        self.uc.hook_add(uc_const.UC_HOOK_INSN, self._on_cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
+        for mnemonic, on_instruction in (("in", self._on_in), ("out", self._on_out), ("cpuid", self._on_cpuid)):
+            self.uc.hook_add(uc_const.UC_HOOK_INSN, on_instruction, None, 1, 0, HOOKED_INSTRUCTIONS[mnemonic])
 
     # --- Unicorn hooks -------------------------------------------------------------------------
     def _on_new_block(self, pc: int, size: int) -> int:

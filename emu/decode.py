@@ -10,7 +10,7 @@ from capstone import x86_const as cs_x86
 from unicorn import x86_const as uc_x86
 
 from asm.isa import VMCALLR_OPCODE  # the one definition of our inverse-hypercall encoding
-from emu.devices import DEBUG_EXIT_PORT
+from emu import traps
 from emu.fast import USES_SCALARS, USES_X87_SSE
 from emu.vmcs_fields import U64_MASK as U64
 
@@ -18,17 +18,15 @@ VMCALLR_LENGTH = len(VMCALLR_OPCODE)
 MAX_INSTRUCTION_LENGTH = 15
 
 # Instructions that never execute natively in a context of the given kind: execution stops in front
-# of them (Unicorn exit points) and the machine emulates them or turns them into VM exits.
-ROOT_TRAPPED_MNEMONICS = frozenset({"rdmsr", "wrmsr", "rdtsc", "rdtscp", "rdrand", "rdseed"})
-GUEST_TRAPPED_MNEMONICS = frozenset({
-    "cpuid", "hlt", "in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd",
-    "rdmsr", "wrmsr", "rdtsc", "rdtscp", "xsetbv", "invd", "rdrand", "rdseed",
-})
-# An OUT with the debug-exit port as its immediate operand is trapped in every context.
-DEBUG_EXIT_OUT_PREFIX = f"{DEBUG_EXIT_PORT:#x},"
-# MOV to CR3 is trapped (root and guest) so that every address-space switch is an exact event and a
-# guest's can be a CR-access VM exit; a guest's MOV from CR3 is trapped for CR3-store exiting.
-CR3_REGISTER_NAME = "cr3"
+# of them (Unicorn exit points) and the machine emulates them or turns them into VM exits. The list
+# is emu/traps.py's (Catch.EXIT_POINT); MOV to and from CR3 and the debug-exit OUT trap only with
+# their operands.
+ROOT_TRAPPED_MNEMONICS = traps.trapped_mnemonics(guest=False)
+GUEST_TRAPPED_MNEMONICS = traps.trapped_mnemonics(guest=True)
+_ROOT_TRAPPED_FORMS = traps.trapped_operand_forms(guest=False)
+_GUEST_TRAPPED_FORMS = traps.trapped_operand_forms(guest=True)
+_OPERAND_FORM_MNEMONICS = frozenset(mnemonic for trap in _GUEST_TRAPPED_FORMS + _ROOT_TRAPPED_FORMS
+                                    for mnemonic in trap.mnemonics)
 
 # Instructions that read or change state VMX leaves shared between root and guest (docs/machine.md
 # 7.4): an instance runs a block holding one only after taking the LP's current values.
@@ -62,41 +60,20 @@ _md_detail = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 _md_detail.detail = True
 
 
-# Capstone prints a REP/REPE/REPNE prefix as part of the mnemonic ("rep outsb").
-REPEAT_PREFIXES = ("rep ", "repe ", "repne ", "repz ", "repnz ")
+base_mnemonic = traps.base_mnemonic
 
 
-def base_mnemonic(mnemonic: str) -> str:
-    """The mnemonic without a repeat prefix: "rep outsb" -> "outsb"."""
-    for prefix in REPEAT_PREFIXES:
-        if mnemonic.startswith(prefix):
-            return mnemonic[len(prefix):]
-    return mnemonic
-
-
-def is_mov_to_cr3(mnemonic: str, op_str: str) -> bool:
-    return mnemonic == "mov" and op_str.startswith(CR3_REGISTER_NAME + ",")
-
-
-def is_mov_from_cr3(mnemonic: str, op_str: str) -> bool:
-    return mnemonic == "mov" and op_str.endswith(", " + CR3_REGISTER_NAME)
-
-
-def _is_trapped(mnemonic: str, op_str: str, trapped: frozenset[str]) -> bool:
-    if base_mnemonic(mnemonic) in trapped:
+def _is_trapped(mnemonic: str, op_str: str, guest: bool) -> bool:
+    if base_mnemonic(mnemonic) in (GUEST_TRAPPED_MNEMONICS if guest else ROOT_TRAPPED_MNEMONICS):
         return True
-    if mnemonic == "out" and op_str.startswith(DEBUG_EXIT_OUT_PREFIX):
-        return True   # the machine stops right after it, not at the end of the block
-    if is_mov_to_cr3(mnemonic, op_str):
-        return True
-    # A guest's CR3 reads are trapped too, for CR3-store exiting (SDM Vol. 3C 26.1.3).
-    return trapped is GUEST_TRAPPED_MNEMONICS and is_mov_from_cr3(mnemonic, op_str)
+    if mnemonic not in _OPERAND_FORM_MNEMONICS:
+        return False
+    return any(trap.matches(mnemonic, op_str) for trap in (_GUEST_TRAPPED_FORMS if guest else _ROOT_TRAPPED_FORMS))
 
 
 def is_trapped(instruction: "Instruction", guest: bool) -> bool:
     """Whether a context of that kind traps this instruction."""
-    return _is_trapped(instruction.mnemonic, instruction.op_str,
-                       GUEST_TRAPPED_MNEMONICS if guest else ROOT_TRAPPED_MNEMONICS)
+    return _is_trapped(instruction.mnemonic, instruction.op_str, guest)
 
 
 @dataclass(frozen=True)
@@ -116,20 +93,19 @@ def scan_block(code: bytes, address: int, guest: bool) -> BlockScan:
     Bytes capstone cannot decode (a VMX-like instruction of ours, or a genuinely invalid one) end
     the block in Unicorn as #UD; they count as one instruction.
     """
-    trapped = GUEST_TRAPPED_MNEMONICS if guest else ROOT_TRAPPED_MNEMONICS
     count = 0
-    traps: list[int] = []
+    trap_addresses: list[int] = []
     uses = 0
     offset = 0
     for _addr, size, mnemonic, op_str in _md.disasm_lite(code, address):
         count += 1
-        if _is_trapped(mnemonic, op_str, trapped):
-            traps.append(address + offset)
+        if _is_trapped(mnemonic, op_str, guest):
+            trap_addresses.append(address + offset)
         uses |= shared_state_uses(base_mnemonic(mnemonic), op_str)
         offset += size
     if offset < len(code):
         count += 1  # the undecodable instruction that ends the block
-    return BlockScan(count, tuple(traps), uses)
+    return BlockScan(count, tuple(trap_addresses), uses)
 
 
 @dataclass(frozen=True)
@@ -213,6 +189,39 @@ def _parse_operands(cs_operands) -> list[MemoryOperand | RegisterOperand]:
                 None if mem.index == 0 else unicorn_register(mem.index),
                 mem.scale, mem.disp, rip, op.size))
     return result
+
+
+# I/O instructions (SDM Vol. 2B IN, INS, OUT, OUTS): the sizes of the string forms, whose port is DX.
+STRING_IO_SIZES = {"insb": 1, "insw": 2, "insd": 4, "outsb": 1, "outsw": 2, "outsd": 4}
+REPEAT_PREFIX_BYTES = (0xF3, 0xF2)
+PORT_MASK = 0xFFFF
+
+
+@dataclass(frozen=True)
+class PortAccess:
+    """What an IN, OUT, INS or OUTS accesses: the facts of its I/O exit qualification (SDM Vol. 3C
+    Table 28-5) and, for IN and OUT, the register that holds or receives the data."""
+
+    port: int
+    size: int
+    is_in: bool
+    string: bool
+    rep: bool
+    immediate: bool
+    data_register: int | None
+
+
+def port_access(insn: Instruction, read_register) -> PortAccess:
+    """The access of an I/O instruction; `read_register(unicorn_register)` gives DX."""
+    mnemonic = base_mnemonic(insn.mnemonic)
+    is_in = mnemonic.startswith("in")
+    if mnemonic in STRING_IO_SIZES:
+        return PortAccess(read_register(uc_x86.UC_X86_REG_DX) & PORT_MASK, STRING_IO_SIZES[mnemonic], is_in,
+                          True, insn.prefix[0] in REPEAT_PREFIX_BYTES, False, None)
+    port_op, data_op = (insn.operands[1], insn.operands[0]) if is_in else (insn.operands[0], insn.operands[1])
+    immediate = port_op.type == cs_x86.X86_OP_IMM
+    port = port_op.imm if immediate else read_register(uc_x86.UC_X86_REG_DX)
+    return PortAccess(port & PORT_MASK, data_op.size, is_in, False, False, immediate, unicorn_register(data_op.reg))
 
 
 # Memory an instruction touches besides its explicit operands: the stack (SDM Vol. 1 6.2, 6.4).

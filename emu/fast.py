@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import importlib.util
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -172,14 +173,16 @@ def _make_api():
 
 API = _make_api()
 
-# hhr_on_new_block dispatches by python_id to the handler of the context that saw the block.
-_new_block_handlers: dict[int, Callable[[int, int], int]] = {}
+# hhr_on_new_block dispatches by python_id to the handler of the context that saw the block. The
+# table holds each handler weakly: a bound method of its context, which must stay free to be
+# collected with its machine (a strong entry here kept every machine ever built alive).
+_new_block_handlers: dict[int, weakref.WeakMethod] = {}
 _next_python_id = [1]
 
 
 @ffi.def_extern()
 def hhr_on_new_block(python_id, pc, size):
-    return _new_block_handlers[python_id](pc, size)
+    return _new_block_handlers[python_id]()(pc, size)
 
 
 @dataclass
@@ -225,7 +228,8 @@ class FastState:
         self.python_id = _next_python_id[0]
         _next_python_id[0] += 1
         c.python_id = self.python_id
-        _new_block_handlers[self.python_id] = on_new_block
+        _new_block_handlers[self.python_id] = weakref.WeakMethod(on_new_block)
+        weakref.finalize(self, _new_block_handlers.pop, self.python_id, None)
         self._uc = uc
         _register_hook(uc, uc_const.UC_HOOK_TLB_FILL, "hhr_tlb_fill", c)
         _register_hook(uc, uc_const.UC_HOOK_BLOCK, "hhr_block_hook", c)

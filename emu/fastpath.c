@@ -645,8 +645,10 @@ static void write_table_if_changed(const hhr_api *api, void *uc, int regid, uint
     }
 }
 
-/* A VM exit with no event information (CPUID, VMCALL, HLT, I/O), as emu/vmx.py's exit_guest and
- * load_host_state make it (SDM Vol. 3C 28.2, 28.5). */
+/* A VM exit with no event information (CPUID, VMCALL, HLT, I/O, the VMX-preemption timer), as
+ * emu/vmx.py's exit_guest and load_host_state make it (SDM Vol. 3C 28.2, 28.5). Which exits the loop
+ * carries out, with which reasons and controls, is emu/traps.py's table (its FastPath rows, which
+ * fill hhr_transition_constants); tests/test_traps.py fails when this file and the table disagree. */
 static void exit_simply(hhr_lp *lp, hhr_vmcs *vmcs, uint32_t reason, uint32_t length, uint64_t qualification) {
     const hhr_transition_constants *k = lp->vmx->constants;
     const hhr_api *api = lp->root->api;

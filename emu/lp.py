@@ -8,37 +8,29 @@ from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
 
 from emu import context as ctxmod
-from emu import decode, fast, interrupts, msrs
+from emu import decode, exit_conditions, fast, interrupts, msrs, traps
 from emu.devices import Timer
-from emu.vmcs import IO_BITMAP_PORTS, ActiveVmcs
-from emu.vmx import NON_ROOT_EXIT_REASONS, VMX_MNEMONICS, RaiseException, VmxUnit
+from emu.instruction_fault import RaiseException
+from emu.vmcs import ActiveVmcs
+from emu.vmx import VmxUnit
 from emu.vmx_defs import (
-    MSR_BITMAP_HIGH_FIRST, MSR_BITMAP_HIGH_PART, MSR_BITMAP_LOW_FIRST, MSR_BITMAP_LOW_PART, MSR_BITMAP_RANGE,
-    MSR_BITMAP_WRITE_PARTS,
     ExitReason, InterruptionType, PinBasedControls, PrimaryProcessorControls, make_interruption_info,
-    make_io_qualification, INTR_INFO_VECTOR_MASK, INTR_INFO_TYPE_MASK, INTR_INFO_TYPE_SHIFT,
+    INTR_INFO_VECTOR_MASK, INTR_INFO_TYPE_MASK, INTR_INFO_TYPE_SHIFT,
     INTR_INFO_DELIVER_ERROR_CODE, ExitControls, EXCEPTIONS_WITH_ERROR_CODE, ExceptionVector, Rflags,
-    CR_QUAL_ACCESS_TYPE_SHIFT, CR_QUAL_GPR_SHIFT, CrAccessType, FIRST_DEVICE_VECTOR,
+    FIRST_DEVICE_VECTOR,
 )
 
 if TYPE_CHECKING:
     from emu.machine import Machine
 
-CR3_NUMBER = 3
 INT3_OPCODE = 0xCC
 INTO_OPCODE = 0xCE
 INT_N_OPCODE = 0xCD
 INT_N_LENGTH = 2
 SOFTWARE_EXCEPTION_LENGTH = 1
-BITS_PER_BYTE = 8
 # Unicorn errors that stand for an access the architecture refuses with #GP.
 PROTECTION_ERRORS = frozenset({uc_const.UC_ERR_FETCH_PROT, uc_const.UC_ERR_READ_PROT, uc_const.UC_ERR_WRITE_PROT,
                                uc_const.UC_ERR_EXCEPTION})
-IO_MNEMONIC_SIZES = {"insb": 1, "insw": 2, "insd": 4, "outsb": 1, "outsw": 2, "outsd": 4}
-
-
-MSR_EXIT_REASONS = {"rdmsr": ExitReason.RDMSR, "wrmsr": ExitReason.WRMSR}
-BITS_PER_BYTE = 8
 
 
 class LogicalProcessor:
@@ -361,7 +353,7 @@ class LogicalProcessor:
                 self.charge(self.root, 1)
             return
         insn = decode.decode_one(code, rip)
-        if insn is None or insn.mnemonic not in VMX_MNEMONICS:
+        if insn is None or traps.invalid_opcode_trap(insn.mnemonic) is None:
             raise RaiseException(ExceptionVector.UD)
         outcome = self.vmx.execute(insn, insn.mnemonic)
         if outcome == "next":
@@ -377,9 +369,9 @@ class LogicalProcessor:
             observer(self, context, insn)
 
     def _root_trapped(self, insn: decode.Instruction) -> None:
-        self.machine.emulate_trapped(self, self.root, insn)
-        self.root.set_reg(x86.UC_X86_REG_RIP, insn.address + insn.size)
-        self.charge(self.root, 1)
+        """Root mode carries out every instruction it traps (emu/traps.py, Catch.EXIT_POINT)."""
+        trap = traps.exit_point_trap(insn.mnemonic, insn.op_str, guest=False)
+        traps.resolve(trap.emulation)(self, self.root, insn)
 
     def _root_exception(self, stop: ctxmod.Stop) -> None:
         kind, _length = self._classify_event(self.root, stop.rip, stop.vector)
@@ -440,15 +432,16 @@ class LogicalProcessor:
             return
         if kind == ctxmod.STOP_INVALID_OPCODE:
             code = context.fetch(stop.rip)
-            if code.startswith(decode.VMCALLR_OPCODE):
-                self.vmx.exit_guest(vmcs, ExitReason.VMCALLR, instruction_length=decode.VMCALLR_LENGTH)
+            if code.startswith(traps.VMCALLR.opcode):
+                self.vmx.exit_guest(vmcs, traps.VMCALLR.exit_reason, instruction_length=decode.VMCALLR_LENGTH)
                 return
             insn = decode.decode_one(code, stop.rip)
-            if insn is not None and insn.mnemonic == "vmcall" and vmcs.inverse_call_saved is not None:
+            trap = traps.invalid_opcode_trap(insn.mnemonic) if insn is not None else None
+            if trap is traps.VMCALL and vmcs.inverse_call_saved is not None:
                 self.vmx.return_from_inverse_call(vmcs)
                 return
-            if insn is not None and insn.mnemonic in NON_ROOT_EXIT_REASONS:
-                self.vmx.exit_guest(vmcs, NON_ROOT_EXIT_REASONS[insn.mnemonic], instruction_length=insn.size)
+            if trap is not None:
+                self.vmx.exit_guest(vmcs, trap.exit_reason, instruction_length=insn.size)
                 return
             self._guest_exception(vmcs, ExceptionVector.UD, None, stop.rip)
         elif kind == ctxmod.STOP_TRAPPED_INSTRUCTION:
@@ -536,114 +529,15 @@ class LogicalProcessor:
         self.publish("inject", vmcs=vmcs.address, vector=vector, type=int(kind))
         self._deliver_guest(vmcs, vector, error_code if info & INTR_INFO_DELIVER_ERROR_CODE else None, rip, kind)
 
-    def _guest_trapped(self, vmcs: ActiveVmcs, insn) -> None:
-        mnemonic = decode.base_mnemonic(insn.mnemonic)
-        controls = vmcs.read("CPU_BASED_VM_EXEC_CONTROL")
-        context = vmcs.context
-        if mnemonic == "cpuid":
-            self.vmx.exit_guest(vmcs, ExitReason.CPUID, instruction_length=insn.size)
-        elif mnemonic == "hlt":
-            if controls & PrimaryProcessorControls.HLT_EXITING:
-                self.vmx.exit_guest(vmcs, ExitReason.HLT, instruction_length=insn.size)
-            else:
-                context.set_reg(x86.UC_X86_REG_RIP, insn.address + insn.size)
-                vmcs.halted = True
-        elif mnemonic in ("in", "out") or mnemonic in IO_MNEMONIC_SIZES:
-            self._guest_io(vmcs, insn, controls)
-        elif mnemonic in MSR_EXIT_REASONS and self._msr_access_exits(vmcs, controls, mnemonic == "wrmsr"):
-            self.vmx.exit_guest(vmcs, MSR_EXIT_REASONS[mnemonic], instruction_length=insn.size)
-        elif mnemonic in ("rdtsc", "rdtscp") and controls & PrimaryProcessorControls.RDTSC_EXITING:
-            reason = ExitReason.RDTSC if mnemonic == "rdtsc" else ExitReason.RDTSCP
-            self.vmx.exit_guest(vmcs, reason, instruction_length=insn.size)
-        elif mnemonic == "xsetbv":
-            self.vmx.exit_guest(vmcs, ExitReason.XSETBV, instruction_length=insn.size)
-        elif mnemonic == "invd":
-            self.vmx.exit_guest(vmcs, ExitReason.INVD, instruction_length=insn.size)
-        elif mnemonic == "mov" and self._cr3_access_exits(insn, controls):
-            self._exit_on_cr3_access(vmcs, insn)
-        else:
-            try:
-                self.machine.emulate_trapped(self, context, insn)
-            except RaiseException as exc:
-                self._guest_exception(vmcs, exc.vector, exc.error_code, insn.address, cr2=exc.cr2)
-                return
-            context.set_reg(x86.UC_X86_REG_RIP, insn.address + insn.size)
-            self.charge(context, 1)
-
-    def _msr_access_exits(self, vmcs: ActiveVmcs, controls: int, writing: bool) -> bool:
-        """RDMSR and WRMSR exit unless "use MSR bitmaps" is 1 and the MSR's bit in the bitmap is 0
-        (SDM Vol. 3C 26.1.3, 25.6.9); MSRs outside the two ranges the bitmaps cover always exit."""
-        if not controls & PrimaryProcessorControls.USE_MSR_BITMAPS:
-            return True
-        index = vmcs.context.reg(x86.UC_X86_REG_RCX) & msrs.LOW_HALF_MASK
-        for first, part in ((MSR_BITMAP_LOW_FIRST, MSR_BITMAP_LOW_PART), (MSR_BITMAP_HIGH_FIRST, MSR_BITMAP_HIGH_PART)):
-            if first <= index < first + MSR_BITMAP_RANGE:
-                offset = index - first
-                byte = vmcs.read("MSR_BITMAP") + (MSR_BITMAP_WRITE_PARTS if writing else 0) + part + offset // BITS_PER_BYTE
-                if not self.machine.ram.holds(byte, 1):
-                    return True
-                return bool(self.machine.ram.read(byte, 1)[0] >> (offset % BITS_PER_BYTE) & 1)
-        return True
-
-    @staticmethod
-    def _cr3_access_exits(insn: decode.Instruction, controls: int) -> bool:
-        """SDM Vol. 3C 26.1.3: with no CR3-target values, every MOV to CR3 exits under CR3-load
-        exiting, every MOV from CR3 under CR3-store exiting."""
-        if decode.is_mov_to_cr3(insn.mnemonic, insn.op_str):
-            return bool(controls & PrimaryProcessorControls.CR3_LOAD_EXITING)
-        return bool(controls & PrimaryProcessorControls.CR3_STORE_EXITING)
-
-    def _exit_on_cr3_access(self, vmcs: ActiveVmcs, insn: decode.Instruction) -> None:
-        """A control-register-access exit, qualification per SDM Vol. 3C Table 28-3."""
-        to_cr3 = decode.is_mov_to_cr3(insn.mnemonic, insn.op_str)
-        register = decode.operands(insn)[1 if to_cr3 else 0].register
-        access = CrAccessType.MOV_TO_CR if to_cr3 else CrAccessType.MOV_FROM_CR
-        qualification = (CR3_NUMBER | access << CR_QUAL_ACCESS_TYPE_SHIFT
-                         | fast.MODRM_REGISTER_ORDER.index(register) << CR_QUAL_GPR_SHIFT)
-        self.vmx.exit_guest(vmcs, ExitReason.CR_ACCESS, qualification, instruction_length=insn.size)
-
-    def _guest_io(self, vmcs: ActiveVmcs, insn, controls: int) -> None:
-        context = vmcs.context
-        mnemonic = decode.base_mnemonic(insn.mnemonic)
-        string = mnemonic in IO_MNEMONIC_SIZES
-        is_in = mnemonic.startswith("in")
-        data_register = None
-        if string:
-            size, immediate, port = IO_MNEMONIC_SIZES[mnemonic], False, context.reg(x86.UC_X86_REG_DX)
-        else:
-            port_op, data_op = (insn.operands[1], insn.operands[0]) if is_in else (insn.operands[0], insn.operands[1])
-            size = data_op.size
-            data_register = decode.unicorn_register(data_op.reg)
-            immediate = port_op.type == decode.cs_x86.X86_OP_IMM
-            port = port_op.imm if immediate else context.reg(x86.UC_X86_REG_DX)
-        port &= 0xFFFF
-        if self._io_exits(vmcs, controls, port, size):
-            rep = insn.prefix[0] in (0xF3, 0xF2) if string else False
-            qualification = make_io_qualification(port, size, is_in, string=string, rep=rep, immediate=immediate)
-            self.vmx.exit_guest(vmcs, ExitReason.IO_INSTRUCTION, qualification, instruction_length=insn.size)
+    def _guest_trapped(self, vmcs: ActiveVmcs, insn: decode.Instruction) -> None:
+        """A guest's trapped instruction: the VM exit its row decides (emu/exit_conditions.py), or the
+        row's emulation (emu/trap_emulation.py); a fault of the emulation is the guest's exception."""
+        trap = traps.exit_point_trap(insn.mnemonic, insn.op_str, guest=True)
+        if exit_conditions.instruction_exits(trap, vmcs, insn, self.machine.ram):
+            self.vmx.exit_guest(vmcs, trap.exit_reason, exit_conditions.qualification(trap, vmcs.context, insn),
+                                instruction_length=insn.size)
             return
-        if string:
-            self._guest_exception(vmcs, ExceptionVector.GP, 0, insn.address)
-            return
-        io = self.machine.io
-        if is_in:
-            context.set_reg(data_register, io.read(port, size))
-        else:
-            io.write(port, size, context.reg(data_register) & ((1 << (BITS_PER_BYTE * size)) - 1))
-        context.set_reg(x86.UC_X86_REG_RIP, insn.address + insn.size)
-        self.charge(context, 1)
-
-    def _io_exits(self, vmcs: ActiveVmcs, controls: int, port: int, size: int) -> bool:
-        """SDM Vol. 3C 26.1.3: unconditional I/O exiting, or any bitmap bit of the accessed ports."""
-        if controls & PrimaryProcessorControls.USE_IO_BITMAPS:
-            for p in range(port, port + size):
-                if p > 0xFFFF:
-                    return True
-                bitmap = vmcs.read("IO_BITMAP_A" if p < IO_BITMAP_PORTS else "IO_BITMAP_B")
-                offset = p % IO_BITMAP_PORTS
-                if not self.machine.ram.holds(bitmap + offset // BITS_PER_BYTE):
-                    return True
-                if self.machine.ram.read(bitmap + offset // BITS_PER_BYTE, 1)[0] >> (offset % BITS_PER_BYTE) & 1:
-                    return True
-            return False
-        return bool(controls & PrimaryProcessorControls.UNCONDITIONAL_IO_EXITING)
+        try:
+            traps.resolve(trap.emulation)(self, vmcs.context, insn)
+        except RaiseException as exc:
+            self._guest_exception(vmcs, exc.vector, exc.error_code, insn.address, cr2=exc.cr2)

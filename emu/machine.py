@@ -9,17 +9,16 @@ from unicorn import x86_const as x86
 
 from emu import context as ctxmod
 from emu import cpuid as cpuid_table
-from emu import decode, msrs
+from emu import lifetime
 from emu import snapshot as snapshot_module
 from emu.devices import IoBus
 from emu.disk import Disk
 from emu.events import EventStream
 from emu.lp import LogicalProcessor
 from emu.memory import HostMemory, MIB
-from emu.vmcs_fields import U32_MASK as U32, U64_MASK as U64
-from emu.vmx import RaiseException
-from emu.vmx_caps import MACHINE_MAXPHYADDR, msr_values
-from emu.vmx_defs import MSR_IA32_EFER, RFLAGS_ARITHMETIC, ExceptionVector, Rflags
+from emu.vmcs_fields import U64_MASK as U64
+from emu.vmx_caps import MACHINE_MAXPHYADDR
+from emu.vmx_defs import MSR_IA32_EFER
 
 DEFAULT_RAM_SIZE = 64 * MIB
 DEFAULT_QUANTUM = 50_000          # ticks each LP runs before the next LP's turn
@@ -39,7 +38,6 @@ EFER_AT_START = (1 << 8) | (1 << 10) | (1 << 11)                                
 
 PRNG_MULTIPLIER = 6364136223846793005
 PRNG_INCREMENT = 1442695040888963407
-VMX_CAPABILITY_MSRS = msr_values()   # what RDMSR of 0x480-0x491 reads (the capabilities are fixed)
 
 
 @dataclass
@@ -70,6 +68,7 @@ class Machine:
             raise ValueError(f"the machine has 1 to {MAX_LPS} logical processors, not {lps}")
         if quantum < 1:
             raise ValueError("the quantum is at least one tick")
+        lifetime.note_new_machine(self)
         self.ram = HostMemory(ram_size)
         self.quantum = quantum
         self.events = EventStream(record_events)
@@ -293,70 +292,11 @@ class Machine:
     def count_inverse_call(self, call: int) -> None:
         self.inverse_call_counts[call] += 1
 
-    # --- instructions the machine carries out itself -----------------------------------------------------
+    # --- the machine's share of trapped instructions (emu/traps.py) ----------------------------------------
     def _cpuid(self, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
         return cpuid_table.cpuid(leaf, subleaf, self.running_lp.index, len(self.lps))
 
-    def _next_random(self) -> int:
+    def next_random(self) -> int:
+        """The next value of the machine's 64-bit generator (RDRAND and RDSEED, emu/trap_emulation.py)."""
         self._prng = (self._prng * PRNG_MULTIPLIER + PRNG_INCREMENT) & U64
         return self._prng
-
-    def emulate_trapped(self, lp: LogicalProcessor, context, insn) -> None:
-        """RDMSR, WRMSR, RDTSC(P), RDRAND/RDSEED and MOV to CR3 (root) carried out by the machine."""
-        regs = context.regs        # the fast register path; only 64-bit registers are read through it
-        mnemonic = insn.mnemonic
-        if mnemonic == "rdmsr":
-            value = self.read_msr(lp, context, regs.read(x86.UC_X86_REG_RCX) & U32)
-            regs.write(x86.UC_X86_REG_RAX, value & U32)
-            regs.write(x86.UC_X86_REG_RDX, value >> 32)
-        elif mnemonic == "wrmsr":
-            index = regs.read(x86.UC_X86_REG_RCX) & U32
-            value = (regs.read(x86.UC_X86_REG_RDX) & U32) << 32 | (regs.read(x86.UC_X86_REG_RAX) & U32)
-            if index not in msrs.NATIVE_MSRS or not msrs.write_is_valid(index, value):
-                raise RaiseException(ExceptionVector.GP, 0)
-            if index == MSR_IA32_EFER:
-                value = msrs.efer_write(context.read_msr(index), value)
-                if value is None:
-                    raise RaiseException(ExceptionVector.GP, 0)
-            context.write_msr(index, value)
-        elif mnemonic in ("rdtsc", "rdtscp"):
-            tsc = lp.now
-            regs.write(x86.UC_X86_REG_RAX, tsc & U32)
-            regs.write(x86.UC_X86_REG_RDX, tsc >> 32)
-            if mnemonic == "rdtscp":
-                regs.write(x86.UC_X86_REG_RCX, context.read_msr(msrs.IA32_TSC_AUX))
-        elif mnemonic in ("rdrand", "rdseed"):
-            register = decode.operands(insn)[0]
-            value = self._next_random() & ((1 << (8 * register.size)) - 1)
-            if register.size == decode.DWORD_SIZE:   # a 32-bit destination zero-extends (SDM Vol. 1 3.4.1.1)
-                regs.write(decode.QWORD_REGISTER_OF_DWORD[register.register], value)
-            else:
-                regs.write(register.register, value)
-            regs.write(x86.UC_X86_REG_RFLAGS, (regs.read(x86.UC_X86_REG_RFLAGS) & ~RFLAGS_ARITHMETIC) | Rflags.CF)
-        elif mnemonic == "out":   # the debug-exit port (decode.DEBUG_EXIT_OUT_PREFIX)
-            port_operand, data_operand = insn.operands
-            register = decode.unicorn_register(data_operand.reg)
-            # AL, AX or EAX: read by the binding, which sizes its buffer to the register.
-            self.io.write(port_operand.imm, data_operand.size, context.uc.reg_read(register))
-        elif decode.is_mov_to_cr3(mnemonic, insn.op_str):
-            source = decode.operands(insn)[1]
-            value = regs.read(source.register)
-            old = regs.read(x86.UC_X86_REG_CR3)
-            regs.write(x86.UC_X86_REG_CR3, value)
-            lp.publish("cr3-write", old=old, new=value, rip=insn.address, context=context.name)
-        elif decode.is_mov_from_cr3(mnemonic, insn.op_str):
-            regs.write(decode.operands(insn)[0].register, regs.read(x86.UC_X86_REG_CR3))
-        else:
-            raise RaiseException(ExceptionVector.UD)
-
-    def read_msr(self, lp: LogicalProcessor, context, index: int) -> int:
-        """RDMSR in a context (section 5.5 of docs/machine.md); RaiseException(#GP) if unsupported."""
-        if index in VMX_CAPABILITY_MSRS:
-            return VMX_CAPABILITY_MSRS[index]
-        if index == msrs.IA32_FEATURE_CONTROL:
-            return msrs.FEATURE_CONTROL_LOCKED_VMX
-        if index == msrs.IA32_TSC:
-            return lp.now
-        if index in msrs.NATIVE_MSRS:
-            return context.read_msr(index)
-        raise RaiseException(ExceptionVector.GP, 0)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from emu.vmentry_checks import is_canonical
-from emu.vmx_caps import MACHINE_VMX_CAPABILITIES
+from emu.vmx_caps import MACHINE_VMX_CAPABILITIES, msr_values
 from emu.vmx_defs import MSR_IA32_EFER, Efer
 
 # Indices, SDM Vol. 4 Table 2-2.
@@ -22,6 +22,7 @@ IA32_KERNEL_GS_BASE = 0xC000_0102
 IA32_TSC_AUX = 0xC000_0103
 
 FEATURE_CONTROL_LOCKED_VMX = 0x5      # lock bit and "VMX outside SMX" (SDM Vol. 3C 24.7)
+VMX_CAPABILITY_MSRS = msr_values()     # what RDMSR of 0x480-0x491 reads (the capabilities are fixed)
 
 # MSRs Unicorn models; RDMSR and WRMSR reach them directly.
 NATIVE_MSRS = frozenset({MSR_IA32_EFER, IA32_STAR, IA32_LSTAR, IA32_CSTAR, IA32_FMASK, IA32_FS_BASE,

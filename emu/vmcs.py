@@ -11,13 +11,13 @@ import struct
 from unicorn import x86_const as x86
 from unicorn.unicorn_const import UC_ERR_OK
 
-from emu import fast, msrs, segment_load, vmcs_fields as vf
+from emu import fast, msrs, segment_load, traps, vmcs_fields as vf
 from emu.vmentry_checks import EntryCheckFailure
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES
 from emu.vmcs_fields import FIELDS, BY_NAME
 from emu.vmx_defs import (
-    INTR_INFO_VALID as INTERRUPTION_INFO_VALID, MSR_IA32_EFER, ActivityState, ExitControls, ExitReason,
-    PinBasedControls, PrimaryProcessorControls, Rflags, IO_QUAL_DIRECTION_IN, IO_QUAL_IMMEDIATE_OPERAND,
+    INTR_INFO_VALID as INTERRUPTION_INFO_VALID, MSR_IA32_EFER, ActivityState, ExitControls,
+    PrimaryProcessorControls, Rflags, IO_QUAL_DIRECTION_IN, IO_QUAL_IMMEDIATE_OPERAND,
     IO_QUAL_PORT_SHIFT,
 )
 
@@ -145,26 +145,23 @@ def _transition_constants():
             ("io_bitmap_b", "IO_BITMAP_B"), ("preemption_timer_value", "VMX_PREEMPTION_TIMER_VALUE")):
         setattr(k, member, _SLOT_INDEX[name])
     k.interruption_info_valid = INTERRUPTION_INFO_VALID
-    k.preemption_timer_control = PinBasedControls.ACTIVATE_VMX_PREEMPTION_TIMER
     k.interrupt_window_control = PrimaryProcessorControls.INTERRUPT_WINDOW_EXITING
     k.load_efer_control = ExitControls.LOAD_IA32_EFER
     k.rflags_after_exit = Rflags.FIXED1
     k.descriptor_limit_after_exit = DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT
-    k.exit_reason_cpuid = ExitReason.CPUID
+    # The exits the loop carries out, and the controls that decide them: emu/traps.py's rows.
+    for trap in traps.TABLE:
+        if trap.fast_path is not None:
+            setattr(k, trap.fast_path.reason_constant, trap.exit_reason)
+            for member, control in zip(trap.fast_path.control_constants, trap.controls, strict=True):
+                setattr(k, member, control)
     k.cpuid_length = CPUID_LENGTH
-    k.exit_reason_vmcall = ExitReason.VMCALL
     k.vmcall_length = VMCALL_LENGTH
-    k.exit_reason_hlt = ExitReason.HLT
     k.hlt_length = HLT_LENGTH
-    k.hlt_exiting_control = PrimaryProcessorControls.HLT_EXITING
-    k.exit_reason_io = ExitReason.IO_INSTRUCTION
-    k.unconditional_io_control = PrimaryProcessorControls.UNCONDITIONAL_IO_EXITING
-    k.io_bitmaps_control = PrimaryProcessorControls.USE_IO_BITMAPS
     k.io_direction_in = IO_QUAL_DIRECTION_IN
     k.io_immediate = IO_QUAL_IMMEDIATE_OPERAND
     k.io_port_shift = IO_QUAL_PORT_SHIFT
     k.io_bitmap_ports = IO_BITMAP_PORTS
-    k.exit_reason_preemption_timer = ExitReason.PREEMPTION_TIMER
     k.preemption_timer_rate = MACHINE_VMX_CAPABILITIES.preemption_timer_rate
     k.save_preemption_timer_control = ExitControls.SAVE_VMX_PREEMPTION_TIMER_VALUE
     k.vmresume_length = VMRESUME_LENGTH

@@ -2,6 +2,7 @@
 
 Instructions arrive here as #UD traps from Unicorn; each is carried out as the SDM's pseudocode
 for it says (Vol. 3C 31.3), with VMsucceed / VMfailInvalid / VMfailValid(n) reported in RFLAGS.
+Which instructions those are, and the exit each causes in a guest, is emu/traps.py's table.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from unicorn import x86_const as x86
 
 from emu import decode, fast, msrs, vmcs_fields as vf
 from emu.decode import MemoryOperand, RegisterOperand
+from emu.instruction_fault import RaiseException
+from emu.trap_emulation import read_msr
 from emu.vmcs import DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT, ActiveVmcs
 from emu.vmcs_fields import U64_MASK as U64
 from emu.vmentry_checks import (
@@ -35,28 +38,6 @@ MSR_VALUE = struct.Struct("<Q")
 VMX_ABORT_SAVING_GUEST_MSRS = 1
 VMX_ABORT_LOADING_HOST_MSRS = 4
 INVEPT_DESCRIPTOR_SIZE = 16
-
-
-VMX_MNEMONICS = frozenset({"vmxon", "vmxoff", "vmclear", "vmptrld", "vmptrst", "vmread", "vmwrite",
-                           "vmlaunch", "vmresume", "vmcall", "invept", "invvpid", "vmfunc"})
-# VMX instructions executed in VMX non-root operation exit with these reasons (SDM Vol. 3C 26.1.2).
-NON_ROOT_EXIT_REASONS = {
-    "vmcall": ExitReason.VMCALL, "vmclear": ExitReason.VMCLEAR, "vmlaunch": ExitReason.VMLAUNCH,
-    "vmptrld": ExitReason.VMPTRLD, "vmptrst": ExitReason.VMPTRST, "vmread": ExitReason.VMREAD,
-    "vmresume": ExitReason.VMRESUME, "vmwrite": ExitReason.VMWRITE, "vmxoff": ExitReason.VMXOFF,
-    "vmxon": ExitReason.VMXON, "invept": ExitReason.INVEPT, "invvpid": ExitReason.INVVPID,
-    "vmfunc": ExitReason.VMFUNC,
-}
-
-
-class RaiseException(Exception):
-    """The instruction faults instead of completing: deliver `vector` to the executing context."""
-
-    def __init__(self, vector: int, error_code: int | None = None, cr2: int | None = None):
-        super().__init__(vector)
-        self.vector = vector
-        self.error_code = error_code
-        self.cr2 = cr2
 
 
 class VmxUnit:
@@ -466,7 +447,7 @@ class VmxUnit:
             value = None
             if index is not None and not reserved:
                 try:
-                    value = self.machine.read_msr(self.lp, vmcs.context, index)
+                    value = read_msr(self.lp.now, vmcs.context, index)
                 except RaiseException:
                     value = None
             if value is None:

@@ -1,6 +1,7 @@
-"""Pytest setup for the machine tests: repository root on sys.path, hypothesis limits, a timing report."""
+"""Pytest setup: repository root on sys.path, hypothesis limits, a timing report, peak memory."""
 from __future__ import annotations
 
+import resource
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ else:
                               suppress_health_check=[HealthCheck.too_slow], derandomize=True)
     settings.load_profile("machine")
 
+KIB_PER_MIB = 1024
 _timings: list[tuple[str, str]] = []
 
 
@@ -32,6 +34,11 @@ def report_timing(request):
 
 
 def pytest_terminal_summary(terminalreporter):
+    # ru_maxrss is in KiB on Linux; children: the largest single child process (workers, hhr commands)
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / KIB_PER_MIB
+    terminalreporter.write_line(f"peak resident memory: this process {own:,.0f} MiB, "
+                                f"its largest child process {children:,.0f} MiB")
     if _timings:
         terminalreporter.section("machine timings")
         for nodeid, text in _timings:

@@ -1,85 +1,120 @@
-"""The module graph is layered (docs/architecture.md): each module imports only from its own layer or those
-below it, so nothing imports the CLI and the CLI may import everything."""
+"""The parts of hhr import only downwards (docs/architecture.md, "The parts and what each may use").
+
+Layers, lowest first: asm (the toolchain) < emu (the machine) < hypervisors (images, boot, the
+transfer protocol's layouts) < guests < tools (the libraries behind each command) < bench <
+tools.cli (the command line, which nothing imports). A module may import its own layer and those
+below; tests import anything.
+"""
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("asm", "emu", "hypervisors", "guests", "tools", "bench")
+import pytest
 
-# Lowest first. A module belongs to the layer of the longest prefix naming it.
-LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("toolchain", ("asm",)),
-    ("machine", ("emu",)),
-    ("hypervisors and the restart protocol", ("hypervisors",)),
-    ("guests", ("guests",)),
-    ("measuring parts", ("tools.run", "tools.faults", "tools.host_clock", "tools.phase_meter", "tools.blackout",
-                         "tools.digest_check", "tools.harness")),
-    ("the restart operator", ("tools.restart",)),
-    ("trace and fuzz", ("tools.trace", "tools.trace_chrome", "tools.fuzz")),
-    ("benchmarks", ("bench",)),
-    ("command line", ("tools.cli",)),
+from tests.conftest import REPOSITORY_ROOT
+
+LAYERS = ("asm", "emu", "hypervisors", "guests", "tools", "bench", "tools.cli")
+
+
+def layer_of(module: str) -> int | None:
+    """The layer of a dotted module name, None for modules outside hhr's parts (stdlib, unicorn, tests)."""
+    best = None
+    for index, prefix in enumerate(LAYERS):
+        if module == prefix or module.startswith(prefix + "."):
+            best = index          # later, longer prefixes (tools.cli) win over their package (tools)
+    return best
+
+
+def product_modules() -> dict[str, Path]:
+    modules = {}
+    for package in {layer.split(".")[0] for layer in LAYERS}:
+        for path in (REPOSITORY_ROOT / package).rglob("*.py"):
+            modules[".".join(path.relative_to(REPOSITORY_ROOT).with_suffix("").parts)] = path
+    return modules
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every absolute import in a file, as the dotted names it may mean (`from a import b`: a and a.b)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def upward_imports() -> list[str]:
+    found = []
+    for module, path in sorted(product_modules().items()):
+        own = layer_of(module)
+        for name in sorted(imported_modules(path)):
+            target = layer_of(name)
+            if target is not None and own is not None and target > own:
+                found.append(f"{module} ({LAYERS[own]}) imports {name} ({LAYERS[target]})")
+    return found
+
+
+def test_every_part_imports_only_its_own_layer_and_those_below():
+    assert upward_imports() == []
+
+
+@pytest.mark.parametrize("module, layer", [("emu.machine", "emu"), ("tools.cli", "tools.cli"),
+                                           ("tools.restart", "tools"), ("bench", "bench"), ("unicorn", None)])
+def test_layers_are_read_by_the_longest_prefix(module, layer):
+    assert layer_of(module) == (LAYERS.index(layer) if layer else None)
+
+
+def test_an_upward_import_is_found(tmp_path, monkeypatch):
+    offending = tmp_path / "emu" / "offender.py"
+    offending.parent.mkdir()
+    offending.write_text("from tools import restart\n")
+    monkeypatch.setattr(sys.modules[__name__], "product_modules", lambda: {"emu.offender": offending})
+    assert upward_imports() == ["emu.offender (emu) imports tools (tools)",
+                                "emu.offender (emu) imports tools.restart (tools)"]
+
+
+# Inside tools, lowest first: the libraries and the restart report's parts, the restart operator that
+# composes them, and the commands that drive a restart and follow it (trace and fuzz). A module of
+# tools in none of these (tools.cli, tools.fingerprint) is ordered by LAYERS alone.
+TOOLS_LAYERS = (
+    ("tools.run", "tools.faults", "tools.host_clock", "tools.phase_meter", "tools.blackout", "tools.digest_check",
+     "tools.harness"),
+    ("tools.restart",),
+    ("tools.trace", "tools.trace_chrome", "tools.fuzz"),
 )
 
 
-def layer_of(module: str) -> int:
-    best, found = -1, None
-    for number, (_, prefixes) in enumerate(LAYERS):
-        for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
-                best, found = len(prefix), number
-    if found is None:
-        raise AssertionError(f"{module} is in no layer: add it to LAYERS")
+def tools_layer_of(module: str) -> int | None:
+    for index, prefixes in enumerate(TOOLS_LAYERS):
+        if any(module == prefix or module.startswith(prefix + ".") for prefix in prefixes):
+            return index
+    return None
+
+
+def upward_imports_inside_tools() -> list[str]:
+    found = []
+    for module, path in sorted(product_modules().items()):
+        own = tools_layer_of(module)
+        for name in sorted(imported_modules(path)):
+            target = tools_layer_of(name)
+            if own is not None and target is not None and target > own:
+                found.append(f"{module} imports {name}")
     return found
 
 
-def modules() -> dict[str, Path]:
-    """Every module of the packages, but a package's `__init__` that holds no code (tools, bench): it
-    is in no layer, and importing a module through it (`from tools import restart`) is that module's."""
-    found = {}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-            if name in PACKAGES and not ast.parse(path.read_text(encoding="utf-8")).body:
-                continue
-            found[name] = path
-    return found
+def test_inside_tools_the_parts_are_below_the_operator_and_the_operator_below_trace_and_fuzz():
+    assert upward_imports_inside_tools() == []
+    assert tools_layer_of("tools.blackout") < tools_layer_of("tools.restart") < tools_layer_of("tools.trace.session")
+    assert tools_layer_of("tools.cli") is None
 
 
-def imports(path: Path, known: dict[str, Path]) -> set[str]:
-    """The project's modules `path` imports, at its top or inside a function."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        else:
-            continue
-        found |= {name for name in names if name in known}
-    return found
-
-
-def test_every_module_imports_only_its_own_layer_or_below():
-    known = modules()
-    wrong = []
-    for name, path in known.items():
-        own = layer_of(name)
-        for imported in sorted(imports(path, known)):
-            if layer_of(imported) > own:
-                wrong.append(f"{name} ({LAYERS[own][0]}) imports {imported} ({LAYERS[layer_of(imported)][0]})")
-    assert not wrong, "\n".join(wrong)
-
-
-def test_nothing_imports_the_command_line():
-    known = modules()
-    importers = [name for name, path in known.items() if name != "tools.cli" and "tools.cli" in imports(path, known)]
-    assert importers == []
-
-
-def test_the_check_sees_a_wrong_import():
-    """The check itself: an import from a higher layer is caught."""
-    assert layer_of("tools.restart") > layer_of("tools.blackout") > layer_of("hypervisors.timeline")
-    assert layer_of("bench.restart_scenarios") < layer_of("tools.cli")
-    assert layer_of("tools.trace.session") > layer_of("tools.restart")
+def test_an_upward_import_inside_tools_is_found(tmp_path, monkeypatch):
+    offending = tmp_path / "tools" / "blackout.py"
+    offending.parent.mkdir()
+    offending.write_text("from tools import restart\n")
+    monkeypatch.setattr(sys.modules[__name__], "product_modules", lambda: {"tools.blackout": offending})
+    assert upward_imports_inside_tools() == ["tools.blackout imports tools.restart"]
