@@ -11,7 +11,7 @@ from unicorn import x86_const as x86
 
 from emu import decode, fast, msrs
 from emu.vmcs import FIELD_TABLE, TRANSITION_CONSTANTS
-from emu.vmx_defs import PAGE_OFFSET_MASK, PAGE_SIZE
+from emu.vmx_defs import PAGE_OFFSET_MASK, PAGE_SIZE, U32_MASK
 
 # With Unicorn's exit list enabled, emu_start's `until` is ignored; this address is never executed
 # (it is not canonical) and keeps the list non-empty.
@@ -51,6 +51,23 @@ STOP_HLT = "hlt"
 STOP_EMULATOR_ERROR = "emulator-error"
 STOP_NONCANONICAL = "noncanonical-rip"    # execution reached a non-canonical address (#GP)
 STOP_REQUESTED = "requested"               # a device or the machine asked this run to end
+
+
+# The C per-context fields that are machine state (the rest is scratch of a single run).
+_SAVED_FIELDS = ("retired", "mode", "eptp")
+
+
+@dataclass
+class ContextState:
+    """A context in a snapshot: its registers, counters and trap points, and its part in its LP's
+    shared state (docs/machine.md 7.4)."""
+
+    registers: object                     # Unicorn's saved context
+    fields: dict[str, int]
+    exit_points: frozenset[int]
+    name: str
+    shared: object                        # the LP shared state it takes part in (an hhr_shared *, or NULL)
+    held: tuple[int, ...]                 # the generation of each shared class its copy holds
 
 
 class ExecutionContext:
@@ -125,8 +142,8 @@ class ExecutionContext:
 
     def _on_cpuid(self, uc, _user_data) -> int:
         regs = self.regs
-        leaf = regs.read(x86.UC_X86_REG_RAX) & 0xFFFF_FFFF
-        subleaf = regs.read(x86.UC_X86_REG_RCX) & 0xFFFF_FFFF
+        leaf = regs.read(x86.UC_X86_REG_RAX) & U32_MASK
+        subleaf = regs.read(x86.UC_X86_REG_RCX) & U32_MASK
         eax, ebx, ecx, edx = self._cpuid(leaf, subleaf)
         regs.write(x86.UC_X86_REG_RAX, eax)
         regs.write(x86.UC_X86_REG_RBX, ebx)
@@ -345,6 +362,39 @@ class ExecutionContext:
         done = decode.scan_block(code, begin, self.kind == GUEST).count if code else 0
         ctx.retired -= ctx.block_icount - done
         ctx.block_size = 0
+
+    # --- snapshots (emu/snapshot.py) ------------------------------------------------------------
+    def save_state(self) -> ContextState:
+        ctx = self.fast.ctx
+        return ContextState(self.uc.context_save(), {name: getattr(ctx, name) for name in _SAVED_FIELDS},
+                            frozenset(self.exit_points), self.name, ctx.shared, tuple(ctx.held))
+
+    def restore_state(self, state: ContextState | None, keep_code: bool = False) -> None:
+        """Back to `state`, or (None) to a new instance's counters and mode, outside any LP's shared
+        state: it was made after the snapshot. Cached translations go; translated code and trap
+        points too, unless `keep_code` (the caller knows no byte of code it ran differs, emu/dirty.py).
+        Which classes of the shared state it holds is set again by its LP (`holds` starts empty)."""
+        ctx = self.fast.ctx
+        if state is not None:
+            self.uc.context_restore(state.registers)
+            for name, value in state.fields.items():
+                setattr(ctx, name, value)
+            self.name = state.name
+            ctx.shared = state.shared
+        else:
+            ctx.retired = 0
+            self.fast.set_mode(fast.MODE_ROOT)
+            ctx.shared = fast.ffi.NULL
+        ctx.holds = 0
+        for cls in range(fast.lib.HHR_SHARED_CLASSES):
+            ctx.held[cls] = state.held[cls] if state is not None and state.held else 0
+        self.flush_translations()
+        if keep_code and state is not None:
+            return
+        self.flush_code()
+        if state is not None and state.exit_points:
+            self.exit_points.update(state.exit_points)
+            self.apply_exit_points()
 
     def release(self) -> None:
         self.fast.release()

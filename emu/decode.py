@@ -12,7 +12,7 @@ from unicorn import x86_const as uc_x86
 from asm.isa import VMCALLR_OPCODE  # the one definition of our inverse-hypercall encoding
 from emu import traps
 from emu.fast import USES_SCALARS, USES_X87_SSE
-from emu.vmcs_fields import U64_MASK as U64
+from emu.vmx_defs import U64_MASK as U64
 
 VMCALLR_LENGTH = len(VMCALLR_OPCODE)
 MAX_INSTRUCTION_LENGTH = 15

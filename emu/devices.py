@@ -1,55 +1,26 @@
 """The machine's devices on the I/O-port bus: COM1, debug exit, clock, per-LP timer and IPIs, console channels,
-doorbell, restart-phase marker, disk (emu/disk.py)."""
+doorbell, restart-phase marker, disk (emu/disk.py). The port numbers are in emu/ports.py."""
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from emu.disk import Disk
-from emu.vmcs_fields import U32_MASK as WORD_MASK
-from emu.vmx_defs import FIRST_DEVICE_VECTOR
+from emu.ports import (
+    CLOCK_HIGH_PORT, CLOCK_LOW_PORT, COM1_BASE, COM1_PORT_COUNT, CONSOLE_CHANNEL_PORT, DEBUG_EXIT_PORT,
+    DISK_ADDRESS_HIGH_PORT, DISK_ADDRESS_LOW_PORT, DISK_BLOCK_PORT, DISK_CAPACITY_PORT, DISK_COMMAND_PORT,
+    DISK_COUNT_PORT, DISK_VECTOR_PORT, DOORBELL_DATA_PORT, DOORBELL_STATUS_PORT, DOORBELL_VECTOR_PORT,
+    IPI_ALL_BUT_SELF, IPI_DESTINATION_MASK, IPI_DESTINATION_SHIFT, IPI_PORT, IPI_VECTOR_MASK, LP_COUNT_PORT,
+    LP_ID_PORT, LSR_THR_EMPTY, LSR_TRANSMITTER_EMPTY, RESTART_PHASE_PORT, TIMER_ARM_PORT, TIMER_PERIOD_PORT,
+    TIMER_VECTOR_PORT, UART_LSR, UART_THR,
+)
+from emu.vmx_defs import FIRST_DEVICE_VECTOR, U32_MASK as WORD_MASK
 
 if TYPE_CHECKING:
-    from emu.machine import Machine
+    from emu.events import EventStream
+    from emu.lp import LogicalProcessor
+    from emu.memory import HostMemory
 
-# 16550 UART at COM1 (the PC's standard base). Only what software needs to print is modelled.
-COM1_BASE = 0x3F8
-COM1_PORT_COUNT = 8
-UART_THR = 0              # transmit holding register (write)
-UART_LSR = 5              # line status register (read)
-LSR_THR_EMPTY = 0x20
-LSR_TRANSMITTER_EMPTY = 0x40
-
-# QEMU's isa-debug-exit: writing V stops the machine with exit status (V << 1) | 1.
-DEBUG_EXIT_PORT = 0xF4
-
-# Machine-specific ports (documented in docs/machine.md), all 32-bit.
-CLOCK_LOW_PORT = 0x500        # in: virtual time in ticks, bits 31:0 (latches bits 63:32)
-CLOCK_HIGH_PORT = 0x504       # in: bits 63:32 latched by the last read of CLOCK_LOW_PORT
-LP_ID_PORT = 0x508            # in: number of the reading logical processor
-LP_COUNT_PORT = 0x50C         # in: number of logical processors
-TIMER_VECTOR_PORT = 0x510     # out: vector the LP's timer raises (0 stops the timer)
-TIMER_PERIOD_PORT = 0x514     # out: ticks between timer interrupts; 0 = one-shot
-TIMER_ARM_PORT = 0x518        # out: ticks from now to the next timer interrupt (0 disarms)
-IPI_PORT = 0x520              # out: bits 7:0 vector, bits 15:8 destination LP, bit 16 all-but-self
-CONSOLE_CHANNEL_PORT = 0x540  # out: channel that following COM1 bytes belong to (0 = machine)
-DOORBELL_STATUS_PORT = 0x530  # in: words left in the current doorbell message; out: acknowledge
-DOORBELL_DATA_PORT = 0x534    # in: next 32-bit word of the current message
-DOORBELL_VECTOR_PORT = 0x538  # out: vector raised on LP 0 when a message arrives (0 = none)
-RESTART_PHASE_PORT = 0x544    # root only; out: publish a `restart-phase` event; in: the last value written
-# The disk (emu/disk.py), root mode only.
-DISK_BLOCK_PORT = 0x550            # out: the first block of the next command
-DISK_ADDRESS_LOW_PORT = 0x554      # out: host-physical buffer address, bits 31:0
-DISK_ADDRESS_HIGH_PORT = 0x558     # out: bits 63:32
-DISK_COUNT_PORT = 0x55C            # out: blocks to move
-DISK_COMMAND_PORT = 0x560          # out: a DiskCommand, carried out at once; in: a DiskStatus
-DISK_VECTOR_PORT = 0x564           # out: vector raised on the issuing LP at completion (0 = none)
-DISK_CAPACITY_PORT = 0x568         # in: the disk's size in blocks
-
-IPI_VECTOR_MASK = 0xFF
-IPI_DESTINATION_SHIFT = 8
-IPI_DESTINATION_MASK = 0xFF
-IPI_ALL_BUT_SELF = 1 << 16
 WORD_BITS = 32
 BYTE_MASK = 0xFF
 MACHINE_CHANNEL = 0
@@ -78,6 +49,13 @@ class Console:
     def text(self, channel: int = MACHINE_CHANNEL) -> str:
         return self.channels.get(channel, bytearray()).decode("utf-8", errors="replace")
 
+    def save_state(self) -> tuple:
+        return {channel: bytes(data) for channel, data in self.channels.items()}, self.channel
+
+    def restore_state(self, state: tuple) -> None:
+        channels, self.channel = state
+        self.channels = {channel: bytearray(data) for channel, data in channels.items()}
+
 
 class Timer:
     """A per-LP timer counting virtual ticks: one-shot or periodic, raising one vector."""
@@ -98,6 +76,12 @@ class Timer:
         if self.deadline is not None and self.deadline <= now:
             self.deadline = now + self.period  # a long pause does not queue a burst of ticks
         return self.vector
+
+    def save_state(self) -> tuple:
+        return self.vector, self.period, self.deadline
+
+    def restore_state(self, state: tuple) -> None:
+        self.vector, self.period, self.deadline = state
 
 
 class Doorbell:
@@ -124,25 +108,61 @@ class Doorbell:
             self.messages.popleft()
             self.acknowledged += 1
 
+    def save_state(self) -> tuple:
+        return [list(message) for message in self.messages], self.vector, self.acknowledged
+
+    def restore_state(self, state: tuple) -> None:
+        messages, self.vector, self.acknowledged = state
+        self.messages = deque(list(message) for message in messages)
+
+
+class BusHost(Protocol):
+    """What the bus asks of the machine: the LP making the access, every LP (IPIs, the LP count),
+    and a stop (the debug exit)."""
+
+    running_lp: "LogicalProcessor"
+    lps: list["LogicalProcessor"]
+
+    def request_stop(self, reason: str, exit_status: int | None = None, lp: int | None = None,
+                     report: str = "") -> None: ...
+
 
 class IoBus:
-    """Routes IN/OUT by port to the machine's devices; unclaimed ports read all ones, writes vanish."""
+    """Routes IN/OUT by port to the machine's devices; unclaimed ports read all ones, writes vanish.
+    It uses the machine's RAM (disk DMA), its event stream, `flush_code` (RAM written by DMA) and a
+    BusHost."""
 
     UNCLAIMED_READ = 0xFFFF_FFFF
 
-    def __init__(self, machine: "Machine", disk: Disk | None = None):
-        self.machine = machine
+    def __init__(self, host: BusHost, events: "EventStream", ram: "HostMemory", flush_code: Callable[[], None],
+                 disk: Disk | None = None):
+        self.host = host
+        self.events = events
+        self.ram = ram
+        self.flush_code = flush_code
         self.console = Console()
         self.doorbell = Doorbell()
         self.disk = disk if disk is not None else Disk()
         self._clock_high_latch: dict[int, int] = {}
         self.restart_phase = 0     # the last value root wrote to RESTART_PHASE_PORT
 
+    def save_state(self) -> dict:
+        """The devices' registers and contents (the disk's included), for a snapshot."""
+        return {"console": self.console.save_state(), "doorbell": self.doorbell.save_state(),
+                "clock_latch": dict(self._clock_high_latch), "restart_phase": self.restart_phase,
+                "disk": self.disk.save_state()}
+
+    def restore_state(self, state: dict) -> None:
+        self.console.restore_state(state["console"])
+        self.doorbell.restore_state(state["doorbell"])
+        self._clock_high_latch = dict(state["clock_latch"])
+        self.restart_phase = state["restart_phase"]
+        self.disk.restore_state(state["disk"])
+
     def read(self, port: int, size: int) -> int:
-        m = self.machine
-        lp = m.running_lp
+        lp = self.host.running_lp
         value = self._read(port, lp)
-        m.events.publish(lp.now, lp.index, "io-in", port=port, size=size, value=value)
+        self.events.publish(lp.now, lp.index, "io-in", port=port, size=size, value=value)
         return value & ((1 << (8 * size)) - 1)
 
     def _read(self, port: int, lp) -> int:
@@ -157,7 +177,7 @@ class IoBus:
         if port == LP_ID_PORT:
             return lp.index
         if port == LP_COUNT_PORT:
-            return len(self.machine.lps)
+            return len(self.host.lps)
         if port == DOORBELL_STATUS_PORT:
             return self.doorbell.words_left()
         if port == DOORBELL_DATA_PORT:
@@ -176,13 +196,12 @@ class IoBus:
         return lp.running_context() is lp.root
 
     def write(self, port: int, size: int, value: int) -> None:
-        m = self.machine
-        lp = m.running_lp
-        m.events.publish(lp.now, lp.index, "io-out", port=port, size=size, value=value)
+        lp = self.host.running_lp
+        self.events.publish(lp.now, lp.index, "io-out", port=port, size=size, value=value)
         if port == COM1_BASE + UART_THR:
             self.console.write_byte(value)
         elif port == DEBUG_EXIT_PORT:
-            m.request_stop("debug-exit", exit_status=((value & BYTE_MASK) << 1) | 1, lp=lp.index)
+            self.host.request_stop("debug-exit", exit_status=((value & BYTE_MASK) << 1) | 1, lp=lp.index)
         elif port == TIMER_VECTOR_PORT:
             lp.timer.vector = _device_vector(value)
             if not lp.timer.vector:
@@ -204,7 +223,7 @@ class IoBus:
         elif port == RESTART_PHASE_PORT and self._from_root(lp):
             # A marker in the event stream for hypervisors' protocol phases; to a guest the port is unclaimed.
             self.restart_phase = value & WORD_MASK
-            m.events.publish(lp.now, lp.index, "restart-phase", phase=self.restart_phase)
+            self.events.publish(lp.now, lp.index, "restart-phase", phase=self.restart_phase)
         elif DISK_BLOCK_PORT <= port <= DISK_VECTOR_PORT and self._from_root(lp):
             self._disk_register(lp, port, value & WORD_MASK)
 
@@ -222,8 +241,8 @@ class IoBus:
         elif port == DISK_VECTOR_PORT:
             disk.vector = _device_vector(value)
         elif port == DISK_COMMAND_PORT:
-            disk.command(lp, self.machine.ram, value, self.machine.flush_code)
-            self.machine.events.publish(lp.now, lp.index, "disk", command=value, block=disk.block,
+            disk.command(lp, self.ram, value, self.flush_code)
+            self.events.publish(lp.now, lp.index, "disk", command=value, block=disk.block,
                                         count=disk.count, address=disk.address, status=int(disk.status),
                                         completion=disk.completion)
 
@@ -232,12 +251,13 @@ class IoBus:
         if not vector:
             return
         if value & IPI_ALL_BUT_SELF:
-            targets = [lp for lp in self.machine.lps if lp is not sender]
+            targets = [lp for lp in self.host.lps if lp is not sender]
         else:
             destination = (value >> IPI_DESTINATION_SHIFT) & IPI_DESTINATION_MASK
-            targets = [self.machine.lps[destination]] if destination < len(self.machine.lps) else []
+            lps = self.host.lps
+            targets = [lps[destination]] if destination < len(lps) else []
         for target in targets:
-            self.machine.events.publish(sender.now, sender.index, "ipi", vector=vector, to=target.index)
+            self.events.publish(sender.now, sender.index, "ipi", vector=vector, to=target.index)
             target.raise_interrupt(vector)
             if target is sender:
                 sender.running_context().request_stop()  # a self-IPI is taken at the end of the block

@@ -20,16 +20,19 @@ from emu.vmx_defs import PAGE_SIZE
 if TYPE_CHECKING:
     from emu.context import ExecutionContext
     from emu.machine import Machine
+    from emu.memory import HostMemory
 
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 
 
 class DirtyPages:
-    """One mark per host page, set by any write since the last `collect`."""
+    """One mark per host page, set by any write since the last `collect`. It uses RAM (which marks
+    Python's writes) and the machine's list of contexts (whose C state marks theirs)."""
 
-    def __init__(self, machine: "Machine"):
-        self.machine = machine
-        self.count = machine.ram.size // PAGE_SIZE
+    def __init__(self, ram: "HostMemory", contexts: list["ExecutionContext"]):
+        self.ram = ram
+        self.contexts = contexts
+        self.count = ram.size // PAGE_SIZE
         self.marks = fast.ffi.new("uint8_t[]", self.count)
         # Pages code was fetched from since tracking began, per context (by its python id).
         self.code: dict[int, Any] = {}
@@ -42,8 +45,8 @@ class DirtyPages:
         self.data_only: list[tuple[int, int]] = []
 
     def start(self) -> None:
-        self.machine.ram.dirty = self
-        for context in self.machine.contexts:
+        self.ram.dirty = self
+        for context in self.contexts:
             self.attach(context)
         self.running = True
 
@@ -55,12 +58,12 @@ class DirtyPages:
         context.flush_translations()          # translations made before had write permission
 
     def stop(self) -> None:
-        for context in self.machine.contexts:
+        for context in self.contexts:
             context.fast.ctx.dirty_pages = fast.ffi.NULL
             context.fast.ctx.code_pages = fast.ffi.NULL
             context.fast.ctx.dirty_page_count = 0
             context.flush_translations()
-        self.machine.ram.dirty = None
+        self.ram.dirty = None
         self.running = False
 
     def mark(self, address: int, length: int) -> None:
@@ -75,7 +78,7 @@ class DirtyPages:
         that the next write to each page marks it again (`rearm=False` when the caller drops them)."""
         found = fast.lib.hhr_dirty_collect(self.marks, self.count, self._found)
         if rearm:
-            for context in self.machine.contexts:
+            for context in self.contexts:
                 context.flush_translations()
         return list(self._found[0:found])
 
@@ -88,7 +91,7 @@ class Checkpoints:
     def __init__(self, machine: "Machine"):
         self.machine = machine
         self.base = snapshot_module.take(machine)
-        self.pages = DirtyPages(machine)
+        self.pages = DirtyPages(machine.ram, machine.contexts)
         self.pages.start()
         self.points: dict[str, tuple[snapshot_module.MachineSnapshot, dict[int, bytes]]] = {"base": (self.base, {})}
         self.current = "base"

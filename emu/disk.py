@@ -4,13 +4,13 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
-from emu.vmcs_fields import U32_MASK as WORD_MASK
+from emu.vmx_defs import U32_MASK as WORD_MASK
 
 if TYPE_CHECKING:
     from emu.lp import LogicalProcessor
     from emu.memory import HostMemory
 
-# Its ports are in emu/devices.py with the others (DISK_*_PORT); docs/machine.md 6.10.
+# Its ports are in emu/ports.py with the others (DISK_*_PORT); docs/machine.md 6.10.
 DISK_BLOCK_SIZE = 4096             # bytes per block (an NVMe namespace formatted with 4 KiB LBAs)
 DISK_DEFAULT_BLOCKS = 1 << 20      # 4 GiB: a whole 1 GiB guest and its hypervisor's state fit several times
 DISK_CHUNK = 64 * 1024             # storage granule: a chunk that is all zero is not kept
@@ -42,6 +42,11 @@ def transfer_ticks(command: DiskCommand, byte_count: int) -> int:
     """Virtual ticks from a command to its completion: latency, then the bytes at the sequential bandwidth."""
     bandwidth = DISK_READ_BYTES_PER_SECOND if command == DiskCommand.READ else DISK_WRITE_BYTES_PER_SECOND
     return DISK_COMMAND_LATENCY_TICKS + -(-byte_count * TICKS_PER_SECOND // bandwidth)
+
+
+# What a snapshot keeps of the disk besides its contents: the registers, the command under way, the counters.
+_STATE_FIELDS = ("block", "address", "count", "vector", "status", "completion", "issuer", "commands",
+                 "bytes_read", "bytes_written", "busy_ticks")
 
 
 class Disk:
@@ -127,6 +132,16 @@ class Disk:
         self.block = self.address = self.count = self.vector = 0
         self.status = DiskStatus.READY
         self.completion = self.issuer = None
+
+    def save_state(self) -> dict:
+        """The disk's registers, counters and contents (copied: the disk outlives a snapshot)."""
+        return {"fields": {name: getattr(self, name) for name in _STATE_FIELDS},
+                "chunks": {index: bytes(chunk) for index, chunk in self.chunks.items()}}
+
+    def restore_state(self, state: dict) -> None:
+        for name, value in state["fields"].items():
+            setattr(self, name, value)
+        self.chunks = {index: bytearray(chunk) for index, chunk in state["chunks"].items()}
 
     # --- the device, as root code sees it ---------------------------------------------------------------
     def current_status(self, now: int) -> DiskStatus:

@@ -100,6 +100,18 @@ class EventStream:
     def _update_wanted(self) -> None:
         self._wanted = None if any(kinds is None for kinds in self._kinds) else frozenset().union(*self._kinds)
 
+    def save_state(self) -> tuple:
+        """What a snapshot keeps of the stream: the sequence number, how many events were recorded,
+        and the last few (emu/snapshot.py)."""
+        return self._seq, len(self.events), list(self._recent)
+
+    def restore_state(self, state: tuple) -> None:
+        """Back to a saved state: events recorded since are dropped; subscribers stay."""
+        self._seq, recorded, recent = state
+        del self.events[recorded:]
+        self._recent.clear()
+        self._recent.extend(recent)
+
     def recent(self) -> list[Event]:
         """The last RECENT_EVENTS_KEPT events, oldest first."""
         return [Event(*entry) for entry in self._recent]

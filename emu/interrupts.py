@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from unicorn import x86_const as x86
 
 from emu import fast
-from emu.vmcs_fields import U64_MASK as U64
-from emu.vmx_defs import ExceptionVector, Rflags
+from emu.vmx_defs import U64_MASK as U64, ExceptionVector, Rflags
 
 IDT_GATE_SIZE = 16
 GATE_TYPE_INTERRUPT = 0xE

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import bisect
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
@@ -21,7 +22,11 @@ from emu.vmx_defs import (
 )
 
 if TYPE_CHECKING:
-    from emu.machine import Machine
+    from emu.devices import IoBus
+    from emu.events import EventStream
+    from emu.memory import HostMemory
+    from emu.vmcs_cache import VmcsCache
+    from emu.vmx_counters import VmxCounters
 
 INT3_OPCODE = 0xCC
 INTO_OPCODE = 0xCE
@@ -33,24 +38,74 @@ PROTECTION_ERRORS = frozenset({uc_const.UC_ERR_FETCH_PROT, uc_const.UC_ERR_READ_
                                uc_const.UC_ERR_EXCEPTION})
 
 
-class LogicalProcessor:
-    """One LP: its root context, VMX unit, timer, pending interrupts and virtual clock."""
+@dataclass
+class LpState:
+    """An LP in a snapshot."""
 
-    def __init__(self, machine: "Machine", index: int):
-        self.machine = machine
+    time: int
+    instructions: int
+    pending_vectors: list[int]
+    halted: bool
+    preemption_deadline: int | None
+    guest: int | None                     # the address of the VMCS whose guest runs, if one does
+    timer: tuple
+    transitions_in_c: int
+    vmx: tuple
+    cr2_history: list[int]
+    shared: tuple                         # per class of the shared state: the holder's python id and the generation
+
+
+class LpHost(Protocol):
+    """What an LP asks of the machine that schedules it: whether to go on running, the machine-wide
+    instruction count and limit, a stop for a machine check or a triple fault, the machine's random
+    generator (RDRAND, emu/trap_emulation.py), and who watches trapped instructions."""
+
+    retired: int                          # instructions retired by the whole machine; LPs add to it
+    fast_transitions: bool                # common VM exits and entries may run in C (emu/fastpath.c)
+    trapped_instruction_observer: Callable | None
+
+    @property
+    def stop_requested(self) -> bool: ...
+
+    def instruction_limit_reached(self) -> bool: ...
+
+    def instruction_limit_time(self) -> int: ...
+
+    def machine_check(self, lp: "LogicalProcessor", message: str) -> None: ...
+
+    def triple_fault(self, lp: "LogicalProcessor", rip: int) -> None: ...
+
+    def next_random(self) -> int: ...
+
+
+class LogicalProcessor:
+    """One LP: its root context, VMX unit, timer, pending interrupts and virtual clock. Besides its
+    LpHost it uses RAM (the MSR and I/O bitmaps), the event stream, the I/O bus (a guest's I/O
+    without an exit, and the completions of the bus's disk), the VMCS cache, the transition
+    counters, and the machine's contexts by python id (the one the C loop runs)."""
+
+    def __init__(self, index: int, root: ctxmod.ExecutionContext, host: LpHost, *, ram: "HostMemory",
+                 events: "EventStream", io: "IoBus", vmcs_cache: "VmcsCache", counters: "VmxCounters",
+                 context_by_id: dict[int, ctxmod.ExecutionContext], start_time: int = 0):
+        self.host = host
+        self.ram = ram
+        self.events = events
+        self.io = io
+        self.counters = counters
+        self.context_by_id = context_by_id
         self.index = index
-        self.root = machine.new_context(ctxmod.ROOT, f"lp{index}")
+        self.root = root
         # What root and guest share on this LP (docs/machine.md 7.4); TSC_AUX starts at the LP index.
         self.shared = fast.new_shared_state(self.root.fast.ctx)
         self.root.uc.msr_write(msrs.IA32_TSC_AUX, index)
-        self.vmx = VmxUnit(self)
+        self.vmx = VmxUnit(self, ram, vmcs_cache, counters)
         self.timer = Timer()
         self.pending_vectors: list[int] = []
         self.guest: ActiveVmcs | None = None
         self.halted = False
         self.preemption_deadline: int | None = None
         self.cr2_history: list[int] = []
-        self._time = 0
+        self._time = start_time   # after a reset, virtual time goes on (docs/machine.md 4.3)
         self.instructions = 0   # retired on this LP, root and guest, excluding idle time
         self._running: ctxmod.ExecutionContext | None = None
         self._run_mark = 0
@@ -63,6 +118,34 @@ class LogicalProcessor:
         self._transitions.shared = self.shared
         self._in_transitions = False
         self.transitions_in_c = 0    # VM exits and entries the C loop carried out
+
+    # --- snapshots (emu/snapshot.py) -------------------------------------------------------------------
+    def save_state(self) -> LpState:
+        """Between runs: its clock, interrupts, timer, VMX state and who holds its shared state."""
+        shared = self.shared
+        holders = tuple((fast.ffi.cast("hhr_ctx *", shared.holder[cls]).python_id, shared.generation[cls])
+                        for cls in range(fast.lib.HHR_SHARED_CLASSES))
+        return LpState(self._time, self.instructions, list(self.pending_vectors), self.halted,
+                       self.preemption_deadline, self.guest.address if self.guest is not None else None,
+                       self.timer.save_state(), self.transitions_in_c, self.vmx.save_state(),
+                       list(self.cr2_history), holders)
+
+    def restore_state(self, state: LpState, active_vmcs: dict[int, ActiveVmcs],
+                      context_by_id: dict[int, ctxmod.ExecutionContext]) -> None:
+        """Back to `state`; the VMCSs and contexts it names are restored already."""
+        self._time, self.instructions = state.time, state.instructions
+        self.pending_vectors = list(state.pending_vectors)
+        self.halted, self.preemption_deadline = state.halted, state.preemption_deadline
+        self.guest = active_vmcs[state.guest] if state.guest is not None else None
+        self.timer.restore_state(state.timer)
+        self.transitions_in_c = state.transitions_in_c
+        self.vmx.restore_state(state.vmx, active_vmcs)
+        self.cr2_history = list(state.cr2_history)
+        for cls, (holder, generation) in enumerate(state.shared):
+            holder_ctx = context_by_id[holder].fast.ctx
+            self.shared.holder[cls] = holder_ctx
+            self.shared.generation[cls] = generation
+            holder_ctx.holds |= 1 << cls
 
     # --- time ----------------------------------------------------------------------------------------
     @property
@@ -86,7 +169,7 @@ class LogicalProcessor:
         """Instructions retired on this LP move its virtual time and the machine's count."""
         self._time += retired
         self.instructions += retired
-        self.machine.retired += retired
+        self.host.retired += retired
 
     def end_run_by(self, deadline: int) -> None:
         """A deadline set while the LP runs (a timer armed by the running code) ends the run then."""
@@ -102,11 +185,11 @@ class LogicalProcessor:
     def running_context(self) -> ctxmod.ExecutionContext:
         """The context executing on this LP right now (inside a run), else the one that runs next."""
         if self._in_transitions and self._transitions.running != fast.ffi.NULL:
-            return self.machine.context_by_id[self._transitions.running.python_id]
+            return self.context_by_id[self._transitions.running.python_id]
         return self._running if self._running is not None else self.context
 
     def publish(self, kind: str, **data) -> None:
-        self.machine.events.publish(self.now, self.index, kind, **data)
+        self.events.publish(self.now, self.index, kind, **data)
 
     # --- mode ----------------------------------------------------------------------------------------
     @property
@@ -134,7 +217,7 @@ class LogicalProcessor:
         interrupts nor has IF=1, or a guest in an inverse hypercall, which takes none)."""
         if self.timer.deadline is not None or self.preemption_deadline is not None:
             return False
-        if self.machine.io.disk.deadline(self.index) is not None:
+        if self.io.disk.deadline(self.index) is not None:
             return False
         if self.guest is None:
             return self.halted and not (self.pending_vectors and self._interrupts_enabled_in_root())
@@ -152,30 +235,30 @@ class LogicalProcessor:
 
     # --- the run loop --------------------------------------------------------------------------------
     def run_slice(self, slice_end: int) -> None:
-        machine = self.machine
-        while self.now < slice_end and not machine.stop_requested:
+        host = self.host
+        while self.now < slice_end and not host.stop_requested:
             if self._service_events():
                 continue
             if self.halted or (self.guest is not None and self.guest.halted):
                 self._idle_until(slice_end)
                 continue
-            deadline = self._next_event_by(min(slice_end, machine.instruction_limit_time()))
+            deadline = self._next_event_by(min(slice_end, host.instruction_limit_time()))
             if self._transitions_allowed() and self._run_transitions(deadline):
-                if machine.instruction_limit_reached():
+                if host.instruction_limit_reached():
                     break
                 continue
             context = self.context
             budget = max(deadline - self.now, 1)
             watch = self._wants_window()
             self._run_and_handle(context, lambda: context.run(budget, watch_interrupt_window=watch))
-            if machine.instruction_limit_reached():
+            if host.instruction_limit_reached():
                 break
 
     # --- the C transition loop -------------------------------------------------------------------------
     def _transitions_allowed(self) -> bool:
         """The loop carries out only transitions that need nothing of Python: no vector pending, no
         inverse hypercall, no HLT state (it re-checks the rest itself)."""
-        if not self.machine.fast_transitions or not self.vmx.on or self.pending_vectors or self.halted:
+        if not self.host.fast_transitions or not self.vmx.on or self.pending_vectors or self.halted:
             return False
         guest = self.guest
         return guest is None or (guest.inverse_call_saved is None and not guest.halted)
@@ -183,7 +266,6 @@ class LogicalProcessor:
     def _run_transitions(self, deadline: int) -> bool:
         """Runs the C loop; False if it declined to run anything (Python takes this turn)."""
         loop = self._transitions
-        machine = self.machine
         vmcs = self.vmx.current
         contexts = [self.root] + ([vmcs.context] if vmcs is not None and vmcs.context is not None else [])
         for context in contexts:
@@ -196,19 +278,19 @@ class LogicalProcessor:
         loop.preemption_deadline = self.preemption_deadline or 0
         loop.attention = 0
         self._in_transitions = True
-        machine.events.before_publish = self._publish_transition_events
+        self.events.before_publish = self._publish_transition_events
         try:
             result = fast.lib.hhr_run_transitions(loop)
         finally:
             self._in_transitions = False
-            machine.events.before_publish = None
+            self.events.before_publish = None
         self._publish_transition_events()
         if not loop.runs:
             return False
         self._time = loop.time
         self.preemption_deadline = loop.preemption_deadline if loop.preemption_active else None
         self.instructions += loop.retired
-        machine.retired += loop.retired
+        self.host.retired += loop.retired
         for context in contexts:
             if context.uc._hook_exception is not None:
                 raise context.uc._hook_exception
@@ -245,15 +327,15 @@ class LogicalProcessor:
             return
         loop.event_count = 0
         self.transitions_in_c += count
-        events = self.machine.events
+        events = self.events
         hook, events.before_publish = events.before_publish, None
         for index in range(count):
             event = loop.events[index]
             if event.kind == fast.lib.HHR_EVENT_VM_EXIT:
-                self.machine.last_exits[event.vmcs] = event.time
+                self.counters.last_exits[event.vmcs] = event.time
                 events.publish(event.time, self.index, "vm-exit", vmcs=event.vmcs, reason=event.reason,
                                qualification=event.qualification, rip=event.rip)
-                self.machine.count_exit(event.reason)
+                self.counters.count_exit(event.reason)
             else:
                 events.publish(event.time, self.index, "vm-entry", vmcs=event.vmcs, launch=False, rip=event.rip)
         events.before_publish = hook
@@ -261,7 +343,7 @@ class LogicalProcessor:
     def _next_event_by(self, limit: int) -> int:
         """The earlier of `limit` and the LP's timer and VMX-preemption-timer deadlines."""
         return min([limit] + [deadline for deadline in (self.timer.deadline, self.preemption_deadline,
-                                                        self.machine.io.disk.deadline(self.index))
+                                                        self.io.disk.deadline(self.index))
                               if deadline is not None])
 
     def _idle_until(self, slice_end: int) -> None:
@@ -283,7 +365,7 @@ class LogicalProcessor:
         vector = self.timer.expire(self.now)
         if vector:
             self.raise_interrupt(vector)
-        vector = self.machine.io.disk.complete(self.index, self.now)
+        vector = self.io.disk.complete(self.index, self.now)
         if vector:
             self.raise_interrupt(vector)
         if self.guest is None:
@@ -364,7 +446,7 @@ class LogicalProcessor:
 
     def _notify_trapped(self, context: ctxmod.ExecutionContext, insn: decode.Instruction) -> None:
         """A tracer, if one listens, sees the trapped instruction Unicorn does not run."""
-        observer = self.machine.trapped_instruction_observer
+        observer = self.host.trapped_instruction_observer
         if observer is not None:
             observer(self, context, insn)
 
@@ -400,14 +482,14 @@ class LogicalProcessor:
             self.publish("page-fault", rip=stop.rip, address=fault.linear, error_code=fault.page_fault_error_code)
             self._deliver_root(ExceptionVector.PF, fault.page_fault_error_code, stop.rip)
             return
-        self.machine.machine_check(self, f"access to nonexistent host-physical memory "
+        self.host.machine_check(self, f"access to nonexistent host-physical memory "
                                          f"{fault.guest_physical:#x} at RIP {stop.rip:#x}")
 
     def _root_emulator_error(self, stop: ctxmod.Stop) -> None:
         if stop.error in PROTECTION_ERRORS:
             self._deliver_root(ExceptionVector.GP, 0, stop.rip)
             return
-        self.machine.machine_check(self, f"emulator error {stop.error} at RIP {stop.rip:#x}")
+        self.host.machine_check(self, f"emulator error {stop.error} at RIP {stop.rip:#x}")
 
     def _deliver_root(self, vector: int, error_code: int | None, return_rip: int) -> None:
         """Delivers through the root IDT; a fault while delivering becomes #DF, then a triple fault."""
@@ -421,7 +503,7 @@ class LogicalProcessor:
                 self.publish("delivery-fault", vector=attempt_vector, fault_vector=fault.vector)
                 if attempt_vector == ExceptionVector.DF:
                     break
-        self.machine.triple_fault(self, return_rip)
+        self.host.triple_fault(self, return_rip)
 
     # --- non-root mode -------------------------------------------------------------------------------
     def _handle_guest_stop(self, stop: ctxmod.Stop) -> None:
@@ -533,7 +615,7 @@ class LogicalProcessor:
         """A guest's trapped instruction: the VM exit its row decides (emu/exit_conditions.py), or the
         row's emulation (emu/trap_emulation.py); a fault of the emulation is the guest's exception."""
         trap = traps.exit_point_trap(insn.mnemonic, insn.op_str, guest=True)
-        if exit_conditions.instruction_exits(trap, vmcs, insn, self.machine.ram):
+        if exit_conditions.instruction_exits(trap, vmcs, insn, self.ram):
             self.vmx.exit_guest(vmcs, trap.exit_reason, exit_conditions.qualification(trap, vmcs.context, insn),
                                 instruction_length=insn.size)
             return

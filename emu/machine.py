@@ -1,7 +1,7 @@
 """The machine: RAM, logical processors scheduled in quanta of virtual time, devices, firmware boot and statistics."""
 from __future__ import annotations
 
-import collections
+import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -16,9 +16,11 @@ from emu.disk import Disk
 from emu.events import EventStream
 from emu.lp import LogicalProcessor
 from emu.memory import HostMemory, MIB
-from emu.vmcs_fields import U64_MASK as U64
+from emu.prng import Prng
+from emu.vmcs_cache import VmcsCache
 from emu.vmx_caps import MACHINE_MAXPHYADDR
-from emu.vmx_defs import MSR_IA32_EFER
+from emu.vmx_counters import VmxCounters
+from emu.vmx_defs import MSR_IA32_EFER, U64_MASK as U64
 
 DEFAULT_RAM_SIZE = 64 * MIB
 DEFAULT_QUANTUM = 50_000          # ticks each LP runs before the next LP's turn
@@ -35,9 +37,6 @@ PTE_LARGE_PAGE = 0x80
 CR0_AT_START = (1 << 0) | (1 << 1) | (1 << 4) | (1 << 5) | (1 << 16) | (1 << 31)  # PE MP ET NE WP PG
 CR4_AT_START = (1 << 5) | (1 << 9) | (1 << 10)                                   # PAE OSFXSR OSXMMEXCPT
 EFER_AT_START = (1 << 8) | (1 << 10) | (1 << 11)                                 # LME LMA NXE
-
-PRNG_MULTIPLIER = 6364136223846793005
-PRNG_INCREMENT = 1442695040888963407
 
 
 @dataclass
@@ -72,7 +71,7 @@ class Machine:
         self.ram = HostMemory(ram_size)
         self.quantum = quantum
         self.events = EventStream(record_events)
-        self.io = IoBus(self, disk)
+        self.io = IoBus(self, self.events, self.ram, self.flush_code, disk)
         self._settings = dict(ram_size=ram_size, lps=lps, quantum=quantum, record_events=record_events,
                               seed=seed, fast_transitions=fast_transitions)
         self.contexts: list[ctxmod.ExecutionContext] = []
@@ -84,21 +83,19 @@ class Machine:
         self.context_by_id: dict[int, ctxmod.ExecutionContext] = {}
         # Common VM exits and entries carried out in C (emu/fastpath.c); the same machine either way.
         self.fast_transitions = fast_transitions
-        self._guest_pool: list[ctxmod.ExecutionContext] = []
-        self.active_vmcs: dict = {}
-        self.exit_counts: collections.Counter[int] = collections.Counter()
-        self.inverse_call_counts: collections.Counter[int] = collections.Counter()
-        self.last_entry_failure = None
-        self.last_exits: dict[int, int] = {}   # VMCS address: LP time of its latest VM exit (for measurements)
+        self.vmcs_cache = VmcsCache(lambda: self.new_context(ctxmod.GUEST, f"guest{len(self.contexts)}"))
+        self.counters = VmxCounters()
         self.stop: MachineStop | None = None
         self.instruction_limit: int | None = None
         self.retired = 0    # instructions retired by the whole machine; LPs add to it
         self.round: tuple[int, int] | None = None   # the round under way: its end and next LP
-        self._prng = seed & U64
+        self.prng = Prng(seed)
         self.running_lp: LogicalProcessor | None = None
-        self.lps = [LogicalProcessor(self, index) for index in range(lps)]
-        for lp in self.lps:
-            lp._time = start_time            # a machine after a reset: virtual time goes on (docs/machine.md 4.3)
+        self.lps = [LogicalProcessor(index, self.new_context(ctxmod.ROOT, f"lp{index}"), self, ram=self.ram,
+                                     events=self.events, io=self.io, vmcs_cache=self.vmcs_cache,
+                                     counters=self.counters, context_by_id=self.context_by_id,
+                                     start_time=start_time)
+                    for index in range(lps)]
         self.running_lp = self.lps[0]
 
     # --- contexts --------------------------------------------------------------------------------------
@@ -113,34 +110,28 @@ class Machine:
             observer(context)
         return context
 
-    def acquire_guest_context(self, vmcs) -> ctxmod.ExecutionContext:
-        """A guest instance for a VMCS's first entry: from the pool, with no code or TLB left over."""
-        if self._guest_pool:
-            context = self._guest_pool.pop()
-            context.uc.context_restore(context.initial_state)  # nothing of the previous guest stays
-            context.flush_code()
-            context.flush_translations()
-        else:
-            context = self.new_context(ctxmod.GUEST, f"guest{len(self.contexts)}")
-            context.initial_state = context.uc.context_save()
-        context.name = f"vmcs@{vmcs.address:#x}"
-        return context
+    @property
+    def active_vmcs(self) -> dict:
+        """The active VMCSs by address (emu/vmcs_cache.py)."""
+        return self.vmcs_cache.active
 
-    def release_guest_context(self, vmcs) -> None:
-        context = vmcs.unbind()
-        if context is not None:
-            context.fast.detach_shared()   # what it holds of its LP's shared state stays on the LP
-            self._guest_pool.append(context)
+    # --- what the machine counts of VM transitions (emu/vmx_counters.py) -------------------------------
+    @property
+    def exit_counts(self):
+        return self.counters.exit_counts
 
-    def invalidate_ept(self, eptp: int | None) -> None:
-        """INVEPT: drop translations derived from one EPTP (single-context) or all (SDM Vol. 3C 31.3 INVEPT)."""
-        for vmcs in self.active_vmcs.values():
-            if vmcs.context is not None and (eptp is None or vmcs.context.fast.ctx.eptp == eptp):
-                vmcs.context.flush_translations()
+    @property
+    def inverse_call_counts(self):
+        return self.counters.inverse_call_counts
 
-    def on_vmxon(self, lp: LogicalProcessor) -> None:
-        """A hypervisor took VMX operation on `lp`: its code may be new, so drop translated code."""
-        lp.root.flush_code()
+    @property
+    def last_exits(self) -> dict[int, int]:
+        """VMCS address: LP time of its latest VM exit (for measurements)."""
+        return self.counters.last_exits
+
+    @property
+    def last_entry_failure(self):
+        return self.counters.last_entry_failure
 
     # --- memory loading (the firmware and the operator write RAM from outside) --------------------------
     def load(self, address: int, data: bytes) -> None:
@@ -251,6 +242,14 @@ class Machine:
         """Puts the machine back to a snapshot of it; running on gives what it gave then."""
         snapshot_module.restore(self, snapshot)
 
+    def save_run_state(self) -> tuple:
+        """The scheduler's own state, for a snapshot: instructions retired, the stop, the round under way."""
+        return self.retired, copy.copy(self.stop), self.round
+
+    def restore_run_state(self, state: tuple) -> None:
+        self.retired, stop, self.round = state
+        self.stop = copy.copy(stop)
+
     def statistics(self) -> dict:
         """Exits by reason, inverse hypercalls by call number, instructions by LP and by context."""
         return {
@@ -286,17 +285,10 @@ class Machine:
         rip = lp.root.reg(x86.UC_X86_REG_RIP)
         self.request_stop("machine-check", lp=lp.index, report=self._report(lp, f"machine check: {message}", rip))
 
-    def count_exit(self, reason: int) -> None:
-        self.exit_counts[reason] += 1
-
-    def count_inverse_call(self, call: int) -> None:
-        self.inverse_call_counts[call] += 1
-
     # --- the machine's share of trapped instructions (emu/traps.py) ----------------------------------------
     def _cpuid(self, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
         return cpuid_table.cpuid(leaf, subleaf, self.running_lp.index, len(self.lps))
 
     def next_random(self) -> int:
         """The next value of the machine's 64-bit generator (RDRAND and RDSEED, emu/trap_emulation.py)."""
-        self._prng = (self._prng * PRNG_MULTIPLIER + PRNG_INCREMENT) & U64
-        return self._prng
+        return self.prng.next()

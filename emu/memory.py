@@ -5,7 +5,7 @@ import ctypes
 import mmap
 import struct
 
-from emu.vmx_defs import PAGE_SIZE
+from emu.vmx_defs import PAGE_SIZE, U32_MASK
 
 MIB = 1 << 20
 MIN_RAM_SIZE = 16 * MIB
@@ -57,7 +57,7 @@ class HostMemory:
 
     def write_u32(self, address: int, value: int) -> None:
         self._check(address, 4)
-        struct.pack_into("<I", self._map, address, value & 0xFFFF_FFFF)
+        struct.pack_into("<I", self._map, address, value & U32_MASK)
         if self.dirty is not None:
             self.dirty.mark(address, 4)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from emu.vmentry_checks import is_canonical
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES, msr_values
-from emu.vmx_defs import MSR_IA32_EFER, Efer
+from emu.vmx_defs import MSR_IA32_EFER, U32_MASK, Efer
 
 # Indices, SDM Vol. 4 Table 2-2.
 IA32_TSC = 0x10
@@ -39,7 +39,7 @@ SHARED_MSRS = frozenset({IA32_KERNEL_GS_BASE, IA32_STAR, IA32_LSTAR, IA32_CSTAR,
 CANONICAL_ADDRESS_MSRS = frozenset({IA32_FS_BASE, IA32_GS_BASE, IA32_KERNEL_GS_BASE, IA32_LSTAR,
                                     IA32_CSTAR, IA32_SYSENTER_ESP, IA32_SYSENTER_EIP})
 LOW_HALF_ONLY_MSRS = frozenset({IA32_FMASK, IA32_TSC_AUX})   # bits 63:32 reserved
-LOW_HALF_MASK = 0xFFFF_FFFF
+LOW_HALF_MASK = U32_MASK
 PAT_ENTRIES = 8
 PAT_ENTRY_BITS = 8
 PAT_VALID_TYPES = frozenset({0, 1, 4, 5, 6, 7})   # UC, WC, WT, WP, WB, UC- (SDM Vol. 3A 11.12.2)

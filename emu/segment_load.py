@@ -23,10 +23,9 @@ from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import (
     AR_DPL_MASK, AR_DPL_SHIFT, AR_P, AR_S, PAGE_SIZE, SEGMENT_TYPE_ACCESSED, SEGMENT_TYPE_CODE,
     SEGMENT_TYPE_CONFORMING_OR_EXPAND_DOWN, SEGMENT_TYPE_READABLE_OR_WRITABLE, SELECTOR_RPL_MASK,
-    SELECTOR_TI, Cr0, Rflags,
+    SELECTOR_TI, U64_MASK as U64, Cr0, Rflags,
 )
 
-U64 = 0xFFFF_FFFF_FFFF_FFFF
 # Segment registers whose selector Unicorn loads through the descriptor tables (its reg_write of
 # UC_X86_REG_FS/GS in UC_MODE_64), by name.
 DESCRIPTOR_LOADED_SEGMENTS = {x86.UC_X86_REG_FS: "FS", x86.UC_X86_REG_GS: "GS"}

@@ -3,7 +3,7 @@
 Each takes the logical processor, the context that executed the instruction and the decoded
 instruction; it carries the instruction out and retires it (RIP past it, one instruction counted),
 or raises RaiseException, leaving RIP at the instruction. The LP provides `now`, `publish`,
-`charge`, `guest` and, through `machine`, the I/O bus and the machine's random generator.
+`charge`, `guest`, `io` (the I/O bus) and, through its `host`, the machine's random generator.
 """
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from unicorn import x86_const as x86
 
 from emu import decode, msrs
 from emu.instruction_fault import RaiseException
-from emu.vmcs_fields import U32_MASK as U32
-from emu.vmx_defs import MSR_IA32_EFER, RFLAGS_ARITHMETIC, ExceptionVector, Rflags
+from emu.vmx_defs import MSR_IA32_EFER, RFLAGS_ARITHMETIC, U32_MASK as U32, ExceptionVector, Rflags
 
 if TYPE_CHECKING:
     from emu.context import ExecutionContext
@@ -83,7 +82,7 @@ def rdrand(lp: "LogicalProcessor", context: "ExecutionContext", insn: decode.Ins
     the other arithmetic flags 0 (SDM Vol. 2B RDRAND). They never fail."""
     regs = context.regs
     register = decode.operands(insn)[0]
-    value = lp.machine.next_random() & ((1 << (BITS_PER_BYTE * register.size)) - 1)
+    value = lp.host.next_random() & ((1 << (BITS_PER_BYTE * register.size)) - 1)
     if register.size == decode.DWORD_SIZE:   # a 32-bit destination zero-extends (SDM Vol. 1 3.4.1.1)
         regs.write(decode.QWORD_REGISTER_OF_DWORD[register.register], value)
     else:
@@ -115,7 +114,7 @@ def port_io(lp: "LogicalProcessor", context: "ExecutionContext", insn: decode.In
     access = decode.port_access(insn, context.reg)
     if access.string:
         raise RaiseException(ExceptionVector.GP, 0)
-    io = lp.machine.io
+    io = lp.io
     if access.is_in:
         context.set_reg(access.data_register, io.read(access.port, access.size))
     else:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from asm.isa import VMCALLR_OPCODE
-from emu.devices import DEBUG_EXIT_PORT
+from emu.ports import DEBUG_EXIT_PORT
 from emu.vmx_defs import ExitReason, PinBasedControls, PrimaryProcessorControls
 
 # Capstone prints a REP/REPE/REPNE prefix as part of the mnemonic ("rep outsb").

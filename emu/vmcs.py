@@ -7,6 +7,7 @@ and its guest register state in the guest's execution context, and writes both t
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from unicorn import x86_const as x86
 from unicorn.unicorn_const import UC_ERR_OK
@@ -181,6 +182,22 @@ class _NotLoadable(Exception):
         self.failure = failure
 
 
+# The C per-VMCS flags (emu/fastpath.h, hhr_vmcs) a snapshot keeps.
+_SAVED_FLAGS = ("launched", "entry_verified", "inverse_call", "halted", "checked_field_written", "live_written")
+
+
+@dataclass
+class VmcsState:
+    """An active VMCS in a snapshot."""
+
+    address: int
+    values: bytes
+    flags: dict[str, int]
+    inverse_call_saved: tuple[int, int, int] | None
+    context_id: int | None
+    lp_index: int | None
+
+
 class ActiveVmcs:
     """One active VMCS: its address, launch state, cached fields and (once entered) guest context."""
 
@@ -242,6 +259,26 @@ class ActiveVmcs:
                   for i, field in enumerate(FIELDS)]
         launched = ram.read_u32(address + vf.VMCS_LAUNCH_STATE_OFFSET) == vf.LAUNCH_STATE_LAUNCHED
         return cls(address, values, launched)
+
+    # --- snapshots (emu/snapshot.py) ----------------------------------------------------------------
+    def save_state(self) -> "VmcsState":
+        """Its slots, flags and the guest instance holding its live state (by python id)."""
+        return VmcsState(self.address, bytes(fast.ffi.buffer(self.values)),
+                         {name: getattr(self.fast, name) for name in _SAVED_FLAGS}, self.inverse_call_saved,
+                         self.context.fast.python_id if self.context is not None else None, self.lp_index)
+
+    @classmethod
+    def from_state(cls, state: "VmcsState", context_by_id: dict) -> "ActiveVmcs":
+        """An active VMCS as it was: its slots, flags and the guest instance that held its live state."""
+        values = fast.ffi.from_buffer("uint64_t[]", bytearray(state.values))
+        vmcs = cls(state.address, list(values), bool(state.flags["launched"]))
+        for name, value in state.flags.items():
+            setattr(vmcs.fast, name, value)
+        vmcs.inverse_call_saved = state.inverse_call_saved
+        vmcs.lp_index = state.lp_index
+        if state.context_id is not None:
+            vmcs.attach(context_by_id[state.context_id])
+        return vmcs
 
     def store(self, ram) -> None:
         """Writes the cached data back (VMCLEAR). See: SDM Vol. 3C 31.3 VMCLEAR."""

@@ -26,6 +26,8 @@ import re
 import sys
 from dataclasses import dataclass
 
+from emu.vmx_defs import U16_MASK, U32_MASK, U64_MASK
+
 # --- Region layout (our machine) -------------------------------------------------------------
 
 VMCS_REGION_SIZE = 4096
@@ -55,9 +57,6 @@ ENCODING_WIDTH_MASK = 0x3
 ENCODING_RESERVED_BITS = (1 << 12) | (1 << 15) | (0xFFFF << 16)  # must be 0
 ENCODING_MAX = 0xFFFFFFFF              # VMREAD/VMWRITE fail if bits 63:32 of the operand are set
 
-U16_MASK = 0xFFFF
-U32_MASK = 0xFFFF_FFFF
-U64_MASK = 0xFFFF_FFFF_FFFF_FFFF
 HIGH_HALF_SHIFT = 32
 
 

@@ -14,9 +14,10 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
-from emu.vmcs_fields import BY_NAME, LAUNCH_STATE_CLEAR, LAUNCH_STATE_LAUNCHED, U32_MASK, U64_MASK
+from emu.vmcs_fields import BY_NAME, LAUNCH_STATE_CLEAR, LAUNCH_STATE_LAUNCHED
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES, ControlCapability, VmxCapabilities
 from emu.vmx_defs import (
+    U32_MASK, U64_MASK,
     AR_DB, AR_DPL_MASK, AR_DPL_SHIFT, AR_G, AR_L, AR_P, AR_RESERVED_11_8, AR_RESERVED_31_17, AR_S,
     AR_TYPE_MASK, AR_UNUSABLE, DESCRIPTOR_TABLE_LIMIT_MAX, DR7_HIGH_MASK, EPTP_AD_ENABLE,
     EPTP_MEMORY_TYPE_MASK, EPTP_RESERVED_LOW_BITS, EPTP_WALK_LENGTH_MASK, EPTP_WALK_LENGTH_SHIFT,

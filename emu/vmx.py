@@ -16,12 +16,12 @@ from emu.decode import MemoryOperand, RegisterOperand
 from emu.instruction_fault import RaiseException
 from emu.trap_emulation import read_msr
 from emu.vmcs import DESCRIPTOR_TABLE_LIMIT_AFTER_EXIT, ActiveVmcs
-from emu.vmcs_fields import U64_MASK as U64
 from emu.vmentry_checks import (
     VMFAIL_VALID, EntryCheckFailure, check_launch_state, check_vm_entry, fits_physical_address, is_canonical,
 )
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import (
+    U64_MASK as U64,
     VMCALLR_ALREADY_IN_PROGRESS, VMCALLR_ENDED_BY_VM_EXIT, VMCALLR_NO_ENTRY_POINT, VMCALLR_NOT_LAUNCHED,
     ExitControls, ExitReason, PinBasedControls, VmInstructionError, INTR_INFO_VALID, ActivityState, ExceptionVector, MSR_IA32_EFER, Rflags,
     RFLAGS_ARITHMETIC, EXIT_REASON_VM_ENTRY_FAILURE, PAGE_OFFSET_MASK, Cr4, InveptType,
@@ -29,6 +29,9 @@ from emu.vmx_defs import (
 
 if TYPE_CHECKING:
     from emu.lp import LogicalProcessor
+    from emu.memory import HostMemory
+    from emu.vmcs_cache import VmcsCache
+    from emu.vmx_counters import VmxCounters
 
 INVALID_VMCS_POINTER = U64
 MSR_LIST_ENTRY = struct.Struct("<IIQ")   # index, reserved, data (SDM Vol. 3C Table 25-15)
@@ -41,11 +44,15 @@ INVEPT_DESCRIPTOR_SIZE = 16
 
 
 class VmxUnit:
-    """One logical processor's VMX state and the semantics of its VMX instructions."""
+    """One logical processor's VMX state and the semantics of its VMX instructions. It uses its LP
+    (root context, clock, events, guest mode, and the LP's host for machine checks), RAM,
+    the machine's VMCS cache and its transition counters."""
 
-    def __init__(self, lp: "LogicalProcessor"):
+    def __init__(self, lp: "LogicalProcessor", ram: "HostMemory", vmcs_cache: "VmcsCache", counters: "VmxCounters"):
         self.lp = lp
-        self.machine = lp.machine
+        self.ram = ram
+        self.vmcs_cache = vmcs_cache
+        self.counters = counters
         self.fast = lp.root.fast_vmx   # the C fast path's view, kept in step by the properties below
         self.on = False
         self.vmxon_region = 0
@@ -67,6 +74,14 @@ class VmxUnit:
     def current(self, vmcs: ActiveVmcs | None) -> None:
         self._current = vmcs
         self.fast.current = vmcs.fast if vmcs is not None else fast.ffi.NULL
+
+    def save_state(self) -> tuple[bool, int, int | None]:
+        """VMX operation, the VMXON region and the current VMCS's address."""
+        return self.on, self.vmxon_region, self.current.address if self.current is not None else None
+
+    def restore_state(self, state: tuple[bool, int, int | None], active_vmcs: dict[int, ActiveVmcs]) -> None:
+        self.on, self.vmxon_region, current = state
+        self.current = active_vmcs[current] if current is not None else None
 
     # --- operand helpers -----------------------------------------------------------------------------
     def _effective_address(self, insn, operand: MemoryOperand) -> int:
@@ -130,7 +145,7 @@ class VmxUnit:
 
     def _valid_physical(self, address: int) -> bool:
         return address & PAGE_OFFSET_MASK == 0 and fits_physical_address(address, CAPS) and \
-            self.machine.ram.holds(address, vf.VMCS_REGION_SIZE)
+            self.ram.holds(address, vf.VMCS_REGION_SIZE)
 
     # --- dispatch -------------------------------------------------------------------------------------
     def execute(self, insn, mnemonic: str) -> str:
@@ -159,7 +174,7 @@ class VmxUnit:
             raise RaiseException(ExceptionVector.GP, 0)
         address = self._read_operand(insn, decode.operands(insn)[0])
         if not self._valid_physical(address) or \
-                self.machine.ram.read_u32(address) & vf.VMCS_REVISION_ID_MASK != CAPS.vmcs_revision_id:
+                self.ram.read_u32(address) & vf.VMCS_REVISION_ID_MASK != CAPS.vmcs_revision_id:
             self.fail_invalid()
             self.lp.publish("vmxon", region=address, ok=False)
             return "next"
@@ -168,7 +183,7 @@ class VmxUnit:
         self.current = None
         self.succeed()
         self.lp.publish("vmxon", region=address, ok=True)
-        self.machine.on_vmxon(self.lp)
+        self.lp.root.flush_code()   # the hypervisor's code may be new: translated code goes
         return "next"
 
     def _vmxoff(self, insn) -> str:
@@ -193,13 +208,13 @@ class VmxUnit:
         address = self._vmcs_pointer(insn, VmInstructionError.VMCLEAR_INVALID_ADDRESS,
                                      VmInstructionError.VMCLEAR_VMXON_POINTER)
         if address is not None:
-            active = self.machine.active_vmcs.pop(address, None)
+            active = self.vmcs_cache.active.pop(address, None)
             if active is not None:
                 active.launched = False
-                active.store(self.machine.ram)
-                self.machine.release_guest_context(active)
+                active.store(self.ram)
+                self.vmcs_cache.release_guest_context(active)
             else:
-                self.machine.ram.write_u32(address + vf.VMCS_LAUNCH_STATE_OFFSET, vf.LAUNCH_STATE_CLEAR)
+                self.ram.write_u32(address + vf.VMCS_LAUNCH_STATE_OFFSET, vf.LAUNCH_STATE_CLEAR)
             if self.current is not None and self.current.address == address:
                 self.current = None
             self.succeed()
@@ -211,13 +226,13 @@ class VmxUnit:
                                      VmInstructionError.VMPTRLD_VMXON_POINTER)
         if address is None:
             return "next"
-        if self.machine.ram.read_u32(address) != CAPS.vmcs_revision_id:
+        if self.ram.read_u32(address) != CAPS.vmcs_revision_id:
             self.fail(VmInstructionError.VMPTRLD_INCORRECT_REVISION_ID)
             return "next"
-        active = self.machine.active_vmcs.get(address)
+        active = self.vmcs_cache.active.get(address)
         if active is None:
-            active = ActiveVmcs.load(self.machine.ram, address)
-            self.machine.active_vmcs[address] = active
+            active = ActiveVmcs.load(self.ram, address)
+            self.vmcs_cache.active[address] = active
         self.current = active
         self.succeed()
         self.lp.publish("vmptrld", vmcs=address)
@@ -271,7 +286,7 @@ class VmxUnit:
         if kind not in (InveptType.SINGLE_CONTEXT, InveptType.ALL_CONTEXT):
             self.fail(VmInstructionError.INVALID_INVEPT_INVVPID_OPERAND)
             return "next"
-        self.machine.invalidate_ept(None if kind == InveptType.ALL_CONTEXT else eptp)
+        self.vmcs_cache.invalidate_ept(None if kind == InveptType.ALL_CONTEXT else eptp)
         self.succeed()
         self.lp.publish("invept", type=kind, eptp=eptp)
         return "next"
@@ -318,7 +333,7 @@ class VmxUnit:
 
     def _report_entry_failure(self, vmcs: ActiveVmcs, failure: EntryCheckFailure) -> None:
         self.lp.publish("vm-entry-failed", vmcs=vmcs.address, check=failure.check, message=failure.message)
-        self.machine.last_entry_failure = failure
+        self.counters.last_entry_failure = failure
 
     def _fail_entry(self, vmcs: ActiveVmcs, reason: int, qualification: int) -> str:
         """SDM Vol. 3C 27.8: a failure after the checks of 27.2 loads host state like a VM exit,
@@ -362,7 +377,7 @@ class VmxUnit:
         context = vmcs.context
         fresh = context is None
         if fresh:
-            context = self.machine.acquire_guest_context(vmcs)
+            context = self.vmcs_cache.acquire_guest_context(vmcs)
         # The guest's translation first: loading FS and GS reads their descriptors through it.
         eptp = vmcs.read("EPT_POINTER")
         if context.fast.ctx.eptp != eptp or context.fast.ctx.mode != fast.MODE_GUEST:
@@ -419,10 +434,10 @@ class VmxUnit:
         self._save_preemption_timer(vmcs)
         stored = self._store_exit_msrs(vmcs)
         fast.copy_general_purpose_registers(vmcs.context.fast, lp.root.fast)
-        lp.machine.last_exits[vmcs.address] = lp.now
+        self.counters.last_exits[vmcs.address] = lp.now
         lp.publish("vm-exit", vmcs=vmcs.address, reason=int(reason), qualification=qualification,
                    rip=vmcs.read("GUEST_RIP"))
-        self.machine.count_exit(int(reason))
+        self.counters.count_exit(int(reason))
         lp.leave_guest()
         self.load_host_state(vmcs)
         if stored:
@@ -435,10 +450,10 @@ class VmxUnit:
         address = vmcs.read(f"{fields}_ADDR")
         for number in range(vmcs.read(f"{fields}_COUNT")):
             entry = address + number * MSR_LIST_ENTRY.size
-            if not self.machine.ram.holds(entry, MSR_LIST_ENTRY.size):
+            if not self.ram.holds(entry, MSR_LIST_ENTRY.size):
                 yield entry, None, None, None
                 return
-            yield (entry, *MSR_LIST_ENTRY.unpack(self.machine.ram.read(entry, MSR_LIST_ENTRY.size)))
+            yield (entry, *MSR_LIST_ENTRY.unpack(self.ram.read(entry, MSR_LIST_ENTRY.size)))
 
     def _store_exit_msrs(self, vmcs: ActiveVmcs) -> bool:
         """SDM Vol. 3C 28.4: the guest's value of each MSR of the VM-exit MSR-store list goes to its
@@ -453,7 +468,7 @@ class VmxUnit:
             if value is None:
                 self._vmx_abort(vmcs, VMX_ABORT_SAVING_GUEST_MSRS, f"VM-exit MSR-store entry at {entry:#x}")
                 return False
-            self.machine.ram.write(entry + MSR_LIST_VALUE_OFFSET, MSR_VALUE.pack(value))
+            self.ram.write(entry + MSR_LIST_VALUE_OFFSET, MSR_VALUE.pack(value))
         return True
 
     def _load_exit_msrs(self, vmcs: ActiveVmcs) -> None:
@@ -467,8 +482,8 @@ class VmxUnit:
 
     def _vmx_abort(self, vmcs: ActiveVmcs, indicator: int, what: str) -> None:
         """SDM Vol. 3C 28.7: the abort indicator goes to the VMCS region and the LP shuts down."""
-        self.machine.ram.write_u32(vmcs.address + vf.VMCS_ABORT_OFFSET, indicator)
-        self.machine.machine_check(self.lp, f"VMX abort {indicator}: {what} cannot be processed")
+        self.ram.write_u32(vmcs.address + vf.VMCS_ABORT_OFFSET, indicator)
+        self.lp.host.machine_check(self.lp, f"VMX abort {indicator}: {what} cannot be processed")
 
     def _save_preemption_timer(self, vmcs: ActiveVmcs) -> None:
         """With "save VMX-preemption timer value", the ticks left (0 once the timer has fired) go to
@@ -523,7 +538,7 @@ class VmxUnit:
             return "next"
         failure = self._check_entry(vmcs, launching=False)
         if failure is not None:
-            self.machine.last_entry_failure = failure
+            self.counters.last_entry_failure = failure
             self.fail(failure.error if failure.kind == VMFAIL_VALID else VmInstructionError.ENTRY_INVALID_CONTROL_FIELD)
             return "next"
         failure = self.load_guest_state(vmcs, launching=False)
@@ -535,7 +550,7 @@ class VmxUnit:
         call_number = lp.root.reg(x86.UC_X86_REG_RAX)
         vmcs.inverse_call_saved = (vmcs.read("GUEST_RIP"), vmcs.read("GUEST_RSP"), vmcs.read("GUEST_RFLAGS"))
         lp.publish("vmcallr", vmcs=vmcs.address, call=call_number)
-        self.machine.count_inverse_call(call_number)
+        self.counters.count_inverse_call(call_number)
         self.begin_guest(vmcs, launching=False, instruction_length=instruction_length, inject=False)
         vmcs.halted = False
         vmcs.write("GUEST_RIP", entry)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from emu.vmcs_fields import ENCODING_INDEX_SHIFT, HIGHEST_FIELD_INDEX, U32_MASK, VMCS_REGION_SIZE
+from emu.vmcs_fields import ENCODING_INDEX_SHIFT, HIGHEST_FIELD_INDEX, VMCS_REGION_SIZE
 from emu.vmx_defs import (
+    U32_MASK,
     ENTRY_DEFAULT1, EXIT_DEFAULT1, PIN_BASED_DEFAULT1, PRIMARY_PROCESSOR_DEFAULT1,
     ActivityState, Cr0, Cr4, Efer, EntryControls, ExitControls, MemoryType, PinBasedControls,
     PrimaryProcessorControls, SecondaryProcessorControls, bit_names, unnamed_bits,

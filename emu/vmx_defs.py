@@ -24,6 +24,13 @@ def unnamed_bits(value: int, flags: type[enum.IntEnum]) -> int:
     return value & ~sum(member.value for member in flags)
 
 
+# --- Operand widths (SDM Vol. 1 4.1): the masks of a word, a doubleword and a quadword ---------
+
+U16_MASK = 0xFFFF
+U32_MASK = 0xFFFF_FFFF
+U64_MASK = 0xFFFF_FFFF_FFFF_FFFF
+
+
 # --- VM-execution, VM-exit and VM-entry controls (SDM Vol. 3C 25.6, 25.7, 25.8) ----------------
 
 class PinBasedControls(enum.IntEnum):

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import enum
 
-from emu import devices
-
-GIB = 1 << 30
+from emu import ports
+from hypervisors.memory_map import GIB
 
 
 class Hypercall(enum.IntEnum):
@@ -30,7 +29,7 @@ class HypercallError(enum.IntEnum):
     ENOSYS = -38       # no such hypercall
 
 
-EXIT_PORT = devices.DEBUG_EXIT_PORT      # OUT a byte: the guest ends with that exit code
+EXIT_PORT = ports.DEBUG_EXIT_PORT      # OUT a byte: the guest ends with that exit code
 CONSOLE_WRITE_MAX = 4096              # bytes one console write may carry
 TIMER_MIN_PERIOD = 1000               # shorter periods would leave a guest nothing but ticks
 FIRST_INTERRUPT_VECTOR = 32           # vectors 0-31 are the processor's exceptions

@@ -1,6 +1,8 @@
 """`hhr bench --hypervisor`: every figure is there and means what it says (values are reported, not judged)."""
 from __future__ import annotations
 
+import pytest
+
 from bench import hypervisor_speed
 from tools import cli
 
@@ -32,3 +34,12 @@ def test_inverse_call_round_trip_runs_every_call():
     from bench import machine_speed
 
     assert machine_speed.inverse_call_round_trip(50) > 0      # raises if the loop did not make 50 calls
+
+
+def test_a_compiled_guest_runs_the_same_work_under_hv1_and_on_bare_unicorn():
+    from bench import compiled_guests
+    from guests import c_examples
+    if c_examples.compiler() is None:
+        pytest.skip("gcc is not installed: the C guests cannot be built")
+    timing = compiled_guests.measure("memwalk")      # raises when the two consoles differ
+    assert "walk of 1024 rounds" in timing.console and timing.machine_seconds > 0 and timing.bare_seconds > 0

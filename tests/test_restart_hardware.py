@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from emu.devices import RESTART_PHASE_PORT
+from emu.ports import RESTART_PHASE_PORT
 from emu.machine import Machine
 from emu.vmx import VMCALLR_ENDED_BY_VM_EXIT
 from emu.vmx_defs import (

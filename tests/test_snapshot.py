@@ -2,8 +2,12 @@
 snapshot runs on exactly as the machine did when it was taken (two LPs, timers, IPIs, a guest)."""
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 
+from emu import snapshot as snapshot_module
 from emu.machine import Machine
 from tests.machine_programs import (
     QUANTUM, cpuid_guest_with_interrupts, event_tuples, guest_and_timer_program, root_timers_program, run_root,
@@ -54,3 +58,12 @@ def test_restore_after_guest_instances_were_created():
     machine.restore(snapshot)
     assert all(vmcs.context is None for vmcs in machine.active_vmcs.values())
     assert observed(machine, machine.run()) == first
+
+
+def test_a_snapshot_reads_no_private_field_of_the_parts():
+    """emu/snapshot.py is the sum of what each part saves of itself (save_state/restore_state): it
+    reads no private field of any part, so a new piece of state is saved by the part that holds it."""
+    tree = ast.parse(Path(snapshot_module.__file__).read_text())
+    private = sorted({node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                      and node.attr.startswith("_") and not node.attr.startswith("__")})
+    assert private == []

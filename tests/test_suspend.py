@@ -9,7 +9,7 @@ import hashlib
 import pytest
 
 from emu import disk as disk_module
-from emu.devices import (
+from emu.ports import (
     DISK_ADDRESS_HIGH_PORT, DISK_ADDRESS_LOW_PORT, DISK_BLOCK_PORT, DISK_CAPACITY_PORT, DISK_COMMAND_PORT,
     DISK_COUNT_PORT, DISK_VECTOR_PORT,
 )
