@@ -81,8 +81,7 @@ def test_an_upward_import_is_found(tmp_path, monkeypatch):
 # composes them, and the commands that drive a restart and follow it (trace and fuzz). A module of
 # tools in none of these (tools.cli, tools.fingerprint) is ordered by LAYERS alone.
 TOOLS_LAYERS = (
-    ("tools.run", "tools.faults", "tools.host_clock", "tools.phase_meter", "tools.blackout", "tools.digest_check",
-     "tools.harness"),
+    ("tools.run", "tools.faults", "tools.host_clock", "tools.phase_meter", "tools.blackout", "tools.digest_check"),
     ("tools.restart",),
     ("tools.trace", "tools.trace_chrome", "tools.fuzz"),
 )
