@@ -90,7 +90,7 @@ def booted_vmcs_describer(booted: Booted) -> VmcsDescriber:
             if vp["vmcs"] == vmcs:
                 name = booted.guests[partition].name if 0 <= partition < len(booted.guests) else ""
                 return VmcsIdentity(partition, vp["index"], name)
-        service_vmcs = int.from_bytes(ram.read(booted.symbol("service_vp") + records.vp.offset("vmcs"), 8), "little")
+        service_vmcs = int.from_bytes(ram.read(booted.service_vp + records.vp.offset("vmcs"), 8), "little")
         if vmcs == service_vmcs:
             return VmcsIdentity(0, 0, "service partition", service=True)
         return None

@@ -240,7 +240,7 @@ class TransferMachine:
         booted = self.booted
         records = build.hypervisor(self.setup.from_hv).records
         ram = booted.machine.ram
-        fingerprint = bytearray(ram.read(booted.symbol("partitions"), records.partition.size * len(booted.guests)))
+        fingerprint = bytearray(ram.read(booted.partition_base, records.partition.size * len(booted.guests)))
         vps = ram.read(booted.vp_base, records.vp.size * booted.vp_total)
         if self._vp_spans is None:            # the byte spans of a VP record's other fields
             self._vp_spans = [(records.vp.offset(name), records.vp.offset(name) + size)
@@ -255,7 +255,7 @@ class TransferMachine:
         booted = self.booted
         records = build.hypervisor(self.setup.from_hv).records
         found = []
-        base = booted.symbol("partitions")
+        base = booted.partition_base
         for number in range(len(booted.guests)):
             found += fields_module._struct_fields(records.partition, base + number * records.partition.size,
                                                   f"partition[{number}]")
