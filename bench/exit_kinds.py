@@ -9,11 +9,11 @@ from emu.memory import MIB
 from emu.ports import TIMER_ARM_PORT, TIMER_PERIOD_PORT, TIMER_VECTOR_PORT
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import ExitReason, PinBasedControls
-from tools import harness
+from hypervisors import bare_monitor
 
 EXITS_PER_KIND = 2_000
 INSTRUCTIONS_PER_EXIT_BOUND = 1_000   # far more than a round trip retires: a runaway loop stops
-UNMAPPED_GPA = 0x1000_0000            # in the guest's identity-mapped first GiB, beyond the harness's EPT
+UNMAPPED_GPA = 0x1000_0000            # in the guest's identity-mapped first GiB, beyond the bare monitor's EPT
 LOAD_THROUGH_RSI_LENGTH = 3           # mov rax, [rsi]: 48 8B 06
 MSR_IA32_TSC = 0x10
 EXIT_PORT = 0x80
@@ -52,7 +52,7 @@ KINDS = (
 
 
 def _vmread(register: str, name: str) -> str:
-    return f"  mov r14, {harness.ENCODING[name]:#x}\n  vmread {register}, r14"
+    return f"  mov r14, {bare_monitor.ENCODING[name]:#x}\n  vmread {register}, r14"
 
 
 def _advance_guest_rip(length: int) -> str:
@@ -61,7 +61,7 @@ def _advance_guest_rip(length: int) -> str:
         return ""
     return f"""{_vmread("r12", "GUEST_RIP")}
       add r12, {length}
-      mov r14, {harness.ENCODING['GUEST_RIP']:#x}
+      mov r14, {bare_monitor.ENCODING['GUEST_RIP']:#x}
       vmwrite r14, r12"""
 
 
@@ -99,7 +99,7 @@ def counting_exit_handler(kind: ExitKind) -> str:
     {_vmread("r13", "GUEST_RIP")}
     {_vmread("r12", "VM_EXIT_INSTRUCTION_LEN")}
       add r13, r12
-      mov r14, {harness.ENCODING['GUEST_RIP']:#x}
+      mov r14, {bare_monitor.ENCODING['GUEST_RIP']:#x}
       vmwrite r14, r13
       vmresume
     bench_not_counted:
@@ -107,24 +107,24 @@ def counting_exit_handler(kind: ExitKind) -> str:
 
 
 def round_trip(kind: ExitKind, exits: int = EXITS_PER_KIND, *, fast_transitions: bool = True) -> float:
-    """Host microseconds per exit of `kind` handled by the harness's monitor (VMREADs, a VMWRITE,
+    """Host microseconds per exit of `kind` handled by the bare monitor's monitor (VMREADs, a VMWRITE,
     VMRESUME), with the C transition loop on or off."""
-    guest = harness.assemble(f"""
+    guest = bare_monitor.assemble(f"""
       mov r9, {exits}
       {kind.before}
     again:
       {kind.guest}
       jmp again
-    """, harness.GUEST_CODE)
-    fields = harness.guest_fields(pin=kind.pin) | kind.fields
-    machine = Machine(ram_size=harness.GUEST_HOST_BASE + harness.GUEST_RAM + 16 * MIB, lps=1,
+    """, bare_monitor.GUEST_CODE)
+    fields = bare_monitor.guest_fields(pin=kind.pin) | kind.fields
+    machine = Machine(ram_size=bare_monitor.GUEST_HOST_BASE + bare_monitor.GUEST_RAM + 16 * MIB, lps=1,
                       fast_transitions=fast_transitions)
-    machine.ram.write_u32(harness.VMXON_REGION, CAPS.vmcs_revision_id)
-    machine.ram.write_u32(harness.VMCS_REGION, CAPS.vmcs_revision_id)
-    harness.write_guest_memory(machine, guest)
-    monitor = harness.monitor_source(fields, on_exit=counting_exit_handler(kind))
-    machine.load(harness.MONITOR_CODE, harness.assemble(monitor, harness.MONITOR_CODE))
-    machine.start(harness.MONITOR_CODE, [harness.MONITOR_STACK_TOP])
+    machine.ram.write_u32(bare_monitor.VMXON_REGION, CAPS.vmcs_revision_id)
+    machine.ram.write_u32(bare_monitor.VMCS_REGION, CAPS.vmcs_revision_id)
+    bare_monitor.write_guest_memory(machine, guest)
+    monitor = bare_monitor.monitor_source(fields, on_exit=counting_exit_handler(kind))
+    machine.load(bare_monitor.MONITOR_CODE, bare_monitor.assemble(monitor, bare_monitor.MONITOR_CODE))
+    machine.start(bare_monitor.MONITOR_CODE, [bare_monitor.MONITOR_STACK_TOP])
     started = time.perf_counter()
     result = machine.run(max_instructions=exits * INSTRUCTIONS_PER_EXIT_BOUND)
     seconds = time.perf_counter() - started

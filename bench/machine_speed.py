@@ -10,7 +10,7 @@ from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, UC_PROT_ALL, Uc
 from unicorn import x86_const as x86
 
 from bench import compiled_guests, exit_kinds
-from tools import harness
+from hypervisors import bare_monitor
 from emu.machine import Machine
 from emu.memory import MIB
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
@@ -28,7 +28,7 @@ FRAGMENTED_GPA_BASE = 16 * MIB       # guest-physical start of the fragmented re
 FRAGMENTED_HPA_BASE = 32 * MIB       # host-physical pool its pages are scattered over
 FRAGMENTED_RAM = 128 * MIB
 PT_ENTRIES = 512
-EPT_FIRST_PT = harness.EPT_PD + harness.PAGE_SIZE     # page tables go right after the harness's EPT PD
+EPT_FIRST_PT = bare_monitor.EPT_PD + bare_monitor.PAGE_SIZE     # page tables go right after the monitor's EPT PD
 SHUFFLE_SEED = 2026
 BARE_MEMORY = 16 * MIB
 SNAPSHOT_RAM = 64 * MIB
@@ -53,26 +53,26 @@ def _bare_uc(code: bytes) -> Uc:
     """A plain Unicorn instance with BARE_MEMORY mapped and `code` written at GUEST_CODE."""
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0, BARE_MEMORY, UC_PROT_ALL)
-    uc.mem_write(harness.GUEST_CODE, code)
+    uc.mem_write(bare_monitor.GUEST_CODE, code)
     return uc
 
 
 def bare_unicorn(iterations: int, budget: bool) -> float:
     """Guest instructions per second of the same loop on a plain Unicorn instance."""
-    code = harness.assemble(loop_source(iterations), harness.GUEST_CODE)
+    code = bare_monitor.assemble(loop_source(iterations), bare_monitor.GUEST_CODE)
     uc = _bare_uc(code)
     instructions = iterations * LOOP_INSTRUCTIONS_PER_ITERATION
     started = time.perf_counter()
     if budget:
-        uc.emu_start(harness.GUEST_CODE, harness.GUEST_CODE + len(code), count=instructions + 16)
+        uc.emu_start(bare_monitor.GUEST_CODE, bare_monitor.GUEST_CODE + len(code), count=instructions + 16)
     else:
-        uc.emu_start(harness.GUEST_CODE, harness.GUEST_CODE + len(code))
+        uc.emu_start(bare_monitor.GUEST_CODE, bare_monitor.GUEST_CODE + len(code))
     elapsed = time.perf_counter() - started
     return instructions / elapsed
 
 
 def machine_loop(iterations: int) -> float:
-    run = harness.run_guest(loop_source(iterations))
+    run = bare_monitor.run_guest(loop_source(iterations))
     return iterations * LOOP_INSTRUCTIONS_PER_ITERATION / run.seconds
 
 
@@ -85,7 +85,7 @@ MONITOR_TOUCHES_SSE = "movq xmm2, r13"
 
 def exit_round_trip(exits: int, *, shared_state_touched: bool = False) -> float:
     """Host microseconds per CPUID exit handled by the monitor (VMREAD x3, VMWRITE, VMRESUME)."""
-    run = harness.run_guest(f"""
+    run = bare_monitor.run_guest(f"""
       mov r9, {exits}
     again:
       {GUEST_TOUCHES_SSE if shared_state_touched else ""}
@@ -104,14 +104,14 @@ def inverse_call_round_trip(calls: int, *, fast_transitions: bool = True) -> flo
     (docs/machine.md 8): the root monitor launches the guest, which exits by VMCALL at once; the
     exit handler then calls into it `calls` times and stops the machine. With the C transition
     loop on or off."""
-    guest = harness.assemble("""
+    guest = bare_monitor.assemble("""
       vmcall
     inverse_entry:
       vmcall
-    """, harness.GUEST_CODE)
-    inverse_entry = harness.GUEST_CODE + INVERSE_ENTRY_OFFSET
-    fields = harness.guest_fields() | {"INVERSE_HYPERCALL_ENTRY": inverse_entry}
-    monitor = harness.monitor_source(fields).replace("    exit_handler:\n", f"""    exit_handler:
+    """, bare_monitor.GUEST_CODE)
+    inverse_entry = bare_monitor.GUEST_CODE + INVERSE_ENTRY_OFFSET
+    fields = bare_monitor.guest_fields() | {"INVERSE_HYPERCALL_ENTRY": inverse_entry}
+    monitor = bare_monitor.monitor_source(fields).replace("    exit_handler:\n", f"""    exit_handler:
       mov r9, {calls}
     call_again:
       mov eax, 1
@@ -121,13 +121,13 @@ def inverse_call_round_trip(calls: int, *, fast_transitions: bool = True) -> flo
       xor eax, eax
       out 0xF4, al
 """, 1)
-    machine = Machine(ram_size=harness.GUEST_HOST_BASE + harness.GUEST_RAM + 16 * MIB, lps=1,
+    machine = Machine(ram_size=bare_monitor.GUEST_HOST_BASE + bare_monitor.GUEST_RAM + 16 * MIB, lps=1,
                       fast_transitions=fast_transitions)
-    machine.ram.write_u32(harness.VMXON_REGION, CAPS.vmcs_revision_id)
-    machine.ram.write_u32(harness.VMCS_REGION, CAPS.vmcs_revision_id)
-    harness.write_guest_memory(machine, guest)
-    machine.load(harness.MONITOR_CODE, harness.assemble(monitor, harness.MONITOR_CODE))
-    machine.start(harness.MONITOR_CODE, [harness.MONITOR_STACK_TOP])
+    machine.ram.write_u32(bare_monitor.VMXON_REGION, CAPS.vmcs_revision_id)
+    machine.ram.write_u32(bare_monitor.VMCS_REGION, CAPS.vmcs_revision_id)
+    bare_monitor.write_guest_memory(machine, guest)
+    machine.load(bare_monitor.MONITOR_CODE, bare_monitor.assemble(monitor, bare_monitor.MONITOR_CODE))
+    machine.start(bare_monitor.MONITOR_CODE, [bare_monitor.MONITOR_STACK_TOP])
     started = time.perf_counter()
     result = machine.run(max_instructions=calls * INSTRUCTIONS_PER_CALL_BOUND)
     seconds = time.perf_counter() - started
@@ -138,12 +138,12 @@ def inverse_call_round_trip(calls: int, *, fast_transitions: bool = True) -> flo
 
 def bare_unicorn_hook_round_trip(calls: int) -> float:
     """Host microseconds per CPUID trapped by a Python hook on plain Unicorn, for comparison."""
-    code = harness.assemble(f"mov r9, {calls}\nagain: xor eax, eax\ncpuid\ndec r9\njnz again\nhlt",
-                            harness.GUEST_CODE)
+    code = bare_monitor.assemble(f"mov r9, {calls}\nagain: xor eax, eax\ncpuid\ndec r9\njnz again\nhlt",
+                                 bare_monitor.GUEST_CODE)
     uc = _bare_uc(code)
     uc.hook_add(UC_HOOK_INSN, lambda uc, data: 1, None, 1, 0, x86.UC_X86_INS_CPUID)
     started = time.perf_counter()
-    uc.emu_start(harness.GUEST_CODE, harness.GUEST_CODE + len(code))
+    uc.emu_start(bare_monitor.GUEST_CODE, bare_monitor.GUEST_CODE + len(code))
     return (time.perf_counter() - started) / calls * 1e6
 
 
@@ -156,7 +156,7 @@ def fragmented_ept() -> tuple[float, int]:
       mov rcx, {FRAGMENTED_PAGES}
     page:
       add rax, [rsi]
-      add rsi, {harness.PAGE_SIZE}
+      add rsi, {bare_monitor.PAGE_SIZE}
       dec rcx
       jnz page
       dec r10
@@ -166,24 +166,24 @@ def fragmented_ept() -> tuple[float, int]:
     """
 
     def map_scattered_pages(machine) -> None:
-        host_pages = [FRAGMENTED_HPA_BASE + i * harness.PAGE_SIZE for i in range(FRAGMENTED_PAGES)]
+        host_pages = [FRAGMENTED_HPA_BASE + i * bare_monitor.PAGE_SIZE for i in range(FRAGMENTED_PAGES)]
         random.Random(SHUFFLE_SEED).shuffle(host_pages)
         for index, host_page in enumerate(host_pages):
-            table = EPT_FIRST_PT + (index // PT_ENTRIES) * harness.PAGE_SIZE
+            table = EPT_FIRST_PT + (index // PT_ENTRIES) * bare_monitor.PAGE_SIZE
             machine.ram.write_u64(table + 8 * (index % PT_ENTRIES),
-                                  host_page | harness.EPT_RWX | (MemoryType.WB << harness.EPT_MEMORY_TYPE_SHIFT))
-        first_pd_index = FRAGMENTED_GPA_BASE // harness.LARGE_PAGE_SIZE
+                                  host_page | bare_monitor.EPT_RWX | (MemoryType.WB << bare_monitor.EPT_MEMORY_TYPE_SHIFT))
+        first_pd_index = FRAGMENTED_GPA_BASE // bare_monitor.LARGE_PAGE_SIZE
         for table_index in range((FRAGMENTED_PAGES + PT_ENTRIES - 1) // PT_ENTRIES):
-            machine.ram.write_u64(harness.EPT_PD + 8 * (first_pd_index + table_index),
-                                  (EPT_FIRST_PT + table_index * harness.PAGE_SIZE) | harness.EPT_RWX)
+            machine.ram.write_u64(bare_monitor.EPT_PD + 8 * (first_pd_index + table_index),
+                                  (EPT_FIRST_PT + table_index * bare_monitor.PAGE_SIZE) | bare_monitor.EPT_RWX)
 
-    run = harness.run_guest(source, ram_size=FRAGMENTED_RAM, prepare=map_scattered_pages)
+    run = bare_monitor.run_guest(source, ram_size=FRAGMENTED_RAM, prepare=map_scattered_pages)
     return run.result.instructions / run.seconds, run.result.instructions
 
 
 def snapshot_and_restore(ram_size: int) -> tuple[float, float]:
     """Host milliseconds to snapshot and to restore a machine paused inside a running guest."""
-    run = harness.run_guest(loop_source(LOOP_ITERATIONS), ram_size=ram_size, max_instructions=SNAPSHOT_PAUSE)
+    run = bare_monitor.run_guest(loop_source(LOOP_ITERATIONS), ram_size=ram_size, max_instructions=SNAPSHOT_PAUSE)
     machine = run.machine
     started = time.perf_counter()
     snapshot = machine.snapshot()
@@ -256,7 +256,7 @@ def report(figures: dict) -> str:
 def round_trip_table(round_trips: dict[str, dict[str, float]]) -> str:
     """One row per exit kind: host microseconds per round trip in the C transition loop and on the
     Python path (Machine(fast_transitions=False)), and how many times faster the loop is."""
-    header = ("exit round trip, harness monitor", "C loop", "Python", "Python / C")
+    header = ("exit round trip, bare monitor", "C loop", "Python", "Python / C")
     rows = [(name, f"{trip['c_loop_us']:.1f} us", f"{trip['python_us']:.1f} us",
              f"{trip['python_us'] / trip['c_loop_us']:.1f}") for name, trip in round_trips.items()]
     widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]

@@ -24,6 +24,7 @@ from guests import catalog
 from hypervisors import boot, guest_abi, layouts, transfer
 from hypervisors.boot import Booted, GuestImage
 from hypervisors.memory_map import GUEST_LOAD_ADDRESS, MIB
+from tools import blackout
 from tools import restart as restart_module
 
 FROM_HYPERVISOR, TO_HYPERVISOR = "hv1", "hv2"
@@ -190,13 +191,13 @@ def points(quick: bool = False) -> list[Point]:
 # --- reading the machine -------------------------------------------------------------------------------
 def vp_table(booted: Booted) -> dict[int, dict]:
     """The running hypervisor's VPs by VMCS address: partition, index, LP, and its state
-    (running, waiting, sleeping, ended: `tools.restart.vp_state`)."""
+    (running, waiting, sleeping, ended: `tools.blackout.vp_state`)."""
     partitions = booted.partitions()
     table = {}
     for record in booted.vp_records():
         vp, partition = record.fields, record.partition
         table[vp["vmcs"]] = {"partition": partition, "vp": vp["index"], "lp": vp["lp"],
-                             "state": restart_module.vp_state(vp, partitions[partition])}
+                             "state": blackout.vp_state(vp, partitions[partition])}
     return table
 
 
@@ -262,7 +263,7 @@ def hot(point: Point, scenario: str) -> dict:
     mode = PROTOCOL_MODES[scenario]
     recorder = restart_module.request(booted, TO_HYPERVISOR, mode=mode)
     info = restart_module.summary(booted, recorder, FROM_HYPERVISOR, None, mode)
-    if recorder.finished and booted.hypervisor == TO_HYPERVISOR:
+    if recorder.committed:
         booted.machine.run(max_instructions=booted.machine.retired + AFTER_RESTART)
     phases = {phase["phase"]: phase for phase in info["phases"]}
     windows = recorder.memory_before[1] if recorder.memory_before else None

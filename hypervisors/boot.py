@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from emu import ports
 from emu.machine import Machine
 from hypervisors import build, guest_abi, layouts, transfer
+from hypervisors.globals_view import HypervisorGlobals
 from hypervisors.memory_map import (
     BOOT_INFO_ADDRESS, DEFAULT_GUEST_MEMORY, FREE_BASE, GUEST_LOAD_ADDRESS, GUEST_STAGING_BASE,
     GUEST_STAGING_END, GUEST_VP_STACK_SIZE, HEAP_BASE, HEAP_SIZE, HYPERVISOR_BASE, HYPERVISOR_MAX_SIZE,
@@ -45,84 +46,19 @@ class GuestImage:
         return len(self.image) + self.zero_fill
 
 
-@dataclass(frozen=True)
-class VpRecord:
-    """One VP record of the running hypervisor, as its own layout reads it."""
-
-    number: int                         # its place in the hypervisor's VP array
-    address: int
-    partition: int                      # the number of its partition (boot order)
-    fields: dict                        # the record's fields by name
-
-
 @dataclass
-class Booted:
+class Booted(HypervisorGlobals):
+    """A started machine, the hypervisor running on it and its guests; its globals read through
+    HypervisorGlobals (hypervisors/globals_view.py)."""
+
     machine: Machine
     hypervisor: str                     # the hypervisor running now (a hot restart changes it)
     guests: tuple[GuestImage, ...]
     image_base: int = HYPERVISOR_BASE   # where its image is (a hot restart loads it elsewhere)
 
-    def symbol(self, name: str) -> int:
-        """The address of a symbol of the running hypervisor's image, where that image is."""
-        image = build.image(self.hypervisor)
-        return image.symbol(name) - image.base + self.image_base
-
-    def read_qword(self, name: str) -> int:
-        return int.from_bytes(self.machine.ram.read(self.symbol(name), 8), "little")
-
-    # --- a typed view of the running hypervisor's globals (hypervisors/common/data.inc) -----------------
-    @property
-    def records(self) -> layouts.Records:
-        """The running hypervisor's own record layouts."""
-        return build.hypervisor(self.hypervisor).records
-
-    @property
-    def service_region(self) -> int:
-        """Where the next hypervisor's image goes (its service partition's memory)."""
-        return self.read_qword("service_region")
-
-    @property
-    def transfer_area(self) -> int:
-        """The transfer messages' area in the service region."""
-        return self.read_qword("transfer_area")
-
-    @property
-    def restart_status(self) -> int:
-        """The last restart's transfer.Status."""
-        return self.read_qword("restart_status")
-
-    @property
-    def restart_detail(self) -> int:
-        """What the last restart's status names (for a refusal: which check)."""
-        return self.read_qword("restart_detail")
-
-    @property
-    def vp_total(self) -> int:
-        return self.read_qword("vp_total")
-
-    @property
-    def vp_base(self) -> int:
-        """The address of the first VP record (they follow each other)."""
-        return self.read_qword("vps")
-
-    def vp_records(self) -> list[VpRecord]:
-        """Every VP record of the running hypervisor, with the number of its partition."""
-        layout, partition_size = self.records.vp, self.records.partition.size
-        base, partitions = self.vp_base, self.symbol("partitions")
-        found = []
-        for number in range(self.vp_total):
-            address = base + number * layout.size
-            fields = layout.unpack(self.machine.ram.read(address, layout.size))
-            found.append(VpRecord(number, address, (fields["partition"] - partitions) // partition_size, fields))
-        return found
-
     def partitions(self) -> list[dict]:
         """The hypervisor's partition records, one per guest, in boot order."""
-        base = self.symbol("partitions")
-        layout = build.hypervisor(self.hypervisor).records.partition
-        size = layout.size
-        return [layout.unpack(self.machine.ram.read(base + i * size, size))
-                for i in range(len(self.guests))]
+        return self.partition_records(len(self.guests))
 
 
 def _check(guests: tuple[GuestImage, ...], lps: int) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from asm import Image, assemble_file, merge_constants
 from emu import disk, ports, vmcs_fields, vmentry_checks, vmx_defs
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES
-from hypervisors import guest_abi, invariants, layouts, memory_map, transfer, vp_state
+from hypervisors import guest_abi, invariants, layouts, memory_map, segments, transfer, vp_state
 
 HERE = Path(__file__).resolve().parent
 COMMON_SOURCES = HERE / "common"        # code every hypervisor includes, written against generic names
@@ -37,7 +37,7 @@ def check_contract(source: Path) -> None:
         named = ", ".join(f"{label} (called by common/{include})" for label, include in missing)
         raise ContractError(f"{source.name} does not define {named}: every hypervisor provides the labels "
                             f"of hypervisors/common/contract.inc")
-FRAME_RECORD_BYTES = 16                 # 1 << FRAME_RECORD_SHIFT of common/defs.inc
+FRAME_RECORD_BYTES = 16                 # common/memory.inc shifts by FRAME_RECORD_SHIFT, its log2
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Hypervisor:
         return layouts.RECORDS[self.name]
 
     def __post_init__(self) -> None:
-        if self.records.frame.size != FRAME_RECORD_BYTES:   # common/defs.inc shifts by FRAME_RECORD_SHIFT
+        if self.records.frame.size != FRAME_RECORD_BYTES:   # common/memory.inc shifts by FRAME_RECORD_SHIFT
             raise ValueError(f"{self.name}: frame records must be {FRAME_RECORD_BYTES} bytes")
         vp = self.records.vp                                 # VP records lie one after the other from a page
         if vp.size % vp_state.FXSAVE_ALIGNMENT or vp.offset("fx_area") % vp_state.FXSAVE_ALIGNMENT:
@@ -140,12 +140,15 @@ def constants(name: str = "hv1") -> dict[str, int]:
         {"DISK_BLOCK_SIZE": disk.DISK_BLOCK_SIZE, "DISK_BLOCK_SHIFT": disk.DISK_BLOCK_SIZE.bit_length() - 1},
         {"UART_LSR": ports.UART_LSR, "LSR_READY": ports.LSR_THR_EMPTY | ports.LSR_TRANSMITTER_EMPTY},
         memory_map.constants(),
+        segments.constants(),
         invariants.constants(),
         guest_abi.constants(),
         transfer.constants(),
         vp_state.constants(),
         spec.records.constants(),
-        {"QUANTUM": spec.quantum, "HV_VERSION": spec.version},
+        {"QUANTUM": spec.quantum, "HV_VERSION": spec.version,
+         "FRAME_RECORD_SHIFT": FRAME_RECORD_BYTES.bit_length() - 1,
+         "EPTP_VALUE_FLAGS": vmx_defs.make_eptp(0)},        # an EPTP's bits besides the PML4's address
         _guest_state_check_constants(),
         {"VMCS_REVISION": caps.vmcs_revision_id,
          "PIN_MUST_BE_ONE": caps.pin_based.must_be_one, "PROC_MUST_BE_ONE": caps.primary_processor.must_be_one,

@@ -4,8 +4,7 @@ from __future__ import annotations
 import enum
 
 from emu import ports
-
-GIB = 1 << 30
+from hypervisors.memory_map import GIB
 
 
 class Hypercall(enum.IntEnum):

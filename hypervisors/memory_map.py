@@ -2,8 +2,18 @@
 from __future__ import annotations
 
 MIB = 1 << 20
+GIB = 1 << 30
 PAGE_SIZE = 4096
 LARGE_PAGE_SIZE = 2 * MIB
+
+# Page geometry of the paging structures and EPT (SDM Vol. 3A 4.5, Vol. 3C 29.3.2).
+PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
+GIB_SHIFT = GIB.bit_length() - 1
+TABLE_ENTRY_BYTES = 8
+ENTRIES_PER_TABLE = PAGE_SIZE // TABLE_ENTRY_BYTES
+# The page-ownership database counts memory in frames of one large page (docs/hv1.md).
+FRAME_SHIFT = LARGE_PAGE_SIZE.bit_length() - 1
+PAGES_PER_FRAME = LARGE_PAGE_SIZE // PAGE_SIZE
 
 # Host-physical.
 BOOT_INFO_ADDRESS = 0x9000            # below 1 MiB, above the firmware page tables (0x1000-0x2FFF)

@@ -6,12 +6,9 @@ from dataclasses import dataclass, field
 
 from emu.vmx_defs import EPT_ADDRESS_MASK, EPT_LEVEL_BITS, EPT_PML4_SHIFT, EPT_RWX_MASK, PAGE_SIZE
 from hypervisors import build, guest_abi, layouts, transfer
-from hypervisors.memory_map import LARGE_PAGE_SIZE
-
-PAGES_PER_FRAME = LARGE_PAGE_SIZE // PAGE_SIZE
-ENTRY_BYTES = 8
-ENTRIES_PER_TABLE = 1 << EPT_LEVEL_BITS
-PAGE_SHIFT = 12
+from hypervisors.memory_map import (
+    ENTRIES_PER_TABLE, LARGE_PAGE_SIZE, PAGE_SHIFT, PAGES_PER_FRAME, TABLE_ENTRY_BYTES as ENTRY_BYTES,
+)
 
 
 def owner_name(owner: int) -> str:
@@ -87,7 +84,7 @@ def _window(ram, eptp: int) -> tuple[dict[int, int], list[int]]:
 
 def lock_held(booted) -> bool:
     """The hypervisor's memory_lock: while an LP holds it, the database and the windows may disagree for a moment."""
-    return bool(booted.read_qword("memory_lock"))
+    return bool(booted.memory_lock)
 
 
 def read(booted) -> MemoryState:
@@ -95,8 +92,8 @@ def read(booted) -> MemoryState:
     records = build.hypervisor(booted.hypervisor).records
     frame_layout, page_layout = records.frame, records.page
     ram = booted.machine.ram
-    frame_table = booted.read_qword("frame_table")
-    frame_count = booted.read_qword("frame_count")
+    frame_table = booted.frame_table
+    frame_count = booted.frame_count
     frame_bytes = ram.read(frame_table, frame_count * frame_layout.size)
     frame_owners, page_owners, free_counts, records_inside = [], {}, {}, set()
     for number in range(frame_count):

@@ -41,6 +41,7 @@ from emu.vmx_defs import (
     ExitReason, MemoryType, PinBasedControls, PrimaryProcessorControls, Rflags, SecondaryProcessorControls,
     make_eptp,
 )
+from hypervisors import segments
 
 PAGE_SIZE = 4096
 PAGE_2M = 2 << 20
@@ -90,17 +91,17 @@ GUEST_DATA = 0x30000
 CODE_SELECTOR = 0x08
 DATA_SELECTOR = 0x10
 TSS_SELECTOR = 0x18
-TSS_LIMIT = 0x67                        # a 64-bit TSS is 104 bytes (SDM Vol. 3A 8.7)
-GDT_CODE64 = 0x00AF_9B00_0000_FFFF      # present, DPL 0, execute/read accessed, L, G
-GDT_DATA = 0x00CF_9300_0000_FFFF        # present, DPL 0, read/write accessed, D/B, G
+# The flat segments of hypervisors/segments.py, under the names the tests use.
+TSS_LIMIT = segments.TSS64_LIMIT
+GDT_CODE64 = segments.GUEST_CODE_DESCRIPTOR
+GDT_DATA = segments.GUEST_DATA_DESCRIPTOR
 GDT_ENTRIES = 5                         # null, code, data, and a 16-byte TSS descriptor
 GDT_LIMIT = GDT_ENTRIES * QWORD - 1
-FLAT_LIMIT = 0xFFFF_FFFF
-CODE64_ACCESS_RIGHTS = (SEGMENT_TYPE_CODE | SEGMENT_TYPE_READABLE_OR_WRITABLE | SEGMENT_TYPE_ACCESSED
-                        | AR_S | AR_P | AR_L | AR_G)
-DATA_ACCESS_RIGHTS = SEGMENT_TYPE_READABLE_OR_WRITABLE | SEGMENT_TYPE_ACCESSED | AR_S | AR_P | AR_DB | AR_G
-BUSY_TSS_ACCESS_RIGHTS = SYSTEM_TYPE_BUSY_TSS | AR_P
-DR7_RESET_VALUE = 0x400                 # SDM Vol. 3B 18.2.4
+FLAT_LIMIT = segments.FLAT_LIMIT
+CODE64_ACCESS_RIGHTS = segments.CODE64_ACCESS_RIGHTS
+DATA_ACCESS_RIGHTS = segments.DATA_ACCESS_RIGHTS
+BUSY_TSS_ACCESS_RIGHTS = segments.TSS64_BUSY_ACCESS_RIGHTS
+DR7_RESET_VALUE = segments.DR7_INIT
 
 # IDT gates (SDM Vol. 3A 6.14.1).
 INTERRUPT_GATE_ATTRIBUTES = 0x8E00      # present, DPL 0, 64-bit interrupt gate
@@ -221,24 +222,14 @@ def set_interrupt_gate(idt_base: int | str, vector: int, handler_label: str) -> 
         "mov dword ptr [rbx + 8], eax", "mov dword ptr [rbx + 12], 0")
 
 
-# A 64-bit TSS descriptor (SDM Vol. 3A Figure 8-4): limit 15:0, base 23:0 at bit 16, type at bit 40,
-# present at bit 47, base 31:24 at bit 56; the second quadword holds base 63:32.
-DESCRIPTOR_BASE_LOW_SHIFT = 16
-DESCRIPTOR_BASE_LOW_MASK = 0xFF_FFFF
-DESCRIPTOR_TYPE_SHIFT = 40
-DESCRIPTOR_PRESENT = 1 << 47
-DESCRIPTOR_BASE_MIDDLE_SHIFT = 24
-DESCRIPTOR_BASE_MIDDLE_MASK = 0xFF
-DESCRIPTOR_BASE_MIDDLE_POSITION = 56
+# A 64-bit TSS descriptor (SDM Vol. 3A Figure 8-4): the low quadword as segments.descriptor builds it,
+# then base 63:32.
 DESCRIPTOR_BASE_HIGH_SHIFT = 32
 
 
 def gdt_quads(tss_base: int) -> list[int]:
     """The flat GDT: null, 64-bit code, data, and a busy 64-bit TSS descriptor (two quadwords)."""
-    tss_low = (TSS_LIMIT | (tss_base & DESCRIPTOR_BASE_LOW_MASK) << DESCRIPTOR_BASE_LOW_SHIFT
-               | SYSTEM_TYPE_BUSY_TSS << DESCRIPTOR_TYPE_SHIFT | DESCRIPTOR_PRESENT
-               | ((tss_base >> DESCRIPTOR_BASE_MIDDLE_SHIFT) & DESCRIPTOR_BASE_MIDDLE_MASK)
-               << DESCRIPTOR_BASE_MIDDLE_POSITION)
+    tss_low = segments.descriptor(tss_base, TSS_LIMIT, BUSY_TSS_ACCESS_RIGHTS)
     return [0, GDT_CODE64, GDT_DATA, tss_low, tss_base >> DESCRIPTOR_BASE_HIGH_SHIFT]
 
 

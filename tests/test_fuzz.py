@@ -279,7 +279,7 @@ def test_the_lost_guest_state_oracle(machine):
 
     def clobbers_a_register(event):
         if event.kind == "restart-phase" and event.data["phase"] == transfer.Phase.ABORTED:
-            vps = machine.booted.read_qword("vps")
+            vps = machine.booted.vp_base
             machine.machine.ram.write_u64(vps + records.vp.offset("rbx"), 0xBAD)
     machine.machine.events.subscribe(clobbers_a_register)
     try:

@@ -225,11 +225,10 @@ def test_every_lp_runs_on_hv1s_own_page_tables():
     from unicorn import x86_const
 
     from emu.machine import FIRMWARE_PML4
-    from hypervisors import boot, build
+    from hypervisors import boot
 
     booted = boot.boot([catalog.parse("hello,vps=2")], lps=2)
     booted.machine.run(max_instructions=50_000_000)
-    image = build.image("hv1")
-    hv_cr3 = int.from_bytes(booted.machine.ram.read(image.symbol("hv_cr3"), 8), "little")
+    hv_cr3 = booted.hv_cr3
     assert hv_cr3 != FIRMWARE_PML4
     assert [lp.root.reg(x86_const.UC_X86_REG_CR3) for lp in booted.machine.lps] == [hv_cr3, hv_cr3]

@@ -62,7 +62,7 @@ def test_hv2_runs_the_vp_that_waited_longest():
     booted = boot.boot([catalog.parse("hashchain")] * 3, hypervisor="hv2")
     booted.machine.run(max_instructions=3_000_000)
     records = build.hypervisor("hv2").records.vp
-    base = booted.read_qword("vps")
+    base = booted.vp_base
     runs = [records.unpack(booted.machine.ram.read(base + n * records.size, records.size))["runs"] for n in range(3)]
     assert min(runs) >= 10 and max(runs) - min(runs) <= 1
 

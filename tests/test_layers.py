@@ -75,3 +75,45 @@ def test_an_upward_import_is_found(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "product_modules", lambda: {"emu.offender": offending})
     assert upward_imports() == ["emu.offender (emu) imports tools (tools)",
                                 "emu.offender (emu) imports tools.restart (tools)"]
+
+
+# Inside tools, lowest first: the libraries and the restart report's parts, the restart operator that
+# composes them, and the commands that drive a restart and follow it (trace and fuzz). A module of
+# tools in none of these (tools.cli, tools.fingerprint) is ordered by LAYERS alone.
+TOOLS_LAYERS = (
+    ("tools.run", "tools.faults", "tools.host_clock", "tools.phase_meter", "tools.blackout", "tools.digest_check"),
+    ("tools.restart",),
+    ("tools.trace", "tools.trace_chrome", "tools.fuzz"),
+)
+
+
+def tools_layer_of(module: str) -> int | None:
+    for index, prefixes in enumerate(TOOLS_LAYERS):
+        if any(module == prefix or module.startswith(prefix + ".") for prefix in prefixes):
+            return index
+    return None
+
+
+def upward_imports_inside_tools() -> list[str]:
+    found = []
+    for module, path in sorted(product_modules().items()):
+        own = tools_layer_of(module)
+        for name in sorted(imported_modules(path)):
+            target = tools_layer_of(name)
+            if own is not None and target is not None and target > own:
+                found.append(f"{module} imports {name}")
+    return found
+
+
+def test_inside_tools_the_parts_are_below_the_operator_and_the_operator_below_trace_and_fuzz():
+    assert upward_imports_inside_tools() == []
+    assert tools_layer_of("tools.blackout") < tools_layer_of("tools.restart") < tools_layer_of("tools.trace.session")
+    assert tools_layer_of("tools.cli") is None
+
+
+def test_an_upward_import_inside_tools_is_found(tmp_path, monkeypatch):
+    offending = tmp_path / "tools" / "blackout.py"
+    offending.parent.mkdir()
+    offending.write_text("from tools import restart\n")
+    monkeypatch.setattr(sys.modules[__name__], "product_modules", lambda: {"tools.blackout": offending})
+    assert upward_imports_inside_tools() == ["tools.blackout imports tools.restart"]

@@ -202,7 +202,7 @@ def test_a_bad_request_is_refused():
     booted.machine.run(max_instructions=REQUEST_AT)
     booted.machine.ring_doorbell([transfer.REQUEST_MAGIC, transfer.PROTOCOL_VERSION, 0])   # far too short
     booted.machine.run(max_instructions=REQUEST_AT + 1_000_000)
-    assert transfer.Status(booted.read_qword("restart_status")) == transfer.Status.BAD_REQUEST
+    assert transfer.Status(booted.restart_status) == transfer.Status.BAD_REQUEST
     assert booted.machine.run(max_instructions=2_000_000_000).stop.reason == "debug-exit"
     assert booted.partitions()[0]["exit_code"] == 0
 
@@ -257,7 +257,7 @@ def corrupting(target_message: int, offset: int, xor: int, state: dict):
         state["messages"] += 1
         if state["messages"] != target_message:
             return
-        area = state["booted"].read_qword("transfer_area")
+        area = state["booted"].transfer_area
         ram = state["booted"].machine.ram
         length = transfer.TRANSFER_HEADER.unpack(ram.read(area, transfer.TRANSFER_HEADER.size))["bytes"]
         address = area + offset % min(max(length, 1), transfer.TRANSFER_AREA_SIZE)
@@ -281,7 +281,7 @@ def test_no_corrupted_message_is_ever_accepted(message, offset, xor):
     assert recorder.finished
     if state["struck"]:
         assert booted.hypervisor == "hv1", "a corrupted state was accepted"
-        assert transfer.Status(booted.read_qword("restart_status")) in (transfer.Status.REFUSED,
+        assert transfer.Status(booted.restart_status) in (transfer.Status.REFUSED,
                                                                       transfer.Status.CALL_FAILED)
     result = booted.machine.run(max_instructions=2_000_000_000)
     assert_oracle(run_module.document(booted, result, 1), CORRUPTION_GUESTS, 1)

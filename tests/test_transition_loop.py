@@ -10,7 +10,7 @@ from tests.machine_programs import (
     CPUID_LOOP, EXIT_STOPPED_ON_EXIT, QUANTUM, build_guest, cpuid_guest_with_interrupts, default_controls,
     event_tuples, exit_log, exit_logger, exit_status, lines, putc, run_guest, run_root, timeout, vmx_program,
 )
-from tools import harness
+from hypervisors import bare_monitor
 
 ALARM_SECONDS = 30
 
@@ -36,14 +36,14 @@ def test_loop_on_and_off_give_the_same_machine():
 
 
 @pytest.mark.parametrize("guest", [CPUID_LOOP, "xor eax, eax\ncpuid\nmov al, 0x41\nout 0xe9, al\nxor eax, eax\nhlt"])
-def test_harness_guest_the_same_with_and_without_the_loop(guest):
-    fast = harness.run_guest(guest, record_events=True)
-    slow = harness.run_guest(guest, record_events=True, fast_transitions=False)
+def test_bare_monitor_guest_the_same_with_and_without_the_loop(guest):
+    fast = bare_monitor.run_guest(guest, record_events=True)
+    slow = bare_monitor.run_guest(guest, record_events=True, fast_transitions=False)
     assert event_tuples(fast.machine) == event_tuples(slow.machine)
     assert fast.console == slow.console
     assert fast.result == slow.result
-    assert fast.machine.ram.read(harness.VMCS_REGION, harness.PAGE_SIZE) == \
-        slow.machine.ram.read(harness.VMCS_REGION, harness.PAGE_SIZE)
+    assert fast.machine.ram.read(bare_monitor.VMCS_REGION, bare_monitor.PAGE_SIZE) == \
+        slow.machine.ram.read(bare_monitor.VMCS_REGION, bare_monitor.PAGE_SIZE)
 
 
 def test_a_guest_the_loop_does_not_take_runs_on_the_python_path():
@@ -65,8 +65,8 @@ IO_FORMS_INSTRUCTIONS = 7
 
 
 def test_io_exits_are_the_same_with_and_without_the_loop():
-    fast = harness.run_guest(IO_FORMS, record_events=True)
-    slow = harness.run_guest(IO_FORMS, record_events=True, fast_transitions=False)
+    fast = bare_monitor.run_guest(IO_FORMS, record_events=True)
+    slow = bare_monitor.run_guest(IO_FORMS, record_events=True, fast_transitions=False)
     assert event_tuples(fast.machine) == event_tuples(slow.machine)
     assert fast.console == slow.console and fast.result == slow.result
     io_exits = fast.result.exits_by_reason[ExitReason.IO_INSTRUCTION]
@@ -83,12 +83,12 @@ def test_io_bitmaps_the_same_with_and_without_the_loop():
     results = []
     for fast in (True, False):
         machine = Machine(record_events=True, fast_transitions=fast)
-        machine.ram.write(IO_BITMAPS, bytes(2 * harness.PAGE_SIZE))
+        machine.ram.write(IO_BITMAPS, bytes(2 * bare_monitor.PAGE_SIZE))
         machine.ram.write(IO_BITMAPS + EXITING_PORT // BITS_PER_BYTE, bytes([1 << EXITING_PORT % BITS_PER_BYTE]))
         guest = lines(putc("A"), f"mov dx, {EXITING_PORT:#x}", "out dx, al", "out 0x80, al", putc("B"), "hlt")
         controls = default_controls(primary=PrimaryProcessorControls.HLT_EXITING | PrimaryProcessorControls.USE_IO_BITMAPS)
         result, _ = run_guest(machine, guest, stop_reasons=(ExitReason.HLT,), controls=controls,
-                              fields={"IO_BITMAP_A": IO_BITMAPS, "IO_BITMAP_B": IO_BITMAPS + harness.PAGE_SIZE})
+                              fields={"IO_BITMAP_A": IO_BITMAPS, "IO_BITMAP_B": IO_BITMAPS + bare_monitor.PAGE_SIZE})
         results.append((event_tuples(machine), machine.io.console.text(), result, exit_log(machine)))
     assert results[0] == results[1]
     assert [record.reason for record in results[0][3]] == [ExitReason.IO_INSTRUCTION] * 2 + [ExitReason.HLT]

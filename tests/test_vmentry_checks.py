@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from emu import vmentry_checks as checks
-from emu.vmcs_examples import example_valid_vmcs
+from tests.vmcs_examples import example_valid_vmcs
 from emu.vmcs_fields import FIELDS
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as MACHINE, ControlCapability, msr_values
 from emu.vmx_defs import (

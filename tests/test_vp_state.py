@@ -48,7 +48,7 @@ def test_rdmsr_passes_by_the_msr_bitmap_and_is_served_the_same_when_it_exits(hyp
     assert document["exits_by_reason"]["RDMSR"] == 1
     booted = boot.boot([catalog.parse(spec) for spec in GUESTS], hypervisor=hypervisor, lps=LPS)
     booted.machine.run(max_instructions=BOOTED_BEFORE_FIRST_SWITCH)
-    booted.machine.ram.write(booted.read_qword("msr_bitmap"), b"\xff" * MSR_BITMAP_BYTES)
+    booted.machine.ram.write(booted.msr_bitmap, b"\xff" * MSR_BITMAP_BYTES)
     result = booted.machine.run(max_instructions=run_module.DEFAULT_INSTRUCTION_LIMIT)
     exiting = run_module.document(booted, result, LPS)
     assert exiting["exits_by_reason"]["RDMSR"] > 1000
@@ -88,7 +88,7 @@ def test_each_vp_starts_with_the_state_a_processor_has_after_reset():
         booted = boot.boot([catalog.parse("counter,vps=3,mem=4M")], hypervisor=hypervisor, lps=1)
         booted.machine.run(max_instructions=BOOTED_BEFORE_FIRST_SWITCH)
         vp = build.hypervisor(hypervisor).records.vp
-        vps = booted.read_qword("vps")
+        vps = booted.vp_base
         for index in range(3):
             record = booted.machine.ram.read(vps + index * vp.size, vp.size)
             fields = vp.unpack(record)

@@ -26,10 +26,10 @@ message:
 
 def selftest(args: argparse.Namespace) -> int:
     """Boots the bare machine with a tiny root-mode monitor that launches a guest, and reports."""
-    from tools import harness
+    from hypervisors import bare_monitor
     from emu.vmx_defs import ExitReason
 
-    run = harness.run_guest(SELFTEST_GUEST, record_events=True)
+    run = bare_monitor.run_guest(SELFTEST_GUEST, record_events=True)
     stop = run.result.stop
     sys.stdout.write(run.console)
     print(f"machine stop: {stop.reason}, exit status {stop.exit_status}")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from emu.events import Event
+from emu.events import Event, EventKind
 from hypervisors import build, transfer
+from hypervisors.boot import Booted
+from hypervisors.timeline import RestartTimeline
 
 STEPS = ("request", "boot", "invariants", "precopy", "blackout", "verify", "commit")
 FAULTS = ("hang", "crash", "refuse", "corrupt")
@@ -90,6 +92,25 @@ class Fault:
         jump_from = handler + MOV_EAX_LENGTH + JUMP_RELATIVE_LENGTH       # refuse (or corrupt at commit)
         return (MOV_EAX_IMMEDIATE + int(transfer.Reply.VALUE).to_bytes(4, "little")
                 + JUMP_RELATIVE + (reply - jump_from).to_bytes(4, "little", signed=True))
+
+
+@dataclass
+class FaultHook:
+    """Hands a restart's inverse hypercalls to a `Fault`, with the timeline's current phase and where
+    the new hypervisor is staged. Subscribe `on_event` to the machine's events (EVENT_KINDS), after
+    anything that must read the message as the old hypervisor sent it."""
+
+    EVENT_KINDS = frozenset({EventKind.VMCALLR.value})
+
+    fault: Fault
+    booted: Booted
+    timeline: RestartTimeline
+    to_hypervisor: str
+
+    def on_event(self, event: Event) -> None:
+        booted = self.booted
+        self.fault.on_event(event, booted.machine, self.timeline.phase, booted.transfer_area, booted.service_region,
+                            self.to_hypervisor)
 
 
 SUSPEND_INJECTIONS = ("resume:corrupt",)          # the faults a suspend takes (--mode suspend)

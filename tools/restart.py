@@ -3,17 +3,21 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
-from emu.events import Event
+from emu.disk import Disk
 from guests import catalog
-from hypervisors import boot, build, layouts, memory_state, transfer
+from hypervisors import boot, build, transfer
 from hypervisors.boot import Booted
-from emu.disk import DISK_BLOCK_SIZE, Disk, DiskCommand
-from hypervisors.memory_map import HYPERVISOR_BASE, PAGE_SIZE
+from hypervisors.memory_map import HYPERVISOR_BASE
+from hypervisors.timeline import Outcome, RestartTimeline, Transition
+from tools import blackout, digest_check, phase_meter
 from tools import run as run_module
-from tools.faults import SUSPEND_INJECTIONS, Fault, corrupt_suspend_image
+from tools.blackout import VpBlackouts
+from tools.digest_check import DigestCheck
+from tools.faults import SUSPEND_INJECTIONS, Fault, FaultHook, corrupt_suspend_image
+from tools.host_clock import HostClock
+from tools.phase_meter import PhaseMark, PhaseMeter
 
 MODES = {"precopy": transfer.Mode.PRECOPY, "stop-and-copy": transfer.Mode.STOP_AND_COPY,
          "suspend": transfer.Mode.SUSPEND}
@@ -22,206 +26,107 @@ RESTART_BUDGET = 400_000_000            # instructions a restart may take before
 RUN_STEP = 1_000_000                    # the operator looks at the restart this often
 
 
-@dataclass
-class PhaseMark:
-    phase: transfer.Phase
-    virtual_time: int
-    host_time: float
-    instructions: int
-    inverse_calls: int
-    bytes_sent: int
-
-
-@dataclass
 class RestartRecorder:
-    """Follows the machine's events through a restart: phases, inverse calls, each VP's last exit
-    under the old hypervisor and first entry under the new, and guest memory at both ends."""
+    """One restart followed through its parts, each usable alone: the timeline (which phase is
+    current, when the restart is over), the phase meter, each VP's blackout, the Python-side digest
+    check and the fault hook. The recorder subscribes them in the order their readings depend on,
+    keeps the `booted` view on the hypervisor in charge, and follows the machine across a resume."""
 
-    booted: Booted
-    to_hypervisor: str
-    fault: Fault | None = None
-    check_memory: bool = True           # hash guest memory at both ends of the blackout
-    mode: transfer.Mode = transfer.Mode.PRECOPY
-    marks: list[PhaseMark] = field(default_factory=list)
-    inverse_calls: int = 0
-    bytes_sent: int = 0
-    last_exit: dict[int, tuple[int, float]] = field(default_factory=dict)     # VMCS: (time, host time)
-    first_entry: dict[int, tuple[int, float]] = field(default_factory=dict)
-    old_vps: dict[int, tuple[int, int, int]] = field(default_factory=dict)   # VMCS: (partition, index, LP)
-    new_vps: dict[int, tuple[int, int, int]] = field(default_factory=dict)
-    memory_before: tuple[str, dict] | None = None
-    memory_after: tuple[str, dict] | None = None
-    service_region: int = 0
-    phase: transfer.Phase = transfer.Phase.IDLE
-    vp_states: dict[tuple[int, int], str] = field(default_factory=dict)     # (partition, VP): at the blackout
-    finished: bool = False              # the restart is done or has been aborted
-    python_digest: bytes = transfer.STATE_DIGEST_START    # the digest chain, computed here
-    digest_agrees: bool | None = None   # the old hypervisor's chain equals this one at VERIFY
-    records_by_type: dict[str, int] = field(default_factory=dict)
-    own_seconds: float = 0.0            # host time the recorder itself spent (digests): not the machine's
-    disk_before: dict = field(default_factory=dict)   # the disk's counters at the request
-    instruction_base: int = 0           # instructions of the machines before a reset (suspend and resume)
-    reset: bool = False                 # the machine was reset to resume from the disk
+    def __init__(self, booted: Booted, to_hypervisor: str, fault: Fault | None = None, check_memory: bool = True,
+                 mode: transfer.Mode = transfer.Mode.PRECOPY):
+        self.booted, self.to_hypervisor, self.mode = booted, to_hypervisor, mode
+        self.clock = HostClock()
+        self.timeline = RestartTimeline(mode=mode, status=lambda: (booted.restart_status, booted.restart_detail))
+        self.meter = PhaseMeter(booted, self.timeline, self.clock)
+        self.blackouts = VpBlackouts(booted, self.clock, check_memory)
+        self.digest = DigestCheck(booted, self.clock)
+        self.fault_hook = FaultHook(fault, booted, self.timeline, to_hypervisor) if fault is not None else None
+        self.service_region = 0             # where the new hypervisor runs once it has taken over
+        self.disk_before: dict = {}         # the disk's counters at the request
+        self.reset = False                  # the machine was reset to resume from the disk
+        # At a transition: the meter marks it first, then the view moves to the new hypervisor (at
+        # RESUMED) before the blackout reads the new VPs.
+        for listener in (self.meter.on_transition, self._on_transition, self.blackouts.on_transition,
+                         self.digest.on_transition):
+            self.timeline.subscribe(listener)
 
-    def clock(self) -> float:
-        """Host time of the machine alone: the recorder's own work taken out."""
-        return time.perf_counter() - self.own_seconds
+    def _subscriptions(self) -> list[tuple]:
+        """The parts' event subscribers in the order they must see an event (the digest reads a
+        message before a fault corrupts it); the timeline comes after them."""
+        found = [(self.blackouts.on_event, blackout.EVENT_KINDS), (self.meter.on_event, phase_meter.EVENT_KINDS),
+                 (self.digest.on_event, digest_check.EVENT_KINDS)]
+        if self.fault_hook is not None:
+            found.append((self.fault_hook.on_event, FaultHook.EVENT_KINDS))
+        return found
 
-    def __call__(self, event: Event) -> None:
-        kind = event.kind
-        if kind == "vm-exit":
-            if not self.new_vps:
-                self.last_exit[event.data["vmcs"]] = (event.time, self.clock())
-        elif kind == "vm-entry":
-            vmcs = event.data["vmcs"]
-            if self.new_vps and vmcs in self.new_vps and vmcs not in self.first_entry:
-                self.first_entry[vmcs] = (event.time, self.clock())
-        elif kind == "vmcallr":
-            self.inverse_calls += 1
-            area = self.booted.transfer_area
-            header = transfer.TRANSFER_HEADER.unpack(self.booted.machine.ram.read(area, transfer.TRANSFER_HEADER.size))
-            self.bytes_sent += header["bytes"]
-            message = self.booted.machine.ram.read(area, min(header["bytes"], transfer.TRANSFER_AREA_SIZE))
-            if event.data["call"] in (transfer.Call.INVARIANTS, transfer.Call.STATE):   # the chained messages
-                self.python_digest = transfer.chain_digest(self.python_digest, message)
-                for record_type in record_types(message):
-                    self.records_by_type[record_type] = self.records_by_type.get(record_type, 0) + 1
-            elif event.data["call"] == transfer.Call.VERIFY:
-                sent = message[transfer.TRANSFER_HEADER.size:transfer.TRANSFER_HEADER.size + transfer.STATE_DIGEST_BYTES]
-                self.digest_agrees = sent == self.python_digest
-            if self.fault is not None:
-                self.fault.on_event(event, self.booted.machine, self.phase, area,
-                                    self.booted.service_region, self.to_hypervisor)
-        elif kind == "restart-phase":
-            self._phase(transfer.Phase(event.data["phase"]), event.time)
-        elif kind == "disk" and event.data["command"] == DiskCommand.WRITE and event.data["status"] == 0 \
-                and self.phase in (transfer.Phase.INVARIANTS, transfer.Phase.BLACKOUT):
-            self.bytes_sent += event.data["count"] * DISK_BLOCK_SIZE    # a suspend's messages, in whole blocks
+    def follow(self, events) -> None:
+        """Subscribe the parts and the timeline to an event stream (emu/events.py)."""
+        for callback, kinds in self._subscriptions():
+            events.subscribe(callback, kinds)
+        self.timeline.follow(events)
 
-    def _phase(self, phase: transfer.Phase, virtual_time: int) -> None:
-        self.phase = phase
-        machine = self.booted.machine
-        self.marks.append(PhaseMark(phase, virtual_time, self.clock(),
-                                    self.instruction_base + sum(lp.instructions for lp in machine.lps),
-                                    self.inverse_calls, self.bytes_sent))
-        started = time.perf_counter()
-        if phase == transfer.Phase.BLACKOUT:
-            self.old_vps = self._vp_table()
-            self.memory_before = guest_memory(self.booted) if self.check_memory else None
+    def leave(self, events) -> None:
+        for callback, _ in self._subscriptions():
+            events.unsubscribe(callback)
+        self.timeline.leave(events)
+
+    def _on_transition(self, transition: Transition) -> None:
+        if transition.phase == transfer.Phase.BLACKOUT:
             self.service_region = HYPERVISOR_BASE if self.mode == transfer.Mode.SUSPEND \
                 else self.booted.service_region
-        elif phase == transfer.Phase.SUSPENDED:
-            self._read_suspend_image()
-        elif phase == transfer.Phase.ABORTED and self.reset:
-            self.finished = True                # a resume that refused the image: the machine stops
-        elif phase == transfer.Phase.RESUMED:
+        elif transition.phase == transfer.Phase.RESUMED:
             self.booted.hypervisor, self.booted.image_base = self.to_hypervisor, self.service_region
-            self.memory_after = guest_memory(self.booted) if self.check_memory else None
-            self.new_vps = self._vp_table()
-            self.finished = True
-        elif phase == transfer.Phase.IDLE and any(mark.phase == transfer.Phase.ABORTED for mark in self.marks):
-            self.finished = True
-        self.own_seconds += time.perf_counter() - started
-
-    def _read_suspend_image(self) -> None:
-        """The messages the old hypervisor wrote to the disk: counted, typed and chained in Python as
-        the inverse hypercalls' messages are, and the chain compared with the digest written last."""
-        for message in suspend_messages(self.booted.machine.io.disk)[:-1]:
-            self.python_digest = transfer.chain_digest(self.python_digest, message)
-            for record_type in record_types(message):
-                self.records_by_type[record_type] = self.records_by_type.get(record_type, 0) + 1
-        digest = suspend_messages(self.booted.machine.io.disk)[-1]
-        written = digest[transfer.TRANSFER_HEADER.size:transfer.TRANSFER_HEADER.size + transfer.STATE_DIGEST_BYTES]
-        self.digest_agrees = written == self.python_digest
 
     def switch_machine(self, booted: Booted) -> None:
         """The operator resumed on a reset machine: follow it from now on."""
-        self.instruction_base += sum(lp.instructions for lp in self.booted.machine.lps)
-        self.booted.machine.events.unsubscribe(self)
+        self.meter.machine_reset()
+        self.leave(self.booted.machine.events)
         self.booted.machine, self.booted.hypervisor, self.booted.image_base = \
             booted.machine, booted.hypervisor, booted.image_base
-        self.booted.machine.events.subscribe(self)
+        self.follow(self.booted.machine.events)
         self.reset = True
 
-    def _vp_table(self) -> dict[int, tuple[int, int, int]]:
-        table = {}
-        states = self.booted.partitions()
-        for record in self.booted.vp_records():
-            vp, partition = record.fields, record.partition
-            table[vp["vmcs"]] = (partition, vp["index"], vp["lp"])
-            if not self.new_vps and not self.vp_states.get((partition, vp["index"])):
-                self.vp_states[(partition, vp["index"])] = vp_state(vp, states[partition])
-        return table
+    @property
+    def finished(self) -> bool:
+        """The restart is done or has been aborted."""
+        return self.timeline.over
+
+    @property
+    def committed(self) -> bool:
+        """The new hypervisor runs the guests (after a suspend: resumed)."""
+        return self.finished and self.timeline.ending.outcome == Outcome.COMMITTED
+
+    @property
+    def phase(self) -> transfer.Phase | None:
+        return self.timeline.phase
 
     @property
     def settled(self) -> bool:
         """Aborted, or done with every VP that was running entered again under the new hypervisor."""
-        if not self.finished:
-            return False
-        if not self.new_vps:
-            return True
-        entered = {identity[:2] for vmcs, identity in self.new_vps.items() if vmcs in self.first_entry}
-        return all(identity[:2] in entered for identity in self.old_vps.values()
-                   if self.vp_states.get(identity[:2]) == "running")
+        return self.finished and self.blackouts.all_back()
+
+    # The readings `summary` and the tests use, from the part that measures each.
+    @property
+    def marks(self) -> list[PhaseMark]:
+        return self.meter.marks
+
+    @property
+    def inverse_calls(self) -> int:
+        return self.meter.inverse_calls
+
+    @property
+    def memory_before(self) -> tuple[str, dict] | None:
+        return self.blackouts.memory_before
+
+    @property
+    def memory_after(self) -> tuple[str, dict] | None:
+        return self.blackouts.memory_after
 
     def vp_blackouts(self) -> list[dict]:
-        by_identity = {identity[:2]: vmcs for vmcs, identity in self.new_vps.items()}
-        rows = []
-        for old_vmcs, (partition, index, lp) in sorted(self.old_vps.items(), key=lambda item: item[1]):
-            new_vmcs = by_identity.get((partition, index))
-            exit_mark, entry_mark = self.last_exit.get(old_vmcs), self.first_entry.get(new_vmcs)
-            state = self.vp_states.get((partition, index), "running")
-            row = {"partition": partition, "vp": index, "lp": lp, "state": state, "last_exit": None,
-                   "first_entry": None, "blackout_ticks": None, "blackout_host_ms": None}
-            if exit_mark and entry_mark and state == "running":
-                row.update(last_exit=exit_mark[0], first_entry=entry_mark[0],
-                           blackout_ticks=entry_mark[0] - exit_mark[0],
-                           blackout_host_ms=(entry_mark[1] - exit_mark[1]) * 1e3)
-            rows.append(row)
-        return rows
+        return self.blackouts.rows()
 
     def phases(self) -> list[dict]:
-        rows = []
-        for mark, following in zip(self.marks, self.marks[1:]):
-            rows.append({"phase": mark.phase.name.lower(), "virtual_start": mark.virtual_time,
-                         "virtual_ticks": following.virtual_time - mark.virtual_time,
-                         "host_ms": (following.host_time - mark.host_time) * 1e3,
-                         "instructions": following.instructions - mark.instructions,
-                         "inverse_calls": following.inverse_calls - mark.inverse_calls,
-                         "bytes_sent": following.bytes_sent - mark.bytes_sent})
-        return rows
-
-
-def record_types(message: bytes) -> list[str]:
-    """The type names of a message's records, in order (as far as the message holds together)."""
-    header = transfer.TRANSFER_HEADER.unpack(message[:transfer.TRANSFER_HEADER.size])
-    names, cursor = [], transfer.TRANSFER_HEADER.size
-    for _ in range(header["record_count"]):
-        if cursor + transfer.RECORD_HEADER.size > len(message):
-            break
-        record = transfer.RECORD_HEADER.unpack(message[cursor:cursor + transfer.RECORD_HEADER.size])
-        try:
-            names.append(transfer.RecordType(record["type"]).name.lower())
-        except ValueError:
-            names.append(f"type {record['type']}")
-        cursor += transfer.RECORD_HEADER.size + record["length"]
-    return names
-
-
-def suspend_messages(disk) -> list[bytes]:
-    """The messages of the suspend image on `disk`, in order, the digest message last (empty without
-    an image)."""
-    header = transfer.SUSPEND_HEADER.unpack(
-        disk.read(transfer.SUSPEND_HEADER_BLOCK * DISK_BLOCK_SIZE, transfer.SUSPEND_HEADER.size))
-    if header["magic"] != transfer.SUSPEND_MAGIC:
-        return []
-    messages, block = [], header["state_block"]
-    for _ in range(header["messages"]):
-        header_bytes = disk.read(block * DISK_BLOCK_SIZE, transfer.TRANSFER_HEADER.size)
-        size = min(transfer.TRANSFER_HEADER.unpack(header_bytes)["bytes"], transfer.TRANSFER_AREA_SIZE)
-        messages.append(disk.read(block * DISK_BLOCK_SIZE, size))
-        block += max(1, -(-size // DISK_BLOCK_SIZE))
-    return messages
+        return self.meter.phases()
 
 
 def disk_counters(disk) -> dict:
@@ -242,27 +147,6 @@ def heartbeat_gap(document: dict) -> int | None:
         if guest["name"] == "heartbeat" and ":" in guest["console"]:
             return int(guest["console"].rsplit(":", 1)[1])
     return None
-
-
-def vp_state(vp: dict, partition: dict) -> str:
-    """`running`, `waiting` (halted for its timer), `sleeping` (halted for good), `ended`: a VP's
-    blackout is measured only if it was running."""
-    if partition["state"] != layouts.PARTITION_RUNNING or vp["state"] != layouts.VP_RUNNABLE:
-        return "ended"
-    if vp["halted"]:
-        return "waiting" if vp["timer_period"] else "sleeping"
-    return "running"
-
-
-def guest_memory(booted: Booted) -> tuple[str, dict]:
-    """A SHA-256 of every partition's RAM and mapped pages, and every map window (gpa to host page)."""
-    digest = hashlib.sha256()
-    windows = memory_state.read(booted).windows
-    for number, partition in enumerate(booted.partitions()):
-        digest.update(booted.machine.ram.read(partition["memory"], partition["memory_size"]))
-        for gpa in sorted(windows[number]):
-            digest.update(booted.machine.ram.read(windows[number][gpa], PAGE_SIZE))
-    return digest.hexdigest(), {number: dict(window) for number, window in windows.items()}
 
 
 def request_words(image_code: bytes, symbols: dict[str, int], base: int, *, address: int = transfer.STAGING_BASE,
@@ -300,9 +184,8 @@ def request(booted: Booted, to_hypervisor: str, *, fault: Fault | None = None,
     build.hypervisor(to_hypervisor)
     recorder = RestartRecorder(booted, to_hypervisor, fault, check_memory, mode)
     recorder.disk_before = disk_counters(booted.machine.io.disk)
-    now = recorder.clock()     # exits before the request: their virtual time is known, their host time is taken as now
-    recorder.last_exit = {vmcs: (time, now) for vmcs, time in booted.machine.last_exits.items()}
-    booted.machine.events.subscribe(recorder)
+    recorder.blackouts.start()
+    recorder.follow(booted.machine.events)
     try:
         stage(booted, to_hypervisor, fault, mode)
         left = budget
@@ -319,7 +202,7 @@ def request(booted: Booted, to_hypervisor: str, *, fault: Fault | None = None,
                     continue
                 break                           # the machine stopped for good
     finally:
-        booted.machine.events.unsubscribe(recorder)
+        recorder.leave(booted.machine.events)
     return recorder
 
 
@@ -336,14 +219,15 @@ def summary(booted: Booted, recorder: RestartRecorder, from_hypervisor: str, fau
     vps = recorder.vp_blackouts()
     blackouts = [vp for vp in vps if vp["blackout_ticks"] is not None]
     before, after = recorder.memory_before, recorder.memory_after
-    status = transfer.Status(booted.restart_status) if recorder.finished else None
+    ending = recorder.timeline.ending if recorder.finished else None
+    status = ending.status if ending is not None else None
     return {
         "from": from_hypervisor, "to": recorder.to_hypervisor, "mode": mode.name.lower().replace("_", "-"),
         "inject": f"{fault.step}:{fault.fault}" if fault else None,
         "outcome": ("resumed" if mode == transfer.Mode.SUSPEND else "committed") if status == transfer.Status.DONE
         else "aborted" if status else "unfinished",
         "reason": None if status in (None, transfer.Status.DONE) else status.name.lower(),
-        "detail": booted.restart_detail if status not in (None, transfer.Status.DONE) else None,
+        "detail": ending.detail if status not in (None, transfer.Status.DONE) else None,
         "phases": recorder.phases(),
         "blackout": {
             "max_ticks": max((vp["blackout_ticks"] for vp in blackouts), default=None),
@@ -352,8 +236,8 @@ def summary(booted: Booted, recorder: RestartRecorder, from_hypervisor: str, fau
         },
         "guest_memory_unchanged": (before[0] == after[0]) if before and after else None,
         "guest_pages_in_place": (before[1] == after[1]) if before and after else None,
-        "digest_agrees_with_python": recorder.digest_agrees,
-        "records_sent": dict(sorted(recorder.records_by_type.items())),
+        "digest_agrees_with_python": recorder.digest.agrees,
+        "records_sent": dict(sorted(recorder.digest.records_by_type.items())),
         "disk": {name: value - recorder.disk_before.get(name, 0)
                  for name, value in disk_counters(booted.machine.io.disk).items()},
     }

@@ -4,7 +4,7 @@ Subscribe a `ChromeTraceWriter` to `machine.events` and `close()` it at the end;
 the Perfetto UI (docs/tracing-perfetto.md says how, offline, and what every track means):
 
 - process `hot restart protocol`: thread `phases` (a `hot restart n` slice with the protocol's
-  phases, transfer.Phase, inside it; RESUMED an instant at its end) and thread `inverse
+  phases, transfer.Phase, inside it, as hypervisors/timeline.py reads them; RESUMED an instant at its end) and thread `inverse
   hypercalls` (each VMCALLR, from the call to the new hypervisor's VMCALL back);
 - process `LP n`: thread `root` (the hypervisor in charge: the old one until its VMXOFF in
   DEVIRTUALIZE, then the new one; VMX instructions, MOV to CR3, doorbell, IPIs, faults as
@@ -31,6 +31,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Sequence
 from emu.events import Event
 from emu.vmx_defs import ExitReason
 from hypervisors import transfer
+from hypervisors.timeline import Outcome, RestartTimeline, Transition
 
 if TYPE_CHECKING:
     from hypervisors.boot import Booted
@@ -89,7 +90,7 @@ def booted_vmcs_describer(booted: Booted) -> VmcsDescriber:
             if vp["vmcs"] == vmcs:
                 name = booted.guests[partition].name if 0 <= partition < len(booted.guests) else ""
                 return VmcsIdentity(partition, vp["index"], name)
-        service_vmcs = int.from_bytes(ram.read(booted.symbol("service_vp") + records.vp.offset("vmcs"), 8), "little")
+        service_vmcs = int.from_bytes(ram.read(booted.service_vp + records.vp.offset("vmcs"), 8), "little")
         if vmcs == service_vmcs:
             return VmcsIdentity(0, 0, "service partition", service=True)
         return None
@@ -167,12 +168,14 @@ class ChromeTraceWriter:
         self._calls: dict[int, _Open] = {}                  # VMCS: the inverse call in progress
         self._phase_slice: _Open | None = None
         self._restart: _Open | None = None
-        self._restarts = 0
         self._devirtualized = 0                             # restarts that reached DEVIRTUALIZE
+        # The restarts among the events this writer is given (a trace's window may hold only some).
+        self.timeline = RestartTimeline()
+        self.timeline.subscribe(self._restart_transition)
         self._out.write('{"traceEvents":[\n')
         self._handlers: dict[str, Callable[[Event], None]] = {
             "vm-entry": self._vm_entry, "vm-exit": self._vm_exit, "vmcallr": self._vmcallr,
-            "vmcallr-return": self._vmcallr_return, "restart-phase": self._restart_phase, "inject": self._inject,
+            "vmcallr-return": self._vmcallr_return, "restart-phase": self.timeline.on_event, "inject": self._inject,
         }
 
     # -- the subscriber ---------------------------------------------------------------------------
@@ -314,32 +317,26 @@ class ChromeTraceWriter:
             return f"old hypervisor{name}"
         return f"new hypervisor{name}" + (f" (restart {generation})" if generation > 1 else "")
 
-    def _restart_phase(self, event: Event) -> None:
-        """Each phase is a slice from its restart-phase event to the next; IDLE ends the restart,
-        RESUMED (the new hypervisor runs guests) is its last mark."""
-        value = event.data["phase"]
-        try:
-            phase: transfer.Phase | int = transfer.Phase(value)
-        except ValueError:
-            phase = value
+    def _restart_transition(self, transition: Transition) -> None:
+        """Each phase is a slice from its transition to the next; the restart's end (its timeline
+        says when) closes it, RESUMED (the new hypervisor runs guests) drawn as its last mark."""
         self._name_process(RESTART_PID, "hot restart protocol")
         self._name_thread(RESTART_PID, self._tid(RESTART_PID, PHASE_TRACK), "phases")
         self._name_thread(RESTART_PID, self._tid(RESTART_PID, INVERSE_CALL_TRACK), "inverse hypercalls")
-        self._end_phase(event.time)
-        if phase == transfer.Phase.DEVIRTUALIZE:
+        self._end_phase(transition.time)
+        if transition.phase == transfer.Phase.DEVIRTUALIZE:
             self._devirtualized += 1
-        name = phase.name if isinstance(phase, transfer.Phase) else f"phase {value}"
         tid = self._tid(RESTART_PID, PHASE_TRACK)
-        if phase != transfer.Phase.IDLE and self._restart is None:
-            self._restarts += 1
-            self._restart = _Open(f"hot restart {self._restarts}", event.time, event.lp, {"restart": self._restarts})
-        if phase in (transfer.Phase.IDLE, transfer.Phase.RESUMED):
-            if phase == transfer.Phase.RESUMED:
-                self._instant(RESTART_PID, tid, name, "phase", event.time, {"phase": value})
-            self._end_restart(event.time)
+        if transition.begins:
+            self._restart = _Open(f"hot restart {transition.restart}", transition.time, transition.lp,
+                                  {"restart": transition.restart})
+        if not transition.ongoing:
+            if transition.ending is not None and transition.ending.outcome == Outcome.COMMITTED:
+                self._instant(RESTART_PID, tid, transition.name, "phase", transition.time, {"phase": transition.value})
+            self._end_restart(transition.time)
             self._identities.clear()                        # the next hypervisor's VMCSs are its own
         else:
-            self._phase_slice = _Open(name, event.time, event.lp, {"phase": value})
+            self._phase_slice = _Open(transition.name, transition.time, transition.lp, {"phase": transition.value})
 
     def _end_restart(self, time: int | None) -> None:
         """The restart's own slice, around its phases (Perfetto nests X slices that start together

@@ -7,6 +7,7 @@ from emu import dirty, fast
 from emu.vmx_defs import PAGE_SIZE
 from guests import catalog
 from hypervisors import boot, build, transfer
+from hypervisors.timeline import Outcome, RestartTimeline, Transition
 from tools import restart as restart_module
 from tools import run as run_module
 from tools.fuzz import coverage as coverage_module
@@ -69,18 +70,29 @@ class Result:
 
 @dataclass
 class _Run:
-    """Per-input state the event callback keeps."""
+    """Per-input state the event callback keeps; the restart's course is its timeline's."""
 
     fix_digest: bool
+    timeline: RestartTimeline
     call: int = 0                                # the inverse hypercall under way
     replies: list = field(default_factory=list)
     before_abort: bytes | None = None            # the guests' fingerprint when the abort began
-    aborted: bool = False
-    committed: bool = False
-    past_commit: bool = False                    # the commit reply was given: no abort any more
     machine_stop: str | None = None              # the machine stopped for good during the transfer
-    done: bool = False
     foreign_pages: list[int] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        """The transfer has ended: committed or aborted."""
+        return self.timeline.over
+
+    @property
+    def committed(self) -> bool:
+        return self.done and self.timeline.ending.outcome == Outcome.COMMITTED
+
+    @property
+    def past_commit(self) -> bool:
+        """The new hypervisor took over (DEVIRTUALIZE): no abort any more."""
+        return self.timeline.past_commit
 
 
 class TransferMachine:
@@ -156,7 +168,7 @@ class TransferMachine:
             if call == transfer.Call.VERIFY:
                 break
             self._run_to(STOP_POINT, SETUP_BUDGET)
-        self.state = _Run(False)
+        self.state = self._new_run(False)
         self._run_to(STOP_DONE, SETUP_BUDGET)
         if not self.state.committed:
             raise SetupError(f"the reference restart {self.setup.from_hv} -> {self.setup.to_hv} did not commit")
@@ -207,16 +219,19 @@ class TransferMachine:
                 state.foreign_pages = self.foreign_writes()   # only the new hypervisor ran since the checkpoint
             state.replies.append((state.call, event.data["ok"], event.data["result"]))
         elif kind == "restart-phase" and self.state is not None:
-            phase = event.data["phase"]
-            if phase == transfer.Phase.DEVIRTUALIZE:
-                self.state.past_commit = True
-            if phase == transfer.Phase.ABORTED:
-                self.state.aborted = True
-                self.state.before_abort = self.guest_fingerprint()
-            elif phase == transfer.Phase.RESUMED or (phase == transfer.Phase.IDLE and self.state.aborted):
-                self.state.committed = phase == transfer.Phase.RESUMED
-                self.state.done = True
-                self.machine.request_stop(STOP_DONE)
+            self.state.timeline.on_event(event)
+
+    def _new_run(self, fix_digest: bool, call: int = 0) -> _Run:
+        """An input's state, its timeline starting at the restart's phase at the checkpoint."""
+        timeline = RestartTimeline(phase=self.machine.io.restart_phase)
+        timeline.subscribe(self._on_transition)
+        return _Run(fix_digest, timeline, call)
+
+    def _on_transition(self, transition: Transition) -> None:
+        if transition.phase == transfer.Phase.ABORTED:
+            self.state.before_abort = self.guest_fingerprint()
+        if transition.ending is not None:
+            self.machine.request_stop(STOP_DONE)
 
     # --- what an abort must leave as it was -------------------------------------------------------------
     def guest_fingerprint(self) -> bytes:
@@ -225,7 +240,7 @@ class TransferMachine:
         booted = self.booted
         records = build.hypervisor(self.setup.from_hv).records
         ram = booted.machine.ram
-        fingerprint = bytearray(ram.read(booted.symbol("partitions"), records.partition.size * len(booted.guests)))
+        fingerprint = bytearray(ram.read(booted.partition_base, records.partition.size * len(booted.guests)))
         vps = ram.read(booted.vp_base, records.vp.size * booted.vp_total)
         if self._vp_spans is None:            # the byte spans of a VP record's other fields
             self._vp_spans = [(records.vp.offset(name), records.vp.offset(name) + size)
@@ -240,7 +255,7 @@ class TransferMachine:
         booted = self.booted
         records = build.hypervisor(self.setup.from_hv).records
         found = []
-        base = booted.symbol("partitions")
+        base = booted.partition_base
         for number in range(len(booted.guests)):
             found += fields_module._struct_fields(records.partition, base + number * records.partition.size,
                                                   f"partition[{number}]")
@@ -264,7 +279,7 @@ class TransferMachine:
         self.booted.hypervisor, self.booted.image_base = self.setup.from_hv, self.old_image_base
         self._arm_coverage()
         changed = self._strike(fuzz_input, number)
-        self.state = state = _Run(fuzz_input.fix_digest, self.calls[number - 1])
+        self.state = state = self._new_run(fuzz_input.fix_digest, self.calls[number - 1])
         started = self.machine.retired
         budget = HANG_BASE + HANG_SLACK * self.remaining[number - 1]
         result = Result("aborted", changed=changed)

@@ -13,6 +13,7 @@ from emu.machine import INSTRUCTION_LIMIT
 from guests import catalog
 from hypervisors import boot, build, transfer
 from hypervisors.memory_map import GUEST_LOAD_ADDRESS
+from hypervisors.timeline import RestartTimeline, Transition
 from tools import restart as restart_module
 from tools import run as run_module
 from tools.faults import Fault
@@ -32,8 +33,6 @@ FORMATS = ("text", "jsonl", "tenet", "chrome")
 TRACE_STEP = 200_000                    # instructions between the driver's looks at the window
 PROGRESS_EVERY = 250_000                # instructions traced between two progress lines
 OUTPUT_BUFFER = 1 << 20
-DEVIRTUALIZE = transfer.Phase.DEVIRTUALIZE.name.lower()
-RESUMED = transfer.Phase.RESUMED.name.lower()
 
 
 @dataclass
@@ -80,7 +79,9 @@ class TraceSession:
         self.recorder = Recorder(self.machine, self._on_instruction) if self.instructions_wanted else None
         self.summary = Summary()
         self.target = options.to_hypervisor
-        self.phase = annotate.phase_name(self.machine.io.restart_phase)
+        self.timeline = RestartTimeline(phase=self.machine.io.restart_phase)
+        self.timeline.subscribe(self._on_transition)
+        self.phase = annotate.phase_name(self.timeline.value)     # what lines are labelled with
         self.classifier: Classifier | None = None
         self.symbolizer: Symbolizer | None = None
         self.disassembler = annotate.Disassembler()
@@ -170,9 +171,7 @@ class TraceSession:
         if self.recorder is not None and self.recorder.recording:
             self.recorder.finish()
         if kind == "restart-phase":
-            self.phase = annotate.phase_name(event.data["phase"])
-            if self.classifier is not None:
-                self.classifier.forget_unknown()
+            self.timeline.on_event(event)
         if self.window.closed:
             return
         if self.window.by_time:
@@ -197,11 +196,16 @@ class TraceSession:
         elif self.per_lp_end:
             self._follow_lp_end(event)
 
+    def _on_transition(self, transition: Transition) -> None:
+        self.phase = annotate.phase_name(transition.value)
+        if self.classifier is not None:
+            self.classifier.forget_unknown()
+
     def _follow_lp_end(self, event) -> None:
         kind, lp = event.kind, event.lp
-        if kind == "vmxon" and self.phase in (DEVIRTUALIZE, RESUMED):
+        if kind == "vmxon" and self.timeline.past_commit:
             self.new_root_lps.add(lp)
-        elif kind == "hlt" and lp in self.new_root_lps and self.phase == RESUMED:
+        elif kind == "hlt" and lp in self.new_root_lps and self.timeline.phase == transfer.Phase.RESUMED:
             self._lp_done(lp)
         elif kind == "vm-entry" and not self.instructions_wanted:
             info = self.classifier.guest(event.data["vmcs"])
@@ -432,14 +436,14 @@ def _drive(options: TraceOptions, session: TraceSession | None, finder: _StartFi
             session.target = target
         strike = fault if number == 0 else None
         recorder = restart_module.RestartRecorder(booted, target, strike, check_memory=False)
-        machine.events.subscribe(recorder)
+        recorder.follow(machine.events)
         try:
             restart_module.stage(booted, target, strike, copy_mode)
             limit = machine.retired + restart_module.RESTART_BUDGET
             while not recorder.settled and machine.retired < limit and not _final_stop(machine) and not done():
                 step(min(limit, machine.retired + TRACE_STEP))
         finally:
-            machine.events.unsubscribe(recorder)
+            recorder.leave(machine.events)
         if session is not None and not window.by_time and window.opened and not window.closed:
             session._close()            # the restart ended without the window's end: so does the trace
             session.disarm()

@@ -1,4 +1,4 @@
-"""A minimal root-mode monitor that launches one guest on the bare machine: the selftest demo and machine benchmarks use it."""
+"""The smallest VMX monitor: one guest on the bare machine, no boot protocol; `hhr selftest` and `hhr bench --machine` run it."""
 from __future__ import annotations
 
 import time
@@ -7,19 +7,18 @@ from typing import Callable
 
 import asm
 from emu import vmcs_fields as vf
+from emu.ports import COM1_BASE, DEBUG_EXIT_PORT
 from emu.machine import PTE_LARGE_PAGE, PTE_PRESENT_WRITABLE, Machine, RunResult
 from emu.memory import MIB, PAGE_SIZE
-from emu.vmcs_examples import (
-    CODE64_ACCESS_RIGHTS, CODE_SELECTOR, DATA_ACCESS_RIGHTS, DATA_SELECTOR, FLAT_LIMIT, TSS64_BUSY_ACCESS_RIGHTS,
-    TSS64_LIMIT, TSS_SELECTOR,
-)
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import (
-    AR_UNUSABLE, VMCS_LINK_POINTER_NONE, Cr4, EntryControls, ExitControls, ExitReason, MemoryType,
-    PrimaryProcessorControls, Rflags, SecondaryProcessorControls, make_eptp,
+    AR_UNUSABLE, EPT_LARGE_PAGE, EPT_MEMORY_TYPE_SHIFT, EPT_RWX_MASK, VMCS_LINK_POINTER_NONE, Cr0, Cr4, Efer,
+    EntryControls, ExitControls, ExitReason, MemoryType, PrimaryProcessorControls, Rflags,
+    SecondaryProcessorControls, make_eptp,
 )
+from hypervisors import memory_map, segments
 
-# Host-physical layout of the harness (all below the guest's RAM).
+# Host-physical layout of the monitor (all below the guest's RAM).
 MONITOR_CODE = 0x100000
 MONITOR_STACK_TOP = 0x80000
 EXIT_STACK_TOP = 0x70000
@@ -31,27 +30,31 @@ EPT_PD = EPT_ROOT + 2 * PAGE_SIZE
 GUEST_HOST_BASE = 16 * MIB           # guest-physical 0 is host-physical 16 MiB
 GUEST_RAM = 4 * MIB
 
-# Guest-physical layout: page tables, GDT, TSS, code, stack.
-GUEST_PML4 = 0x1000
-GUEST_PDPT = 0x2000
-GUEST_GDT = 0x3000
-GUEST_TSS = 0x4000
+# Guest-physical layout: page tables, GDT and TSS where the hypervisors put them (docs/guests.md),
+# then the IDT, the stack and the code.
+GUEST_PML4 = memory_map.GUEST_PML4
+GUEST_PDPT = memory_map.GUEST_PDPT
+GUEST_GDT = memory_map.GUEST_GDT
+GUEST_TSS = memory_map.GUEST_TSS
+CODE_SELECTOR = memory_map.GUEST_CODE_SELECTOR   # the guest's selectors; the monitor's own are the same
+DATA_SELECTOR = memory_map.GUEST_DATA_SELECTOR
+TSS_SELECTOR = memory_map.GUEST_TSS_SELECTOR
 GUEST_IDT = 0x5000
 GUEST_STACK_TOP = 0x8000
 GUEST_CODE = 0x10000
 
-LARGE_PAGE_SIZE = 2 * MIB
-EPT_RWX = 0x7
-EPT_MEMORY_TYPE_SHIFT = 3
-EPT_LARGE_PAGE = 0x80
+LARGE_PAGE_SIZE = memory_map.LARGE_PAGE_SIZE
+EPT_RWX = EPT_RWX_MASK
 
-# 64-bit code, flat data and a busy 64-bit TSS (SDM Vol. 3A 3.4.5, 8.2.3).
-GDT_ENTRIES = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00008B0040000067, 0)
+# 64-bit code, flat data and a busy 64-bit TSS: the GDT the hypervisors give their guests.
+GDT_ENTRIES = tuple(descriptor for _, descriptor in sorted(segments.GUEST_GDT_ENTRIES.items()))
 IDT_LIMIT = 0xFFF
-DR7_DEFAULT = 0x400
-GUEST_CR0 = 0x8001_0031          # PE NE ET WP PG
-GUEST_CR4 = 0x2620               # PAE OSFXSR OSXMMEXCPT VMXE
-GUEST_EFER = 0xD00               # LME LMA NXE
+GUEST_CR0 = Cr0.PE | Cr0.ET | Cr0.NE | Cr0.WP | Cr0.PG
+GUEST_CR4 = Cr4.PAE | Cr4.OSFXSR | Cr4.OSXMMEXCPT | Cr4.VMXE
+GUEST_EFER = Efer.LME | Efer.LMA | Efer.NXE
+# Exit codes the monitor gives the debug-exit port when VMLAUNCH or VMRESUME falls through.
+VMLAUNCH_FAILED = 0xFE
+VMRESUME_FAILED = 0xFD
 
 ENCODING = {field.name: field.encoding for field in vf.FIELDS}
 # Written from the monitor's own control registers, in this order.
@@ -64,7 +67,7 @@ def assemble(source: str, base: int) -> bytes:
 
 
 def guest_fields(primary: int = 0, pin: int = 0) -> dict[str, int]:
-    """A valid 64-bit guest and host-state VMCS for the harness layout (SDM 26.2, 26.3)."""
+    """A valid 64-bit guest and host-state VMCS for the monitor's layout (SDM 26.2, 26.3)."""
     return {
         "PIN_BASED_VM_EXEC_CONTROL": CAPS.pin_based.adjust(pin),
         "CPU_BASED_VM_EXEC_CONTROL": CAPS.primary_processor.adjust(
@@ -76,19 +79,21 @@ def guest_fields(primary: int = 0, pin: int = 0) -> dict[str, int]:
         "VM_ENTRY_CONTROLS": CAPS.entry.adjust(EntryControls.IA32E_MODE_GUEST),
         "EPT_POINTER": make_eptp(EPT_ROOT, MemoryType.WB),
         "VMCS_LINK_POINTER": VMCS_LINK_POINTER_NONE,
-        "GUEST_CR0": GUEST_CR0, "GUEST_CR3": GUEST_PML4, "GUEST_CR4": GUEST_CR4,
-        "GUEST_IA32_EFER": GUEST_EFER,
-        "GUEST_CS_SELECTOR": CODE_SELECTOR, "GUEST_CS_AR_BYTES": CODE64_ACCESS_RIGHTS, "GUEST_CS_LIMIT": FLAT_LIMIT,
-        "GUEST_SS_SELECTOR": DATA_SELECTOR, "GUEST_SS_AR_BYTES": DATA_ACCESS_RIGHTS, "GUEST_SS_LIMIT": FLAT_LIMIT,
+        "GUEST_CR0": int(GUEST_CR0), "GUEST_CR3": GUEST_PML4, "GUEST_CR4": int(GUEST_CR4),
+        "GUEST_IA32_EFER": int(GUEST_EFER),
+        "GUEST_CS_SELECTOR": CODE_SELECTOR, "GUEST_CS_AR_BYTES": segments.CODE64_ACCESS_RIGHTS,
+        "GUEST_CS_LIMIT": segments.FLAT_LIMIT,
+        "GUEST_SS_SELECTOR": DATA_SELECTOR, "GUEST_SS_AR_BYTES": segments.DATA_ACCESS_RIGHTS,
+        "GUEST_SS_LIMIT": segments.FLAT_LIMIT,
         "GUEST_DS_AR_BYTES": AR_UNUSABLE, "GUEST_ES_AR_BYTES": AR_UNUSABLE,
         "GUEST_FS_AR_BYTES": AR_UNUSABLE, "GUEST_GS_AR_BYTES": AR_UNUSABLE,
         "GUEST_LDTR_AR_BYTES": AR_UNUSABLE,
-        "GUEST_TR_SELECTOR": TSS_SELECTOR, "GUEST_TR_AR_BYTES": TSS64_BUSY_ACCESS_RIGHTS,
-        "GUEST_TR_LIMIT": TSS64_LIMIT, "GUEST_TR_BASE": GUEST_TSS,
-        "GUEST_GDTR_BASE": GUEST_GDT, "GUEST_GDTR_LIMIT": len(GDT_ENTRIES) * 8 - 1,
+        "GUEST_TR_SELECTOR": TSS_SELECTOR, "GUEST_TR_AR_BYTES": segments.TSS64_BUSY_ACCESS_RIGHTS,
+        "GUEST_TR_LIMIT": segments.TSS64_LIMIT, "GUEST_TR_BASE": GUEST_TSS,
+        "GUEST_GDTR_BASE": GUEST_GDT, "GUEST_GDTR_LIMIT": segments.GUEST_GDT_LIMIT,
         "GUEST_IDTR_BASE": GUEST_IDT, "GUEST_IDTR_LIMIT": IDT_LIMIT,
         "GUEST_RFLAGS": Rflags.FIXED1, "GUEST_RSP": GUEST_STACK_TOP, "GUEST_RIP": GUEST_CODE,
-        "GUEST_DR7": DR7_DEFAULT,
+        "GUEST_DR7": segments.DR7_INIT,
         "HOST_CS_SELECTOR": CODE_SELECTOR, "HOST_SS_SELECTOR": DATA_SELECTOR, "HOST_TR_SELECTOR": TSS_SELECTOR,
         "HOST_RSP": EXIT_STACK_TOP,
     }
@@ -106,7 +111,7 @@ def write_guest_memory(machine: Machine, guest_code: bytes) -> None:
     ram.write_u64(GUEST_HOST_BASE + GUEST_PML4, GUEST_PDPT | PTE_PRESENT_WRITABLE)
     ram.write_u64(GUEST_HOST_BASE + GUEST_PDPT, 0 | PTE_PRESENT_WRITABLE | PTE_LARGE_PAGE)
     for index, descriptor in enumerate(GDT_ENTRIES):
-        ram.write_u64(GUEST_HOST_BASE + GUEST_GDT + 8 * index, descriptor)
+        ram.write_u64(GUEST_HOST_BASE + GUEST_GDT + segments.DESCRIPTOR_BYTES * index, descriptor)
     machine.load(GUEST_HOST_BASE + GUEST_CODE, guest_code)
 
 
@@ -139,8 +144,8 @@ def monitor_source(fields: dict[str, int], on_exit: str = "") -> str:
       lea rbx, [rip + exit_handler]
       vmwrite rax, rbx
       vmlaunch
-      mov al, 0xFE
-      out 0xF4, al
+      mov al, {VMLAUNCH_FAILED:#x}
+      out {DEBUG_EXIT_PORT:#x}, al
     exit_handler:
     {on_exit}
       mov r14, {e['VM_EXIT_REASON']:#x}
@@ -149,7 +154,7 @@ def monitor_source(fields: dict[str, int], on_exit: str = "") -> str:
       je guest_done
       cmp r13, {int(ExitReason.IO_INSTRUCTION)}
       jne skip_instruction
-      mov dx, 0x3F8
+      mov dx, {COM1_BASE:#x}
       out dx, al
     skip_instruction:
       mov r14, {e['GUEST_RIP']:#x}
@@ -160,15 +165,17 @@ def monitor_source(fields: dict[str, int], on_exit: str = "") -> str:
       mov r14, {e['GUEST_RIP']:#x}
       vmwrite r14, r13
       vmresume
-      mov al, 0xFD
-      out 0xF4, al
+      mov al, {VMRESUME_FAILED:#x}
+      out {DEBUG_EXIT_PORT:#x}, al
     guest_done:
-      out 0xF4, al
+      out {DEBUG_EXIT_PORT:#x}, al
     """
 
 
 @dataclass
-class HarnessRun:
+class MonitorRun:
+    """What a run of one guest under the monitor gave: the machine's result, host time and COM1 output."""
+
     result: RunResult
     seconds: float
     console: str
@@ -178,7 +185,7 @@ class HarnessRun:
 def run_guest(guest_source: str, *, primary: int = 0, max_instructions: int = 10 ** 10,
               ram_size: int = 64 * MIB, record_events: bool = False,
               prepare: Callable[[Machine], None] | None = None, fast_transitions: bool = True,
-              monitor_on_exit: str = "") -> HarnessRun:
+              monitor_on_exit: str = "") -> MonitorRun:
     """Runs `guest_source` (assembled at GUEST_CODE) under the monitor; the guest ends with HLT and
     its AL is the exit code; bytes it OUTs to any port are printed on COM1 by the monitor."""
     machine = Machine(ram_size=ram_size, lps=1, record_events=record_events, fast_transitions=fast_transitions)
@@ -191,4 +198,4 @@ def run_guest(guest_source: str, *, primary: int = 0, max_instructions: int = 10
     machine.start(MONITOR_CODE, [MONITOR_STACK_TOP])
     started = time.perf_counter()
     result = machine.run(max_instructions=max_instructions)
-    return HarnessRun(result, time.perf_counter() - started, machine.io.console.text(), machine)
+    return MonitorRun(result, time.perf_counter() - started, machine.io.console.text(), machine)

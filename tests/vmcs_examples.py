@@ -10,18 +10,15 @@ from __future__ import annotations
 from emu.vmcs_fields import FIELDS
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES, VmxCapabilities
 from emu.vmx_defs import (
-    AR_DB, AR_G, AR_L, AR_P, AR_S, AR_UNUSABLE, SYSTEM_TYPE_BUSY_TSS, VMCS_LINK_POINTER_NONE,
-    ActivityState, Cr0, Cr4, Efer, EntryControls, ExitControls, PinBasedControls,
-    PrimaryProcessorControls, Rflags, SecondaryProcessorControls, make_eptp,
+    AR_UNUSABLE, VMCS_LINK_POINTER_NONE, ActivityState, Cr0, Cr4, Efer, EntryControls, ExitControls,
+    PinBasedControls, PrimaryProcessorControls, Rflags, SecondaryProcessorControls, make_eptp,
+)
+from hypervisors.segments import (
+    CODE64_ACCESS_RIGHTS, DATA_ACCESS_RIGHTS, DR7_INIT, FLAT_LIMIT, GUEST_GDT_LIMIT, TSS64_BUSY_ACCESS_RIGHTS,
+    TSS64_LIMIT,
 )
 
-# Segment access rights (VMCS format) of a flat 64-bit code segment and a flat data segment.
-CODE64_ACCESS_RIGHTS = AR_G | AR_L | AR_P | AR_S | 0xB          # type 11: execute/read, accessed
-DATA_ACCESS_RIGHTS = AR_G | AR_DB | AR_P | AR_S | 0x3           # type 3: read/write, accessed
-TSS64_BUSY_ACCESS_RIGHTS = AR_P | SYSTEM_TYPE_BUSY_TSS
 UNUSABLE_ACCESS_RIGHTS = AR_UNUSABLE
-FLAT_LIMIT = 0xFFFF_FFFF
-TSS64_LIMIT = 0x67                                              # 104-byte 64-bit TSS
 
 CODE_SELECTOR = 0x08
 DATA_SELECTOR = 0x10
@@ -76,7 +73,7 @@ def example_valid_vmcs(caps: VmxCapabilities = MACHINE_VMX_CAPABILITIES) -> dict
         "GUEST_CR3": EXAMPLE_GUEST_CR3,
         "GUEST_CR4": int(Cr4.PAE | Cr4.OSFXSR | Cr4.OSXMMEXCPT | Cr4.VMXE),
         "GUEST_IA32_EFER": int(Efer.LME | Efer.LMA),
-        "GUEST_DR7": 0x400,
+        "GUEST_DR7": DR7_INIT,
         "GUEST_RFLAGS": int(Rflags.FIXED1),
         "GUEST_RIP": 0x0010_0000,
         "GUEST_RSP": 0x0020_0000,
@@ -89,7 +86,7 @@ def example_valid_vmcs(caps: VmxCapabilities = MACHINE_VMX_CAPABILITIES) -> dict
         "GUEST_TR_AR_BYTES": TSS64_BUSY_ACCESS_RIGHTS,
         "GUEST_LDTR_AR_BYTES": UNUSABLE_ACCESS_RIGHTS,
         "GUEST_GDTR_BASE": 0x0000_7000,
-        "GUEST_GDTR_LIMIT": 0x27,
+        "GUEST_GDTR_LIMIT": GUEST_GDT_LIMIT,
         "GUEST_IDTR_BASE": 0x0000_8000,
         "GUEST_IDTR_LIMIT": 0xFFF,
         "GUEST_ACTIVITY_STATE": int(ActivityState.ACTIVE),

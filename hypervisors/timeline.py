@@ -1,0 +1,162 @@
+"""The restart timeline: the machine's event stream turned into typed phase transitions, the one place that says which restart phase is current and when a restart is over."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable
+
+from emu.events import Event, EventKind
+from hypervisors.transfer import Mode, Phase, Status
+
+FOLLOWED_KINDS = frozenset({EventKind.RESTART_PHASE.value})
+
+
+class Outcome(enum.Enum):
+    """How a restart ended."""
+
+    COMMITTED = "committed"             # RESUMED: the new hypervisor runs the guests (after a suspend: resumed)
+    ABORTED = "aborted"                 # the old hypervisor is still in charge (or a resume refused the image)
+
+
+@dataclass(frozen=True)
+class Ending:
+    """The end of a restart: its outcome, and for an abort the status and detail the hypervisor posted
+    (None when the timeline was given no way to read them)."""
+
+    outcome: Outcome
+    status: Status | None = None
+    detail: int | None = None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One restart-phase change, on the clock of the LP that wrote it."""
+
+    value: int                          # what the hypervisor wrote to the restart-phase port
+    phase: Phase | None                 # that value as a phase (None: no phase has that number)
+    previous: Phase | None
+    time: int
+    lp: int
+    restart: int                        # which restart of the machine's (1, 2, ...); 0 outside one
+    mode: Mode | None                   # as the operator's request asked (None: not told)
+    begins: bool                        # the first phase of a restart
+    ending: Ending | None               # set on the transition that ends the restart
+
+    @property
+    def ongoing(self) -> bool:
+        """A restart goes on after this transition (False at its end, and at IDLE outside one)."""
+        return self.restart != 0 and self.ending is None
+
+    @property
+    def name(self) -> str:
+        """The phase's name (`phase N` for a number no phase has)."""
+        return self.phase.name if self.phase is not None else f"phase {self.value}"
+
+
+StatusReader = Callable[[], tuple[int, int]]     # (restart_status, restart_detail) of the hypervisor in charge
+TransitionListener = Callable[[Transition], None]
+
+
+def ends_restart(phase: Phase | None, resuming: bool) -> Outcome | None:
+    """When a restart is over (docs/protocol.md): RESUMED commits it; after an abort (ABORTED, then
+    IDLE once the LPs are back with their guests) the old hypervisor is in charge again; a resume
+    that refuses the image (ABORTED once RESUMING was seen) powers the machine off."""
+    if phase == Phase.RESUMED:
+        return Outcome.COMMITTED
+    if phase == Phase.IDLE or (phase == Phase.ABORTED and resuming):
+        return Outcome.ABORTED
+    return None
+
+
+class RestartTimeline:
+    """Follows restart-phase events (`on_event`, or `follow` an event stream) and tells its listeners
+    each transition, in the order they subscribed. Also readable at any time: the current phase, the
+    restart in progress, whether it is over and how it ended."""
+
+    def __init__(self, *, phase: int = Phase.IDLE, mode: Mode | None = None, status: StatusReader | None = None):
+        """`phase`: the machine's restart-phase port now (a timeline started mid-restart, from a
+        checkpoint, knows a restart is under way); `mode`: what the operator requested (the doorbell
+        event carries only the request's length); `status`: reads why a restart aborted."""
+        self.value = int(phase)
+        self.mode = mode
+        self.status = status
+        self.restarts = 0
+        self.in_restart = self.value != Phase.IDLE
+        if self.in_restart:
+            self.restarts = 1
+        self.aborted = False                # an ABORTED was seen in the restart in progress (or the last)
+        self.past_commit = False            # DEVIRTUALIZE was seen: the restart can no longer abort
+        self.resuming = self.phase == Phase.RESUMING   # a hypervisor booted to resume reads the suspend image
+        self.ending: Ending | None = None   # how the last restart ended (None while one runs or none has)
+        self.transitions: list[Transition] = []
+        self._listeners: list[TransitionListener] = []
+
+    @property
+    def phase(self) -> Phase | None:
+        return _phase(self.value)
+
+    @property
+    def over(self) -> bool:
+        """The last restart that began has ended (False before any began)."""
+        return self.ending is not None
+
+    def subscribe(self, listener: TransitionListener) -> None:
+        self._listeners.append(listener)
+
+    def unsubscribe(self, listener: TransitionListener) -> None:
+        self._listeners.remove(listener)
+
+    def follow(self, events) -> None:
+        """Subscribe to an event stream (emu/events.py) for the kinds the timeline reads."""
+        events.subscribe(self.on_event, FOLLOWED_KINDS)
+
+    def leave(self, events) -> None:
+        events.unsubscribe(self.on_event)
+
+    def on_event(self, event: Event) -> None:
+        if event.kind == EventKind.RESTART_PHASE:
+            self._transition(event.data["phase"], event.time, event.lp)
+
+    __call__ = on_event
+
+    def _transition(self, value: int, time: int, lp: int) -> None:
+        phase, previous = _phase(value), self.phase
+        begins = phase != Phase.IDLE and not self.in_restart
+        if begins:
+            self.restarts += 1
+            self.in_restart, self.aborted, self.past_commit, self.resuming, self.ending = True, False, False, False, None
+        if phase == Phase.ABORTED:
+            self.aborted = True
+        elif phase == Phase.DEVIRTUALIZE:
+            self.past_commit = True
+        elif phase == Phase.RESUMING:
+            self.resuming = True
+        outcome = ends_restart(phase, self.resuming) if self.in_restart else None
+        ending = None
+        if outcome is not None:
+            ending = self._ending(outcome)
+            self.in_restart, self.ending = False, ending
+        self.value = value
+        restart = self.restarts if self.in_restart or ending is not None else 0
+        transition = Transition(value, phase, previous, time, lp, restart, self.mode, begins, ending)
+        self.transitions.append(transition)
+        for listener in tuple(self._listeners):
+            listener(transition)
+
+    def _ending(self, outcome: Outcome) -> Ending:
+        if outcome == Outcome.COMMITTED:
+            return Ending(outcome, Status.DONE)
+        if self.status is None:
+            return Ending(outcome)
+        status, detail = self.status()
+        try:
+            return Ending(outcome, Status(status), detail)
+        except ValueError:
+            return Ending(outcome, None, detail)
+
+
+def _phase(value: int) -> Phase | None:
+    try:
+        return Phase(value)
+    except ValueError:
+        return None
