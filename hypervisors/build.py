@@ -73,6 +73,9 @@ HYPERVISORS = {
     "hv2": Hypervisor("hv2", version=0x0002_0000, quantum=30_000),
 }
 HV1_QUANTUM = HYPERVISORS["hv1"].quantum
+# The slice of a VP no other VP of its LP waits for (schedule.inc vp_alone_on_lp): long, so that a
+# lone compiled guest runs without preemption exits; within the preemption timer's 32 bits.
+ALONE_QUANTUM = 1 << 30
 
 # Enumerations of vmx_defs exported to assembly as PREFIX_MEMBER.
 _ENUM_PREFIXES = {
@@ -146,7 +149,7 @@ def constants(name: str = "hv1") -> dict[str, int]:
         transfer.constants(),
         vp_state.constants(),
         spec.records.constants(),
-        {"QUANTUM": spec.quantum, "HV_VERSION": spec.version,
+        {"QUANTUM": spec.quantum, "ALONE_QUANTUM": ALONE_QUANTUM, "HV_VERSION": spec.version,
          "FRAME_RECORD_SHIFT": FRAME_RECORD_BYTES.bit_length() - 1,
          "EPTP_VALUE_FLAGS": vmx_defs.make_eptp(0)},        # an EPTP's bits besides the PML4's address
         _guest_state_check_constants(),

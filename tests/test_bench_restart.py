@@ -160,3 +160,11 @@ def test_machine_and_hypervisor_benches_are_still_reached(monkeypatch):
     monkeypatch.setattr(hypervisor_speed, "main", lambda json_path, hv: ("hypervisor", json_path, hv))
     assert cli.main(["bench", "--machine", "--json", "m.json"]) == ("machine", "m.json")
     assert cli.main(["bench", "--hypervisor", "--hv", "hv2"]) == ("hypervisor", None, "hv2")
+
+
+def test_a_run_without_output_leaves_the_reference_results_alone(tmp_path, monkeypatch):
+    from bench import restart_scenarios
+    monkeypatch.chdir(tmp_path)
+    default = restart_scenarios.DEFAULT_OUTPUT.resolve()
+    assert not default.is_relative_to(restart_scenarios.REFERENCE_OUTPUT.resolve())
+    assert default.is_relative_to(tmp_path)          # the caller's directory, wherever hhr is installed

@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                               help="restart scenarios: every scenario and sweep at small sizes (about 20 s)")
     bench_parser.add_argument("--output", metavar="DIR",
                               help="restart scenarios: where the JSON, Markdown table and plots go "
-                                   "(default bench/results)")
+                                   "(default ./hhr-bench-results; the committed reference results are "
+                                   "replaced only with --output bench/results)")
     bench_parser.set_defaults(func=bench)
     return parser
 
