@@ -9,7 +9,7 @@ import time
 from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, UC_PROT_ALL, Uc
 from unicorn import x86_const as x86
 
-from bench import compiled_guests
+from bench import compiled_guests, exit_kinds
 from hypervisors import bare_monitor
 from emu.machine import Machine
 from emu.memory import MIB
@@ -33,6 +33,7 @@ SHUFFLE_SEED = 2026
 BARE_MEMORY = 16 * MIB
 SNAPSHOT_RAM = 64 * MIB
 SNAPSHOT_PAUSE = 1_000_000
+INVERSE_CALL_ROW = "VMCALLR and its VMCALL (inverse hypercall)"
 
 
 def loop_source(iterations: int) -> str:
@@ -98,10 +99,11 @@ def exit_round_trip(exits: int, *, shared_state_touched: bool = False) -> float:
     return run.seconds / exits * 1e6
 
 
-def inverse_call_round_trip(calls: int) -> float:
+def inverse_call_round_trip(calls: int, *, fast_transitions: bool = True) -> float:
     """Host microseconds per VMCALLR into a guest whose entry returns at once with VMCALL
     (docs/machine.md 8): the root monitor launches the guest, which exits by VMCALL at once; the
-    exit handler then calls into it `calls` times and stops the machine."""
+    exit handler then calls into it `calls` times and stops the machine. With the C transition
+    loop on or off."""
     guest = bare_monitor.assemble("""
       vmcall
     inverse_entry:
@@ -119,7 +121,8 @@ def inverse_call_round_trip(calls: int) -> float:
       xor eax, eax
       out 0xF4, al
 """, 1)
-    machine = Machine(ram_size=bare_monitor.GUEST_HOST_BASE + bare_monitor.GUEST_RAM + 16 * MIB, lps=1)
+    machine = Machine(ram_size=bare_monitor.GUEST_HOST_BASE + bare_monitor.GUEST_RAM + 16 * MIB, lps=1,
+                      fast_transitions=fast_transitions)
     machine.ram.write_u32(bare_monitor.VMXON_REGION, CAPS.vmcs_revision_id)
     machine.ram.write_u32(bare_monitor.VMCS_REGION, CAPS.vmcs_revision_id)
     bare_monitor.write_guest_memory(machine, guest)
@@ -203,6 +206,11 @@ def measure() -> dict:
         "bare_unicorn_cpuid_hook_us": bare_unicorn_hook_round_trip(CPUID_EXITS),
         "inverse_call_round_trip_us": inverse_call_round_trip(INVERSE_CALLS),
     }
+    round_trips = exit_kinds.measure()
+    round_trips[INVERSE_CALL_ROW] = {
+        "c_loop_us": figures["inverse_call_round_trip_us"],
+        "python_us": inverse_call_round_trip(INVERSE_CALLS, fast_transitions=False)}
+    figures["exit_round_trips"] = round_trips
     figures["fragmented_ept_ips"], figures["fragmented_ept_instructions"] = fragmented_ept()
     figures["fragmented_ept_pages"] = FRAGMENTED_PAGES
     figures["snapshot_ms"], figures["restore_ms"] = snapshot_and_restore(SNAPSHOT_RAM)
@@ -226,6 +234,8 @@ def report(figures: dict) -> str:
         ("  the same, guest and root both touching x87/SSE", f"{figures['exit_round_trip_sse_both_us']:8.1f} us"),
         ("bare Unicorn Python CPUID hook", f"{figures['bare_unicorn_cpuid_hook_us']:8.1f} us"),
         ("inverse hypercall round trip (VMCALLR, VMCALL)", f"{figures['inverse_call_round_trip_us']:8.1f} us"),
+        ("  ratio to the CPUID exit round trip",
+         f"{figures['inverse_call_round_trip_us'] / figures['exit_round_trip_us']:8.2f}"),
         (f"guest over {figures['fragmented_ept_pages']} scattered 4 KiB EPT pages",
          f"{figures['fragmented_ept_ips'] / mips:8.0f} M instr/s"),
         (f"snapshot of the whole machine ({figures['snapshot_ram_mib']} MiB RAM)", f"{figures['snapshot_ms']:8.1f} ms"),
@@ -239,7 +249,19 @@ def report(figures: dict) -> str:
                          f"{timing['machine_s']:8.2f} s / {timing['bare_unicorn_s']:.2f} s = "
                          f"{timing['ratio_to_bare']:.2f} of bare speed"))
     width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows) + "\n\n" + \
+        round_trip_table(figures["exit_round_trips"])
+
+
+def round_trip_table(round_trips: dict[str, dict[str, float]]) -> str:
+    """One row per exit kind: host microseconds per round trip in the C transition loop and on the
+    Python path (Machine(fast_transitions=False)), and how many times faster the loop is."""
+    header = ("exit round trip, bare monitor", "C loop", "Python", "Python / C")
+    rows = [(name, f"{trip['c_loop_us']:.1f} us", f"{trip['python_us']:.1f} us",
+             f"{trip['python_us'] / trip['c_loop_us']:.1f}") for name, trip in round_trips.items()]
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+    return "\n".join(f"{row[0]:<{widths[0]}}  " + "  ".join(f"{cell:>{width}}" for cell, width in
+                                                           zip(row[1:], widths[1:])) for row in [header, *rows])
 
 
 def main(json_path: str | None = None) -> int:

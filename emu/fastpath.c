@@ -528,6 +528,7 @@ static const hhr_field *field_for(const hhr_vmx *v, uint64_t encoding, bool *hig
 }
 
 static const uint8_t VMRESUME_BYTES[] = {0x0F, 0x01, 0xC3};
+static const uint8_t VMCALLR_BYTES[] = {0x0F, 0x0A};   /* docs/machine.md 8.1 */
 
 static uint64_t guest_rip(const hhr_vmx *v, const hhr_vmcs *vmcs) {
     const hhr_transition_constants *k = v->constants;
@@ -537,18 +538,32 @@ static uint64_t guest_rip(const hhr_vmx *v, const hhr_vmcs *vmcs) {
     return rip;
 }
 
-/* VMRESUME the transition loop may carry out in C: the same VM entry Python would make, with
- * nothing but GUEST_RIP written since checks that passed (see emu/vmx.py, VmxUnit._check_entry). */
+/* A launched VMCS whose guest instance holds its state, with nothing but GUEST_RIP written since
+ * entry checks that passed (see emu/vmx.py, VmxUnit._check_entry and load_guest_state): an entry
+ * needs no check and no load Python would make, and no inverse hypercall is in progress. */
+static bool entry_needs_no_python(const hhr_vmx *v, const hhr_vmcs *vmcs) {
+    const hhr_transition_constants *k = v->constants;
+    return vmcs->launched && vmcs->guest_ctx != NULL && vmcs->guest_uc != NULL &&
+           vmcs->entry_verified && !vmcs->checked_field_written &&
+           !(vmcs->live_written & ~k->guest_rip_live_bit) && !vmcs->inverse_call &&
+           is_canonical(guest_rip(v, vmcs)) &&
+           vmcs->guest_ctx->mode == HHR_MODE_GUEST && vmcs->guest_ctx->eptp == vmcs->values[k->ept_pointer];
+}
+
+/* VMRESUME the transition loop may carry out in C: the same VM entry Python would make, with no
+ * event to inject, no MSR to load and the guest not halted. */
 static bool entry_is_plain(const hhr_vmx *v, const hhr_vmcs *vmcs) {
     const hhr_transition_constants *k = v->constants;
     const uint64_t *values = vmcs->values;
-    return vmcs->launched && vmcs->guest_ctx != NULL && vmcs->guest_uc != NULL &&
-           vmcs->entry_verified && !vmcs->checked_field_written &&
-           !(vmcs->live_written & ~k->guest_rip_live_bit) && !vmcs->inverse_call && !vmcs->halted &&
-           is_canonical(guest_rip(v, vmcs)) &&
+    return entry_needs_no_python(v, vmcs) && !vmcs->halted &&
            !(values[k->entry_interruption_info] & k->interruption_info_valid) &&
-           values[k->entry_msr_load_count] == 0 &&
-           vmcs->guest_ctx->mode == HHR_MODE_GUEST && vmcs->guest_ctx->eptp == values[k->ept_pointer];
+           values[k->entry_msr_load_count] == 0;
+}
+
+/* VMCALLR the transition loop may carry out in C: every case emu/vmx.py's VmxUnit.vmcallr would
+ * fail, or would check or load state for, is Python's (docs/machine.md 8.3, steps 1-6). */
+static bool inverse_call_is_plain(const hhr_vmx *v, const hhr_vmcs *vmcs) {
+    return entry_needs_no_python(v, vmcs) && vmcs->values[v->constants->inverse_entry] != 0;
 }
 
 /* The `length` code bytes at a linear address of a context, if it translates for a fetch and the
@@ -572,6 +587,13 @@ bool hhr_invalid_instruction(void *uc, void *user_data) {
     if (code == NULL) return false;
     if (v->fast_entries && memcmp(code, VMRESUME_BYTES, sizeof VMRESUME_BYTES) == 0 && entry_is_plain(v, vmcs)) {
         v->entry_pending = 1;      /* the instruction retires with its block; the loop enters */
+        stop(c, HHR_STOP_NONE);
+        return true;
+    }
+    if (v->fast_entries && memcmp(code, VMCALLR_BYTES, sizeof VMCALLR_BYTES) == 0 &&
+        rip + sizeof VMCALLR_BYTES == c->block_pc + c->block_size && c->block_icount != 0 &&
+        inverse_call_is_plain(v, vmcs)) {
+        v->inverse_call_pending = 1;   /* as VMRESUME: it retires with its block; the loop calls */
         stop(c, HHR_STOP_NONE);
         return true;
     }
@@ -616,15 +638,20 @@ bool hhr_invalid_instruction(void *uc, void *user_data) {
 /* --- the transition loop ----------------------------------------------------------------------- */
 static const uint8_t CPUID_BYTES[] = {0x0F, 0xA2};
 
-static void record(hhr_lp *lp, uint32_t kind, uint32_t reason, uint64_t qualification, uint64_t vmcs,
-                   uint64_t rip) {
+static void record_at(hhr_lp *lp, uint64_t time, uint32_t kind, uint32_t reason, uint64_t qualification,
+                      uint64_t vmcs, uint64_t rip) {
     hhr_transition_event *e = &lp->events[lp->event_count++];
     e->kind = kind;
     e->reason = reason;
     e->qualification = qualification;
-    e->time = lp->time;
+    e->time = time;
     e->vmcs = vmcs;
     e->rip = rip;
+}
+
+static void record(hhr_lp *lp, uint32_t kind, uint32_t reason, uint64_t qualification, uint64_t vmcs,
+                   uint64_t rip) {
+    record_at(lp, lp->time, kind, reason, qualification, vmcs, rip);
 }
 
 static void write_register_if_changed(const hhr_api *api, void *uc, int regid, uint64_t value) {
@@ -706,6 +733,77 @@ static void enter_on_vmresume(hhr_lp *lp, hhr_vmcs *vmcs) {
     if (lp->preemption_active)
         lp->preemption_deadline = lp->time + (vmcs->values[k->preemption_timer_value] << k->preemption_timer_rate);
     lp->in_guest = 1;
+}
+
+/* A live guest-state field the machine itself writes (emu/vmcs.py, ActiveVmcs.write): the slot and
+ * the guest instance's register both take the value, and the field no longer counts as written by
+ * software. */
+static void write_live_field(const hhr_api *api, hhr_vmcs *vmcs, int32_t slot, int regid, uint32_t live_bit,
+                             uint64_t value) {
+    vmcs->values[slot] = value;
+    api->reg_write(vmcs->guest_uc, regid, &value);
+    vmcs->live_written &= ~live_bit;
+}
+
+/* VMCALLR, docs/machine.md 8.3 steps 7-9, as emu/vmx.py's VmxUnit.vmcallr makes it once its checks
+ * pass (inverse_call_is_plain): the interrupted RIP, RSP and RFLAGS are saved, a `vmcallr` event
+ * is published before the instruction retires, and the guest is entered as VMRESUME enters it,
+ * without injection, at INVERSE_HYPERCALL_ENTRY with interrupts disabled. */
+static void enter_inverse_call(hhr_lp *lp, hhr_vmcs *vmcs) {
+    const hhr_transition_constants *k = lp->vmx->constants;
+    const hhr_api *api = lp->root->api;
+    uint64_t *values = vmcs->values;
+    if (vmcs->live_written & k->guest_rip_live_bit) {   /* load_written_state: GUEST_RIP written by software */
+        api->reg_write(vmcs->guest_uc, api->reg_rip, &values[k->guest_rip]);
+        vmcs->live_written &= ~k->guest_rip_live_bit;
+    }
+    uint64_t call = read_register(lp->root, api->gpr[0]);   /* RAX */
+    vmcs->inverse_saved_rip = read_register(vmcs->guest_ctx, api->reg_rip);
+    vmcs->inverse_saved_rsp = read_register(vmcs->guest_ctx, api->reg_rsp);
+    vmcs->inverse_saved_rflags = read_register(vmcs->guest_ctx, api->reg_rflags);
+    vmcs->inverse_call = 1;
+    /* The loop counted the VMCALLR with its block; Python publishes the call before it retires. */
+    record_at(lp, lp->time - 1, HHR_EVENT_INVERSE_CALL, 0, call, vmcs->address, 0);
+    uint64_t rip = read_register(lp->root, api->reg_rip) + k->vmcallr_length;
+    api->reg_write(lp->root->uc, api->reg_rip, &rip);
+    hhr_shared_attach(vmcs->guest_ctx, lp->shared);
+    hhr_copy_registers(api, lp->root->uc, vmcs->guest_uc, lp->handover, lp->handover_count);
+    record(lp, HHR_EVENT_VM_ENTRY, 0, 0, vmcs->address, vmcs->inverse_saved_rip);
+    lp->preemption_active = (values[k->pin_controls] & k->preemption_timer_control) != 0;
+    if (lp->preemption_active)
+        lp->preemption_deadline = lp->time + (values[k->preemption_timer_value] << k->preemption_timer_rate);
+    vmcs->halted = 0;
+    write_live_field(api, vmcs, k->guest_rip, api->reg_rip, k->guest_rip_live_bit, values[k->inverse_entry]);
+    if (values[k->inverse_stack])
+        write_live_field(api, vmcs, k->guest_rsp, api->reg_rsp, k->guest_rsp_live_bit, values[k->inverse_stack]);
+    write_live_field(api, vmcs, k->guest_rflags, api->reg_rflags, k->guest_rflags_live_bit,
+                     k->rflags_during_inverse_call);
+    lp->in_guest = 1;
+}
+
+/* The guest's VMCALL during an inverse hypercall, docs/machine.md 8.3 step 11, as emu/vmx.py's
+ * _end_inverse_call makes it: no VM exit; the GPRs go to root, the interrupted guest state comes
+ * back, and root continues after its VMCALLR with VMsucceed. */
+static void return_from_inverse_call(hhr_lp *lp, hhr_vmcs *vmcs) {
+    const hhr_transition_constants *k = lp->vmx->constants;
+    const hhr_api *api = lp->root->api;
+    uint64_t *values = vmcs->values;
+    vmcs->inverse_call = 0;
+    if (lp->preemption_active && (values[k->exit_controls] & k->save_preemption_timer_control)) {
+        uint64_t remaining = lp->preemption_deadline > lp->time ? lp->preemption_deadline - lp->time : 0;
+        values[k->preemption_timer_value] = remaining >> k->preemption_timer_rate;
+    }
+    hhr_copy_registers(api, vmcs->guest_uc, lp->root->uc, lp->handover, lp->handover_count);
+    write_live_field(api, vmcs, k->guest_rip, api->reg_rip, k->guest_rip_live_bit, vmcs->inverse_saved_rip);
+    write_live_field(api, vmcs, k->guest_rsp, api->reg_rsp, k->guest_rsp_live_bit, vmcs->inverse_saved_rsp);
+    write_live_field(api, vmcs, k->guest_rflags, api->reg_rflags, k->guest_rflags_live_bit,
+                     vmcs->inverse_saved_rflags);
+    vmcs->halted = values[k->activity_state] == k->activity_hlt;   /* the state before the call */
+    lp->preemption_active = 0;
+    lp->in_guest = 0;
+    record(lp, HHR_EVENT_INVERSE_RETURN, 0, read_register(lp->root, api->gpr[0]), vmcs->address, 0);
+    uint64_t rflags = read_register(lp->root, api->reg_rflags) & ~RFLAGS_VMX_RESULT_BITS;   /* VMsucceed */
+    api->reg_write(lp->root->uc, api->reg_rflags, &rflags);
 }
 
 static const uint8_t VMCALL_BYTES[] = {0x0F, 0x01, 0xC1};
@@ -801,11 +899,12 @@ int hhr_run_transitions(hhr_lp *lp) {
     for (;;) {
         hhr_vmcs *vmcs = v->current;
         if (lp->time >= lp->deadline || lp->attention || lp->event_count + 2 > HHR_EVENTS_MAX) break;
-        if (lp->in_guest && (vmcs == NULL || vmcs->inverse_call || vmcs->halted ||
+        if (lp->in_guest && (vmcs == NULL || vmcs->halted ||
                              (vmcs->values[k->primary_controls] & k->interrupt_window_control) ||
                              vmcs->values[k->exit_msr_store_count] || vmcs->values[k->exit_msr_load_count]))
             break;   /* VM exits with MSR lists are Python's (emu/vmx.py) */
         if (lp->in_guest && lp->preemption_active && lp->time >= lp->preemption_deadline) {
+            if (vmcs->inverse_call) break;   /* the timer ends the call: Python's (emu/vmx.py) */
             exit_simply(lp, vmcs, k->exit_reason_preemption_timer, 0, 0);
             continue;
         }
@@ -821,6 +920,7 @@ int hhr_run_transitions(hhr_lp *lp) {
         c->exit_pending = 0;
         c->fast_exits = lp->in_guest;
         v->entry_pending = 0;
+        v->inverse_call_pending = 0;
         lp->running = c;
         lp->run_mark = c->retired;
         lp->run_time_base = lp->time;
@@ -840,11 +940,18 @@ int hhr_run_transitions(hhr_lp *lp) {
             c->retired--;
             lp->time--;
             lp->retired--;
+            if (vmcs->inverse_call) {
+                /* docs/machine.md 8.3 step 11: not a VM exit. The loop ends here so that Python
+                 * publishes `vmcallr-return` before root goes on, as its own path does (subscribers
+                 * act on it: the fuzzer reads the pages the call wrote). */
+                return_from_inverse_call(lp, vmcs);
+                break;
+            }
             exit_simply(lp, vmcs, k->exit_reason_vmcall, k->vmcall_length, 0);
             if (plain_stop) continue;
             break;
         }
-        if (plain_stop && lp->in_guest) {
+        if (plain_stop && lp->in_guest && !vmcs->inverse_call) {   /* an exit ends a call: Python's */
             uint64_t rip = read_register(c, api->reg_rip);
             if (code_is(c, rip, CPUID_BYTES, sizeof CPUID_BYTES)) {
                 exit_simply(lp, vmcs, k->exit_reason_cpuid, k->cpuid_length, 0);
@@ -870,11 +977,19 @@ int hhr_run_transitions(hhr_lp *lp) {
             if (plain_stop) continue;
             break;
         }
+        if (!lp->in_guest && v->inverse_call_pending) {
+            v->inverse_call_pending = 0;
+            /* The loop ends here so that Python publishes `vmcallr` before the guest runs, as its own
+             * path does (subscribers act on it: a fault injector changes the call's message). */
+            enter_inverse_call(lp, vmcs);
+            break;
+        }
         if (lp->in_guest && c->stop_reason == HHR_STOP_BUDGET && lp->preemption_active &&
             lp->time >= lp->preemption_deadline && !c->python_stop && !lp->attention) {
             /* The timer fired. Within the slice the loop takes the exit itself; at its end, as
-             * Python would, it leaves the exit to the LP's next turn. */
-            if (lp->time < lp->deadline) {
+             * Python would, it leaves the exit to the LP's next turn, as it leaves the end of an
+             * inverse hypercall by its timeout. */
+            if (lp->time < lp->deadline && !vmcs->inverse_call) {
                 exit_simply(lp, vmcs, k->exit_reason_preemption_timer, 0, 0);
                 continue;
             }

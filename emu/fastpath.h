@@ -186,6 +186,9 @@ typedef struct {
     uint32_t checked_field_written;   /* software wrote a field an entry check reads */
     uint32_t live_written;            /* live fields VMWRITE changed: the slot holds the value the
                                          next VM entry checks and loads into the guest instance */
+    /* With inverse_call: the guest RIP, RSP and RFLAGS the inverse hypercall interrupted, restored
+     * when it ends (docs/machine.md 8.3, steps 7, 11, 12). */
+    uint64_t inverse_saved_rip, inverse_saved_rsp, inverse_saved_rflags;
 } hhr_vmcs;
 
 /* Slot numbers of the VMCS fields and the architectural values the transition loop uses, filled
@@ -206,7 +209,11 @@ typedef struct {
     uint64_t save_preemption_timer_control;
     uint32_t exit_reason_cpuid, cpuid_length, exit_reason_vmcall, vmcall_length;
     uint32_t exit_reason_hlt, hlt_length, vmresume_length, activity_active, guest_rip_live_bit;
-    uint32_t reserved;
+    uint32_t activity_hlt;
+    /* VMCALLR and its return (docs/machine.md 8.3). */
+    int32_t inverse_entry, inverse_stack, guest_rsp, guest_rflags;
+    uint32_t guest_rsp_live_bit, guest_rflags_live_bit, vmcallr_length, reserved;
+    uint64_t rflags_during_inverse_call;
 } hhr_transition_constants;
 
 /* One LP's VMX state for the fast path; Python keeps it in step with emu/vmx.py's VmxUnit. */
@@ -218,11 +225,13 @@ typedef struct {
     uint32_t fast_entries;            /* the transition loop runs: VMRESUME may be taken in C */
     const hhr_transition_constants *constants;
     uint32_t entry_pending;           /* the hook found a VMRESUME the loop carries out */
-    uint32_t reserved;
+    uint32_t inverse_call_pending;    /* the hook found a VMCALLR the loop carries out */
 } hhr_vmx;
 
 #define HHR_EVENT_VM_EXIT 1
 #define HHR_EVENT_VM_ENTRY 2
+#define HHR_EVENT_INVERSE_CALL 3      /* qualification: the call number (RAX) */
+#define HHR_EVENT_INVERSE_RETURN 4    /* qualification: the result (RAX); the call succeeded */
 #define HHR_EVENTS_MAX 64
 #define HHR_LOOP_NOTHING_RAN 0        /* deadline reached or Python's attention asked for */
 #define HHR_LOOP_CLASSIFY 1           /* the last run ended in a way only Python handles */

@@ -117,7 +117,7 @@ class LogicalProcessor:
         self._transitions.handover_count = fast.HANDOVER_REGISTER_COUNT
         self._transitions.shared = self.shared
         self._in_transitions = False
-        self.transitions_in_c = 0    # VM exits and entries the C loop carried out
+        self.transitions_in_c = 0    # VM exits and entries (VMCALLR and its return too) the C loop carried out
 
     # --- snapshots (emu/snapshot.py) -------------------------------------------------------------------
     def save_state(self) -> LpState:
@@ -257,11 +257,12 @@ class LogicalProcessor:
     # --- the C transition loop -------------------------------------------------------------------------
     def _transitions_allowed(self) -> bool:
         """The loop carries out only transitions that need nothing of Python: no vector pending, no
-        inverse hypercall, no HLT state (it re-checks the rest itself)."""
+        HLT state (it re-checks the rest itself, and leaves every end of an inverse hypercall but
+        the guest's VMCALL to Python)."""
         if not self.host.fast_transitions or not self.vmx.on or self.pending_vectors or self.halted:
             return False
         guest = self.guest
-        return guest is None or (guest.inverse_call_saved is None and not guest.halted)
+        return guest is None or not guest.halted
 
     def _run_transitions(self, deadline: int) -> bool:
         """Runs the C loop; False if it declined to run anything (Python takes this turn)."""
@@ -326,18 +327,26 @@ class LogicalProcessor:
         if not count:
             return
         loop.event_count = 0
-        self.transitions_in_c += count
         events = self.events
         hook, events.before_publish = events.before_publish, None
         for index in range(count):
             event = loop.events[index]
-            if event.kind == fast.lib.HHR_EVENT_VM_EXIT:
+            kind = event.kind
+            if kind != fast.lib.HHR_EVENT_INVERSE_CALL:   # a VMCALLR is one transition: its vm-entry
+                self.transitions_in_c += 1
+            if kind == fast.lib.HHR_EVENT_VM_EXIT:
                 self.counters.last_exits[event.vmcs] = event.time
                 events.publish(event.time, self.index, "vm-exit", vmcs=event.vmcs, reason=event.reason,
                                qualification=event.qualification, rip=event.rip)
                 self.counters.count_exit(event.reason)
-            else:
+            elif kind == fast.lib.HHR_EVENT_VM_ENTRY:
                 events.publish(event.time, self.index, "vm-entry", vmcs=event.vmcs, launch=False, rip=event.rip)
+            elif kind == fast.lib.HHR_EVENT_INVERSE_CALL:   # as VmxUnit.vmcallr publishes and counts it
+                events.publish(event.time, self.index, "vmcallr", vmcs=event.vmcs, call=event.qualification)
+                self.counters.count_inverse_call(event.qualification)
+            else:                                            # as VmxUnit._end_inverse_call, on success
+                events.publish(event.time, self.index, "vmcallr-return", vmcs=event.vmcs, ok=True,
+                               result=event.qualification, exit_reason=None)
         events.before_publish = hook
 
     def _next_event_by(self, limit: int) -> int:

@@ -55,6 +55,9 @@ class FastPath:
     function: str
     reason_constant: str
     control_constants: tuple[str, ...] = ()
+    # The C function that, during an inverse hypercall, carries out the instruction's return of the
+    # call instead of its exit (docs/machine.md 8.3 step 11), if the loop does.
+    inverse_call_return: str | None = None
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,8 @@ MOV_FROM_CR3 = Trap("MOV from CR3", Catch.NATIVE, Catch.EXIT_POINT, ExitReason.C
 # VMCALL in a guest during an inverse hypercall ends the call instead (docs/machine.md 8.3).
 VMCALL = Trap("VMCALL", Catch.INVALID_OPCODE, Catch.INVALID_OPCODE, ExitReason.VMCALL, Decision.ALWAYS,
               emulation="emu.vmx:VmxUnit.execute", mnemonics=frozenset({"vmcall"}),
-              fast_path=FastPath("hhr_guest_invalid_instruction", "exit_reason_vmcall"), sdm="Vol. 3C 26.1.2")
+              fast_path=FastPath("hhr_guest_invalid_instruction", "exit_reason_vmcall",
+                                 inverse_call_return="return_from_inverse_call"), sdm="Vol. 3C 26.1.2")
 VMX_INSTRUCTIONS = (
     _vmx_instruction("vmclear", ExitReason.VMCLEAR), _vmx_instruction("vmlaunch", ExitReason.VMLAUNCH),
     _vmx_instruction("vmptrld", ExitReason.VMPTRLD), _vmx_instruction("vmptrst", ExitReason.VMPTRST),
@@ -162,7 +166,8 @@ VMX_INSTRUCTIONS = (
     _vmx_instruction("vmfunc", ExitReason.VMFUNC),
 )
 VMCALLR = Trap("VMCALLR (machine-specific)", Catch.INVALID_OPCODE, Catch.INVALID_OPCODE, ExitReason.VMCALLR,
-               Decision.ALWAYS, emulation="emu.vmx:VmxUnit.vmcallr", opcode=VMCALLR_OPCODE, sdm="docs/machine.md 8")
+               Decision.ALWAYS, emulation="emu.vmx:VmxUnit.vmcallr", fast_emulation="enter_inverse_call",
+               opcode=VMCALLR_OPCODE, sdm="docs/machine.md 8")
 
 # Exits that no instruction causes (docs/machine.md 7.8.4, 7.9.2, 7.11, 7.12).
 EVENTS = (
@@ -250,6 +255,14 @@ def _decided_by(trap: Trap) -> str:
     return controls if trap.decision is Decision.CONTROL else f"{trap.decision.value}: {controls}"
 
 
+def _in_c(fast_path: FastPath | None) -> str:
+    if fast_path is None:
+        return ""
+    if fast_path.inverse_call_return is None:
+        return f"`{fast_path.function}`"
+    return f"`{fast_path.function}`; the return of an inverse hypercall: `{fast_path.inverse_call_return}`"
+
+
 def manual_table() -> str:
     """The table as docs/machine.md 7.9.4 shows it."""
     lines = ["| instruction or event | root | guest | exit reason | exits when | without an exit | exit in C "
@@ -260,7 +273,7 @@ def manual_table() -> str:
         lines.append(" | ".join((
             f"| {trap.name}", trap.root.value, trap.guest.value, reason, _decided_by(trap),
             f"`{trap.emulation}`" if trap.emulation else "none",
-            f"`{trap.fast_path.function}`" if trap.fast_path else "",
+            _in_c(trap.fast_path),
             f"`{trap.fast_emulation}`" if trap.fast_emulation else "", trap.sdm)) + " |")
     return "\n".join(lines) + "\n"
 

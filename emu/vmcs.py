@@ -82,6 +82,8 @@ _DESCRIPTOR_LOADED_BASES = {"GUEST_FS_SELECTOR": x86.UC_X86_REG_FS_BASE,
                             "GUEST_GS_SELECTOR": x86.UC_X86_REG_GS_BASE}
 _SLOT_INDEX = {field.name: index for index, field in enumerate(FIELDS)}
 _GUEST_RIP = "GUEST_RIP"
+_GUEST_RSP = "GUEST_RSP"
+_GUEST_RFLAGS = "GUEST_RFLAGS"
 # Fields software may write without the full VM-entry checks running again: no check reads the
 # preemption-timer value, and GUEST_RIP's one check (canonical form) is made at every entry.
 KEEPS_VERIFICATION = frozenset({_GUEST_RIP, "VMX_PREEMPTION_TIMER_VALUE"})
@@ -143,7 +145,9 @@ def _transition_constants():
             ("entry_msr_load_count", "VM_ENTRY_MSR_LOAD_COUNT"),
             ("exit_msr_store_count", "VM_EXIT_MSR_STORE_COUNT"), ("exit_msr_load_count", "VM_EXIT_MSR_LOAD_COUNT"),
             ("io_bitmap_a", "IO_BITMAP_A"),
-            ("io_bitmap_b", "IO_BITMAP_B"), ("preemption_timer_value", "VMX_PREEMPTION_TIMER_VALUE")):
+            ("io_bitmap_b", "IO_BITMAP_B"), ("preemption_timer_value", "VMX_PREEMPTION_TIMER_VALUE"),
+            ("inverse_entry", "INVERSE_HYPERCALL_ENTRY"), ("inverse_stack", "INVERSE_HYPERCALL_STACK"),
+            ("guest_rsp", _GUEST_RSP), ("guest_rflags", _GUEST_RFLAGS)):
         setattr(k, member, _SLOT_INDEX[name])
     k.interruption_info_valid = INTERRUPTION_INFO_VALID
     k.interrupt_window_control = PrimaryProcessorControls.INTERRUPT_WINDOW_EXITING
@@ -168,6 +172,12 @@ def _transition_constants():
     k.vmresume_length = VMRESUME_LENGTH
     k.activity_active = ActivityState.ACTIVE
     k.guest_rip_live_bit = _LIVE_BIT[_GUEST_RIP]
+    k.activity_hlt = ActivityState.HLT
+    # VMCALLR and its return (docs/machine.md 8.3).
+    k.guest_rsp_live_bit = _LIVE_BIT[_GUEST_RSP]
+    k.guest_rflags_live_bit = _LIVE_BIT[_GUEST_RFLAGS]
+    k.vmcallr_length = len(traps.VMCALLR.opcode)
+    k.rflags_during_inverse_call = Rflags.FIXED1
     return k
 
 
@@ -210,8 +220,6 @@ class ActiveVmcs:
         self.launched = launched
         self.context = None          # ExecutionContext holding live guest state, bound on entry
         self.lp_index: int | None = None
-        # An inverse hypercall in progress: the guest RIP/RSP/RFLAGS it interrupted.
-        self._inverse_call_saved: tuple[int, int, int] | None = None
 
     # The flags live in the C struct, which the VMREAD/VMWRITE hook and the transition loop read.
     @property
@@ -243,12 +251,16 @@ class ActiveVmcs:
 
     @property
     def inverse_call_saved(self) -> tuple[int, int, int] | None:
-        return self._inverse_call_saved
+        """An inverse hypercall in progress: the guest RIP, RSP and RFLAGS it interrupted (kept in
+        the C struct, where the transition loop saves and restores them too)."""
+        f = self.fast
+        return (f.inverse_saved_rip, f.inverse_saved_rsp, f.inverse_saved_rflags) if f.inverse_call else None
 
     @inverse_call_saved.setter
     def inverse_call_saved(self, saved: tuple[int, int, int] | None) -> None:
-        self._inverse_call_saved = saved
-        self.fast.inverse_call = 0 if saved is None else 1
+        f = self.fast
+        f.inverse_call = 0 if saved is None else 1
+        f.inverse_saved_rip, f.inverse_saved_rsp, f.inverse_saved_rflags = saved if saved is not None else (0, 0, 0)
 
     # --- the memory image -------------------------------------------------------------------------
     @classmethod

@@ -43,3 +43,17 @@ def test_a_compiled_guest_runs_the_same_work_under_hv1_and_on_bare_unicorn():
         pytest.skip("gcc is not installed: the C guests cannot be built")
     timing = compiled_guests.measure("memwalk")      # raises when the two consoles differ
     assert "walk of 1024 rounds" in timing.console and timing.machine_seconds > 0 and timing.bare_seconds > 0
+
+
+def test_every_exit_kind_has_a_round_trip_in_the_c_loop_and_in_python():
+    from bench import exit_kinds, machine_speed
+
+    round_trips = exit_kinds.measure(exits=20)        # raises when a kind's loop did not make its exits
+    round_trips[machine_speed.INVERSE_CALL_ROW] = {
+        "c_loop_us": machine_speed.inverse_call_round_trip(20),
+        "python_us": machine_speed.inverse_call_round_trip(20, fast_transitions=False)}
+    assert {"CPUID", "VMCALL", "HLT (HLT exiting)", "EPT violation", "VMX-preemption timer"} <= set(round_trips)
+    assert all(trip["c_loop_us"] > 0 and trip["python_us"] > 0 for trip in round_trips.values())
+    table = machine_speed.round_trip_table(round_trips).splitlines()
+    assert len(table) == 1 + len(round_trips)
+    assert all(any(line.startswith(name) for line in table) for name in round_trips)

@@ -54,6 +54,20 @@ def test_each_c_exit_is_its_rows(trap):
         assert all(f"k->{member}" in body for member in fast_path.control_constants)
 
 
+@pytest.mark.parametrize("trap", [trap for trap in traps.TABLE if trap.fast_path and trap.fast_path.inverse_call_return],
+                         ids=lambda t: t.name)
+def test_each_return_of_an_inverse_call_in_c_is_a_function_the_loop_calls(trap):
+    name = trap.fast_path.inverse_call_return
+    c_function_body(name)
+    assert f"{name}(lp, vmcs)" in c_function_body("hhr_run_transitions")
+
+
+def test_the_loop_enters_the_inverse_calls_the_table_gives_it():
+    in_c = {trap.fast_emulation for trap in traps.TABLE if trap.fast_emulation}
+    assert "enter_inverse_call" in in_c
+    assert "enter_inverse_call(lp, vmcs)" in c_function_body("hhr_run_transitions")
+
+
 @pytest.mark.parametrize("trap", [trap for trap in traps.TABLE if trap.fast_emulation], ids=lambda t: t.name)
 def test_each_root_instruction_carried_out_in_c_is_a_function_of_the_fast_path(trap):
     c_function_body(trap.fast_emulation)

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import pytest
 
+from emu.machine import Machine
 from emu.vmx import (
-    VMCALLR_ENDED_BY_VM_EXIT, VMCALLR_NO_ENTRY_POINT, VMCALLR_NOT_LAUNCHED,
+    VMCALLR_ENDED_BY_VM_EXIT, VMCALLR_NO_ENTRY_POINT, VMCALLR_NOT_LAUNCHED, VmxUnit,
 )
 from emu.vmx_defs import ExitReason
 from tests.machine_programs import (
     EXIT_OK, EXIT_STOPPED_ON_EXIT, GUEST_CODE, GUEST_INVERSE_HANDLER, GUEST_INVERSE_STACK_TOP,
-    GUEST_RAM_BASE, GUEST_SHARED, RFLAGS_CF, RFLAGS_ZF, VMCS_REGION, VMXON_REGION,
-    debug_exit, enable_vmx, events_of, exit_log, exit_status, expect_invalid_opcode, label_address, lines,
-    result, run_guest, run_root, save, save_flags, vmread, vmx_on_with_current_vmcs, write_revision,
+    GUEST_RAM_BASE, GUEST_SHARED, PAGE_SIZE, RFLAGS_CF, RFLAGS_ZF, VMCS_REGION, VMXON_REGION,
+    debug_exit, enable_vmx, event_tuples, events_of, exit_log, exit_status, expect_invalid_opcode, label_address, lines,
+    result, run_guest, run_root, save, save_flags, vmread, vmwrite, vmx_on_with_current_vmcs, write_revision,
 )
 
 VMCALLR = ".byte 0x0f, 0x0a"
@@ -132,3 +133,86 @@ def test_inverse_hypercall_instruction_in_a_guest_exits(machine):
     assert record.instruction_length == VMCALLR_LENGTH
     assert record.guest_rax == 3
     assert events_of(machine, "vmcallr") == []
+
+
+# --- the C transition loop (emu/fastpath.c) carries out VMCALLR and its return -----------------------
+def inverse_call_rewriting_guest_rip(guest_shared_hpa: int) -> str:
+    """As inverse_call_on_first_exit, after writing GUEST_RIP with its own value: the VMCALLR then
+    finds a live field software wrote, which its entry loads first (docs/machine.md 8.3 step 8)."""
+    return inverse_call_on_first_exit(guest_shared_hpa).replace(
+        f"mov rax, {CALL_NUMBER}", lines(vmread("rbx", "GUEST_RIP"), vmwrite("GUEST_RIP", "rbx"),
+                                         f"mov rax, {CALL_NUMBER}"), 1)
+
+
+class PythonCalls:
+    """Counts the calls of VmxUnit's Python VMCALLR and return, which the loop must not need."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        self.returns = 0
+        vmcallr, returning = VmxUnit.vmcallr, VmxUnit.return_from_inverse_call
+
+        def counted_vmcallr(unit, *args):
+            self.calls += 1
+            return vmcallr(unit, *args)
+
+        def counted_return(unit, *args):
+            self.returns += 1
+            return returning(unit, *args)
+
+        monkeypatch.setattr(VmxUnit, "vmcallr", counted_vmcallr)
+        monkeypatch.setattr(VmxUnit, "return_from_inverse_call", counted_return)
+
+
+def run_both_ways(handler: str, *, on_exit=inverse_call_on_first_exit, stack: int | None = GUEST_INVERSE_STACK_TOP,
+                  monkeypatch=None):
+    """The same inverse call with the C loop on and off: each machine, and the Python calls of the first."""
+    machines = []
+    python_calls = None
+    for fast_transitions in (True, False):
+        machine = Machine(record_events=True, fast_transitions=fast_transitions)
+        if fast_transitions and monkeypatch is not None:
+            python_calls = PythonCalls(monkeypatch)
+        fields = {"INVERSE_HYPERCALL_ENTRY": GUEST_INVERSE_HANDLER}
+        if stack is not None:
+            fields["INVERSE_HYPERCALL_STACK"] = stack
+        run, _ = run_guest(machine, GUEST_MAIN, extra_code={GUEST_INVERSE_HANDLER: handler}, fields=fields,
+                           on_exit=on_exit(GUEST_RAM_BASE + GUEST_SHARED), stop_reasons=(ExitReason.HLT,))
+        assert run.stop.exit_status == exit_status(EXIT_STOPPED_ON_EXIT), run.stop.report
+        machine.run_result = run
+        if python_calls is not None:
+            monkeypatch.undo()
+        machines.append(machine)
+    return machines[0], machines[1], python_calls
+
+
+def assert_same_machine(fast: Machine, slow: Machine) -> None:
+    assert event_tuples(fast) == event_tuples(slow)
+    assert fast.run_result == slow.run_result
+    assert exit_log(fast) == exit_log(slow)
+    assert [result(fast, slot) for slot in range(SLOT_RIP_BEFORE, SLOT_EXIT_REASON + 1)] == \
+        [result(slow, slot) for slot in range(SLOT_RIP_BEFORE, SLOT_EXIT_REASON + 1)]
+    assert fast.inverse_call_counts == slow.inverse_call_counts
+    assert fast.statistics()["exits_by_reason"] == slow.statistics()["exits_by_reason"]
+    assert fast.ram.read(VMCS_REGION, PAGE_SIZE) == slow.ram.read(VMCS_REGION, PAGE_SIZE)
+
+
+@pytest.mark.parametrize("on_exit", [inverse_call_on_first_exit, inverse_call_rewriting_guest_rip],
+                         ids=["plain", "guest-rip-written"])
+@pytest.mark.parametrize("stack", [GUEST_INVERSE_STACK_TOP, None], ids=["own-stack", "guest-stack"])
+def test_the_loop_carries_out_the_round_trip_as_python_does(monkeypatch, on_exit, stack):
+    fast, slow, python_calls = run_both_ways(GUEST_HANDLER, on_exit=on_exit, stack=stack, monkeypatch=monkeypatch)
+    assert_same_machine(fast, slow)
+    assert result(fast, SLOT_RAX) == CALL_NUMBER + CALL_ARGUMENT * SHARED_VALUE
+    assert (python_calls.calls, python_calls.returns) == (0, 0), "the C loop left the call to Python"
+    assert fast.statistics()["transitions_in_c"] > 0 and slow.statistics()["transitions_in_c"] == 0
+
+
+@pytest.mark.parametrize("ending", ["cpuid", "hlt", "rdmsr", "ud2"])
+def test_a_call_ended_by_a_vm_exit_is_the_same_with_the_loop(monkeypatch, ending):
+    """The loop enters the call; whatever ends it but the guest's VMCALL is Python's, as before."""
+    fast, slow, python_calls = run_both_ways(lines("mov eax, 1", ending, "vmcall"), monkeypatch=monkeypatch)
+    assert_same_machine(fast, slow)
+    assert python_calls.calls == 0 and python_calls.returns == 0
+    (returned,) = events_of(fast, "vmcallr-return")
+    assert returned.data["ok"] is False
