@@ -183,6 +183,26 @@ def test_tracing_changes_nothing_the_guests_see(tmp_path, window, filters):
         [(phase["phase"], phase["virtual_ticks"]) for phase in plain["restarts"][0]["phases"]]
 
 
+def test_each_lp_devirtualizes_under_the_devirtualize_phase_on_the_demo(tmp_path):
+    """The demo (`hhr trace` defaults): LP 1's clock is behind LP 0's, yet `--phase devirtualize
+    --lp 1` shows LP 1's devirtualization (MOV to CR3, VMXOFF, the jump) and the new hypervisor's
+    take-over on LP 1, up to its first VM entry
+    (the commit window holds the whole of DEVIRTUALIZE; it only makes the run shorter)."""
+    output = tmp_path / "devirtualize.jsonl"
+    assert cli.main(["trace", "-q", *COMMIT_WINDOW, "--phase", "devirtualize", "--lp", "1", "--format", "jsonl",
+                     "-o", str(output)]) == 0
+    trace = body(records(str(output)))
+    assert trace and all(record["lp"] == 1 and record["phase"] == "devirtualize" for record in trace)
+    instructions = [record for record in trace if record["type"] == "insn"]
+    assert [record["asm"].split()[0] for record in instructions[:3]] == ["mov", "vmxoff", "jmp"]
+    assert instructions[0]["asm"].startswith("mov cr3") and instructions[0]["sym"].startswith("hv1:devirtualize")
+    assert [record["kind"] for record in trace if record["type"] == "event"][:3] == HANDOFF_EVENTS
+    takeover = [record for record in instructions if record["ctx"] == "hv2@root"]
+    assert takeover and takeover[0]["sym"] == "hv2:takeover_entry"
+    assert len(takeover) == len(instructions) - 3          # MOV to CR3, VMXOFF, the jump, then the new hypervisor's
+    assert not any(record["asm"].startswith("vmlaunch") for record in instructions), "the entry begins RESUMED"
+
+
 def test_bad_arguments_get_a_clear_error(capsys):
     assert cli.main(["trace", "--window", "9:3", "-q"]) == 2
     assert "START:END" in capsys.readouterr().err

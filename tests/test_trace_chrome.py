@@ -149,16 +149,19 @@ def test_each_vp_is_a_track_whose_gap_is_its_blackout(traced):
     assert measured
     names = {event["pid"]: event["args"]["name"] for event in trace["traceEvents"]
              if event["ph"] == "M" and event["name"] == "process_name"}
+    shifts = [0, *trace["metadata"].get("lp_shifts", {}).values()]
     for vp in measured:
         process = names[PARTITION_PID_BASE + vp["partition"]]
         runs = [event for event in on_thread(trace, process, f"VP {vp['vp']}") if event["ph"] == "X"]
         ends = [ticks(event["ts"] + event["dur"]) for event in runs]
         starts = [ticks(event["ts"]) for event in runs]
-        assert vp["last_exit"] in ends and vp["first_entry"] in starts
+        # An LP that waited for the commit is drawn later by its shift from its devirtualization on.
+        first_entry = next(vp["first_entry"] + shift for shift in shifts if vp["first_entry"] + shift in starts)
+        assert vp["last_exit"] in ends
         gap = [event for event in runs if vp["last_exit"] < ticks(event["ts"] + event["dur"])
-               and ticks(event["ts"]) < vp["first_entry"]]
+               and ticks(event["ts"]) < first_entry]
         assert not gap, f"{process} VP {vp['vp']} runs inside its blackout"
-        before, after = runs[ends.index(vp["last_exit"])], runs[starts.index(vp["first_entry"])]
+        before, after = runs[ends.index(vp["last_exit"])], runs[starts.index(first_entry)]
         assert before["args"]["vmcs"] != after["args"]["vmcs"], "the new hypervisor runs the VP on a VMCS of its own"
 
 
@@ -174,6 +177,23 @@ def test_each_lp_root_shows_the_old_hypervisor_then_the_new_from_its_vmxoff(trac
         assert hypervisors[0]["ts"] + hypervisors[0]["dur"] == hypervisors[1]["ts"]
         guest_mode = [event for event in on_thread(trace, f"LP {lp}", "guest mode") if event["ph"] == "X"]
         assert guest_mode and all(event["cat"] == "guest" for event in guest_mode)
+
+
+def test_no_lp_devirtualizes_before_the_commit_is_drawn(traced):
+    """LP 1's clock is behind LP 0's at the hand-off: its track is drawn later from its first step
+    of devirtualization on, so every LP's MOV to CR3 and VMXOFF come after the COMMIT slice."""
+    _, trace, _ = traced
+    commit = [event for event in trace["traceEvents"] if event.get("cat") == "phase" and event["name"] == "COMMIT"]
+    assert len(commit) == 1
+    commit_end = ticks(commit[0]["ts"]) + ticks(commit[0]["dur"])
+    for lp in range(DEMO_LPS):
+        root = on_thread(trace, f"LP {lp}", "root")
+        vmxoff = [event for event in root if event["name"] == "VMXOFF"]
+        cr3 = [event for event in root if event["name"] == "MOV to CR3" and ticks(event["ts"]) >= commit_end]
+        assert len(vmxoff) == 1 and ticks(vmxoff[0]["ts"]) >= commit_end, lp
+        assert cr3 and ticks(cr3[-1]["ts"]) <= ticks(vmxoff[0]["ts"])
+    shifts = trace["metadata"]["lp_shifts"]
+    assert set(shifts) == {"1"} and shifts["1"] > 0, "LP 1's own clock had its VMXOFF before the commit"
 
 
 def test_the_same_run_gives_the_same_file(traced):

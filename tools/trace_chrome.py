@@ -17,7 +17,12 @@ the Perfetto UI (docs/tracing-perfetto.md says how, offline, and what every trac
 Time: one tick (one retired instruction, docs/machine.md 1.3) is drawn as one nanosecond: `ts` and
 `dur` are microseconds written as exact decimals, so every tick keeps its own time stamp and the
 machine's order. Each event carries its own LP's clock; LPs' clocks differ by up to a quantum
-within a round (docs/machine.md 3.2), so tracks of different LPs can be shifted by that much.
+within a round (docs/machine.md 3.2), so tracks of different LPs can be shifted by that much. Where
+one LP waits for another the drawing respects causality: when an LP enters a phase by its own
+event (its devirtualization after the commit, its first VM entry under the new hypervisor: the
+timeline's `LpPhases`) before, on its clock, the last phase LP 0 announced, that LP's track is
+drawn from there on later by the difference (`lp_shifts` in the metadata: LP -> ticks), so no LP's
+VMXOFF is drawn before the commit.
 
 Output is deterministic (virtual time only, keys sorted) and streamed: a slice is written when it
 ends, and only the slices still open are held in memory.
@@ -25,13 +30,13 @@ ends, and only the slices still open are held in memory.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, TYPE_CHECKING, Any, Callable, Sequence
 
 from emu.events import Event
 from emu.vmx_defs import ExitReason
 from hypervisors import transfer
-from hypervisors.timeline import Outcome, RestartTimeline, Transition
+from hypervisors.timeline import LpTransition, Outcome, RestartTimeline, Transition
 
 if TYPE_CHECKING:
     from hypervisors.boot import Booted
@@ -151,7 +156,8 @@ class ChromeTraceWriter:
         else:
             self._out, self._owns_stream = path_or_stream, False
         self.lps = lps
-        self.metadata = {"clock": "virtual: 1 tick = 1 retired instruction, drawn as 1 ns; events on their LP's clock",
+        self.metadata = {"clock": "virtual: 1 tick = 1 retired instruction, drawn as 1 ns; events on their LP's clock, "
+                                  "later by lp_shifts from an LP's causal wait on",
                          "ticks_per_microsecond": TICKS_PER_MICROSECOND, "lps": lps, **(metadata or {})}
         self.hypervisors = tuple(hypervisors)
         self.describe_vmcs = describe_vmcs
@@ -172,10 +178,13 @@ class ChromeTraceWriter:
         # The restarts among the events this writer is given (a trace's window may hold only some).
         self.timeline = RestartTimeline()
         self.timeline.subscribe(self._restart_transition)
+        self.timeline.lps.subscribe(self._lp_transition)
+        self._shift: dict[int, int] = {}                    # LP: ticks its track is drawn later than its clock
+        self._announced_at = 0                              # when the last phase was announced, as drawn
         self._out.write('{"traceEvents":[\n')
         self._handlers: dict[str, Callable[[Event], None]] = {
             "vm-entry": self._vm_entry, "vm-exit": self._vm_exit, "vmcallr": self._vmcallr,
-            "vmcallr-return": self._vmcallr_return, "restart-phase": self.timeline.on_event, "inject": self._inject,
+            "vmcallr-return": self._vmcallr_return, "inject": self._inject,
         }
 
     # -- the subscriber ---------------------------------------------------------------------------
@@ -183,7 +192,11 @@ class ChromeTraceWriter:
     def on_event(self, event: Event) -> None:
         if self.closed:
             return
+        self.timeline.on_event(event)                       # may shift this LP's track (`_lp_transition`)
         lp = event.lp
+        shift = self._shift.get(lp, 0)
+        if shift:
+            event = replace(event, time=event.time + shift)
         if lp not in self._root:
             self._open_root(lp, event.time)
         if event.time > self._last_time.get(lp, -1):
@@ -317,9 +330,20 @@ class ChromeTraceWriter:
             return f"old hypervisor{name}"
         return f"new hypervisor{name}" + (f" (restart {generation})" if generation > 1 else "")
 
+    def _lp_transition(self, transition: LpTransition) -> None:
+        """An LP that enters a phase by its own event is drawn no earlier than the announcement it
+        follows: its track is shifted from here on."""
+        if transition.own:
+            drawn = transition.time + self._shift.get(transition.lp, 0)
+            if drawn < self._announced_at:
+                self._shift[transition.lp] = self._announced_at - transition.time
+                self.metadata["lp_shifts"] = {str(lp): shift for lp, shift in sorted(self._shift.items())}
+
     def _restart_transition(self, transition: Transition) -> None:
         """Each phase is a slice from its transition to the next; the restart's end (its timeline
         says when) closes it, RESUMED (the new hypervisor runs guests) drawn as its last mark."""
+        transition = replace(transition, time=transition.time + self._shift.get(transition.lp, 0))
+        self._announced_at = max(self._announced_at, transition.time)
         self._name_process(RESTART_PID, "hot restart protocol")
         self._name_thread(RESTART_PID, self._tid(RESTART_PID, PHASE_TRACK), "phases")
         self._name_thread(RESTART_PID, self._tid(RESTART_PID, INVERSE_CALL_TRACK), "inverse hypercalls")

@@ -81,7 +81,7 @@ class TraceSession:
         self.target = options.to_hypervisor
         self.timeline = RestartTimeline(phase=self.machine.io.restart_phase)
         self.timeline.subscribe(self._on_transition)
-        self.phase = annotate.phase_name(self.timeline.value)     # what lines are labelled with
+        self._phase_names: dict[int, str] = {}
         self.classifier: Classifier | None = None
         self.symbolizer: Symbolizer | None = None
         self.disassembler = annotate.Disassembler()
@@ -168,10 +168,12 @@ class TraceSession:
             self._describe()
             if not self.window.by_time and self.window.start_event == "doorbell":
                 self.arm()
+        # The timeline first: the instruction that raised the event (the OUT to the restart-phase
+        # port, an LP's VMXOFF or VM entry) is filed under the phase the event begins on its LP.
+        self.timeline.on_event(event)
         if self.recorder is not None and self.recorder.recording:
             self.recorder.finish()
-        if kind == "restart-phase":
-            self.timeline.on_event(event)
+        phase = self._phase(event.lp)
         if self.window.closed:
             return
         if self.window.by_time:
@@ -180,15 +182,15 @@ class TraceSession:
                 self._open()
         else:
             was_open = self.window.opened
-            line = annotate.event(event, self.phase, self._vmcs_name, self._vmcall_number)
+            line = annotate.event(event, phase, self._vmcs_name, self._vmcall_number)
             inside = self.window.on_event(kind, line.data)
             if inside and not was_open:
                 self._open()
         if not inside or event.lp in self.done_lps:
             return
         if self.window.by_time:
-            line = annotate.event(event, self.phase, self._vmcs_name, self._vmcall_number)
-        if self.filters.event(event.lp, self.phase, event.time):
+            line = annotate.event(event, phase, self._vmcs_name, self._vmcall_number)
+        if self.filters.event(event.lp, phase, event.time):
             self.writer.event(line)
             self.summary.event(line)
         if self.window.closed:
@@ -196,8 +198,15 @@ class TraceSession:
         elif self.per_lp_end:
             self._follow_lp_end(event)
 
-    def _on_transition(self, transition: Transition) -> None:
-        self.phase = annotate.phase_name(transition.value)
+    def _phase(self, lp: int) -> str:
+        """What an LP's lines are labelled with and filtered by: the phase that LP is in."""
+        value = self.timeline.lp_value(lp)
+        name = self._phase_names.get(value)
+        if name is None:
+            name = self._phase_names[value] = annotate.phase_name(value)
+        return name
+
+    def _on_transition(self, _transition: Transition) -> None:
         if self.classifier is not None:
             self.classifier.forget_unknown()
 
@@ -241,9 +250,10 @@ class TraceSession:
             info = self.classifier.guest(record.vmcs)
             partition = info.partition if info.kind == GUEST else None
         symbol = self.symbolizer.symbolize(record.address, partition)
-        if self._unfiltered or self.filters.instruction(record.lp, info.name, self.phase, record.time, symbol):
+        phase = self._phase(record.lp)
+        if self._unfiltered or self.filters.instruction(record.lp, info.name, phase, record.time, symbol):
             text = self.disassembler.text(record.address, record.code) if self._disassemble else ""
-            line = annotate.instruction(record, info, self.phase, symbol, text)
+            line = annotate.instruction(record, info, phase, symbol, text)
             self.writer.instruction(line)
             self.summary.instruction(line)
         if self.options.progress is not None and self.recorded % PROGRESS_EVERY == 0:
