@@ -16,8 +16,8 @@ class VpRecord:
     fields: dict                        # the record's fields by name
 
 
-class Qword:
-    """A qword variable of the hypervisor (`label`, or the attribute's name), read where its image is."""
+class _Global:
+    """A global of the hypervisor named by `label` (or the attribute's name), read where its image is."""
 
     def __init__(self, doc: str, label: str | None = None):
         self.__doc__ = doc
@@ -29,22 +29,23 @@ class Qword:
     def __get__(self, view, owner=None):
         if view is None:
             return self
+        return self.read(view)
+
+    def read(self, view) -> int:
+        raise NotImplementedError
+
+
+class Qword(_Global):
+    """A qword variable's value."""
+
+    def read(self, view) -> int:
         return view.read_qword(self.label)
 
 
-class Address:
-    """Where a variable or table of the hypervisor (`label`, or the attribute's name) is."""
+class Address(_Global):
+    """Where a variable or table is."""
 
-    def __init__(self, doc: str, label: str | None = None):
-        self.__doc__ = doc
-        self.label = label
-
-    def __set_name__(self, owner, name: str) -> None:
-        self.label = self.label or name
-
-    def __get__(self, view, owner=None):
-        if view is None:
-            return self
+    def read(self, view) -> int:
         return view.symbol(self.label)
 
 
