@@ -27,8 +27,3 @@ def note_new_machine(machine) -> None:
         gc.collect()
         _alive_after_last_collection[0] = len(_alive)
     _alive.add(machine)
-
-
-def machines_alive() -> int:
-    """Machines not yet freed (dropped ones count until the next collection)."""
-    return len(_alive)
