@@ -1,10 +1,11 @@
 """`hhr trace` (docs/tracing.md): byte-identical traces, the hand-off's phases and per-LP CR3 switch,
-VMXOFF and VMXON, symbols in both hypervisors, Tenet's line rules, filters that select exactly what
+VMXOFF and VMXON, symbols in both hypervisors, Tenet's line rules and memory entries, filters that select exactly what
 they say, and a run that tracing does not change."""
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,7 @@ COMMIT_WINDOW = ["--from-event", "restart-phase:commit"]     # commit to the fir
 PHASES_IN_ORDER = ["requested", "service", "invariants", "precopy", "blackout", "commit", "devirtualize", "resumed"]
 HANDOFF_EVENTS = ["cr3-write", "vmxoff", "vmxon"]
 TENET_ENTRY = re.compile(r"(r[a-z0-9]{1,2})=0x([0-9a-f]+)")
+TENET_MEMORY = re.compile(r"(mrw|mr|mw)=(0x[0-9a-f]+):([0-9a-f]+)")
 
 
 def hhr_trace(tmp_path, name: str, *arguments: str) -> str:
@@ -107,32 +109,54 @@ def test_instructions_carry_the_registers_they_changed_and_the_memory_they_wrote
     assert {record["lp"] for record in vmxoff} == {0, 1}
 
 
+def tenet_files(directory: str) -> dict[str, list[str]]:
+    return {path.name: path.read_text(encoding="ascii").splitlines() for path in sorted(Path(directory).iterdir())}
+
+
 def test_tenet_files_follow_the_format_line_by_line(tmp_path, commit_trace):
     directory = hhr_trace(tmp_path, "tenet", *COMMIT_WINDOW, "--format", "tenet")
-    files = sorted(path.name for path in (tmp_path / "tenet").iterdir())
-    assert "hv2-root.lp0.log" in files and "hv2-root.lp1.log" in files and "hv1-root.lp0.log" in files
-    expected = {}
+    files = tenet_files(directory)
+    assert {"hv2-root.lp0.log", "hv2-root.lp1.log", "hv1-root.lp0.log"} <= set(files)
+    expected: dict[str, list[dict]] = {}
     for record in commit_trace:
         if record["type"] == "insn":
-            name = f"{record['ctx'].replace('@', '-')}.lp{record['lp']}.log"
-            expected.setdefault(name, []).append(int(record["rip"], 16))
-    assert sorted(expected) == files
-    for name in files:
-        with open(f"{directory}/{name}", encoding="ascii") as lines:
-            text = lines.read().splitlines()
-        assert text, name
+            expected.setdefault(f"{record['ctx'].replace('@', '-')}.lp{record['lp']}.log", []).append(record)
+    assert sorted(expected) == sorted(files)
+    pops = pushes = 0
+    for name, text in files.items():
+        instructions = expected[name]
+        assert len(text) == len(instructions) + 1, name      # a line per instruction, one for the last's effects
         state: dict[str, int] = {}
         rips = []
         for number, line in enumerate(text):
             assert LINE_PATTERN.match(line), (name, number, line)
             registers = dict(TENET_ENTRY.findall(line.split(",m")[0]))
             assert set(registers) <= set(TENET_REGISTERS) | {"rip"}
-            assert line.split(",mw=")[0].split(",")[-1].startswith("rip=")     # RIP last of the registers
+            assert line.split(",m")[0].split(",")[-1].startswith("rip=")     # RIP last of the registers
             if number == 0:
                 assert set(registers) == set(TENET_REGISTERS) | {"rip"}       # the full state first
+            before = dict(state)
             state.update({register: int(value, 16) for register, value in registers.items()})
             rips.append(state["rip"])
-        assert rips == expected[name]
+            if number == 0:
+                continue
+            previous = instructions[number - 1]                    # the memory on a line is its predecessor's
+            memory = TENET_MEMORY.findall(line)
+            assert [(address, data) for kind, address, data in memory if kind == "mw"] == \
+                [(address, data) for address, data in previous["mem"] if data], (name, number, line)
+            operands = previous["asm"].split()
+            if operands[0] == "pop" and len(operands) == 2 and operands[1] in TENET_REGISTERS:
+                popped = state[operands[1]].to_bytes(8, "little").hex()
+                assert ("mr", f"{before['rsp']:#x}", popped) in memory, (name, number, line)
+                pops += 1
+            if operands[0] == "push" and len(operands) == 2 and operands[1] in TENET_REGISTERS:
+                pushed = before[operands[1]].to_bytes(8, "little").hex()
+                assert memory == [("mw", f"{state['rsp']:#x}", pushed)], (name, number, line)
+                pushes += 1
+        assert rips[:-1] == [int(record["rip"], 16) for record in instructions]
+    assert pops >= 50 and pushes >= 50
+    again = tenet_files(hhr_trace(tmp_path, "again", *COMMIT_WINDOW, "--format", "tenet"))
+    assert again == files
 
 
 @pytest.mark.parametrize("arguments, keep_instruction, keep_event", [

@@ -29,6 +29,7 @@ class TracedInstruction:
     text: str
     changes: list[tuple[str, int]]
     writes: list[tuple[int, bytes]]
+    reads: list[tuple[int, bytes]]      # empty unless the recorder records reads
     before: tuple[int, ...]
     after: tuple[int, ...]
 
@@ -82,7 +83,7 @@ def instruction(record, context: ContextInfo, phase: str, symbol: str | None, te
     if after[RIP_INDEX] == record.address + len(record.code):
         changes = [(name, value) for name, value in changes if name != "rip"]
     return TracedInstruction(record.time, record.lp, context, phase, record.address, symbol, record.code, text,
-                             changes, record.writes, record.before, after)
+                             changes, record.writes, record.reads, record.before, after)
 
 
 def event(event: Event, phase: str, describe_vmcs, vmcall_number) -> TracedEvent:

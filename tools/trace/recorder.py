@@ -1,4 +1,4 @@
-"""Unicorn code and memory-write hooks on every instance of the machine, installed only while a trace runs: an InstructionRecord per instruction, with its clock, bytes, registers before and after, and memory written."""
+"""Unicorn code and memory-write (and, when asked, memory-read) hooks on every instance of the machine, installed only while a trace runs: an InstructionRecord per instruction, with its clock, bytes, registers before and after, and memory written and read."""
 from __future__ import annotations
 
 from typing import Callable
@@ -26,9 +26,12 @@ class Recorder:
     docs/machine.md 1.2): every VM exit and entry then happens, and is published, in Python, between
     the instructions around it. `recording` gates what is reported; the hooks stay until remove()."""
 
-    def __init__(self, machine, on_instruction: Callable[[InstructionRecord], None]):
+    def __init__(self, machine, on_instruction: Callable[[InstructionRecord], None], record_reads: bool = False):
+        """`record_reads` adds a memory-read hook (a cost on every load): only the formats that
+        print reads ask for it."""
         self.machine = machine
         self.on_instruction = on_instruction
+        self.record_reads = record_reads
         self.recording = False
         self.installed = False
         self.admit_time: Callable[[int], bool] | None = None   # a time window's test, if any
@@ -80,6 +83,8 @@ class Recorder:
         self._readers[context] = RegisterReader(uc)
         self._hooks.append((context, uc.hook_add(uc_const.UC_HOOK_CODE, self._on_code, context)))
         self._hooks.append((context, uc.hook_add(uc_const.UC_HOOK_MEM_WRITE, self._on_write, context)))
+        if self.record_reads:
+            self._hooks.append((context, uc.hook_add(uc_const.UC_HOOK_MEM_READ, self._on_read, context)))
 
     # --- hooks --------------------------------------------------------------------------------------------
     def _on_code(self, uc, address: int, size: int, context: ExecutionContext) -> None:
@@ -132,6 +137,13 @@ class Recorder:
                 self._wide_writes = True
             pending.writes.append((address, data))
 
+    def _on_read(self, uc, _access, address: int, size: int, _value, context: ExecutionContext) -> None:
+        """Unicorn calls this before the load, with the linear address the instruction used and no
+        value: the bytes are read through the instance's own translation, as the load will."""
+        pending = self._pending
+        if pending is not None and self._pending_context is context:
+            pending.reads.append((address, context.read_linear(address, size) or b""))
+
     # --- reporting ------------------------------------------------------------------------------------
     def finish(self) -> None:
         """Reports the instruction in progress with the registers as they are now."""
@@ -151,6 +163,8 @@ class Recorder:
                       for address, data in writes]
         if len(writes) > 1:
             record.writes = coalesce(writes)
+        if len(record.reads) > 1:
+            record.reads = coalesce(record.reads)
         self.on_instruction(record)
 
     def _code(self, context: ExecutionContext, address: int, size: int, cr3: int) -> bytes:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 @dataclass(slots=True)
 class InstructionRecord:
     """One instruction: where and when it ran, its bytes, the registers before and after it, and
-    the memory it wrote as (linear address, bytes). `after` is None when the window closed first."""
+    the memory it wrote (and, when the recorder records reads, read) as (linear address, bytes). `after` is None when the window closed first."""
 
     time: int                           # the LP's clock when it began: instructions retired before it
     lp: int
@@ -18,3 +18,4 @@ class InstructionRecord:
     before: tuple[int, ...]
     after: tuple[int, ...] | None = None
     writes: list[tuple[int, bytes]] = field(default_factory=list)
+    reads: list[tuple[int, bytes]] = field(default_factory=list)

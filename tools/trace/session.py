@@ -76,7 +76,8 @@ class TraceSession:
         self.window = options.window
         self.filters = options.filters
         self.instructions_wanted = not options.filters.events_only and options.format != "chrome"
-        self.recorder = Recorder(self.machine, self._on_instruction) if self.instructions_wanted else None
+        self.recorder = Recorder(self.machine, self._on_instruction, record_reads=options.format == "tenet") \
+            if self.instructions_wanted else None
         self.summary = Summary()
         self.target = options.to_hypervisor
         self.timeline = RestartTimeline(phase=self.machine.io.restart_phase)

@@ -1,4 +1,4 @@
-"""Tenet traces (github.com/gaasedelen/tenet, tracers/README.md): one file per context and LP, each line the register delta since the line before, RIP last, then the memory the previous instruction wrote."""
+"""Tenet traces (github.com/gaasedelen/tenet, tracers/README.md): one file per context and LP, each line the register delta since the line before, RIP last, then the memory the previous instruction read and wrote; a last line for the last instruction's effects."""
 from __future__ import annotations
 
 import re
@@ -26,6 +26,11 @@ def file_name(context: str, lp: int) -> str:
 
 class TenetWriter:
     """Writes into the directory `directory`, a file per (context, LP) opened at its first line.
+    The README's reference pattern: at each instruction, the registers changed and the memory
+    touched since the file's instruction before. When the window closes, each file gets one more
+    line: the registers after its last instruction (with the RIP it goes on to) and that
+    instruction's memory. Reads are `mr=`, writes `mw=` (reads first); `mrw=` is not used, as the
+    README allows, since one entry cannot hold both the bytes read and the bytes written.
     Events have no place in the format and are not written (the other formats have them)."""
 
     def __init__(self, directory: str | Path, header: dict):
@@ -33,30 +38,41 @@ class TenetWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._files: dict[tuple[str, int], IO[str]] = {}
         self._state: dict[tuple[str, int], tuple[int, ...]] = {}
-        self._writes: dict[tuple[str, int], list[tuple[int, bytes]]] = {}
+        self._last: dict[tuple[str, int], TracedInstruction] = {}
         self.paths: list[Path] = []
 
     def instruction(self, line: TracedInstruction) -> None:
         key = (line.context.name, line.lp)
         out = self._files.get(key)
-        state = tuple(line.before[index] for index in _INDICES)
         if out is None:
             path = self.directory / file_name(*key)
             out = self._files[key] = open(path, "w", encoding="ascii", newline="\n")
             self.paths.append(path)
+        self._write_line(key, line.before, self._last.get(key))
+        self._last[key] = line
+
+    def _write_line(self, key: tuple[str, int], registers: tuple[int, ...],
+                    previous: TracedInstruction | None) -> None:
+        """One line: the registers `registers` (all of them on a file's first line, else those that
+        changed), RIP last, then the memory the file's previous instruction read and wrote."""
+        state = tuple(registers[index] for index in _INDICES)
+        last = self._state.get(key)
+        if last is None:
             entries = [f"{name}={value:#x}" for name, value in zip(TENET_REGISTERS, state)]
         else:
-            last = self._state[key]
             entries = [f"{name}={value:#x}" for name, value, old in zip(TENET_REGISTERS, state, last) if value != old]
-        entries.append(f"rip={line.before[_RIP]:#x}")
-        entries += [f"mw={address:#x}:{data.hex()}" for address, data in self._writes.get(key, ()) if data]
-        out.write(",".join(entries) + "\n")
+        entries.append(f"rip={registers[_RIP]:#x}")
+        if previous is not None:
+            entries += [f"mr={address:#x}:{data.hex()}" for address, data in previous.reads if data]
+            entries += [f"mw={address:#x}:{data.hex()}" for address, data in previous.writes if data]
+        self._files[key].write(",".join(entries) + "\n")
         self._state[key] = state
-        self._writes[key] = line.writes
 
     def event(self, _line: TracedEvent) -> None:
         pass
 
     def close(self, _summary: list[str], _figures: dict) -> None:
-        for out in self._files.values():
+        for key, out in self._files.items():
+            last = self._last[key]
+            self._write_line(key, last.after, last)
             out.close()
