@@ -123,6 +123,11 @@ class RestartTimeline:
         """The last restart that began has ended (False before any began)."""
         return self.ending is not None
 
+    @property
+    def committed(self) -> bool:
+        """The last restart that began has ended with the new hypervisor running the guests."""
+        return self.ending is not None and self.ending.outcome == Outcome.COMMITTED
+
     def subscribe(self, listener: TransitionListener) -> None:
         self._listeners.append(listener)
 

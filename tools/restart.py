@@ -10,7 +10,7 @@ from guests import catalog
 from hypervisors import boot, build, transfer
 from hypervisors.boot import Booted
 from hypervisors.memory_map import HYPERVISOR_BASE
-from hypervisors.timeline import Outcome, RestartTimeline, Transition
+from hypervisors.timeline import RestartTimeline, Transition
 from tools import blackout, digest_check, phase_meter
 from tools import run as run_module
 from tools.blackout import VpBlackouts
@@ -94,7 +94,7 @@ class RestartRecorder:
     @property
     def committed(self) -> bool:
         """The new hypervisor runs the guests (after a suspend: resumed)."""
-        return self.finished and self.timeline.ending.outcome == Outcome.COMMITTED
+        return self.timeline.committed
 
     @property
     def phase(self) -> transfer.Phase | None:

@@ -7,7 +7,7 @@ from emu import dirty, fast
 from emu.vmx_defs import PAGE_SIZE
 from guests import catalog
 from hypervisors import boot, build, transfer
-from hypervisors.timeline import Outcome, RestartTimeline, Transition
+from hypervisors.timeline import RestartTimeline, Transition
 from tools import restart as restart_module
 from tools import run as run_module
 from tools.fuzz import coverage as coverage_module
@@ -87,7 +87,7 @@ class _Run:
 
     @property
     def committed(self) -> bool:
-        return self.done and self.timeline.ending.outcome == Outcome.COMMITTED
+        return self.timeline.committed
 
     @property
     def past_commit(self) -> bool:
