@@ -17,7 +17,10 @@ class VpRecord:
 
 
 class _Global:
-    """A global of the hypervisor named by `label` (or the attribute's name), read where its image is."""
+    """A global of the hypervisor named by `label` (or the attribute's name), read where its image
+    is by the view's method `reader` names."""
+
+    reader = ""
 
     def __init__(self, doc: str, label: str | None = None):
         self.__doc__ = doc
@@ -29,24 +32,19 @@ class _Global:
     def __get__(self, view, owner=None):
         if view is None:
             return self
-        return self.read(view)
-
-    def read(self, view) -> int:
-        raise NotImplementedError
+        return getattr(view, self.reader)(self.label)
 
 
 class Qword(_Global):
     """A qword variable's value."""
 
-    def read(self, view) -> int:
-        return view.read_qword(self.label)
+    reader = "read_qword"
 
 
 class Address(_Global):
     """Where a variable or table is."""
 
-    def read(self, view) -> int:
-        return view.symbol(self.label)
+    reader = "symbol"
 
 
 class HypervisorGlobals:
