@@ -47,15 +47,22 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def upward_imports() -> list[str]:
+def imports_against(order, describe) -> list[str]:
+    """Every import from a module to a module `order` ranks higher (`order`: a name's rank, or None
+    for names it does not rank), each as `describe(module, own rank, name, its rank)` says."""
     found = []
     for module, path in sorted(product_modules().items()):
-        own = layer_of(module)
+        own = order(module)
         for name in sorted(imported_modules(path)):
-            target = layer_of(name)
+            target = order(name)
             if target is not None and own is not None and target > own:
-                found.append(f"{module} ({LAYERS[own]}) imports {name} ({LAYERS[target]})")
+                found.append(describe(module, own, name, target))
     return found
+
+
+def upward_imports() -> list[str]:
+    return imports_against(layer_of, lambda module, own, name, target:
+                           f"{module} ({LAYERS[own]}) imports {name} ({LAYERS[target]})")
 
 
 def test_every_part_imports_only_its_own_layer_and_those_below():
@@ -95,14 +102,7 @@ def tools_layer_of(module: str) -> int | None:
 
 
 def upward_imports_inside_tools() -> list[str]:
-    found = []
-    for module, path in sorted(product_modules().items()):
-        own = tools_layer_of(module)
-        for name in sorted(imported_modules(path)):
-            target = tools_layer_of(name)
-            if own is not None and target is not None and target > own:
-                found.append(f"{module} imports {name}")
-    return found
+    return imports_against(tools_layer_of, lambda module, own, name, target: f"{module} imports {name}")
 
 
 def test_inside_tools_the_parts_are_below_the_operator_and_the_operator_below_trace_and_fuzz():
