@@ -397,7 +397,6 @@ static void begin(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t add
     if (!t->recording || l->done) return;
     if (t->has_time_window && (time < t->window_start || time >= t->window_end)) return;
     if (!have_registers) read_registers(t, tc, now);
-    if (!tc->seen || memcmp(tc->registers, now, sizeof now) != 0) write_load(t, tc, lp, time, now);
     hhr_ctx *c = tc->ctx;
     hhr_lp *loop = l->loop;
     uint64_t vmcs = 0;
@@ -406,13 +405,14 @@ static void begin(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t add
         if (current != NULL && current->guest_ctx == c) vmcs = current->address;
     }
     if (vmcs != tc->vmcs) write_bind(t, tc, vmcs);
-    if (vmcs != 0) {
+    if (vmcs != 0) {   /* named (a data record) before any record of it */
         uint32_t flags = vmcs_flags(t, lp, vmcs);
         if (t->per_lp_end && (flags & HHR_VMCS_ENDS_WINDOW)) {
             l->done = 1;
             l->end_after_this = 1;
         }
     }
+    if (!tc->seen || memcmp(tc->registers, now, sizeof now) != 0) write_load(t, tc, lp, time, now);
     write_code(t, tc, address, now[HHR_TRACE_CR3_INDEX]);
     t->pending = tc;
     t->pending_lp = lp;

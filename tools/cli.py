@@ -143,7 +143,8 @@ def trace(args: argparse.Namespace) -> int:
             from_hypervisor=args.from_hv, to_hypervisor=args.to_hv, guests=args.guest or RESTART_DEMO_GUESTS,
             lps=args.lps, ram_size=ram, request_at=args.at or [DEFAULT_AT], max_instructions=args.max_instructions,
             inject=args.inject, mode=args.mode, format=args.format, output=args.output, window=window,
-            filters=filters, to_end=args.to_end, progress=None if args.quiet else sys.stderr, input=args.input)
+            filters=filters, to_end=args.to_end, progress=None if args.quiet else sys.stderr, input=args.input,
+            record_reads=args.record_reads)
         result = trace_session.trace(options)
     except (GuestSpecError, BootError, WindowError, ValueError, OSError, TraceFileError) as error:
         print(f"hhr trace: {error}", file=sys.stderr)
@@ -271,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     trace_parser.add_argument("--input", "-i", metavar="FILE.hhrt",
                               help="render this trace file (written with --format hhrt) instead of running the "
                                    "machine; the window is the file's, filters and format are chosen anew")
+    trace_parser.add_argument("--record-reads", action="store_true",
+                              help="with --format hhrt: keep the memory each instruction reads too (what Tenet's "
+                                   "mr= entries show; --format tenet records them anyway)")
     trace_parser.add_argument("--format", default="text", choices=["text", "jsonl", "tenet", "chrome", "hhrt"],
                               help="annotated text (default), JSON Lines, Tenet (a directory of files, one per "
                                    "context and LP), Chrome Trace Event JSON of the phases for Perfetto")

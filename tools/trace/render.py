@@ -192,6 +192,8 @@ class Renderer:
                     self._render(reader.records())
             if self.writer is None:
                 raise tracefile.TraceFileError(f"{self.path}: no header record")
+            if not self.recording:
+                raise tracefile.TraceFileError(f"{self.path}: cut short (no end record)")
             self.writer.close(self.summary.lines(), self.summary.as_dict())
             if isinstance(self.writer, TenetWriter):
                 self.outputs += self.writer.paths

@@ -56,6 +56,7 @@ class TraceOptions:
     to_end: bool = False                # after the window, run on to the end as `hhr restart` does
     progress: IO[str] | None = None
     input: str | None = None            # render this trace file instead of running the machine
+    record_reads: bool = False          # the file keeps memory reads too (Tenet's mr= entries)
 
 
 @dataclass
@@ -81,7 +82,7 @@ class TraceSession:
         self.instructions_wanted = not options.filters.events_only and options.format != "chrome"
         self.per_lp_end = not self.window.by_time and self.window.end_event == FIRST_NEW_GUEST_INSTRUCTION
         self.recorder = Recorder(self.machine, path, self._name_vmcs, self._lp_done,
-                                 record_reads=options.format == "tenet")
+                                 record_reads=options.format == "tenet" or options.record_reads)
         self.recorder.per_lp_end = self.per_lp_end
         self.target = options.to_hypervisor
         self.timeline = RestartTimeline(phase=self.machine.io.restart_phase)
