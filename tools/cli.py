@@ -256,11 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     trace_parser = commands.add_parser("trace", help="hot-restart and trace every instruction and event of the "
                                                      "hand-off (docs/tracing.md)")
     _add_restart_arguments(trace_parser, suspend=False)
-    trace_parser.add_argument("--format", default="text", choices=["text", "jsonl", "tenet", "chrome"],
+    trace_parser.add_argument("--format", default="text", choices=["text", "jsonl", "tenet", "chrome", "parquet"],
                               help="annotated text (default), JSON Lines, Tenet (a directory of files, one per "
-                                   "context and LP), Chrome Trace Event JSON of the phases for Perfetto")
+                                   "context and LP), Chrome Trace Event JSON of the phases for Perfetto, Parquet "
+                                   "(a directory of two tables, instructions and events; needs pyarrow)")
     trace_parser.add_argument("--output", "-o", metavar="PATH",
-                              help="the trace file (for tenet: a directory); default standard output")
+                              help="the trace file (for tenet and parquet: a directory); default standard output")
     trace_parser.add_argument("--from-event", metavar="KIND",
                               help="the window begins at the first event of this kind from the doorbell on "
                                    "(default: the doorbell)")

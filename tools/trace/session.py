@@ -18,6 +18,7 @@ from tools import restart as restart_module
 from tools import run as run_module
 from tools.faults import Fault
 from tools.trace import annotate
+from tools.trace import parquet as parquet_trace
 from tools.trace.contexts import GUEST, NEW, Classifier, HypervisorAt
 from tools.trace.filters import Filters
 from tools.trace.jsonl import SCHEMA_VERSION, JsonLinesWriter
@@ -29,7 +30,8 @@ from tools.trace.tenet import TenetWriter
 from tools.trace.text import TextWriter
 from tools.trace.window import FIRST_NEW_GUEST_INSTRUCTION, Window
 
-FORMATS = ("text", "jsonl", "tenet", "chrome")
+FORMATS = ("text", "jsonl", "tenet", "chrome", "parquet")
+DIRECTORY_FORMATS = ("tenet", "parquet")     # formats that write a directory of files
 TRACE_STEP = 200_000                    # instructions between the driver's looks at the window
 PROGRESS_EVERY = 250_000                # instructions traced between two progress lines
 OUTPUT_BUFFER = 1 << 20
@@ -291,6 +293,12 @@ class TraceSession:
             if options.output is None:
                 raise ValueError("--format tenet writes a directory of files: give it with --output")
             return TenetWriter(options.output, header)
+        if options.format == "parquet":
+            if options.output is None:
+                raise ValueError("--format parquet writes a directory of files: give it with --output")
+            writer = parquet_trace.ParquetWriter(options.output, header)
+            self.outputs += writer.paths
+            return writer
         if options.output is None:
             stream = sys.stdout
         else:
@@ -482,16 +490,19 @@ def trace(options: TraceOptions) -> TraceResult:
         raise ValueError(f"bad --format {options.format!r}: one of {', '.join(FORMATS)}")
     if options.mode not in ("precopy", "stop-and-copy"):
         raise ValueError(f"bad --mode {options.mode!r}: precopy or stop-and-copy")
-    if options.format == "tenet" and options.output is None:
-        raise ValueError("--format tenet writes a directory of files: give it with --output")
+    directory = options.format in DIRECTORY_FORMATS
+    if directory and options.output is None:
+        raise ValueError(f"--format {options.format} writes a directory of files: give it with --output")
+    if options.format == "parquet":
+        parquet_trace.pyarrow_modules()         # without pyarrow, say how to install it before running
     if options.output is not None:
         target = Path(options.output)
-        folder = target if options.format == "tenet" else target.parent
+        folder = target if directory else target.parent
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
-        if not folder.is_dir() or (target.exists() and target.is_dir() != (options.format == "tenet")):
+        if not folder.is_dir() or (target.exists() and target.is_dir() != directory):
             raise ValueError(f"cannot write the trace to {options.output!r}"
-                             + (": it must be a directory" if options.format == "tenet" else ""))
+                             + (": it must be a directory" if directory else ""))
     build.hypervisor(options.from_hypervisor), build.hypervisor(options.to_hypervisor)
     Fault.parse(options.inject or "none")
     window = options.window
