@@ -1,4 +1,4 @@
-"""`hhr trace --format parquet` (docs/tracing.md, "Parquet, and questions in one line"): every row holds what the JSON Lines trace of the same window says, the three documented DuckDB queries (read from the doc) answer as that trace does, row groups and dictionaries as documented, the same bytes from run to run, and without pyarrow a one-line message."""
+"""`hhr trace --format parquet` (docs/tracing.md, "Parquet, and questions in one line"): every row of the three tables holds what the JSON Lines trace of the same window says, the three documented DuckDB queries (read from the doc) answer as that trace does, row groups and dictionaries as documented, the same bytes from run to run, and without pyarrow a one-line message."""
 from __future__ import annotations
 
 import collections
@@ -25,6 +25,7 @@ DOC = REPOSITORY_ROOT / "docs" / "tracing.md"
 SECTION = "## Parquet, and questions in one line\n"
 ROUTINES_SHOWN = 10                     # the documented routine query's LIMIT
 CALLS = {"invariants", "state", "verify", "commit"}
+FILES = (parquet_trace.INSTRUCTIONS_FILE, parquet_trace.EVENTS_FILE, parquet_trace.LOADS_FILE)
 
 
 def documented_queries() -> list[str]:
@@ -136,6 +137,13 @@ def event_row(position: int, record: dict) -> dict:
             "data": data}
 
 
+def load_row(position: int, record: dict) -> dict:
+    """A load record of the JSON Lines trace as a row of loads.parquet."""
+    return {"position": position, "time": record["t"], "lp": record["lp"], "context": record["ctx"],
+            "phase": record["phase"],
+            "registers": [{"name": name, "value": int(value, 16)} for name, value in record["regs"].items()]}
+
+
 def parquet_rows(path: Path):
     for batch in pq.ParquetFile(path).iter_batches():
         yield from batch.to_pylist()
@@ -143,8 +151,7 @@ def parquet_rows(path: Path):
 
 def test_every_row_holds_what_the_json_lines_trace_says(traces):
     directory, jsonl = traces
-    instructions = parquet_rows(directory / parquet_trace.INSTRUCTIONS_FILE)
-    events = parquet_rows(directory / parquet_trace.EVENTS_FILE)
+    instructions, events, loads = (parquet_rows(directory / name) for name in FILES)
     counted = collections.Counter()
     position = 0
     for record in jsonl.records():
@@ -154,17 +161,20 @@ def test_every_row_holds_what_the_json_lines_trace_says(traces):
             row = next(events)
             row["data"] = json.loads(row["data"])
             assert row == event_row(position, record), position
+        elif record["type"] == "load":
+            assert next(loads) == load_row(position, record), position
         else:
             continue
         counted[record["type"]] += 1
         position += 1
-    assert next(instructions, None) is None and next(events, None) is None
+    assert next(instructions, None) is None and next(events, None) is None and next(loads, None) is None
     assert counted["insn"] == jsonl.summary["instructions"] > 200_000 and counted["event"] == jsonl.summary["events"]
+    assert counted["load"] > 0
 
 
 def test_the_files_carry_the_header_and_the_summary(traces):
     directory, jsonl = traces
-    for name in (parquet_trace.INSTRUCTIONS_FILE, parquet_trace.EVENTS_FILE):
+    for name in FILES:
         metadata = pq.ParquetFile(directory / name).metadata.metadata
         header = json.loads(metadata[parquet_trace.HEADER_KEY.encode()])
         assert header["schema"] == parquet_trace.SCHEMA and header["version"] == parquet_trace.SCHEMA_VERSION
@@ -192,7 +202,7 @@ def test_row_groups_are_bounded_and_repeated_strings_dictionary_encoded(traces):
 def test_the_same_command_twice_gives_byte_identical_files(tmp_path, traces):
     directory, _ = traces
     again = Path(hhr_trace(tmp_path, "again", *WINDOW, "--format", "parquet"))
-    for name in (parquet_trace.INSTRUCTIONS_FILE, parquet_trace.EVENTS_FILE):
+    for name in FILES:
         assert (again / name).read_bytes() == (directory / name).read_bytes(), name
     assert sorted(path.name for path in again.iterdir()) == sorted(path.name for path in directory.iterdir())
 
