@@ -128,3 +128,64 @@ void hhr_trace_finish(hhr_trace *t);
 void hhr_trace_data(hhr_trace *t, const uint8_t *data, uint32_t length, int after_instruction);
 void hhr_trace_forget_names(hhr_trace *t);
 int hhr_trace_flush(hhr_trace *t);
+
+/* --- Rendering (trace_lines.c): text and JSON Lines instruction lines straight from the file. ---- */
+#define HHR_RENDER_END 0              /* the file is done */
+#define HHR_RENDER_RECORD 1           /* a record other than an instruction at `offset`: Python's */
+#define HHR_RENDER_SITE 2             /* an instruction whose site Python has not described (miss_*) */
+#define HHR_RENDER_OUTPUT_FULL 3      /* write out `out` (and grow it to `needed` if that is larger) */
+#define HHR_RENDER_COUNTS_FULL 4      /* take the counts and clear them */
+#define HHR_RENDER_DAMAGED 5          /* a record runs past the end of the file */
+#define HHR_RENDER_MAX_LPS 256
+#define HHR_RENDER_MAX_PHASES 256
+
+/* What is the same every time an instruction runs in a context. */
+typedef struct {
+    uint64_t address;
+    uint32_t context;
+    uint32_t used;
+    const char *fixed;                /* text: the padded columns; JSON: the fields after the phase */
+    uint32_t fixed_length;
+    uint32_t fixed_trimmed_length;    /* text: without trailing blanks (a line with no effects) */
+    const char *context_json;         /* JSON: the context's name as a JSON string */
+    uint32_t context_json_length;
+    uint32_t exact_length;            /* the instruction's decoded length */
+    uint32_t taken;                   /* the context and symbol filters take it */
+    uint32_t number;                  /* its number for the counts */
+} hhr_render_site;
+
+typedef struct {
+    const uint8_t *file;
+    uint64_t size;
+    uint64_t offset;                  /* the next record */
+    uint32_t json;                    /* 0: text, 1: JSON Lines */
+    uint32_t wants_instructions;
+    uint8_t lp_taken[HHR_RENDER_MAX_LPS];
+    uint8_t phase_taken[HHR_RENDER_MAX_PHASES];
+    uint32_t has_range;
+    uint32_t reserved;
+    uint64_t range_start, range_end;
+    uint64_t lp_time[HHR_RENDER_MAX_LPS];      /* the file's per-LP state (HHR_INSN_TIME_NEXT, RIP_NEXT) */
+    uint64_t lp_next_rip[HHR_RENDER_MAX_LPS];
+    hhr_render_site *sites;
+    uint32_t site_mask;               /* slots - 1 (a power of two) */
+    uint32_t site_count;
+    const char *phase_json[HHR_RENDER_MAX_PHASES];
+    uint32_t phase_json_length[HHR_RENDER_MAX_PHASES];
+    const char *register_names[HHR_TRACE_REGISTERS];
+    char *out;
+    uint64_t out_capacity, out_used, needed;
+    uint64_t *count_keys;             /* (site << 16 | phase << 8 | LP) + 1, 0 for a free slot */
+    uint64_t *count_values;
+    uint32_t count_mask, count_used;
+    uint64_t first_time, last_time;
+    uint32_t have_time;
+    uint32_t miss_context, miss_lp, miss_size;
+    uint64_t miss_address;
+    uint64_t instructions;            /* instruction records read */
+} hhr_render;
+
+int hhr_render_lines(hhr_render *r);
+void hhr_render_forget_site(hhr_render *r, uint32_t context, uint64_t address);
+void hhr_render_forget_sites(hhr_render *r);
+int hhr_render_add_site(hhr_render *r, const hhr_render_site *site);

@@ -48,7 +48,7 @@ def selftest(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    """Without a flag: the hot-restart scenarios (bench/README.md); --machine, --hypervisor: those benches."""
+    """Without a flag: the hot-restart scenarios (bench/README.md); --machine, --hypervisor, --trace: those benches."""
     if args.hypervisor:
         from bench import hypervisor_speed
 
@@ -57,6 +57,10 @@ def bench(args: argparse.Namespace) -> int:
         from bench import machine_speed
 
         return machine_speed.main(args.json)
+    if args.trace:
+        from bench import trace_speed
+
+        return trace_speed.main(args.json)
     from bench import restart_scenarios
 
     return restart_scenarios.main(quick=args.quick, json_path=args.json, output=args.output)
@@ -325,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser = commands.add_parser("bench", help="benchmarks: hot restart against the alternatives (default), "
                                                      "--machine, --hypervisor")
     bench_parser.add_argument("--machine", action="store_true", help="the machine's own speed against bare Unicorn")
+    bench_parser.add_argument("--trace", action="store_true",
+                              help="hhr trace on the demo's hand-off: recording and each format's rendering, "
+                                   "beside the hand-off untraced")
     bench_parser.add_argument("--hypervisor", action="store_true",
                               help="a hypervisor's figures: boot, mixed workload, map storm, host memory")
     bench_parser.add_argument("--hv", default="hv1", help="the hypervisor for --hypervisor (default hv1)")

@@ -89,11 +89,6 @@ class _Names:
     def rebound(self, context: int) -> None:
         self.generation += 1
 
-    def cacheable(self, context: int, address: int) -> bool:
-        """Whether the name of `context` at `address` stays the same until `generation` moves (root
-        code outside both images is named by what ran last on its LP)."""
-        return self.bound.get(context, 0) != 0 or self.roots.covers(address)
-
     def context(self, context: int, lp: int, address: int) -> ContextInfo:
         vmcs = self.bound.get(context, 0)
         if not vmcs:
@@ -200,8 +195,8 @@ class Renderer:
         self.read = 0
         try:
             with tracefile.TraceReader(self.path) as reader:
-                if self.format in LINE_FORMATS:
-                    lines.render(self, reader.records())
+                if self.format in LINE_FORMATS or not self.wants_instructions:
+                    lines.render(self, reader)   # C's loop (which also skips instructions no one wants)
                 else:
                     self._render(reader.records())
             if self.writer is None:

@@ -449,7 +449,8 @@ def _drive(options: TraceOptions, session: TraceSession | None, finder: _StartFi
     return summaries
 
 
-def _boot(options: TraceOptions) -> boot.Booted:
+def boot_options(options: TraceOptions) -> boot.Booted:
+    """The machine of `options` booted, before any restart."""
     guests = [catalog.parse(spec) for spec in options.guests]
     return boot.boot(guests, hypervisor=options.from_hypervisor, lps=options.lps, ram_size=options.ram_size)
 
@@ -515,13 +516,13 @@ def _record(options: TraceOptions, path: str) -> TraceResult:
     window = options.window
     arm_at = None
     if window.by_time or window.start_event != "doorbell":
-        booted = _boot(options)
+        booted = boot_options(options)
         finder = _StartFinder(booted.machine, window)
         booted.machine.events.subscribe(finder.on_machine_event)
         _drive(options, None, finder, booted)
         arm_at = finder.position if finder.found else None
     started = time.perf_counter()
-    booted = _boot(options)
+    booted = boot_options(options)
     machine = booted.machine
     session = TraceSession(booted, options, path)
     session.arm_at = arm_at
