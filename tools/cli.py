@@ -275,11 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     trace_parser.add_argument("--record-reads", action="store_true",
                               help="with --format hhrt: keep the memory each instruction reads too (what Tenet's "
                                    "mr= entries show; --format tenet records them anyway)")
-    trace_parser.add_argument("--format", default="text", choices=["text", "jsonl", "tenet", "chrome", "hhrt"],
+    trace_parser.add_argument("--format", default="text",
+                              choices=["text", "jsonl", "tenet", "chrome", "parquet", "hhrt"],
                               help="annotated text (default), JSON Lines, Tenet (a directory of files, one per "
-                                   "context and LP), Chrome Trace Event JSON of the phases for Perfetto")
+                                   "context and LP), Chrome Trace Event JSON of the phases for Perfetto, Parquet "
+                                   "(a directory of tables: instructions, events, loads; needs pyarrow), or the "
+                                   "recorded trace file itself (hhrt)")
     trace_parser.add_argument("--output", "-o", metavar="PATH",
-                              help="the trace file (for tenet: a directory); default standard output")
+                              help="the trace file (for tenet and parquet: a directory); default standard output")
     trace_parser.add_argument("--from-event", metavar="KIND",
                               help="the window begins at the first event of this kind from the doorbell on "
                                    "(default: the doorbell)")

@@ -11,6 +11,7 @@ from emu import decode
 from emu.events import Event
 from hypervisors import build
 from tools.trace import annotate, lines, tracefile
+from tools.trace import parquet as parquet_trace
 from tools.trace.contexts import GUEST, ContextInfo, RootClassifier
 from tools.trace.filters import Filters
 from tools.trace.jsonl import JsonLinesWriter
@@ -20,7 +21,8 @@ from tools.trace.symbols import Placement, Symbolizer, builtin_guest_image
 from tools.trace.tenet import TenetWriter
 from tools.trace.text import TextWriter
 
-FORMATS = ("text", "jsonl", "tenet", "chrome")
+FORMATS = ("text", "jsonl", "tenet", "chrome", "parquet")
+DIRECTORY_FORMATS = ("tenet", "parquet")     # formats that write a directory of files
 LINE_FORMATS = ("text", "jsonl")        # rendered by tools/trace/lines.py's loop
 OUTPUT_BUFFER = 1 << 20
 PROGRESS_EVERY = 1_000_000              # instructions rendered between two progress lines
@@ -40,16 +42,19 @@ def check_output(format: str, output: str | None) -> None:
     """Raises ValueError for an output the format cannot write to."""
     if format not in FORMATS:
         raise ValueError(f"bad --format {format!r}: one of {', '.join(FORMATS)}")
-    if format == "tenet" and output is None:
-        raise ValueError("--format tenet writes a directory of files: give it with --output")
+    directory = format in DIRECTORY_FORMATS
+    if directory and output is None:
+        raise ValueError(f"--format {format} writes a directory of files: give it with --output")
+    if format == "parquet":
+        parquet_trace.pyarrow_modules()         # without pyarrow, say how to install it before running
     if output is not None:
         target = Path(output)
-        folder = target if format == "tenet" else target.parent
+        folder = target if directory else target.parent
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
-        if not folder.is_dir() or (target.exists() and target.is_dir() != (format == "tenet")):
+        if not folder.is_dir() or (target.exists() and target.is_dir() != directory):
             raise ValueError(f"cannot write the trace to {output!r}"
-                             + (": it must be a directory" if format == "tenet" else ""))
+                             + (": it must be a directory" if directory else ""))
 
 
 class _Names:
@@ -161,6 +166,10 @@ class Renderer:
         header = dict(header, filters=self.filters.describe())
         if self.format == "tenet":
             return TenetWriter(self.output, header)
+        if self.format == "parquet":
+            writer = parquet_trace.ParquetWriter(self.output, header)
+            self.outputs += writer.paths
+            return writer
         if self.output is None:
             stream = sys.stdout
         else:
@@ -200,7 +209,7 @@ class Renderer:
         finally:
             if self._stream is not None:
                 self._stream.close()
-            elif self.format != "tenet":
+            elif self.format not in DIRECTORY_FORMATS:
                 sys.stdout.flush()
         return RenderResult(self.summary, self.outputs, self.read, time.perf_counter() - started, self.recording)
 
