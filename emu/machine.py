@@ -80,6 +80,9 @@ class Machine:
         # Called with (LP, context, instruction) before the machine carries out a trapped instruction
         # (docs/machine.md 5.4), which Unicorn never runs: a tracer sees it here. None: nobody listens.
         self.trapped_instruction_observer: Callable | None = None
+        # Called with no argument between two LPs' slices of `run`, when no LP is running: a debugger
+        # looks at its connection here (tools/gdb). Empty unless someone listens.
+        self.slice_observers: list[Callable[[], None]] = []
         self.context_by_id: dict[int, ctxmod.ExecutionContext] = {}
         # Common VM exits and entries carried out in C (emu/fastpath.c); the same machine either way.
         self.fast_transitions = fast_transitions
@@ -213,6 +216,11 @@ class Machine:
             round_end, first = self.round
             for index in range(first, len(self.lps)):
                 lp = self.running_lp = self.lps[index]
+                for observer in self.slice_observers:
+                    observer()
+                if self.stop is not None:
+                    self.round = (round_end, index)
+                    break
                 lp.run_slice(round_end)
                 if self.stop is not None:
                     # A pause keeps the round: the next run goes on with this LP's slice.

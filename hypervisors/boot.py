@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from emu import ports
 from emu.machine import Machine
@@ -23,6 +24,11 @@ _MAP_WINDOW_TABLE_PAGES = 1 + guest_abi.MAP_WINDOW_SIZE // LARGE_PAGE_SIZE
 _QUOTA_POOL_PAGES = guest_abi.MAP_QUOTA_PAGES + _MAP_WINDOW_TABLE_PAGES
 RESTART_RESERVE = 2 * (transfer.SERVICE_REGION_SIZE + transfer.TRANSFER_AREA_SIZE)
 MAP_POOL_PER_GUEST = (_QUOTA_POOL_PAGES + -(-_QUOTA_POOL_PAGES // (LARGE_PAGE_SIZE // PAGE_SIZE - 1))) * PAGE_SIZE
+
+
+# Called with every Booted that boot() and resume() make, before its machine runs: a debugger
+# attaches here (tools/gdb). Empty unless someone listens.
+BOOT_OBSERVERS: list[Callable[["Booted"], None]] = []
 
 
 class BootError(ValueError):
@@ -122,7 +128,13 @@ def boot(guests: list[GuestImage] | tuple[GuestImage, ...], *, hypervisor: str =
     descriptors_address = BOOT_INFO_ADDRESS + layouts.BOOT_INFO.size
     machine.load(descriptors_address, bytes(descriptors))
     _start(machine, hypervisor, image, guest_count=len(guests), guests=descriptors_address)
-    return Booted(machine, hypervisor, guests)
+    return _observed(Booted(machine, hypervisor, guests))
+
+
+def _observed(booted: Booted) -> Booted:
+    for observer in BOOT_OBSERVERS:
+        observer(booted)
+    return booted
 
 
 def _load_hypervisor(machine: Machine, image, name: str) -> None:
@@ -151,4 +163,4 @@ def resume(suspended: Booted, hypervisor: str) -> Booted:
     _load_hypervisor(machine, image, hypervisor)
     _start(machine, hypervisor, image, mode=layouts.BOOT_MODE_RESUME, protocol=transfer.PROTOCOL_VERSION,
            resume_block=transfer.SUSPEND_HEADER_BLOCK)
-    return Booted(machine, hypervisor, suspended.guests)
+    return _observed(Booted(machine, hypervisor, suspended.guests))

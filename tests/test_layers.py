@@ -85,12 +85,14 @@ def test_an_upward_import_is_found(tmp_path, monkeypatch):
 
 
 # Inside tools, lowest first: the libraries and the restart report's parts, the restart operator that
-# composes them, and the commands that drive a restart and follow it (trace and fuzz). A module of
+# composes them, the commands that drive a restart and follow it (trace and fuzz), and the GDB stub,
+# which names contexts as traces do. A module of
 # tools in none of these (tools.cli, tools.fingerprint) is ordered by LAYERS alone.
 TOOLS_LAYERS = (
     ("tools.run", "tools.faults", "tools.host_clock", "tools.phase_meter", "tools.blackout", "tools.digest_check"),
     ("tools.restart",),
     ("tools.trace", "tools.trace_chrome", "tools.fuzz"),
+    ("tools.gdb",),
 )
 
 

@@ -233,6 +233,9 @@ def _add_machine_arguments(parser: argparse.ArgumentParser, *, lps: int = 1, gue
     parser.add_argument("--max-instructions", type=int, default=2_000_000_000,
                         help="stop after this many instructions (default 2e9)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--gdb", metavar="[HOST:]PORT",
+                        help="serve gdb on this port (host 127.0.0.1 unless given): the machine starts stopped "
+                             "before its first instruction and waits for gdb (docs/gdb.md)")
 
 
 def _add_restart_arguments(parser: argparse.ArgumentParser, suspend: bool = True) -> None:
@@ -354,6 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "gdb", None):
+        from tools.gdb import control
+
+        try:
+            return control.serve_while(args.gdb, lambda: args.func(args))
+        except (ValueError, OSError) as error:
+            print(f"hhr {args.command}: --gdb: {error}", file=sys.stderr)
+            return 2
     return args.func(args)
 
 

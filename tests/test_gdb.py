@@ -1,0 +1,166 @@
+"""The GDB stub driven by the real gdb (and by raw sockets for what gdb never sends): registers and CR3 in root and in a guest, breakpoints, steps, a restart, bad packets, a second client, a dropped connection, and a run that is the same with gdb as without."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from guests import catalog
+from hypervisors import boot, build
+from hypervisors.memory_map import GUEST_LOAD_ADDRESS
+from tools.gdb import packets
+
+pytestmark = pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed (.ci/run installs it)")
+GDB_SECONDS = 240
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_hhr(*arguments: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tools.cli", *arguments, "--json", "--gdb", f"127.0.0.1:{port}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:                 # the stub says when it listens
+        if "waiting for gdb" in line:
+            break
+    return process, port
+
+
+def without_gdb(*arguments: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "tools.cli", *arguments, "--json"], capture_output=True, text=True,
+                          timeout=GDB_SECONDS)
+    return json.loads(done.stdout)
+
+
+def gdb(port: int, *commands: str) -> str:
+    argv = ["gdb", "-nx", "-batch", "-ex", "set pagination off", "-ex", f"target remote 127.0.0.1:{port}"]
+    for command in commands:
+        argv += ["-ex", command]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=GDB_SECONDS)
+    return done.stdout + done.stderr
+
+
+def finish(process: subprocess.Popen) -> dict:
+    out, err = process.communicate(timeout=GDB_SECONDS)
+    assert "Traceback" not in err, err
+    return json.loads(out)
+
+
+def comparable(document: dict) -> dict:
+    """A run's report without host time."""
+    return {key: value for key, value in document.items() if key != "host_seconds"}
+
+
+def test_the_first_stop_is_before_the_first_instruction_with_root_registers():
+    process, port = start_hhr("run", "--guest", "hello")
+    entry = build.image("hv1").symbol(build.hypervisor("hv1").entry_symbol)
+    out = gdb(port, "info threads", "info registers rip cr0 cr3 cr4 efer", "p/x $fs_base", "p $xmm0.uint128",
+              "x/2xb $pc", "continue")
+    assert f"rip            {entry:#x}" in out
+    assert "(lp0 hv1@root)" in out
+    assert "cr3            0x1000" in out and "efer           0xd00" in out and "cr0            0x80010033" in out
+    assert "exited normally" in out
+    assert comparable(finish(process)) == comparable(without_gdb("run", "--guest", "hello"))
+
+
+def test_a_breakpoint_in_a_guest_shows_the_guests_own_registers_and_changes_nothing():
+    arguments = ("run", "--guest", "hello", "--guest", "sieve", "--lps", "2")
+    process, port = start_hhr(*arguments)
+    out = gdb(port, f"break *{GUEST_LOAD_ADDRESS:#x}", "continue", "info threads", "info registers rip cr3 cs",
+              "x/1i $pc", "continue", "info threads", "delete", "continue")
+    assert out.count(f"hit Breakpoint 1, {GUEST_LOAD_ADDRESS:#018x}") == 2
+    assert "p0.vp0" in out and "p1.vp0" in out
+    assert f"rip            {GUEST_LOAD_ADDRESS:#x}" in out
+    assert "exited normally" in out
+    assert comparable(finish(process)) == comparable(without_gdb(*arguments))
+
+
+def test_steps_and_a_breakpoint_at_a_hypervisor_symbol_change_nothing():
+    arguments = ("run", "--guest", "hello")
+    vm_exit = build.image("hv1").symbol("vm_exit")
+    process, port = start_hhr(*arguments)
+    out = gdb(port, f"break *{vm_exit:#x}", "continue", "p/x $pc", "stepi", "p/x $pc", "stepi", "p/x $pc",
+              "continue", "delete", "continue")
+    assert f"$1 = {vm_exit:#x}" in out and f"$2 = {vm_exit + 1:#x}" in out
+    assert out.count("Breakpoint 1, ") == 2
+    assert comparable(finish(process)) == comparable(without_gdb(*arguments))
+
+
+def service_region_of(*guests: str, lps: int, at: int) -> int:
+    """Where hv1 puts its service region (hv2 runs there during a restart), from a run without gdb."""
+    booted = boot.boot([catalog.parse(spec) for spec in guests], hypervisor="hv1", lps=lps)
+    booted.machine.run(max_instructions=at)
+    return booted.service_region
+
+
+def machine_facts(document: dict) -> dict:
+    """What a run must keep with gdb attached: guests, stop, instructions, virtual time, exits."""
+    return {key: document[key] for key in ("guests", "machine_stop", "instructions", "virtual_time",
+                                          "exits_by_reason", "instructions_by_lp", "hypervisor_console")} | \
+        {"outcomes": [(entry["outcome"], [(vp["blackout_ticks"], vp["vp"]) for vp in entry["blackout"]["per_vp"]],
+                       [(phase["phase"], phase["virtual_ticks"]) for phase in entry["phases"]])
+                      for entry in document.get("restarts", [])]}
+
+
+def test_a_break_in_the_new_hypervisor_during_a_restart_and_thread_switching():
+    arguments = ("restart", "--lps", "2", "--guest", "heartbeat", "--at", "200000")
+    image = build.image("hv2")
+    receive_vp = service_region_of("heartbeat", lps=2, at=200000) + image.symbol("receive_vp") - image.base
+    process, port = start_hhr(*arguments)
+    out = gdb(port, "info threads", "thread 2", "p/x $cr3", "thread 1", f"break *{receive_vp:#x}", "continue",
+              "info threads", "p/x $pc", "x/2gx $rsp", "stepi", "p/x $pc", "delete", "continue")
+    assert "lp1 hv1@root" in out
+    assert f"hit Breakpoint 1, {receive_vp:#018x}" in out or f"Breakpoint 1, {receive_vp:#018x}" in out
+    assert "hv2@service" in out
+    assert "exited normally" in out
+    document = finish(process)
+    assert document["restart"]["outcome"] == "committed"
+    assert machine_facts(document) == machine_facts(without_gdb(*arguments))
+
+
+def raw_session(port: int) -> socket.socket:
+    client = socket.create_connection(("127.0.0.1", port), timeout=30)
+    return client
+
+
+def exchange(client: socket.socket, data: bytes, packet: bool = True) -> bytes:
+    """Sends `data`; what comes back up to a whole packet (or, not `packet`, the first bytes)."""
+    client.sendall(data)
+    reply = b""
+    while True:
+        chunk = client.recv(4096)
+        if not chunk:
+            return reply
+        reply += chunk
+        if not packet:
+            return reply
+        mark = reply.find(b"#", reply.find(b"$"))
+        if reply.find(b"$") >= 0 and mark >= 0 and len(reply) >= mark + 3:
+            return reply
+
+
+def test_bad_packets_a_second_client_and_a_dropped_connection_leave_the_machine_running():
+    arguments = ("run", "--guest", "hello")
+    process, port = start_hhr(*arguments)
+    client = raw_session(port)
+    assert exchange(client, b"$g#00", packet=False).startswith(b"-")                       # a wrong checksum: NACK
+    assert b"$E01#" in exchange(client, packets.frame(b"mzz,4"))             # malformed: an error
+    assert b"$#00" in exchange(client, packets.frame(b"qNoSuchThing"))        # unknown: empty
+    assert b"E14" in exchange(client, packets.frame(b"m7fff00000000,4"))     # not mapped
+    assert b"E14" in exchange(client, packets.frame(b"m8000000000000,4"))    # not canonical
+    second = raw_session(port)
+    assert b"another gdb" in exchange(second, packets.frame(b"qSupported"))
+    second.close()
+    assert b"T05thread:1;" in exchange(client, packets.frame(b"?"))          # the first client is still served
+    client.close()                                                          # dropped while stopped
+    document = finish(process)
+    assert comparable(document) == comparable(without_gdb(*arguments))
+    assert process.returncode == 0

@@ -1,0 +1,56 @@
+"""What each LP runs now, named as traces name it (`lp1 hv2@root`, `lp0 p1.vp0`, `lp0 hv2@service`): tools/trace/contexts.py's Classifier over the hypervisors where they are in RAM."""
+from __future__ import annotations
+
+from hypervisors import build
+from tools.trace.contexts import Classifier, HypervisorAt
+from tools.trace.symbols import Placement
+
+IMAGE_PROBE_BYTES = 4096                 # enough of an image to tell hv1's from hv2's
+
+
+def image_at(ram, address: int) -> str | None:
+    """The hypervisor whose image is in RAM at `address` (images run where they are copied), if any."""
+    if not address or not ram.holds(address, IMAGE_PROBE_BYTES):
+        return None
+    found = ram.read(address, IMAGE_PROBE_BYTES)
+    for name in build.HYPERVISORS:
+        code = build.image(name).code
+        if code[:IMAGE_PROBE_BYTES] == found[:len(code[:IMAGE_PROBE_BYTES])]:
+            return name
+    return None
+
+
+class ContextNamer:
+    """Names a context of `booted`'s machine; the classifier is made again when the hypervisor in
+    charge or the one in its service region changes (a hot restart)."""
+
+    def __init__(self, booted):
+        self.booted = booted
+        self._key = None
+        self._classifier: Classifier | None = None
+
+    def _current(self) -> Classifier | None:
+        booted, ram = self.booted, self.booted.machine.ram
+        old = HypervisorAt(booted.hypervisor, Placement(booted.hypervisor, build.image(booted.hypervisor),
+                                                        booted.image_base))
+        try:
+            service_region = old.qword(ram, "service_region")
+        except (KeyError, ValueError):
+            service_region = 0
+        new_name = image_at(ram, service_region) or booted.hypervisor
+        key = (booted.hypervisor, booted.image_base, service_region, new_name)
+        if key != self._key:
+            label = new_name if new_name != booted.hypervisor else f"{new_name}-new"
+            new = HypervisorAt(new_name, Placement(label, build.image(new_name), service_region))
+            self._classifier, self._key = Classifier(ram, old, new), key
+        return self._classifier
+
+    def name(self, lp, context) -> str:
+        classifier = self._current()
+        if context is lp.root:
+            from unicorn import x86_const as x86
+            return classifier.roots.root(lp.index, context.reg(x86.UC_X86_REG_RIP)).name
+        for address, vmcs in self.booted.machine.active_vmcs.items():
+            if vmcs.context is context:
+                return classifier.guest(address).name
+        return context.name
