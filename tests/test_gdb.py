@@ -164,3 +164,52 @@ def test_bad_packets_a_second_client_and_a_dropped_connection_leave_the_machine_
     document = finish(process)
     assert comparable(document) == comparable(without_gdb(*arguments))
     assert process.returncode == 0
+
+
+def test_monitor_breaks_on_machine_events_and_reads_the_vmcs_and_ept():
+    arguments = ("restart", "--lps", "2", "--guest", "heartbeat", "--at", "200000")
+    service_region = service_region_of("heartbeat", lps=2, at=200000)
+    process, port = start_hhr(*arguments)
+    out = gdb(port, "monitor break vmexit VMCALL", "continue", "monitor vmcs", "monitor events 3",
+              "monitor break clear", "monitor break phase commit", "continue", "monitor phase", "monitor where",
+              "monitor break clear", "monitor break vmcallr", "continue", "info threads",
+              f"monitor ept {service_region:#x}", "monitor ept 0x7000000000", "monitor break clear",
+              "monitor nonsense", "continue")
+    assert "hhr: vmexit VMCALL:" in out and "reason=VMCALL" in out
+    assert "GUEST_RIP" in out and "VM_EXIT_REASON" in out
+    assert "hhr: phase commit:" in out and "restart phase COMMIT (6)" in out
+    assert "hv2 (service region) at" in out
+    assert "hhr: vmcallr:" in out and "hv2@service" in out
+    assert f"GPA {service_region:#x} -> HPA {service_region:#x}" in out     # the service partition: identity
+    assert "GPA 0x7000000000: EPT violation" in out
+    assert "unknown monitor command 'nonsense'" in out
+    assert "exited normally" in out
+    assert machine_facts(finish(process)) == machine_facts(without_gdb(*arguments))
+
+
+VMXOFF_BYTES = bytes.fromhex("0f01c4")
+
+
+def vmxoff_address(hypervisor: str) -> int:
+    """The first VMXOFF in a hypervisor's image (its bytes, decoded to be sure), where it is assembled to run."""
+    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+    image = build.image(hypervisor)
+    offset = image.code.find(VMXOFF_BYTES)
+    while offset >= 0:
+        decoded = list(Cs(CS_ARCH_X86, CS_MODE_64).disasm(image.code[offset:offset + 3], image.base + offset))
+        if decoded and decoded[0].mnemonic == "vmxoff":
+            return image.base + offset
+        offset = image.code.find(VMXOFF_BYTES, offset + 1)
+    raise AssertionError(f"{hypervisor} has no VMXOFF")
+
+
+def test_a_step_across_vmxoff_on_one_lp():
+    arguments = ("restart", "--lps", "2", "--guest", "heartbeat", "--at", "200000")
+    vmxoff = vmxoff_address("hv1")
+    process, port = start_hhr(*arguments)
+    out = gdb(port, f"break *{vmxoff:#x}", "continue", "p/x $pc", "x/1i $pc", "stepi", "p/x $pc", "delete",
+              "continue")
+    assert f"$1 = {vmxoff:#x}" in out and "vmxoff" in out
+    assert f"$2 = {vmxoff + 3:#x}" in out
+    assert "exited normally" in out
+    assert machine_facts(finish(process)) == machine_facts(without_gdb(*arguments))

@@ -12,6 +12,7 @@ from emu import fast
 from hypervisors import boot
 from tools.gdb import target as tdesc
 from tools.gdb.commands import Detach, Dispatcher, Resume
+from tools.gdb.monitor import EventBreak, Monitor, describe_event
 from tools.gdb.naming import ContextNamer
 from tools.gdb.packets import BadPacket, Interrupt, Packet
 from tools.gdb.server import ConnectionLost, GdbServer
@@ -69,6 +70,11 @@ class GdbStub:
         self._hooks_installed = False
         self._hook_states: list = []
         self._stop_context = None                # the context stopped inside the hook, if any
+        self.event_breaks: list[EventBreak] = []
+        self._subscribed_kinds: frozenset[str] = frozenset()
+        self._saved_fast_transitions: bool | None = None
+        self._stop_message: str | None = None    # why the coming stop happens, told to gdb with it
+        self.monitor_commands = Monitor(self)
 
     # --- attaching ------------------------------------------------------------------------------
     def register(self) -> None:
@@ -81,12 +87,14 @@ class GdbStub:
     def attach(self, booted) -> None:
         """A machine was booted: it is the one debugged from now on."""
         if self.machine is not None:
+            self._subscribe(frozenset())
             self.machine.slice_observers.remove(self._between_slices)
             if self._hooks_installed:
                 self.machine.context_observers.remove(self._hook)
         self.booted, self.machine = booted, booted.machine
         self.namer = ContextNamer(booted)
         self.machine.slice_observers.append(self._between_slices)
+        self.event_breaks_changed()
         if self._hooks_installed:
             self._hooks_installed = False
             self._install_hooks()
@@ -117,7 +125,7 @@ class GdbStub:
         for index, address in enumerate(addresses):
             debug.breakpoints[index] = address
         debug.step_loop = self.machine.lps[self.step_lp].run_state if self.step_lp is not None else ffi.NULL
-        if (addresses or self.step_lp is not None) and not self._hooks_installed:
+        if (addresses or self.step_lp is not None or self.event_breaks) and not self._hooks_installed:
             self._install_hooks()
 
     def on_instruction(self, context_id: int, address: int) -> None:
@@ -129,10 +137,42 @@ class GdbStub:
             return
         self.step_lp = None
         self._stop_context = self.machine.context_by_id[context_id]
+        message, self._stop_message = self._stop_message, None
         try:
-            self._stopped(lp.index, signal.SIGTRAP)
+            self._stopped(lp.index, signal.SIGTRAP, message=message)
         finally:
             self._stop_context = None
+
+    # --- event breaks (tools/gdb/monitor.py) ---------------------------------------------------------
+    def event_breaks_changed(self) -> None:
+        """Subscribes to the kinds the event breaks want; while any is set, VM transitions are all
+        carried out in Python (the machine is the same, docs/machine.md 1.2), so that an exit's
+        event is published before the LP's next instruction."""
+        kinds = frozenset(entry.kind for entry in self.event_breaks)
+        self._subscribe(kinds)
+        machine = self.machine
+        if kinds and self._saved_fast_transitions is None:
+            self._saved_fast_transitions, machine.fast_transitions = machine.fast_transitions, False
+        elif not kinds and self._saved_fast_transitions is not None:
+            machine.fast_transitions, self._saved_fast_transitions = self._saved_fast_transitions, None
+
+    def _subscribe(self, kinds: frozenset[str]) -> None:
+        if kinds == self._subscribed_kinds:
+            return
+        events = self.machine.events
+        if self._subscribed_kinds:
+            events.unsubscribe(self._on_event)
+        if kinds:
+            events.subscribe(self._on_event, kinds)
+        self._subscribed_kinds = kinds
+
+    def _on_event(self, event) -> None:
+        for entry in self.event_breaks:
+            if entry.matches(event):
+                self.step_lp = event.lp
+                self._stop_message = f"hhr: {entry.label}: {describe_event(event)}\n"
+                self._arm()
+                return
 
     # --- between slices ---------------------------------------------------------------------------
     def _between_slices(self) -> None:
@@ -157,13 +197,15 @@ class GdbStub:
             self._stopped(lp, signal.SIGINT)
 
     # --- a stop ----------------------------------------------------------------------------------
-    def _stopped(self, lp: int, signo: int, announce: bool = True) -> None:
+    def _stopped(self, lp: int, signo: int, announce: bool = True, message: str | None = None) -> None:
         """The machine is stopped with LP `lp` current: gdb is told (if it waits) and served until it
         resumes, detaches or goes away."""
         self.stopped_lp, self.stop_signal = lp, signo
         self.dispatcher.general_thread = self.dispatcher.continue_thread = 0
         try:
             if announce and self.resumed:
+                if message:
+                    self.server.send(b"O" + message.encode().hex().encode())
                 self.server.send(self.stop_reply())
             self.resumed = False
             self._serve()
@@ -198,8 +240,11 @@ class GdbStub:
         """No client: no breakpoint or step is left to stop the machine."""
         self.breakpoints.clear()
         self.step_lp = None
+        self.event_breaks.clear()
+        self._stop_message = None
         self.resumed = False
         if self.machine is not None:
+            self.event_breaks_changed()
             self._arm()
 
     def finish(self) -> None:
@@ -281,8 +326,19 @@ class GdbStub:
             self.breakpoints.discard(address)
         return True
 
+    def selected_lp(self, index: int | None = None):
+        """LP `index`, or the one stopped (gdb does not say which thread a `monitor` is for)."""
+        return self._lp(thread_of(index) if index is not None else self.stopped_thread())
+
+    def vmcs_name(self, address: int) -> str:
+        return self.namer.vmcs_name(address)
+
+    def service_image(self) -> tuple[str, int] | None:
+        """The hypervisor image in the service region of the one in charge, and where, if any."""
+        return self.namer.service_image()
+
     def monitor(self, command: str) -> str:
-        return f"unknown monitor command {command!r}\n"
+        return self.monitor_commands(command)
 
 
 def serve_while(address: str, command) -> int:

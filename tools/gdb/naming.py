@@ -45,6 +45,14 @@ class ContextNamer:
             self._classifier, self._key = Classifier(ram, old, new), key
         return self._classifier
 
+    def vmcs_name(self, address: int) -> str:
+        return self._current().guest(address).name
+
+    def service_image(self) -> tuple[str, int] | None:
+        self._current()
+        _, _, service_region, new_name = self._key
+        return (new_name, service_region) if image_at(self.booted.machine.ram, service_region) else None
+
     def name(self, lp, context) -> str:
         classifier = self._current()
         if context is lp.root:
