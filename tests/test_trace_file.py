@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tools import cli
-from tools.trace import lines, render, tracefile
+from tools.trace import lines, render, session, tracefile
 from tools.trace.filters import Filters
 
 SMALL = ["--guest", "hashchain", "--guest", "timer", "--at", "300000", "--lps", "2", "-q"]
@@ -103,3 +103,14 @@ def test_a_damaged_or_foreign_file_gets_a_clear_error(tmp_path, recording, capsy
         assert cli.main(["trace", "-q", "--input", str(path), "-o", str(tmp_path / "out.txt")]) == 2
         error = capsys.readouterr().err
         assert error.startswith("hhr trace: ") and "Traceback" not in error and str(path) in error
+
+
+def test_reading_only_the_registers_an_instruction_may_write_loses_nothing(tmp_path):
+    """Inside a block the recorder reads only what capstone says an instruction may write: the
+    whole hand-off of the small machine gives the same file as reading every register every time."""
+    partial, whole = tmp_path / "partial.hhrt", tmp_path / "whole.hhrt"
+    for path, read_all in ((partial, False), (whole, True)):
+        options = session.TraceOptions(guests=["hashchain", "timer"], request_at=[300000], format="hhrt",
+                                       output=str(path), read_all_registers=read_all)
+        assert session.trace(options).recorded > 1_000_000
+    assert read(partial) == read(whole)

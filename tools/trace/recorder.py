@@ -12,13 +12,18 @@ from unicorn.unicorn_py3 import unicorn as uc_binding
 from emu import fast
 from emu.context import ExecutionContext
 from tools.trace import tracefile
+from tools.trace.decoder import Decoder
 from tools.trace.registers import TRACED_REGISTERS
 
 ffi, lib = fast.ffi, fast.lib
 _REGISTER_IDS = ffi.new("int[]", [register for _, register in TRACED_REGISTERS])
 _READ_BATCH = ffi.cast("int (*)(void *, const int *, void **, int)",
                        ctypes.cast(uc_binding.uclib.uc_reg_read_batch, ctypes.c_void_p).value)
+# emu/tracepath.h counts and places the traced registers as tools/trace/registers.py lists them.
 assert len(TRACED_REGISTERS) == lib.HHR_TRACE_REGISTERS
+assert [name for name, _ in TRACED_REGISTERS].index("rip") == lib.HHR_TRACE_RIP_INDEX
+assert [name for name, _ in TRACED_REGISTERS].index("rflags") == lib.HHR_TRACE_RFLAGS_INDEX
+assert [name for name, _ in TRACED_REGISTERS].index("cr3") == lib.HHR_TRACE_CR3_INDEX
 
 # The recorder's C callbacks find their recorder by its number; held weakly, as emu/fast.py does.
 _recorders: dict[int, weakref.ReferenceType] = {}
@@ -55,7 +60,10 @@ class Recorder:
     Python, between the instructions around it."""
 
     def __init__(self, machine, path: str, on_vmcs: Callable[[int, int], int],
-                 on_lp_done: Callable[[int], None], record_reads: bool = False):
+                 on_lp_done: Callable[[int], None], record_reads: bool = False, read_all_registers: bool = False):
+        """`read_all_registers` reads every traced register after every instruction, instead of only
+        those capstone says it may write inside a block (tools/trace/decoder.py): the same file,
+        slower; tests hold the two to each other."""
         self.machine = machine
         self.path = path
         self.on_vmcs = on_vmcs
@@ -72,6 +80,9 @@ class Recorder:
         trace.record_reads = int(record_reads)
         trace.register_ids = _REGISTER_IDS
         trace.reg_read_batch = _READ_BATCH
+        self._decoder = Decoder()
+        trace.decoder = self._decoder.state
+        trace.read_all_registers = int(read_all_registers)
         trace.lp_count = len(machine.lps)
         for lp in machine.lps:
             trace.lps[lp.index].loop = ffi.cast("void *", lp.run_state)

@@ -57,6 +57,7 @@ class TraceOptions:
     progress: IO[str] | None = None
     input: str | None = None            # render this trace file instead of running the machine
     record_reads: bool = False          # the file keeps memory reads too (Tenet's mr= entries)
+    read_all_registers: bool = False    # read every register after every instruction (a check of the decoder)
 
 
 @dataclass
@@ -82,7 +83,8 @@ class TraceSession:
         self.instructions_wanted = not options.filters.events_only and options.format != "chrome"
         self.per_lp_end = not self.window.by_time and self.window.end_event == FIRST_NEW_GUEST_INSTRUCTION
         self.recorder = Recorder(self.machine, path, self._name_vmcs, self._lp_done,
-                                 record_reads=options.format == "tenet" or options.record_reads)
+                                 record_reads=options.format == "tenet" or options.record_reads,
+                                 read_all_registers=options.read_all_registers)
         self.recorder.per_lp_end = self.per_lp_end
         self.target = options.to_hypervisor
         self.timeline = RestartTimeline(phase=self.machine.io.restart_phase)
