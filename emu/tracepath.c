@@ -508,6 +508,13 @@ void hhr_trace_trapped(hhr_trace_context *tc, uint32_t lp, uint64_t time, uint64
     begin(tc->trace, tc, lp, address, size, time, true);
 }
 
+/* The same, from the machine's C transition loop (emu/fastpath.c), which knows the instance. */
+void hhr_trace_trapped_in_loop(hhr_ctx *c, uint64_t time, uint64_t address, uint32_t size) {
+    hhr_trace_context *tc = c->trace;
+    int lp = lp_of(tc->trace, tc);
+    if (lp >= 0) begin(tc->trace, tc, (uint32_t)lp, address, size, time, true);
+}
+
 static void add_entry(uint8_t *scratch, uint64_t *used, uint32_t *count, uint32_t *lost, uint64_t address,
                       uint32_t length, const void *bytes, uint64_t *offset) {
     if (*used + MEMORY_ENTRY_HEAD_BYTES + length > HHR_TRACE_SCRATCH_BYTES) {

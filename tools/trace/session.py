@@ -109,8 +109,9 @@ class TraceSession:
 
     # --- arming -----------------------------------------------------------------------------------------
     def arm(self) -> None:
-        """Between runs: the recorder's hooks go in (if instructions are wanted) and the C transition
-        loop is turned off, so that every VM transition is published where it happens."""
+        """Between runs: the recorder's hooks go in (if instructions are wanted), and the C
+        transition loop hands back at every VM transition, so that each is published where it
+        happens."""
         if self.armed:
             return
         self.armed = True
@@ -118,10 +119,7 @@ class TraceSession:
             self._describe()
         self._write_header()
         self._sync_phases()
-        self._saved_fast_transitions = self.machine.fast_transitions
-        self.machine.fast_transitions = False
-        if self.instructions_wanted:
-            self.recorder.install()
+        self.recorder.install(instructions=self.instructions_wanted)
         if self.window.by_time:
             self.recorder.set_time_window(self.window.start_time, self.window.end_time)
             self.recorder.recording = True
@@ -131,7 +129,6 @@ class TraceSession:
         if not self.armed:
             return
         self.recorder.remove()
-        self.machine.fast_transitions = self._saved_fast_transitions
         self.armed = False
 
     def _describe(self) -> None:
