@@ -114,3 +114,14 @@ def test_reading_only_the_registers_an_instruction_may_write_loses_nothing(tmp_p
                                        output=str(path), read_all_registers=read_all)
         assert session.trace(options).recorded > 1_000_000
     assert read(partial) == read(whole)
+
+
+def test_a_file_from_another_build_of_a_hypervisor_is_refused(tmp_path, recording, capsys):
+    data = bytearray(read(recording))
+    key = b'"image_digest":"'
+    at = data.index(key) + len(key)
+    data[at] = ord("0") if data[at] != ord("0") else ord("1")
+    other = tmp_path / "other-build.hhrt"
+    other.write_bytes(bytes(data))
+    assert cli.main(["trace", "-q", "--input", str(other), "-o", str(tmp_path / "out.txt")]) == 2
+    assert "another build" in capsys.readouterr().err

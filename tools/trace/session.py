@@ -145,7 +145,8 @@ class TraceSession:
         self.recorder.data(tracefile.data_payload({
             "type": "placements",
             "hypervisors": [{"hypervisor": at.name, "label": at.placement.label,
-                             "load_address": at.placement.load_address} for at in (old, new)],
+                             "load_address": at.placement.load_address,
+                             "image_digest": tracefile.image_digest(at.placement.image)} for at in (old, new)],
             "guests": {str(number): guest.name for number, guest in enumerate(booted.guests)},
             "guest_load_address": GUEST_LOAD_ADDRESS}))
 
