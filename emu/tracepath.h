@@ -3,6 +3,7 @@
 
 #define HHR_TRACE_REGISTERS 21        /* tools/trace/registers.py TRACED_REGISTERS, in that order */
 #define HHR_TRACE_RIP_INDEX 16        /* RIP's place among them */
+#define HHR_TRACE_RFLAGS_INDEX 17
 #define HHR_TRACE_CR3_INDEX 19        /* CR3's place among them */
 #define HHR_TRACE_MAX_LPS 64          /* emu/machine.py MAX_LPS */
 #define HHR_TRACE_CODE_BYTES 15       /* the longest x86 instruction (SDM Vol. 2A 2.3.11) */
@@ -33,6 +34,25 @@
 
 /* Answers of hhr_on_trace_vmcs. */
 #define HHR_VMCS_ENDS_WINDOW 1        /* the first instruction of this VMCS's guest ends its LP's window */
+
+/* Capstone's C entry points (the binding's own library) and what the recorder asks of them: which
+ * traced registers an instruction may write, so that only those are read after it. */
+#define HHR_DECODER_REGISTER_LIMIT 512    /* capstone x86 register ids below this */
+#define HHR_DECODER_INSTRUCTION_LIMIT 2048  /* capstone x86 instruction ids below this */
+#define HHR_DECODER_GROUPS 8
+typedef struct {
+    size_t handle;                    /* a csh opened for x86-64 with details on */
+    size_t (*disasm)(size_t handle, const uint8_t *code, size_t size, uint64_t address, size_t count,
+                     void **instructions);
+    void (*free)(void *instructions, size_t count);
+    int (*regs_access)(size_t handle, const void *instruction, uint16_t *read, uint8_t *read_count,
+                       uint16_t *written, uint8_t *written_count);
+    bool (*in_group)(size_t handle, const void *instruction, unsigned int group);
+    uint32_t register_bits[HHR_DECODER_REGISTER_LIMIT];   /* capstone register: traced registers' bits */
+    uint8_t read_all[HHR_DECODER_INSTRUCTION_LIMIT];      /* instruction ids whose effects are read whole */
+    uint32_t groups[HHR_DECODER_GROUPS];                  /* groups whose effects are read whole */
+    uint32_t group_count;
+} hhr_decoder;
 
 /* One LP as the recorder sees it. */
 typedef struct {
@@ -78,6 +98,7 @@ typedef struct {
     uint32_t length;
     uint8_t bytes[HHR_TRACE_CODE_BYTES];
     uint8_t used;
+    uint32_t writes;                  /* traced registers the instruction may write (all: not known) */
 } hhr_trace_code;
 
 typedef struct hhr_trace {
@@ -92,6 +113,9 @@ typedef struct hhr_trace {
     uint32_t per_lp_end;              /* an LP's window ends at its first guest instruction of a VMCS
                                          named HHR_VMCS_ENDS_WINDOW */
     const int *register_ids;          /* Unicorn ids of the traced registers */
+    const hhr_decoder *decoder;       /* NULL, or what lets an instruction's registers be read in part */
+    uint32_t read_all_registers;      /* read every traced register after every instruction (a check) */
+    uint32_t pending_writes;          /* the pending instruction's hhr_trace_code.writes */
     int (*reg_read_batch)(void *uc, const int *regids, void **values, int count);
     uint64_t recorded;                /* instructions written */
     uint64_t bytes_written;

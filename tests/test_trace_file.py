@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tools import cli
-from tools.trace import lines, render, tracefile
+from tools.trace import lines, render, session, tracefile
 from tools.trace.filters import Filters
 
 SMALL = ["--guest", "hashchain", "--guest", "timer", "--at", "300000", "--lps", "2", "-q"]
@@ -103,3 +103,25 @@ def test_a_damaged_or_foreign_file_gets_a_clear_error(tmp_path, recording, capsy
         assert cli.main(["trace", "-q", "--input", str(path), "-o", str(tmp_path / "out.txt")]) == 2
         error = capsys.readouterr().err
         assert error.startswith("hhr trace: ") and "Traceback" not in error and str(path) in error
+
+
+def test_reading_only_the_registers_an_instruction_may_write_loses_nothing(tmp_path):
+    """Inside a block the recorder reads only what capstone says an instruction may write: the
+    whole hand-off of the small machine gives the same file as reading every register every time."""
+    partial, whole = tmp_path / "partial.hhrt", tmp_path / "whole.hhrt"
+    for path, read_all in ((partial, False), (whole, True)):
+        options = session.TraceOptions(guests=["hashchain", "timer"], request_at=[300000], format="hhrt",
+                                       output=str(path), read_all_registers=read_all)
+        assert session.trace(options).recorded > 1_000_000
+    assert read(partial) == read(whole)
+
+
+def test_a_file_from_another_build_of_a_hypervisor_is_refused(tmp_path, recording, capsys):
+    data = bytearray(read(recording))
+    key = b'"image_digest":"'
+    at = data.index(key) + len(key)
+    data[at] = ord("0") if data[at] != ord("0") else ord("1")
+    other = tmp_path / "other-build.hhrt"
+    other.write_bytes(bytes(data))
+    assert cli.main(["trace", "-q", "--input", str(other), "-o", str(tmp_path / "out.txt")]) == 2
+    assert "another build" in capsys.readouterr().err

@@ -71,8 +71,15 @@ class _Names:
 
     def place(self, record: dict) -> None:
         """A `placements` record: where the two hypervisors and the built-in guests run."""
-        old, new = (Placement(image["label"], build.image(image["hypervisor"]), image["load_address"])
-                    for image in record["hypervisors"])
+        placements = []
+        for image in record["hypervisors"]:
+            built = build.image(image["hypervisor"])
+            if image.get("image_digest", tracefile.image_digest(built)) != tracefile.image_digest(built):
+                raise tracefile.TraceFileError(
+                    f"the trace file was recorded with another build of {image['hypervisor']}: render it with the "
+                    "hhr that recorded it (symbols come from the images this build assembles)")
+            placements.append(Placement(image["label"], built, image["load_address"]))
+        old, new = placements
         self.roots = RootClassifier(old, new)
         guests = {}
         for partition, name in record["guests"].items():

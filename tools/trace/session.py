@@ -57,6 +57,7 @@ class TraceOptions:
     progress: IO[str] | None = None
     input: str | None = None            # render this trace file instead of running the machine
     record_reads: bool = False          # the file keeps memory reads too (Tenet's mr= entries)
+    read_all_registers: bool = False    # read every register after every instruction (a check of the decoder)
 
 
 @dataclass
@@ -82,7 +83,8 @@ class TraceSession:
         self.instructions_wanted = not options.filters.events_only and options.format != "chrome"
         self.per_lp_end = not self.window.by_time and self.window.end_event == FIRST_NEW_GUEST_INSTRUCTION
         self.recorder = Recorder(self.machine, path, self._name_vmcs, self._lp_done,
-                                 record_reads=options.format == "tenet" or options.record_reads)
+                                 record_reads=options.format == "tenet" or options.record_reads,
+                                 read_all_registers=options.read_all_registers)
         self.recorder.per_lp_end = self.per_lp_end
         self.target = options.to_hypervisor
         self.timeline = RestartTimeline(phase=self.machine.io.restart_phase)
@@ -107,8 +109,9 @@ class TraceSession:
 
     # --- arming -----------------------------------------------------------------------------------------
     def arm(self) -> None:
-        """Between runs: the recorder's hooks go in (if instructions are wanted) and the C transition
-        loop is turned off, so that every VM transition is published where it happens."""
+        """Between runs: the recorder's hooks go in (if instructions are wanted), and the C
+        transition loop hands back at every VM transition, so that each is published where it
+        happens."""
         if self.armed:
             return
         self.armed = True
@@ -116,10 +119,7 @@ class TraceSession:
             self._describe()
         self._write_header()
         self._sync_phases()
-        self._saved_fast_transitions = self.machine.fast_transitions
-        self.machine.fast_transitions = False
-        if self.instructions_wanted:
-            self.recorder.install()
+        self.recorder.install(instructions=self.instructions_wanted)
         if self.window.by_time:
             self.recorder.set_time_window(self.window.start_time, self.window.end_time)
             self.recorder.recording = True
@@ -129,7 +129,6 @@ class TraceSession:
         if not self.armed:
             return
         self.recorder.remove()
-        self.machine.fast_transitions = self._saved_fast_transitions
         self.armed = False
 
     def _describe(self) -> None:
@@ -146,7 +145,8 @@ class TraceSession:
         self.recorder.data(tracefile.data_payload({
             "type": "placements",
             "hypervisors": [{"hypervisor": at.name, "label": at.placement.label,
-                             "load_address": at.placement.load_address} for at in (old, new)],
+                             "load_address": at.placement.load_address,
+                             "image_digest": tracefile.image_digest(at.placement.image)} for at in (old, new)],
             "guests": {str(number): guest.name for number, guest in enumerate(booted.guests)},
             "guest_load_address": GUEST_LOAD_ADDRESS}))
 

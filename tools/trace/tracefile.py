@@ -1,6 +1,7 @@
 """The trace file (`.hhrt`, docs/tracing.md "The trace file"): the record layouts emu/tracepath.c writes and Python's data records, and a reader that walks them in order."""
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import struct
@@ -10,6 +11,7 @@ from emu import fast
 
 MAGIC = b"HHRTRACE\x00\x00\x00\x01"     # the file's first bytes: name, then the layout version (1)
 FORMAT_VERSION = 1
+IMAGE_DIGEST_DIGITS = 16
 
 lib = fast.lib
 INSTRUCTION, CODE, LOAD, DATA, BIND = (lib.HHR_RECORD_INSTRUCTION, lib.HHR_RECORD_CODE, lib.HHR_RECORD_LOAD,
@@ -41,6 +43,12 @@ def popcount(mask: int) -> int:
 def data_payload(record: dict) -> bytes:
     """A data record's bytes: one JSON object, its keys in the order they were made."""
     return json.dumps(record, separators=(",", ":")).encode()
+
+
+def image_digest(image) -> str:
+    """What names an image's build in a file: the renderer symbolizes with the image this build
+    assembles, which must be the one that ran."""
+    return hashlib.sha256(image.code).hexdigest()[:IMAGE_DIGEST_DIGITS]
 
 
 class TraceFileError(ValueError):
