@@ -110,16 +110,42 @@ def machine_facts(document: dict) -> dict:
                       for entry in document.get("restarts", [])]}
 
 
-def test_a_break_in_the_new_hypervisor_during_a_restart_and_thread_switching():
-    arguments = ("restart", "--lps", "2", "--guest", "heartbeat", "--at", "200000")
+def symbol_file(tmp_path, image: str, *options: str) -> str:
+    path = tmp_path / f"{image}.elf"
+    subprocess.run([sys.executable, "-m", "tools.cli", "symbols", image, "-o", str(path), *options], check=True,
+                   capture_output=True, timeout=GDB_SECONDS)
+    return str(path)
+
+
+def test_symbols_put_an_images_labels_where_it_runs(tmp_path):
+    hv2 = symbol_file(tmp_path, "hv2", "--at", "0xe800000", "--prefix", "hv2_")
     image = build.image("hv2")
-    receive_vp = service_region_of("heartbeat", lps=2, at=200000) + image.symbol("receive_vp") - image.base
+    out = subprocess.run(["gdb", "-nx", "-batch", "-ex", f"add-symbol-file {hv2}", "-ex", "info address hv2_receive_vp",
+                          "-ex", "info symbol 0xe800000"], capture_output=True, text=True, timeout=GDB_SECONDS).stdout
+    assert f"is at {0xe800000 + image.symbol('receive_vp') - image.base:#x}" in out
+    hello = symbol_file(tmp_path, "hello")
+    out = subprocess.run(["gdb", "-nx", "-batch", "-ex", f"add-symbol-file {hello}", "-ex", "info address start"],
+                         capture_output=True, text=True, timeout=GDB_SECONDS).stdout
+    assert f"is at {GUEST_LOAD_ADDRESS:#x}" in out
+    done = subprocess.run([sys.executable, "-m", "tools.cli", "symbols", "nosuch", "-o", str(tmp_path / "x.elf")],
+                          capture_output=True, text=True, timeout=GDB_SECONDS)
+    assert done.returncode == 2 and "no image 'nosuch'" in done.stderr
+
+
+def test_a_break_in_the_new_hypervisor_during_a_restart_and_thread_switching(tmp_path):
+    arguments = ("restart", "--lps", "2", "--guest", "heartbeat", "--at", "200000")
+    service_region = service_region_of("heartbeat", lps=2, at=200000)
+    hv1 = symbol_file(tmp_path, "hv1")
+    hv2 = symbol_file(tmp_path, "hv2", "--at", f"{service_region:#x}", "--prefix", "hv2_")
     process, port = start_hhr(*arguments)
-    out = gdb(port, "info threads", "thread 2", "p/x $cr3", "thread 1", f"break *{receive_vp:#x}", "continue",
-              "info threads", "p/x $pc", "x/2gx $rsp", "stepi", "p/x $pc", "delete", "continue")
+    out = gdb(port, "info threads", "thread 2", "p/x $cr3", "thread 1", f"add-symbol-file {hv1}",
+              f"add-symbol-file {hv2}", "break hv2_receive_vp", "continue", "monitor where", "info threads",
+              "x/2i $pc", "x/4gx $rdi", "stepi", "p/x $pc", "delete", "continue")
     assert "lp1 hv1@root" in out
-    assert f"hit Breakpoint 1, {receive_vp:#018x}" in out or f"Breakpoint 1, {receive_vp:#018x}" in out
-    assert "hv2@service" in out
+    assert f"hv2 (service region) at {service_region:#x}" in out
+    assert "hit Breakpoint 1, " in out and "in hv2_receive_vp ()" in out
+    assert "hv2@service" in out and "<hv2_receive_vp+3>" in out
+    assert "Cannot access memory" not in out
     assert "exited normally" in out
     document = finish(process)
     assert document["restart"]["outcome"] == "committed"

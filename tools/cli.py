@@ -224,6 +224,20 @@ DEFAULT_AT = 1_000_000
 RESTART_DEMO_GUESTS = ["storm,vps=2", "heartbeat", "hashchain", "timer"]
 
 
+def symbols(args: argparse.Namespace) -> int:
+    """Writes an ELF symbol file of an image at the address it runs at (docs/gdb.md)."""
+    from tools.gdb import elf_symbols
+
+    try:
+        written = elf_symbols.write(args.image, args.output, int(args.at, 0) if args.at else None, args.prefix)
+    except (ValueError, OSError) as error:
+        print(f"hhr symbols: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.output}: {len(written.image.symbols)} symbols of {written.image_name} at {written.address:#x}; "
+          f"in gdb: add-symbol-file {args.output}")
+    return 0
+
+
 def _add_machine_arguments(parser: argparse.ArgumentParser, *, lps: int = 1, guests: list[str] | None = None) -> None:
     parser.add_argument("--lps", type=int, default=lps, help=f"logical processors (default {lps})")
     parser.add_argument("--ram", help="machine RAM, e.g. 512M (default: what the guests need)")
@@ -333,6 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     fuzz_parser.add_argument("--seed", type=int, default=0, help="random seed (one worker: the same run)")
     fuzz_parser.add_argument("--replay", metavar="FILE", help="run one finding or corpus file again and report")
     fuzz_parser.set_defaults(func=fuzz)
+    symbols_parser = commands.add_parser("symbols", help="write an ELF with an image's symbols at its run address, "
+                                                         "for gdb's add-symbol-file (docs/gdb.md)")
+    symbols_parser.add_argument("image", help="hv1, hv2 or a built-in guest")
+    symbols_parser.add_argument("-o", "--output", required=True, help="the ELF file to write")
+    symbols_parser.add_argument("--at", help="where the image runs (default: where it is assembled to run; "
+                                             "`monitor where` in gdb says where each hypervisor is)")
+    symbols_parser.add_argument("--prefix", default="", help="put this before every name (hv2_: hv2_receive_vp)")
+    symbols_parser.set_defaults(func=symbols)
     bench_parser = commands.add_parser("bench", help="benchmarks: hot restart against the alternatives (default), "
                                                      "--machine, --hypervisor")
     bench_parser.add_argument("--machine", action="store_true", help="the machine's own speed against bare Unicorn")
