@@ -281,3 +281,24 @@ def test_ctrl_c_stops_a_running_machine_between_slices_and_the_run_goes_on_uncha
     assert b"$OK#" in exchange(client, packets.frame(b"D"))
     client.close()
     assert machine_facts(finish(process)) == machine_facts(without_gdb(*arguments))
+
+
+def test_breaks_and_steps_reach_instructions_the_machine_carries_out_itself():
+    """A guest's IN is never run by Unicorn (it exits, docs/machine.md 7.8.2): a breakpoint on it and a
+    step onto it still stop there, and the next step is the exit handler in root."""
+    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+    from tools.trace.symbols import builtin_guest_image
+    image = builtin_guest_image("heartbeat")
+    instructions = list(Cs(CS_ARCH_X86, CS_MODE_64).disasm(image.code, image.base))
+    port_in = next(index for index, instruction in enumerate(instructions) if instruction.mnemonic == "in")
+    before, trapped = instructions[port_in - 1].address, instructions[port_in].address
+    vm_exit = build.image("hv1").symbol("vm_exit")
+    arguments = ("run", "--guest", "heartbeat")
+    process, port = start_hhr(*arguments)
+    out = gdb(port, f"break *{trapped:#x}", "continue", "p/x $pc", "stepi", "p/x $pc", "delete",
+              f"break *{before:#x}", "continue", "stepi", "p/x $pc", "stepi", "p/x $pc", "info threads", "delete",
+              "continue")
+    assert f"$1 = {trapped:#x}" in out and f"$2 = {vm_exit:#x}" in out
+    assert f"$3 = {trapped:#x}" in out and f"$4 = {vm_exit:#x}" in out
+    assert "lp0 hv1@root" in out and "exited normally" in out
+    assert machine_facts(finish(process)) == machine_facts(without_gdb(*arguments))

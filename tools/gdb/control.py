@@ -1,8 +1,10 @@
 """The machine side of the stub: attaches to each machine booted, stops it before its first instruction, between slices on Ctrl-C, and inside its debugger hook at breakpoints and steps, and serves gdb while it is stopped."""
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
+import traceback
 import weakref
 from typing import IO
 
@@ -73,6 +75,7 @@ class GdbStub:
         self.event_breaks: list[EventBreak] = []
         self._subscribed_kinds: frozenset[str] = frozenset()
         self._saved_fast_transitions: bool | None = None
+        self._previous_trapped_observer = None
         self._stop_message: str | None = None    # why the coming stop happens, told to gdb with it
         self.monitor_commands = Monitor(self)
 
@@ -94,10 +97,12 @@ class GdbStub:
         self.booted, self.machine = booted, booted.machine
         self.namer = ContextNamer(booted)
         self.machine.slice_observers.append(self._between_slices)
+        self._saved_fast_transitions = self._previous_trapped_observer = None
         self.event_breaks_changed()
         if self._hooks_installed:
             self._hooks_installed = False
             self._install_hooks()
+        self._arm()
 
     # --- the debugger hook (emu/debugpath.c) -------------------------------------------------------
     def _install_hooks(self) -> None:
@@ -119,24 +124,68 @@ class GdbStub:
         fast.add_c_hook(context.uc, uc_const.UC_HOOK_CODE, "hhr_debug_code_hook", state)
 
     def _arm(self) -> None:
+        """The hook's breakpoints and step as gdb left them; while any stop is wanted, the hook is in,
+        the machine's trapped instructions are watched, and VM transitions are all carried out in
+        Python (the machine is the same, docs/machine.md 1.2): the C transition loop carries out a
+        guest's CPUID, HLT and I/O without a look at them, and publishes its events late."""
         debug = self._debug
         addresses = sorted(self.breakpoints)
         debug.breakpoint_count = len(addresses)
         for index, address in enumerate(addresses):
             debug.breakpoints[index] = address
         debug.step_loop = self.machine.lps[self.step_lp].run_state if self.step_lp is not None else ffi.NULL
-        if (addresses or self.step_lp is not None or self.event_breaks) and not self._hooks_installed:
+        watching = bool(addresses or self.step_lp is not None or self.event_breaks)
+        if watching and not self._hooks_installed:
             self._install_hooks()
+        if watching:
+            self._watch_trapped()
+        elif self.machine.trapped_instruction_observer == self._on_trapped:
+            self.machine.trapped_instruction_observer = self._previous_trapped_observer
+        machine = self.machine
+        if watching and self._saved_fast_transitions is None:
+            self._saved_fast_transitions, machine.fast_transitions = machine.fast_transitions, False
+        elif not watching and self._saved_fast_transitions is not None:
+            machine.fast_transitions, self._saved_fast_transitions = self._saved_fast_transitions, None
+
+    def _watch_trapped(self) -> None:
+        """The machine's trapped-instruction observer is this stub's, calling the one it replaced (a
+        trace recorder's) first. Instructions the machine carries out itself never reach the hook:
+        Unicorn stops in front of them (docs/machine.md 5.4, 7.8.2)."""
+        current = self.machine.trapped_instruction_observer
+        if current != self._on_trapped:
+            self._previous_trapped_observer = current
+            self.machine.trapped_instruction_observer = self._on_trapped
+
+    def _on_trapped(self, lp, context, instruction) -> None:
+        previous = self._previous_trapped_observer
+        if previous is not None:
+            previous(lp, context, instruction)
+        with self._guard():
+            self._instruction(lp, context, instruction.address)
 
     def on_instruction(self, context_id: int, address: int) -> None:
         """The hook found a breakpoint address or the stepped LP's next instruction."""
-        lp = self.machine.running_lp
+        with self._guard():
+            self._instruction(self.machine.running_lp, self.machine.context_by_id[context_id], address)
+
+    @contextlib.contextmanager
+    def _guard(self):
+        """A failure of the stub's own never reaches the machine: it is reported, and gdb is let go."""
+        try:
+            yield
+        except Exception as exc:   # noqa: BLE001 - the machine must run on whatever the stub did
+            self.log.write(f"hhr gdb: internal error {exc.__class__.__name__}: {exc}; letting gdb go\n")
+            traceback.print_exc(file=self.log)
+            self.server.drop("the stub failed")
+            self._forget_client()
+
+    def _instruction(self, lp, context, address: int) -> None:
         if self.step_lp is not None and lp.index == self.step_lp:
             pass
         elif address not in self.breakpoints:
             return
         self.step_lp = None
-        self._stop_context = self.machine.context_by_id[context_id]
+        self._stop_context = context
         message, self._stop_message = self._stop_message, None
         try:
             self._stopped(lp.index, signal.SIGTRAP, message=message)
@@ -145,16 +194,9 @@ class GdbStub:
 
     # --- event breaks (tools/gdb/monitor.py) ---------------------------------------------------------
     def event_breaks_changed(self) -> None:
-        """Subscribes to the kinds the event breaks want; while any is set, VM transitions are all
-        carried out in Python (the machine is the same, docs/machine.md 1.2), so that an exit's
-        event is published before the LP's next instruction."""
-        kinds = frozenset(entry.kind for entry in self.event_breaks)
-        self._subscribe(kinds)
-        machine = self.machine
-        if kinds and self._saved_fast_transitions is None:
-            self._saved_fast_transitions, machine.fast_transitions = machine.fast_transitions, False
-        elif not kinds and self._saved_fast_transitions is not None:
-            machine.fast_transitions, self._saved_fast_transitions = self._saved_fast_transitions, None
+        """Subscribes to the kinds the event breaks want (the transition loop is off meanwhile, _arm:
+        an exit's event is then published before the LP's next instruction)."""
+        self._subscribe(frozenset(entry.kind for entry in self.event_breaks))
 
     def _subscribe(self, kinds: frozenset[str]) -> None:
         if kinds == self._subscribed_kinds:
@@ -167,6 +209,10 @@ class GdbStub:
         self._subscribed_kinds = kinds
 
     def _on_event(self, event) -> None:
+        with self._guard():
+            self._match_event(event)
+
+    def _match_event(self, event) -> None:
         for entry in self.event_breaks:
             if entry.matches(event):
                 self.step_lp = event.lp
@@ -176,6 +222,10 @@ class GdbStub:
 
     # --- between slices ---------------------------------------------------------------------------
     def _between_slices(self) -> None:
+        with self._guard():
+            self._look_between_slices()
+
+    def _look_between_slices(self) -> None:
         lp = self.machine.running_lp.index
         if self.stop_before_next_slice:
             self.stop_before_next_slice = False
@@ -184,6 +234,8 @@ class GdbStub:
             self.server.accept(block=True)
             self._stopped(lp, signal.SIGTRAP, announce=False)
             return
+        if self._saved_fast_transitions is not None:
+            self._watch_trapped()            # a trace recorder may have put its own in since
         if not self.server.connected:
             if self.server.accept(block=False):      # a client (again): the machine stops for it
                 self._stopped(lp, signal.SIGTRAP, announce=False)
