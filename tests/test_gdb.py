@@ -302,3 +302,18 @@ def test_breaks_and_steps_reach_instructions_the_machine_carries_out_itself():
     assert f"$3 = {trapped:#x}" in out and f"$4 = {vm_exit:#x}" in out
     assert "lp0 hv1@root" in out and "exited normally" in out
     assert machine_facts(finish(process)) == machine_facts(without_gdb(*arguments))
+
+
+def test_a_client_may_come_back_after_detaching_and_kill_stops_the_machine():
+    arguments = ("restart",)
+    process, port = start_hhr(*arguments)
+    client = raw_session(port)
+    assert b"$OK#" in exchange(client, packets.frame(b"D"))
+    client.close()
+    out = gdb(port, "info threads", "continue")       # the machine stops for it at the next slice
+    assert "Thread 2 (lp1" in out and "exited normally" in out
+    assert machine_facts(finish(process)) == machine_facts(without_gdb(*arguments))
+    process, port = start_hhr("run", "--guest", "heartbeat")
+    out = gdb(port, "stepi", "kill")
+    document = finish(process)
+    assert document["machine_stop"]["reason"] == "killed" and process.returncode == 1
