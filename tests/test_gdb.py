@@ -317,3 +317,17 @@ def test_a_client_may_come_back_after_detaching_and_kill_stops_the_machine():
     out = gdb(port, "stepi", "kill")
     document = finish(process)
     assert document["machine_stop"]["reason"] == "killed" and process.returncode == 1
+
+
+def test_registers_and_memory_are_written_in_the_stopped_context():
+    process, port = start_hhr("run", "--guest", "hello")
+    out = gdb(port, f"hbreak *{GUEST_LOAD_ADDRESS:#x}", "continue", "set $rax = 0x1234", "p/x $rax",
+              "set $xmm3.v2_int64[0] = 0x5566", "p/x $xmm3.v2_int64[0]", "p/x $cr2",
+              "set *(unsigned long *)($rsp - 64) = 0xfeedface", "x/1gx $rsp - 64", "set *(long *)0x7fff00000000 = 1",
+              "thread 1", "p/x $pc", "delete", "continue")
+    assert "Hardware assisted breakpoint 1" in out
+    assert "$1 = 0x1234" in out and "$2 = 0x5566" in out and "$3 = 0x" in out
+    assert "0x00000000feedface" in out
+    assert "Cannot access memory at address 0x7fff00000000" in out
+    assert f"$4 = {GUEST_LOAD_ADDRESS:#x}" in out
+    finish(process)
