@@ -1,6 +1,8 @@
 """What each LP runs now, named as traces name it (`lp1 hv2@root`, `lp0 p1.vp0`, `lp0 hv2@service`): tools/trace/contexts.py's Classifier over the hypervisors where they are in RAM."""
 from __future__ import annotations
 
+from unicorn import x86_const as x86
+
 from hypervisors import build
 from tools.trace.contexts import Classifier, HypervisorAt
 from tools.trace.symbols import Placement
@@ -56,7 +58,6 @@ class ContextNamer:
     def name(self, lp, context) -> str:
         classifier = self._current()
         if context is lp.root:
-            from unicorn import x86_const as x86
             return classifier.roots.root(lp.index, context.reg(x86.UC_X86_REG_RIP)).name
         for address, vmcs in self.booted.machine.active_vmcs.items():
             if vmcs.context is context:

@@ -6,7 +6,7 @@ import socket
 import sys
 from typing import IO
 
-from tools.gdb.packets import ACK, NACK, BadPacket, PacketReader, frame
+from tools.gdb.packets import ACK, NACK, BadPacket, Packet, PacketReader, frame
 
 BUSY_REPLY = b"E.another gdb is attached to this machine: one client at a time"
 RECEIVE_BYTES = 65536
@@ -98,7 +98,6 @@ class GdbServer:
                 return []
 
     def _acknowledge(self, item) -> None:
-        from tools.gdb.packets import Packet
         if isinstance(item, Packet):
             self._send_raw(ACK)
         elif isinstance(item, BadPacket):

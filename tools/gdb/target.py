@@ -22,14 +22,15 @@ class Register:
     shared: int | None = None           # the shared class that holds it, if the LP's contexts share it
     msr: int | None = None
     kind: str = "int"                   # int, float80, vector
+    group: str | None = None            # gdb's register group when not the general one
 
     @property
     def size(self) -> int:
         return self.bits // 8
 
 
-def _reg(name, bits, unicorn, **kw) -> Register:
-    return Register(name, bits, unicorn, **kw)
+def _reg(name: str, bits: int, unicorn: int | None, **details) -> Register:
+    return Register(name, bits, unicorn, **details)
 
 
 _GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp") + tuple(f"r{n}" for n in range(8, 16))
@@ -41,30 +42,29 @@ REGISTERS: tuple[Register, ...] = (
     tuple(_reg(name, 64, getattr(x86, f"UC_X86_REG_{name.upper()}")) for name in _GPRS)
     + (_reg("rip", 64, x86.UC_X86_REG_RIP), _reg("eflags", 32, x86.UC_X86_REG_EFLAGS))
     + tuple(_reg(name, 32, getattr(x86, f"UC_X86_REG_{name.upper()}")) for name in ("cs", "ss", "ds", "es", "fs", "gs"))
-    + tuple(_reg(f"st{n}", 80, getattr(x86, f"UC_X86_REG_FP{n}"), shared=X87_SSE, kind="float80") for n in range(8))
-    + tuple(_reg(name, 32, unicorn, shared=X87_SSE) for name, unicorn in _X87_CONTROL)
-    + tuple(_reg(f"xmm{n}", 128, getattr(x86, f"UC_X86_REG_XMM{n}"), shared=X87_SSE, kind="vector") for n in range(16))
-    + (_reg("mxcsr", 32, x86.UC_X86_REG_MXCSR, shared=X87_SSE),
+    + tuple(_reg(f"st{n}", 80, getattr(x86, f"UC_X86_REG_FP{n}"), shared=X87_SSE, kind="float80", group="float")
+            for n in range(8))
+    + tuple(_reg(name, 32, unicorn, shared=X87_SSE, group="float") for name, unicorn in _X87_CONTROL)
+    + tuple(_reg(f"xmm{n}", 128, getattr(x86, f"UC_X86_REG_XMM{n}"), shared=X87_SSE, kind="vector", group="vector")
+            for n in range(16))
+    + (_reg("mxcsr", 32, x86.UC_X86_REG_MXCSR, shared=X87_SSE, group="vector"),
        _reg("fs_base", 64, x86.UC_X86_REG_FS_BASE), _reg("gs_base", 64, x86.UC_X86_REG_GS_BASE),
-       _reg("cr0", 64, x86.UC_X86_REG_CR0), _reg("cr2", 64, x86.UC_X86_REG_CR2, shared=SCALARS),
-       _reg("cr3", 64, x86.UC_X86_REG_CR3), _reg("cr4", 64, x86.UC_X86_REG_CR4),
-       _reg("cr8", 64, x86.UC_X86_REG_CR8), _reg("efer", 64, None, msr=MSR_IA32_EFER))
+       _reg("cr0", 64, x86.UC_X86_REG_CR0, group="system"),
+       _reg("cr2", 64, x86.UC_X86_REG_CR2, shared=SCALARS, group="system"),
+       _reg("cr3", 64, x86.UC_X86_REG_CR3, group="system"), _reg("cr4", 64, x86.UC_X86_REG_CR4, group="system"),
+       _reg("cr8", 64, x86.UC_X86_REG_CR8, group="system"),
+       _reg("efer", 64, None, msr=MSR_IA32_EFER, group="system"))
 )
+# gdb's types for the registers that are not plain integers (gdb's own 64bit-core.xml and 64bit-sse.xml).
+_TDESC_TYPES = {"rip": "code_ptr", "rsp": "data_ptr", "rbp": "data_ptr", "eflags": "i386_eflags"}
+_TDESC_KIND_TYPES = {"float80": "i387_ext", "vector": "vec128"}
 BY_NAME = {register.name: number for number, register in enumerate(REGISTERS)}
 G_PACKET_BYTES = sum(register.size for register in REGISTERS)
 
 
 def _tdesc_reg(register: Register, number: int) -> str:
-    types = {"rip": "code_ptr", "rsp": "data_ptr", "rbp": "data_ptr", "eflags": "i386_eflags",
-             "fs_base": "int", "gs_base": "int"}
-    kind = types.get(register.name, {"float80": "i387_ext", "vector": "vec128"}.get(register.kind, "int"))
-    group = {"vector": ' group="vector"', "float80": ' group="float"'}.get(register.kind, "")
-    if register.name == "mxcsr":
-        group = ' group="vector"'
-    elif register.name in dict(_X87_CONTROL):
-        group = ' group="float"'
-    elif register.name.startswith("cr") or register.name == "efer":
-        group = ' group="system"'
+    kind = _TDESC_TYPES.get(register.name, _TDESC_KIND_TYPES.get(register.kind, "int"))
+    group = f' group="{register.group}"' if register.group else ""
     return f'<reg name="{register.name}" bitsize="{register.bits}" type="{kind}" regnum="{number}"{group}/>'
 
 
