@@ -140,8 +140,10 @@ def test_a_break_in_the_new_hypervisor_during_a_restart_and_thread_switching(tmp
     process, port = start_hhr(*arguments)
     out = gdb(port, "info threads", "thread 2", "p/x $cr3", "thread 1", f"add-symbol-file {hv1}",
               f"add-symbol-file {hv2}", "break hv2_receive_vp", "continue", "monitor where", "info threads",
-              "x/2i $pc", "x/4gx $rdi", "stepi", "p/x $pc", "delete", "continue")
+              "x/2i $pc", "x/4gx $rdi", "stepi", "p/x $pc", "delete", "monitor break phase resumed", "continue",
+              "info threads", "monitor break clear", "continue")
     assert "lp1 hv1@root" in out
+    assert "hhr: phase resumed:" in out and "(lp0 hv2@root)" in out
     assert f"hv2 (service region) at {service_region:#x}" in out
     assert "hit Breakpoint 1, " in out and "in hv2_receive_vp ()" in out
     assert "hv2@service" in out and "<hv2_receive_vp+3>" in out

@@ -27,9 +27,11 @@ class ContextNamer:
     charge or the one in its service region changes (a hot restart)."""
 
     def __init__(self, booted):
-        self.booted = booted
+        self.booted = booted   # its hypervisor and image base follow a restart (tools/restart.py)
         self._key = None
         self._classifier: Classifier | None = None
+        self._earlier: dict[tuple[str, int], Placement] = {}   # each hypervisor in charge so far, where it ran
+        self._current()
 
     def _current(self) -> Classifier | None:
         booted, ram = self.booted, self.booted.machine.ram
@@ -41,6 +43,7 @@ class ContextNamer:
             service_region = 0
         new_name = image_at(ram, service_region) or booted.hypervisor
         key = (booted.hypervisor, booted.image_base, service_region, new_name)
+        self._earlier.setdefault((old.placement.label, old.placement.load_address), old.placement)
         if key != self._key:
             label = new_name if new_name != booted.hypervisor else f"{new_name}-new"
             new = HypervisorAt(new_name, Placement(label, build.image(new_name), service_region))
@@ -58,7 +61,13 @@ class ContextNamer:
     def name(self, lp, context) -> str:
         classifier = self._current()
         if context is lp.root:
-            return classifier.roots.root(lp.index, context.reg(x86.UC_X86_REG_RIP)).name
+            rip = context.reg(x86.UC_X86_REG_RIP)
+            for placement in self._earlier.values():   # an LP that has not yet left the old hypervisor
+                if placement.contains(rip) and not classifier.roots.new.contains(rip) and \
+                        not classifier.roots.old.contains(rip) and \
+                        image_at(self.booted.machine.ram, placement.load_address) == placement.label:
+                    return f"{placement.label}@root"
+            return classifier.roots.root(lp.index, rip).name
         for address, vmcs in self.booted.machine.active_vmcs.items():
             if vmcs.context is context:
                 return classifier.guest(address).name
