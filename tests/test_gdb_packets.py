@@ -136,3 +136,29 @@ def test_the_g_packet_has_one_size():
     for name in ("rax", "rip", "eflags", "cs", "st0", "fop", "xmm15", "mxcsr", "fs_base", "gs_base",
                  "cr0", "cr2", "cr3", "cr4", "cr8", "efer"):
         assert name in names
+
+
+def test_random_packets_against_a_real_machine_get_replies_and_never_raise():
+    import random
+
+    from guests import catalog
+    from hypervisors import boot
+    from tools.gdb.control import GdbStub
+    from tools.gdb.server import GdbServer
+
+    server = GdbServer("127.0.0.1", 0)
+    stub = GdbStub(server)
+    try:
+        stub.attach(boot.boot([catalog.parse("hello")], hypervisor="hv1", lps=2))
+        generator = random.Random(14)
+        verbs = [b"g", b"G", b"p", b"P", b"m", b"M", b"Z0,", b"z1,", b"Z2,", b"H", b"Hg", b"T", b"qRcmd,",
+                 b"qThreadExtraInfo,", b"qXfer:features:read:target.xml:", b"vCont;", b"?", b"qC", b"q", b"v"]
+        for _ in range(2000):
+            tail = bytes(generator.choice(b"0123456789abcdef,:;=-xyz") for _ in range(generator.randrange(12)))
+            answer = stub.dispatcher.handle(generator.choice(verbs) + tail)
+            assert isinstance(answer, (bytes, Resume, Detach))
+        assert stub.dispatcher.handle(b"qRcmd," + b"vmcs lp7".hex().encode()) != b""
+        assert stub.dispatcher.handle(b"Hg3") == commands.ERROR_THREAD
+        assert stub.dispatcher.handle(b"p3e8") == commands.ERROR_BAD
+    finally:
+        stub.finish()

@@ -58,6 +58,8 @@ class Dispatcher:
             return self._handle(data)
         except ProtocolError:
             return ERROR_BAD
+        except KeyError:                 # a thread the machine does not have
+            return ERROR_THREAD
 
     def _handle(self, data: bytes):
         if not data:
