@@ -139,3 +139,13 @@ def test_every_format_rendered_twice_gives_the_same_bytes(tmp_path, recording, f
         outputs.append([(path.name if output.is_dir() else "", path.read_bytes()) for path in files])
     assert outputs[0] == outputs[1]
     assert outputs[0] and all(data for _, data in outputs[0])
+
+
+def test_recording_arguments_that_make_no_sense_get_a_clear_error(tmp_path, recording, capsys):
+    for arguments in (["--format", "hhrt"],                                          # no file to keep
+                      ["--format", "hhrt", "-o", str(tmp_path / "f.hhrt"), "--lp", "1"],   # filters: when rendering
+                      ["--input", str(recording), "--format", "hhrt", "-o", str(tmp_path / "g.hhrt")]):
+        assert cli.main(["trace", "-q", *arguments]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("hhr trace: ") and "Traceback" not in error
+    assert not (tmp_path / "f.hhrt").exists()
