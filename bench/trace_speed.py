@@ -16,22 +16,23 @@ RENDERED_FORMATS = ("text", "jsonl", "chrome", "tenet")
 TARGETS = {"record_rate": 2_000_000, "record_slowdown": 5.0, "render_rate": 500_000, "record_seconds": 10.0}
 
 
-def untraced_handoff_seconds(options: TraceOptions) -> float:
-    """Host time of the demo's hot restart, from its request until it has settled, with no trace."""
+def untraced_handoff(options: TraceOptions) -> tuple[float, int]:
+    """Host time of the demo's hot restart, from its request until it has settled, with no trace,
+    and the instructions the machine retired meanwhile."""
     booted = session.boot_options(options)
     machine = booted.machine
     machine.run(max_instructions=options.request_at[0])
     recorder = restart_module.RestartRecorder(booted, options.to_hypervisor, None, check_memory=False)
     recorder.follow(machine.events)
-    started = time.perf_counter()
+    started, first = time.perf_counter(), machine.retired
     try:
         restart_module.stage(booted, options.to_hypervisor, None, transfer.Mode.PRECOPY)
         limit = machine.retired + restart_module.RESTART_BUDGET
-        while not recorder.settled and machine.retired < limit and machine.stop is None:
+        while not recorder.settled and machine.retired < limit and not session.final_stop(machine):
             machine.run(max_instructions=min(limit, machine.retired + session.TRACE_STEP))
     finally:
         recorder.leave(machine.events)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, machine.retired - first
 
 
 def _size(path: Path) -> int:
@@ -42,11 +43,12 @@ def _size(path: Path) -> int:
 
 def measure(folder: Path) -> dict:
     options = TraceOptions(format=session.RECORDING_FORMAT, output=str(folder / "handoff.hhrt"))
-    untraced = untraced_handoff_seconds(TraceOptions())
+    untraced, untraced_instructions = untraced_handoff(TraceOptions())
     recorded = session.trace(options)
     figures = {
         "instructions": recorded.recorded,
         "untraced_seconds": untraced,
+        "untraced_instructions": untraced_instructions,
         "record_seconds": recorded.host_seconds,
         "record_rate": recorded.recorded / recorded.host_seconds,
         "record_slowdown": recorded.host_seconds / untraced,
@@ -67,8 +69,9 @@ def table(figures: dict) -> str:
     count = figures["instructions"]
     lines = [f"Demo hand-off: {count:,} instructions (doorbell to each LP's first guest instruction).", "",
              "| step | host seconds | instructions/s | bytes | target |", "|---|---|---|---|---|",
-             f"| untraced hand-off | {figures['untraced_seconds']:.2f} | "
-             f"{count / figures['untraced_seconds']:,.0f} | | |",
+             f"| untraced hand-off (request to settled, {figures['untraced_instructions']:,} instructions) | "
+             f"{figures['untraced_seconds']:.2f} | {figures['untraced_instructions'] / figures['untraced_seconds']:,.0f} "
+             "| | |",
              f"| record (trace file) | {figures['record_seconds']:.2f} | {figures['record_rate']:,.0f} | "
              f"{figures['trace_file_bytes']:,} | >= {TARGETS['record_rate']:,}/s, < {TARGETS['record_seconds']:.0f} s, "
              f"<= {TARGETS['record_slowdown']:.0f}x untraced (here {figures['record_slowdown']:.1f}x) |"]

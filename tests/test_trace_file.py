@@ -125,3 +125,27 @@ def test_a_file_from_another_build_of_a_hypervisor_is_refused(tmp_path, recordin
     other.write_bytes(bytes(data))
     assert cli.main(["trace", "-q", "--input", str(other), "-o", str(tmp_path / "out.txt")]) == 2
     assert "another build" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("format", ["text", "jsonl", "chrome", "tenet", "parquet"])
+def test_every_format_rendered_twice_gives_the_same_bytes(tmp_path, recording, format):
+    if format == "parquet":
+        pytest.importorskip("pyarrow")
+    outputs = []
+    for run in ("first", "second"):
+        output = tmp_path / f"{run}.{format}"
+        assert cli.main(["trace", "-q", "--input", str(recording), "--format", format, "-o", str(output)]) == 0
+        files = sorted(output.iterdir()) if output.is_dir() else [output]
+        outputs.append([(path.name if output.is_dir() else "", path.read_bytes()) for path in files])
+    assert outputs[0] == outputs[1]
+    assert outputs[0] and all(data for _, data in outputs[0])
+
+
+def test_recording_arguments_that_make_no_sense_get_a_clear_error(tmp_path, recording, capsys):
+    for arguments in (["--format", "hhrt"],                                          # no file to keep
+                      ["--format", "hhrt", "-o", str(tmp_path / "f.hhrt"), "--lp", "1"],   # filters: when rendering
+                      ["--input", str(recording), "--format", "hhrt", "-o", str(tmp_path / "g.hhrt")]):
+        assert cli.main(["trace", "-q", *arguments]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("hhr trace: ") and "Traceback" not in error
+    assert not (tmp_path / "f.hhrt").exists()

@@ -43,7 +43,7 @@ def hhr_on_trace_lp_done(python_id, lp):
         recorder.lp_done(lp)
 
 
-class RecorderError(RuntimeError):
+class RecorderError(OSError):
     """The trace file could not be written (a full disk, a closed file)."""
 
 

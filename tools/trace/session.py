@@ -375,7 +375,7 @@ def _advance(machine, limit: int, session: TraceSession | None = None) -> None:
                 session.arm()
             else:
                 machine.run(max_instructions=min(limit, session.arm_at))
-                if _final_stop(machine) or machine.retired >= limit:
+                if final_stop(machine) or machine.retired >= limit:
                     return
                 continue
         machine.run(max_instructions=limit)
@@ -386,7 +386,8 @@ def _advance(machine, limit: int, session: TraceSession | None = None) -> None:
             return
 
 
-def _final_stop(machine) -> bool:
+def final_stop(machine) -> bool:
+    """The machine stopped for good (the guests ended or it failed), not at an instruction limit."""
     return machine.stop is not None and machine.stop.reason != INSTRUCTION_LIMIT
 
 
@@ -415,9 +416,9 @@ def _drive(options: TraceOptions, session: TraceSession | None, finder: _StartFi
 
     summaries = []
     for number, point in enumerate(sorted(options.request_at)):
-        while machine.retired < point and not _final_stop(machine) and not done():
+        while machine.retired < point and not final_stop(machine) and not done():
             step(min(point, machine.retired + TRACE_STEP) if window.by_time else point)
-        if _final_stop(machine):
+        if final_stop(machine):
             raise ValueError(f"the guests ended before instruction {point}: request the restart earlier (--at)")
         if done():
             break
@@ -432,7 +433,7 @@ def _drive(options: TraceOptions, session: TraceSession | None, finder: _StartFi
         try:
             restart_module.stage(booted, target, strike, copy_mode)
             limit = machine.retired + restart_module.RESTART_BUDGET
-            while not recorder.settled and machine.retired < limit and not _final_stop(machine) and not done():
+            while not recorder.settled and machine.retired < limit and not final_stop(machine) and not done():
                 step(min(limit, machine.retired + TRACE_STEP))
         finally:
             recorder.leave(machine.events)
@@ -442,7 +443,7 @@ def _drive(options: TraceOptions, session: TraceSession | None, finder: _StartFi
         summaries.append(restart_module.summary(booted, recorder, source, strike, copy_mode)
                          | {"request_at": point})
     if window.by_time:
-        while not done() and not _final_stop(machine) and machine.retired < options.max_instructions:
+        while not done() and not final_stop(machine) and machine.retired < options.max_instructions:
             if session is not None and min(lp.now for lp in machine.lps) >= window.end_time:
                 session._close()
                 break
