@@ -185,8 +185,9 @@ def test_bad_packets_a_second_client_and_a_dropped_connection_leave_the_machine_
     assert b"E14" in exchange(client, packets.frame(b"m7fff00000000,4"))     # not mapped
     assert b"E14" in exchange(client, packets.frame(b"m8000000000000,4"))    # not canonical
     second = raw_session(port)
-    assert b"another gdb" in exchange(second, packets.frame(b"qSupported"))
+    assert b"another gdb" in exchange(second, packets.frame(b"?"))
     second.close()
+    assert "another gdb is attached to this machine" in gdb(port, "info threads")   # the real gdb says why
     assert b"T05thread:1;" in exchange(client, packets.frame(b"?"))          # the first client is still served
     client.close()                                                          # dropped while stopped
     document = finish(process)

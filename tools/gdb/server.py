@@ -11,6 +11,8 @@ from tools.gdb.packets import ACK, NACK, BadPacket, Packet, PacketReader, frame
 BUSY_REPLY = b"E.another gdb is attached to this machine: one client at a time"
 RECEIVE_BYTES = 65536
 REFUSE_WAIT_SECONDS = 2.0
+REFUSE_PACKETS = 16                      # a refused client's packets answered before it is closed
+REFUSED_SUPPORT = b"PacketSize=1000"
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -60,14 +62,25 @@ class GdbServer:
         return True
 
     def _refuse_others(self) -> None:
-        """A second client gets an error reply to its first packet and is closed."""
+        """A second client is answered, until it asks for the stop reason, with an error that says
+        why; then it is closed. The first client goes on."""
         while select.select([self.listener], [], [], 0)[0]:
             other, peer = self.listener.accept()
             self.log.write(f"hhr gdb: refused a second client {peer[0]}:{peer[1]}: one client at a time\n")
             try:
                 other.settimeout(REFUSE_WAIT_SECONDS)
-                if other.recv(RECEIVE_BYTES):
-                    other.sendall(ACK + frame(BUSY_REPLY))
+                reader = PacketReader()
+                for _ in range(REFUSE_PACKETS):
+                    data = other.recv(RECEIVE_BYTES)
+                    if not data:
+                        break
+                    packets = [item for item in reader.feed(data) if isinstance(item, Packet)]
+                    for packet in packets:
+                        reply = REFUSED_SUPPORT if packet.data.startswith(b"qSupported") else \
+                            b"" if packet.data == b"vMustReplyEmpty" else BUSY_REPLY
+                        other.sendall(ACK + frame(reply))
+                    if any(packet.data == b"?" for packet in packets):
+                        break
             except OSError:
                 pass
             finally:
