@@ -6,6 +6,12 @@
  */
 #include "debugpath.h"
 
+static bool at_breakpoint(const hhr_debug *g, uint64_t address) {
+    for (uint32_t i = 0; i < g->breakpoint_count; i++)
+        if (g->breakpoints[i] == address) return true;
+    return false;
+}
+
 void hhr_debug_code_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
     hhr_debug_context *d = (hhr_debug_context *)user_data;
     hhr_debug *g = d->debug;
@@ -13,6 +19,12 @@ void hhr_debug_code_hook(void *uc, uint64_t address, uint32_t size, void *user_d
     (void)size;
     bool hit = g->stop_any != 0;
     if (!hit && g->step_loop != NULL) hit = ((hhr_lp *)g->step_loop)->running == d->ctx;
-    for (uint32_t i = 0; !hit && i < g->breakpoint_count; i++) hit = g->breakpoints[i] == address;
-    if (hit) hhr_on_debug_stop(g->python_id, d->ctx->python_id, address);
+    if (hit || at_breakpoint(g, address)) hhr_on_debug_stop(g->python_id, d->ctx->python_id, address);
+}
+
+/* The transition loop's question before it carries out a guest's trapped instruction itself
+ * (emu/fastpath.c): a stop there needs Python's path, which shows the instruction to the debugger. */
+bool hhr_debug_stops_at(const void *debug, const void *loop, uint64_t address) {
+    const hhr_debug *g = (const hhr_debug *)debug;
+    return g->stop_any != 0 || g->step_loop == loop || at_breakpoint(g, address);
 }

@@ -954,6 +954,12 @@ int hhr_run_transitions(hhr_lp *lp) {
         }
         if (plain_stop && lp->in_guest && !vmcs->inverse_call) {   /* an exit ends a call: Python's */
             uint64_t rip = read_register(c, api->reg_rip);
+            if (lp->debug != NULL && hhr_debug_stops_at(lp->debug, lp, rip)) {
+                /* A debugger stops here: Python carries out the exit, after showing it the
+                 * instruction (emu/lp.py _notify_trapped), as it does with the loop off. */
+                result = HHR_LOOP_CLASSIFY;
+                break;
+            }
             /* A trapped instruction that exits: a trace sees it as Python's path shows it (emu/lp.py
              * _notify_trapped), before its exit. */
             if (code_is(c, rip, CPUID_BYTES, sizeof CPUID_BYTES)) {

@@ -273,9 +273,14 @@ typedef struct {
                                          limit but the room): a trace sees each event where it happens */
     uint32_t reserved3;
     hhr_transition_event events[HHR_EVENTS_MAX];
+    /* Debugging only (emu/debugpath.c, tools/gdb): the debugger's hhr_debug, NULL otherwise. The loop
+     * leaves to Python a guest's exit at an instruction the debugger wants to stop at. */
+    void *debug;
 } hhr_lp;
 
 int hhr_run_transitions(hhr_lp *lp);
+/* Whether the debugger (an hhr_debug) stops LP `loop` (an hhr_lp) at `address` (emu/debugpath.c). */
+bool hhr_debug_stops_at(const void *debug, const void *loop, uint64_t address);
 /* An instruction the loop carries out itself, for the trace recorder (emu/tracepath.c). */
 void hhr_trace_trapped_in_loop(hhr_ctx *c, uint64_t time, uint64_t address, uint32_t size);
 

@@ -124,10 +124,11 @@ class GdbStub:
         fast.add_c_hook(context.uc, uc_const.UC_HOOK_CODE, "hhr_debug_code_hook", state)
 
     def _arm(self) -> None:
-        """The hook's breakpoints and step as gdb left them; while any stop is wanted, the hook is in,
-        the machine's trapped instructions are watched, and VM transitions are all carried out in
-        Python (the machine is the same, docs/machine.md 1.2): the C transition loop carries out a
-        guest's CPUID, HLT and I/O without a look at them, and publishes its events late."""
+        """The hook's breakpoints and step as gdb left them. While any stop is wanted the hook is in,
+        the machine's trapped instructions are watched (the C transition loop leaves those it would
+        carry out itself to Python when the debugger stops there), and, while an event break is set,
+        VM transitions are all carried out in Python (the machine is the same, docs/machine.md 1.2):
+        the loop publishes its events late."""
         debug = self._debug
         addresses = sorted(self.breakpoints)
         debug.breakpoint_count = len(addresses)
@@ -141,10 +142,12 @@ class GdbStub:
             self._watch_trapped()
         elif self.machine.trapped_instruction_observer == self._on_trapped:
             self.machine.trapped_instruction_observer = self._previous_trapped_observer
+        for lp in self.machine.lps:   # the C transition loop asks before it carries out a guest's exit
+            lp.run_state.debug = self._debug if watching else ffi.NULL
         machine = self.machine
-        if watching and self._saved_fast_transitions is None:
+        if self.event_breaks and self._saved_fast_transitions is None:
             self._saved_fast_transitions, machine.fast_transitions = machine.fast_transitions, False
-        elif not watching and self._saved_fast_transitions is not None:
+        elif not self.event_breaks and self._saved_fast_transitions is not None:
             machine.fast_transitions, self._saved_fast_transitions = self._saved_fast_transitions, None
 
     def _watch_trapped(self) -> None:
@@ -234,7 +237,7 @@ class GdbStub:
             self.server.accept(block=True)
             self._stopped(lp, signal.SIGTRAP, announce=False)
             return
-        if self._saved_fast_transitions is not None:
+        if self._debug.breakpoint_count or self._debug.step_loop != ffi.NULL or self.event_breaks:
             self._watch_trapped()            # a trace recorder may have put its own in since
         if not self.server.connected:
             if self.server.accept(block=False):      # a client (again): the machine stops for it
