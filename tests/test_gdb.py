@@ -334,3 +334,20 @@ def test_registers_and_memory_are_written_in_the_stopped_context():
     assert "Cannot access memory at address 0x7fff00000000" in out
     assert f"$4 = {GUEST_LOAD_ADDRESS:#x}" in out
     finish(process)
+
+
+def test_a_stop_at_a_breakpoint_says_which_kind():
+    arguments = ("run", "--guest", "hello")
+    vm_exit = build.image("hv1").symbol("vm_exit")
+    process, port = start_hhr(*arguments)
+    client = raw_session(port)
+    assert b"$OK#" in exchange(client, packets.frame(b"Z1,%x,1" % GUEST_LOAD_ADDRESS))
+    assert b"$T05thread:1;hwbreak:;#" in exchange(client, packets.frame(b"c"))
+    assert b"$OK#" in exchange(client, packets.frame(b"z1,%x,1" % GUEST_LOAD_ADDRESS))
+    assert b"$OK#" in exchange(client, packets.frame(b"Z0,%x,1" % vm_exit))
+    assert b"$T05thread:1;swbreak:;#" in exchange(client, packets.frame(b"vCont;c"))
+    assert b"$OK#" in exchange(client, packets.frame(b"z0,%x,1" % vm_exit))
+    assert b"$T05thread:1;#" in exchange(client, packets.frame(b"vCont;s:1"))   # a step: no breakpoint
+    assert b"$OK#" in exchange(client, packets.frame(b"D"))
+    client.close()
+    assert comparable(finish(process)) == comparable(without_gdb(*arguments))

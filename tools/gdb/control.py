@@ -62,7 +62,8 @@ class GdbStub:
         self.stop_signal = signal.SIGTRAP
         self.stop_before_next_slice = True       # the machine starts stopped before its first instruction
         self.resumed = False                     # gdb waits for a stop reply
-        self.breakpoints: set[int] = set()
+        self.breakpoints: dict[int, int] = {}    # address: Z kind (0 software, 1 hardware)
+        self.stop_kind: int | None = None        # the breakpoint kind (Z0, Z1) of the stop, if it is one
         self.step_lp: int | None = None
         self.python_id = _next_stub_id[0]
         _next_stub_id[0] += 1
@@ -187,11 +188,12 @@ class GdbStub:
             pass
         elif address not in self.breakpoints:
             return
+        kind = self.breakpoints.get(address) if self.step_lp is None else None
         self.step_lp = None
         self._stop_context = context
         message, self._stop_message = self._stop_message, None
         try:
-            self._stopped(lp.index, signal.SIGTRAP, message=message)
+            self._stopped(lp.index, signal.SIGTRAP, message=message, kind=kind)
         finally:
             self._stop_context = None
 
@@ -252,10 +254,11 @@ class GdbStub:
             self._stopped(lp, signal.SIGINT)
 
     # --- a stop ----------------------------------------------------------------------------------
-    def _stopped(self, lp: int, signo: int, announce: bool = True, message: str | None = None) -> None:
+    def _stopped(self, lp: int, signo: int, announce: bool = True, message: str | None = None,
+                 kind: int | None = None) -> None:
         """The machine is stopped with LP `lp` current: gdb is told (if it waits) and served until it
         resumes, detaches or goes away."""
-        self.stopped_lp, self.stop_signal = lp, signo
+        self.stopped_lp, self.stop_signal, self.stop_kind = lp, signo, kind
         self.dispatcher.general_thread = self.dispatcher.continue_thread = 0
         try:
             if announce and self.resumed:
@@ -338,7 +341,9 @@ class GdbStub:
         return thread_of(self.stopped_lp)
 
     def stop_reply(self) -> bytes:
-        return b"T%02xthread:%x;" % (self.stop_signal, thread_of(self.stopped_lp))
+        """`T05thread:N;`, with `swbreak:;` or `hwbreak:;` at a breakpoint (gdb asked for them in qSupported)."""
+        reason = {0: b"swbreak:;", 1: b"hwbreak:;"}.get(self.stop_kind, b"")
+        return b"T%02xthread:%x;%s" % (self.stop_signal, thread_of(self.stopped_lp), reason)
 
     def registers(self, thread: int) -> tdesc.RegisterAccess:
         lp = self._lp(thread)
@@ -376,9 +381,9 @@ class GdbStub:
         if insert:
             if address not in self.breakpoints and len(self.breakpoints) >= MAX_BREAKPOINTS:
                 return False
-            self.breakpoints.add(address)
+            self.breakpoints[address] = kind
         else:
-            self.breakpoints.discard(address)
+            self.breakpoints.pop(address, None)
         return True
 
     def selected_lp(self, index: int | None = None):
