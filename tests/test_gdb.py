@@ -351,3 +351,26 @@ def test_a_stop_at_a_breakpoint_says_which_kind():
     assert b"$OK#" in exchange(client, packets.frame(b"D"))
     client.close()
     assert comparable(finish(process)) == comparable(without_gdb(*arguments))
+
+
+def test_a_step_of_an_lp_that_is_not_inside_an_instruction_runs_its_next_one():
+    """At the first stop no LP has begun an instruction; at a breakpoint only the LP that hit it has:
+    a step of any other LP runs the instruction at its RIP and stops after it."""
+    entry = build.image("hv1").symbol(build.hypervisor("hv1").entry_symbol)
+    arguments = ("run", "--lps", "2", "--guest", "hello,vps=2")
+    process, port = start_hhr(*arguments)
+    out = gdb(port, "stepi", "p/x $pc", f"break *{GUEST_LOAD_ADDRESS:#x}", "continue", "delete", "thread 2",
+              "stepi", "p/x $pc", "stepi", "p/x $pc", "continue")
+    first = next(instruction_lengths(entry))
+    assert f"$1 = {entry + first:#x}" in out
+    assert f"$2 = {entry + first:#x}" in out and "$3 = 0x" in out and f"$3 = {entry + first:#x}" not in out
+    assert "exited normally" in out
+    assert comparable(finish(process)) == comparable(without_gdb(*arguments))
+
+
+def instruction_lengths(address: int):
+    """The lengths of hv1's instructions from `address` on."""
+    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+    image = build.image("hv1")
+    for instruction in Cs(CS_ARCH_X86, CS_MODE_64).disasm(image.code[address - image.base:], address):
+        yield instruction.size

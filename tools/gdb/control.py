@@ -9,6 +9,7 @@ import weakref
 from typing import IO
 
 from unicorn import unicorn_const as uc_const
+from unicorn import x86_const as x86
 
 from emu import fast
 from hypervisors import boot
@@ -65,6 +66,7 @@ class GdbStub:
         self.breakpoints: dict[int, int] = {}    # address: Z kind (0 software, 1 hardware)
         self.stop_kind: int | None = None        # the breakpoint kind (Z0, Z1) of the stop, if it is one
         self.step_lp: int | None = None
+        self._step_skip: int | None = None       # the stepped LP's RIP when it was not inside an instruction
         self.python_id = _next_stub_id[0]
         _next_stub_id[0] += 1
         _stubs[self.python_id] = weakref.ref(self)
@@ -185,7 +187,9 @@ class GdbStub:
 
     def _instruction(self, lp, context, address: int) -> None:
         if self.step_lp is not None and lp.index == self.step_lp:
-            pass
+            skip, self._step_skip = self._step_skip, None
+            if skip == address:
+                return                       # the instruction the step begins with
         elif address not in self.breakpoints:
             return
         kind = self.breakpoints.get(address) if self.step_lp is None else None
@@ -277,7 +281,7 @@ class GdbStub:
                 if isinstance(item, Packet):
                     answer = self.dispatcher.handle(item.data)
                     if isinstance(answer, Resume):
-                        self.step_lp = None if answer.step is None else answer.step - 1
+                        self._resume(answer.step)
                         self.resumed = True
                         return
                     if isinstance(answer, Detach):
@@ -287,6 +291,15 @@ class GdbStub:
                     self.server.send(answer)
                 elif isinstance(item, BadPacket):
                     continue                      # NACKed; gdb sends it again
+
+    def _resume(self, step_thread: int | None) -> None:
+        """A step of an LP that is not stopped inside an instruction (any LP at a stop between
+        slices, another LP at a breakpoint) first lets it begin the instruction at its RIP."""
+        self.step_lp = None if step_thread is None else step_thread - 1
+        self._step_skip = None
+        if self.step_lp is not None and not (self._stop_context is not None and self.step_lp == self.stopped_lp):
+            lp = self.machine.lps[self.step_lp]
+            self._step_skip = self._context(lp).reg(x86.UC_X86_REG_RIP)
 
     def _detach(self, kill: bool) -> None:
         self.server.drop("gdb detached" if not kill else "gdb killed the machine")
