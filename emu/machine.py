@@ -218,7 +218,7 @@ class Machine:
                 lp = self.running_lp = self.lps[index]
                 for observer in self.slice_observers:
                     observer()
-                if self.stop is not None:
+                if self.stop is not None:    # an observer stopped the machine (a debugger's kill)
                     self.round = (round_end, index)
                     break
                 lp.run_slice(round_end)
