@@ -374,3 +374,13 @@ def instruction_lengths(address: int):
     image = build.image("hv1")
     for instruction in Cs(CS_ARCH_X86, CS_MODE_64).disasm(image.code[address - image.base:], address):
         yield instruction.size
+
+
+def test_a_suspend_resets_the_machine_and_gdb_follows_the_new_one():
+    arguments = ("restart", "--mode", "suspend")
+    process, port = start_hhr(*arguments)
+    out = gdb(port, "monitor break phase resuming", "continue", "info threads", "monitor phase",
+              "monitor break clear", "continue")
+    assert "hhr: phase resuming:" in out and "restart phase RESUMING (12); hv2 is in charge" in out
+    assert "(lp0 hv2@root)" in out and "exited normally" in out
+    assert machine_facts(finish(process)) == machine_facts(without_gdb(*arguments))
