@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -36,15 +36,12 @@ def host_options(machine, out: Path, host: str, seed: int, runs: int = RUNS) -> 
 
 
 def sync_script(source_out: Path, host: str, destination_out: Path) -> None:
-    """What AFL++'s distributed sync does for one pair of hosts (docs/fuzzing.md): the queue
-    directories of the source host's instances unpacked into the destination's sync directory,
-    never overwriting a file there (`tar -k`, `rsync --ignore-existing`)."""
-    for instance in sorted(source_out.glob(f"hhr-{host}-*")):
-        for entry in (instance / "queue").iterdir():
-            target = destination_out / instance.name / "queue" / entry.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if not target.exists():
-                shutil.copyfile(entry, target)
+    """What the sync script of docs/fuzzing.md does for one pair of hosts, without ssh: the source
+    host's own instances' queue directories packed, and unpacked in the destination's sync
+    directory, keeping the files it has."""
+    packed = subprocess.run(["sh", "-c", f"ls -d hhr-{host}-*/queue {host}_*/queue 2>/dev/null | tar -czf - -T -"],
+                            cwd=source_out, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "--skip-old-files", "-xzf", "-"], cwd=destination_out, input=packed, check=True)
 
 
 # --- decoding any bytes -------------------------------------------------------------------------------------
@@ -123,6 +120,7 @@ def test_two_hosts_synced_by_the_afl_recipe_import_each_others_entries(machine, 
         assert worker.edges() > edges                            # their entries reach code this host's did not
         synced = (here_out / f"hhr-{here}-0" / ".synced" / f"hhr-{there}-0").read_bytes()
         assert int.from_bytes(synced, "little") == len(peer_queue)      # AFL++'s next id to look at
+        sync_script(there_out, there, here_out)                  # the script's next round: nothing new
         assert worker.sync() == []                               # imported once
         stats = worker.fuzz()                                    # runs 0: what it imported stays in its figures
         assert stats.imported == len(peer_queue) and stats.corpus == len(worker.corpus.entries)
@@ -145,6 +143,9 @@ def test_an_afl_instances_raw_entries_are_imported_and_run(machine, tmp_path):
     assert worker.corpus.imported == {"afl-main": 4} and len(imported) == 4
     assert worker.stats.executions == 4 and "exception" not in worker.stats.outcomes
     assert (out / "hhr-gamma-0" / ".synced" / "afl-main").read_bytes() == (4).to_bytes(4, "little")
+    raw = afl_queue / "id:000002,src:000000,time:11,execs:41,op:flip1,pos:3,+cov"
+    result, kind, _ = campaign.replay(raw, machine.setup, machine)      # a peer's raw entry replays as it was run
+    assert kind is None and result.outcome != "exception"
 
 
 # --- the command line: several workers, --report -----------------------------------------------------------

@@ -342,7 +342,7 @@ def replay(path: Path, setup: Setup | None, machine: TransferMachine | None = No
     chosen = Setup.from_json(recorded_setup) if recorded_setup else (setup or Setup())
     if machine is None or machine.setup != chosen:
         machine = TransferMachine(chosen)
-    return machine.execute(entry, deep=True), kind, chosen
+    return machine.execute(runnable(entry, len(machine.messages)), deep=True), kind, chosen
 
 
 def replay_text(path: Path, result: Result, kind: str | None) -> str:
