@@ -126,6 +126,17 @@ def test_two_hosts_synced_by_the_afl_recipe_import_each_others_entries(machine, 
         assert stats.imported == len(peer_queue) and stats.corpus == len(worker.corpus.entries)
 
 
+def test_a_seed_gives_the_same_queue_names_included(machine, tmp_path):
+    def queue_after(out: Path) -> dict[str, bytes]:
+        campaign.Worker(host_options(machine, out, "same", seed=9, runs=30), 0, machine).fuzz()
+        return {path.name: path.read_bytes() for path in (out / "hhr-same-0" / "queue").iterdir()}
+
+    first = queue_after(tmp_path / "one")
+    assert first and first == queue_after(tmp_path / "two")
+    assert sorted(first) == [name for name in sorted(first) if QUEUE_NAME.match(name)]
+    assert [sync.queue_id(name) for name in sorted(first)] == list(range(len(first)))
+
+
 def test_an_afl_instances_raw_entries_are_imported_and_run(machine, tmp_path):
     out = tmp_path / "out"
     afl_queue = out / "afl-main" / "queue"
