@@ -198,7 +198,19 @@ class Fault:
     ept_qualification: int
 
 
-def _register_hook(uc, hook_type: int, cfunction_name: str, user_data, *extra) -> None:
+def add_c_hook(uc, hook_type: int, cfunction_name: str, user_data) -> int:
+    """Installs the C function `cfunction_name` of this module as a Unicorn hook of `hook_type` with
+    `user_data` (a cffi pointer the caller keeps alive); returns the handle delete_hook takes."""
+    return _register_hook(uc, hook_type, cfunction_name, user_data)
+
+
+def delete_hook(uc, handle: int) -> None:
+    err = uc_binding.uclib.uc_hook_del(uc._uch, ctypes.c_size_t(handle))
+    if err != uc_const.UC_ERR_OK:
+        raise RuntimeError(f"uc_hook_del failed with Unicorn error {err}")
+
+
+def _register_hook(uc, hook_type: int, cfunction_name: str, user_data, *extra) -> int:
     handle = ctypes.c_size_t()
     address = int(ffi.cast("uintptr_t", ffi.addressof(lib, cfunction_name)))
     err = uc_binding.uclib.uc_hook_add(
@@ -206,6 +218,7 @@ def _register_hook(uc, hook_type: int, cfunction_name: str, user_data, *extra) -
         ctypes.c_void_p(int(ffi.cast("uintptr_t", user_data))), ctypes.c_uint64(1), ctypes.c_uint64(0), *extra)
     if err != uc_const.UC_ERR_OK:
         raise RuntimeError(f"uc_hook_add({cfunction_name}) failed with Unicorn error {err}")
+    return handle.value
 
 
 class FastState:

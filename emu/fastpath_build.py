@@ -10,21 +10,32 @@ _digest_spec = importlib.util.spec_from_file_location("emu_fastpath_digest", HER
 fastpath_digest = importlib.util.module_from_spec(_digest_spec)
 _digest_spec.loader.exec_module(fastpath_digest)
 HEADER = (HERE / "fastpath.h").read_text()
+TRACE_HEADER = (HERE / "tracepath.h").read_text()
 SOURCE = (HERE / "fastpath.c").read_text()
+TRACE_SOURCE = (HERE / "tracepath.c").read_text()
 # The built module carries this marker, so a module built from other sources is known before import.
 DIGEST_MARKER = fastpath_digest.marker()
 
-# The block hook asks Python how many instructions a newly seen block holds.
-CALLBACKS = 'extern "Python" int hhr_on_new_block(int python_id, uint64_t pc, uint32_t size);'
+# The block hook asks Python how many instructions a newly seen block holds; the recorder asks
+# Python to name a VMCS and tells it when an LP's trace window is over.
+CALLBACKS = """
+extern "Python" int hhr_on_new_block(int python_id, uint64_t pc, uint32_t size);
+extern "Python" int hhr_on_trace_vmcs(int python_id, uint32_t lp, uint64_t vmcs);
+extern "Python" void hhr_on_trace_lp_done(int python_id, uint32_t lp);
+"""
+CALLBACK_DECLARATIONS = (
+    "static int hhr_on_new_block(int python_id, uint64_t pc, uint32_t size);\n"
+    "static int hhr_on_trace_vmcs(int python_id, uint32_t lp, uint64_t vmcs);\n"
+    "static void hhr_on_trace_lp_done(int python_id, uint32_t lp);\n")
 
 ffi = cffi.FFI()
-ffi.cdef(HEADER + "\n" + CALLBACKS)
+ffi.cdef(HEADER + "\n" + TRACE_HEADER + "\n" + CALLBACKS)
 ffi.set_source(
     "emu._fastpath",
-    "#include <stdint.h>\n#include <stdbool.h>\n"
-    "static int hhr_on_new_block(int python_id, uint64_t pc, uint32_t size);\n"
-    f'__attribute__((used)) static const char hhr_source_digest[] = "{DIGEST_MARKER.decode()}";\n'
-    + SOURCE.replace('#include "fastpath.h"', HEADER),
+    "#include <stdint.h>\n#include <stdbool.h>\n" + CALLBACK_DECLARATIONS
+    + f'__attribute__((used)) static const char hhr_source_digest[] = "{DIGEST_MARKER.decode()}";\n'
+    + SOURCE.replace('#include "fastpath.h"', HEADER)
+    + TRACE_SOURCE.replace('#include "tracepath.h"', TRACE_HEADER),
     extra_compile_args=["-O2"],
 )
 

@@ -5,12 +5,12 @@ import hashlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("fastpath.h", "fastpath.c")
+SOURCES = ("fastpath.h", "fastpath.c", "tracepath.h", "tracepath.c")
 MARKER_PREFIX = b"hhr-fastpath-source-"
 DIGEST_HEX_DIGITS = 32
 
 
 def marker() -> bytes:
-    """The bytes a module built from today's fastpath.h and fastpath.c carries."""
+    """The bytes a module built from today's C sources carries."""
     text = "".join((HERE / name).read_text() for name in SOURCES)
     return MARKER_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:DIGEST_HEX_DIGITS].encode()

@@ -160,6 +160,13 @@ class LogicalProcessor:
             return self._time + self._running.retired - self._run_mark
         return self._time
 
+    @property
+    def run_state(self):
+        """This LP's hhr_lp (emu/fastpath.h), for C code that follows the LP: its shared state, its
+        VMX unit, and the clock of the run under way (`run_time_base` + the running instance's
+        retired - `run_mark`), kept by the C loop and by Python's own runs alike."""
+        return self._transitions
+
     def charge(self, context, count: int) -> None:
         """Counts instructions the machine carried out itself (emulated or trapped ones)."""
         context.add_retired(count)
@@ -310,11 +317,14 @@ class LogicalProcessor:
         """Carries out `run` (one run of `context`, or the classification of one), counts what it
         retired on this LP, and gives its stop its architectural effect."""
         self._running, self._run_mark = context, context.retired
+        loop = self._transitions     # the run's clock, as the C loop keeps it for its own runs
+        loop.running, loop.run_mark, loop.run_time_base = context.fast.ctx, self._run_mark, self._time
         try:
             stop = run()
         finally:
             self._account(context.retired - self._run_mark)
             self._running = None
+            loop.running = fast.ffi.NULL
         if self.guest is not None and context is not self.root:
             self._handle_guest_stop(stop)
         else:

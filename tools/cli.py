@@ -111,6 +111,7 @@ def trace(args: argparse.Namespace) -> int:
     from hypervisors.boot import BootError
     from tools.trace import session as trace_session
     from tools.trace.filters import Filters
+    from tools.trace.tracefile import TraceFileError
     from tools.trace.window import Window, WindowError, parse_ticks_range
 
     try:
@@ -127,7 +128,7 @@ def trace(args: argparse.Namespace) -> int:
             if name.lower() not in phase_names:
                 raise WindowError(f"--phase {name!r}: one of {', '.join(phase_names)}")
         for lp in args.lp or ():
-            if not 0 <= lp < args.lps:
+            if args.input is None and not 0 <= lp < args.lps:
                 raise WindowError(f"--lp {lp}: the machine has LPs 0 to {args.lps - 1}")
         filters = Filters(lps=frozenset(args.lp or ()), contexts=frozenset(args.context or ()),
                           phases=frozenset(name.lower() for name in args.phase or ()),
@@ -138,9 +139,9 @@ def trace(args: argparse.Namespace) -> int:
             from_hypervisor=args.from_hv, to_hypervisor=args.to_hv, guests=args.guest or RESTART_DEMO_GUESTS,
             lps=args.lps, ram_size=ram, request_at=args.at or [DEFAULT_AT], max_instructions=args.max_instructions,
             inject=args.inject, mode=args.mode, format=args.format, output=args.output, window=window,
-            filters=filters, to_end=args.to_end, progress=None if args.quiet else sys.stderr)
+            filters=filters, to_end=args.to_end, progress=None if args.quiet else sys.stderr, input=args.input)
         result = trace_session.trace(options)
-    except (GuestSpecError, BootError, WindowError, ValueError, OSError) as error:
+    except (GuestSpecError, BootError, WindowError, ValueError, OSError, TraceFileError) as error:
         print(f"hhr trace: {error}", file=sys.stderr)
         return 2
     out = sys.stderr if args.output is None else sys.stdout
@@ -159,11 +160,18 @@ def _print_trace_summary(result, args: argparse.Namespace, out) -> None:
                           "outputs": [str(path) for path in result.outputs], "run": result.document},
                          indent=2), file=out)
         return
-    for line in result.summary.lines():
-        print(line, file=out)
-    figures = f"host time {result.host_seconds:.2f} s for {result.recorded} instructions recorded"
-    if result.host_seconds and result.recorded:
-        figures += f" ({result.recorded / result.host_seconds:,.0f} per second)"
+    if args.format != "hhrt":
+        for line in result.summary.lines():
+            print(line, file=out)
+    if args.input is None:
+        figures = f"host time {result.host_seconds:.2f} s for {result.recorded} instructions recorded"
+        if result.host_seconds and result.recorded:
+            figures += f" ({result.recorded / result.host_seconds:,.0f} per second)"
+        figures += f", trace file {result.trace_file_bytes:,} bytes"
+    else:
+        figures = f"{result.recorded} instructions in the trace file"
+    if args.format != "hhrt":
+        figures += f"; rendered in {result.render_seconds:.2f} s"
     if result.outputs:
         shown = ", ".join(str(path) for path in result.outputs[:SHOWN_OUTPUTS])
         figures += f"; written to {shown}" + (" ..." if len(result.outputs) > SHOWN_OUTPUTS else "")
@@ -256,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     trace_parser = commands.add_parser("trace", help="hot-restart and trace every instruction and event of the "
                                                      "hand-off (docs/tracing.md)")
     _add_restart_arguments(trace_parser, suspend=False)
-    trace_parser.add_argument("--format", default="text", choices=["text", "jsonl", "tenet", "chrome"],
+    trace_parser.add_argument("--input", "-i", metavar="FILE.hhrt",
+                              help="render this trace file (written with --format hhrt) instead of running the "
+                                   "machine; the window is the file's, filters and format are chosen anew")
+    trace_parser.add_argument("--format", default="text", choices=["text", "jsonl", "tenet", "chrome", "hhrt"],
                               help="annotated text (default), JSON Lines, Tenet (a directory of files, one per "
                                    "context and LP), Chrome Trace Event JSON of the phases for Perfetto")
     trace_parser.add_argument("--output", "-o", metavar="PATH",

@@ -35,6 +35,18 @@ class TracedInstruction:
 
 
 @dataclass(slots=True)
+class TracedLoad:
+    """Registers of a context that changed while it did not run (a VM entry's or exit's loads, the
+    hypervisor writing a guest's state), seen before its next instruction, at that time."""
+
+    time: int
+    lp: int
+    context: ContextInfo
+    phase: str
+    changes: list[tuple[str, int]]
+
+
+@dataclass(slots=True)
 class TracedEvent:
     seq: int
     time: int
@@ -84,6 +96,17 @@ def instruction(record, context: ContextInfo, phase: str, symbol: str | None, te
         changes = [(name, value) for name, value in changes if name != "rip"]
     return TracedInstruction(record.time, record.lp, context, phase, record.address, symbol, record.code, text,
                              changes, record.writes, record.reads, record.before, after)
+
+
+def coalesce(writes: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """Memory accesses that continue one another (a REP STOS, a PUSH pair) as one run of bytes, in order."""
+    runs: list[tuple[int, bytearray]] = []
+    for address, data in writes:
+        if runs and runs[-1][0] + len(runs[-1][1]) == address:
+            runs[-1][1].extend(data)
+        else:
+            runs.append((address, bytearray(data)))
+    return [(address, bytes(data)) for address, data in runs]
 
 
 def event(event: Event, phase: str, describe_vmcs, vmcall_number) -> TracedEvent:

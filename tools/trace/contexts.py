@@ -55,41 +55,54 @@ class HypervisorAt:
         return int.from_bytes(ram.read(self.address("service_vp") + records.vp.offset("vmcs"), 8), "little")
 
 
-class Classifier:
-    """Names contexts; root by the image its RIP is in, guests by their VMCS. Cached: a VMCS not
-    found yet is looked up again after the next protocol phase change (forget_unknown)."""
+class RootClassifier:
+    """Root code, named by the image its RIP is in; outside both images, the hypervisor that ran last
+    on that LP (cached per address)."""
 
-    def __init__(self, ram, old: HypervisorAt, new: HypervisorAt):
-        self.ram = ram
+    def __init__(self, old: Placement, new: Placement):
         self.old, self.new = old, new
-        self._roots = {OLD: ContextInfo(f"{old.placement.label}@root", ROOT, OLD),
-                       NEW: ContextInfo(f"{new.placement.label}@root", ROOT, NEW)}
-        self.service = ContextInfo(f"{new.placement.label}@service", SERVICE, NEW)
-        self._service_vmcs = old.service_vmcs(ram)
-        self._guests: dict[int, ContextInfo] = {}
-        self._unknown: dict[int, ContextInfo] = {}
+        self.infos = {OLD: ContextInfo(f"{old.label}@root", ROOT, OLD), NEW: ContextInfo(f"{new.label}@root", ROOT, NEW)}
         self._last_root: dict[int, ContextInfo] = {}
         self._root_by_address: dict[int, ContextInfo] = {}
 
-    @property
-    def names(self) -> list[str]:
-        """The names of the hypervisor contexts (guests add `p<partition>.vp<index>`)."""
-        return [self._roots[OLD].name, self.service.name, self._roots[NEW].name]
+    def covers(self, address: int) -> bool:
+        """Whether `address` is in one of the images (its name does not depend on the past)."""
+        return self.new.contains(address) or self.old.contains(address)
 
     def root(self, lp: int, address: int) -> ContextInfo:
         info = self._root_by_address.get(address)
         if info is not None:
             self._last_root[lp] = info
             return info
-        if self.new.placement.contains(address):
-            info = self._roots[NEW]
-        elif self.old.placement.contains(address):
-            info = self._roots[OLD]
+        if self.new.contains(address):
+            info = self.infos[NEW]
+        elif self.old.contains(address):
+            info = self.infos[OLD]
         else:   # outside both images: the hypervisor that ran last on this LP
-            return self._last_root.get(lp, self._roots[OLD])
+            return self._last_root.get(lp, self.infos[OLD])
         self._root_by_address[address] = info
         self._last_root[lp] = info
         return info
+
+
+class Classifier:
+    """Names guests by their VMCS, from the hypervisors' VP tables in RAM (root code: RootClassifier).
+    Cached: a VMCS not found yet is looked up again after the next protocol phase change
+    (forget_unknown)."""
+
+    def __init__(self, ram, old: HypervisorAt, new: HypervisorAt):
+        self.ram = ram
+        self.old, self.new = old, new
+        self.roots = RootClassifier(old.placement, new.placement)
+        self.service = ContextInfo(f"{new.placement.label}@service", SERVICE, NEW)
+        self._service_vmcs = old.service_vmcs(ram)
+        self._guests: dict[int, ContextInfo] = {}
+        self._unknown: dict[int, ContextInfo] = {}
+
+    @property
+    def names(self) -> list[str]:
+        """The names of the hypervisor contexts (guests add `p<partition>.vp<index>`)."""
+        return [self.roots.infos[OLD].name, self.service.name, self.roots.infos[NEW].name]
 
     def guest(self, vmcs: int) -> ContextInfo:
         info = self._guests.get(vmcs) or self._unknown.get(vmcs)

@@ -10,7 +10,8 @@ from tools.trace.symbols import matches
 class Filters:
     """Each filter that is set must hold. `lps`, `phases` and `time_range` select events too;
     `contexts` and `symbols` select instructions only (events are kept); `events_only` drops every
-    instruction line."""
+    instruction line. A context's registers loaded while it did not run go with its instructions
+    (the symbol: where it resumes)."""
 
     lps: frozenset[int] = frozenset()
     contexts: frozenset[str] = frozenset()
@@ -37,6 +38,12 @@ class Filters:
         if self.symbols and not any(matches(symbol, wanted) for wanted in self.symbols):
             return False
         return True
+
+    def instruction_site(self, context: str, symbol: str | None) -> bool:
+        """The context and symbol filters alone (what is the same every time an instruction runs)."""
+        if self.contexts and context not in self.contexts:
+            return False
+        return not self.symbols or any(matches(symbol, wanted) for wanted in self.symbols)
 
     def event(self, lp: int, phase: str, time: int) -> bool:
         if self.lps and lp not in self.lps:

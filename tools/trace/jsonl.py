@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import IO, Any
 
-from tools.trace.annotate import HEX_FIELDS, TracedEvent, TracedInstruction
+from tools.trace.annotate import HEX_FIELDS, TracedEvent, TracedInstruction, TracedLoad
 
 SCHEMA = "hhr-trace"
 SCHEMA_VERSION = 1
@@ -23,6 +23,11 @@ def _value(name: str, value: Any) -> Any:
 def event_record(line: TracedEvent) -> dict:
     return {"type": "event", "seq": line.seq, "t": line.time, "lp": line.lp, "kind": line.kind,
             "phase": line.phase, "data": {name: _value(name, value) for name, value in line.data.items()}}
+
+
+def static_fields(address: int, symbol: str | None, code: bytes, text: str) -> str:
+    """An instruction record's fields that are the same every time it runs in a context."""
+    return f'"rip":"{address:#x}","sym":{json.dumps(symbol)},"bytes":"{code.hex()}","asm":{json.dumps(text)},'
 
 
 class JsonLinesWriter:
@@ -45,9 +50,7 @@ class JsonLinesWriter:
         key = (line.context.name, line.address, line.code)
         static = self._static.get(key)
         if static is None:
-            static = self._static[key] = (
-                f'"rip":"{line.address:#x}","sym":{json.dumps(line.symbol)},"bytes":"{line.code.hex()}",'
-                f'"asm":{json.dumps(line.text)},')
+            static = self._static[key] = static_fields(line.address, line.symbol, line.code, line.text)
         registers = ",".join(f'"{name}":"{value:#x}"' for name, value in line.changes)
         memory = ",".join(f'["{address:#x}","{data.hex()}"]' for address, data in line.writes)
         self.out.write(f'{{"type":"insn","t":{line.time},"lp":{line.lp},"ctx":{self._string(line.context.name)},'
@@ -55,6 +58,11 @@ class JsonLinesWriter:
 
     def event(self, line: TracedEvent) -> None:
         self.out.write(_dumps(event_record(line)) + "\n")
+
+    def load(self, line: TracedLoad) -> None:
+        registers = ",".join(f'"{name}":"{value:#x}"' for name, value in line.changes)
+        self.out.write(f'{{"type":"load","t":{line.time},"lp":{line.lp},"ctx":{self._string(line.context.name)},'
+                       f'"phase":{self._string(line.phase)},"regs":{{{registers}}}}}\n')
 
     def close(self, _summary: list[str], figures: dict) -> None:
         self.out.write(_dumps({"type": "summary", **figures}) + "\n")

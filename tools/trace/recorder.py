@@ -1,59 +1,145 @@
-"""Unicorn code and memory-write (and, when asked, memory-read) hooks on every instance of the machine, installed only while a trace runs: an InstructionRecord per instruction, with its clock, bytes, registers before and after, and memory written and read."""
+"""The machine's C instruction recorder (emu/tracepath.c) seen from Python: a trace file, C hooks on every instance of the machine while a trace runs, and the data records (header, events, names) Python adds between the instructions."""
 from __future__ import annotations
 
+import ctypes
+import os
+import weakref
 from typing import Callable
 
 from unicorn import unicorn_const as uc_const
+from unicorn.unicorn_py3 import unicorn as uc_binding
 
-from emu import decode, fast
+from emu import fast
 from emu.context import ExecutionContext
-from emu.vmx_defs import PAGE_OFFSET_MASK, PAGE_SIZE
-from tools.trace.records import InstructionRecord
-from tools.trace.registers import REGISTER_NAMES, RegisterReader
+from tools.trace import tracefile
+from tools.trace.registers import TRACED_REGISTERS
 
-CR3_INDEX = REGISTER_NAMES.index("cr3")
-WORD_BYTES = 8                          # Unicorn reports the value of a write of up to 8 bytes
-BITS_PER_BYTE = 8
-PAGE_CACHE_LIMIT = 1 << 14              # code pages whose translation is remembered, per trace
+ffi, lib = fast.ffi, fast.lib
+_REGISTER_IDS = ffi.new("int[]", [register for _, register in TRACED_REGISTERS])
+_READ_BATCH = ffi.cast("int (*)(void *, const int *, void **, int)",
+                       ctypes.cast(uc_binding.uclib.uc_reg_read_batch, ctypes.c_void_p).value)
+assert len(TRACED_REGISTERS) == lib.HHR_TRACE_REGISTERS
+
+# The recorder's C callbacks find their recorder by its number; held weakly, as emu/fast.py does.
+_recorders: dict[int, weakref.ReferenceType] = {}
+_next_recorder_id = [1]
+
+
+@ffi.def_extern()
+def hhr_on_trace_vmcs(python_id, lp, vmcs):
+    recorder = _recorders[python_id]()
+    return recorder.answer_vmcs(lp, vmcs) if recorder is not None else 0
+
+
+@ffi.def_extern()
+def hhr_on_trace_lp_done(python_id, lp):
+    recorder = _recorders[python_id]()
+    if recorder is not None:
+        recorder.lp_done(lp)
+
+
+class RecorderError(RuntimeError):
+    """The trace file could not be written (a full disk, a closed file)."""
 
 
 class Recorder:
-    """Hooks every Unicorn instance of `machine` (also instances made later) and reports each
-    instruction when it is complete: when the next instruction comes, or when finish() is called
-    (before an event is written, so that events and instructions stay in order).
+    """Writes the trace file at `path`. `install()` puts the C hooks in every Unicorn instance of
+    `machine` (also instances made later) when instructions are wanted; `recording` opens and
+    closes the window; `data()` adds a record of Python's (an event, a name) in order with the
+    instructions (after the instruction in progress). `on_vmcs(lp, vmcs)` names a VMCS the first time a guest instruction of it is
+    recorded (after forget_names(), again) and answers HHR_VMCS_* flags; `on_lp_done(lp)` hears that
+    an LP's window is over.
 
-    While installed, the machine's C transition loop is off (the machine is the same without it,
-    docs/machine.md 1.2): every VM exit and entry then happens, and is published, in Python, between
-    the instructions around it. `recording` gates what is reported; the hooks stay until remove()."""
+    The machine's C transition loop must be off while a window is open (the machine is the same
+    without it, docs/machine.md 1.2): every VM exit and entry then happens, and is published, in
+    Python, between the instructions around it."""
 
-    def __init__(self, machine, on_instruction: Callable[[InstructionRecord], None], record_reads: bool = False):
-        """`record_reads` adds a memory-read hook (a cost on every load): only the formats that
-        print reads ask for it."""
+    def __init__(self, machine, path: str, on_vmcs: Callable[[int, int], int],
+                 on_lp_done: Callable[[int], None], record_reads: bool = False):
         self.machine = machine
-        self.on_instruction = on_instruction
-        self.record_reads = record_reads
-        self.recording = False
+        self.path = path
+        self.on_vmcs = on_vmcs
+        self.on_lp_done = on_lp_done
         self.installed = False
-        self.admit_time: Callable[[int], bool] | None = None   # a time window's test, if any
+        self.errors: list[BaseException] = []
+        self._contexts: dict[ExecutionContext, object] = {}   # instance: its hhr_trace_context
         self._hooks: list[tuple[ExecutionContext, int]] = []
-        self._readers: dict[ExecutionContext, RegisterReader] = {}
-        self._blocks: dict[ExecutionContext, tuple[int, int, int]] = {}   # blocks seen, base time, index
-        self._pages: dict[tuple, int] = {}
-        self._exact_code: dict[tuple[int, bytes], bytes] = {}   # (address, Unicorn's bytes): the instruction's
-        self._pending: InstructionRecord | None = None
-        self._pending_context: ExecutionContext | None = None
-        self._wide_writes = False           # the pending instruction wrote more than a word at once
-        self._saved_fast_transitions = machine.fast_transitions
+        trace = self._trace = ffi.new("hhr_trace *")
+        self.python_id = _next_recorder_id[0]
+        _next_recorder_id[0] += 1
+        _recorders[self.python_id] = weakref.ref(self)
+        trace.python_id = self.python_id
+        trace.record_reads = int(record_reads)
+        trace.register_ids = _REGISTER_IDS
+        trace.reg_read_batch = _READ_BATCH
+        trace.lp_count = len(machine.lps)
+        for lp in machine.lps:
+            trace.lps[lp.index].loop = ffi.cast("void *", lp.run_state)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(self._fd, tracefile.MAGIC)
+        if lib.hhr_trace_open(trace, self._fd) != 0:
+            os.close(self._fd)
+            raise MemoryError("no memory for the trace recorder's buffers")
+        self._open = True
 
-    # --- installing -----------------------------------------------------------------------------------
+    # --- the window -------------------------------------------------------------------------------
+    @property
+    def recording(self) -> bool:
+        return bool(self._trace.recording)
+
+    @recording.setter
+    def recording(self, value: bool) -> None:
+        self._trace.recording = int(value)
+
+    @property
+    def per_lp_end(self) -> bool:
+        return bool(self._trace.per_lp_end)
+
+    @per_lp_end.setter
+    def per_lp_end(self, value: bool) -> None:
+        self._trace.per_lp_end = int(value)
+
+    def set_time_window(self, start: int, end: int) -> None:
+        """Only instructions that begin in [start, end) of their LP's clock are recorded."""
+        self._trace.has_time_window = 1
+        self._trace.window_start, self._trace.window_end = start, end
+
+    def set_phase(self, lp: int, index: int) -> None:
+        """LP `lp`'s instructions are stamped with phase `index` (tracefile: a `phase` data record)."""
+        self._trace.lps[lp].phase = index
+
+    def forget_names(self) -> None:
+        """Every VMCS is named again at its next guest instruction."""
+        lib.hhr_trace_forget_names(self._trace)
+
+    @property
+    def recorded(self) -> int:
+        """Instructions written to the file."""
+        return self._trace.recorded
+
+    def lp_is_done(self, lp: int) -> bool:
+        return bool(self._trace.lps[lp].done)
+
+    # --- records of Python's -----------------------------------------------------------------------
+    def data(self, payload: bytes, after_instruction: bool = False) -> None:
+        """A data record: at once (what names the records around it), or `after_instruction` in
+        progress (an event it caused or that followed it). Nothing once the file is closed."""
+        if self._open:
+            lib.hhr_trace_data(self._trace, payload, len(payload), int(after_instruction))
+
+    def finish(self) -> None:
+        """The instruction in progress is written now, with the data records held behind it (an
+        instruction is otherwise complete when the next one begins: docs/tracing.md)."""
+        if self._open:
+            lib.hhr_trace_finish(self._trace)
+
+    # --- installing -------------------------------------------------------------------------------
     def install(self) -> None:
         """Between runs only: hooks every instance and drops its translated code, so that every
         block is translated again with the hooks in it."""
         if self.installed:
             return
         machine = self.machine
-        self._saved_fast_transitions = machine.fast_transitions
-        machine.fast_transitions = False
         for context in machine.contexts:
             self._hook(context)
             context.flush_code()
@@ -62,153 +148,72 @@ class Recorder:
         self.installed = True
 
     def remove(self) -> None:
-        """Between runs only: the last instruction is reported, the hooks go, translated code with
+        """Between runs only: the last instruction is written, the hooks go, translated code with
         them in it is dropped, and the machine is as it was."""
         if not self.installed:
             return
         self.finish()
         machine = self.machine
         for context, handle in self._hooks:
-            context.uc.hook_del(handle)
+            fast.delete_hook(context.uc, handle)
         self._hooks.clear()
         for context in machine.contexts:
             context.flush_code()
         machine.context_observers.remove(self._hook)
         machine.trapped_instruction_observer = None
-        machine.fast_transitions = self._saved_fast_transitions
         self.installed = False
 
     def _hook(self, context: ExecutionContext) -> None:
+        state = self._contexts.get(context)
+        if state is None:
+            state = ffi.new("hhr_trace_context *")
+            state.trace = self._trace
+            state.ctx = context.fast.ctx
+            state.id = len(self._contexts)
+            self._contexts[context] = state
         uc = context.uc
-        self._readers[context] = RegisterReader(uc)
-        self._hooks.append((context, uc.hook_add(uc_const.UC_HOOK_CODE, self._on_code, context)))
-        self._hooks.append((context, uc.hook_add(uc_const.UC_HOOK_MEM_WRITE, self._on_write, context)))
-        if self.record_reads:
-            self._hooks.append((context, uc.hook_add(uc_const.UC_HOOK_MEM_READ, self._on_read, context)))
-
-    # --- hooks --------------------------------------------------------------------------------------------
-    def _on_code(self, uc, address: int, size: int, context: ExecutionContext) -> None:
-        lp = self.machine.running_lp
-        ctx = context.fast.ctx
-        blocks = ctx.blocks
-        mark = self._blocks.get(context)
-        if mark is not None and mark[0] == blocks:
-            pending = self._pending
-            if pending is not None and pending.address == address and self._pending_context is context:
-                return  # another iteration of a REP string instruction: still the same instruction
-            base, index = mark[1], mark[2] + 1
-        else:   # the first instruction of a block, which the block hook has just counted whole
-            base, index = lp.now - ctx.block_icount, 0
-        self._blocks[context] = (blocks, base, index)
-        self._begin(lp, context, address, size, base + index)
+        self._hooks.append((context, fast.add_c_hook(uc, uc_const.UC_HOOK_CODE, "hhr_trace_code_hook", state)))
+        self._hooks.append((context, fast.add_c_hook(uc, uc_const.UC_HOOK_MEM_WRITE, "hhr_trace_write_hook", state)))
+        if self._trace.record_reads:
+            self._hooks.append((context, fast.add_c_hook(uc, uc_const.UC_HOOK_MEM_READ, "hhr_trace_read_hook", state)))
 
     def _on_trapped(self, lp, context: ExecutionContext, instruction) -> None:
         """A trapped instruction, which the machine carries out itself (its clock is exact here)."""
-        self._begin(lp, context, instruction.address, instruction.size, lp.now)
+        state = self._contexts.get(context)
+        if state is not None:
+            lib.hhr_trace_trapped(state, lp.index, lp.now, instruction.address, instruction.size)
 
-    def _begin(self, lp, context: ExecutionContext, address: int, size: int, time: int) -> None:
-        pending = self._pending
-        registers = None
-        if pending is not None:
-            if self._pending_context is context:
-                registers = self._readers[context].read()
-                pending.after = registers
-                self._pending = None
-                self._report(pending)
-            else:
-                self.finish()
-        if not self.recording or (self.admit_time is not None and not self.admit_time(time)):
+    # --- C's questions ------------------------------------------------------------------------------
+    def answer_vmcs(self, lp: int, vmcs: int) -> int:
+        try:
+            return self.on_vmcs(lp, vmcs)
+        except BaseException as exc:   # raised again by close(): a C hook cannot carry it
+            self.errors.append(exc)
+            return 0
+
+    def lp_done(self, lp: int) -> None:
+        try:
+            self.on_lp_done(lp)
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    # --- the end ------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Hooks out, everything buffered written, the file closed; raises what went wrong."""
+        if not self._open:
             return
-        if registers is None:
-            registers = self._readers[context].read()
-        guest = lp.guest
-        vmcs = guest.address if guest is not None and context is not lp.root else None
-        self._pending = InstructionRecord(time, lp.index, context, vmcs, address,
-                                          self._code(context, address, size, registers[CR3_INDEX]), registers)
-        self._pending_context = context
+        self.remove()
+        self._open = False
+        lib.hhr_trace_close(self._trace)
+        error = self._trace.error
+        os.close(self._fd)
+        _recorders.pop(self.python_id, None)
+        if self.errors:
+            raise self.errors[0]
+        if error:
+            raise RecorderError(f"cannot write the trace file {self.path}: {os.strerror(error)}")
 
-    def _on_write(self, uc, _access, address: int, size: int, value: int, context: ExecutionContext) -> None:
-        pending = self._pending
-        if pending is not None and self._pending_context is context:
-            if size <= WORD_BYTES:
-                data = (value & ((1 << (BITS_PER_BYTE * size)) - 1)).to_bytes(size, "little")
-            else:   # wider than Unicorn reports: read back once the instruction is done
-                data = size
-                self._wide_writes = True
-            pending.writes.append((address, data))
-
-    def _on_read(self, uc, _access, address: int, size: int, _value, context: ExecutionContext) -> None:
-        """Unicorn calls this before the load, with the linear address the instruction used and no
-        value: the bytes are read through the instance's own translation, as the load will."""
-        pending = self._pending
-        if pending is not None and self._pending_context is context:
-            pending.reads.append((address, context.read_linear(address, size) or b""))
-
-    # --- reporting ------------------------------------------------------------------------------------
-    def finish(self) -> None:
-        """Reports the instruction in progress with the registers as they are now."""
-        pending = self._pending
-        if pending is None:
-            return
-        self._pending = None
-        pending.after = self._readers[self._pending_context].read()
-        self._report(pending)
-
-    def _report(self, record: InstructionRecord) -> None:
-        writes = record.writes
-        if self._wide_writes:
-            self._wide_writes = False
-            context = record.context
-            writes = [(address, data if not isinstance(data, int) else (context.read_linear(address, data) or b""))
-                      for address, data in writes]
-        if len(writes) > 1:
-            record.writes = coalesce(writes)
-        if len(record.reads) > 1:
-            record.reads = coalesce(record.reads)
-        self.on_instruction(record)
-
-    def _code(self, context: ExecutionContext, address: int, size: int, cr3: int) -> bytes:
-        """The instruction's bytes. Unicorn's size is wrong for an instruction it cannot translate
-        (every VMX instruction: none, or the bytes it read before giving up), so each new
-        instruction is decoded once to check it."""
-        code = self._read_code(context, address, min(size, decode.MAX_INSTRUCTION_LENGTH), cr3)
-        key = (address, code)
-        exact = self._exact_code.get(key)
-        if exact is None:
-            longest = self._read_code(context, address, decode.MAX_INSTRUCTION_LENGTH, cr3) or code
-            if longest.startswith(decode.VMCALLR_OPCODE):
-                exact = longest[:decode.VMCALLR_LENGTH]
-            else:
-                instruction = decode.decode_one(longest, address)
-                exact = longest[:instruction.size] if instruction is not None else code
-            if len(self._exact_code) >= PAGE_CACHE_LIMIT:
-                self._exact_code.clear()
-            self._exact_code[key] = exact
-        return exact
-
-    def _read_code(self, context: ExecutionContext, address: int, size: int, cr3: int) -> bytes:
-        """Bytes at a linear address through a cache of code-page translations."""
-        page = address & ~PAGE_OFFSET_MASK
-        if (address & PAGE_OFFSET_MASK) + size > PAGE_SIZE:
-            return context.read_linear(address, size, fast.ACCESS_FETCH) or b""
-        key = (context, cr3, context.fast.ctx.eptp, page)
-        physical = self._pages.get(key)
-        if physical is None:
-            physical, fault = context.translate(page, fast.ACCESS_FETCH)
-            if fault is not None:
-                return b""
-            if len(self._pages) >= PAGE_CACHE_LIMIT:
-                self._pages.clear()
-            self._pages[key] = physical
-        return self.machine.ram.read(physical + (address & PAGE_OFFSET_MASK), size)
-
-
-def coalesce(writes: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
-    """Writes that continue one another (a REP STOS, a PUSH pair) as one run of bytes, in order."""
-    runs: list[tuple[int, bytearray]] = []
-    for address, data in writes:
-        if runs and runs[-1][0] + len(runs[-1][1]) == address:
-            runs[-1][1].extend(data)
-        else:
-            runs.append((address, bytearray(data)))
-    return [(address, bytes(data)) for address, data in runs]
+    @property
+    def lost_bytes(self) -> int:
+        """Memory entries that did not fit the scratch space of one instruction."""
+        return self._trace.writes_lost + self._trace.reads_lost

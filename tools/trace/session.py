@@ -1,7 +1,8 @@
-"""`hhr trace`: boots and hot-restarts as `hhr restart` does, records the window and writes it in the chosen format with a summary."""
+"""`hhr trace`: boots and hot-restarts as `hhr restart` does, records the window to a trace file in C, and renders it in the chosen format with a summary."""
 from __future__ import annotations
 
-import sys
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,22 +18,22 @@ from hypervisors.timeline import RestartTimeline, Transition
 from tools import restart as restart_module
 from tools import run as run_module
 from tools.faults import Fault
-from tools.trace import annotate
+from tools.trace import annotate, render, tracefile
 from tools.trace.contexts import GUEST, NEW, Classifier, HypervisorAt
 from tools.trace.filters import Filters
-from tools.trace.jsonl import SCHEMA_VERSION, JsonLinesWriter
+from tools.trace.jsonl import SCHEMA_VERSION
 from tools.trace.recorder import Recorder
 from tools.trace.registers import REGISTER_NAMES
 from tools.trace.summary import Summary
-from tools.trace.symbols import Placement, Symbolizer, builtin_guest_image
-from tools.trace.tenet import TenetWriter
-from tools.trace.text import TextWriter
+from tools.trace.symbols import Placement
 from tools.trace.window import FIRST_NEW_GUEST_INSTRUCTION, Window
+from tools.trace_chrome import booted_vmcs_describer
 
-FORMATS = ("text", "jsonl", "tenet", "chrome")
+RECORDING_FORMAT = "hhrt"               # the trace file itself, rendered later with --input
+FORMATS = render.FORMATS + (RECORDING_FORMAT,)
 TRACE_STEP = 200_000                    # instructions between the driver's looks at the window
-PROGRESS_EVERY = 250_000                # instructions traced between two progress lines
-OUTPUT_BUFFER = 1 << 20
+PROGRESS_EVERY = 1_000_000              # instructions recorded between two progress lines
+PHASE_INDEX_LIMIT = 255                 # phases a file names; later ones are stamped `phase-other`
 
 
 @dataclass
@@ -54,57 +55,54 @@ class TraceOptions:
     filters: Filters = field(default_factory=Filters)
     to_end: bool = False                # after the window, run on to the end as `hhr restart` does
     progress: IO[str] | None = None
+    input: str | None = None            # render this trace file instead of running the machine
 
 
 @dataclass
 class TraceResult:
     summary: Summary
-    recorded: int                       # instructions the recorder saw in the window (before filters)
-    host_seconds: float                 # from the window's start to its end
+    recorded: int                       # instructions recorded in the window (before filters)
+    host_seconds: float                 # recording: from the window's start to its end
     outputs: list[Path]
     document: dict | None = None        # `hhr restart --json`'s document, with to_end
+    render_seconds: float = 0.0         # rendering the file in the chosen format
+    trace_file_bytes: int = 0
 
 
 class TraceSession:
-    """Follows the machine's events, opens and closes the window, arms the recorder, and hands each
-    instruction and event, named and filtered, to the writer and the summary."""
+    """Follows the machine's events, opens and closes the window, arms the recorder, and adds the
+    window's events, the names of its contexts and its phases to the trace file."""
 
-    def __init__(self, booted: boot.Booted, options: TraceOptions):
+    def __init__(self, booted: boot.Booted, options: TraceOptions, path: str):
         self.booted = booted
         self.machine = booted.machine
         self.options = options
         self.window = options.window
-        self.filters = options.filters
         self.instructions_wanted = not options.filters.events_only and options.format != "chrome"
-        self.recorder = Recorder(self.machine, self._on_instruction, record_reads=options.format == "tenet") \
-            if self.instructions_wanted else None
-        self.summary = Summary()
+        self.per_lp_end = not self.window.by_time and self.window.end_event == FIRST_NEW_GUEST_INSTRUCTION
+        self.recorder = Recorder(self.machine, path, self._name_vmcs, self._lp_done,
+                                 record_reads=options.format == "tenet")
+        self.recorder.per_lp_end = self.per_lp_end
         self.target = options.to_hypervisor
         self.timeline = RestartTimeline(phase=self.machine.io.restart_phase)
         self.timeline.subscribe(self._on_transition)
         self._phase_names: dict[int, str] = {}
+        self._phase_indices: dict[int, int] = {}
         self.classifier: Classifier | None = None
-        self.symbolizer: Symbolizer | None = None
-        self.disassembler = annotate.Disassembler()
-        self.writer = None
-        self.outputs: list[Path] = []
-        self.recorded = 0
+        self.describe_vmcs = booted_vmcs_describer(booted)
+        self._identities: dict[int, tuple | None] = {}
+        self.header_written = False
         self.armed = False
         self.arm_at: int | None = None      # arm when the machine has retired this many (found by a first pass)
-        self.finished = False
-        self._saved_fast_transitions = self.machine.fast_transitions
         self._started: float | None = None
         self._ended: float | None = None
-        self._stream: IO[str] | None = None
+        self._progress_mark = 0
         self.headers: list[Placement] = []
         # The default window ends on each LP at its own first guest instruction under the new
         # hypervisor (or its first HLT in the new hypervisor's root once it has resumed, for an LP
         # with no guest to run); the trace ends when every LP is done.
         self.done_lps: set[int] = set()
         self.new_root_lps: set[int] = set()
-        self._unfiltered = options.filters == Filters()
-        self._disassemble = options.format != "tenet"
-        self.per_lp_end = not self.window.by_time and self.window.end_event == FIRST_NEW_GUEST_INSTRUCTION
 
     # --- arming -----------------------------------------------------------------------------------------
     def arm(self) -> None:
@@ -113,19 +111,23 @@ class TraceSession:
         if self.armed:
             return
         self.armed = True
+        if self.classifier is None:
+            self._describe()
+        self._write_header()
+        self._sync_phases()
+        self._saved_fast_transitions = self.machine.fast_transitions
         self.machine.fast_transitions = False
-        if self.recorder is not None:
+        if self.instructions_wanted:
             self.recorder.install()
-            if self.window.by_time:
-                self.recorder.admit_time = self.window.admits_time
-                self.recorder.recording = True
+        if self.window.by_time:
+            self.recorder.set_time_window(self.window.start_time, self.window.end_time)
+            self.recorder.recording = True
 
     def disarm(self) -> None:
         """Between runs: hooks out, the machine as it was."""
         if not self.armed:
             return
-        if self.recorder is not None:
-            self.recorder.remove()
+        self.recorder.remove()
         self.machine.fast_transitions = self._saved_fast_transitions
         self.armed = False
 
@@ -138,29 +140,31 @@ class TraceSession:
         new_label = new_name if new_name != old_name else f"{new_name}-new"
         new = HypervisorAt(new_name, Placement(new_label, build.image(new_name), service_region))
         self.classifier = Classifier(ram, old, new)
-        guests = {}
-        for number, guest in enumerate(booted.guests):
-            image = builtin_guest_image(guest.name)
-            if image is not None:
-                guests[number] = Placement(guest.name, image, GUEST_LOAD_ADDRESS)
-        self.symbolizer = Symbolizer([old.placement, new.placement], guests)
         if not self.headers:
             self.headers = [old.placement, new.placement]
+        self.recorder.data(tracefile.data_payload({
+            "type": "placements",
+            "hypervisors": [{"hypervisor": at.name, "label": at.placement.label,
+                             "load_address": at.placement.load_address} for at in (old, new)],
+            "guests": {str(number): guest.name for number, guest in enumerate(booted.guests)},
+            "guest_load_address": GUEST_LOAD_ADDRESS}))
+
+    def _write_header(self) -> None:
+        if not self.header_written:
+            self.header_written = True
+            self.recorder.data(tracefile.data_payload({"type": "header", "header": self.header()}))
 
     # --- the window ------------------------------------------------------------------------------------
     def _open(self) -> None:
         self._started = time.perf_counter()
-        if self.writer is None:
-            self.writer = self._make_writer()
-        if self.recorder is not None and not self.window.by_time:
+        if not self.window.by_time:
             self.recorder.recording = True
 
     def _close(self) -> None:
         """The window is over: nothing more is recorded, and the run pauses at the block's end."""
         self.window.closed = True
         self._ended = time.perf_counter()
-        if self.recorder is not None:
-            self.recorder.recording = False
+        self.recorder.recording = False
         self.machine.request_stop(INSTRUCTION_LIMIT)
 
     def on_machine_event(self, event) -> None:
@@ -172,14 +176,14 @@ class TraceSession:
         # The timeline first: the instruction that raised the event (the OUT to the restart-phase
         # port, an LP's VMXOFF or VM entry) is filed under the phase the event begins on its LP.
         self.timeline.on_event(event)
-        if self.recorder is not None and self.recorder.recording:
-            self.recorder.finish()
+        if self.armed:
+            self._sync_phases()
         phase = self._phase(event.lp)
         if self.window.closed:
             return
         if self.window.by_time:
             inside = self.armed and self.window.admits_time(event.time)
-            if inside and self.writer is None:
+            if inside and self._started is None:
                 self._open()
         else:
             was_open = self.window.opened
@@ -191,13 +195,27 @@ class TraceSession:
             return
         if self.window.by_time:
             line = annotate.event(event, phase, self._vmcs_name, self._vmcall_number)
-        if self.filters.event(event.lp, phase, event.time):
-            self.writer.event(line)
-            self.summary.event(line)
+        self._write_event(line, event)
         if self.window.closed:
             self._close()
         elif self.per_lp_end:
             self._follow_lp_end(event)
+
+    def _write_event(self, line: annotate.TracedEvent, event) -> None:
+        record = {"type": "event", "seq": line.seq, "time": line.time, "lp": line.lp, "kind": line.kind,
+                  "phase": line.phase, "data": line.data, "source": event.data}
+        vmcs = event.data.get("vmcs")
+        if vmcs:
+            record["identity"] = self._identity(vmcs)
+        self.recorder.data(tracefile.data_payload(record), after_instruction=True)
+
+    def _identity(self, vmcs: int) -> tuple | None:
+        """Where the Chrome timeline places a VMCS (tools/trace_chrome.py), as it is now."""
+        if vmcs not in self._identities:
+            identity = self.describe_vmcs(vmcs)
+            self._identities[vmcs] = (identity.partition, identity.vp, identity.name, identity.service) \
+                if identity is not None else None
+        return self._identities[vmcs]
 
     def _phase(self, lp: int) -> str:
         """What an LP's lines are labelled with and filtered by: the phase that LP is in."""
@@ -207,9 +225,27 @@ class TraceSession:
             name = self._phase_names[value] = annotate.phase_name(value)
         return name
 
+    def _phase_index(self, value: int) -> int:
+        """The number the file stamps instructions of phase `value` with (a `phase` record names it)."""
+        index = self._phase_indices.get(value)
+        if index is None:
+            index = self._phase_indices[value] = min(len(self._phase_indices), PHASE_INDEX_LIMIT)
+            if index < PHASE_INDEX_LIMIT:
+                self.recorder.data(tracefile.data_payload({"type": "phase", "index": index,
+                                                           "name": annotate.phase_name(value)}))
+            elif PHASE_INDEX_LIMIT not in self._phase_indices.values():
+                self.recorder.data(tracefile.data_payload({"type": "phase", "index": index, "name": "phase-other"}))
+        return index
+
+    def _sync_phases(self) -> None:
+        for lp in range(len(self.machine.lps)):
+            self.recorder.set_phase(lp, self._phase_index(self.timeline.lp_value(lp)))
+
     def _on_transition(self, _transition: Transition) -> None:
         if self.classifier is not None:
             self.classifier.forget_unknown()
+        self.recorder.forget_names()
+        self._identities.clear()
 
     def _follow_lp_end(self, event) -> None:
         kind, lp = event.kind, event.lp
@@ -224,8 +260,18 @@ class TraceSession:
 
     def _lp_done(self, lp: int) -> None:
         self.done_lps.add(lp)
-        if len(self.done_lps) == len(self.machine.lps):
+        if len(self.done_lps) == len(self.machine.lps) and not self.window.closed:
             self._close()
+
+    def _name_vmcs(self, _lp: int, vmcs: int) -> int:
+        """The recorder met a guest instruction of `vmcs`: its name goes in the file."""
+        if self.classifier is None:
+            self._describe()
+        info = self.classifier.guest(vmcs)
+        self.recorder.data(tracefile.data_payload({
+            "type": "name", "vmcs": vmcs, "name": info.name, "kind": info.kind, "hypervisor": info.hypervisor,
+            "partition": info.partition, "vp": info.vp}))
+        return tracefile.ENDS_WINDOW if info.kind == GUEST and info.hypervisor == NEW else 0
 
     def _vmcs_name(self, vmcs: int) -> str:
         return self.classifier.guest(vmcs).name if self.classifier is not None else f"vmcs@{vmcs:#x}"
@@ -236,34 +282,15 @@ class TraceSession:
             return None
         return active.context.reg(x86.UC_X86_REG_RAX)
 
-    def _on_instruction(self, record) -> None:
-        if self.window.closed or record.lp in self.done_lps:
+    def report_progress(self) -> None:
+        """A progress line each PROGRESS_EVERY instructions recorded."""
+        progress, recorded = self.options.progress, self.recorder.recorded
+        if progress is None or recorded < self._progress_mark + PROGRESS_EVERY or self._started is None:
             return
-        if self.writer is None:
-            self._open()
-        self.recorded += 1
-        if self.classifier is None:
-            self._describe()
-        if record.vmcs is None:
-            info = self.classifier.root(record.lp, record.address)
-            partition = None
-        else:
-            info = self.classifier.guest(record.vmcs)
-            partition = info.partition if info.kind == GUEST else None
-        symbol = self.symbolizer.symbolize(record.address, partition)
-        phase = self._phase(record.lp)
-        if self._unfiltered or self.filters.instruction(record.lp, info.name, phase, record.time, symbol):
-            text = self.disassembler.text(record.address, record.code) if self._disassemble else ""
-            line = annotate.instruction(record, info, phase, symbol, text)
-            self.writer.instruction(line)
-            self.summary.instruction(line)
-        if self.options.progress is not None and self.recorded % PROGRESS_EVERY == 0:
-            rate = self.recorded / max(time.perf_counter() - self._started, 1e-9)
-            self.options.progress.write(f"hhr trace: {self.recorded} instructions, virtual time {record.time}, "
-                                        f"{rate:,.0f} instructions/s\n")
-            self.options.progress.flush()
-        if self.per_lp_end and info.kind == GUEST and info.hypervisor == NEW:
-            self._lp_done(record.lp)
+        self._progress_mark = recorded - recorded % PROGRESS_EVERY
+        rate = recorded / max(time.perf_counter() - self._started, 1e-9)
+        progress.write(f"hhr trace: {recorded} instructions recorded, {rate:,.0f} instructions/s\n")
+        progress.flush()
 
     # --- output ----------------------------------------------------------------------------------------
     def header(self) -> dict:
@@ -277,76 +304,27 @@ class TraceSession:
             "guests": [{"partition": number, "name": guest.name, "vps": guest.vp_count}
                        for number, guest in enumerate(self.booted.guests)],
             "window": self.window.describe(),
-            "filters": self.filters.describe(),
+            "filters": Filters().describe(),
             "images": [{"role": role, **placement.as_header()} for role, placement in zip(roles, self.headers)],
             "registers": list(REGISTER_NAMES),
         }
 
-    def _make_writer(self):
-        if self.classifier is None:
-            self._describe()
-        options = self.options
-        header = self.header()
-        if options.format == "tenet":
-            if options.output is None:
-                raise ValueError("--format tenet writes a directory of files: give it with --output")
-            return TenetWriter(options.output, header)
-        if options.output is None:
-            stream = sys.stdout
-        else:
-            stream = open(options.output, "w", encoding="utf-8", buffering=OUTPUT_BUFFER, newline="\n")
-            self._stream = stream
-            self.outputs.append(Path(options.output))
-        if options.format == "text":
-            return TextWriter(stream, header)
-        if options.format == "jsonl":
-            return JsonLinesWriter(stream, header)
-        return _ChromeAdapter(stream, self)
-
     def finish(self) -> None:
-        """Closes the writer with the summary (an empty window still gets its header and summary)."""
-        if self.finished:
-            return
-        self.finished = True
+        """The file is complete: the header (an empty window still has one), the end record, closed."""
         if self._ended is None:
             self._ended = time.perf_counter()
-        if self.writer is None:
-            self.writer = self._make_writer()
-        self.writer.close(self.summary.lines(), self.summary.as_dict())
-        if isinstance(self.writer, TenetWriter):
-            self.outputs += self.writer.paths
-        if self._stream is not None:
-            self._stream.close()
-        elif self.options.format != "tenet":
-            sys.stdout.flush()
+        if self.classifier is None:
+            self._describe()
+        self._write_header()
+        self.recorder.data(tracefile.data_payload({
+            "type": "end", "recorded": self.recorder.recorded, "lost_memory_entries": self.recorder.lost_bytes}))
+        self.recorder.close()
 
     @property
     def host_seconds(self) -> float:
         if self._started is None:
             return 0.0
         return (self._ended or time.perf_counter()) - self._started
-
-
-class _ChromeAdapter:
-    """The Chrome Trace Event writer of tools/trace_chrome.py behind the writers' interface."""
-
-    def __init__(self, stream: IO[str], session: TraceSession):
-        from tools import trace_chrome
-
-        booted = session.booted
-        self.chrome = trace_chrome.ChromeTraceWriter(
-            stream, lps=len(booted.machine.lps), metadata={"hhr_trace": session.header()},
-            hypervisors=[session.options.from_hypervisor, session.options.to_hypervisor],
-            describe_vmcs=trace_chrome.booted_vmcs_describer(booted))
-
-    def instruction(self, _line) -> None:
-        pass
-
-    def event(self, line) -> None:
-        self.chrome.on_event(line.source)
-
-    def close(self, _summary, _figures) -> None:
-        self.chrome.close()
 
 
 class _StartFinder:
@@ -431,6 +409,8 @@ def _drive(options: TraceOptions, session: TraceSession | None, finder: _StartFi
             if finder.found:
                 return
         _advance(machine, limit, session)
+        if session is not None:
+            session.report_progress()
 
     summaries = []
     for number, point in enumerate(sorted(options.request_at)):
@@ -474,26 +454,64 @@ def _boot(options: TraceOptions) -> boot.Booted:
     return boot.boot(guests, hypervisor=options.from_hypervisor, lps=options.lps, ram_size=options.ram_size)
 
 
-def trace(options: TraceOptions) -> TraceResult:
-    """Boots, runs to the request, restarts with the trace on, and writes it (docs/tracing.md). A
-    window that does not begin at the doorbell is found first by an untraced pass of the same run
-    (the machine is deterministic), so the hooks go in only just before it."""
+def _check(options: TraceOptions) -> None:
     if options.format not in FORMATS:
         raise ValueError(f"bad --format {options.format!r}: one of {', '.join(FORMATS)}")
+    if options.format == RECORDING_FORMAT:
+        if options.output is None:
+            raise ValueError(f"--format {RECORDING_FORMAT} writes a trace file: give it with --output")
+        render.check_output("text", options.output)
+        if options.filters != Filters():
+            raise ValueError(f"--format {RECORDING_FORMAT} records the whole window: give filters when rendering "
+                             "it (--input)")
+    else:
+        render.check_output(options.format, options.output)
+    if options.input is not None:
+        if not Path(options.input).is_file():
+            raise ValueError(f"no trace file {options.input!r}")
+        if options.format == RECORDING_FORMAT:
+            raise ValueError(f"--input renders a trace file: choose a format other than {RECORDING_FORMAT}")
+        return
     if options.mode not in ("precopy", "stop-and-copy"):
         raise ValueError(f"bad --mode {options.mode!r}: precopy or stop-and-copy")
-    if options.format == "tenet" and options.output is None:
-        raise ValueError("--format tenet writes a directory of files: give it with --output")
-    if options.output is not None:
-        target = Path(options.output)
-        folder = target if options.format == "tenet" else target.parent
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-        if not folder.is_dir() or (target.exists() and target.is_dir() != (options.format == "tenet")):
-            raise ValueError(f"cannot write the trace to {options.output!r}"
-                             + (": it must be a directory" if options.format == "tenet" else ""))
     build.hypervisor(options.from_hypervisor), build.hypervisor(options.to_hypervisor)
     Fault.parse(options.inject or "none")
+
+
+def trace(options: TraceOptions) -> TraceResult:
+    """Boots, runs to the request, restarts with the recorder on, and renders the file it wrote
+    (docs/tracing.md); with `input`, only renders that file. A window that does not begin at the
+    doorbell is found first by an untraced pass of the same run (the machine is deterministic), so
+    the hooks go in only just before it."""
+    _check(options)
+    if options.input is not None:
+        rendered = render.render(options.input, options.format, options.output, options.filters, options.progress)
+        recorded = rendered.recording.get("recorded", rendered.instructions_read)
+        return TraceResult(rendered.summary, recorded, 0.0, rendered.outputs, None, rendered.host_seconds,
+                           os.path.getsize(options.input))
+    keep = options.format == RECORDING_FORMAT
+    if keep:
+        path = options.output
+    else:
+        folder = Path(options.output).parent if options.output is not None and options.format != "tenet" else None
+        handle, path = tempfile.mkstemp(prefix="hhr-trace-", suffix=".hhrt",
+                                        dir=str(folder) if folder is not None and folder.is_dir() else None)
+        os.close(handle)
+    try:
+        result = _record(options, path)
+        result.trace_file_bytes = os.path.getsize(path)
+        if keep:
+            result.outputs = [Path(path)]
+            return result
+        rendered = render.render(path, options.format, options.output, options.filters, options.progress)
+        result.summary, result.outputs, result.render_seconds = rendered.summary, rendered.outputs, rendered.host_seconds
+        return result
+    finally:
+        if not keep and os.path.exists(path):
+            os.unlink(path)
+
+
+def _record(options: TraceOptions, path: str) -> TraceResult:
     window = options.window
     arm_at = None
     if window.by_time or window.start_event != "doorbell":
@@ -505,7 +523,7 @@ def trace(options: TraceOptions) -> TraceResult:
     started = time.perf_counter()
     booted = _boot(options)
     machine = booted.machine
-    session = TraceSession(booted, options)
+    session = TraceSession(booted, options, path)
     session.arm_at = arm_at
     machine.events.subscribe(session.on_machine_event)
     try:
@@ -521,4 +539,5 @@ def trace(options: TraceOptions) -> TraceResult:
     finally:
         machine.events.unsubscribe(session.on_machine_event)
         session.disarm()
-    return TraceResult(session.summary, session.recorded, session.host_seconds, session.outputs, document)
+        session.recorder.close()
+    return TraceResult(Summary(), session.recorder.recorded, session.host_seconds, [], document)

@@ -46,6 +46,17 @@ class Summary:
         if self.first_time is None or time < self.first_time:
             self.first_time = time
 
+    def add_instructions(self, context: str, phase: str, lp: int, symbol: str | None, count: int) -> None:
+        """`count` instructions at once (tools/trace/lines.py counts its own)."""
+        self._counts[(context, phase, lp)] += count
+        self._by_symbol[symbol] += count
+
+    def add_times(self, first: int | None, last: int | None) -> None:
+        if first is not None:
+            self._time(first)
+        if last is not None:
+            self._time(last)
+
     def _tally(self) -> None:
         """Instructions by context, phase and LP, from the counts by all three at once."""
         self.by_context.clear(), self.by_phase.clear(), self.by_lp.clear()

@@ -71,6 +71,9 @@ class TenetWriter:
     def event(self, _line: TracedEvent) -> None:
         pass
 
+    def load(self, _line) -> None:
+        """Registers loaded while the context did not run are in its next line's registers."""
+
     def close(self, _summary: list[str], _figures: dict) -> None:
         for key, out in self._files.items():
             last = self._last[key]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import IO
 
-from tools.trace.annotate import TracedEvent, TracedInstruction, field_text
+from tools.trace.annotate import TracedEvent, TracedInstruction, TracedLoad, field_text
 
 TIME_WIDTH = 12
 CONTEXT_WIDTH = 12
@@ -17,8 +17,12 @@ NAMES = frozenset(NAMED_FIELDS.values())
 
 def static_columns(line: TracedInstruction) -> str:
     """The columns that are the same every time this instruction runs in this context."""
-    return (f"{line.context.name:<{CONTEXT_WIDTH}} {line.symbol or hex(line.address):<{SYMBOL_WIDTH}} "
-            f"{line.code.hex(' '):<{BYTES_WIDTH}} {line.text:<{TEXT_WIDTH}}")
+    return static_columns_of(line.context.name, line.address, line.symbol, line.code, line.text)
+
+
+def static_columns_of(context: str, address: int, symbol: str | None, code: bytes, text: str) -> str:
+    return (f"{context:<{CONTEXT_WIDTH}} {symbol or hex(address):<{SYMBOL_WIDTH}} "
+            f"{code.hex(' '):<{BYTES_WIDTH}} {text:<{TEXT_WIDTH}}")
 
 
 def instruction_line(line: TracedInstruction, static: str | None = None) -> str:
@@ -44,6 +48,12 @@ def event_line(line: TracedEvent) -> str:
         else:
             fields.append(field_text(name, value))
     return " ".join(["===", str(line.time), f"lp{line.lp}", line.kind, *fields, "==="])
+
+
+def load_line(line: TracedLoad) -> str:
+    """`--- 1234567 lp0 p1.vp0 loaded rax=0x1 rip=0x40102c ---`"""
+    changes = " ".join(f"{name}={value:#x}" for name, value in line.changes)
+    return f"--- {line.time} lp{line.lp} {line.context.name} loaded {changes} ---"
 
 
 class TextWriter:
@@ -75,6 +85,9 @@ class TextWriter:
 
     def event(self, line: TracedEvent) -> None:
         self.out.write(event_line(line) + "\n")
+
+    def load(self, line: TracedLoad) -> None:
+        self.out.write(load_line(line) + "\n")
 
     def close(self, summary: list[str], _figures: dict) -> None:
         for text in summary:

@@ -1,0 +1,505 @@
+/*
+ * The machine's instruction recorder, in C: hooks on every Unicorn instance that, while a trace
+ * window is open, write one compact record per instruction (its LP, context, clock, address, the
+ * registers it changed, the memory it wrote and, when asked, read) to a trace file, beside the
+ * machine's events, which Python hands over as opaque data records (docs/tracing.md, "The trace
+ * file"). Everything readable (text, JSON Lines, Tenet, Chrome, Parquet) is rendered from the file.
+ *
+ * An instruction is complete when the next one begins, on any LP (its registers after are read
+ * then), or when Python ends the recording (hhr_trace_finish). The events published meanwhile (an
+ * I/O instruction's, the VM exit a guest instruction causes, those of an instruction the machine
+ * carries out itself) come before its effects are all done: their data records wait behind it, so
+ * the file has the instruction, complete, then its events.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "tracepath.h"
+
+#define TRACE_PAGE_SIZE 4096ULL
+#define TRACE_PAGE_OFFSET_MASK (TRACE_PAGE_SIZE - 1)
+#define WORD_BYTES 8                  /* Unicorn reports the value of a write of up to 8 bytes */
+#define INSTRUCTION_HEAD_BYTES 12
+#define LOAD_HEAD_BYTES 20
+#define CODE_HEAD_BYTES 16
+#define DATA_HEAD_BYTES 8
+#define BIND_BYTES 16
+#define ALL_REGISTERS ((1U << HHR_TRACE_REGISTERS) - 1)
+#define MEMORY_ENTRY_HEAD_BYTES 12    /* u64 address, u32 length */
+#define MEMORY_LIST_HEAD_BYTES 8      /* u32 entries, u32 bytes that follow */
+#define HASH_MULTIPLIER 0x9E3779B97F4A7C15ULL
+#define HASH_SHIFT 32
+#define READ_BYTES_MAX 512            /* the widest single load Unicorn reports (FXRSTOR's area) */
+
+/* Python's answers, through cffi (fastpath_build.py). */
+static int hhr_on_trace_vmcs(int python_id, uint32_t lp, uint64_t vmcs);
+static void hhr_on_trace_lp_done(int python_id, uint32_t lp);
+
+/* --- the output buffer ------------------------------------------------------------------------- */
+static void write_all(hhr_trace *t, const uint8_t *data, uint64_t length) {
+    uint64_t done = 0;
+    while (done < length) {
+        ssize_t wrote = write(t->fd, data + done, length - done);
+        if (wrote < 0) {
+            if (errno == EINTR) continue;
+            if (!t->error) t->error = errno;
+            break;
+        }
+        done += (uint64_t)wrote;
+    }
+    t->bytes_written += done;
+}
+
+int hhr_trace_flush(hhr_trace *t) {
+    write_all(t, t->buffer, t->buffer_used);
+    t->buffer_used = 0;
+    return t->error;
+}
+
+/* Room for `length` more bytes at the end of the buffer (a record is never split by a flush). */
+static uint8_t *reserve(hhr_trace *t, uint64_t length) {
+    if (t->buffer == NULL) return NULL;   /* closed */
+    if (t->buffer_used + length > HHR_TRACE_BUFFER_BYTES) hhr_trace_flush(t);
+    if (length > HHR_TRACE_BUFFER_BYTES) return NULL;
+    uint8_t *at = t->buffer + t->buffer_used;
+    t->buffer_used += length;
+    return at;
+}
+
+static uint8_t *put(uint8_t *at, const void *value, size_t length) {
+    memcpy(at, value, length);
+    return at + length;
+}
+
+int hhr_trace_open(hhr_trace *t, int fd) {
+    t->fd = fd;
+    t->buffer = malloc(HHR_TRACE_BUFFER_BYTES);
+    t->writes = malloc(HHR_TRACE_SCRATCH_BYTES);
+    t->deferred = malloc(HHR_TRACE_DEFERRED_BYTES);
+    t->reads = malloc(HHR_TRACE_SCRATCH_BYTES);
+    t->code = calloc(HHR_TRACE_CODE_SLOTS, sizeof(hhr_trace_code));
+    if (!t->buffer || !t->writes || !t->reads || !t->code || !t->deferred) {
+        hhr_trace_close(t);
+        return ENOMEM;
+    }
+    return 0;
+}
+
+void hhr_trace_close(hhr_trace *t) {
+    if (t->buffer) hhr_trace_flush(t);
+    free(t->buffer);
+    free(t->writes);
+    free(t->reads);
+    free(t->code);
+    free(t->deferred);
+    t->buffer = t->writes = t->reads = t->deferred = NULL;
+    t->code = NULL;
+    t->pending = NULL;
+}
+
+static void write_data(hhr_trace *t, const uint8_t *data, uint32_t length);
+
+/* Data records held behind the instruction in progress go to the file after it. */
+static void release_deferred(hhr_trace *t) {
+    uint64_t used = t->deferred_used;
+    t->deferred_used = 0;
+    uint8_t *at = used ? reserve(t, used) : NULL;
+    if (at != NULL) memcpy(at, t->deferred, used);
+}
+
+static void drop_pending(hhr_trace *t) {
+    t->pending = NULL;
+    release_deferred(t);
+}
+
+/* Opaque bytes from Python as one record: an event (`after_instruction`: held behind the
+ * instruction in progress), or what names the records around it (the header, a context's name, a
+ * phase's), written at once. */
+void hhr_trace_data(hhr_trace *t, const uint8_t *data, uint32_t length, int after_instruction) {
+    if (t->buffer == NULL) return;
+    if (t->pending != NULL && after_instruction) {
+        if (t->deferred_used + DATA_HEAD_BYTES + length <= HHR_TRACE_DEFERRED_BYTES) {
+            uint8_t kind = HHR_RECORD_DATA, zero[3] = {0, 0, 0};
+            uint8_t *at = put(put(t->deferred + t->deferred_used, &kind, 1), zero, 3);
+            memcpy(put(at, &length, 4), data, length);
+            t->deferred_used += DATA_HEAD_BYTES + length;
+            return;
+        }
+        hhr_trace_finish(t);   /* no room to wait: the instruction goes now, as it is */
+    }
+    write_data(t, data, length);
+}
+
+static void write_data(hhr_trace *t, const uint8_t *data, uint32_t length) {
+    uint8_t kind = HHR_RECORD_DATA, zero[3] = {0, 0, 0};
+    uint8_t *at = reserve(t, DATA_HEAD_BYTES + (uint64_t)length);
+    if (at == NULL) {   /* larger than the buffer: straight to the file after what is buffered */
+        uint8_t head[DATA_HEAD_BYTES];
+        uint8_t *h = put(put(head, &kind, 1), zero, 3);
+        put(h, &length, 4);
+        at = reserve(t, DATA_HEAD_BYTES);
+        memcpy(at, head, DATA_HEAD_BYTES);
+        hhr_trace_flush(t);
+        write_all(t, data, length);
+        return;
+    }
+    at = put(put(at, &kind, 1), zero, 3);
+    at = put(at, &length, 4);
+    memcpy(at, data, length);
+}
+
+/* --- reading the instance --------------------------------------------------------------------- */
+static void read_registers(hhr_trace *t, hhr_trace_context *tc, uint64_t *values) {
+    void *pointers[HHR_TRACE_REGISTERS];
+    for (int i = 0; i < HHR_TRACE_REGISTERS; i++) pointers[i] = &values[i];
+    t->reg_read_batch(((hhr_ctx *)tc->ctx)->uc, t->register_ids, pointers, HHR_TRACE_REGISTERS);
+}
+
+/* Bytes at a linear address through the instance's own translation; 0 if any of it does not
+ * translate (as ExecutionContext.read_linear gives none). */
+static uint32_t read_linear(hhr_ctx *c, uint64_t linear, uint8_t *out, uint32_t length, uint32_t access) {
+    uint32_t done = 0;
+    while (done < length) {
+        uint64_t address = linear + done, physical;
+        hhr_fault fault;
+        if (!hhr_translate_current(c, address, access, &physical, &fault)) return 0;
+        uint64_t chunk = TRACE_PAGE_SIZE - (address & TRACE_PAGE_OFFSET_MASK);
+        if (chunk > length - done) chunk = length - done;
+        if (physical + chunk > c->ram_size) return 0;
+        memcpy(out + done, c->ram + physical, chunk);
+        done += (uint32_t)chunk;
+    }
+    return done;
+}
+
+/* The LP an instance runs on: the one whose shared state it is attached to. */
+static int lp_of(hhr_trace *t, hhr_trace_context *tc) {
+    hhr_ctx *c = tc->ctx;
+    if (tc->lp_shared == c->shared && c->shared != NULL) return (int)tc->lp_index;
+    for (uint32_t i = 0; i < t->lp_count; i++) {
+        hhr_lp *loop = t->lps[i].loop;
+        if (loop->shared == c->shared) {
+            tc->lp_shared = c->shared;
+            tc->lp_index = i;
+            return (int)i;
+        }
+    }
+    return -1;
+}
+
+/* --- records ----------------------------------------------------------------------------------- */
+static uint32_t changed_mask(const uint64_t *before, const uint64_t *after) {
+    uint32_t mask = 0;
+    for (int i = 0; i < HHR_TRACE_REGISTERS; i++)
+        if (before[i] != after[i]) mask |= 1U << i;
+    return mask;
+}
+
+static uint8_t *put_values(uint8_t *at, uint32_t mask, const uint64_t *values) {
+    for (int i = 0; i < HHR_TRACE_REGISTERS; i++)
+        if (mask & (1U << i)) at = put(at, &values[i], WORD_BYTES);
+    return at;
+}
+
+/* Registers of an instance that changed while it did not run (a VM entry's or exit's loads, the
+ * hypervisor writing a guest's state): written before its next instruction, at that time. The
+ * first record of an instance holds all its registers (HHR_LOAD_INITIAL). */
+static void write_load(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t time, const uint64_t *now) {
+    uint8_t flags = tc->seen ? 0 : HHR_LOAD_INITIAL;
+    uint32_t mask = tc->seen ? changed_mask(tc->registers, now) : ALL_REGISTERS;
+    uint8_t *at = reserve(t, LOAD_HEAD_BYTES + WORD_BYTES * (uint64_t)__builtin_popcount(mask));
+    if (at == NULL) return;
+    uint8_t kind = HHR_RECORD_LOAD, lp8 = (uint8_t)lp, phase = (uint8_t)t->lps[lp].phase;
+    uint16_t id = (uint16_t)tc->id, zero16 = 0;
+    at = put(put(put(put(at, &kind, 1), &lp8, 1), &phase, 1), &flags, 1);
+    at = put(put(put(at, &id, 2), &zero16, 2), &mask, 4);
+    at = put(at, &time, WORD_BYTES);
+    put_values(at, mask, now);
+    memcpy(tc->registers, now, sizeof tc->registers);
+    tc->seen = 1;
+}
+
+/* A guest instance's instructions belong to another VMCS from here on (instances are pooled). */
+static void write_bind(hhr_trace *t, hhr_trace_context *tc, uint64_t vmcs) {
+    uint8_t *at = reserve(t, BIND_BYTES);
+    if (at == NULL) return;
+    uint8_t kind = HHR_RECORD_BIND, zero = 0;
+    uint16_t id = (uint16_t)tc->id;
+    uint32_t zero32 = 0;
+    at = put(put(put(put(at, &kind, 1), &zero, 1), &id, 2), &zero32, 4);
+    put(at, &vmcs, WORD_BYTES);
+    tc->vmcs = vmcs;
+}
+
+/* The instruction's bytes: a record only when they differ from what the file last said for this
+ * (context, address), so a loop's bytes are written once. */
+static void write_code(hhr_trace *t, hhr_trace_context *tc, uint64_t address, uint64_t cr3) {
+    hhr_ctx *c = tc->ctx;
+    uint64_t page = address & ~TRACE_PAGE_OFFSET_MASK;
+    uint8_t bytes[HHR_TRACE_CODE_BYTES];
+    uint32_t length = 0;
+    if (!tc->code_valid || tc->code_page != page || tc->code_cr3 != cr3 || tc->code_eptp != c->eptp) {
+        uint64_t physical;
+        hhr_fault fault;
+        tc->code_valid = 0;
+        if (hhr_translate_current(c, page, HHR_ACCESS_FETCH, &physical, &fault) &&
+            physical + TRACE_PAGE_SIZE <= c->ram_size) {
+            tc->code_valid = 1;
+            tc->code_page = page;
+            tc->code_cr3 = cr3;
+            tc->code_eptp = c->eptp;
+            tc->code_host = physical;
+        }
+    }
+    if (tc->code_valid) {
+        uint64_t offset = address & TRACE_PAGE_OFFSET_MASK;
+        uint64_t in_page = TRACE_PAGE_SIZE - offset;
+        length = in_page < HHR_TRACE_CODE_BYTES ? (uint32_t)in_page : HHR_TRACE_CODE_BYTES;
+        memcpy(bytes, c->ram + tc->code_host + offset, length);
+        if (length < HHR_TRACE_CODE_BYTES)   /* the instruction may go on in the next page */
+            length += read_linear(c, address + length, bytes + length, HHR_TRACE_CODE_BYTES - length,
+                                  HHR_ACCESS_FETCH);
+    }
+    uint64_t hash = ((address ^ ((uint64_t)tc->id << 48)) * HASH_MULTIPLIER) >> HASH_SHIFT;
+    hhr_trace_code *slot = &t->code[hash & (HHR_TRACE_CODE_SLOTS - 1)];
+    if (slot->used && slot->address == address && slot->context == tc->id && slot->length == length &&
+        memcmp(slot->bytes, bytes, length) == 0)
+        return;
+    slot->used = 1;
+    slot->address = address;
+    slot->context = tc->id;
+    slot->length = length;
+    memcpy(slot->bytes, bytes, length);
+    uint8_t *at = reserve(t, CODE_HEAD_BYTES + (uint64_t)length);
+    if (at == NULL) return;
+    uint8_t kind = HHR_RECORD_CODE, length8 = (uint8_t)length;
+    uint16_t id = (uint16_t)tc->id;
+    uint32_t zero = 0;
+    at = put(put(put(put(at, &kind, 1), &length8, 1), &id, 2), &zero, 4);
+    at = put(at, &address, WORD_BYTES);
+    memcpy(at, bytes, length);
+}
+
+/* The pending instruction, complete with the registers after it, to the file. */
+static void write_instruction(hhr_trace *t, const uint64_t *after) {
+    hhr_trace_context *tc = t->pending;
+    uint32_t lp = t->pending_lp;
+    hhr_trace_lp *l = &t->lps[lp];
+    t->pending = NULL;
+    uint64_t time = t->pending_time, rip = t->pending_rip;
+    uint32_t mask = changed_mask(t->pending_before, after);
+    uint8_t flags = 0;
+    if ((mask & (1U << HHR_TRACE_RIP_INDEX)) && after[HHR_TRACE_RIP_INDEX] == rip + t->pending_size) {
+        mask &= ~(1U << HHR_TRACE_RIP_INDEX);
+        flags |= HHR_INSN_RIP_ADVANCED;
+    }
+    if (l->written && time == l->last_time + 1) flags |= HHR_INSN_TIME_NEXT;
+    if (l->written && rip == l->next_rip) flags |= HHR_INSN_RIP_NEXT;
+    hhr_ctx *c = tc->ctx;
+    for (uint32_t i = 0; i < t->wide_count; i++) {   /* writes Unicorn gave no value for: read back */
+        uint8_t *entry = t->writes + t->wide_offsets[i];
+        uint64_t address;
+        uint32_t length;
+        memcpy(&address, entry, WORD_BYTES);
+        memcpy(&length, entry + WORD_BYTES, 4);
+        if (!read_linear(c, address, entry + MEMORY_ENTRY_HEAD_BYTES, length, HHR_ACCESS_READ))
+            memset(entry + MEMORY_ENTRY_HEAD_BYTES, 0, length);
+    }
+    if (t->write_count) flags |= HHR_INSN_WRITES;
+    if (t->read_count) flags |= HHR_INSN_READS;
+    uint64_t length = INSTRUCTION_HEAD_BYTES + WORD_BYTES * (uint64_t)__builtin_popcount(mask);
+    if (!(flags & HHR_INSN_TIME_NEXT)) length += WORD_BYTES;
+    if (!(flags & HHR_INSN_RIP_NEXT)) length += WORD_BYTES;
+    if (t->write_count) length += MEMORY_LIST_HEAD_BYTES + t->writes_used;
+    if (t->read_count) length += MEMORY_LIST_HEAD_BYTES + t->reads_used;
+    uint8_t *at = reserve(t, length);
+    if (at != NULL) {
+        uint8_t kind = HHR_RECORD_INSTRUCTION, lp8 = (uint8_t)lp, phase = (uint8_t)l->phase;
+        uint8_t size8 = (uint8_t)t->pending_size, zero = 0;
+        uint16_t id = (uint16_t)tc->id;
+        at = put(put(put(put(at, &kind, 1), &lp8, 1), &phase, 1), &flags, 1);
+        at = put(put(put(put(at, &id, 2), &size8, 1), &zero, 1), &mask, 4);
+        if (!(flags & HHR_INSN_TIME_NEXT)) at = put(at, &time, WORD_BYTES);
+        if (!(flags & HHR_INSN_RIP_NEXT)) at = put(at, &rip, WORD_BYTES);
+        at = put_values(at, mask, after);
+        if (t->write_count) {
+            uint32_t bytes = (uint32_t)t->writes_used;
+            at = put(put(put(at, &t->write_count, 4), &bytes, 4), t->writes, t->writes_used);
+        }
+        if (t->read_count) {
+            uint32_t bytes = (uint32_t)t->reads_used;
+            put(put(put(at, &t->read_count, 4), &bytes, 4), t->reads, t->reads_used);
+        }
+    }
+    l->written = 1;
+    l->last_time = time;
+    l->next_rip = rip + t->pending_size;
+    memcpy(tc->registers, after, sizeof tc->registers);
+    tc->seen = 1;
+    t->recorded++;
+    release_deferred(t);
+    if (l->end_after_this) {
+        l->end_after_this = 0;
+        hhr_on_trace_lp_done(t->python_id, lp);
+    }
+}
+
+void hhr_trace_finish(hhr_trace *t) {
+    if (t->pending == NULL) return;
+    if (!t->recording) {   /* the window closed first: the instruction is not the trace's */
+        drop_pending(t);
+        return;
+    }
+    uint64_t after[HHR_TRACE_REGISTERS];
+    read_registers(t, t->pending, after);
+    write_instruction(t, after);
+}
+
+/* The flags Python gave the VMCS a guest instance runs, asking it the first time. */
+static uint32_t vmcs_flags(hhr_trace *t, uint32_t lp, uint64_t vmcs) {
+    uint64_t hash = (vmcs * HASH_MULTIPLIER) >> HASH_SHIFT;
+    for (uint32_t probe = 0; probe < HHR_TRACE_NAME_SLOTS; probe++) {
+        hhr_trace_name *slot = &t->names[(hash + probe) & (HHR_TRACE_NAME_SLOTS - 1)];
+        if (slot->used && slot->vmcs == vmcs) return slot->flags;
+        if (!slot->used) {
+            slot->used = 1;
+            slot->vmcs = vmcs;
+            slot->flags = (uint32_t)hhr_on_trace_vmcs(t->python_id, lp, vmcs);
+            return slot->flags;
+        }
+    }
+    return (uint32_t)hhr_on_trace_vmcs(t->python_id, lp, vmcs);   /* a full table: ask every time */
+}
+
+void hhr_trace_forget_names(hhr_trace *t) {
+    memset(t->names, 0, sizeof t->names);
+}
+
+/* An instruction begins on LP `lp` at `time`: the pending one is complete, and this one is pending
+ * if the window takes it. */
+static void begin(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t address, uint32_t size,
+                  uint64_t time) {
+    uint64_t now[HHR_TRACE_REGISTERS];
+    bool have_registers = false;
+    if (t->buffer == NULL) return;   /* closed */
+    if (t->pending != NULL) {
+        if (t->pending == tc) {
+            read_registers(t, tc, now);
+            have_registers = true;
+            if (t->recording) write_instruction(t, now);
+            else drop_pending(t);
+        } else {
+            hhr_trace_finish(t);
+        }
+    }
+    hhr_trace_lp *l = &t->lps[lp];
+    if (!t->recording || l->done) return;
+    if (t->has_time_window && (time < t->window_start || time >= t->window_end)) return;
+    if (!have_registers) read_registers(t, tc, now);
+    if (!tc->seen || memcmp(tc->registers, now, sizeof now) != 0) write_load(t, tc, lp, time, now);
+    hhr_ctx *c = tc->ctx;
+    hhr_lp *loop = l->loop;
+    uint64_t vmcs = 0;
+    if (c != loop->root) {   /* a guest instance runs the LP's current VMCS (SDM Vol. 3C 26.1) */
+        hhr_vmcs *current = loop->vmx->current;
+        if (current != NULL && current->guest_ctx == c) vmcs = current->address;
+    }
+    if (vmcs != tc->vmcs) write_bind(t, tc, vmcs);
+    if (vmcs != 0) {
+        uint32_t flags = vmcs_flags(t, lp, vmcs);
+        if (t->per_lp_end && (flags & HHR_VMCS_ENDS_WINDOW)) {
+            l->done = 1;
+            l->end_after_this = 1;
+        }
+    }
+    write_code(t, tc, address, now[HHR_TRACE_CR3_INDEX]);
+    t->pending = tc;
+    t->pending_lp = lp;
+    t->pending_time = time;
+    t->pending_rip = address;
+    t->pending_size = size;
+    memcpy(t->pending_before, now, sizeof now);
+    t->writes_used = t->write_count = t->wide_count = 0;
+    t->reads_used = t->read_count = 0;
+}
+
+/* --- hooks ------------------------------------------------------------------------------------- */
+/* UC_HOOK_CODE: an instruction is about to run. Its time: the block hook has counted the whole block
+ * already (fastpath.c), so the block's first instruction began at the LP's clock less the block's
+ * count, and each next one a tick later. */
+void hhr_trace_code_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
+    hhr_trace_context *tc = user_data;
+    hhr_trace *t = tc->trace;
+    hhr_ctx *c = tc->ctx;
+    (void)uc;
+    int lp = lp_of(t, tc);
+    if (lp < 0) return;
+    uint64_t base, index;
+    if (tc->blocks_mark == c->blocks) {
+        if (t->pending == tc && t->pending_rip == address) return;   /* a REP string instruction's next iteration */
+        base = tc->block_base;
+        index = tc->block_index + 1;
+    } else {
+        hhr_lp *loop = t->lps[lp].loop;
+        base = loop->run_time_base - loop->run_mark + c->retired - c->block_icount;
+        index = 0;
+    }
+    tc->blocks_mark = c->blocks;
+    tc->block_base = base;
+    tc->block_index = index;
+    begin(t, tc, (uint32_t)lp, address, size, base + index);
+}
+
+/* An instruction the machine carries out itself instead of Unicorn (Python tells its clock). */
+void hhr_trace_trapped(hhr_trace_context *tc, uint32_t lp, uint64_t time, uint64_t address, uint32_t size) {
+    begin(tc->trace, tc, lp, address, size, time);
+}
+
+static void add_entry(uint8_t *scratch, uint64_t *used, uint32_t *count, uint32_t *lost, uint64_t address,
+                      uint32_t length, const void *bytes, uint64_t *offset) {
+    if (*used + MEMORY_ENTRY_HEAD_BYTES + length > HHR_TRACE_SCRATCH_BYTES) {
+        (*lost)++;
+        return;
+    }
+    uint8_t *at = scratch + *used;
+    if (offset != NULL) *offset = *used;
+    at = put(put(at, &address, WORD_BYTES), &length, 4);
+    if (bytes != NULL) memcpy(at, bytes, length);
+    *used += MEMORY_ENTRY_HEAD_BYTES + length;
+    (*count)++;
+}
+
+/* UC_HOOK_MEM_WRITE: before the store, with its value when it is at most a word wide. */
+void hhr_trace_write_hook(void *uc, int type, uint64_t address, int size, int64_t value, void *user_data) {
+    hhr_trace_context *tc = user_data;
+    hhr_trace *t = tc->trace;
+    (void)uc;
+    (void)type;
+    if (t->pending != tc || size <= 0) return;
+    if (size <= WORD_BYTES) {
+        add_entry(t->writes, &t->writes_used, &t->write_count, &t->writes_lost, address, (uint32_t)size,
+                  &value, NULL);
+    } else if (t->wide_count < HHR_TRACE_WIDE_WRITES) {
+        add_entry(t->writes, &t->writes_used, &t->write_count, &t->writes_lost, address, (uint32_t)size,
+                  NULL, &t->wide_offsets[t->wide_count]);
+        t->wide_count++;
+    } else {
+        t->writes_lost++;
+    }
+}
+
+/* UC_HOOK_MEM_READ: before the load, with no value: the bytes are read through the instance's own
+ * translation, as the load will. */
+void hhr_trace_read_hook(void *uc, int type, uint64_t address, int size, int64_t value, void *user_data) {
+    hhr_trace_context *tc = user_data;
+    hhr_trace *t = tc->trace;
+    uint8_t bytes[READ_BYTES_MAX];
+    (void)uc;
+    (void)type;
+    (void)value;
+    if (t->pending != tc || size <= 0 || !t->record_reads) return;
+    uint32_t length = (uint32_t)size <= sizeof bytes ? (uint32_t)size : (uint32_t)sizeof bytes;
+    uint32_t got = read_linear(tc->ctx, address, bytes, length, HHR_ACCESS_READ);
+    add_entry(t->reads, &t->reads_used, &t->read_count, &t->reads_lost, address, got, bytes, NULL);
+}
