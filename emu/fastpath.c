@@ -899,6 +899,7 @@ int hhr_run_transitions(hhr_lp *lp) {
     for (;;) {
         hhr_vmcs *vmcs = v->current;
         if (lp->time >= lp->deadline || lp->attention || lp->event_count + 2 > HHR_EVENTS_MAX) break;
+        if (lp->event_limit && lp->event_count >= lp->event_limit) break;
         if (lp->in_guest && (vmcs == NULL || vmcs->halted ||
                              (vmcs->values[k->primary_controls] & k->interrupt_window_control) ||
                              vmcs->values[k->exit_msr_store_count] || vmcs->values[k->exit_msr_load_count]))
@@ -953,18 +954,23 @@ int hhr_run_transitions(hhr_lp *lp) {
         }
         if (plain_stop && lp->in_guest && !vmcs->inverse_call) {   /* an exit ends a call: Python's */
             uint64_t rip = read_register(c, api->reg_rip);
+            /* A trapped instruction that exits: a trace sees it as Python's path shows it (emu/lp.py
+             * _notify_trapped), before its exit. */
             if (code_is(c, rip, CPUID_BYTES, sizeof CPUID_BYTES)) {
+                if (c->trace) hhr_trace_trapped_in_loop(c, lp->time, rip, k->cpuid_length);
                 exit_simply(lp, vmcs, k->exit_reason_cpuid, k->cpuid_length, 0);
                 continue;
             }
             if ((vmcs->values[k->primary_controls] & k->hlt_exiting_control) &&
                 code_is(c, rip, HLT_BYTES, sizeof HLT_BYTES)) {
+                if (c->trace) hhr_trace_trapped_in_loop(c, lp->time, rip, k->hlt_length);
                 exit_simply(lp, vmcs, k->exit_reason_hlt, k->hlt_length, 0);
                 continue;
             }
             uint32_t length;
             uint64_t qualification;
             if (io_exit(lp, vmcs, c, rip, &length, &qualification)) {
+                if (c->trace) hhr_trace_trapped_in_loop(c, lp->time, rip, length);
                 exit_simply(lp, vmcs, k->exit_reason_io, length, qualification);
                 continue;
             }

@@ -151,6 +151,8 @@ typedef struct {
     uint64_t held[HHR_SHARED_CLASSES];
     uint32_t holds;                   /* HHR_USES_* of the classes this instance is the holder of */
     uint32_t reserved2;
+    /* Tracing only (emu/tracepath.c): this instance's hhr_trace_context, NULL otherwise. */
+    void *trace;
 } hhr_ctx;
 
 #define HHR_EDGE_MAP_SIZE 65536
@@ -267,10 +269,15 @@ typedef struct {
     uint64_t run_time_base;           /* time when the current run began */
     uint32_t event_count;
     uint32_t runs;                    /* runs this call made; 0: Python must take this turn itself */
+    uint32_t event_limit;             /* the call ends once it has recorded this many events (0: no
+                                         limit but the room): a trace sees each event where it happens */
+    uint32_t reserved3;
     hhr_transition_event events[HHR_EVENTS_MAX];
 } hhr_lp;
 
 int hhr_run_transitions(hhr_lp *lp);
+/* An instruction the loop carries out itself, for the trace recorder (emu/tracepath.c). */
+void hhr_trace_trapped_in_loop(hhr_ctx *c, uint64_t time, uint64_t address, uint32_t size);
 
 bool hhr_invalid_instruction(void *uc, void *user_data);
 bool hhr_guest_invalid_instruction(void *uc, void *user_data);

@@ -1,4 +1,4 @@
-"""Builds the machine's C hot path (emu/fastpath.c) as the extension module emu._fastpath with cffi."""
+"""Builds the machine's C code (the hot path emu/fastpath.c, the trace recorder emu/tracepath.c and its line renderer emu/trace_lines.c) as the extension module emu._fastpath with cffi."""
 import importlib.util
 from pathlib import Path
 
@@ -12,7 +12,9 @@ _digest_spec.loader.exec_module(fastpath_digest)
 HEADER = (HERE / "fastpath.h").read_text()
 TRACE_HEADER = (HERE / "tracepath.h").read_text()
 SOURCE = (HERE / "fastpath.c").read_text()
-TRACE_SOURCE = (HERE / "tracepath.c").read_text()
+# The recorder and the line renderer share tracepath.h, included once.
+TRACE_INCLUDE = '#include "tracepath.h"'
+TRACE_SOURCE = "".join((HERE / name).read_text().replace(TRACE_INCLUDE, "") for name in ("tracepath.c", "trace_lines.c"))
 # The built module carries this marker, so a module built from other sources is known before import.
 DIGEST_MARKER = fastpath_digest.marker()
 
@@ -35,7 +37,7 @@ ffi.set_source(
     "#include <stdint.h>\n#include <stdbool.h>\n" + CALLBACK_DECLARATIONS
     + f'__attribute__((used)) static const char hhr_source_digest[] = "{DIGEST_MARKER.decode()}";\n'
     + SOURCE.replace('#include "fastpath.h"', HEADER)
-    + TRACE_SOURCE.replace('#include "tracepath.h"', TRACE_HEADER),
+    + TRACE_HEADER + TRACE_SOURCE,
     extra_compile_args=["-O2"],
 )
 

@@ -5,7 +5,7 @@ import hashlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("fastpath.h", "fastpath.c", "tracepath.h", "tracepath.c")
+SOURCES = ("fastpath.h", "fastpath.c", "tracepath.h", "tracepath.c", "trace_lines.c")
 MARKER_PREFIX = b"hhr-fastpath-source-"
 DIGEST_HEX_DIGITS = 32
 

@@ -156,6 +156,47 @@ static void read_registers(hhr_trace *t, hhr_trace_context *tc, uint64_t *values
     t->reg_read_batch(((hhr_ctx *)tc->ctx)->uc, t->register_ids, pointers, HHR_TRACE_REGISTERS);
 }
 
+/* Only the registers in `mask` (the others keep the values `values` holds). */
+static void read_some_registers(hhr_trace *t, hhr_trace_context *tc, uint64_t *values, uint32_t mask) {
+    void *pointers[HHR_TRACE_REGISTERS];
+    int ids[HHR_TRACE_REGISTERS];
+    int count = 0;
+    for (int bit = 0; bit < HHR_TRACE_REGISTERS; bit++) {
+        if (!(mask & (1U << bit))) continue;
+        ids[count] = t->register_ids[bit];
+        pointers[count++] = &values[bit];
+    }
+    if (count) t->reg_read_batch(((hhr_ctx *)tc->ctx)->uc, ids, pointers, count);
+}
+
+/* The traced registers an instruction may write, by capstone (its registers written, implicit ones
+ * included); all of them for an instruction it cannot decode or whose effects come from the machine
+ * (I/O, CPUID, MSRs, VMX, privileged and interrupt instructions). RIP and RFLAGS always: capstone
+ * 5 leaves the flags out of some instructions' writes (TEST with a memory operand). */
+static uint32_t registers_written(const hhr_decoder *d, const uint8_t *code, uint32_t length, uint64_t address) {
+    if (d == NULL || length == 0) return ALL_REGISTERS;
+    void *instruction = NULL;
+    if (d->disasm(d->handle, code, length, address, 1, &instruction) != 1) return ALL_REGISTERS;
+    uint32_t mask = (1U << HHR_TRACE_RIP_INDEX) | (1U << HHR_TRACE_RFLAGS_INDEX);
+    unsigned int id;
+    memcpy(&id, instruction, sizeof id);   /* cs_insn begins with its instruction id */
+    bool whole = id >= HHR_DECODER_INSTRUCTION_LIMIT || d->read_all[id];
+    for (uint32_t g = 0; g < d->group_count && !whole; g++)
+        whole = d->in_group(d->handle, instruction, d->groups[g]);
+    uint16_t read[64], written[64];
+    uint8_t read_count = 0, written_count = 0;
+    if (!whole && d->regs_access(d->handle, instruction, read, &read_count, written, &written_count) == 0) {
+        for (uint8_t i = 0; i < written_count; i++) {
+            if (written[i] >= HHR_DECODER_REGISTER_LIMIT) { whole = true; break; }
+            mask |= d->register_bits[written[i]];
+        }
+    } else {
+        whole = true;
+    }
+    d->free(instruction, 1);
+    return whole ? ALL_REGISTERS : mask;
+}
+
 /* Bytes at a linear address through the instance's own translation; 0 if any of it does not
  * translate (as ExecutionContext.read_linear gives none). */
 static uint32_t read_linear(hhr_ctx *c, uint64_t linear, uint8_t *out, uint32_t length, uint32_t access) {
@@ -234,7 +275,7 @@ static void write_bind(hhr_trace *t, hhr_trace_context *tc, uint64_t vmcs) {
 
 /* The instruction's bytes: a record only when they differ from what the file last said for this
  * (context, address), so a loop's bytes are written once. */
-static void write_code(hhr_trace *t, hhr_trace_context *tc, uint64_t address, uint64_t cr3) {
+static uint32_t write_code(hhr_trace *t, hhr_trace_context *tc, uint64_t address, uint64_t cr3) {
     hhr_ctx *c = tc->ctx;
     uint64_t page = address & ~TRACE_PAGE_OFFSET_MASK;
     uint8_t bytes[HHR_TRACE_CODE_BYTES];
@@ -265,20 +306,22 @@ static void write_code(hhr_trace *t, hhr_trace_context *tc, uint64_t address, ui
     hhr_trace_code *slot = &t->code[hash & (HHR_TRACE_CODE_SLOTS - 1)];
     if (slot->used && slot->address == address && slot->context == tc->id && slot->length == length &&
         memcmp(slot->bytes, bytes, length) == 0)
-        return;
+        return slot->writes;
     slot->used = 1;
     slot->address = address;
     slot->context = tc->id;
     slot->length = length;
     memcpy(slot->bytes, bytes, length);
+    slot->writes = registers_written(t->decoder, bytes, length, address);
     uint8_t *at = reserve(t, CODE_HEAD_BYTES + (uint64_t)length);
-    if (at == NULL) return;
+    if (at == NULL) return slot->writes;
     uint8_t kind = HHR_RECORD_CODE, length8 = (uint8_t)length;
     uint16_t id = (uint16_t)tc->id;
     uint32_t zero = 0;
     at = put(put(put(put(at, &kind, 1), &length8, 1), &id, 2), &zero, 4);
     at = put(at, &address, WORD_BYTES);
     memcpy(at, bytes, length);
+    return slot->writes;
 }
 
 /* The pending instruction, complete with the registers after it, to the file. */
@@ -379,14 +422,22 @@ void hhr_trace_forget_names(hhr_trace *t) {
 /* An instruction begins on LP `lp` at `time`: the pending one is complete, and this one is pending
  * if the window takes it. */
 static void begin(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t address, uint32_t size,
-                  uint64_t time) {
+                  uint64_t time, bool block_start) {
     uint64_t now[HHR_TRACE_REGISTERS];
     bool have_registers = false;
     if (t->buffer == NULL) return;   /* closed */
     if (t->pending != NULL) {
         if (t->pending == tc) {
-            read_registers(t, tc, now);
-            have_registers = true;
+            /* Inside a block only what the instruction may write changed; a block begins after a
+             * branch, an exception, an interrupt or anything the machine did, so all are read then. */
+            if (block_start || t->read_all_registers || t->pending_writes == ALL_REGISTERS) {
+                read_registers(t, tc, now);
+                have_registers = true;
+            } else {
+                memcpy(now, t->pending_before, sizeof now);
+                read_some_registers(t, tc, now, t->pending_writes);
+                have_registers = true;
+            }
             if (t->recording) write_instruction(t, now);
             else drop_pending(t);
         } else {
@@ -396,8 +447,7 @@ static void begin(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t add
     hhr_trace_lp *l = &t->lps[lp];
     if (!t->recording || l->done) return;
     if (t->has_time_window && (time < t->window_start || time >= t->window_end)) return;
-    if (!have_registers) read_registers(t, tc, now);
-    if (!tc->seen || memcmp(tc->registers, now, sizeof now) != 0) write_load(t, tc, lp, time, now);
+    if (!have_registers) read_registers(t, tc, now);   /* whole, for the loaded-registers check */
     hhr_ctx *c = tc->ctx;
     hhr_lp *loop = l->loop;
     uint64_t vmcs = 0;
@@ -406,14 +456,15 @@ static void begin(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t add
         if (current != NULL && current->guest_ctx == c) vmcs = current->address;
     }
     if (vmcs != tc->vmcs) write_bind(t, tc, vmcs);
-    if (vmcs != 0) {
+    if (vmcs != 0) {   /* named (a data record) before any record of it */
         uint32_t flags = vmcs_flags(t, lp, vmcs);
         if (t->per_lp_end && (flags & HHR_VMCS_ENDS_WINDOW)) {
             l->done = 1;
             l->end_after_this = 1;
         }
     }
-    write_code(t, tc, address, now[HHR_TRACE_CR3_INDEX]);
+    if (!tc->seen || memcmp(tc->registers, now, sizeof now) != 0) write_load(t, tc, lp, time, now);
+    t->pending_writes = write_code(t, tc, address, now[HHR_TRACE_CR3_INDEX]);
     t->pending = tc;
     t->pending_lp = lp;
     t->pending_time = time;
@@ -445,15 +496,23 @@ void hhr_trace_code_hook(void *uc, uint64_t address, uint32_t size, void *user_d
         base = loop->run_time_base - loop->run_mark + c->retired - c->block_icount;
         index = 0;
     }
+    bool block_start = tc->blocks_mark != c->blocks;
     tc->blocks_mark = c->blocks;
     tc->block_base = base;
     tc->block_index = index;
-    begin(t, tc, (uint32_t)lp, address, size, base + index);
+    begin(t, tc, (uint32_t)lp, address, size, base + index, block_start);
 }
 
 /* An instruction the machine carries out itself instead of Unicorn (Python tells its clock). */
 void hhr_trace_trapped(hhr_trace_context *tc, uint32_t lp, uint64_t time, uint64_t address, uint32_t size) {
-    begin(tc->trace, tc, lp, address, size, time);
+    begin(tc->trace, tc, lp, address, size, time, true);
+}
+
+/* The same, from the machine's C transition loop (emu/fastpath.c), which knows the instance. */
+void hhr_trace_trapped_in_loop(hhr_ctx *c, uint64_t time, uint64_t address, uint32_t size) {
+    hhr_trace_context *tc = c->trace;
+    int lp = lp_of(tc->trace, tc);
+    if (lp >= 0) begin(tc->trace, tc, (uint32_t)lp, address, size, time, true);
 }
 
 static void add_entry(uint8_t *scratch, uint64_t *used, uint32_t *count, uint32_t *lost, uint64_t address,

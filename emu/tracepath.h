@@ -3,6 +3,7 @@
 
 #define HHR_TRACE_REGISTERS 21        /* tools/trace/registers.py TRACED_REGISTERS, in that order */
 #define HHR_TRACE_RIP_INDEX 16        /* RIP's place among them */
+#define HHR_TRACE_RFLAGS_INDEX 17
 #define HHR_TRACE_CR3_INDEX 19        /* CR3's place among them */
 #define HHR_TRACE_MAX_LPS 64          /* emu/machine.py MAX_LPS */
 #define HHR_TRACE_CODE_BYTES 15       /* the longest x86 instruction (SDM Vol. 2A 2.3.11) */
@@ -33,6 +34,25 @@
 
 /* Answers of hhr_on_trace_vmcs. */
 #define HHR_VMCS_ENDS_WINDOW 1        /* the first instruction of this VMCS's guest ends its LP's window */
+
+/* Capstone's C entry points (the binding's own library) and what the recorder asks of them: which
+ * traced registers an instruction may write, so that only those are read after it. */
+#define HHR_DECODER_REGISTER_LIMIT 512    /* capstone x86 register ids below this */
+#define HHR_DECODER_INSTRUCTION_LIMIT 2048  /* capstone x86 instruction ids below this */
+#define HHR_DECODER_GROUPS 8
+typedef struct {
+    size_t handle;                    /* a csh opened for x86-64 with details on */
+    size_t (*disasm)(size_t handle, const uint8_t *code, size_t size, uint64_t address, size_t count,
+                     void **instructions);
+    void (*free)(void *instructions, size_t count);
+    int (*regs_access)(size_t handle, const void *instruction, uint16_t *read, uint8_t *read_count,
+                       uint16_t *written, uint8_t *written_count);
+    bool (*in_group)(size_t handle, const void *instruction, unsigned int group);
+    uint32_t register_bits[HHR_DECODER_REGISTER_LIMIT];   /* capstone register: traced registers' bits */
+    uint8_t read_all[HHR_DECODER_INSTRUCTION_LIMIT];      /* instruction ids whose effects are read whole */
+    uint32_t groups[HHR_DECODER_GROUPS];                  /* groups whose effects are read whole */
+    uint32_t group_count;
+} hhr_decoder;
 
 /* One LP as the recorder sees it. */
 typedef struct {
@@ -78,6 +98,7 @@ typedef struct {
     uint32_t length;
     uint8_t bytes[HHR_TRACE_CODE_BYTES];
     uint8_t used;
+    uint32_t writes;                  /* traced registers the instruction may write (all: not known) */
 } hhr_trace_code;
 
 typedef struct hhr_trace {
@@ -92,6 +113,9 @@ typedef struct hhr_trace {
     uint32_t per_lp_end;              /* an LP's window ends at its first guest instruction of a VMCS
                                          named HHR_VMCS_ENDS_WINDOW */
     const int *register_ids;          /* Unicorn ids of the traced registers */
+    const hhr_decoder *decoder;       /* NULL, or what lets an instruction's registers be read in part */
+    uint32_t read_all_registers;      /* read every traced register after every instruction (a check) */
+    uint32_t pending_writes;          /* the pending instruction's hhr_trace_code.writes */
     int (*reg_read_batch)(void *uc, const int *regids, void **values, int count);
     uint64_t recorded;                /* instructions written */
     uint64_t bytes_written;
@@ -128,3 +152,64 @@ void hhr_trace_finish(hhr_trace *t);
 void hhr_trace_data(hhr_trace *t, const uint8_t *data, uint32_t length, int after_instruction);
 void hhr_trace_forget_names(hhr_trace *t);
 int hhr_trace_flush(hhr_trace *t);
+
+/* --- Rendering (trace_lines.c): text and JSON Lines instruction lines straight from the file. ---- */
+#define HHR_RENDER_END 0              /* the file is done */
+#define HHR_RENDER_RECORD 1           /* a record other than an instruction at `offset`: Python's */
+#define HHR_RENDER_SITE 2             /* an instruction whose site Python has not described (miss_*) */
+#define HHR_RENDER_OUTPUT_FULL 3      /* write out `out` (and grow it to `needed` if that is larger) */
+#define HHR_RENDER_COUNTS_FULL 4      /* take the counts and clear them */
+#define HHR_RENDER_DAMAGED 5          /* a record runs past the end of the file */
+#define HHR_RENDER_MAX_LPS 256
+#define HHR_RENDER_MAX_PHASES 256
+
+/* What is the same every time an instruction runs in a context. */
+typedef struct {
+    uint64_t address;
+    uint32_t context;
+    uint32_t used;
+    const char *fixed;                /* text: the padded columns; JSON: the fields after the phase */
+    uint32_t fixed_length;
+    uint32_t fixed_trimmed_length;    /* text: without trailing blanks (a line with no effects) */
+    const char *context_json;         /* JSON: the context's name as a JSON string */
+    uint32_t context_json_length;
+    uint32_t exact_length;            /* the instruction's decoded length */
+    uint32_t taken;                   /* the context and symbol filters take it */
+    uint32_t number;                  /* its number for the counts */
+} hhr_render_site;
+
+typedef struct {
+    const uint8_t *file;
+    uint64_t size;
+    uint64_t offset;                  /* the next record */
+    uint32_t json;                    /* 0: text, 1: JSON Lines */
+    uint32_t wants_instructions;
+    uint8_t lp_taken[HHR_RENDER_MAX_LPS];
+    uint8_t phase_taken[HHR_RENDER_MAX_PHASES];
+    uint32_t has_range;
+    uint32_t reserved;
+    uint64_t range_start, range_end;
+    uint64_t lp_time[HHR_RENDER_MAX_LPS];      /* the file's per-LP state (HHR_INSN_TIME_NEXT, RIP_NEXT) */
+    uint64_t lp_next_rip[HHR_RENDER_MAX_LPS];
+    hhr_render_site *sites;
+    uint32_t site_mask;               /* slots - 1 (a power of two) */
+    uint32_t site_count;
+    const char *phase_json[HHR_RENDER_MAX_PHASES];
+    uint32_t phase_json_length[HHR_RENDER_MAX_PHASES];
+    const char *register_names[HHR_TRACE_REGISTERS];
+    char *out;
+    uint64_t out_capacity, out_used, needed;
+    uint64_t *count_keys;             /* (site << 16 | phase << 8 | LP) + 1, 0 for a free slot */
+    uint64_t *count_values;
+    uint32_t count_mask, count_used;
+    uint64_t first_time, last_time;
+    uint32_t have_time;
+    uint32_t miss_context, miss_lp, miss_size;
+    uint64_t miss_address;
+    uint64_t instructions;            /* instruction records read */
+} hhr_render;
+
+int hhr_render_lines(hhr_render *r);
+void hhr_render_forget_site(hhr_render *r, uint32_t context, uint64_t address);
+void hhr_render_forget_sites(hhr_render *r);
+int hhr_render_add_site(hhr_render *r, const hhr_render_site *site);

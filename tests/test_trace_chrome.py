@@ -196,6 +196,33 @@ def test_no_lp_devirtualizes_before_the_commit_is_drawn(traced):
     assert set(shifts) == {"1"} and shifts["1"] > 0, "LP 1's own clock had its VMXOFF before the commit"
 
 
+def test_each_lp_has_a_phase_track_and_lp_1_devirtualizes_after_the_commit_begins(traced):
+    """Phases per LP (docs/tracing.md): each LP's `phase` thread has a slice per phase it was in, one
+    after the other. LP 0 is in every phase it announces; LP 1 stays in BLACKOUT while LP 0 commits
+    and enters DEVIRTUALIZE at its own MOV to CR3, drawn with its shift, after the COMMIT began."""
+    _, trace, recorder = traced
+    tracks = {}
+    for lp in range(DEMO_LPS):
+        slices = [event for event in on_thread(trace, f"LP {lp}", "phase") if event["ph"] == "X"]
+        assert slices and all(event["cat"] == "lp-phase" for event in slices), lp
+        for event, following in zip(slices, slices[1:]):
+            assert event["ts"] + event["dur"] == following["ts"] and event["name"] != following["name"], lp
+        tracks[lp] = slices
+    announced = [mark.phase.name for mark in recorder.marks]
+    lp0 = [event["name"] for event in tracks[0]]
+    assert lp0[lp0.index(announced[0]):] == announced
+    assert [ticks(event["ts"]) for event in tracks[0][lp0.index(announced[0]):]] == \
+        [mark.virtual_time for mark in recorder.marks], "LP 0 enters each phase when it announces it"
+    lp1 = [event["name"] for event in tracks[1]]
+    assert "COMMIT" not in lp1 and lp1[-3:] == ["BLACKOUT", "DEVIRTUALIZE", "RESUMED"]
+    commit = next(event for event in on_thread(trace, "hot restart protocol", "phases") if event["name"] == "COMMIT")
+    devirtualize = tracks[1][-2]
+    assert ticks(devirtualize["ts"]) > ticks(commit["ts"])
+    cr3 = next(event for event in on_thread(trace, "LP 1", "root")
+               if event["name"] == "MOV to CR3" and event["ts"] >= commit["ts"])
+    assert devirtualize["ts"] == cr3["ts"], "LP 1 devirtualizes at its own MOV to CR3, as drawn"
+
+
 def test_the_same_run_gives_the_same_file(traced):
     path, _, _ = traced
     again = io.StringIO()

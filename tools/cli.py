@@ -48,7 +48,7 @@ def selftest(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    """Without a flag: the hot-restart scenarios (bench/README.md); --machine, --hypervisor: those benches."""
+    """Without a flag: the hot-restart scenarios (bench/README.md); --machine, --hypervisor, --trace: those benches."""
     if args.hypervisor:
         from bench import hypervisor_speed
 
@@ -57,6 +57,10 @@ def bench(args: argparse.Namespace) -> int:
         from bench import machine_speed
 
         return machine_speed.main(args.json)
+    if args.trace:
+        from bench import trace_speed
+
+        return trace_speed.main(args.json)
     from bench import restart_scenarios
 
     return restart_scenarios.main(quick=args.quick, json_path=args.json, output=args.output)
@@ -139,7 +143,8 @@ def trace(args: argparse.Namespace) -> int:
             from_hypervisor=args.from_hv, to_hypervisor=args.to_hv, guests=args.guest or RESTART_DEMO_GUESTS,
             lps=args.lps, ram_size=ram, request_at=args.at or [DEFAULT_AT], max_instructions=args.max_instructions,
             inject=args.inject, mode=args.mode, format=args.format, output=args.output, window=window,
-            filters=filters, to_end=args.to_end, progress=None if args.quiet else sys.stderr, input=args.input)
+            filters=filters, to_end=args.to_end, progress=None if args.quiet else sys.stderr, input=args.input,
+            record_reads=args.record_reads)
         result = trace_session.trace(options)
     except (GuestSpecError, BootError, WindowError, ValueError, OSError, TraceFileError) as error:
         print(f"hhr trace: {error}", file=sys.stderr)
@@ -267,11 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     trace_parser.add_argument("--input", "-i", metavar="FILE.hhrt",
                               help="render this trace file (written with --format hhrt) instead of running the "
                                    "machine; the window is the file's, filters and format are chosen anew")
-    trace_parser.add_argument("--format", default="text", choices=["text", "jsonl", "tenet", "chrome", "hhrt"],
+    trace_parser.add_argument("--record-reads", action="store_true",
+                              help="with --format hhrt: keep the memory each instruction reads too (what Tenet's "
+                                   "mr= entries show; --format tenet records them anyway)")
+    trace_parser.add_argument("--format", default="text",
+                              choices=["text", "jsonl", "tenet", "chrome", "parquet", "hhrt"],
                               help="annotated text (default), JSON Lines, Tenet (a directory of files, one per "
-                                   "context and LP), Chrome Trace Event JSON of the phases for Perfetto")
+                                   "context and LP), Chrome Trace Event JSON of the phases for Perfetto, Parquet "
+                                   "(a directory of tables: instructions, events, loads; needs pyarrow), or the "
+                                   "recorded trace file itself (hhrt)")
     trace_parser.add_argument("--output", "-o", metavar="PATH",
-                              help="the trace file (for tenet: a directory); default standard output")
+                              help="the trace file (for tenet and parquet: a directory); default standard output")
     trace_parser.add_argument("--from-event", metavar="KIND",
                               help="the window begins at the first event of this kind from the doorbell on "
                                    "(default: the doorbell)")
@@ -322,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser = commands.add_parser("bench", help="benchmarks: hot restart against the alternatives (default), "
                                                      "--machine, --hypervisor")
     bench_parser.add_argument("--machine", action="store_true", help="the machine's own speed against bare Unicorn")
+    bench_parser.add_argument("--trace", action="store_true",
+                              help="hhr trace on the demo's hand-off: recording and each format's rendering, "
+                                   "beside the hand-off untraced")
     bench_parser.add_argument("--hypervisor", action="store_true",
                               help="a hypervisor's figures: boot, mixed workload, map storm, host memory")
     bench_parser.add_argument("--hv", default="hv1", help="the hypervisor for --hypervisor (default hv1)")

@@ -6,7 +6,9 @@ the Perfetto UI (docs/tracing-perfetto.md says how, offline, and what every trac
 - process `hot restart protocol`: thread `phases` (a `hot restart n` slice with the protocol's
   phases, transfer.Phase, inside it, as hypervisors/timeline.py reads them; RESUMED an instant at its end) and thread `inverse
   hypercalls` (each VMCALLR, from the call to the new hypervisor's VMCALL back);
-- process `LP n`: thread `root` (the hypervisor in charge: the old one until its VMXOFF in
+- process `LP n`: thread `phase` (a slice per phase this LP was in, as the timeline's `LpPhases`
+  reads them: the other LPs stay in BLACKOUT while LP 0 commits, then devirtualize and resume on
+  their own), thread `root` (the hypervisor in charge: the old one until its VMXOFF in
   DEVIRTUALIZE, then the new one; VMX instructions, MOV to CR3, doorbell, IPIs, faults as
   instants) and thread `guest mode` (each VM entry to its VM exit, named by the VP that ran);
 - process `partition n: name`, thread `VP i`: the same runs on the VP's own track, so its blackout
@@ -54,7 +56,7 @@ PARTITION_PID_BASE = 1000               # partition n is process PARTITION_PID_B
 UNKNOWN_VMCS_PID = 9000                 # VMCSs the describer could not place: one thread each
 TID_STRIDE = 1000
 PHASE_TRACK, INVERSE_CALL_TRACK = 0, 1  # threads of the hot restart process
-ROOT_TRACK, GUEST_TRACK = 0, 1          # threads of an LP's process
+ROOT_TRACK, GUEST_TRACK, LP_PHASE_TRACK = 0, 1, 2     # threads of an LP's process
 SERVICE_VP_TRACK = 0
 
 # Arguments that are addresses or bit fields, written in hexadecimal.
@@ -168,6 +170,7 @@ class ChromeTraceWriter:
         self._last_time: dict[int, int] = {}                # LP: the latest time seen on its clock
         self._generation: dict[int, int] = {}               # LP: which hypervisor runs its root (0: the booted one)
         self._root: dict[int, _Open] = {}                   # LP: the hypervisor in charge of its root mode
+        self._lp_phase: dict[int, _Open] = {}               # LP: the phase it is in (LpPhases), as a slice
         self._runs: dict[int, _Run] = {}                    # LP: the guest run in progress
         self._identities: dict[int, VmcsIdentity | None] = {}
         self._unknown_vmcs_tracks: dict[int, int] = {}
@@ -199,6 +202,7 @@ class ChromeTraceWriter:
             event = replace(event, time=event.time + shift)
         if lp not in self._root:
             self._open_root(lp, event.time)
+        self._follow_lp_phases(event.time)
         if event.time > self._last_time.get(lp, -1):
             self._last_time[lp] = event.time
         handler = self._handlers.get(event.kind)
@@ -224,6 +228,7 @@ class ChromeTraceWriter:
         self._end_restart(None)
         for lp in sorted(self._root):
             self._end_root(lp, self._last_time[lp])
+            self._end_lp_phase(lp, self._last_time[lp])
         self._out.write("\n],\n")
         self._out.write(f'"displayTimeUnit":{json.dumps(DISPLAY_TIME_UNIT)},\n')
         self._out.write(f'"metadata":{json.dumps(self.metadata, sort_keys=True, default=str)}\n}}\n')
@@ -312,8 +317,10 @@ class ChromeTraceWriter:
         self._name_process(pid, f"LP {lp}")
         self._name_thread(pid, self._tid(pid, ROOT_TRACK), "root")
         self._name_thread(pid, self._tid(pid, GUEST_TRACK), "guest mode")
+        self._name_thread(pid, self._tid(pid, LP_PHASE_TRACK), "phase")
         self._generation[lp] = 0
         self._begin_root(lp, time)
+        self._begin_lp_phase(lp, time)
 
     def _begin_root(self, lp: int, time: int) -> None:
         generation = self._generation[lp]
@@ -323,6 +330,26 @@ class ChromeTraceWriter:
         root = self._root[lp]
         pid = self._lp_pid(lp)
         self._complete(pid, self._tid(pid, ROOT_TRACK), root.name, "root", root.start, time, root.args)
+
+    def _begin_lp_phase(self, lp: int, time: int) -> None:
+        value = self.timeline.lp_value(lp)
+        self._lp_phase[lp] = _Open(enum_name(transfer.Phase, value, "phase"), time, lp, {"phase": value})
+
+    def _end_lp_phase(self, lp: int, time: int) -> None:
+        phase = self._lp_phase[lp]
+        pid = self._lp_pid(lp)
+        self._complete(pid, self._tid(pid, LP_PHASE_TRACK), phase.name, "lp-phase", phase.start, time, phase.args)
+
+    def _follow_lp_phases(self, time: int) -> None:
+        """After an event, every LP whose phase it changed (an announcement moves several, an LP's
+        own event only that LP) ends its phase slice and begins the next at the event's time as
+        drawn, never before the slice it ends began (LPs' clocks differ within a round)."""
+        for lp in sorted(self._lp_phase):
+            phase = self._lp_phase[lp]
+            if self.timeline.lp_value(lp) != phase.args["phase"]:
+                time_here = max(time, phase.start)
+                self._end_lp_phase(lp, time_here)
+                self._begin_lp_phase(lp, time_here)
 
     def _hypervisor_label(self, generation: int) -> str:
         name = f" {self.hypervisors[generation]}" if generation < len(self.hypervisors) else ""

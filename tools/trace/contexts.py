@@ -65,10 +65,6 @@ class RootClassifier:
         self._last_root: dict[int, ContextInfo] = {}
         self._root_by_address: dict[int, ContextInfo] = {}
 
-    def covers(self, address: int) -> bool:
-        """Whether `address` is in one of the images (its name does not depend on the past)."""
-        return self.new.contains(address) or self.old.contains(address)
-
     def root(self, lp: int, address: int) -> ContextInfo:
         info = self._root_by_address.get(address)
         if info is not None:

@@ -1,169 +1,187 @@
-"""The text and JSON Lines renderers' loop: one line per instruction straight from the trace file's records, with what is the same every time an instruction runs in a context (its site) made once. It writes what TextWriter.instruction and JsonLinesWriter.instruction would (a test compares them)."""
+"""The text and JSON Lines renderers' loop: emu/trace_lines.c writes one line per instruction straight from the trace file; Python describes each instruction's site once (context name, symbol, bytes, disassembly) and handles every record that is not an instruction. It writes what TextWriter.instruction and JsonLinesWriter.instruction would (a test compares them)."""
 from __future__ import annotations
 
-import collections
 import json
 
+from emu import fast
 from tools.trace import jsonl as jsonl_format
 from tools.trace import text as text_format
 from tools.trace import tracefile
-from tools.trace.annotate import coalesce
 from tools.trace.contexts import GUEST
-from tools.trace.registers import REGISTER_NAMES, RIP_INDEX
+from tools.trace.registers import REGISTER_NAMES
 
-RIP_BIT = 1 << RIP_INDEX
-FLUSH_LINES = 4096                      # lines joined into one write
+ffi, lib = fast.ffi, fast.lib
+SITE_SLOTS = 1 << 17                    # sites the C table holds before it is cleared and refilled
+COUNT_SLOTS = 1 << 17                   # (site, phase, LP) counters before they are taken
+OUTPUT_BYTES = 1 << 22
+LP_FIELD_BITS, PHASE_FIELD_BITS = 8, 8  # a count's key: site << 16 | phase << 8 | LP
+_REGISTER_NAMES = [ffi.new("char[]", name.encode()) for name in REGISTER_NAMES]
 
 
 class _Site:
-    """An instruction in a context: its line's fixed part, names, length and whether the context and
-    symbol filters take it."""
+    """What Python keeps of a site the C table holds: the names the summary counts it under, and
+    the C strings the table points to."""
 
-    __slots__ = ("static", "context", "symbol", "length", "taken", "number")
+    __slots__ = ("context", "symbol", "strings")
 
-    def __init__(self, static: str, context: str, symbol: str | None, length: int, taken: bool, number: int):
-        self.static, self.context, self.symbol = static, context, symbol
-        self.length, self.taken, self.number = length, taken, number
-
-
-class _MaskFormat:
-    """How a set of changed registers prints: a format string over their values, and where RIP is."""
-
-    __slots__ = ("text", "json", "rip_position", "names")
-
-    def __init__(self, mask: int):
-        self.names = [name for bit, name in enumerate(REGISTER_NAMES) if mask >> bit & 1]
-        self.text = "".join(f" {name}={{:#x}}" for name in self.names)
-        self.json = ",".join(f'"{name}":"{{:#x}}"' for name in self.names)
-        self.rip_position = self.names.index("rip") if "rip" in self.names else -1
+    def __init__(self, context: str, symbol: str | None, strings: tuple):
+        self.context, self.symbol, self.strings = context, symbol, strings
 
 
-def render(renderer, records) -> None:
-    """Renders `records` with `renderer`'s writer (a TextWriter or JsonLinesWriter), names, filters
-    and summary; every record but an instruction goes to renderer.other()."""
-    is_text = renderer.format == "text"
-    names, filters, summary = renderer.names, renderer.filters, renderer.summary
-    unfiltered, wants_instructions = renderer.unfiltered, renderer.wants_instructions
-    phases = renderer.phases
-    sites: dict[tuple[int, int], _Site] = {}
-    site_list: list[_Site] = []
-    generation = -1
-    formats: dict[int, _MaskFormat] = {}
-    counts: collections.Counter[int] = collections.Counter()   # (site, phase, LP) packed in one int
-    strings: dict[str, str] = {}
-    out_lines: list[str] = []
-    first_time = last_time = None
-    lps = filters.lps
-    time_range = filters.time_range
-    other, instruction_bytes = renderer.other, renderer.instruction_bytes
-    INSTRUCTION, CODE, RIP_ADVANCED = tracefile.INSTRUCTION, tracefile.CODE, tracefile.RIP_ADVANCED
-    progress_every = renderer.PROGRESS_EVERY if renderer.progress is not None else 0
-    read = 0
+def render(renderer, reader: tracefile.TraceReader) -> None:
+    """Renders the file of `reader` with `renderer`'s writer (a TextWriter or JsonLinesWriter),
+    names, filters and summary; every record but an instruction goes to renderer.other()."""
+    loop = _LineLoop(renderer, reader)
+    try:
+        loop.run()
+    finally:
+        loop.release()
 
-    def json_string(value: str) -> str:
-        encoded = strings.get(value)
-        if encoded is None:
-            encoded = strings[value] = json.dumps(value)
-        return encoded
 
-    def flush() -> None:
-        if out_lines:
-            renderer.writer.out.write("".join(out_lines))
-            out_lines.clear()
+class _LineLoop:
+    def __init__(self, renderer, reader: tracefile.TraceReader):
+        self.renderer = renderer
+        self.reader = reader
+        self.json = renderer.format == "jsonl"
+        self.sites: list[_Site] = []
+        self.phase_strings: dict[int, object] = {}
+        self.generation = renderer.names.generation
+        r = self.state = ffi.new("hhr_render *")
+        self._buffer = ffi.from_buffer(reader.buffer)
+        r.file = ffi.cast("const uint8_t *", self._buffer)
+        r.size = reader.size
+        r.offset = len(tracefile.MAGIC)
+        r.json = int(self.json)
+        r.wants_instructions = int(renderer.wants_instructions)
+        filters = renderer.filters
+        for lp in range(lib.HHR_RENDER_MAX_LPS):
+            r.lp_taken[lp] = int(not filters.lps or lp in filters.lps)
+        if filters.time_range is not None:
+            r.has_range = 1
+            r.range_start, r.range_end = filters.time_range
+        for index, name in enumerate(REGISTER_NAMES):
+            r.register_names[index] = _REGISTER_NAMES[index]
+        self._sites = ffi.new("hhr_render_site[]", SITE_SLOTS)
+        r.sites, r.site_mask = self._sites, SITE_SLOTS - 1
+        self._count_keys = ffi.new("uint64_t[]", COUNT_SLOTS)
+        self._count_values = ffi.new("uint64_t[]", COUNT_SLOTS)
+        r.count_keys, r.count_values, r.count_mask = self._count_keys, self._count_values, COUNT_SLOTS - 1
+        self._output = ffi.new("char[]", OUTPUT_BYTES)
+        r.out, r.out_capacity = self._output, OUTPUT_BYTES
+        self.out = getattr(renderer.writer, "out", None)
+        self._strings: dict[str, str] = {}
 
-    def site_of(context: int, lp: int, address: int, size: int) -> _Site:
+    def run(self) -> None:
+        r, renderer = self.state, self.renderer
+        progress_every = renderer.PROGRESS_EVERY if renderer.progress is not None else 0
+        next_progress = progress_every
+        while True:
+            status = lib.hhr_render_lines(r)
+            if progress_every and r.instructions >= next_progress:
+                renderer.report_progress(r.instructions)
+                next_progress = r.instructions - r.instructions % progress_every + progress_every
+            if status == lib.HHR_RENDER_END:
+                break
+            if status == lib.HHR_RENDER_RECORD:
+                self._flush()
+                record, r.offset = self.reader.record_at(r.offset)
+                self._other(record)
+            elif status == lib.HHR_RENDER_SITE:
+                self._describe(r.miss_context, r.miss_lp, r.miss_address, r.miss_size)
+            elif status == lib.HHR_RENDER_OUTPUT_FULL:
+                self._flush()
+                if r.needed > r.out_capacity:
+                    self._output = ffi.new("char[]", int(r.needed))
+                    r.out, r.out_capacity = self._output, r.needed
+            elif status == lib.HHR_RENDER_COUNTS_FULL:
+                self._take_counts()
+            else:
+                raise tracefile.TraceFileError(f"{self.reader.path}: damaged or cut short near byte {r.offset}")
+        self._flush()
+        self._take_counts()
+        renderer.read += r.instructions
+        if r.have_time:
+            renderer.summary.add_times(r.first_time, r.last_time)
+
+    def release(self) -> None:
+        """The file's map is the reader's again (it can be closed)."""
+        ffi.release(self._buffer)
+
+    # --- what C hands back -----------------------------------------------------------------------
+    def _other(self, record: tuple) -> None:
+        renderer, r = self.renderer, self.state
+        kind = record[0]
+        if kind == tracefile.CODE:   # new bytes at an address: its site is described again
+            lib.hhr_render_forget_site(r, record[1], record[2])
+        renderer.other(record)
+        if self.out is None and renderer.writer is not None:
+            self.out = getattr(renderer.writer, "out", None)
+        if kind == tracefile.DATA and record[1]["type"] == "phase":
+            index, name = record[1]["index"], record[1]["name"]
+            filters = renderer.filters
+            encoded = self.phase_strings[index] = ffi.new("char[]", json.dumps(name).encode())
+            r.phase_json[index], r.phase_json_length[index] = encoded, len(encoded) - 1
+            r.phase_taken[index] = int(not filters.phases or name in filters.phases)
+        if renderer.names.generation != self.generation:   # a context may have another name now
+            self.generation = renderer.names.generation
+            lib.hhr_render_forget_sites(r)
+
+    def _describe(self, context: int, lp: int, address: int, size: int) -> None:
+        renderer, r = self.renderer, self.state
+        names = renderer.names
         info = names.context(context, lp, address)
         symbol = names.symbolizer.symbolize(address, info.partition if info.kind == GUEST else None)
-        instruction = instruction_bytes(context, address, size)
+        instruction = renderer.instruction_bytes(context, address, size)
         disassembly = renderer.disassembler.text(address, instruction)
-        if is_text:
-            static = text_format.static_columns_of(info.name, address, symbol, instruction, disassembly)
-        else:   # the context, then (after the phase) the rest
-            static = (json_string(info.name), jsonl_format.static_fields(address, symbol, instruction, disassembly))
-        taken = unfiltered or filters.instruction_site(info.name, symbol)
-        site = _Site(static, info.name, symbol, len(instruction), taken, len(site_list))
-        site_list.append(site)
-        return site
-
-    for record in records:
-        if record[0] != INSTRUCTION:
-            flush()
-            if record[0] == CODE:   # new bytes at an address: its site is made again
-                sites.pop((record[1], record[2]), None)
-            other(record)
-            continue
-        _, lp, phase_index, flags, context, size, mask, when, address, values, writes, _reads = record
-        read += 1
-        if progress_every and read % progress_every == 0:
-            renderer.report_progress(renderer.read + read)
-        if not wants_instructions:
-            continue
-        if names.generation != generation:      # a context may have another name now
-            sites.clear()
-            generation = names.generation
-        key = (context, address)
-        site = sites.get(key)
-        if site is None:
-            site = site_of(context, lp, address, size)
-            if names.cacheable(context, address):
-                sites[key] = site
-        if not site.taken or (lps and lp not in lps):
-            continue
-        phase = phases[phase_index]
-        if not unfiltered:
-            if filters.phases and phase not in filters.phases:
-                continue
-            if time_range is not None and not time_range[0] <= when < time_range[1]:
-                continue
-        # The registers changed: RIP only when it is not the next instruction's address.
-        fmt = None
-        if mask:
-            fmt = formats.get(mask)
-            if fmt is None:
-                fmt = formats[mask] = _MaskFormat(mask)
-        if flags & RIP_ADVANCED and site.length != size:
-            names_values = list(zip(fmt.names, values)) if fmt else []
-            names_values = _sorted_changes(names_values + [("rip", address + size)])
-        elif fmt is not None and fmt.rip_position >= 0 and values[fmt.rip_position] == address + site.length:
-            names_values = [(name, value) for name, value in zip(fmt.names, values) if name != "rip"]
+        if self.json:
+            fixed = jsonl_format.static_fields(address, symbol, instruction, disassembly)
+            context_json = self._json_string(info.name)
         else:
-            names_values = None
-        if writes and len(writes) > 1:
-            writes = coalesce(writes)
-        if is_text:
-            if names_values is not None:
-                effects = "".join(f" {name}={value:#x}" for name, value in names_values)
-            else:
-                effects = fmt.text.format(*values) if fmt is not None else ""
-            if writes:
-                effects += "".join(f" [{address:#x}]<-{data.hex(' ')}" for address, data in writes)
-            if effects:
-                out_lines.append(f"{when:>{text_format.TIME_WIDTH}} lp{lp} {site.static}{effects}\n")
-            else:
-                out_lines.append(f"{when:>{text_format.TIME_WIDTH}} lp{lp} {site.static}".rstrip() + "\n")
-        else:
-            if names_values is not None:
-                registers = ",".join(f'"{name}":"{value:#x}"' for name, value in names_values)
-            else:
-                registers = fmt.json.format(*values) if fmt is not None else ""
-            memory = ",".join(f'["{address:#x}","{data.hex()}"]' for address, data in writes) if writes else ""
-            context_json, fixed = site.static
-            out_lines.append(f'{{"type":"insn","t":{when},"lp":{lp},"ctx":{context_json},"phase":{json_string(phase)},'
-                             f'{fixed}"regs":{{{registers}}},"mem":[{memory}]}}\n')
-        counts[(site.number << 16) | (phase_index << 8) | lp] += 1
-        if last_time is None or when > last_time:
-            last_time = when
-        if first_time is None or when < first_time:
-            first_time = when
-        if len(out_lines) >= FLUSH_LINES:
-            flush()
-    flush()
-    renderer.read += read
-    for packed, count in counts.items():
-        site = site_list[packed >> 16]
-        summary.add_instructions(site.context, phases[(packed >> 8) & 0xFF], packed & 0xFF, site.symbol, count)
-    summary.add_times(first_time, last_time)
+            fixed = text_format.static_columns_of(info.name, address, symbol, instruction, disassembly)
+            context_json = ""
+        fixed_bytes, context_bytes = fixed.encode(), context_json.encode()
+        strings = (ffi.new("char[]", fixed_bytes), ffi.new("char[]", context_bytes))
+        site = ffi.new("hhr_render_site *")
+        site.address, site.context = address, context
+        site.fixed, site.fixed_length = strings[0], len(fixed_bytes)
+        site.fixed_trimmed_length = len(fixed.rstrip().encode())
+        site.context_json, site.context_json_length = strings[1], len(context_bytes)
+        site.exact_length = len(instruction)
+        site.taken = int(renderer.unfiltered or renderer.filters.instruction_site(info.name, symbol))
+        # Root code outside both images is named by the hypervisor that ran last on its LP, which
+        # this loop does not follow: such a site keeps the name it had when first described.
+        site.number = len(self.sites)
+        if not lib.hhr_render_add_site(r, site):   # the table is full: counted, cleared, refilled
+            self._take_counts()
+            self.sites.clear()
+            lib.hhr_render_forget_sites(r)
+            site.number = 0
+            lib.hhr_render_add_site(r, site)
+        self.sites.append(_Site(info.name, symbol, strings))
 
+    def _json_string(self, value: str) -> str:
+        encoded = self._strings.get(value)
+        if encoded is None:
+            encoded = self._strings[value] = json.dumps(value)
+        return encoded
 
-def _sorted_changes(changes: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    return sorted(changes, key=lambda change: REGISTER_NAMES.index(change[0]))
+    def _flush(self) -> None:
+        r = self.state
+        if r.out_used:
+            self.out.write(ffi.buffer(r.out, r.out_used)[:].decode("utf-8"))
+            r.out_used = 0
+
+    def _take_counts(self) -> None:
+        """The C counters into the summary, and cleared."""
+        r, summary, phases = self.state, self.renderer.summary, self.renderer.phases
+        keys, values = self._count_keys, self._count_values
+        lp_mask, phase_mask = (1 << LP_FIELD_BITS) - 1, (1 << PHASE_FIELD_BITS) - 1
+        for index in range(COUNT_SLOTS):
+            stored = keys[index]
+            if stored:
+                packed = stored - 1
+                site = self.sites[packed >> (LP_FIELD_BITS + PHASE_FIELD_BITS)]
+                summary.add_instructions(site.context, phases[(packed >> LP_FIELD_BITS) & phase_mask],
+                                         packed & lp_mask, site.symbol, values[index])
+        ffi.memmove(self._count_keys, b"\0" * (8 * COUNT_SLOTS), 8 * COUNT_SLOTS)
+        r.count_used = 0

@@ -12,13 +12,18 @@ from unicorn.unicorn_py3 import unicorn as uc_binding
 from emu import fast
 from emu.context import ExecutionContext
 from tools.trace import tracefile
+from tools.trace.decoder import Decoder
 from tools.trace.registers import TRACED_REGISTERS
 
 ffi, lib = fast.ffi, fast.lib
 _REGISTER_IDS = ffi.new("int[]", [register for _, register in TRACED_REGISTERS])
 _READ_BATCH = ffi.cast("int (*)(void *, const int *, void **, int)",
                        ctypes.cast(uc_binding.uclib.uc_reg_read_batch, ctypes.c_void_p).value)
+# emu/tracepath.h counts and places the traced registers as tools/trace/registers.py lists them.
 assert len(TRACED_REGISTERS) == lib.HHR_TRACE_REGISTERS
+assert [name for name, _ in TRACED_REGISTERS].index("rip") == lib.HHR_TRACE_RIP_INDEX
+assert [name for name, _ in TRACED_REGISTERS].index("rflags") == lib.HHR_TRACE_RFLAGS_INDEX
+assert [name for name, _ in TRACED_REGISTERS].index("cr3") == lib.HHR_TRACE_CR3_INDEX
 
 # The recorder's C callbacks find their recorder by its number; held weakly, as emu/fast.py does.
 _recorders: dict[int, weakref.ReferenceType] = {}
@@ -38,7 +43,7 @@ def hhr_on_trace_lp_done(python_id, lp):
         recorder.lp_done(lp)
 
 
-class RecorderError(RuntimeError):
+class RecorderError(OSError):
     """The trace file could not be written (a full disk, a closed file)."""
 
 
@@ -50,12 +55,16 @@ class Recorder:
     recorded (after forget_names(), again) and answers HHR_VMCS_* flags; `on_lp_done(lp)` hears that
     an LP's window is over.
 
-    The machine's C transition loop must be off while a window is open (the machine is the same
-    without it, docs/machine.md 1.2): every VM exit and entry then happens, and is published, in
-    Python, between the instructions around it."""
+    While installed, the machine's C transition loop hands back to Python after every VM exit and
+    entry it carries out (hhr_lp.event_limit), so each is published before the next instruction
+    runs, and it reports the trapped instructions it carries out (hhr_trace_trapped_in_loop) as
+    Python's path does: the file is the same with the loop or without it."""
 
     def __init__(self, machine, path: str, on_vmcs: Callable[[int, int], int],
-                 on_lp_done: Callable[[int], None], record_reads: bool = False):
+                 on_lp_done: Callable[[int], None], record_reads: bool = False, read_all_registers: bool = False):
+        """`read_all_registers` reads every traced register after every instruction, instead of only
+        those capstone says it may write inside a block (tools/trace/decoder.py): the same file,
+        slower; tests hold the two to each other."""
         self.machine = machine
         self.path = path
         self.on_vmcs = on_vmcs
@@ -72,6 +81,9 @@ class Recorder:
         trace.record_reads = int(record_reads)
         trace.register_ids = _REGISTER_IDS
         trace.reg_read_batch = _READ_BATCH
+        self._decoder = Decoder()
+        trace.decoder = self._decoder.state
+        trace.read_all_registers = int(read_all_registers)
         trace.lp_count = len(machine.lps)
         for lp in machine.lps:
             trace.lps[lp.index].loop = ffi.cast("void *", lp.run_state)
@@ -134,17 +146,21 @@ class Recorder:
             lib.hhr_trace_finish(self._trace)
 
     # --- installing -------------------------------------------------------------------------------
-    def install(self) -> None:
-        """Between runs only: hooks every instance and drops its translated code, so that every
-        block is translated again with the hooks in it."""
+    def install(self, instructions: bool = True) -> None:
+        """Between runs only: the transition loop hands back at every event; with `instructions`,
+        hooks every instance and drops its translated code, so that every block is translated again
+        with the hooks in it."""
         if self.installed:
             return
         machine = self.machine
-        for context in machine.contexts:
-            self._hook(context)
-            context.flush_code()
-        machine.context_observers.append(self._hook)
-        machine.trapped_instruction_observer = self._on_trapped
+        for lp in machine.lps:
+            lp.run_state.event_limit = 1
+        if instructions:
+            for context in machine.contexts:
+                self._hook(context)
+                context.flush_code()
+            machine.context_observers.append(self._hook)
+            machine.trapped_instruction_observer = self._on_trapped
         self.installed = True
 
     def remove(self) -> None:
@@ -154,13 +170,18 @@ class Recorder:
             return
         self.finish()
         machine = self.machine
-        for context, handle in self._hooks:
-            fast.delete_hook(context.uc, handle)
-        self._hooks.clear()
-        for context in machine.contexts:
-            context.flush_code()
-        machine.context_observers.remove(self._hook)
-        machine.trapped_instruction_observer = None
+        for lp in machine.lps:
+            lp.run_state.event_limit = 0
+        if self._hook in machine.context_observers:
+            for context, handle in self._hooks:
+                fast.delete_hook(context.uc, handle)
+            self._hooks.clear()
+            for context in self._contexts:
+                context.fast.ctx.trace = ffi.NULL
+            for context in machine.contexts:
+                context.flush_code()
+            machine.context_observers.remove(self._hook)
+            machine.trapped_instruction_observer = None
         self.installed = False
 
     def _hook(self, context: ExecutionContext) -> None:
@@ -171,6 +192,7 @@ class Recorder:
             state.ctx = context.fast.ctx
             state.id = len(self._contexts)
             self._contexts[context] = state
+        context.fast.ctx.trace = state
         uc = context.uc
         self._hooks.append((context, fast.add_c_hook(uc, uc_const.UC_HOOK_CODE, "hhr_trace_code_hook", state)))
         self._hooks.append((context, fast.add_c_hook(uc, uc_const.UC_HOOK_MEM_WRITE, "hhr_trace_write_hook", state)))

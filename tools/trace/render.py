@@ -11,6 +11,7 @@ from emu import decode
 from emu.events import Event
 from hypervisors import build
 from tools.trace import annotate, lines, tracefile
+from tools.trace import parquet as parquet_trace
 from tools.trace.contexts import GUEST, ContextInfo, RootClassifier
 from tools.trace.filters import Filters
 from tools.trace.jsonl import JsonLinesWriter
@@ -20,7 +21,8 @@ from tools.trace.symbols import Placement, Symbolizer, builtin_guest_image
 from tools.trace.tenet import TenetWriter
 from tools.trace.text import TextWriter
 
-FORMATS = ("text", "jsonl", "tenet", "chrome")
+FORMATS = ("text", "jsonl", "tenet", "chrome", "parquet")
+DIRECTORY_FORMATS = ("tenet", "parquet")     # formats that write a directory of files
 LINE_FORMATS = ("text", "jsonl")        # rendered by tools/trace/lines.py's loop
 OUTPUT_BUFFER = 1 << 20
 PROGRESS_EVERY = 1_000_000              # instructions rendered between two progress lines
@@ -40,16 +42,19 @@ def check_output(format: str, output: str | None) -> None:
     """Raises ValueError for an output the format cannot write to."""
     if format not in FORMATS:
         raise ValueError(f"bad --format {format!r}: one of {', '.join(FORMATS)}")
-    if format == "tenet" and output is None:
-        raise ValueError("--format tenet writes a directory of files: give it with --output")
+    directory = format in DIRECTORY_FORMATS
+    if directory and output is None:
+        raise ValueError(f"--format {format} writes a directory of files: give it with --output")
+    if format == "parquet":
+        parquet_trace.pyarrow_modules()         # without pyarrow, say how to install it before running
     if output is not None:
         target = Path(output)
-        folder = target if format == "tenet" else target.parent
+        folder = target if directory else target.parent
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
-        if not folder.is_dir() or (target.exists() and target.is_dir() != (format == "tenet")):
+        if not folder.is_dir() or (target.exists() and target.is_dir() != directory):
             raise ValueError(f"cannot write the trace to {output!r}"
-                             + (": it must be a directory" if format == "tenet" else ""))
+                             + (": it must be a directory" if directory else ""))
 
 
 class _Names:
@@ -66,8 +71,15 @@ class _Names:
 
     def place(self, record: dict) -> None:
         """A `placements` record: where the two hypervisors and the built-in guests run."""
-        old, new = (Placement(image["label"], build.image(image["hypervisor"]), image["load_address"])
-                    for image in record["hypervisors"])
+        placements = []
+        for image in record["hypervisors"]:
+            built = build.image(image["hypervisor"])
+            if image.get("image_digest", tracefile.image_digest(built)) != tracefile.image_digest(built):
+                raise tracefile.TraceFileError(
+                    f"the trace file was recorded with another build of {image['hypervisor']}: render it with the "
+                    "hhr that recorded it (symbols come from the images this build assembles)")
+            placements.append(Placement(image["label"], built, image["load_address"]))
+        old, new = placements
         self.roots = RootClassifier(old, new)
         guests = {}
         for partition, name in record["guests"].items():
@@ -83,11 +95,6 @@ class _Names:
 
     def rebound(self, context: int) -> None:
         self.generation += 1
-
-    def cacheable(self, context: int, address: int) -> bool:
-        """Whether the name of `context` at `address` stays the same until `generation` moves (root
-        code outside both images is named by what ran last on its LP)."""
-        return self.bound.get(context, 0) != 0 or self.roots.covers(address)
 
     def context(self, context: int, lp: int, address: int) -> ContextInfo:
         vmcs = self.bound.get(context, 0)
@@ -166,6 +173,10 @@ class Renderer:
         header = dict(header, filters=self.filters.describe())
         if self.format == "tenet":
             return TenetWriter(self.output, header)
+        if self.format == "parquet":
+            writer = parquet_trace.ParquetWriter(self.output, header)
+            self.outputs += writer.paths
+            return writer
         if self.output is None:
             stream = sys.stdout
         else:
@@ -191,19 +202,21 @@ class Renderer:
         self.read = 0
         try:
             with tracefile.TraceReader(self.path) as reader:
-                if self.format in LINE_FORMATS:
-                    lines.render(self, reader.records())
+                if self.format in LINE_FORMATS or not self.wants_instructions:
+                    lines.render(self, reader)   # C's loop (which also skips instructions no one wants)
                 else:
                     self._render(reader.records())
             if self.writer is None:
                 raise tracefile.TraceFileError(f"{self.path}: no header record")
+            if not self.recording:
+                raise tracefile.TraceFileError(f"{self.path}: cut short (no end record)")
             self.writer.close(self.summary.lines(), self.summary.as_dict())
             if isinstance(self.writer, TenetWriter):
                 self.outputs += self.writer.paths
         finally:
             if self._stream is not None:
                 self._stream.close()
-            elif self.format != "tenet":
+            elif self.format not in DIRECTORY_FORMATS:
                 sys.stdout.flush()
         return RenderResult(self.summary, self.outputs, self.read, time.perf_counter() - started, self.recording)
 

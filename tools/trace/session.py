@@ -56,6 +56,8 @@ class TraceOptions:
     to_end: bool = False                # after the window, run on to the end as `hhr restart` does
     progress: IO[str] | None = None
     input: str | None = None            # render this trace file instead of running the machine
+    record_reads: bool = False          # the file keeps memory reads too (Tenet's mr= entries)
+    read_all_registers: bool = False    # read every register after every instruction (a check of the decoder)
 
 
 @dataclass
@@ -81,7 +83,8 @@ class TraceSession:
         self.instructions_wanted = not options.filters.events_only and options.format != "chrome"
         self.per_lp_end = not self.window.by_time and self.window.end_event == FIRST_NEW_GUEST_INSTRUCTION
         self.recorder = Recorder(self.machine, path, self._name_vmcs, self._lp_done,
-                                 record_reads=options.format == "tenet")
+                                 record_reads=options.format == "tenet" or options.record_reads,
+                                 read_all_registers=options.read_all_registers)
         self.recorder.per_lp_end = self.per_lp_end
         self.target = options.to_hypervisor
         self.timeline = RestartTimeline(phase=self.machine.io.restart_phase)
@@ -106,8 +109,9 @@ class TraceSession:
 
     # --- arming -----------------------------------------------------------------------------------------
     def arm(self) -> None:
-        """Between runs: the recorder's hooks go in (if instructions are wanted) and the C transition
-        loop is turned off, so that every VM transition is published where it happens."""
+        """Between runs: the recorder's hooks go in (if instructions are wanted), and the C
+        transition loop hands back at every VM transition, so that each is published where it
+        happens."""
         if self.armed:
             return
         self.armed = True
@@ -115,10 +119,7 @@ class TraceSession:
             self._describe()
         self._write_header()
         self._sync_phases()
-        self._saved_fast_transitions = self.machine.fast_transitions
-        self.machine.fast_transitions = False
-        if self.instructions_wanted:
-            self.recorder.install()
+        self.recorder.install(instructions=self.instructions_wanted)
         if self.window.by_time:
             self.recorder.set_time_window(self.window.start_time, self.window.end_time)
             self.recorder.recording = True
@@ -128,7 +129,6 @@ class TraceSession:
         if not self.armed:
             return
         self.recorder.remove()
-        self.machine.fast_transitions = self._saved_fast_transitions
         self.armed = False
 
     def _describe(self) -> None:
@@ -145,7 +145,8 @@ class TraceSession:
         self.recorder.data(tracefile.data_payload({
             "type": "placements",
             "hypervisors": [{"hypervisor": at.name, "label": at.placement.label,
-                             "load_address": at.placement.load_address} for at in (old, new)],
+                             "load_address": at.placement.load_address,
+                             "image_digest": tracefile.image_digest(at.placement.image)} for at in (old, new)],
             "guests": {str(number): guest.name for number, guest in enumerate(booted.guests)},
             "guest_load_address": GUEST_LOAD_ADDRESS}))
 
@@ -374,7 +375,7 @@ def _advance(machine, limit: int, session: TraceSession | None = None) -> None:
                 session.arm()
             else:
                 machine.run(max_instructions=min(limit, session.arm_at))
-                if _final_stop(machine) or machine.retired >= limit:
+                if final_stop(machine) or machine.retired >= limit:
                     return
                 continue
         machine.run(max_instructions=limit)
@@ -385,7 +386,8 @@ def _advance(machine, limit: int, session: TraceSession | None = None) -> None:
             return
 
 
-def _final_stop(machine) -> bool:
+def final_stop(machine) -> bool:
+    """The machine stopped for good (the guests ended or it failed), not at an instruction limit."""
     return machine.stop is not None and machine.stop.reason != INSTRUCTION_LIMIT
 
 
@@ -414,9 +416,9 @@ def _drive(options: TraceOptions, session: TraceSession | None, finder: _StartFi
 
     summaries = []
     for number, point in enumerate(sorted(options.request_at)):
-        while machine.retired < point and not _final_stop(machine) and not done():
+        while machine.retired < point and not final_stop(machine) and not done():
             step(min(point, machine.retired + TRACE_STEP) if window.by_time else point)
-        if _final_stop(machine):
+        if final_stop(machine):
             raise ValueError(f"the guests ended before instruction {point}: request the restart earlier (--at)")
         if done():
             break
@@ -431,7 +433,7 @@ def _drive(options: TraceOptions, session: TraceSession | None, finder: _StartFi
         try:
             restart_module.stage(booted, target, strike, copy_mode)
             limit = machine.retired + restart_module.RESTART_BUDGET
-            while not recorder.settled and machine.retired < limit and not _final_stop(machine) and not done():
+            while not recorder.settled and machine.retired < limit and not final_stop(machine) and not done():
                 step(min(limit, machine.retired + TRACE_STEP))
         finally:
             recorder.leave(machine.events)
@@ -441,7 +443,7 @@ def _drive(options: TraceOptions, session: TraceSession | None, finder: _StartFi
         summaries.append(restart_module.summary(booted, recorder, source, strike, copy_mode)
                          | {"request_at": point})
     if window.by_time:
-        while not done() and not _final_stop(machine) and machine.retired < options.max_instructions:
+        while not done() and not final_stop(machine) and machine.retired < options.max_instructions:
             if session is not None and min(lp.now for lp in machine.lps) >= window.end_time:
                 session._close()
                 break
@@ -449,7 +451,8 @@ def _drive(options: TraceOptions, session: TraceSession | None, finder: _StartFi
     return summaries
 
 
-def _boot(options: TraceOptions) -> boot.Booted:
+def boot_options(options: TraceOptions) -> boot.Booted:
+    """The machine of `options` booted, before any restart."""
     guests = [catalog.parse(spec) for spec in options.guests]
     return boot.boot(guests, hypervisor=options.from_hypervisor, lps=options.lps, ram_size=options.ram_size)
 
@@ -515,13 +518,13 @@ def _record(options: TraceOptions, path: str) -> TraceResult:
     window = options.window
     arm_at = None
     if window.by_time or window.start_event != "doorbell":
-        booted = _boot(options)
+        booted = boot_options(options)
         finder = _StartFinder(booted.machine, window)
         booted.machine.events.subscribe(finder.on_machine_event)
         _drive(options, None, finder, booted)
         arm_at = finder.position if finder.found else None
     started = time.perf_counter()
-    booted = _boot(options)
+    booted = boot_options(options)
     machine = booted.machine
     session = TraceSession(booted, options, path)
     session.arm_at = arm_at

@@ -1,6 +1,7 @@
 """The trace file (`.hhrt`, docs/tracing.md "The trace file"): the record layouts emu/tracepath.c writes and Python's data records, and a reader that walks them in order."""
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import struct
@@ -10,6 +11,7 @@ from emu import fast
 
 MAGIC = b"HHRTRACE\x00\x00\x00\x01"     # the file's first bytes: name, then the layout version (1)
 FORMAT_VERSION = 1
+IMAGE_DIGEST_DIGITS = 16
 
 lib = fast.lib
 INSTRUCTION, CODE, LOAD, DATA, BIND = (lib.HHR_RECORD_INSTRUCTION, lib.HHR_RECORD_CODE, lib.HHR_RECORD_LOAD,
@@ -41,6 +43,12 @@ def popcount(mask: int) -> int:
 def data_payload(record: dict) -> bytes:
     """A data record's bytes: one JSON object, its keys in the order they were made."""
     return json.dumps(record, separators=(",", ":")).encode()
+
+
+def image_digest(image) -> str:
+    """What names an image's build in a file: the renderer symbolizes with the image this build
+    assembles, which must be the one that ran."""
+    return hashlib.sha256(image.code).hexdigest()[:IMAGE_DIGEST_DIGITS]
 
 
 class TraceFileError(ValueError):
@@ -101,62 +109,73 @@ class TraceReader:
     def __exit__(self, *_exc) -> None:
         self.close()
 
+    @property
+    def buffer(self):
+        """The file's bytes (a read-only map)."""
+        return self._map
+
     def records(self) -> Iterator:
         buffer, end = self._map, self.size
         offset = len(MAGIC)
         last_time: dict[int, int] = {}
         next_rip: dict[int, int] = {}
-        instruction_head, load_head, code_head, data_head = INSTRUCTION_HEAD, LOAD_HEAD, CODE_HEAD, DATA_HEAD
-        word, values_of = WORD, VALUES
+        instruction_head, word, values_of = INSTRUCTION_HEAD, WORD, VALUES
         try:
             while offset < end:
-                kind = buffer[offset]
-                if kind == INSTRUCTION:
-                    _, lp, phase, flags, context, size, mask = instruction_head.unpack_from(buffer, offset)
-                    offset += instruction_head.size
-                    if flags & TIME_NEXT:
-                        time = last_time[lp] + 1
-                    else:
-                        time = word.unpack_from(buffer, offset)[0]
-                        offset += 8
-                    if flags & RIP_NEXT:
-                        address = next_rip[lp]
-                    else:
-                        address = word.unpack_from(buffer, offset)[0]
-                        offset += 8
-                    layout = values_of[popcount(mask)] if mask else values_of[0]
-                    values = layout.unpack_from(buffer, offset)
-                    offset += layout.size
-                    writes = reads = []
-                    if flags & HAS_WRITES:
-                        writes, offset = _memory(buffer, offset)
-                    if flags & HAS_READS:
-                        reads, offset = _memory(buffer, offset)
-                    last_time[lp] = time
-                    next_rip[lp] = address + size
-                    yield (INSTRUCTION, lp, phase, flags, context, size, mask, time, address, values, writes, reads)
-                elif kind == CODE:
-                    _, length, context, address = code_head.unpack_from(buffer, offset)
-                    offset += code_head.size
-                    yield (CODE, context, address, bytes(buffer[offset:offset + length]))
-                    offset += length
-                elif kind == LOAD:
-                    _, lp, phase, flags, context, mask, time = load_head.unpack_from(buffer, offset)
-                    offset += load_head.size
-                    layout = values_of[popcount(mask)]
-                    values = layout.unpack_from(buffer, offset)
-                    offset += layout.size
-                    yield (LOAD, lp, phase, bool(flags & LOAD_INITIAL), context, mask, time, values)
-                elif kind == DATA:
-                    _, length = data_head.unpack_from(buffer, offset)
-                    offset += data_head.size
-                    yield (DATA, json.loads(bytes(buffer[offset:offset + length])))
-                    offset += length
-                elif kind == BIND:
-                    _, context, vmcs = BIND_RECORD.unpack_from(buffer, offset)
-                    offset += BIND_RECORD.size
-                    yield (BIND, context, vmcs)
+                if buffer[offset] != INSTRUCTION:
+                    record, offset = self.record_at(offset)
+                    yield record
+                    continue
+                _, lp, phase, flags, context, size, mask = instruction_head.unpack_from(buffer, offset)
+                offset += instruction_head.size
+                if flags & TIME_NEXT:
+                    time = last_time[lp] + 1
                 else:
-                    raise TraceFileError(f"{self.path}: unknown record kind {kind} at byte {offset}")
-        except (struct.error, KeyError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    time = word.unpack_from(buffer, offset)[0]
+                    offset += 8
+                if flags & RIP_NEXT:
+                    address = next_rip[lp]
+                else:
+                    address = word.unpack_from(buffer, offset)[0]
+                    offset += 8
+                layout = values_of[popcount(mask)] if mask else values_of[0]
+                values = layout.unpack_from(buffer, offset)
+                offset += layout.size
+                writes = reads = []
+                if flags & HAS_WRITES:
+                    writes, offset = _memory(buffer, offset)
+                if flags & HAS_READS:
+                    reads, offset = _memory(buffer, offset)
+                last_time[lp] = time
+                next_rip[lp] = address + size
+                yield (INSTRUCTION, lp, phase, flags, context, size, mask, time, address, values, writes, reads)
+        except (struct.error, KeyError) as exc:
             raise TraceFileError(f"{self.path}: damaged or cut short near byte {offset} ({exc})") from None
+
+    def record_at(self, offset: int) -> tuple[tuple, int]:
+        """The record at `offset` that is not an instruction, and the offset of the next."""
+        buffer = self._map
+        try:
+            kind = buffer[offset]
+            if kind == CODE:
+                _, length, context, address = CODE_HEAD.unpack_from(buffer, offset)
+                offset += CODE_HEAD.size
+                return (CODE, context, address, bytes(buffer[offset:offset + length])), offset + length
+            if kind == LOAD:
+                _, lp, phase, flags, context, mask, time = LOAD_HEAD.unpack_from(buffer, offset)
+                offset += LOAD_HEAD.size
+                layout = VALUES[popcount(mask)]
+                values = layout.unpack_from(buffer, offset)
+                return (LOAD, lp, phase, bool(flags & LOAD_INITIAL), context, mask, time, values), offset + layout.size
+            if kind == DATA:
+                _, length = DATA_HEAD.unpack_from(buffer, offset)
+                offset += DATA_HEAD.size
+                if offset + length > self.size:
+                    raise struct.error("a data record runs past the end")
+                return (DATA, json.loads(bytes(buffer[offset:offset + length]))), offset + length
+            if kind == BIND:
+                _, context, vmcs = BIND_RECORD.unpack_from(buffer, offset)
+                return (BIND, context, vmcs), offset + BIND_RECORD.size
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise TraceFileError(f"{self.path}: damaged or cut short near byte {offset} ({exc})") from None
+        raise TraceFileError(f"{self.path}: unknown record kind {kind} at byte {offset}")
