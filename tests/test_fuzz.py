@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from emu import dirty, fast
 from emu import snapshot as snapshot_module
 from guests import catalog
-from hypervisors import boot, build, transfer
+from hypervisors import boot, build, memory_map, transfer
 from tools import cli
 from tools.fuzz import campaign, executor, fields, oracles
 from tools.fuzz.inputs import Edit, FuzzInput, apply_edits
@@ -424,10 +424,66 @@ def test_a_partition_record_naming_ram_that_is_not_its_own_aborts_the_restart(ma
         result = machine.execute(entry, deep=True)
         assert result.outcome == "aborted" and result.status == transfer.Status.INCONSISTENT, result
         assert result.finding is None, result.finding
-    check = machine.booted.symbol("partition_memory_owned")
-    with broken(machine, "m1", check, CLEAR_CARRY_AND_RETURN):
+    with sender_checks_patched_out(machine):
         finding = machine.execute(entries[0], deep=True).finding
     assert finding is not None and finding.kind == oracles.GUEST_OUTPUT, finding
+
+
+@contextlib.contextmanager
+def sender_checks_patched_out(machine: executor.TransferMachine):
+    """The old hypervisor without its checks of the partition records against its frame table (both
+    ways: the RAM a record names is the partition's, and the partition owns nothing else)."""
+    with contextlib.ExitStack() as stack:
+        for check in ("partition_memory_owned", "partition_frames_inside"):
+            stack.enter_context(broken(machine, "m1", machine.booted.symbol(check), CLEAR_CARRY_AND_RETURN))
+        yield
+
+
+# A partition record that names less RAM than the partition owns: each (field, new value) list, from
+# the record's RAM base and size as the old hypervisor keeps them.
+SMALLER_RAM = {
+    "half of it": lambda base, size: [("memory_size", size // 2)],
+    "one frame less": lambda base, size: [("memory_size", size - boot.LARGE_PAGE_SIZE)],
+    "its first frame left out": lambda base, size: [("memory", base + boot.LARGE_PAGE_SIZE),
+                                                    ("memory_size", size - boot.LARGE_PAGE_SIZE)],
+}
+
+
+@pytest.mark.parametrize("case", sorted(SMALLER_RAM))
+def test_a_partition_record_naming_less_ram_than_the_partition_owns_aborts_the_restart(machine, case):
+    """A campaign's finding (target `state`): the old hypervisor's `partition[1].memory_size` set to
+    half the partition's RAM was sent, accepted and committed, and hashchain then died on an EPT
+    violation: the frames the record left out were free on the new side. Every frame the record named
+    was the partition's, so the sender's check passed; it now also checks that the partition owns no
+    frame outside them, and aborts (INCONSISTENT, detail: the partition). The guests then end as
+    without a restart; with the sender's checks patched out the finding comes back."""
+    state = {f.name: f for f in machine.state_fields()}
+    base = machine.read_state(state["partition[1].memory"].offset, 8)
+    size = machine.read_state(state["partition[1].memory_size"].offset, 8)
+    targets = [(state[f"partition[1].{name}"], value) for name, value in SMALLER_RAM[case](base, size)]
+    entry = FuzzInput("state", 1, tuple(Edit("set", f.offset, f.width, value, field=f.name) for f, value in targets))
+    result = machine.execute(entry, deep=True)
+    assert result.outcome == "aborted" and result.status == transfer.Status.INCONSISTENT, result
+    assert machine.booted.restart_detail == 1 and result.finding is None, result.finding
+    assert machine.run_guests_to_end(machine.setup.from_hv) == []
+    with sender_checks_patched_out(machine):
+        result = machine.execute(entry, deep=True)
+    assert result.outcome == "committed", result
+    assert result.finding is not None and result.finding.kind == oracles.GUEST_OUTPUT, result.finding
+
+
+def test_a_partition_record_with_another_number_than_its_place_aborts_the_restart(machine):
+    """The sender knows a partition's frames, pages and change-log entries by its place in its table,
+    and sends its record with the number the record holds: the two must agree, or the restart aborts
+    before anything of the partition is sent (INCONSISTENT, detail: the place). Without the check the
+    receiver refuses the stream later (another partition's RAM under a known number, or a partition
+    missing at VERIFY)."""
+    number = next(f for f in machine.state_fields() if f.name == "partition[1].number")
+    for value in (0, 2, memory_map.MAX_PARTITIONS - 1):
+        result = machine.execute(FuzzInput("state", 1, (Edit("set", number.offset, number.width, value,
+                                                             field=number.name),)))
+        assert result.outcome == "aborted" and result.status == transfer.Status.INCONSISTENT, (value, result)
+        assert machine.booted.restart_detail == 1 and result.finding is None, (value, result.finding)
 
 
 @pytest.mark.parametrize("suffix, value", [

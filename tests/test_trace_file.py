@@ -149,3 +149,21 @@ def test_recording_arguments_that_make_no_sense_get_a_clear_error(tmp_path, reco
         error = capsys.readouterr().err
         assert error.startswith("hhr trace: ") and "Traceback" not in error
     assert not (tmp_path / "f.hhrt").exists()
+
+
+def test_the_file_is_the_same_with_the_c_transition_loop_or_without(tmp_path, monkeypatch):
+    """The loop carries out most VM exits and entries while a trace records (handing back at each):
+    its trapped instructions, events and loads land in the file as Python's path puts them."""
+    with_loop, without_loop = tmp_path / "loop.hhrt", tmp_path / "python.hhrt"
+    options = dict(guests=["hashchain", "timer"], request_at=[300000], format="hhrt")
+    assert session.trace(session.TraceOptions(output=str(with_loop), **options)).recorded > 1_000_000
+    boot = session.boot_options
+
+    def boot_without_loop(trace_options):
+        booted = boot(trace_options)
+        booted.machine.fast_transitions = False
+        return booted
+
+    monkeypatch.setattr(session, "boot_options", boot_without_loop)
+    session.trace(session.TraceOptions(output=str(without_loop), **options))
+    assert read(with_loop) == read(without_loop)

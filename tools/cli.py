@@ -201,10 +201,15 @@ def fuzz(args: argparse.Namespace) -> int:
             result, kind, _ = campaign.replay(Path(args.replay), setup)
             print(campaign.replay_text(Path(args.replay), result, kind))
             return 1 if result.finding else 0
+        if args.report:
+            from tools.fuzz import report
+            print(report.report_text(Path(args.report)))
+            return 0
         if args.workers < 1:
             raise ValueError("--workers must be at least 1")
         options = campaign.Options(setup, args.target, Path(args.corpus), Path(args.findings), args.seconds,
-                                   args.runs, args.workers, args.seed)
+                                   args.runs, args.workers, args.seed,
+                                   output=Path(args.output) if args.output else None, host=args.host)
         if args.seconds is None and args.runs is None:
             options.seconds = FUZZ_DEFAULT_SECONDS
         stats = campaign.run_campaign(options)
@@ -346,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     fuzz_parser.add_argument("--workers", type=int, default=1, help="parallel workers sharing the corpus")
     fuzz_parser.add_argument("--seed", type=int, default=0, help="random seed (one worker: the same run)")
     fuzz_parser.add_argument("--replay", metavar="FILE", help="run one finding or corpus file again and report")
+    fuzz_parser.add_argument("--output", "-o", metavar="OUT",
+                             help="an AFL++ sync directory, instead of --corpus: inputs go to "
+                                  "OUT/hhr-HOST-N/queue/id:NNNNNN,..., the other instances' queues are imported")
+    fuzz_parser.add_argument("--host", help="the HOST of the instance names under --output (default: this host's name)")
+    fuzz_parser.add_argument("--report", metavar="OUT", help="print the blocks of the receiving code (service.inc, "
+                             "guest_state.inc, every include of hypervisors/common) the campaigns in OUT entered")
     fuzz_parser.set_defaults(func=fuzz)
     symbols_parser = commands.add_parser("symbols", help="write an ELF with an image's symbols at its run address, "
                                                          "for gdb's add-symbol-file (docs/gdb.md)")

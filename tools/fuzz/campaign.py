@@ -13,6 +13,8 @@ from emu import fast
 from hypervisors import build
 from tools.fuzz import corpus as corpus_module
 from tools.fuzz import coverage
+from tools.fuzz import sync
+from tools.fuzz.decoding import runnable
 from tools.fuzz import oracles
 from tools.fuzz.executor import Result, Setup, TransferMachine
 from tools.fuzz import fields as fields_module
@@ -27,7 +29,7 @@ FRESH_SHARE = 0.1                # parents that are a message with no edit yet, 
 COST_SCALE = 50_000               # a parent's weight: COST_SCALE / (COST_SCALE + its instructions), as AFL
                                   # favours fast inputs: more of the campaign goes to what is cheap to run
 CHILDREN_PER_PARENT = 16         # inputs made from one parent in a row (AFL's energy, fixed)
-CORPUS_SYNC_EVERY = 200           # executions between looks at the shared corpus (several workers)
+CORPUS_SYNC_EVERY = 200           # executions between looks at the shared corpus (several workers, or --output)
 MINIMIZE_EXECUTIONS = 40          # a finding's minimization tries at most this many inputs
 MINIMIZE_SECONDS = 30.0
 # A committed input that changed a checkable field is judged by running the guests to their end
@@ -46,6 +48,8 @@ class Options:
     workers: int = 1
     seed: int = 0
     quiet: bool = False
+    output: Path | None = None        # an AFL++ sync directory: the corpus is OUT/hhr-<host>-<n>/queue (tools/fuzz/sync.py)
+    host: str | None = None           # the host part of the instance names (default: this host's name)
 
 
 @dataclass
@@ -63,6 +67,10 @@ class Stats:
     setup_seconds: float = 0.0
     guest_checks: int = 0
     saved: list[str] = field(default_factory=list)
+    edge_map: bytes = b""            # edges hit (a byte per counter, nonzero if hit): unions over workers
+    block_map: bytes = b""           # blocks of the new hypervisor's image entered (final figures only)
+    corpus_names: frozenset = frozenset()   # the corpus inputs' content digests
+    imported: int = 0                # inputs imported from peers' queues (--output)
 
 
 def targets_of(target: str) -> tuple[str, ...]:
@@ -95,7 +103,8 @@ class Worker:
         self.mutator = Mutator(self.rng, self.machine.messages,
                                MachineFacts(self.machine.machine.ram.size, self.machine.region),
                                self.machine.state_fields(), self.machine.read_state, self.machine.vmcs_messages)
-        self.corpus = corpus_module.Corpus(options.corpus)
+        self.corpus = (sync.SyncQueue(options.output, sync.instance_name(options.host, index))
+                       if options.output is not None else corpus_module.Corpus(options.corpus))
         self.seen = fast.ffi.new("uint8_t[]", fast.lib.HHR_EDGE_MAP_SIZE)
         self.signatures: set[tuple] = set()
         self.cost: dict[FuzzInput, int] = {}  # instructions each corpus input took: the cheaper, the likelier a parent
@@ -137,23 +146,21 @@ class Worker:
         options = self.options
         started = time.perf_counter()
         deadline = started + options.seconds if options.seconds is not None else None
-        for entry in self.corpus.load_new():
-            if entry.target in self.targets:
-                self.run_one(entry, keep=False)
+        self.sync()
         for entry in seeds(self.machine, self.targets):     # the real restart's messages, kept whatever they reach
             self.cost[entry] = self.run_one(entry, keep=True).instructions
             self.corpus.add(entry)
-        pool = [entry for entry in self.corpus.entries if entry.target in self.targets] or seeds(self.machine, self.targets)
+        pool = self._pool() or seeds(self.machine, self.targets)
         last_report = started
         while True:
             if options.runs is not None and self.stats.executions >= options.runs:
                 break
             if deadline is not None and time.perf_counter() >= deadline:
                 break
-            if options.workers > 1 and self.stats.executions >= self._next_sync:
+            if (options.workers > 1 or options.output is not None) and self.stats.executions >= self._next_sync:
                 self._next_sync += CORPUS_SYNC_EVERY
-                self.corpus.load_new()
-            pool = [entry for entry in self.corpus.entries if entry.target in self.targets] or pool
+                self.sync()
+            pool = self._pool() or pool
             if self.rng.random() < FRESH_SHARE:
                 parent = self.mutator.fresh(self.rng.choice(self.targets))
             else:
@@ -169,14 +176,34 @@ class Worker:
                 report(self._snapshot(now - started))
         return self._snapshot(time.perf_counter() - started, final=True)
 
+    def sync(self) -> list[FuzzInput]:
+        """Runs the inputs that appeared in the shared corpus (or the peers' queues) since the last
+        look, made runnable on this setup; those of other targets are only kept."""
+        found = self.corpus.load_new()
+        if isinstance(self.corpus, sync.SyncQueue):
+            self.stats.imported = sum(self.corpus.imported.values())
+        for entry in found:
+            if entry.target in self.targets:
+                self.run_one(runnable(entry, len(self.machine.messages)), keep=False)
+        return found
+
+    def _pool(self) -> list[FuzzInput]:
+        count = len(self.machine.messages)
+        return [runnable(entry, count) for entry in self.corpus.entries if entry.target in self.targets]
+
     def _snapshot(self, seconds: float, final: bool = False) -> Stats:
         self.stats.seconds = seconds
         self.stats.edges = self.edges()
+        self.stats.edge_map = bytes(fast.ffi.buffer(self.seen))
         if final:
             image = build.image(self.options.setup.to_hv)
-            self.stats.blocks = coverage.blocks_entered(image, fast.ffi.buffer(self.machine.block_map), RECEIVER_SOURCE)
+            self.stats.block_map = bytes(fast.ffi.buffer(self.machine.block_map))
+            self.stats.blocks = coverage.blocks_entered(image, self.stats.block_map, RECEIVER_SOURCE)
             self.stats.blocks_total = coverage.basic_blocks(image, RECEIVER_SOURCE)
+            if isinstance(self.corpus, sync.SyncQueue):
+                self.corpus.save_blocks(self.options.setup.to_hv, self.stats.block_map)
         self.stats.corpus = len(self.corpus.entries)
+        self.stats.corpus_names = frozenset(self.corpus.names)
         return self.stats
 
 
@@ -234,13 +261,25 @@ def findings_text(all_stats: list[Stats]) -> str:
     return ", ".join(f"{kind} {count}" for kind, count in sorted(findings.items())) or "none"
 
 
+def union_edges(all_stats: list[Stats]) -> int:
+    """Edges hit by any worker of the campaign."""
+    return coverage.marks_in_union([s.edge_map for s in all_stats]) if any(s.edge_map for s in all_stats) else \
+        max((s.edges for s in all_stats), default=0)
+
+
+def union_corpus(all_stats: list[Stats]) -> int:
+    """Distinct inputs in the corpora of all workers."""
+    return len(frozenset().union(*(s.corpus_names for s in all_stats))) or max((s.corpus for s in all_stats), default=0)
+
+
 def status_line(all_stats: list[Stats], workers: int) -> str:
     executions = sum(s.executions for s in all_stats)
     rate = sum(s.executions / s.seconds for s in all_stats if s.seconds > 0)
     found = findings_text(all_stats)
+    imported = sum(s.imported for s in all_stats)
     return (f"execs {executions}  {rate:.0f}/s ({rate / max(workers, 1):.0f}/s per worker)  "
-            f"edges {max((s.edges for s in all_stats), default=0)}  "
-            f"corpus {max((s.corpus for s in all_stats), default=0)}  findings: {found}")
+            f"edges {union_edges(all_stats)}  corpus {union_corpus(all_stats)}  "
+            + (f"imported {imported}  " if imported else "") + f"findings: {found}")
 
 
 def run_campaign(options: Options) -> list[Stats]:
@@ -282,10 +321,18 @@ def summary(all_stats: list[Stats], options: Options) -> str:
     found = findings_text(all_stats)
     return (f"fuzz {options.setup.from_hv} -> {options.setup.to_hv} ({options.target}): {executions} executions in "
             f"{seconds:.1f} s, {sum(per_worker) / max(len(per_worker), 1):.0f} execs/s per worker, "
-            f"{max((s.edges for s in all_stats), default=0)} edges of {options.setup.to_hv} "
-            f"({max((s.blocks for s in all_stats), default=0)} of the {max((s.blocks_total for s in all_stats), default=0)} "
+            f"{union_edges(all_stats)} edges of {options.setup.to_hv} "
+            f"({union_blocks(all_stats, options.setup.to_hv)} of the {max((s.blocks_total for s in all_stats), default=0)} "
             f"basic blocks of its {RECEIVER_SOURCE} entered), "
-            f"corpus {max((s.corpus for s in all_stats), default=0)}, findings: {found}")
+            f"corpus {union_corpus(all_stats)}, findings: {found}")
+
+
+def union_blocks(all_stats: list[Stats], hypervisor: str) -> int:
+    """Blocks of the receiving code entered by any worker."""
+    maps = [s.block_map for s in all_stats if s.block_map]
+    if not maps:
+        return max((s.blocks for s in all_stats), default=0)
+    return coverage.blocks_entered(build.image(hypervisor), coverage.union_map(maps), RECEIVER_SOURCE)
 
 
 def replay(path: Path, setup: Setup | None, machine: TransferMachine | None = None) -> tuple[Result, str | None, Setup]:
@@ -295,7 +342,7 @@ def replay(path: Path, setup: Setup | None, machine: TransferMachine | None = No
     chosen = Setup.from_json(recorded_setup) if recorded_setup else (setup or Setup())
     if machine is None or machine.setup != chosen:
         machine = TransferMachine(chosen)
-    return machine.execute(entry, deep=True), kind, chosen
+    return machine.execute(runnable(entry, len(machine.messages)), deep=True), kind, chosen
 
 
 def replay_text(path: Path, result: Result, kind: str | None) -> str:

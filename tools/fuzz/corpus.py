@@ -5,6 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from tools.fuzz.decoding import decode_any
 from tools.fuzz.inputs import FuzzInput
 
 
@@ -55,12 +56,13 @@ def save_finding(directory: Path, kind: str, description: str, setup: dict, entr
 
 
 def load_replay(path: Path) -> tuple[dict | None, FuzzInput, str | None]:
-    """A finding file (setup, input, kind) or a bare corpus input (no setup, no kind)."""
+    """A finding file (setup, input, kind) or a bare corpus or queue input (no setup, no kind; any
+    bytes, as a peer's queue entry is read: `decoding.decode_any`)."""
     data = path.read_bytes()
     try:
         document = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not a fuzz input or finding: {error}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        document = None
     if isinstance(document, dict) and "input" in document:
         return document.get("setup"), FuzzInput.decode(json.dumps(document["input"]).encode()), document.get("kind")
-    return None, FuzzInput.decode(data), None
+    return None, decode_any(data), None

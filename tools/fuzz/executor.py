@@ -250,8 +250,14 @@ class TransferMachine:
                 fingerprint += vps[start + low:start + high]
         return bytes(fingerprint)
 
+    def _view_old_hypervisor(self) -> None:
+        """The booted view (symbols, records) reads the old hypervisor again: guests run to their end
+        after a commit (`run_guests_to_end`) leave it on the new one."""
+        self.booted.hypervisor, self.booted.image_base = self.setup.from_hv, self.old_image_base
+
     def state_fields(self) -> list[fields_module.Field]:
         """The old hypervisor's partition and VP records, field by field, at their addresses."""
+        self._view_old_hypervisor()
         booted = self.booted
         records = build.hypervisor(self.setup.from_hv).records
         found = []
@@ -276,7 +282,7 @@ class TransferMachine:
         number = 1 if fuzz_input.target == "state" else self.message_number(fuzz_input.message)
         self.checkpoints.restore(f"m{number}")
         self.machine.stop = None
-        self.booted.hypervisor, self.booted.image_base = self.setup.from_hv, self.old_image_base
+        self._view_old_hypervisor()
         self._arm_coverage()
         changed = self._strike(fuzz_input, number)
         self.state = state = self._new_run(fuzz_input.fix_digest, self.calls[number - 1])
