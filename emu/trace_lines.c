@@ -21,18 +21,7 @@ static char *put_text(char *at, const char *text, size_t length) {
     return at + length;
 }
 
-static char *put_decimal(char *at, uint64_t value) {
-    char digits[24];
-    int count = 0;
-    do {
-        digits[count++] = (char)('0' + value % 10);
-        value /= 10;
-    } while (value);
-    while (count) *at++ = digits[--count];
-    return at;
-}
-
-/* Right-aligned in `width` columns, as Python's f"{value:>{width}}". */
+/* Right-aligned in `width` columns, as Python's f"{value:>{width}}" (0: as wide as it is). */
 static char *put_decimal_width(char *at, uint64_t value, int width) {
     char digits[24];
     int count = 0;
@@ -43,6 +32,10 @@ static char *put_decimal_width(char *at, uint64_t value, int width) {
     for (int pad = width - count; pad > 0; pad--) *at++ = ' ';
     while (count) *at++ = digits[--count];
     return at;
+}
+
+static char *put_decimal(char *at, uint64_t value) {
+    return put_decimal_width(at, value, 0);
 }
 
 /* As Python's f"{value:#x}". */

@@ -357,7 +357,9 @@ def _event_line(record: dict, names: _Names) -> annotate.TracedEvent:
     identity = record.get("identity")
     if vmcs and identity is not None:
         names.identities[vmcs] = identity
-    source = Event(record["seq"], record["time"], record["lp"], record["kind"], record["source"])
+    added = record["added"]
+    machine_data = {name: value for name, value in data.items() if name not in added}
+    source = Event(record["seq"], record["time"], record["lp"], record["kind"], machine_data)
     return annotate.TracedEvent(record["seq"], record["time"], record["lp"], record["kind"], record["phase"],
                                 data, source)
 

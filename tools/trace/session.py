@@ -91,6 +91,7 @@ class TraceSession:
         self.timeline.subscribe(self._on_transition)
         self._phase_names: dict[int, str] = {}
         self._phase_indices: dict[int, int] = {}
+        self._stamped: tuple[int, ...] = ()  # the phase values the recorder stamps with now
         self.classifier: Classifier | None = None
         self.describe_vmcs = booted_vmcs_describer(booted)
         self._identities: dict[int, tuple | None] = {}
@@ -203,8 +204,10 @@ class TraceSession:
             self._follow_lp_end(event)
 
     def _write_event(self, line: annotate.TracedEvent, event) -> None:
+        """The event as annotate names it; `added`: the names it added to the machine's own data."""
         record = {"type": "event", "seq": line.seq, "time": line.time, "lp": line.lp, "kind": line.kind,
-                  "phase": line.phase, "data": line.data, "source": event.data}
+                  "phase": line.phase, "data": line.data,
+                  "added": [name for name in line.data if name not in event.data]}
         vmcs = event.data.get("vmcs")
         if vmcs:
             record["identity"] = self._identity(vmcs)
@@ -239,8 +242,12 @@ class TraceSession:
         return index
 
     def _sync_phases(self) -> None:
-        for lp in range(len(self.machine.lps)):
-            self.recorder.set_phase(lp, self._phase_index(self.timeline.lp_value(lp)))
+        """The recorder stamps each LP's instructions with the phase that LP is in now."""
+        values = tuple(self.timeline.lp_value(lp) for lp in range(len(self.machine.lps)))
+        if values != self._stamped:
+            self._stamped = values
+            for lp, value in enumerate(values):
+                self.recorder.set_phase(lp, self._phase_index(value))
 
     def _on_transition(self, _transition: Transition) -> None:
         if self.classifier is not None:
