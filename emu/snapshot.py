@@ -61,8 +61,13 @@ def restore(machine: "Machine", snapshot: MachineSnapshot, with_ram: bool = True
         machine.ram.write(0, snapshot.ram)
     context_by_id = machine.context_by_id
     for python_id, context in context_by_id.items():
-        keep_code = flush_code is not True and python_id not in flush_code
-        context.restore_state(snapshot.contexts.get(python_id), keep_code=keep_code)
+        saved = snapshot.contexts.get(python_id)
+        # A pooled guest instance that runs another VMCS than at the snapshot (its name says which,
+        # emu/vmcs_cache.py) ran another address space since: its block counts and trap points,
+        # kept by linear address, describe that one, so its code goes whatever the caller knows.
+        rebound = saved is not None and saved.name != context.name
+        keep_code = flush_code is not True and python_id not in flush_code and not rebound
+        context.restore_state(saved, keep_code=keep_code)
     born_after = [context for python_id, context in context_by_id.items() if python_id not in snapshot.contexts]
     machine.vmcs_cache.restore_state(snapshot.vmcs_cache, context_by_id, born_after)
     for lp, state in zip(machine.lps, snapshot.lps):
