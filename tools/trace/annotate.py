@@ -9,7 +9,6 @@ from emu.events import Event
 from emu.vmx_defs import ExitReason
 from hypervisors import transfer
 from tools.trace.contexts import ContextInfo
-from tools.trace.registers import RIP_INDEX, changed
 
 # Event fields that are addresses or bit fields: printed in hexadecimal.
 HEX_FIELDS = frozenset({"vmcs", "rip", "region", "old", "new", "qualification", "eptp", "address", "error_code",
@@ -85,17 +84,6 @@ class Disassembler:
                 if code else "(not mapped)"
             self._cache[key] = text
         return text
-
-
-def instruction(record, context: ContextInfo, phase: str, symbol: str | None, text: str) -> TracedInstruction:
-    """RIP counts as changed only when it is not the next instruction's address (a jump taken, a call,
-    a return, a VM entry's or an exception's new RIP)."""
-    after = record.after if record.after is not None else record.before
-    changes = changed(record.before, after)
-    if after[RIP_INDEX] == record.address + len(record.code):
-        changes = [(name, value) for name, value in changes if name != "rip"]
-    return TracedInstruction(record.time, record.lp, context, phase, record.address, symbol, record.code, text,
-                             changes, record.writes, record.reads, record.before, after)
 
 
 def coalesce(writes: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:

@@ -13,7 +13,7 @@ from emu import fast
 from emu.context import ExecutionContext
 from tools.trace import tracefile
 from tools.trace.decoder import Decoder
-from tools.trace.registers import TRACED_REGISTERS
+from tools.trace.registers import REGISTER_NAMES, TRACED_REGISTERS
 
 ffi, lib = fast.ffi, fast.lib
 _REGISTER_IDS = ffi.new("int[]", [register for _, register in TRACED_REGISTERS])
@@ -21,9 +21,9 @@ _READ_BATCH = ffi.cast("int (*)(void *, const int *, void **, int)",
                        ctypes.cast(uc_binding.uclib.uc_reg_read_batch, ctypes.c_void_p).value)
 # emu/tracepath.h counts and places the traced registers as tools/trace/registers.py lists them.
 assert len(TRACED_REGISTERS) == lib.HHR_TRACE_REGISTERS
-assert [name for name, _ in TRACED_REGISTERS].index("rip") == lib.HHR_TRACE_RIP_INDEX
-assert [name for name, _ in TRACED_REGISTERS].index("rflags") == lib.HHR_TRACE_RFLAGS_INDEX
-assert [name for name, _ in TRACED_REGISTERS].index("cr3") == lib.HHR_TRACE_CR3_INDEX
+assert REGISTER_NAMES.index("rip") == lib.HHR_TRACE_RIP_INDEX
+assert REGISTER_NAMES.index("rflags") == lib.HHR_TRACE_RFLAGS_INDEX
+assert REGISTER_NAMES.index("cr3") == lib.HHR_TRACE_CR3_INDEX
 
 # The recorder's C callbacks find their recorder by its number; held weakly, as emu/fast.py does.
 _recorders: dict[int, weakref.ReferenceType] = {}

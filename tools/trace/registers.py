@@ -1,12 +1,8 @@
-"""The registers a trace records for every instruction, read from a Unicorn instance in one C call."""
+"""The registers a trace records for every instruction: their names, in the order traces print them, and Unicorn ids."""
 from __future__ import annotations
 
-import ctypes
-
 from unicorn import x86_const as x86
-from unicorn.unicorn_py3 import unicorn as uc_binding
 
-from emu import fast
 
 # Name and Unicorn id, in the order traces print them (the general registers, then RIP, RFLAGS and
 # the control registers a hypervisor hand-off changes).
@@ -22,27 +18,3 @@ TRACED_REGISTERS = (
 REGISTER_NAMES = tuple(name for name, _ in TRACED_REGISTERS)
 RIP_INDEX = REGISTER_NAMES.index("rip")
 REGISTER_COUNT = len(TRACED_REGISTERS)
-
-_read_batch = fast.ffi.cast("int (*)(void *, int *, void **, int)",
-                            ctypes.cast(uc_binding.uclib.uc_reg_read_batch, ctypes.c_void_p).value)
-_REGISTER_IDS = fast.ffi.new("int[]", [register for _, register in TRACED_REGISTERS])
-
-
-class RegisterReader:
-    """All TRACED_REGISTERS of one instance as a tuple, in about two microseconds."""
-
-    def __init__(self, uc):
-        self._handle = fast.uc_handle(uc)
-        self._values = fast.ffi.new("uint64_t[]", REGISTER_COUNT)
-        self._pointers = fast.ffi.new("void *[]", [self._values + index for index in range(REGISTER_COUNT)])
-
-    def read(self) -> tuple[int, ...]:
-        _read_batch(self._handle, _REGISTER_IDS, self._pointers, REGISTER_COUNT)
-        return tuple(self._values)
-
-
-def changed(before: tuple[int, ...], after: tuple[int, ...]) -> list[tuple[str, int]]:
-    """The registers whose value differs, as (name, new value), in TRACED_REGISTERS order."""
-    if before == after:
-        return []
-    return [(name, value) for name, old, value in zip(REGISTER_NAMES, before, after) if old != value]
