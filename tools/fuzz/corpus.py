@@ -39,10 +39,16 @@ class Corpus:
             return False
         self.names.add(name)
         self.entries.append(entry)
-        temporary = self.directory / f".{name}.tmp"
-        temporary.write_bytes(entry.encode())
-        temporary.rename(self.directory / name)    # whole files only, for the other workers
+        write_whole(self.directory, name, entry.encode())
         return True
+
+
+def write_whole(directory: Path, name: str, data: bytes) -> None:
+    """`directory/name` appears only whole, for the other workers and peers that list it: written
+    under a dot name (which every reader skips), then renamed."""
+    temporary = directory / f".{name}.tmp"
+    temporary.write_bytes(data)
+    temporary.rename(directory / name)
 
 
 def save_finding(directory: Path, kind: str, description: str, setup: dict, entry: FuzzInput) -> Path:

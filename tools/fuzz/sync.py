@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 
 from tools.fuzz import coverage
+from tools.fuzz.corpus import write_whole
 from tools.fuzz.decoding import decode_any
 from tools.fuzz.inputs import FuzzInput
 
@@ -103,9 +104,7 @@ class SyncQueue:
         self.entries.append(entry)
         file_name = f"id:{self.next_id:0{ID_DIGITS}d},op:{INSTANCE_PREFIX}-{entry.target}"
         self.next_id += 1
-        temporary = self.queue / f".{file_name}.tmp"     # (dot files are skipped by every peer)
-        temporary.write_bytes(entry.encode())
-        temporary.rename(self.queue / file_name)
+        write_whole(self.queue, file_name, entry.encode())
         return True
 
     def save_blocks(self, hypervisor: str, block_map: bytes) -> Path:
