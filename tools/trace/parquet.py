@@ -176,14 +176,20 @@ class ParquetWriter:
                 (INSTRUCTION_ROWS_PER_GROUP, EVENT_ROWS_PER_GROUP, EVENT_ROWS_PER_GROUP)))
         self.position = 0
 
-    def instruction(self, line: TracedInstruction) -> None:
-        table = self.instructions
+    def _place(self, table: _Table, line) -> dict:
+        """The columns an instruction and a load share: where in the trace, when, which LP and
+        context, which phase. Returns the table's columns for the rest."""
         columns = table.columns
         columns["position"].append(self.position)
         columns["time"].append(line.time)
         columns["lp"].append(line.lp)
         columns["context"].append(line.context.name)
         columns["phase"].append(line.phase)
+        return columns
+
+    def instruction(self, line: TracedInstruction) -> None:
+        table = self.instructions
+        columns = self._place(table, line)
         columns["address"].append(line.address)
         columns["symbol"].append(line.symbol)
         columns["disassembly"].append(line.text)
@@ -215,12 +221,7 @@ class ParquetWriter:
 
     def load(self, line: TracedLoad) -> None:
         table = self.loads
-        columns = table.columns
-        columns["position"].append(self.position)
-        columns["time"].append(line.time)
-        columns["lp"].append(line.lp)
-        columns["context"].append(line.context.name)
-        columns["phase"].append(line.phase)
+        self._place(table, line)
         table.lists["registers"].add(line.changes)
         self.position += 1
         table.row_written()
