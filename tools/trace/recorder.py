@@ -236,6 +236,6 @@ class Recorder:
             raise RecorderError(f"cannot write the trace file {self.path}: {os.strerror(error)}")
 
     @property
-    def lost_bytes(self) -> int:
+    def lost_memory_entries(self) -> int:
         """Memory entries that did not fit the scratch space of one instruction."""
         return self._trace.writes_lost + self._trace.reads_lost

@@ -325,7 +325,7 @@ class TraceSession:
             self._describe()
         self._write_header()
         self.recorder.data(tracefile.data_payload({
-            "type": "end", "recorded": self.recorder.recorded, "lost_memory_entries": self.recorder.lost_bytes}))
+            "type": "end", "recorded": self.recorder.recorded, "lost_memory_entries": self.recorder.lost_memory_entries}))
         self.recorder.close()
 
     @property
