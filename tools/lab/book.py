@@ -75,6 +75,7 @@ class Exercise:
     mistakes: tuple[Mistake, ...]
     prepare: Callable[["Exercise", Path], None]
     run: Callable[["Exercise", Path, int], LabRun]
+    includes: tuple[str, ...] = ("support.inc",)   # files of labs/common the exercise is given
 
     @property
     def directory_name(self) -> str:

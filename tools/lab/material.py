@@ -36,10 +36,11 @@ def annotate(exercise: Exercise, path: Path) -> None:
 
 
 def prepare_monitor(exercise: Exercise, directory: Path) -> None:
-    """A monitor exercise: its files and labs/common's includes, lab.inc, hints above the holes."""
+    """A monitor exercise: its files and the includes of labs/common it is given, lab.inc, hints
+    above the holes."""
     directory.mkdir(parents=True)
-    for source in sorted((package_directory() / COMMON_MATERIAL).glob("*.inc")):
-        shutil.copy(source, directory / source.name)
+    for name in exercise.includes:
+        shutil.copy(package_directory() / COMMON_MATERIAL / name, directory / name)
     for relative in exercise.files:
         shutil.copy(exercise.material() / relative, directory / relative)
         annotate(exercise, directory / relative)
