@@ -5,6 +5,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from unicorn import x86_const as x86
+
 # What an unfilled hole does (the HOLE macro of lab.inc): ECX = its number, then the debug exit
 # (docs/machine.md 6.2) with this value, which stops the machine right after the OUT.
 HOLE_EXIT_VALUE = 0x7E
@@ -12,6 +14,7 @@ HOLE_EXIT_STATUS = (HOLE_EXIT_VALUE << 1) | 1          # the machine's exit stat
 EXERCISE_SHIFT = 8                                     # ECX = exercise << EXERCISE_SHIFT | step
 STEP_MASK = (1 << EXERCISE_SHIFT) - 1
 MACRO_INCLUDE = "lab.inc"                              # the file a lab source includes for HOLE
+MAILBOX_LABEL = "lab_hole_reached"                     # where a hole leaves its number too
 
 _HOLE_LINE = re.compile(r"^[ \t]*HOLE[ \t]+(\d+)[ \t]*,[ \t]*(\d+)[ \t]*(?:;.*)?$", re.MULTILINE)
 _SOLUTION_HEADER = re.compile(r"^;[ \t]*(E#\d+-\d+)\b.*$", re.MULTILINE)
@@ -35,16 +38,39 @@ def name_of_number(number: int) -> str:
     return hole_name(number >> EXERCISE_SHIFT, number & STEP_MASK)
 
 
+def stopped_at(machine, stop, directory: Path, files: tuple[str, ...], symbolize=None) -> str | None:
+    """"not yet implemented: E#n-m at file:line (symbol)" when `stop` is an unfilled hole's, else None.
+    The hole's number is in ECX of the context that executed it (root or a service partition)."""
+    if stop is None or stop.reason != "debug-exit" or stop.exit_status != HOLE_EXIT_STATUS:
+        return None
+    context = machine.lps[stop.lp or 0].context
+    name = name_of_number(context.reg(x86.UC_X86_REG_RCX))
+    site = sites(directory, files).get(name)
+    where = str(site) if site is not None else "a hole no longer in the sources"
+    symbol = symbolize(context.reg(x86.UC_X86_REG_RIP)) if symbolize is not None else None
+    return f"not yet implemented: {name} at {where}" + (f" ({symbol})" if symbol else "")
+
+
 def macro_source() -> str:
-    """lab.inc: the HOLE macro, with its numbers from this module."""
+    """lab.inc: the HOLE macro, with its numbers from this module, and HOLE_MAILBOX."""
     return f"""; lab.inc: what a hole of the lab book does until you fill it (written by `hhr lab start`).
-; An unfilled `HOLE n, m` (exercise n, step m: E#n-m) puts its number in ECX and stops the machine
-; through the debug-exit port (docs/machine.md 6.2) with {HOLE_EXIT_VALUE:#x}; `hhr lab run` then
-; prints "not yet implemented: E#n-m" and where. Replace the HOLE line with your code.
+; An unfilled `HOLE n, m` (exercise n, step m: E#n-m) puts its number in ECX and in the mailbox,
+; and stops the machine through the debug-exit port (docs/machine.md 6.2) with {HOLE_EXIT_VALUE:#x};
+; `hhr lab run` then prints "not yet implemented: E#n-m" and where. Code running in a service
+; partition cannot stop the machine (its OUT exits to the old hypervisor, which ends the inverse
+; call and aborts the restart): the mailbox tells the grader which hole it was.
+; Replace the HOLE line with your code.
 %macro HOLE exercise, step
     mov ecx, (%exercise << {EXERCISE_SHIFT}) | %step
+    mov [rip + {MAILBOX_LABEL}], ecx
     mov al, {HOLE_EXIT_VALUE:#x}
     out DEBUG_EXIT_PORT, al
+%endmacro
+
+; The mailbox: once, after the code (support.inc and the top sources of the hypervisor exercises).
+%macro HOLE_MAILBOX
+{MAILBOX_LABEL}:
+    .long 0
 %endmacro
 """
 

@@ -15,6 +15,7 @@ HYPERVISOR_TREE = "hypervisors"      # where a hypervisor exercise's copy of the
 _REGION = re.compile(r"^([ \t]*);@lab (E#\d+-\d+)[^\n]*\n(.*?)^[ \t]*;@lab end[^\n]*\n", re.MULTILINE | re.DOTALL)
 _HOLE_AT = re.compile(r"^([ \t]*)HOLE[ \t]+(\d+)[ \t]*,[ \t]*(\d+)", re.MULTILINE)
 _INCLUDE_LINE = f'%include "{holes.MACRO_INCLUDE}"\n'
+_MAILBOX_LINE = "\n; where an unfilled hole leaves its number (lab.inc)\n    HOLE_MAILBOX\n"
 
 
 def hint_comment(exercise: Exercise, name: str, indent: str) -> str:
@@ -91,4 +92,4 @@ def prepare_hypervisor(exercise: Exercise, directory: Path) -> None:
     (tree / build.COMMON_SOURCES.name / holes.MACRO_INCLUDE).write_text(holes.macro_source(), encoding="utf-8")
     for name in build.HYPERVISORS:
         top = tree / name / f"{name}.s"
-        top.write_text(_INCLUDE_LINE + top.read_text(encoding="utf-8"), encoding="utf-8")
+        top.write_text(_INCLUDE_LINE + top.read_text(encoding="utf-8") + _MAILBOX_LINE, encoding="utf-8")
