@@ -96,3 +96,11 @@ def prepare_hypervisor(exercise: Exercise, directory: Path) -> None:
     for name in build.HYPERVISORS:
         top = tree / name / f"{name}.s"
         top.write_text(_INCLUDE_LINE + top.read_text(encoding="utf-8") + _MAILBOX_LINE, encoding="utf-8")
+
+
+def prepare_answers(exercise: Exercise, directory: Path) -> None:
+    """A reading exercise: its answer file, hints above the holes."""
+    directory.mkdir(parents=True)
+    for relative in exercise.files:
+        shutil.copy(exercise.material() / relative, directory / relative)
+        annotate(exercise, directory / relative)
