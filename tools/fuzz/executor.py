@@ -367,13 +367,11 @@ class TransferMachine:
             offset = transfer.TRANSFER_HEADER.offset("bytes")
             message[offset:offset + 8] = len(message).to_bytes(8, "little")
         message = message[:transfer.TRANSFER_AREA_SIZE]
-        span = max(len(message), len(original))
-        before = ram.read(self.area, span)
         ram.write(self.area, bytes(message))  # what lay after a shortened message stays as the sender left it
-        if self.calls[number - 1] in CHAINED_CALLS:
-            header = transfer.TRANSFER_HEADER.unpack(ram.read(self.area, transfer.TRANSFER_HEADER.size))
-            return ram.read(self.area, min(header["bytes"], transfer.TRANSFER_AREA_SIZE)) != original
-        return ram.read(self.area, span) != before
+        # What is received is as long as the header says, whatever the call: bytes written past that
+        # (inserted at or set past the message's end) are never read.
+        header = transfer.TRANSFER_HEADER.unpack(ram.read(self.area, transfer.TRANSFER_HEADER.size))
+        return ram.read(self.area, min(header["bytes"], transfer.TRANSFER_AREA_SIZE)) != original
 
     def _run_until_done(self, budget: int) -> None:
         limit = self.machine.retired + budget
