@@ -327,6 +327,14 @@ class TransferMachine:
                              f"(or -1 to -{len(self.messages)} from the end)")
         return number
 
+    def count_edges_into(self, edge_map) -> None:
+        """From the next input on, the block hook counts the new hypervisor's edges into `edge_map`
+        (a cffi `uint8_t *` of `HHR_EDGE_MAP_SIZE` counters: another process's shared memory, such
+        as AFL++'s coverage map) instead of the machine's own."""
+        if self.edge_map is None:
+            raise ValueError("this machine counts no coverage")
+        self.edge_map = edge_map
+
     def _arm_coverage(self) -> None:
         edge_map = self.edge_map if self.edge_map is not None else fast.ffi.NULL
         block_map = self.block_map if self.block_map is not None else fast.ffi.NULL
