@@ -2,13 +2,19 @@
 native worker in one output directory, and finds a receiver bug planted in a copied source tree."""
 from __future__ import annotations
 
+import ctypes
+import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from hypervisors import build
 from tools.fuzz import afl_engine, afl_target, campaign, executor, sync
 from tools.fuzz.decoding import decode_any, encode_raw
+from tools.fuzz import fields
 from tools.fuzz.inputs import Edit, FuzzInput
 
 SMALL_GUESTS = ("storm,mem=8M", "counter,mem=4M")
@@ -60,6 +66,62 @@ def planted_tree(tmp_path, monkeypatch):
     service.write_text(text.replace(DIGEST_CHECK, DIGEST_CHECK_REMOVED))
     monkeypatch.setenv(build.SOURCES_ENVIRONMENT, str(tree))
     return tree
+
+
+IPC_PRIVATE, IPC_CREAT, IPC_RMID, SHM_MODE = 0, 0o1000, 0, 0o600
+
+
+def trusted_field_edit(machine: executor.TransferMachine) -> FuzzInput:
+    """A trusted register of the last STATE message xored, the digest not fixed: refused by the
+    digest check only."""
+    number = max(n for n, call in enumerate(machine.calls, 1) if call == executor.transfer.Call.STATE)
+    field = next(f for f in fields.message_fields(machine.messages[number - 1]) if f.name.endswith(".rbx"))
+    return FuzzInput("messages", number, (Edit("xor", field.offset, value=1),))
+
+
+def test_the_target_serves_afl_fuzz_s_protocol_and_reports_the_planted_bug_as_an_abort(planted_tree, tmp_path):
+    """afl-fuzz played by the test: a shared-memory map, the two pipes on 198/199, one word per run."""
+    setup = executor.Setup(guests=SMALL_GUESTS)
+    machine = executor.TransferMachine(setup, check_guests=False)
+    inputs = {"unchanged": campaign.seeds(machine, ("messages",))[0].encode(),
+              "digest-skipped": trusted_field_edit(machine).encode()}
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmat.restype, libc.shmat.argtypes = ctypes.c_void_p, (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+    size = 1 << 16
+    segment = libc.shmget(IPC_PRIVATE, size, IPC_CREAT | SHM_MODE)
+    assert segment >= 0
+    trace = (ctypes.c_uint8 * size).from_address(libc.shmat(segment, None, 0))
+    control_read, control_write = os.pipe()
+    status_read, status_write = os.pipe()
+    current, stats, findings = tmp_path / "cur_input", tmp_path / "target.json", tmp_path / "findings"
+    launcher = (f"import os, sys; os.dup2({control_read}, {afl_target.CONTROL_FD}); "
+                f"os.dup2({status_write}, {afl_target.STATUS_FD}); "
+                f"os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+    command = [sys.executable, "-c", launcher, "-m", "tools.fuzz.afl_target", "--setup", json.dumps(setup.as_json()),
+               "--timeout-ms", "1000", "--findings", str(findings), "--stats", str(stats), str(current)]
+    process = subprocess.Popen(command, pass_fds=(control_read, status_write),
+                               env={**os.environ, afl_target.SHM_ENVIRONMENT: str(segment)})
+    os.close(control_read), os.close(status_write)
+    try:
+        word = lambda: int.from_bytes(os.read(status_read, afl_target.WORD), "little")
+        assert word() == afl_target.hello()
+        statuses = {}
+        for name, data in inputs.items():
+            current.write_bytes(data)
+            ctypes.memset(trace, 0, size)                       # as afl-fuzz clears it before each run
+            os.write(control_write, bytes(afl_target.WORD))
+            assert word() == afl_target.NO_CHILD_PID
+            statuses[name] = word()
+            assert sum(1 for byte in trace if byte) > 100          # the new hypervisor's edges, in afl-fuzz's map
+        assert statuses == {"unchanged": 0, "digest-skipped": 6}
+    finally:
+        os.close(control_write)                                # afl-fuzz gone: the server ends
+        assert process.wait(timeout=60) == 0
+        os.close(status_read)
+        libc.shmctl(segment, IPC_RMID, None)
+    assert json.loads(stats.read_text())["executions"] == 2
+    saved = list(findings.iterdir())
+    assert len(saved) == 1 and saved[0].name.startswith(executor.oracles.DIGEST_ACCEPTED)
 
 
 @needs_afl
