@@ -25,7 +25,8 @@ SETUP_TIMEOUT_MS = 600_000       # AFL_FORKSRV_INIT_TMOUT: the target's setup (b
 SYNC_MINUTES = 1                 # AFL_SYNC_TIME: how often an -S instance imports its peers' queues (-M: twice as often)
 STOP_SECONDS = 30.0              # an instance asked to stop (SIGINT) gets this long before it is killed
 RAW_SEED_FIELDS = 16             # fields one raw seed sets to the value sent (AFL's mutations of them become field edits)
-RAW_SEEDS_PER_MESSAGE = 2        # raw seeds per message and digest flag, each over other fields
+RAW_SEEDS_FIXED = 2              # raw seeds per message with the digest fixed, each over other fields
+RAW_SEEDS_UNFIXED = 1            # ... and without
 ENGINE_DIRECTORY = ".hhr-afl"    # OUT's dot directory (no peer reads it): seeds, logs, the targets' figures
 SEEDS = "seeds"
 ENVIRONMENT = {                  # afl-fuzz in a container, on a target that is a Python program
@@ -36,6 +37,7 @@ ENVIRONMENT = {                  # afl-fuzz in a container, on a target that is 
     "AFL_SKIP_CPUFREQ": "1",
     "AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES": "1",
     "AFL_FORKSRV_INIT_TMOUT": str(SETUP_TIMEOUT_MS),
+    "AFL_FAST_CAL": "1",          # three calibration runs of a new entry, not eight: each may be a whole transfer
     "AFL_SYNC_TIME": str(SYNC_MINUTES),
     "AFL_KILL_SIGNAL": str(int(signal.SIGTERM)),   # the target, ended so, writes its figures first
 }
@@ -81,19 +83,21 @@ def raw_seeds(machine: TransferMachine, targets: tuple[str, ...]) -> list[FuzzIn
     """Inputs in raw form (`decoding.encode_raw`) that each set some fields of one message to the
     value sent: they change nothing, and afl-fuzz's byte mutations of their values, offsets and
     widths become edits of those fields. For `messages`, every message; for `vmcs`, the VMCS
-    fields of the blackout's message."""
+    fields of the blackout's message. With the digest fixed, checkable fields only (a change of a
+    trusted one is accepted by design, and costs a whole transfer); without, any field (the
+    digest must refuse every change)."""
     found = []
     for number, message in enumerate(machine.messages, 1):
         wanted = [f for f in fields_module.message_fields(message) if 1 <= f.width <= RAW_WIDTH_MAX
                   and f.offset < 1 << 16 and ("messages" in targets or
                                               (number in machine.vmcs_messages and f.name.startswith("vmcs[")))]
-        if not wanted:
-            continue
-        for shift in range(RAW_SEEDS_PER_MESSAGE):
-            chosen = wanted[shift::max(1, len(wanted) // RAW_SEED_FIELDS)][:min(RAW_SEED_FIELDS, EDITS_MAX)]
-            edits = tuple(Edit("set", f.offset, f.width, int.from_bytes(message[f.offset:f.offset + f.width], "little"))
-                          for f in chosen)
-            found += [FuzzInput("messages", number, edits, fix_digest=fix) for fix in (False, True)]
+        for fix_digest, seeds in ((True, RAW_SEEDS_FIXED), (False, RAW_SEEDS_UNFIXED)):
+            aimed = [f for f in wanted if f.checkable or not fix_digest]
+            for shift in range(min(seeds, len(aimed))):
+                chosen = aimed[shift::max(1, len(aimed) // RAW_SEED_FIELDS)][:min(RAW_SEED_FIELDS, EDITS_MAX)]
+                found.append(FuzzInput("messages", number, tuple(
+                    Edit("set", f.offset, f.width, int.from_bytes(message[f.offset:f.offset + f.width], "little"))
+                    for f in chosen), fix_digest=fix_digest))
     return found
 
 
