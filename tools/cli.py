@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     fuzz_parser.add_argument("--seconds", type=float, help=f"campaign length (default {FUZZ_DEFAULT_SECONDS} s "
                                                            "unless --runs)")
     fuzz_parser.add_argument("--runs", type=int, help="stop each worker after this many inputs")
-    fuzz_parser.add_argument("--workers", type=int, default=1, help="parallel workers sharing the corpus")
+    fuzz_parser.add_argument("--workers", type=int, default=1, help="parallel workers sharing the corpus (with --engine afl: afl-fuzz instances, one -M, the others -S)")
     fuzz_parser.add_argument("--seed", type=int, default=0, help="random seed (one worker: the same run)")
     fuzz_parser.add_argument("--replay", metavar="FILE", help="run one finding or corpus file again and report")
     fuzz_parser.add_argument("--output", "-o", metavar="OUT",
