@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tools.lab import cli as lab_cli
+
 SELFTEST_GUEST = """
   lea rsi, [rip + message]
 next_byte:
@@ -420,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default ./hhr-bench-results; the committed reference results are "
                                    "replaced only with --output bench/results)")
     bench_parser.set_defaults(func=bench)
+    lab_parser = commands.add_parser("lab", help="the lab book: write a hypervisor, then hot-restart it "
+                                                 "(docs/labs/); list, start, run, hint, grade")
+    lab_cli.add_arguments(lab_parser)
+    lab_parser.set_defaults(func=lab_cli.run_command)
     return parser
 
 
