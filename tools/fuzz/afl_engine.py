@@ -119,8 +119,6 @@ def target_command(options: campaign.Options, stats: Path) -> list[str]:
 
 def start(options: campaign.Options, count: int, seeds: Path) -> list[Instance]:
     """`count` afl-fuzz instances in OUT: `<host>_afl1` the -M, the others -S."""
-    if not available():
-        raise AflError(f"{AFL_FUZZ} is not installed (Debian's afl++ package)")
     engine = options.output / ENGINE_DIRECTORY
     environment = {**os.environ, **ENVIRONMENT}
     instances = []
@@ -186,6 +184,8 @@ def run(options: campaign.Options, afl_instances: int) -> tuple[list[campaign.St
         raise ValueError("--engine afl needs --output OUT (afl-fuzz's sync directory)")
     if afl_instances < 1:
         raise ValueError("--engine afl needs at least one afl-fuzz instance (--workers)")
+    if not available():
+        raise AflError(f"{AFL_FUZZ} is not installed (Debian's afl++ package)")
     engine = options.output / ENGINE_DIRECTORY
     seeds = engine / SEEDS
     machine = TransferMachine(options.setup, check_guests=False)
