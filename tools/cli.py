@@ -50,7 +50,7 @@ def selftest(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    """Without a flag: the hot-restart scenarios (bench/README.md); --machine, --hypervisor, --trace: those benches."""
+    """Without a flag: the hot-restart scenarios (bench/README.md); --machine, --hypervisor, --trace, --fuzz: those benches."""
     if args.hypervisor:
         from bench import hypervisor_speed
 
@@ -63,6 +63,10 @@ def bench(args: argparse.Namespace) -> int:
         from bench import trace_speed
 
         return trace_speed.main(args.json)
+    if args.fuzz:
+        from bench import fuzz_speed
+
+        return fuzz_speed.main(args.json, against=args.against, afl_seconds=args.afl_seconds)
     from bench import restart_scenarios
 
     return restart_scenarios.main(quick=args.quick, json_path=args.json, output=args.output)
@@ -411,6 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "beside the hand-off untraced")
     bench_parser.add_argument("--hypervisor", action="store_true",
                               help="a hypervisor's figures: boot, mixed workload, map storm, host memory")
+    bench_parser.add_argument("--fuzz", action="store_true",
+                              help="hhr fuzz: one worker's executions a second per target on a fixed seed")
+    bench_parser.add_argument("--against", metavar="TREE",
+                              help="--fuzz: another source tree (an earlier build) run beside this one, round by round")
+    bench_parser.add_argument("--afl-seconds", type=float, default=0.0,
+                              help="--fuzz: also run --engine afl (one afl-fuzz instance, one native worker) this long")
     bench_parser.add_argument("--hv", default="hv1", help="the hypervisor for --hypervisor (default hv1)")
     bench_parser.add_argument("--json", metavar="FILE",
                               help="also write every figure to FILE (restart scenarios: instead of DIR/"

@@ -153,5 +153,8 @@ def data_out_of_reach(image: Image) -> list[tuple[int, int]]:
 
 def data_entered(image: Image, block_map, ranges: list[tuple[int, int]]) -> bool:
     """A block was entered inside one of `ranges` (addresses): code ran what was taken for data."""
-    marks = bytes(block_map)
-    return any(any(marks[start - image.base:stop - image.base]) for start, stop in ranges)
+    for start, stop in ranges:         # (slices of the map, counted in C: this runs after every input)
+        low, high = start - image.base, stop - image.base
+        if block_map[low:high].count(0) != high - low:
+            return True
+    return False

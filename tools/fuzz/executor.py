@@ -76,7 +76,7 @@ class _Run:
     timeline: RestartTimeline
     call: int = 0                                # the inverse hypercall under way
     replies: list = field(default_factory=list)
-    before_abort: bytes | None = None            # the guests' fingerprint when the abort began
+    before_abort: tuple[bytes, bytes] | None = None   # the guests' records when the abort began
     machine_stop: str | None = None              # the machine stopped for good during the transfer
     foreign_pages: list[int] = field(default_factory=list)
 
@@ -229,19 +229,32 @@ class TransferMachine:
 
     def _on_transition(self, transition: Transition) -> None:
         if transition.phase == transfer.Phase.ABORTED:
-            self.state.before_abort = self.guest_fingerprint()
+            self.state.before_abort = self.guest_records()
         if transition.ending is not None:
             self.machine.request_stop(STOP_DONE)
 
     # --- what an abort must leave as it was -------------------------------------------------------------
-    def guest_fingerprint(self) -> bytes:
-        """The old hypervisor's partition and VP records: what guests are (registers, state, timers),
-        as their bytes (a VP record's scheduling fields left out)."""
+    def guest_records(self) -> tuple[bytes, bytes]:
+        """The old hypervisor's partition and VP records, as they lie in RAM (two reads: taken at
+        every abort, compared with `same_guests`)."""
         booted = self.booted
         records = build.hypervisor(self.setup.from_hv).records
         ram = booted.machine.ram
-        fingerprint = bytearray(ram.read(booted.partition_base, records.partition.size * len(booted.guests)))
-        vps = ram.read(booted.vp_base, records.vp.size * booted.vp_total)
+        return (ram.read(booted.partition_base, records.partition.size * len(booted.guests)),
+                ram.read(booted.vp_base, records.vp.size * booted.vp_total))
+
+    def same_guests(self, before: tuple[bytes, bytes], after: tuple[bytes, bytes]) -> bool:
+        """The two `guest_records` hold the same guests: equal bytes, or equal but for the VP
+        records' scheduling fields (compared only when the bytes differ)."""
+        return before == after or self.guest_fingerprint(before) == self.guest_fingerprint(after)
+
+    def guest_fingerprint(self, records_read: tuple[bytes, bytes] | None = None) -> bytes:
+        """The old hypervisor's partition and VP records (`guest_records`, read now unless given):
+        what guests are (registers, state, timers), as their bytes (a VP record's scheduling fields
+        left out)."""
+        partitions, vps = records_read if records_read is not None else self.guest_records()
+        records = build.hypervisor(self.setup.from_hv).records
+        fingerprint = bytearray(partitions)
         if self._vp_spans is None:            # the byte spans of a VP record's other fields
             self._vp_spans = [(records.vp.offset(name), records.vp.offset(name) + size)
                               for name, size in records.vp.fields if name not in SCHEDULING_FIELDS]
@@ -400,7 +413,7 @@ class TransferMachine:
             return oracles.Finding(oracles.FOREIGN_WRITE, f"host page {foreign[0]:#x} of a partition written "
                                                           f"during the transfer ({len(foreign)} pages)")
         if result.outcome == "aborted":
-            if self.setup.lps == 1 and self.guest_fingerprint() != state.before_abort:
+            if self.setup.lps == 1 and not self.same_guests(state.before_abort, self.guest_records()):
                 return oracles.Finding(oracles.LOST_GUEST_STATE, "the abort changed a guest's partition or VP "
                                                                  "record")
             if deep and self.check_guests and fuzz_input.target != "state":

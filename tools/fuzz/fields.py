@@ -1,6 +1,7 @@
 """The fields of a transfer message, found from the record layouts of hypervisors/transfer.py, and which of them the new hypervisor can check."""
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from hypervisors import transfer
@@ -62,24 +63,76 @@ _LENGTH_AT = transfer.RECORD_HEADER.offset("length")
 _LENGTH_BYTES = transfer.RECORD_HEADER.field_size("length")
 
 
-def records(message: bytes) -> list[tuple[int, int]]:
-    """(offset, size with header) of each record."""
+_UNSIGNED = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
+_READ_LENGTH = struct.Struct(_UNSIGNED[_LENGTH_BYTES]).unpack_from
+
+
+def records(message: bytes, known: list[tuple[int, int]] = ()) -> list[tuple[int, int]]:
+    """(offset, size with header) of each record. `known`: the first records, already found (a walk
+    of a message whose bytes before their end are these: `records_after_edits`)."""
     header_size = transfer.TRANSFER_HEADER.size
-    if len(message) < header_size:
+    end = len(message)
+    if end < header_size:
         return []
     count = int.from_bytes(message[_COUNT_AT:_COUNT_AT + _COUNT_BYTES], "little")
     record_header = transfer.RECORD_HEADER.size
-    spans, cursor = [], header_size
-    for _ in range(count):
-        if cursor + record_header > len(message):
+    spans = list(known[:count])
+    cursor = spans[-1][0] + spans[-1][1] if spans else header_size
+    append, read_length, length_at = spans.append, _READ_LENGTH, _LENGTH_AT
+    for _ in range(count - len(spans)):
+        if cursor + record_header > end:
             break
-        at = cursor + _LENGTH_AT
-        size = record_header + int.from_bytes(message[at:at + _LENGTH_BYTES], "little")
-        if cursor + size > len(message):
+        size = record_header + read_length(message, cursor + length_at)[0]
+        if cursor + size > end:
             break
-        spans.append((cursor, size))
+        append((cursor, size))
         cursor += size
     return spans
+
+
+def has_records(message: bytes) -> bool:
+    """`records(message)` is not empty (its first step only)."""
+    header_size = transfer.TRANSFER_HEADER.size
+    if len(message) < header_size + transfer.RECORD_HEADER.size or \
+            not int.from_bytes(message[_COUNT_AT:_COUNT_AT + _COUNT_BYTES], "little"):
+        return False
+    return header_size + transfer.RECORD_HEADER.size + _READ_LENGTH(message, header_size + _LENGTH_AT)[0] <= len(message)
+
+
+def records_after_edits(message: bytes, original: bytes, original_records: list[tuple[int, int]],
+                        edits) -> list[tuple[int, int]]:
+    """`records(message)`, `message` being `original` (whose records are `original_records`) with
+    `edits` made (inputs.apply_edits): the records lying wholly before the first byte any edit
+    touches (the header's bytes changed in place aside) are the original's, and the walk goes on from there."""
+    length, untouched = len(original), len(original)
+    for edit in edits:                    # each edit's offset as apply_edits clips it
+        if edit.at:
+            return records(message)
+        offset = min(max(edit.offset, 0), length)
+        width = edit.width if edit.op == "set" else 1
+        if not (edit.op in ("set", "xor") and offset + width <= transfer.TRANSFER_HEADER.size):
+            untouched = min(untouched, offset)   # (the header's bytes in place: only its count is walked,
+        if edit.op == "insert":                  # and it is read again)
+            length += len(edit.data)
+        elif edit.op == "delete":
+            length -= max(0, min(edit.width, length - offset))
+    if untouched < transfer.TRANSFER_HEADER.size:
+        return records(message)
+    kept = 0
+    while kept < len(original_records) and sum(original_records[kept]) <= untouched:
+        kept += 1
+    return records(message, original_records[:kept])
+
+
+def record_walk_bytes(message: bytes) -> bytes:
+    """One byte per byte of the message, 1 where `records` reads it (the record count, each record's
+    length): a message differing from this one only elsewhere, and as long, has the same records."""
+    marks = bytearray(len(message))
+    if len(message) >= transfer.TRANSFER_HEADER.size:
+        marks[_COUNT_AT:_COUNT_AT + _COUNT_BYTES] = b"\x01" * _COUNT_BYTES
+    for offset, _ in records(message):
+        marks[offset + _LENGTH_AT:offset + _LENGTH_AT + _LENGTH_BYTES] = b"\x01" * _LENGTH_BYTES
+    return bytes(marks)
 
 
 def field_at(fields: list[Field], offset: int) -> Field | None:

@@ -23,6 +23,8 @@ FIX_DIGEST_SHARE = 0.5           # fresh message inputs that ask for the digest 
 COUNT_BYTES = transfer.TRANSFER_HEADER.field_size("record_count")
 TYPE_BYTES = transfer.RECORD_HEADER.field_size("type")
 FIELD_CACHE_ENTRIES = 256        # parents whose messages' fields are kept
+MESSAGE_CACHE_ENTRIES = 64       # edited messages (and their record spans) kept: a parent's children
+                                 # start from the same one
 
 
 @dataclass
@@ -63,6 +65,9 @@ class Mutator:
         self.vmcs_messages = vmcs_messages or [len(messages)]
         self._field_cache: dict[tuple, list[fields_module.Field]] = {}
         self._bodies: dict[transfer.RecordType, list[bytes]] = {}
+        self._edited: dict[tuple, list] = {}    # (number, edits): [message, its record spans or None]
+        self._walks: dict[int, tuple[list, bytes]] = {}   # number: the message as sent's records, and
+                                                          # the bytes their walk reads
 
     def fresh(self, target: str) -> FuzzInput:
         if target == "state":
@@ -98,7 +103,8 @@ class Mutator:
     def _message_edit(self, parent: FuzzInput, edits: list[Edit]) -> Edit | None:
         rng = self.rng
         number = parent.message if parent.message > 0 else len(self.messages) + 1 + parent.message
-        message = bytes(apply_edits(self.messages[number - 1], tuple(edits)))
+        edited = self._edited_message(number, tuple(edits))
+        message = edited[0]
         if not message:
             return None
         fields = self._fields(number, parent.edits, parent.target == "vmcs")
@@ -108,9 +114,10 @@ class Mutator:
             return Edit("set", field.offset, field.width,
                         rng.choice(boundary_values(field.width, value, self.facts, rng) + _field_values(field.name)),
                         field=field.name)
-        spans = fields_module.records(message)
-        if spans and rng.random() < RECORD_EDIT_SHARE:
-            return self._record_edit(message, spans, edits)
+        if fields_module.has_records(message) and rng.random() < RECORD_EDIT_SHARE:
+            if edited[1] is None:         # (walked only when a record edit is drawn)
+                edited[1] = self._records(number, tuple(edits), message)
+            return self._record_edit(message, edited[1], edits)
         offset = rng.randrange(len(message))
         operation = rng.choice(("xor", "set", "insert", "delete"))
         if operation == "xor":
@@ -121,6 +128,36 @@ class Mutator:
             return Edit("insert", offset, data=bytes(rng.randrange(BYTE_MAX + 1)
                                                      for _ in range(rng.randint(1, INSERT_MAX))))
         return Edit("delete", offset, rng.randint(1, INSERT_MAX))
+
+    def _edited_message(self, number: int, edits: tuple[Edit, ...]) -> list:
+        """[message `number` as `edits` leave it, its record spans (found when first asked)]: kept
+        for the next mutations, which mostly start from the same parent's edits."""
+        key = (number, edits)
+        found = self._edited.get(key)
+        if found is None:
+            if len(self._edited) >= MESSAGE_CACHE_ENTRIES:
+                self._edited.pop(next(iter(self._edited)))
+            found = self._edited[key] = [bytes(apply_edits(self.messages[number - 1], edits)), None]
+        return found
+
+    def _records(self, number: int, edits: tuple[Edit, ...], message: bytes) -> list[tuple[int, int]]:
+        """`fields.records(message)`, `message` being message `number` as `edits` leave it: those of
+        the message as sent when the edits only set or xor bytes its record walk does not read, else
+        a walk that starts after the records the edits leave alone."""
+        if number not in self._walks:
+            sent = self.messages[number - 1]
+            self._walks[number] = (fields_module.records(sent), fields_module.record_walk_bytes(sent))
+        spans, walked = self._walks[number]
+        for edit in edits:
+            if edit.op not in ("set", "xor") or edit.at:
+                break
+            offset = min(max(edit.offset, 0), len(walked))
+            stop = min(offset + (edit.width if edit.op == "set" else 1), len(walked))
+            if walked.count(1, offset, stop):
+                break
+        else:
+            return spans
+        return fields_module.records_after_edits(message, self.messages[number - 1], spans, edits)
 
     def _fields(self, number: int, edits: tuple[Edit, ...], vmcs_only: bool = False) -> list[fields_module.Field]:
         """The fields of message `number` as `edits` (a parent's) leave it: found once per parent (its
