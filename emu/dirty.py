@@ -11,7 +11,7 @@ do not count as a change to a page's code; a page Python wrote outside them alwa
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from emu import fast
 from emu import snapshot as snapshot_module
@@ -43,6 +43,11 @@ class DirtyPages:
         # them may be stale whatever they hold at the restore.
         self.python_written: set[int] = set()
         self.data_only: list[tuple[int, int]] = []
+        # Writes told apart (`watch`): some contexts', and Python's while a condition holds; their own
+        # marks, merged into `marks` at `unwatch`.
+        self._watched: list["ExecutionContext"] = []
+        self._python_while: Callable[[], bool] | None = None
+        self._watched_marks = fast.ffi.new("uint8_t[]", self.count)
 
     def start(self) -> None:
         self.ram.dirty = self
@@ -58,6 +63,7 @@ class DirtyPages:
         context.flush_translations()          # translations made before had write permission
 
     def stop(self) -> None:
+        self.unwatch()
         for context in self.contexts:
             context.fast.ctx.dirty_pages = fast.ffi.NULL
             context.fast.ctx.code_pages = fast.ffi.NULL
@@ -70,12 +76,40 @@ class DirtyPages:
         pages = range(address >> PAGE_SHIFT, ((address + max(length, 1) - 1) >> PAGE_SHIFT) + 1)
         for page in pages:
             self.marks[page] = 1
+        if self._python_while is not None and self._python_while():
+            for page in pages:
+                self._watched_marks[page] = 1
         if not any(start <= address and address + length <= stop for start, stop in self.data_only):
             self.python_written.update(pages)
+
+    def watch(self, contexts: list["ExecutionContext"], python_while: Callable[[], bool]) -> None:
+        """From now on, until `unwatch`, the pages the `contexts`' emulated code writes, and those
+        Python writes while `python_while()` holds, are told apart (they count as written for
+        `collect` all the same)."""
+        self.unwatch()
+        for context in contexts:
+            context.fast.ctx.dirty_pages = self._watched_marks
+            context.flush_translations()      # a page it may write without a mark would go unseen
+        self._watched, self._python_while = list(contexts), python_while
+
+    def unwatch(self) -> list[int]:
+        """The pages written as `watch` told apart since it was called (none if nothing is watched);
+        the watched contexts' marks go back to the common ones."""
+        contexts, self._watched, self._python_while = self._watched, [], None
+        if not contexts:
+            return []
+        found = fast.lib.hhr_dirty_collect(self._watched_marks, self.count, self._found)
+        pages = list(self._found[0:found])
+        for page in pages:
+            self.marks[page] = 1
+        for context in contexts:              # (the pages they may write without a mark are marked)
+            context.fast.ctx.dirty_pages = self.marks
+        return pages
 
     def collect(self, rearm: bool = True) -> list[int]:
         """The pages written since the last collect (their marks cleared). Translations are dropped so
         that the next write to each page marks it again (`rearm=False` when the caller drops them)."""
+        self.unwatch()
         found = fast.lib.hhr_dirty_collect(self.marks, self.count, self._found)
         if rearm:
             for context in self.contexts:
@@ -144,6 +178,18 @@ class Checkpoints:
                 delta[page] = content
         self.points[name] = (snapshot_module.take(self.machine, with_ram=False), delta)
         self.current, self.current_pages = name, set(delta)
+
+    def read(self, name: str, address: int, length: int) -> bytes:
+        """RAM's bytes at point `name` (without restoring it)."""
+        delta = self.points[name][1]
+        found = bytearray()
+        while length > 0:
+            page, offset = address >> PAGE_SHIFT, address & (PAGE_SIZE - 1)
+            take = min(length, PAGE_SIZE - offset)
+            content = delta.get(page)
+            found += content[offset:offset + take] if content is not None else self.base.ram[address:address + take]
+            address, length = address + take, length - take
+        return bytes(found)
 
     def restore(self, name: str) -> None:
         state, delta = self.points[name]

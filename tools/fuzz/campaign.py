@@ -1,6 +1,7 @@
 """A fuzzing campaign: workers that mutate, run and keep inputs, live statistics, minimized findings, and replay."""
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import random
 import sys
@@ -222,8 +223,7 @@ def minimize(machine: TransferMachine, entry: FuzzInput, kind: str) -> tuple[Fuz
     started, tries = time.perf_counter(), 0
     index = 0
     while index < len(best.edits) and tries < MINIMIZE_EXECUTIONS and time.perf_counter() - started < MINIMIZE_SECONDS:
-        candidate = FuzzInput(best.target, best.message, best.edits[:index] + best.edits[index + 1:],
-                              best.fix_digest, best.fix_length)
+        candidate = dataclasses.replace(best, edits=best.edits[:index] + best.edits[index + 1:])
         tries += 1
         again = machine.execute(candidate, deep=kind in DEEP_KINDS).finding
         if again is not None and again.kind == kind:
@@ -248,7 +248,7 @@ def anchored(machine: TransferMachine, entry: FuzzInput, kind: str) -> FuzzInput
         edits.append(Edit(edit.op, edit.offset - field.offset, edit.width, edit.value, edit.data, edit.field,
                           field.name) if field is not None else edit)
         current = bytes(apply_edits(current, (edit,)))
-    candidate = FuzzInput(entry.target, entry.message, tuple(edits), entry.fix_digest, entry.fix_length)
+    candidate = dataclasses.replace(entry, edits=tuple(edits))
     again = machine.execute(candidate, deep=kind in DEEP_KINDS).finding
     return candidate if again is not None and again.kind == kind else entry
 

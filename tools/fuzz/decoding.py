@@ -1,6 +1,7 @@
 """Any bytes as a fuzz input: hhr's own JSON (tools/fuzz/inputs.py), what survives of it after a byte mutation, or raw bytes read as edits (a peer's queue entry)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -42,8 +43,7 @@ def decode_any(data: bytes) -> FuzzInput:
     that still parse; anything else read as raw edits (`RAW_*` above)."""
     try:
         entry = FuzzInput.decode(data)
-        return FuzzInput(entry.target, entry.message, tuple(bounded(edit) for edit in entry.edits[:EDITS_MAX]),
-                         entry.fix_digest, entry.fix_length)
+        return dataclasses.replace(entry, edits=tuple(bounded(edit) for edit in entry.edits[:EDITS_MAX]))
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
         pass
     salvaged = _salvaged(data)
@@ -115,4 +115,4 @@ def runnable(entry: FuzzInput, messages: int) -> FuzzInput:
     number = messages + 1 + entry.message if entry.message < 0 else entry.message
     if 1 <= number <= messages or entry.target == "state":       # (a `state` input strikes before any message)
         return entry
-    return FuzzInput(entry.target, (entry.message - 1) % messages + 1, entry.edits, entry.fix_digest, entry.fix_length)
+    return dataclasses.replace(entry, message=(entry.message - 1) % messages + 1)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from unicorn import x86_const
+
 from emu import dirty, fast
 from emu.vmx_defs import PAGE_SIZE
 from guests import catalog
@@ -20,9 +22,16 @@ GUEST_RUN_BUDGET = 4_000_000_000    # instructions guests may take to end after 
 HANG_SLACK = 4                      # an input may take this many times the reference's instructions ...
 HANG_BASE = transfer.SERVICE_CALL_BUDGET + 2_000_000   # ... plus one call's timeout and some
 EVENTS_FOLLOWED = frozenset({"vmcallr", "vmcallr-return", "restart-phase"})
+# With several LPs, guests run on the other LPs during the transfer: which VPs ran (a VM entry or
+# exit of their VMCS) while an abort was under way is followed, so that their records, which
+# running changes, are left out of what the abort must leave as it was.
+TRANSITION_EVENTS = frozenset({"vm-entry", "vm-exit"})
 CHAINED_CALLS = (transfer.Call.INVARIANTS, transfer.Call.STATE)
 STOP_POINT = "fuzz-point"           # the machine's stop at a message (between runs, call entered)
 STOP_DONE = "fuzz-done"             # the transfer has ended: committed or aborted
+BOOT_POINT = "boot"                  # the checkpoint before the restart begins: the new image staged, the
+                                     # doorbell rung, the service partition not yet booted (a `state` input's message 0)
+CALL_NUMBER_MASK = (1 << 64) - 1     # RAX
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 # Old-hypervisor record fields the state target leaves alone: pointers and tables only it uses
 # (changed, they break the sender itself, not the transfer).
@@ -79,6 +88,8 @@ class _Run:
     before_abort: tuple[bytes, bytes] | None = None   # the guests' records when the abort began
     machine_stop: str | None = None              # the machine stopped for good during the transfer
     foreign_pages: list[int] = field(default_factory=list)
+    watch_foreign: bool = True                   # the struck call's writes are judged (foreign-write)
+    ran_in_abort: set[int] = field(default_factory=set)   # VMCS addresses of VPs that ran during the abort
 
     @property
     def done(self) -> bool:
@@ -117,7 +128,8 @@ class TransferMachine:
         self.state: _Run | None = None
         self._vp_spans: list[tuple[int, int]] | None = None
         self._recording: list[tuple[int, bytes]] | None = []
-        self.machine.events.subscribe(self._on_event, EVENTS_FOLLOWED)
+        self.events_followed = EVENTS_FOLLOWED | (TRANSITION_EVENTS if setup.lps > 1 else frozenset())
+        self.machine.events.subscribe(self._on_event, self.events_followed)
         image = self.image = build.image(setup.to_hv)
         self.code_range = (self.region, self.region + len(image.code))
         self.receiver_chain = self.region + image.symbol("digest_chain") - image.base
@@ -127,8 +139,10 @@ class TransferMachine:
         self.block_map = fast.ffi.new("uint8_t[]", len(image.code)) if coverage else None
         restart_module.stage(self.booted, setup.to_hv)
         self._arm_coverage()
-        self._run_to(STOP_POINT, SETUP_BUDGET)
         self.checkpoints = dirty.Checkpoints(self.machine)
+        self.checkpoints.mark(BOOT_POINT)
+        self._boot_mark = self.machine.retired
+        self._run_to(STOP_POINT, SETUP_BUDGET)
         self.partition_pages = [range(p["memory"] >> PAGE_SHIFT, (p["memory"] + p["memory_size"]) >> PAGE_SHIFT)
                                 for p in self.booted.partitions()]     # host pages of each partition's RAM
         self._record_reference()
@@ -149,16 +163,18 @@ class TransferMachine:
         """From the first message on: every message and its checkpoint, then on to the commit."""
         self.messages: list[bytes] = []
         self.calls: list[int] = []
+        self.call_lps: list[int] = []       # the LP each call was made on (its service VP runs there)
         self.chain_before: list[bytes] = []
         chain = transfer.STATE_DIGEST_START
         started = self.machine.retired
         self.remaining: list[int] = []
         marks: list[int] = []
         while True:
-            call, message = self._recording[-1]
+            call, message, lp = self._recording[-1]
             number = len(self.messages) + 1
             self.messages.append(message)
             self.calls.append(call)
+            self.call_lps.append(lp)
             self.chain_before.append(chain)
             if call in CHAINED_CALLS:
                 chain = transfer.chain_digest(chain, message)
@@ -173,6 +189,7 @@ class TransferMachine:
         if not self.state.committed:
             raise SetupError(f"the reference restart {self.setup.from_hv} -> {self.setup.to_hv} did not commit")
         self.remaining = [self.machine.retired - mark for mark in marks]
+        self.boot_remaining = self.machine.retired - self._boot_mark
         self.reference_instructions = self.machine.retired - started
         self.vmcs_messages = [number for number, message in enumerate(self.messages, 1)
                               if any(name.startswith("vmcs[") for name in
@@ -200,7 +217,7 @@ class TransferMachine:
             if self._recording is not None:
                 header = transfer.TRANSFER_HEADER.unpack(self.machine.ram.read(self.area, transfer.TRANSFER_HEADER.size))
                 length = min(header["bytes"], transfer.TRANSFER_AREA_SIZE)
-                self._recording.append((call, self.machine.ram.read(self.area, length)))
+                self._recording.append((call, self.machine.ram.read(self.area, length), event.lp))
                 if self.state is None:
                     self.machine.request_stop(STOP_POINT)
                 return
@@ -215,11 +232,16 @@ class TransferMachine:
                                        self.machine.ram.read(self.receiver_chain, transfer.STATE_DIGEST_BYTES))
         elif kind == "vmcallr-return" and self.state is not None:
             state = self.state
-            if not state.replies and self.setup.lps == 1 and self._recording is None:
-                state.foreign_pages = self.foreign_writes()   # only the new hypervisor ran since the checkpoint
+            if not state.replies and state.watch_foreign and self._recording is None:
+                # One LP: only the new hypervisor ran since the checkpoint (and the old one for its
+                # exits). Several: what ran on the call's LP, told apart since the checkpoint (`execute`).
+                state.foreign_pages = self.foreign_writes(None if self.setup.lps == 1 else
+                                                          self.checkpoints.pages.unwatch())
             state.replies.append((state.call, event.data["ok"], event.data["result"]))
         elif kind == "restart-phase" and self.state is not None:
             self.state.timeline.on_event(event)
+        elif kind in TRANSITION_EVENTS and self.state is not None and self.state.before_abort is not None:
+            self.state.ran_in_abort.add(event.data["vmcs"])
 
     def _new_run(self, fix_digest: bool, call: int = 0) -> _Run:
         """An input's state, its timeline starting at the restart's phase at the checkpoint."""
@@ -230,6 +252,7 @@ class TransferMachine:
     def _on_transition(self, transition: Transition) -> None:
         if transition.phase == transfer.Phase.ABORTED:
             self.state.before_abort = self.guest_records()
+            self.state.ran_in_abort |= self.vps_in_guest_mode()
         if transition.ending is not None:
             self.machine.request_stop(STOP_DONE)
 
@@ -243,25 +266,46 @@ class TransferMachine:
         return (ram.read(booted.partition_base, records.partition.size * len(booted.guests)),
                 ram.read(booted.vp_base, records.vp.size * booted.vp_total))
 
-    def same_guests(self, before: tuple[bytes, bytes], after: tuple[bytes, bytes]) -> bool:
+    def same_guests(self, before: tuple[bytes, bytes], after: tuple[bytes, bytes],
+                    ran: set[int] | frozenset = frozenset()) -> bool:
         """The two `guest_records` hold the same guests: equal bytes, or equal but for the VP
-        records' scheduling fields (compared only when the bytes differ)."""
-        return before == after or self.guest_fingerprint(before) == self.guest_fingerprint(after)
+        records' scheduling fields (compared only when the bytes differ), and but for the VPs whose
+        VMCS is in `ran` (and their partitions): they ran meanwhile."""
+        return before == after or self.guest_fingerprint(before, ran) == self.guest_fingerprint(after, ran)
 
-    def guest_fingerprint(self, records_read: tuple[bytes, bytes] | None = None) -> bytes:
+    def vps_in_guest_mode(self) -> set[int]:
+        """The VMCS addresses of the VPs an LP runs now."""
+        return {lp.guest.address for lp in self.machine.lps if lp.guest is not None}
+
+    def guest_fingerprint(self, records_read: tuple[bytes, bytes] | None = None,
+                          ran: set[int] | frozenset = frozenset()) -> bytes:
         """The old hypervisor's partition and VP records (`guest_records`, read now unless given):
         what guests are (registers, state, timers), as their bytes (a VP record's scheduling fields
-        left out)."""
+        left out; the records of the VPs whose VMCS is in `ran`, and of their partitions, too)."""
         partitions, vps = records_read if records_read is not None else self.guest_records()
         records = build.hypervisor(self.setup.from_hv).records
-        fingerprint = bytearray(partitions)
         if self._vp_spans is None:            # the byte spans of a VP record's other fields
             self._vp_spans = [(records.vp.offset(name), records.vp.offset(name) + size)
                               for name, size in records.vp.fields if name not in SCHEDULING_FIELDS]
-        for start in range(0, len(vps) - records.vp.size + 1, records.vp.size):
-            for low, high in self._vp_spans:
-                fingerprint += vps[start + low:start + high]
+        vp_size, partition_size = records.vp.size, records.partition.size
+        starts = range(0, len(vps) - vp_size + 1, vp_size)
+        left_out = [start for start in starts if self._vp_field(vps, start, "vmcs") in ran] if ran else []
+        ran_partitions = {(self._vp_field(vps, start, "partition") - self.booted.partition_base) // partition_size
+                          for start in left_out}
+        fingerprint = bytearray()
+        for number in range(len(partitions) // partition_size):
+            if number not in ran_partitions:
+                fingerprint += partitions[number * partition_size:(number + 1) * partition_size]
+        for start in starts:
+            if start not in left_out:
+                for low, high in self._vp_spans:
+                    fingerprint += vps[start + low:start + high]
         return bytes(fingerprint)
+
+    def _vp_field(self, vps: bytes, start: int, name: str) -> int:
+        layout = build.hypervisor(self.setup.from_hv).records.vp
+        offset = start + layout.offset(name)
+        return int.from_bytes(vps[offset:offset + layout.field_size(name)], "little")
 
     def _view_old_hypervisor(self) -> None:
         """The booted view (symbols, records) reads the old hypervisor again: guests run to their end
@@ -283,7 +327,8 @@ class TransferMachine:
         return [f for f in found if not f.name.endswith(SENDER_OWN_FIELDS)]
 
     def read_state(self, address: int, width: int) -> int:
-        return int.from_bytes(self.checkpoints.base.ram[address:address + width], "little")
+        """The old hypervisor's memory at the first message (where `state` inputs strike by default)."""
+        return int.from_bytes(self.checkpoints.read("m1", address, width), "little")
 
     # --- one input --------------------------------------------------------------------------------------
     def execute(self, fuzz_input: FuzzInput, deep: bool = False) -> Result:
@@ -292,15 +337,19 @@ class TransferMachine:
         or VMCS input), and after a commit that a changed checkable field went into (otherwise that
         check is left to the caller: `guest_check_due`)."""
         self.executions += 1
-        number = 1 if fuzz_input.target == "state" else self.message_number(fuzz_input.message)
-        self.checkpoints.restore(f"m{number}")
+        number = self.point_number(fuzz_input)
+        self.checkpoints.restore(f"m{number}" if number else BOOT_POINT)
         self.machine.stop = None
         self._view_old_hypervisor()
         self._arm_coverage()
         changed = self._strike(fuzz_input, number)
-        self.state = state = self._new_run(fuzz_input.fix_digest, self.calls[number - 1])
+        self.state = state = self._new_run(fuzz_input.fix_digest, self.calls[number - 1] if number else 0)
+        state.watch_foreign = number > 0     # (before the restart begins, guests and the old hypervisor run first)
+        if state.watch_foreign and self.setup.lps > 1:   # the call's LP's writes, told apart from the other LPs'
+            lp = self.machine.lps[self.call_lps[number - 1]]
+            self.checkpoints.pages.watch([lp.root, lp.guest.context], lambda: self.machine.running_lp is lp)
         started = self.machine.retired
-        budget = HANG_BASE + HANG_SLACK * self.remaining[number - 1]
+        budget = HANG_BASE + HANG_SLACK * (self.remaining[number - 1] if number else self.boot_remaining)
         result = Result("aborted", changed=changed)
         try:
             self._run_until_done(budget)
@@ -331,6 +380,12 @@ class TransferMachine:
         result.status = self.booted.restart_status if not state.committed else transfer.Status.DONE
         result.finding = self._judge(fuzz_input, result, state, number, deep)
         return result
+
+    def point_number(self, fuzz_input: FuzzInput) -> int:
+        """The message whose checkpoint the input starts from (0: before the restart begins)."""
+        if fuzz_input.target == "state":
+            return 0 if fuzz_input.message == 0 else 1
+        return self.message_number(fuzz_input.message)
 
     def message_number(self, message: int) -> int:
         """An input's message number, counted from 1 (negative: from the end)."""
@@ -375,13 +430,19 @@ class TransferMachine:
     def _strike(self, fuzz_input: FuzzInput, number: int) -> bool:
         """Makes the input's edits at its checkpoint; True if they change what is received."""
         ram = self.machine.ram
+        call_changed = False
+        if fuzz_input.call is not None and number > 0:
+            call = fuzz_input.call & CALL_NUMBER_MASK
+            service_vp = self.machine.lps[self.call_lps[number - 1]].guest.context   # entered at inverse_entry
+            service_vp.set_reg(x86_const.UC_X86_REG_RAX, call)
+            call_changed = call != self.calls[number - 1]
         if fuzz_input.target == "state":
             before = {}
             for edit in fuzz_input.edits:
                 if edit.op == "set" and 0 <= edit.offset and ram.holds(edit.offset, edit.width):
                     before[edit.offset] = ram.read(edit.offset, edit.width)
                     ram.write(edit.offset, (edit.value & ((1 << (8 * edit.width)) - 1)).to_bytes(edit.width, "little"))
-            return any(ram.read(address, len(old)) != old for address, old in before.items())
+            return call_changed or any(ram.read(address, len(old)) != old for address, old in before.items())
         original = self.messages[number - 1]
         message = apply_edits(original, fuzz_input.edits)
         if fuzz_input.fix_length and len(message) >= transfer.TRANSFER_HEADER.size:
@@ -392,7 +453,7 @@ class TransferMachine:
         # What is received is as long as the header says, whatever the call: bytes written past that
         # (inserted at or set past the message's end) are never read.
         header = transfer.TRANSFER_HEADER.unpack(ram.read(self.area, transfer.TRANSFER_HEADER.size))
-        return ram.read(self.area, min(header["bytes"], transfer.TRANSFER_AREA_SIZE)) != original
+        return call_changed or ram.read(self.area, min(header["bytes"], transfer.TRANSFER_AREA_SIZE)) != original
 
     def _run_until_done(self, budget: int) -> None:
         limit = self.machine.retired + budget
@@ -413,7 +474,8 @@ class TransferMachine:
             return oracles.Finding(oracles.FOREIGN_WRITE, f"host page {foreign[0]:#x} of a partition written "
                                                           f"during the transfer ({len(foreign)} pages)")
         if result.outcome == "aborted":
-            if self.setup.lps == 1 and not self.same_guests(state.before_abort, self.guest_records()):
+            ran = state.ran_in_abort | self.vps_in_guest_mode() if self.setup.lps > 1 else frozenset()
+            if not self.same_guests(state.before_abort, self.guest_records(), ran):
                 return oracles.Finding(oracles.LOST_GUEST_STATE, "the abort changed a guest's partition or VP "
                                                                  "record")
             if deep and self.check_guests and fuzz_input.target != "state":
@@ -426,7 +488,7 @@ class TransferMachine:
         if not fuzz_input.fix_digest and fuzz_input.target != "state":
             return oracles.Finding(oracles.DIGEST_ACCEPTED, f"message {number} changed in flight, digest not "
                                                             f"fixed, and the restart committed")
-        if self.check_guests and touches_checkable(fuzz_input, self.messages[number - 1]):  # (number resolved)
+        if self.check_guests and touches_checkable(fuzz_input, self.messages[max(number, 1) - 1]):
             result.guest_check_due = True
             if deep:
                 return self.check_guests_after_commit(fuzz_input)
@@ -442,9 +504,11 @@ class TransferMachine:
         return oracles.Finding(oracles.GUEST_OUTPUT, f"{fuzz_input.target} {number} accepted with "
                                                      f"{describe_edits(fuzz_input)}; " + "; ".join(differences))
 
-    def foreign_writes(self) -> list[int]:
+    def foreign_writes(self, written: list[int] | None = None) -> list[int]:
         """Partition pages written since the checkpoint (asked when the struck call returns: with one
-        LP, only the new hypervisor has run since)."""
+        LP, only the new hypervisor has run since), or among the pages `written`."""
+        if written is not None:
+            return sorted(page for page in written if any(page in pages for pages in self.partition_pages))
         marks = fast.ffi.buffer(self.checkpoints.pages.marks)
         found = []
         for pages in self.partition_pages:
@@ -502,4 +566,6 @@ def describe_edits(fuzz_input: FuzzInput) -> str:
             parts.append(f"{len(edit.data)} bytes inserted at {edit.offset}")
         else:
             parts.append(f"{edit.width} bytes deleted at {edit.offset}")
+    if fuzz_input.call is not None:
+        parts.append(f"call number {fuzz_input.call:#x}")
     return ", ".join(parts) or "no edit"

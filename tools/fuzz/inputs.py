@@ -55,19 +55,24 @@ class FuzzInput:
     """`message`: the number of the message struck (1 = INVARIANTS, then the STATE messages, the
     last = VERIFY's digest; counted from the end when negative: -1 = VERIFY's, -2 = the blackout's). `fix_digest`: the digest the old hypervisor sends at VERIFY is replaced by
     the chain over the messages as the new one received them, so only its own checks stand between a
-    changed state and its acceptance. `fix_length`: the header's byte count follows inserts/deletes."""
+    changed state and its acceptance. `fix_length`: the header's byte count follows inserts/deletes.
+    `call`: the call number the new hypervisor finds in RAX at the struck message, instead of the one
+    the old hypervisor made (None: that one). A `state` input strikes at message 1 (its edits made
+    before any STATE message is made from the records) or at 0: before the restart begins, so that
+    the run goes through the service partition's boot too."""
 
     target: str
     message: int
     edits: tuple[Edit, ...] = ()
     fix_digest: bool = False
     fix_length: bool = False
+    call: int | None = None
     notes: dict = field(default_factory=dict, compare=False, hash=False)
 
     def as_json(self) -> dict:
         return {"format": FORMAT_VERSION, "target": self.target, "message": self.message,
                 "fix_digest": self.fix_digest, "fix_length": self.fix_length,
-                "edits": [edit.as_json() for edit in self.edits]}
+                "edits": [edit.as_json() for edit in self.edits]} | ({} if self.call is None else {"call": self.call})
 
     def encode(self) -> bytes:
         return (json.dumps(self.as_json(), sort_keys=True) + "\n").encode()
@@ -88,7 +93,8 @@ class FuzzInput:
             raise ValueError(f"unknown target {document.get('target')!r}: one of {', '.join(TARGETS)}")
         return cls(document["target"], int(document["message"]),
                    tuple(Edit.from_json(entry) for entry in document.get("edits", [])),
-                   bool(document.get("fix_digest")), bool(document.get("fix_length")))
+                   bool(document.get("fix_digest")), bool(document.get("fix_length")),
+                   None if document.get("call") is None else int(document["call"]))
 
 
 def apply_edits(message: bytes, edits: tuple[Edit, ...]) -> bytearray:

@@ -22,6 +22,12 @@ BITS_PER_BYTE = 8
 FIX_DIGEST_SHARE = 0.5           # fresh message inputs that ask for the digest to be fixed
 COUNT_BYTES = transfer.TRANSFER_HEADER.field_size("record_count")
 TYPE_BYTES = transfer.RECORD_HEADER.field_size("type")
+STRIKE_CHANGE_SHARE = 0.03       # children that strike elsewhere: another call number, or (state) before the restart
+BEFORE_RESTART = 0               # a state input's message number before the first: the service partition's boot
+# Call numbers an inverse hypercall may carry instead of its own: each the receiver knows, the first
+# past them, and the edges of RAX.
+CALL_NUMBERS = tuple(sorted({0, *(int(call) for call in transfer.Call), max(transfer.Call) + 1, (1 << 32) - 1,
+                             1 << 32, SIGN_BIT_64, (1 << 64) - 1}))
 FIELD_CACHE_ENTRIES = 256        # parents whose messages' fields are kept
 MESSAGE_CACHE_ENTRIES = 64       # edited messages (and their record spans) kept: a parent's children
                                  # start from the same one
@@ -88,9 +94,15 @@ class Mutator:
             edit = self._state_edit() if parent.target == "state" else self._message_edit(parent, edits)
             if edit is not None:
                 edits.append(edit)
+        message, call = parent.message, parent.call
+        if rng.random() < STRIKE_CHANGE_SHARE:
+            if parent.target == "state":      # before the restart begins (the service partition's boot) or at message 1
+                message = BEFORE_RESTART if message != BEFORE_RESTART else 1
+            else:                             # another call number in RAX: a call the receiver does not know, or
+                call = rng.choice(CALL_NUMBERS)   # one it does at the wrong time
         if parent.target == "state":
             fix_digest = fix_length = False
-        return FuzzInput(parent.target, parent.message, tuple(edits), fix_digest, fix_length)
+        return FuzzInput(parent.target, message, tuple(edits), fix_digest, fix_length, call)
 
     def _state_edit(self) -> Edit | None:
         if not self.state_fields:
