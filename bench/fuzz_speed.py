@@ -11,7 +11,7 @@ from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 TARGETS = ("messages", "state", "vmcs", "all")
-DEFAULT_RUNS = 2000
+DEFAULT_RUNS = 1000
 DEFAULT_SEED = 1
 GOAL_PER_SECOND = 2000               # the messages target's goal, per worker (docs/fuzzing.md)
 # One worker's campaign, timed from its first input (the setup left out). It uses only what every
@@ -82,13 +82,13 @@ def table(results: dict[str, dict[str, list[dict]]], trees: list[str]) -> list[s
 
 
 def main(json_path: str | None = None, runs: int = DEFAULT_RUNS, seed: int = DEFAULT_SEED,
-         against: str | None = None, rounds: int = 2, afl_seconds: float = 0.0,
+         against: list[str] = (), rounds: int = 2, afl_seconds: float = 0.0,
          targets: tuple[str, ...] = TARGETS) -> int:
-    """Runs each target `rounds` times, alternating with the build of source tree `against` (its
-    rounds back to back with this one's: the machine's load changes from minute to minute)."""
+    """Runs each target `rounds` times, alternating with the builds of the source trees `against`
+    (their rounds back to back with this one's: the machine's load changes from minute to minute)."""
     trees = {"this build": REPOSITORY}
-    if against is not None:
-        trees[f"{Path(against).name}"] = Path(against).resolve()
+    for tree in against:
+        trees[Path(tree).name] = Path(tree).resolve()
     results: dict[str, dict[str, list[dict]]] = {target: {name: [] for name in trees} for target in targets}
     started = time.perf_counter()
     for round_number in range(rounds):
@@ -103,10 +103,9 @@ def main(json_path: str | None = None, runs: int = DEFAULT_RUNS, seed: int = DEF
           f"best of {rounds} (load average {os.getloadavg()[0]:.1f}):")
     for line in table(results, list(trees)):
         print(line)
-    best = max(rate(f, "cpu_seconds") for f in results.get("messages", {}).get("this build", [])) \
-        if "messages" in results else None
-    if best is not None:
-        print(f"messages, per CPU second: {best:,.0f} (goal {GOAL_PER_SECOND:,})")
+    if "messages" in results:
+        best = max(rate(f, "cpu_seconds") for f in results["messages"]["this build"])
+        print(f"messages, this build, per CPU second: {best:,.0f} (goal {GOAL_PER_SECOND:,})")
     afl = afl_figures(afl_seconds) if afl_seconds > 0 else None
     if afl is not None:
         print(f"--engine afl, {afl_seconds:g} s, one afl-fuzz instance beside one native worker:")
@@ -124,7 +123,8 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--against", metavar="TREE", help="another source tree (an earlier build) run beside this one")
+    parser.add_argument("--against", metavar="TREE", action="append", default=[],
+                        help="another source tree (an earlier build) run beside this one (repeatable)")
     parser.add_argument("--afl-seconds", type=float, default=0.0)
     parser.add_argument("--target", action="append", choices=TARGETS)
     parser.add_argument("--json", metavar="FILE")

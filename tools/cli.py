@@ -417,8 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
                               help="a hypervisor's figures: boot, mixed workload, map storm, host memory")
     bench_parser.add_argument("--fuzz", action="store_true",
                               help="hhr fuzz: one worker's executions a second per target on a fixed seed")
-    bench_parser.add_argument("--against", metavar="TREE",
-                              help="--fuzz: another source tree (an earlier build) run beside this one, round by round")
+    bench_parser.add_argument("--against", metavar="TREE", action="append", default=[],
+                              help="--fuzz: another source tree (an earlier build) run beside this one, round by "
+                                   "round (repeatable)")
     bench_parser.add_argument("--afl-seconds", type=float, default=0.0,
                               help="--fuzz: also run --engine afl (one afl-fuzz instance, one native worker) this long")
     bench_parser.add_argument("--hv", default="hv1", help="the hypervisor for --hypervisor (default hv1)")

@@ -94,10 +94,12 @@ class Mutator:
             edit = self._state_edit() if parent.target == "state" else self._message_edit(parent, edits)
             if edit is not None:
                 edits.append(edit)
-        message, call = parent.message, parent.call
+        # Now and then a child strikes elsewhere (not passed on: a whole restart from before it begins
+        # costs several inputs, a call number refused at once reaches no record).
+        message, call = (1 if parent.target == "state" else parent.message), None
         if rng.random() < STRIKE_CHANGE_SHARE:
-            if parent.target == "state":      # before the restart begins (the service partition's boot) or at message 1
-                message = BEFORE_RESTART if message != BEFORE_RESTART else 1
+            if parent.target == "state":      # before the restart begins: the service partition's boot
+                message = BEFORE_RESTART
             else:                             # another call number in RAX: a call the receiver does not know, or
                 call = rng.choice(CALL_NUMBERS)   # one it does at the wrong time
         if parent.target == "state":
