@@ -78,6 +78,8 @@ def _run(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else grading.new_seed()
     print(f"exercise {exercise.number} in {directory} (seed {seed:#x})")
     lab_run = exercise.run(exercise, directory, seed)
+    if lab_run.report:
+        print(lab_run.report.rstrip("\n"))
     if lab_run.console:
         print("--- console ---")
         sys.stdout.write(lab_run.console if lab_run.console.endswith("\n") else lab_run.console + "\n")

@@ -21,6 +21,7 @@ class LabRun:
     machine: Machine | None = None
     build_error: str | None = None     # the assembler's message when the sources do not build
     hole: str | None = None            # "not yet implemented: E#n-m at file:line (symbol)"
+    report: str = ""                   # what `hhr lab run` shows before the console (a restart's report)
     extra: dict[str, Any] = field(default_factory=dict)   # what an exercise's own run adds
 
     def events_of(self, kind: str) -> list:
