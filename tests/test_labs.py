@@ -78,3 +78,12 @@ def test_the_values_a_run_uses_change_with_the_seed(tmp_path):
     first, second = (grading.grade(exercise, directory, seed) for seed in (1, 2))
     assert first.full_marks and second.full_marks
     assert first.run.values != second.run.values
+
+
+HYPERVISOR_EXERCISES = [exercise for exercise in EXERCISES if exercise.prepare is material.prepare_hypervisor]
+
+
+@pytest.mark.parametrize("exercise", HYPERVISOR_EXERCISES, ids=_id)
+def test_a_hypervisor_exercise_s_solution_is_the_code_of_its_regions(exercise):
+    """The solution blocks are the marked regions of the package's own sources, so they cannot drift."""
+    assert solving.solution_blocks(exercise) == material.region_texts(exercise)
