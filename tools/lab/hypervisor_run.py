@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 from asm import AsmError
 from guests.catalog import GuestSpecError
@@ -32,7 +33,9 @@ EVENT_KINDS = frozenset({"vmxon", "vmxoff", "vmcallr", "vmcallr-return", "restar
 class Scenario:
     """What one graded run does: these guests on these LPs, a restart from one hypervisor to the
     other at an instruction count, in a mode. With `faults` (tools/faults.py STEP:FAULT), a restart
-    is requested for each, struck by it, before the last one, which none strikes."""
+    is requested for each, struck by it, before the last one, which none strikes; `extra_restarts`
+    more come before the last for `watch`, which is given the booted machine before it runs (to
+    follow its events and strike a restart its own way)."""
 
     guests: tuple[str, ...]
     lps: int
@@ -41,6 +44,8 @@ class Scenario:
     to_hypervisor: str = "hv2"
     mode: str = "precopy"
     faults: tuple[str, ...] = ()
+    extra_restarts: int = 0
+    watch: Callable | None = field(default=None, compare=False)
 
     def budget(self) -> int:
         """Instructions for the run: the guests', each restart's, and a hang holds a call for its whole
@@ -49,24 +54,28 @@ class Scenario:
         return BUDGET + len(self.request_points()) * RESTART_ALLOWANCE + hangs * transfer.SERVICE_CALL_BUDGET
 
     def request_points(self) -> list[int]:
-        return [self.request_at + number * RESTART_SPACING for number in range(len(self.faults) + 1)]
+        restarts = len(self.faults) + self.extra_restarts + 1
+        return [self.request_at + number * RESTART_SPACING for number in range(restarts)]
 
     def describe(self) -> str:
-        faults = f", first {' then '.join(self.faults)}" if self.faults else ""
+        strikes = list(self.faults) + [str(getattr(self.watch, "description", "watched"))] * self.extra_restarts
+        faults = f", first {' then '.join(strikes)}" if strikes else ""
         return (f"guests {' '.join(self.guests)} on {self.lps} LP(s), {self.from_hypervisor} -> "
                 f"{self.to_hypervisor} ({self.mode}) requested at instruction {self.request_at}{faults}")
 
 
 def seeded_scenario(seed: int, mode: str = "precopy", guests: tuple[str, ...] | None = None,
                     lps: tuple[int, ...] = LP_CHOICES, faults: tuple[str, ...] = (),
-                    pool: tuple[str, ...] = GUEST_POOL, required: tuple[str, ...] = ()) -> Scenario:
+                    pool: tuple[str, ...] = GUEST_POOL, required: tuple[str, ...] = (),
+                    extra_restarts: int = 0, watch: Callable | None = None) -> Scenario:
     """The scenario of a seed: `guests`, or `required` and the rest of GUESTS_PER_RUN drawn from
     `pool`; the LP count drawn from `lps`; the request point from REQUEST_WINDOW."""
     rng = random.Random(seed)
     if guests is None:
         others = [name for name in pool if name not in required]
         guests = required + tuple(rng.sample(others, max(0, GUESTS_PER_RUN - len(required))))
-    return Scenario(guests, rng.choice(lps), rng.randrange(*REQUEST_WINDOW), mode=mode, faults=faults)
+    return Scenario(guests, rng.choice(lps), rng.randrange(*REQUEST_WINDOW), mode=mode, faults=faults,
+                    extra_restarts=extra_restarts, watch=watch)
 
 
 @lru_cache(maxsize=8)
@@ -91,14 +100,16 @@ def run(exercise: Exercise, directory: Path, seed: int, scenario: Scenario | Non
     try:
         with build.sources(tree):
             images = {name: build.image(name) for name in (scenario.from_hypervisor, scenario.to_hypervisor)}
-            boot.BOOT_OBSERVERS.append(keep_events)
+            observers = [keep_events] + ([scenario.watch] if scenario.watch else [])
+            boot.BOOT_OBSERVERS.extend(observers)
             try:
                 document, booted = restart_module.restart_keeping_machine(
                     scenario.from_hypervisor, scenario.to_hypervisor, list(scenario.guests), lps=scenario.lps,
                     request_at=scenario.request_points(), max_instructions=scenario.budget(), mode=scenario.mode,
                     inject=list(scenario.faults) or None)
             finally:
-                boot.BOOT_OBSERVERS.remove(keep_events)
+                for observer in observers:
+                    boot.BOOT_OBSERVERS.remove(observer)
             mailbox = _service_partition_hole(booted, scenario.to_hypervisor)
     except (AsmError, build.ContractError, FileNotFoundError) as error:
         lab_run.build_error = str(error)
