@@ -100,5 +100,5 @@ aborts with STATUS_CALL_FAILED and detail RCX."""),
     ),
     prepare=material.prepare_hypervisor,
     run=lambda exercise, directory, seed: hypervisor_run.run(
-        exercise, directory, seed, hypervisor_run.seeded_scenario(seed, faults=FAULTS)),
+        exercise, directory, seed, hypervisor_run.seeded_scenario(seed, faults=FAULTS, required=(hypervisor_run.LONG_GUEST,))),
 )

@@ -138,6 +138,6 @@ refuses a VP without it)."""),
     prepare=material.prepare_hypervisor,
     run=lambda exercise, directory, seed: hypervisor_run.run(
         exercise, directory, seed,
-        hypervisor_run.seeded_scenario(seed, pool=OTHER_GUESTS, required=(ORACLE,), extra_restarts=1,
+        hypervisor_run.seeded_scenario(seed, pool=OTHER_GUESTS, required=(ORACLE, hypervisor_run.LONG_GUEST), extra_restarts=1,
                                        watch=MalformedVpState())),
 )

@@ -20,6 +20,7 @@ from tools.lab.runs import LabRun
 # Guests a seeded scenario draws from: each checks its own results and prints them.
 GUEST_POOL = ("hashchain", "sieve", "cpustate", "hello,vps=2", "counter", "pingpong")
 GUESTS_PER_RUN = 3
+LONG_GUEST = "counter"                       # runs long enough (180 million instructions, quickly) to outlast restarts
 LP_CHOICES = (1, 2)
 REQUEST_WINDOW = (400_000, 1_200_000)        # the restart is requested at an instruction count in here
 BUDGET = 200_000_000                         # instructions for the whole run; a hung hand-off stops here
@@ -79,10 +80,11 @@ def seeded_scenario(seed: int, mode: str = "precopy", guests: tuple[str, ...] | 
 
 
 @lru_cache(maxsize=8)
-def reference(guests: tuple[str, ...], lps: int, hypervisor: str) -> tuple[dict, ...]:
-    """What the guests print and exit with under the package's own hypervisor, without a restart."""
+def reference(guests: tuple[str, ...], lps: int, hypervisor: str, budget: int = BUDGET) -> tuple[dict, ...]:
+    """What the guests print and exit with under the package's own hypervisor, without a restart
+    (given the budget of the run it is compared with)."""
     with build.sources(build.HERE):
-        report = run_module.run(hypervisor, list(guests), lps=lps, max_instructions=BUDGET)
+        report = run_module.run(hypervisor, list(guests), lps=lps, max_instructions=budget)
     return tuple({key: guest[key] for key in ("name", "console", "exit_code", "state")}
                  for guest in report.document["guests"])
 
@@ -92,7 +94,7 @@ def run(exercise: Exercise, directory: Path, seed: int, scenario: Scenario | Non
     scenario = scenario or seeded_scenario(seed)
     lab_run = LabRun(seed=seed, values={"lps": scenario.lps, "request_at": scenario.request_at})
     lab_run.extra["scenario"] = scenario
-    lab_run.extra["reference"] = reference(scenario.guests, scenario.lps, scenario.from_hypervisor)
+    lab_run.extra["reference"] = reference(scenario.guests, scenario.lps, scenario.from_hypervisor, scenario.budget())
     tree = directory / material.HYPERVISOR_TREE
 
     def keep_events(booted) -> None:
