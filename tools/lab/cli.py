@@ -54,7 +54,10 @@ def _start(args: argparse.Namespace) -> int:
     exercise = book.exercise(args.number)
     directory = workspace.start(exercise, workspace.locate(args.directory))
     print(f"exercise {exercise.number}, {exercise.title}: {directory}")
-    print(f"edit: {', '.join(exercise.files)} (the HOLE lines, E#{exercise.number}-1 first)")
+    planted = all(hole.planted is not None for hole in exercise.holes)
+    print(f"edit: {', '.join(exercise.files)}" + (" (a bug is planted in it: hhr lab hint "
+                                                  f"{exercise.number})" if planted else
+                                                  f" (the HOLE lines, E#{exercise.number}-1 first)"))
     print(f"read: docs/labs/{exercise.directory_name}.md")
     print(f"then: hhr lab run {exercise.number}   and   hhr lab grade {exercise.number}")
     return 0
@@ -78,12 +81,12 @@ def _run(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else grading.new_seed()
     print(f"exercise {exercise.number} in {directory} (seed {seed:#x})")
     lab_run = exercise.run(exercise, directory, seed)
-    if lab_run.report:
-        print(lab_run.report.rstrip("\n"))
     if lab_run.console:
         print("--- console ---")
         sys.stdout.write(lab_run.console if lab_run.console.endswith("\n") else lab_run.console + "\n")
         print("---------------")
+    for line in lab_run.notes:
+        print(line)
     print(lab_run.summary())
     return 0 if lab_run.build_error is None and lab_run.hole is None else BELOW_FULL_MARKS
 

@@ -16,9 +16,23 @@ STEP_MASK = (1 << EXERCISE_SHIFT) - 1
 MACRO_INCLUDE = "lab.inc"                              # the file a lab source includes for HOLE
 MAILBOX_LABEL = "lab_hole_reached"                     # where a hole leaves its number too
 
-_HOLE_LINE = re.compile(r"^[ \t]*HOLE[ \t]+(\d+)[ \t]*,[ \t]*(\d+)[ \t]*(?:;.*)?$", re.MULTILINE)
-_SOLUTION_HEADER = re.compile(r"^;[ \t]*(E#\d+-\d+)\b.*$", re.MULTILINE)
+# `HOLE n, m` in assembly, `HOLE(n, m)` in Python (the questions of a reading exercise).
+HOLE_LINE = re.compile(r"^([ \t]*)HOLE[ \t]*\(?[ \t]*(\d+)[ \t]*,[ \t]*(\d+)[ \t]*\)?[ \t]*(?:[;#].*)?$", re.MULTILINE)
+_SOLUTION_HEADER = re.compile(r"^[;#][ \t]*(E#\d+-\d+)\b.*$", re.MULTILINE)
 _NAME = re.compile(r"E#(\d+)-(\d+)\Z")
+
+
+class HoleReached(Exception):
+    """Raised by HOLE(n, m) in a Python file of an exercise: that step is not written yet."""
+
+    def __init__(self, name: str):
+        super().__init__(f"not yet implemented: {name}")
+        self.name = name
+
+
+def HOLE(exercise: int, step: int) -> None:     # noqa: N802 - spelt as in the assembly exercises
+    """A hole in a Python answer: raises HoleReached until the line is replaced."""
+    raise HoleReached(hole_name(exercise, step))
 
 
 def hole_name(exercise: int, step: int) -> str:
@@ -92,8 +106,8 @@ def sites(directory: Path, files: tuple[str, ...]) -> dict[str, HoleSite]:
     found = {}
     for relative in files:
         text = (directory / relative).read_text(encoding="utf-8")
-        for match in _HOLE_LINE.finditer(text):
-            name = hole_name(int(match.group(1)), int(match.group(2)))
+        for match in HOLE_LINE.finditer(text):
+            name = hole_name(int(match.group(2)), int(match.group(3)))
             found[name] = HoleSite(name, relative, text.count("\n", 0, match.start()) + 1)
     return found
 
@@ -117,10 +131,10 @@ def fill(directory: Path, files: tuple[str, ...], blocks: dict[str, str]) -> lis
         text = path.read_text(encoding="utf-8")
 
         def replace(match: re.Match) -> str:
-            name = hole_name(int(match.group(1)), int(match.group(2)))
+            name = hole_name(int(match.group(2)), int(match.group(3)))
             if name not in blocks:
                 return match.group(0)
             filled.append(name)
             return blocks[name].rstrip("\n")
-        path.write_text(_HOLE_LINE.sub(replace, text), encoding="utf-8")
+        path.write_text(HOLE_LINE.sub(replace, text), encoding="utf-8")
     return filled

@@ -124,7 +124,7 @@ def run(exercise: Exercise, directory: Path, seed: int, scenario: Scenario | Non
     lab_run.stop = machine.stop
     lab_run.console = document.get("hypervisor_console", "")
     lab_run.extra["document"] = document
-    lab_run.report = f"scenario: {scenario.describe()}\n{restart_module.text(document)}"
+    lab_run.notes = [f"scenario: {scenario.describe()}", restart_module.text(document)]
     lab_run.extra["booted"] = booted            # where each hypervisor is (image_base, service_region)
     lab_run.extra["images"] = images            # the student's images: their symbols
     # A hole in the service partition comes first: its failed call may have led the old hypervisor on
