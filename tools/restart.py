@@ -278,11 +278,13 @@ def restart_keeping_machine(from_hypervisor: str, to_hypervisor: str, guest_spec
     booted = boot.boot(guests, hypervisor=from_hypervisor, lps=lps, ram_size=ram_size)
     started = time.perf_counter()
     summaries = []
+    recorder = None
     for number, point in enumerate(points):
+        stopped = booted.machine.stop is not None and booted.machine.stop.reason != "instruction-limit"
+        if recorder is not None and not recorder.finished and stopped:
+            break                               # the machine stopped during the last restart: no more requests
         booted.machine.run(max_instructions=max(point, booted.machine.retired))
         if booted.machine.stop is not None and booted.machine.stop.reason != "instruction-limit":
-            if number > 0:
-                break                           # the machine stopped during a restart: no more requests
             raise ValueError(f"the guests ended before instruction {point}: request the restart earlier (--at)")
         source = booted.hypervisor
         back = source == to_hypervisor and to_hypervisor != from_hypervisor     # alternate: there and back
