@@ -35,6 +35,7 @@ def _left_vmx(run):
 
 
 def _new_page_tables(run):
+    restart_checks.document(run)                 # (a run that did not happen says why)
     booted, image = run.extra["booted"], run.extra["images"][run.extra["scenario"].to_hypervisor]
     if booted.hypervisor != run.extra["scenario"].to_hypervisor:
         raise Expected(f"{run.extra['scenario'].to_hypervisor} to have taken over", booted.hypervisor)
@@ -46,9 +47,9 @@ def _new_page_tables(run):
 
 
 def _entered_vmx_again(run):
+    events = _after_devirtualize(run)
     booted = run.extra["booted"]
     region = (booted.image_base, booted.image_base + transfer.SERVICE_REGION_SIZE)
-    events = _after_devirtualize(run)
     for lp in _lps(run):
         ours = [event for event in events if event.lp == lp and event.kind in ("vmxoff", "vmxon")]
         kinds = [event.kind for event in ours]
