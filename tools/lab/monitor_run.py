@@ -13,7 +13,8 @@ from emu.machine import Machine
 from emu.memory import MIB, PAGE_SIZE
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import MemoryType, make_eptp
-from hypervisors import bare_monitor, build, segments
+from hypervisors import bare_monitor, boot, build, segments
+from tools.gdb import elf_symbols
 from tools.lab import holes
 from tools.lab.book import Exercise
 from tools.lab.runs import LabRun
@@ -45,6 +46,8 @@ DEFAULT_BUDGET = 20_000_000                # instructions; a program that runs l
 DONE_VALUE = 0                             # `out DEBUG_EXIT_PORT, al` values of labs/common/support.inc
 FAILED_VALUE = 1
 SOURCE_FILE = "monitor.s"
+SYMBOLS_FILE = "monitor.elf"               # written beside it for gdb when `hhr lab run --gdb` listens
+PROGRAM_LABEL = "monitor"                  # how gdb's thread names call root mode
 # A canary the harness writes where the program must write something, so that leaving it does not pass.
 UNWRITTEN = 0x5EED_5EED
 
@@ -132,6 +135,10 @@ def run(exercise: Exercise, directory: Path, seed: int, setup: MonitorSetup) -> 
         values.update(setup.prepare(machine, random.Random(seed ^ CAPS.vmcs_revision_id), values))
     machine.load(LAB_CODE, image.code)
     machine.start(LAB_CODE, [STACK_TOP], argument=LAB_INFO_ADDRESS)
+    if boot.observed():                       # a debugger listens: give it the program's symbols
+        symbols = directory / SYMBOLS_FILE
+        symbols.write_bytes(elf_symbols.elf(image, LAB_CODE))
+        boot.announce(boot.BareBooted(machine, PROGRAM_LABEL, LAB_CODE, f"add-symbol-file {symbols}"))
     result = machine.run(max_instructions=setup.budget)
     lab_run.stop = result.stop
     lab_run.console = machine.io.console.text()
