@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -74,12 +74,14 @@ def constants() -> dict[str, int]:
 class MonitorSetup:
     """What a monitor exercise's machine holds besides the program: guests (assembly, guest-physical
     GUEST_CODE and SECOND_GUEST_CODE), whether the harness maps the guest's RAM with its own EPT,
-    and the instruction budget."""
+    the instruction budget, and the exercise's own assembler constants (its guests' layout, which
+    the program and the guests both use)."""
 
     guest: str | None = None
     second_guest: str | None = None
     harness_ept: bool = True
     budget: int = DEFAULT_BUDGET
+    constants: dict[str, int] = field(default_factory=dict)
     # Writes the exercise's own seeded state into the machine; returns values the tests compare with.
     prepare: Callable[[Machine, random.Random, dict[str, int]], dict[str, int]] | None = None
 
@@ -124,10 +126,11 @@ def run(exercise: Exercise, directory: Path, seed: int, setup: MonitorSetup) -> 
     values = seeded_values(seed, setup)
     lab_run = LabRun(seed=seed, values=values)
     try:
-        image = asm.assemble_file(directory / SOURCE_FILE, LAB_CODE, constants=constants(),
-                                  include_dirs=[directory])
-        guest = asm.assemble(setup.guest, bare_monitor.GUEST_CODE) if setup.guest else None
-        second = asm.assemble(setup.second_guest, SECOND_GUEST_CODE) if setup.second_guest else None
+        names = asm.merge_constants(constants(), setup.constants)
+        image = asm.assemble_file(directory / SOURCE_FILE, LAB_CODE, constants=names, include_dirs=[directory])
+        guest = asm.assemble(setup.guest, bare_monitor.GUEST_CODE, constants=names) if setup.guest else None
+        second = (asm.assemble(setup.second_guest, SECOND_GUEST_CODE, constants=names)
+                  if setup.second_guest else None)
     except (asm.AsmError, OSError) as error:
         lab_run.build_error = str(error)
         return lab_run
@@ -152,5 +155,9 @@ def run(exercise: Exercise, directory: Path, seed: int, setup: MonitorSetup) -> 
     lab_run.events = list(machine.events.events)
     lab_run.machine = machine
     lab_run.extra["image"] = image
+    if guest is not None:
+        lab_run.extra["guest_image"] = guest
+    if second is not None:
+        lab_run.extra["second_guest_image"] = second
     lab_run.hole = _hole_stop(lab_run, machine, image, directory, exercise.files)
     return lab_run
