@@ -32,6 +32,11 @@ LAB_INFO = Struct("lab_info", [
     ("second_guest_entry", 8), ("second_guest_stack", 8),
     ("challenge", 8),                              # a value the guest and the checks use
 ])
+# Where a monitor exercise keeps a guest's general registers between a VM exit and the next entry
+# (they are the guest's at the exit and must be the guest's at the entry: docs/machine.md 7.7.2, 7.9.1).
+GUEST_REGISTERS = Struct("guest_registers", [
+    (name, 8) for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",
+                           "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")])
 LAB_INFO_ADDRESS = 0x9000                  # below 1 MiB, above the firmware page tables
 LAB_CODE = bare_monitor.MONITOR_CODE       # where the program is loaded and started
 STACK_TOP = bare_monitor.MONITOR_STACK_TOP
@@ -57,6 +62,7 @@ def constants() -> dict[str, int]:
     return asm.merge_constants(
         build.constants("hv1"),
         LAB_INFO.constants(),
+        GUEST_REGISTERS.constants(),
         {name: getattr(msrs, name) for name in ("IA32_KERNEL_GS_BASE", "IA32_STAR", "IA32_LSTAR", "IA32_FMASK")},
         {"LAB_INFO_ADDRESS": LAB_INFO_ADDRESS, "LAB_EXIT_STACK_TOP": EXIT_STACK_TOP,
          "LAB_DONE": DONE_VALUE, "LAB_FAILED": FAILED_VALUE,
@@ -118,7 +124,8 @@ def _hole_stop(run: LabRun, machine: Machine, image: asm.Image, directory: Path,
     name = holes.name_of_number(root.reg(x86.UC_X86_REG_RCX))
     site = holes.sites(directory, files).get(name)
     where = str(site) if site is not None else "a hole no longer in the sources"
-    return f"not yet implemented: {name} at {where} ({image.symbolize(root.reg(x86.UC_X86_REG_RIP))})"
+    # RIP has passed the hole's OUT, and may name the label after it: name the OUT's last byte instead.
+    return f"not yet implemented: {name} at {where} ({image.symbolize(root.reg(x86.UC_X86_REG_RIP) - 1)})"
 
 
 def run(exercise: Exercise, directory: Path, seed: int, setup: MonitorSetup) -> LabRun:
