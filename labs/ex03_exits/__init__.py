@@ -179,9 +179,8 @@ EXERCISE = Exercise(
     files=(monitor_run.SOURCE_FILE,),
     holes=(
         Hole(1, "Dispatch on the exit reason", "SDM 25.9.1, Appendix C", """
-The exit reason is in the VM_EXIT_REASON field (VMCS_FIELD_VM_EXIT_REASON): "bits 15:0 of this
-field contain the basic exit reason" (SDM 25.9.1); the other bits are flags (bit 31: a VM-entry
-failure). VMREAD it (`vmread rax, rcx` with the field's encoding in RCX), keep bits 15:0
+The exit reason is in the VM_EXIT_REASON field (VMCS_FIELD_VM_EXIT_REASON): bits 15:0 hold the
+basic exit reason, the other bits are flags, bit 31 a VM-entry failure (SDM 25.9.1). VMREAD it (`vmread rax, rcx` with the field's encoding in RCX), keep bits 15:0
 (EXIT_REASON_BASIC_MASK) and compare with the numbers of SDM Appendix C: EXIT_REASON_CPUID (10),
 EXIT_REASON_IO_INSTRUCTION (30), EXIT_REASON_HLT (12). Jump to handle_cpuid, handle_io or
 handle_hlt; any other reason goes to unknown_exit with the reason in RAX."""),
