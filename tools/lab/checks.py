@@ -88,3 +88,7 @@ def guest_entered(run: LabRun, vmcs: int, rip: int) -> None:
     if not first["launch"] or first["rip"] != rip:
         raise Expected(f"the first entry to be a VMLAUNCH at guest RIP {rip:#x}",
                        f"{'VMLAUNCH' if first['launch'] else 'VMRESUME'} at {first['rip']:#x}")
+
+
+def ram_bytes(run: LabRun, address: int, size: int) -> bytes:
+    return _machine(run).ram.read(address, size)
