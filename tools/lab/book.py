@@ -92,7 +92,8 @@ class Exercise:
         raise KeyError(f"exercise {self.number} has no hole {name}")
 
     def solution_path(self) -> Path:
-        return package_directory() / SOLUTIONS / f"{self.number:02d}.s"
+        """labs/solutions/NN with the suffix of the exercise's first file (.s, or .py for answers)."""
+        return package_directory() / SOLUTIONS / f"{self.number:02d}{Path(self.files[0]).suffix}"
 
     def material(self) -> Path:
         """The exercise's own files in the package (labs/exNN_slug/, a slug's hyphens as underscores:

@@ -82,6 +82,8 @@ def _run(args: argparse.Namespace) -> int:
         print("--- console ---")
         sys.stdout.write(lab_run.console if lab_run.console.endswith("\n") else lab_run.console + "\n")
         print("---------------")
+    for line in lab_run.notes:
+        print(line)
     print(lab_run.summary())
     return 0 if lab_run.build_error is None and lab_run.hole is None else BELOW_FULL_MARKS
 

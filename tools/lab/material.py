@@ -13,16 +13,20 @@ COMMON_MATERIAL = "common"           # labs/common: includes every monitor exerc
 HYPERVISOR_TREE = "hypervisors"      # where a hypervisor exercise's copy of the sources goes
 # A region of the hypervisors' sources an exercise cuts out: from `;@lab E#n-m` to `;@lab end`.
 _REGION = re.compile(r"^([ \t]*);@lab (E#\d+-\d+)[^\n]*\n(.*?)^[ \t]*;@lab end[^\n]*\n", re.MULTILINE | re.DOTALL)
-_HOLE_AT = re.compile(r"^([ \t]*)HOLE[ \t]+(\d+)[ \t]*,[ \t]*(\d+)", re.MULTILINE)
 _INCLUDE_LINE = f'%include "{holes.MACRO_INCLUDE}"\n'
+_MAILBOX_LINE = "\n; where an unfilled hole leaves its number (lab.inc)\n    HOLE_MAILBOX\n"
 
 
-def hint_comment(exercise: Exercise, name: str, indent: str) -> str:
+_COMMENT = {".py": "#"}                  # the comment mark of a file, by suffix; assembly's otherwise
+
+
+def hint_comment(exercise: Exercise, name: str, indent: str, suffix: str = ".s") -> str:
     """The comment written above a hole: its name, title, SDM section and hint."""
     hole = exercise.hole(name)
+    mark = _COMMENT.get(suffix, ";")
     lines = [f"{name}  {hole.title} ({hole.sdm})"]
     lines += [f"  {line}" if line else "" for line in hole.hint.strip().splitlines()]
-    return "".join(f"{indent}; {line}".rstrip() + "\n" for line in lines)
+    return "".join(f"{indent}{mark} {line}".rstrip() + "\n" for line in lines)
 
 
 def annotate(exercise: Exercise, path: Path) -> None:
@@ -31,8 +35,8 @@ def annotate(exercise: Exercise, path: Path) -> None:
 
     def with_hint(match: re.Match) -> str:
         name = holes.hole_name(int(match.group(2)), int(match.group(3)))
-        return hint_comment(exercise, name, match.group(1)) + match.group(0)
-    path.write_text(_HOLE_AT.sub(with_hint, text), encoding="utf-8")
+        return hint_comment(exercise, name, match.group(1), path.suffix) + match.group(0)
+    path.write_text(holes.HOLE_LINE.sub(with_hint, text), encoding="utf-8")
 
 
 def prepare_monitor(exercise: Exercise, directory: Path) -> None:
@@ -91,4 +95,12 @@ def prepare_hypervisor(exercise: Exercise, directory: Path) -> None:
     (tree / build.COMMON_SOURCES.name / holes.MACRO_INCLUDE).write_text(holes.macro_source(), encoding="utf-8")
     for name in build.HYPERVISORS:
         top = tree / name / f"{name}.s"
-        top.write_text(_INCLUDE_LINE + top.read_text(encoding="utf-8"), encoding="utf-8")
+        top.write_text(_INCLUDE_LINE + top.read_text(encoding="utf-8") + _MAILBOX_LINE, encoding="utf-8")
+
+
+def prepare_answers(exercise: Exercise, directory: Path) -> None:
+    """A reading exercise: its answer file, hints above the holes."""
+    directory.mkdir(parents=True)
+    for relative in exercise.files:
+        shutil.copy(exercise.material() / relative, directory / relative)
+        annotate(exercise, directory / relative)

@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from unicorn import x86_const as x86
-
 import asm
 from asm.layout import Struct
 from emu import msrs
@@ -115,19 +113,6 @@ def seeded_values(seed: int, setup: MonitorSetup) -> dict[str, int]:
     }
 
 
-def _hole_stop(run: LabRun, machine: Machine, image: asm.Image, directory: Path, files: tuple[str, ...]) -> str | None:
-    """"not yet implemented: E#n-m at file:line (symbol)" when the run ended at an unfilled hole."""
-    stop = run.stop
-    if stop is None or stop.reason != "debug-exit" or stop.exit_status != holes.HOLE_EXIT_STATUS:
-        return None
-    root = machine.lps[stop.lp or 0].root
-    name = holes.name_of_number(root.reg(x86.UC_X86_REG_RCX))
-    site = holes.sites(directory, files).get(name)
-    where = str(site) if site is not None else "a hole no longer in the sources"
-    # RIP has passed the hole's OUT, and may name the label after it: name the OUT's last byte instead.
-    return f"not yet implemented: {name} at {where} ({image.symbolize(root.reg(x86.UC_X86_REG_RIP) - 1)})"
-
-
 def run(exercise: Exercise, directory: Path, seed: int, setup: MonitorSetup) -> LabRun:
     """Assembles the exercise's monitor.s from `directory`, runs it on one LP and returns the run."""
     values = seeded_values(seed, setup)
@@ -166,5 +151,5 @@ def run(exercise: Exercise, directory: Path, seed: int, setup: MonitorSetup) -> 
         lab_run.extra["guest_image"] = guest
     if second is not None:
         lab_run.extra["second_guest_image"] = second
-    lab_run.hole = _hole_stop(lab_run, machine, image, directory, exercise.files)
+    lab_run.hole = holes.stopped_at(machine, result.stop, directory, exercise.files, image.symbolize)
     return lab_run

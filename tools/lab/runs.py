@@ -22,6 +22,8 @@ class LabRun:
     build_error: str | None = None     # the assembler's message when the sources do not build
     hole: str | None = None            # "not yet implemented: E#n-m at file:line (symbol)"
     extra: dict[str, Any] = field(default_factory=dict)   # what an exercise's own run adds
+    ending: str = ""                   # how a run without a machine stop ended (a reading exercise)
+    notes: list[str] = field(default_factory=list)       # lines `hhr lab run` prints after the console
 
     def events_of(self, kind: str) -> list:
         return [event for event in self.events if event.kind == kind]
@@ -34,8 +36,9 @@ class LabRun:
 
     def ended_abnormally(self) -> bool:
         """Not built, stopped at a hole, or stopped otherwise than by the program's own debug exit."""
-        return (self.build_error is not None or self.hole is not None or self.stop is None
-                or self.stop.reason != "debug-exit")
+        if self.build_error is not None or self.hole is not None:
+            return True
+        return not self.ending if self.stop is None else self.stop.reason != "debug-exit"
 
     def summary(self) -> str:
         """One line: how the run ended."""
@@ -44,7 +47,7 @@ class LabRun:
         if self.hole is not None:
             return self.hole
         if self.stop is None:
-            return "the run did not start"
+            return self.ending or "the run did not start"
         line = f"machine stop: {self.stop.reason}"
         if self.stop.exit_status is not None:
             line += f", exit status {self.stop.exit_status}"
