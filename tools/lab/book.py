@@ -31,6 +31,9 @@ class Hole:
     title: str
     sdm: str                      # the SDM section (or machine manual section) the step follows
     hint: str
+    # A planted bug instead of a HOLE line: the code the exercise's copy holds in the region, with
+    # no hint beside it (finding it is the exercise); the solution replaces it.
+    planted: str | None = None
 
     def name(self, exercise: int) -> str:
         return hole_name(exercise, self.step)
@@ -76,6 +79,9 @@ class Exercise:
     prepare: Callable[["Exercise", Path], None]
     run: Callable[["Exercise", Path, int], LabRun]
     includes: tuple[str, ...] = ("support.inc",)   # files of labs/common the exercise is given
+    # Files of labs/solutions a solution needs besides its blocks, and where they go in the
+    # exercise's folder (a finding `hhr fuzz` saved, say).
+    solution_files: tuple[tuple[str, str], ...] = ()
 
     @property
     def directory_name(self) -> str:
@@ -92,8 +98,9 @@ class Exercise:
         raise KeyError(f"exercise {self.number} has no hole {name}")
 
     def solution_path(self) -> Path:
-        """labs/solutions/NN with the suffix of the exercise's first file (.s, or .py for answers)."""
-        return package_directory() / SOLUTIONS / f"{self.number:02d}{Path(self.files[0]).suffix}"
+        """labs/solutions/NN.s, or NN.py for an exercise answered in Python."""
+        suffix = ".py" if Path(self.files[0]).suffix == ".py" else ".s"
+        return package_directory() / SOLUTIONS / f"{self.number:02d}{suffix}"
 
     def material(self) -> Path:
         """The exercise's own files in the package (labs/exNN_slug/, a slug's hyphens as underscores:

@@ -54,7 +54,10 @@ def _start(args: argparse.Namespace) -> int:
     exercise = book.exercise(args.number)
     directory = workspace.start(exercise, workspace.locate(args.directory))
     print(f"exercise {exercise.number}, {exercise.title}: {directory}")
-    print(f"edit: {', '.join(exercise.files)} (the HOLE lines, E#{exercise.number}-1 first)")
+    planted = all(hole.planted is not None for hole in exercise.holes)
+    print(f"edit: {', '.join(exercise.files)}" + (" (a bug is planted in it: hhr lab hint "
+                                                  f"{exercise.number})" if planted else
+                                                  f" (the HOLE lines, E#{exercise.number}-1 first)"))
     print(f"read: docs/labs/{exercise.directory_name}.md")
     print(f"then: hhr lab run {exercise.number}   and   hhr lab grade {exercise.number}")
     return 0

@@ -62,6 +62,9 @@ def cut_regions(text: str, exercise: Exercise) -> tuple[str, list[str]]:
         if number != exercise.number:
             return body
         cut.append(name)
+        planted = exercise.hole(name).planted
+        if planted is not None:
+            return planted
         return hint_comment(exercise, name, indent) + f"{indent}HOLE {number}, {step}\n"
     return _REGION.sub(replace, text), cut
 
