@@ -123,8 +123,8 @@ the address: [r15 + LAB_INFO_VMCS_REGION]. On failure (CF or ZF set: jbe) jump t
         Hole(2, "Adjust a control field by its capability MSR", "SDM A.1, A.3-A.5, 26.2.1", """
 Each control field has a capability MSR: bits 31:0 are the allowed 0-settings (a 1 there means the
 control must be 1), bits 63:32 the allowed 1-settings (a 0 there means it must be 0) (SDM A.3).
-So: RDMSR, then EBX |= EAX and EBX &= EDX. If IA32_VMX_BASIC bit 55 (VMX_BASIC_TRUE_CONTROLS) is 1,
-the pin-based, primary, exit and entry controls are governed by the TRUE MSRs 0x48D-0x490
+So: RDMSR, then EBX |= EAX and EBX &= EDX. If IA32_VMX_BASIC bit 55 (VMX_BASIC_TRUE_CONTROLS) is
+1, the pin-based, primary, exit and entry controls are governed by the TRUE MSRs 0x48D-0x490
 (IA32_VMX_TRUE_PINBASED_CTLS = IA32_VMX_PINBASED_CTLS + 0xC, and so on), which let you clear
 default1 bits the old MSRs report as fixed (SDM A.2). The secondary controls have no TRUE MSR.
 Then VMWRITE the result into field EAX. A control the MSRs forbid makes VMLAUNCH fail with error 7
@@ -136,27 +136,28 @@ LAB_GUEST_EFER; CS = GUEST_CODE_SELECTOR with access rights SEGMENT_CODE64_ACCES
 and limit SEGMENT_FLAT_LIMIT; SS = GUEST_DATA_SELECTOR, SEGMENT_DATA_ACCESS_RIGHTS; DS, ES, FS, GS
 and LDTR unusable (AR_UNUSABLE, bit 16); TR = GUEST_TSS_SELECTOR, a busy 64-bit TSS
 (SEGMENT_TSS64_BUSY_ACCESS_RIGHTS, limit SEGMENT_TSS64_LIMIT, base LAB_GUEST_TSS); GDTR at
-LAB_GUEST_GDT (limit SEGMENT_GUEST_GDT_LIMIT), IDTR at LAB_GUEST_IDT (LAB_GUEST_IDT_LIMIT);
-RFLAGS = RFLAGS_FIXED1 (bit 1 is always 1); DR7 = DR7_INIT; the VMCS link pointer all ones
+LAB_GUEST_GDT (limit SEGMENT_GUEST_GDT_LIMIT), IDTR at LAB_GUEST_IDT (LAB_GUEST_IDT_LIMIT); RFLAGS
+= RFLAGS_FIXED1 (bit 1 is always 1); DR7 = DR7_INIT; the VMCS link pointer all ones
 (VMCS_LINK_POINTER_NONE); RIP and RSP from LAB_INFO_GUEST_ENTRY and LAB_INFO_GUEST_STACK. The
 VMWRITE_FIELD macro at the top of monitor.s writes one field. A wrong value makes the entry fail:
 `hhr lab run` then prints the check the machine found broken."""),
         Hole(4, "Write the host-state area", "SDM 25.5, 27.2.2, 27.2.3, 28.5", """
 At every VM exit the processor loads the host state (SDM 28.5): HOST_CR0, HOST_CR3 and HOST_CR4
 (copy the current control registers), HOST_RSP (the exit handler's stack: LAB_EXIT_STACK_TOP) and
-HOST_RIP (where root code continues: the address of exit_handler, `lea rcx, [rip + exit_handler]`).
-The host CS and TR selectors must not be 0 (SDM 27.2.3). This machine's root code has no GDT and an
-exit loads no selectors (docs/machine.md 7.9.3), so give the guest's: GUEST_CODE_SELECTOR for CS,
-GUEST_DATA_SELECTOR for SS, GUEST_TSS_SELECTOR for TR. The VMWRITE_FIELD macro changes RAX and
-RBX: keep values in another register."""),
+HOST_RIP (where root code continues: the address of exit_handler, `lea rcx, [rip +
+exit_handler]`). The host CS and TR selectors must not be 0 (SDM 27.2.3). This machine's root code
+has no GDT and an exit loads no selectors (docs/machine.md 7.9.3), so give the guest's:
+GUEST_CODE_SELECTOR for CS, GUEST_DATA_SELECTOR for SS, GUEST_TSS_SELECTOR for TR. The
+VMWRITE_FIELD macro changes RAX and RBX: keep values in another register."""),
         Hole(5, "VMLAUNCH, and on failure read the VM-instruction error", "SDM 31.3 VMLAUNCH, 31.4, 27.1", """
 VM entry loads no general register (SDM 27.3): the guest starts with whatever is in them. The
 guest reads its number from RDI: put [r15 + LAB_INFO_CHALLENGE] there, then VMLAUNCH. A VMLAUNCH
 that succeeds never falls through: the next instruction runs only when it failed. CF = 1 is
 VMfailInvalid (no current VMCS: jump to launch_failed_invalid); ZF = 1 is VMfailValid and the
 reason is in the VM_INSTRUCTION_ERROR field (VMCS_FIELD_VM_INSTRUCTION_ERROR, SDM 31.4): VMREAD it
-into RAX (`vmread rax, rcx` with the field's encoding in RCX) and jump to launch_failed, which prints it. (A guest-state check failure is not a
-VMfail: the processor "exits" to HOST_RIP with bit 31 of the exit reason set, SDM 27.8.)"""),
+into RAX (`vmread rax, rcx` with the field's encoding in RCX) and jump to launch_failed, which
+prints it. (A guest-state check failure is not a VMfail: the processor "exits" to HOST_RIP with
+bit 31 of the exit reason set, SDM 27.8.)"""),
     ),
     tests=(
         Test("vmcs", 10, "E#2-1", "VMCS region: revision, VMCLEAR, VMPTRLD", _vmcs_made_current),

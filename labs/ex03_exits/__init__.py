@@ -12,6 +12,8 @@ SIGNATURE = b"HHRlabVM"                   # the hypervisor leaf's ECX:EDX
 IGNORED_PORT = 0x80                       # the guest writes one byte here; the monitor must not forward it
 IGNORED_BYTE = ord("!")
 HEX_DIGITS = 16
+VENDOR_LEAF = 0                           # CPUID leaf 0: the highest basic leaf and the vendor string
+LAB_MACHINE_LPS = 1                       # the lab machine runs the monitor on one LP (LP 0)
 GUEST = """
     mov eax, LAB_HYPERVISOR_LEAF
     cpuid
@@ -119,7 +121,7 @@ def _hypervisor_line(run) -> str:
 
 
 def _leaf0_line() -> str:
-    max_leaf, ebx, ecx, edx = cpuid.cpuid(0, 0, 0, 1)
+    max_leaf, ebx, ecx, edx = cpuid.cpuid(VENDOR_LEAF, 0, 0, LAB_MACHINE_LPS)
     vendor = b"".join(value.to_bytes(4, "little") for value in (ebx, edx, ecx)).decode()
     return f"leaf 0: {vendor} max {max_leaf:#0{HEX_DIGITS + 2}x}"
 
@@ -180,19 +182,20 @@ EXERCISE = Exercise(
     holes=(
         Hole(1, "Dispatch on the exit reason", "SDM 25.9.1, Appendix C", """
 The exit reason is in the VM_EXIT_REASON field (VMCS_FIELD_VM_EXIT_REASON): bits 15:0 hold the
-basic exit reason, the other bits are flags, bit 31 a VM-entry failure (SDM 25.9.1). VMREAD it (`vmread rax, rcx` with the field's encoding in RCX), keep bits 15:0
-(EXIT_REASON_BASIC_MASK) and compare with the numbers of SDM Appendix C: EXIT_REASON_CPUID (10),
-EXIT_REASON_IO_INSTRUCTION (30), EXIT_REASON_HLT (12). Jump to handle_cpuid, handle_io or
-handle_hlt; any other reason goes to unknown_exit with the reason in RAX."""),
+basic exit reason, the other bits are flags, bit 31 a VM-entry failure (SDM 25.9.1). VMREAD it
+(`vmread rax, rcx` with the field's encoding in RCX), keep bits 15:0 (EXIT_REASON_BASIC_MASK) and
+compare with the numbers of SDM Appendix C: EXIT_REASON_CPUID (10), EXIT_REASON_IO_INSTRUCTION
+(30), EXIT_REASON_HLT (12). Jump to handle_cpuid, handle_io or handle_hlt; any other reason goes
+to unknown_exit with the reason in RAX."""),
         Hole(2, "Emulate CPUID", "SDM 26.1.2, Vol. 2A CPUID", """
 CPUID always exits in VMX non-root operation (SDM 26.1.2): the guest sees what the monitor writes
 into its RAX, RBX, RCX and RDX (in guest_registers: the exit handler saved them and loads them
 back before VMRESUME). The guest asks for leaf EAX (and subleaf ECX). Leaves 0x40000000 and up are
 free for software: for LAB_HYPERVISOR_LEAF answer EAX = LAB_HYPERVISOR_LEAF (the highest
-hypervisor leaf), EBX = the challenge ([r15 + LAB_INFO_CHALLENGE]), ECX = LAB_SIGNATURE_ECX,
-EDX = LAB_SIGNATURE_EDX. For any other leaf execute CPUID yourself with the guest's EAX and ECX
-and give the guest what it returns. `mov qword ptr [rip + guest_registers + GUEST_REGISTERS_RAX],
-VALUE` writes a guest register."""),
+hypervisor leaf), EBX = the challenge ([r15 + LAB_INFO_CHALLENGE]), ECX = LAB_SIGNATURE_ECX, EDX =
+LAB_SIGNATURE_EDX. For any other leaf execute CPUID yourself with the guest's EAX and ECX and give
+the guest what it returns. `mov qword ptr [rip + guest_registers + GUEST_REGISTERS_RAX], VALUE`
+writes a guest register."""),
         Hole(3, "Forward guest output on COM1", "SDM 26.1.3, 28.2.1 Table 28-5", """
 With "unconditional I/O exiting" every IN and OUT of the guest exits (SDM 26.1.3). The exit
 qualification (VMCS_FIELD_EXIT_QUALIFICATION, SDM Table 28-5) describes the access: bits 2:0 the
@@ -204,8 +207,8 @@ to another port, and that byte must not reach the console."""),
 After a CPUID, I/O or HLT exit, GUEST_RIP still points at the instruction that caused it: it has
 not executed (SDM 28.2). VM entry continues the guest at GUEST_RIP, so a monitor that emulated the
 instruction must add its length, which the exit left in VM_EXIT_INSTRUCTION_LEN (SDM 28.2.4):
-VMREAD both, add, VMWRITE GUEST_RIP. (Do not assume a length: CPUID is 2 bytes, OUT DX, AL 1,
-OUT imm8, AL 2.)"""),
+VMREAD both, add, VMWRITE GUEST_RIP. (Do not assume a length: CPUID is 2 bytes, OUT DX, AL 1, OUT
+imm8, AL 2.)"""),
     ),
     tests=(
         Test("dispatch", 10, "E#3-1", "the exit reason dispatched; HLT ends the run", _dispatch),
@@ -221,8 +224,10 @@ OUT imm8, AL 2.)"""),
                 "the hypervisor leaf answers the seed, not the challenge"),
         Mistake("E#3-2", "    jne cpuid_pass_through\n", "", ("cpuid-passthrough",),
                 "every leaf answered as the hypervisor leaf"),
-        Mistake("E#3-3", "    jne io_done                       ; another port: ignored\n", "", ("io",), "every port forwarded to the console"),
-        Mistake("E#3-4", "    vmread rbx, rcx\n", "    mov ebx, 2\n", ("dispatch", "cpuid-leaf", "cpuid-passthrough", "io", "rip"),
+        Mistake("E#3-3", "    jne io_done                       ; another port: ignored\n", "", ("io",),
+                "every port forwarded to the console"),
+        Mistake("E#3-4", "    vmread rbx, rcx\n", "    mov ebx, 2\n",
+                ("dispatch", "cpuid-leaf", "cpuid-passthrough", "io", "rip"),
                 "a fixed instruction length of 2 instead of VM_EXIT_INSTRUCTION_LEN"),
     ),
     prepare=material.prepare_monitor,

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from emu.memory import MIB, PAGE_SIZE
-from emu.vmx_defs import EPT_RWX_MASK, EPTP_WALK_LENGTH_SHIFT, EPT_MEMORY_TYPE_SHIFT, ExitReason, MemoryType
+from emu.vmx_defs import (
+    EPT_ADDRESS_MASK, EPT_LEVEL_BITS, EPT_MEMORY_TYPE_SHIFT, EPT_PML4_SHIFT, EPT_RWX_MASK, EPTP_WALK_LENGTH_SHIFT,
+    ExitReason, MemoryType,
+)
 from tools.lab import checks, material, monitor_run
 from tools.lab.book import Exercise, Expected, Hole, Mistake, Test
 
@@ -14,11 +17,10 @@ QWORDS_PER_PAGE = PAGE_SIZE // 8
 CHECKSUM_ROTATION = 7
 WORD_MASK = (1 << 64) - 1
 # SDM 29.3.2: bits 47:39, 38:30, 29:21 and 20:12 of a guest-physical address index the four levels.
-INDEX_BITS = 9
-LEVEL_SHIFTS = (39, 30, 21, 12)
-INDEX_MASK = (1 << INDEX_BITS) - 1
-ADDRESS_MASK = ((1 << 52) - 1) & ~(PAGE_SIZE - 1)
 WALK_LENGTH = 4
+LEVEL_SHIFTS = tuple(EPT_PML4_SHIFT - level * EPT_LEVEL_BITS for level in range(WALK_LENGTH))
+INDEX_MASK = (1 << EPT_LEVEL_BITS) - 1
+ADDRESS_MASK = EPT_ADDRESS_MASK
 EPTP_WANTED_FLAGS = int(MemoryType.WB) | ((WALK_LENGTH - 1) << EPTP_WALK_LENGTH_SHIFT)
 LEAF_MEMORY_TYPE = int(MemoryType.WB) << EPT_MEMORY_TYPE_SHIFT
 LEAF_FLAGS_MASK = EPT_RWX_MASK | (0x7 << EPT_MEMORY_TYPE_SHIFT)
@@ -157,12 +159,12 @@ EXERCISE = Exercise(
 An EPT paging-structure entry that references a table holds its 4-KiB-aligned host-physical
 address in bits 51:12 (EPT_ADDRESS_MASK) and the read, write and execute permissions in bits 2:0
 (SDM Tables 29-1, 29-3, 29-5). An entry whose bits 2:0 are all 0 is not present (SDM 29.3.2). Read
-the entry at [RBX]; if it is not present, take a table with alloc_table and write its address
-with all three permissions (EPT_RWX_MASK: the permissions are ANDed over the levels, so the leaf
+the entry at [RBX]; if it is not present, take a table with alloc_table and write its address with
+all three permissions (EPT_RWX_MASK: the permissions are ANDed over the levels, so the leaf
 decides). Return the table's address in RBX."""),
         Hole(2, "Map one 4-KiB page", "SDM 29.3.2, Table 29-6, 29.3.7", """
-A 4-level walk indexes a table with 9 bits of the guest-physical address at each level: bits
-47:39 the PML4, 38:30 the PDPT, 29:21 the page directory, 20:12 the page table (SDM 29.3.2;
+A 4-level walk indexes a table with 9 bits of the guest-physical address at each level: bits 47:39
+the PML4, 38:30 the PDPT, 29:21 the page directory, 20:12 the page table (SDM 29.3.2;
 LAB_EPT_PML4_SHIFT ... LAB_EPT_PT_SHIFT and LAB_EPT_INDEX_MASK). Start at [rip + ept_root], call
 ept_next_table three times, then write the page-table entry (SDM Table 29-6): the host-physical
 page RSI, the permissions EDX in bits 2:0, and the memory type in bits 5:3 (LAB_EPT_MEMORY_TYPE,
@@ -184,8 +186,7 @@ ept_violation_unexpected. The processor may cache translations derived from the 
 changing an entry invalidate them with INVEPT (SDM 29.4.3.3): single-context (RCX =
 INVEPT_TYPE_SINGLE_CONTEXT) drops those of one EPTP, which the 16-byte descriptor holds
 (invept_descriptor: write [rip + eptp] into its first 8 bytes), `invept rcx, [rip +
-invept_descriptor]`. Do not move GUEST_RIP: the access did not happen, the guest must
-retry it."""),
+invept_descriptor]`. Do not move GUEST_RIP: the access did not happen, the guest must retry it."""),
     ),
     tests=(
         Test("tables", 15, "E#4-2", "the EPT maps the first 2 MiB, nothing more", _tables),
@@ -197,7 +198,8 @@ retry it."""),
     mistakes=(
         Mistake("E#4-2", "    or rax, LAB_EPT_MEMORY_TYPE << EPT_MEMORY_TYPE_SHIFT\n", "", ("tables",),
                 "page-table entries without a memory type (uncacheable)"),
-        Mistake("E#4-3", "(EPT_WALK_LENGTH_4 - 1) << EPTP_WALK_LENGTH_SHIFT", "EPT_WALK_LENGTH_4 << EPTP_WALK_LENGTH_SHIFT",
+        Mistake("E#4-3", "(EPT_WALK_LENGTH_4 - 1) << EPTP_WALK_LENGTH_SHIFT",
+                "EPT_WALK_LENGTH_4 << EPTP_WALK_LENGTH_SHIFT",
                 ("eptp", "violation", "invept", "checksum"),
                 "the walk length itself instead of the length minus one: VMLAUNCH fails with error 7"),
         Mistake("E#4-4", "    mov edx, EPT_RWX_MASK\n", "    mov edx, EPT_READ\n", ("violation",),
@@ -205,7 +207,8 @@ retry it."""),
         Mistake("E#4-4", "    invept rcx, [rip + invept_descriptor]\n", "", ("invept",),
                 "no INVEPT after the mapping changed"),
         Mistake("E#4-4", "    mov rsi, [r15 + LAB_INFO_GUEST_RAM]\n    add rsi, rdi\n", "    mov rsi, rdi\n",
-                ("violation", "checksum"), "the page mapped to the same host-physical address as its guest-physical one"),
+                ("violation", "checksum"),
+                "the page mapped to the same host-physical address as its guest-physical one"),
     ),
     prepare=material.prepare_monitor,
     run=lambda exercise, directory, seed: monitor_run.run(exercise, directory, seed, SETUP),

@@ -104,7 +104,8 @@ def _both_ran(run):
         checks.guest_entered(run, vmcs, entry)
         halts = [event for event in checks.vm_exits(run, ExitReason.HLT) if event.data["vmcs"] == vmcs]
         if len(halts) != 1:
-            raise Expected(f"the guest of the VMCS at {vmcs:#x} to halt once and never run again", f"{len(halts)} HLT exits")
+            raise Expected(f"the guest of the VMCS at {vmcs:#x} to halt once and never run again",
+                           f"{len(halts)} HLT exits")
     checks.ended_with(run, monitor_run.DONE_VALUE, "the run to end at lab_done once both guests halted")
 
 
@@ -164,19 +165,20 @@ across exits (unless "save VMX-preemption timer value"), so each entry gets a fu
 A VM exit saves the guest state the VMCS has fields for and loads the host state (SDM 28.3, 28.5):
 nothing else. The x87/SSE registers, CR2 and MSRs such as IA32_KERNEL_GS_BASE still hold the
 guest's values after the exit (docs/machine.md 7.4), and the next guest would see them. Save them
-into the VP at RBX: `fxsave [rbx + LAB_VP_FX_AREA]` (512 bytes, 16-byte aligned), CR2 into
-[rbx + LAB_VP_CR2], and RDMSR of IA32_KERNEL_GS_BASE (EDX:EAX) into [rbx + LAB_VP_KERNEL_GS_BASE]."""),
+into the VP at RBX: `fxsave [rbx + LAB_VP_FX_AREA]` (512 bytes, 16-byte aligned), CR2 into [rbx +
+LAB_VP_CR2], and RDMSR of IA32_KERNEL_GS_BASE (EDX:EAX) into [rbx + LAB_VP_KERNEL_GS_BASE]."""),
         Hole(3, "Load the incoming VP's registers", "SDM 27.3; Vol. 1 10.5 FXRSTOR", """
-VM entry loads the guest state of the VMCS and nothing else either (SDM 27.3): before entering
-the VP at RBX, give the processor what save_vp_state kept for it: `fxrstor [rbx + LAB_VP_FX_AREA]`,
-CR2 from [rbx + LAB_VP_CR2] (MOV to CR2), and WRMSR of IA32_KERNEL_GS_BASE with EDX:EAX from
-[rbx + LAB_VP_KERNEL_GS_BASE]."""),
+VM entry loads the guest state of the VMCS and nothing else either (SDM 27.3): before entering the
+VP at RBX, give the processor what save_vp_state kept for it: `fxrstor [rbx + LAB_VP_FX_AREA]`,
+CR2 from [rbx + LAB_VP_CR2] (MOV to CR2), and WRMSR of IA32_KERNEL_GS_BASE with EDX:EAX from [rbx
++ LAB_VP_KERNEL_GS_BASE]."""),
         Hole(4, "Switch to the other VP", "SDM 25.1, 31.3 VMPTRLD", """
-Each VP has its own VMCS ([rbx + LAB_VP_VMCS]); VMREAD, VMWRITE and VMRESUME work on the current one,
-and VMPTRLD makes another current (SDM 25.1). The two VPs are first_vp and second_vp: choose the
-one that is not RBX, unless it has finished ([rax + LAB_VP_DONE] not 0), in which case the current
-VP goes on. VMPTRLD its VMCS (jbe lab_failed), store it in [rip + current_vp] and return it in
-RBX. enter_vp then VMLAUNCHes it the first time and VMRESUMEs it afterwards (LAB_VP_LAUNCHED)."""),
+Each VP has its own VMCS ([rbx + LAB_VP_VMCS]); VMREAD, VMWRITE and VMRESUME work on the current
+one, and VMPTRLD makes another current (SDM 25.1). The two VPs are first_vp and second_vp: choose
+the one that is not RBX, unless it has finished ([rax + LAB_VP_DONE] not 0), in which case the
+current VP goes on. VMPTRLD its VMCS (jbe lab_failed), store it in [rip + current_vp] and return
+it in RBX. enter_vp then VMLAUNCHes it the first time and VMRESUMEs it afterwards
+(LAB_VP_LAUNCHED)."""),
     ),
     tests=(
         Test("two-vps", 10, "E#5-4", "both guests launched, each halted once", _both_ran),
