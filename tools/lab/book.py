@@ -98,8 +98,8 @@ class Exercise:
         raise KeyError(f"exercise {self.number} has no hole {name}")
 
     def solution_path(self) -> Path:
-        """labs/solutions/NN.s, or NN.py for an exercise answered in Python."""
-        suffix = ".py" if Path(self.files[0]).suffix == ".py" else ".s"
+        """labs/solutions/NN.s, or NN.txt for an exercise answered in Python (its blocks are no module)."""
+        suffix = ".txt" if Path(self.files[0]).suffix == ".py" else ".s"
         return package_directory() / SOLUTIONS / f"{self.number:02d}{suffix}"
 
     def material(self) -> Path:
