@@ -86,3 +86,20 @@ def test_the_values_a_run_uses_change_with_the_seed(tmp_path):
     first, second = (grading.grade(exercise, directory, seed) for seed in (1, 2))
     assert first.full_marks and second.full_marks
     assert first.run.values != second.run.values
+
+
+def test_a_failed_vm_entry_is_explained_in_the_run_and_the_report(tmp_path):
+    exercise = book.exercise(2)
+    mistake = next(mistake for mistake in exercise.mistakes if "TSS" in mistake.what)
+    result = grading.grade(exercise, solving.start_filled(exercise, tmp_path, mistake), SEED)
+    assert result.run.entry_failure().startswith("VMENTER FAIL: VMCS guest state invalid TR.AR")
+    assert f"a VM entry failed: {result.run.entry_failure()}" in result.run.summary()
+    report = "\n".join(grading.render(result))
+    assert f"the machine says: {result.run.entry_failure()}" in report
+
+
+def test_an_exercise_is_given_the_work_of_the_exercises_before_it_only(tmp_path):
+    given = {number: {path.name for path in workspace.start(book.exercise(number), tmp_path).glob("*.inc")}
+             for number in (1, 2, 3)}
+    assert "vmx_on.inc" not in given[1] and "vmx_on.inc" in given[2]
+    assert "vmcs_setup.inc" not in given[2] and "vmcs_setup.inc" in given[3]

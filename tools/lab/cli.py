@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from tools.lab import book, grading, holes, workspace
@@ -41,9 +42,9 @@ def run_command(args: argparse.Namespace) -> int:
     except (LookupError, FileExistsError, FileNotFoundError) as error:
         print(f"hhr lab {args.lab_command}: {error.args[0] if error.args else error}", file=sys.stderr)
         return USAGE_ERROR
-    except BrokenPipeError:          # `hhr lab list | head`: the reader has gone
-        sys.stderr.close()
-        return 0
+    except BrokenPipeError:             # `hhr lab grade | head`: the reader has gone before the report ended
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # and Python's flush at exit with it
+        return BELOW_FULL_MARKS
 
 
 def _list(args: argparse.Namespace) -> int:
