@@ -232,5 +232,5 @@ imm8, AL 2.)"""),
     ),
     prepare=material.prepare_monitor,
     run=lambda exercise, directory, seed: monitor_run.run(exercise, directory, seed, SETUP),
-    includes=("support.inc", "vmx_on.inc", "vmcs_setup.inc"),
+    includes=("support.inc", "vmx_on.inc", "vmcs_setup.inc", "guest_registers.inc"),
 )

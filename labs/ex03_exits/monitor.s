@@ -108,46 +108,7 @@ unknown_exit:
     call print
     jmp lab_failed
 
-; save_guest_registers / load_guest_registers: the guest's RAX, RBX, RCX, RDX, RSI, RDI, RBP,
-; R8-R15 to and from guest_registers (RSP is the guest's own, in GUEST_RSP).
-save_guest_registers:
-    mov [rip + guest_registers + GUEST_REGISTERS_RAX], rax
-    mov [rip + guest_registers + GUEST_REGISTERS_RBX], rbx
-    mov [rip + guest_registers + GUEST_REGISTERS_RCX], rcx
-    mov [rip + guest_registers + GUEST_REGISTERS_RDX], rdx
-    mov [rip + guest_registers + GUEST_REGISTERS_RSI], rsi
-    mov [rip + guest_registers + GUEST_REGISTERS_RDI], rdi
-    mov [rip + guest_registers + GUEST_REGISTERS_RBP], rbp
-    mov [rip + guest_registers + GUEST_REGISTERS_R8], r8
-    mov [rip + guest_registers + GUEST_REGISTERS_R9], r9
-    mov [rip + guest_registers + GUEST_REGISTERS_R10], r10
-    mov [rip + guest_registers + GUEST_REGISTERS_R11], r11
-    mov [rip + guest_registers + GUEST_REGISTERS_R12], r12
-    mov [rip + guest_registers + GUEST_REGISTERS_R13], r13
-    mov [rip + guest_registers + GUEST_REGISTERS_R14], r14
-    mov [rip + guest_registers + GUEST_REGISTERS_R15], r15
-    ret
-load_guest_registers:
-    mov rax, [rip + guest_registers + GUEST_REGISTERS_RAX]
-    mov rbx, [rip + guest_registers + GUEST_REGISTERS_RBX]
-    mov rcx, [rip + guest_registers + GUEST_REGISTERS_RCX]
-    mov rdx, [rip + guest_registers + GUEST_REGISTERS_RDX]
-    mov rsi, [rip + guest_registers + GUEST_REGISTERS_RSI]
-    mov rdi, [rip + guest_registers + GUEST_REGISTERS_RDI]
-    mov rbp, [rip + guest_registers + GUEST_REGISTERS_RBP]
-    mov r8, [rip + guest_registers + GUEST_REGISTERS_R8]
-    mov r9, [rip + guest_registers + GUEST_REGISTERS_R9]
-    mov r10, [rip + guest_registers + GUEST_REGISTERS_R10]
-    mov r11, [rip + guest_registers + GUEST_REGISTERS_R11]
-    mov r12, [rip + guest_registers + GUEST_REGISTERS_R12]
-    mov r13, [rip + guest_registers + GUEST_REGISTERS_R13]
-    mov r14, [rip + guest_registers + GUEST_REGISTERS_R14]
-    mov r15, [rip + guest_registers + GUEST_REGISTERS_R15]
-    ret
-
     .balign 8
-guest_registers:
-    .zero GUEST_REGISTERS_SIZE
 exit_count:
     .quad 0
 message_start:
@@ -165,6 +126,7 @@ message_unknown:
 message_end_of_line:
     .asciz "\n"
 
+%include "guest_registers.inc"
 %include "vmcs_setup.inc"
 %include "vmx_on.inc"
 %include "support.inc"

@@ -212,5 +212,5 @@ invept_descriptor]`. Do not move GUEST_RIP: the access did not happen, the guest
     ),
     prepare=material.prepare_monitor,
     run=lambda exercise, directory, seed: monitor_run.run(exercise, directory, seed, SETUP),
-    includes=("support.inc", "vmx_on.inc", "vmcs_setup.inc"),
+    includes=("support.inc", "vmx_on.inc", "vmcs_setup.inc", "guest_registers.inc"),
 )

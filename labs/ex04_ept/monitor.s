@@ -173,46 +173,10 @@ unknown_exit:
     call print
     jmp lab_failed
 
-save_guest_registers:
-    mov [rip + guest_registers + GUEST_REGISTERS_RAX], rax
-    mov [rip + guest_registers + GUEST_REGISTERS_RBX], rbx
-    mov [rip + guest_registers + GUEST_REGISTERS_RCX], rcx
-    mov [rip + guest_registers + GUEST_REGISTERS_RDX], rdx
-    mov [rip + guest_registers + GUEST_REGISTERS_RSI], rsi
-    mov [rip + guest_registers + GUEST_REGISTERS_RDI], rdi
-    mov [rip + guest_registers + GUEST_REGISTERS_RBP], rbp
-    mov [rip + guest_registers + GUEST_REGISTERS_R8], r8
-    mov [rip + guest_registers + GUEST_REGISTERS_R9], r9
-    mov [rip + guest_registers + GUEST_REGISTERS_R10], r10
-    mov [rip + guest_registers + GUEST_REGISTERS_R11], r11
-    mov [rip + guest_registers + GUEST_REGISTERS_R12], r12
-    mov [rip + guest_registers + GUEST_REGISTERS_R13], r13
-    mov [rip + guest_registers + GUEST_REGISTERS_R14], r14
-    mov [rip + guest_registers + GUEST_REGISTERS_R15], r15
-    ret
-load_guest_registers:
-    mov rax, [rip + guest_registers + GUEST_REGISTERS_RAX]
-    mov rbx, [rip + guest_registers + GUEST_REGISTERS_RBX]
-    mov rcx, [rip + guest_registers + GUEST_REGISTERS_RCX]
-    mov rdx, [rip + guest_registers + GUEST_REGISTERS_RDX]
-    mov rsi, [rip + guest_registers + GUEST_REGISTERS_RSI]
-    mov rdi, [rip + guest_registers + GUEST_REGISTERS_RDI]
-    mov rbp, [rip + guest_registers + GUEST_REGISTERS_RBP]
-    mov r8, [rip + guest_registers + GUEST_REGISTERS_R8]
-    mov r9, [rip + guest_registers + GUEST_REGISTERS_R9]
-    mov r10, [rip + guest_registers + GUEST_REGISTERS_R10]
-    mov r11, [rip + guest_registers + GUEST_REGISTERS_R11]
-    mov r12, [rip + guest_registers + GUEST_REGISTERS_R12]
-    mov r13, [rip + guest_registers + GUEST_REGISTERS_R13]
-    mov r14, [rip + guest_registers + GUEST_REGISTERS_R14]
-    mov r15, [rip + guest_registers + GUEST_REGISTERS_R15]
-    ret
 
     .balign 16
 invept_descriptor:                    ; SDM 31.3 INVEPT: the EPTP in bits 63:0, bits 127:64 zero
     .quad 0, 0
-guest_registers:
-    .zero GUEST_REGISTERS_SIZE
 ept_root:
     .quad 0
 eptp:
@@ -244,6 +208,7 @@ message_unknown:
 message_end_of_line:
     .asciz "\n"
 
+%include "guest_registers.inc"
 %include "vmcs_setup.inc"
 %include "vmx_on.inc"
 %include "support.inc"
