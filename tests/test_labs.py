@@ -103,3 +103,26 @@ def test_an_exercise_is_given_the_work_of_the_exercises_before_it_only(tmp_path)
              for number in (1, 2, 3)}
     assert "vmx_on.inc" not in given[1] and "vmx_on.inc" in given[2]
     assert "vmcs_setup.inc" not in given[2] and "vmcs_setup.inc" in given[3]
+
+
+def test_the_command_line_as_a_student_uses_it(tmp_path, monkeypatch, capsys):
+    from tools import cli
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["lab", "start", "1"]) == 0
+    directory = tmp_path / workspace.DEFAULT_DIRECTORY / book.exercise(1).directory_name
+    monkeypatch.chdir(directory)                         # inside the exercise's folder, as the page says
+    capsys.readouterr()
+    assert cli.main(["lab", "run", "1", "--seed", "7"]) == 1
+    assert "not yet implemented: E#1-1 at monitor.s:" in capsys.readouterr().out
+    assert cli.main(["lab", "hint", "1", "2"]) == 0
+    assert "IA32_VMX_CR4_FIXED0" in capsys.readouterr().out
+    assert cli.main(["lab", "grade", "1", "--seed", "7"]) == 1
+    report = capsys.readouterr().out
+    assert "seed 0x7" in report and "score: 0/40" in report
+    holes.fill(directory, book.exercise(1).files, solving.solution_blocks(book.exercise(1)))
+    assert cli.main(["lab", "grade", "--seed", "7"]) == 1        # every exercise: only the first is started
+    report = capsys.readouterr().out
+    assert "score: 40/40" in report and "not started (hhr lab start 2)" in report
+    assert cli.main(["lab", "grade", "1"]) == 0
+    assert cli.main(["lab", "start", "1"]) == 2                   # the student's work stays
+    assert "exists already" in capsys.readouterr().err
