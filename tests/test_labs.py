@@ -126,3 +126,19 @@ def test_the_command_line_as_a_student_uses_it(tmp_path, monkeypatch, capsys):
     assert cli.main(["lab", "grade", "1"]) == 0
     assert cli.main(["lab", "start", "1"]) == 2                   # the student's work stays
     assert "exists already" in capsys.readouterr().err
+
+
+def test_an_answer_that_loops_or_exits_costs_only_its_own_points(tmp_path, monkeypatch):
+    from tools.lab import reading_run
+    monkeypatch.setattr(reading_run, "ANSWER_SECONDS", 1)
+    exercise = book.exercise(9)
+    directory = solving.start_filled(exercise, tmp_path)
+    answers = directory / reading_run.ANSWERS_FILE
+    text = answers.read_text()
+    text = text.replace("def inverse_calls(events):\n", "def inverse_calls(events):\n    while True:\n        pass\n", 1)
+    text = text.replace("def call_sequence(events):\n", "def call_sequence(events):\n    raise SystemExit(3)\n", 1)
+    answers.write_text(text)
+    result = grading.grade(exercise, directory, SEED)
+    assert result.failed() == {"inverse-calls", "call-sequence"}
+    report = "\n".join(grading.render(result))
+    assert "no answer within 1 s" in report and "SystemExit: 3 at answers.py:" in report
