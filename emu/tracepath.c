@@ -12,6 +12,7 @@
  * the file has the instruction, complete, then its events.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -37,6 +38,19 @@ static int hhr_on_trace_vmcs(int python_id, uint32_t lp, uint64_t vmcs);
 static void hhr_on_trace_lp_done(int python_id, uint32_t lp);
 
 /* --- the output buffer ------------------------------------------------------------------------- */
+/* The file is written by a thread of its own: a full buffer is handed to it and the recorder goes
+ * on filling the other one, so the machine does not wait for write(2) (the kernel's copy into the
+ * page cache is a good part of recording's cost). One buffer at most is in its hands, so the
+ * records reach the file in the order they were made. */
+typedef struct {
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t changed;
+    uint8_t *spare;                   /* the buffer not being filled: the thread's while it writes */
+    uint64_t job_length;              /* bytes of `spare` to write; 0: the thread is idle */
+    int stopping;
+} trace_writer;
+
 static void write_all(hhr_trace *t, const uint8_t *data, uint64_t length) {
     uint64_t done = 0;
     while (done < length) {
@@ -51,16 +65,58 @@ static void write_all(hhr_trace *t, const uint8_t *data, uint64_t length) {
     t->bytes_written += done;
 }
 
-int hhr_trace_flush(hhr_trace *t) {
-    write_all(t, t->buffer, t->buffer_used);
+static void *writer_main(void *argument) {
+    hhr_trace *t = argument;
+    trace_writer *w = t->writer;
+    pthread_mutex_lock(&w->lock);
+    for (;;) {
+        while (w->job_length == 0 && !w->stopping) pthread_cond_wait(&w->changed, &w->lock);
+        if (w->job_length == 0) break;   /* stopping, nothing left */
+        uint64_t length = w->job_length;
+        pthread_mutex_unlock(&w->lock);
+        write_all(t, w->spare, length);   /* t->error and t->bytes_written: the thread's until idle */
+        pthread_mutex_lock(&w->lock);
+        w->job_length = 0;
+        pthread_cond_broadcast(&w->changed);
+    }
+    pthread_mutex_unlock(&w->lock);
+    return NULL;
+}
+
+/* Until the thread has written what it was given. */
+static void writer_wait(trace_writer *w) {
+    pthread_mutex_lock(&w->lock);
+    while (w->job_length != 0) pthread_cond_wait(&w->changed, &w->lock);
+    pthread_mutex_unlock(&w->lock);
+}
+
+/* The buffer filled so far goes to the thread; the recorder fills the other one. */
+static void hand_over(hhr_trace *t) {
+    trace_writer *w = t->writer;
+    if (t->buffer_used == 0) return;
+    writer_wait(w);
+    uint8_t *full = t->buffer;
+    pthread_mutex_lock(&w->lock);
+    t->buffer = w->spare;
+    w->spare = full;
+    w->job_length = t->buffer_used;
+    pthread_cond_broadcast(&w->changed);
+    pthread_mutex_unlock(&w->lock);
     t->buffer_used = 0;
+}
+
+/* Everything recorded so far is in the file. */
+int hhr_trace_flush(hhr_trace *t) {
+    if (t->writer == NULL) return t->error;
+    hand_over(t);
+    writer_wait(t->writer);
     return t->error;
 }
 
 /* Room for `length` more bytes at the end of the buffer (a record is never split by a flush). */
 static uint8_t *reserve(hhr_trace *t, uint64_t length) {
     if (t->buffer == NULL) return NULL;   /* closed */
-    if (t->buffer_used + length > HHR_TRACE_BUFFER_BYTES) hhr_trace_flush(t);
+    if (t->buffer_used + length > HHR_TRACE_BUFFER_BYTES) hand_over(t);
     if (length > HHR_TRACE_BUFFER_BYTES) return NULL;
     uint8_t *at = t->buffer + t->buffer_used;
     t->buffer_used += length;
@@ -79,15 +135,45 @@ int hhr_trace_open(hhr_trace *t, int fd) {
     t->deferred = malloc(HHR_TRACE_DEFERRED_BYTES);
     t->reads = malloc(HHR_TRACE_SCRATCH_BYTES);
     t->code = calloc(HHR_TRACE_CODE_SLOTS, sizeof(hhr_trace_code));
-    if (!t->buffer || !t->writes || !t->reads || !t->code || !t->deferred) {
+    trace_writer *w = calloc(1, sizeof *w);
+    if (w != NULL) w->spare = malloc(HHR_TRACE_BUFFER_BYTES);
+    if (!t->buffer || !t->writes || !t->reads || !t->code || !t->deferred || w == NULL || w->spare == NULL) {
+        if (w != NULL) free(w->spare);
+        free(w);
         hhr_trace_close(t);
         return ENOMEM;
+    }
+    pthread_mutex_init(&w->lock, NULL);
+    pthread_cond_init(&w->changed, NULL);
+    t->writer = w;
+    int failed = pthread_create(&w->thread, NULL, writer_main, t);
+    if (failed) {
+        t->writer = NULL;
+        pthread_mutex_destroy(&w->lock);
+        pthread_cond_destroy(&w->changed);
+        free(w->spare);
+        free(w);
+        hhr_trace_close(t);
+        return failed;
     }
     return 0;
 }
 
 void hhr_trace_close(hhr_trace *t) {
-    if (t->buffer) hhr_trace_flush(t);
+    trace_writer *w = t->writer;
+    if (w != NULL) {
+        hhr_trace_flush(t);
+        pthread_mutex_lock(&w->lock);
+        w->stopping = 1;
+        pthread_cond_broadcast(&w->changed);
+        pthread_mutex_unlock(&w->lock);
+        pthread_join(w->thread, NULL);
+        pthread_mutex_destroy(&w->lock);
+        pthread_cond_destroy(&w->changed);
+        free(w->spare);
+        free(w);
+        t->writer = NULL;
+    }
     free(t->buffer);
     free(t->writes);
     free(t->reads);
@@ -140,7 +226,7 @@ static void write_data(hhr_trace *t, const uint8_t *data, uint32_t length) {
         put(h, &length, 4);
         at = reserve(t, DATA_HEAD_BYTES);
         memcpy(at, head, DATA_HEAD_BYTES);
-        hhr_trace_flush(t);
+        hhr_trace_flush(t);   /* the thread is idle: the file is the main thread's */
         write_all(t, data, length);
         return;
     }
@@ -161,8 +247,8 @@ static void read_some_registers(hhr_trace *t, hhr_trace_context *tc, uint64_t *v
     void *pointers[HHR_TRACE_REGISTERS];
     int ids[HHR_TRACE_REGISTERS];
     int count = 0;
-    for (int bit = 0; bit < HHR_TRACE_REGISTERS; bit++) {
-        if (!(mask & (1U << bit))) continue;
+    for (; mask; mask &= mask - 1) {
+        int bit = __builtin_ctz(mask);
         ids[count] = t->register_ids[bit];
         pointers[count++] = &values[bit];
     }
@@ -171,16 +257,18 @@ static void read_some_registers(hhr_trace *t, hhr_trace_context *tc, uint64_t *v
 
 /* The traced registers an instruction may write, by capstone (its registers written, implicit ones
  * included); all of them for an instruction it cannot decode or whose effects come from the machine
- * (I/O, CPUID, MSRs, VMX, privileged and interrupt instructions). RIP and RFLAGS always: capstone
- * 5 leaves the flags out of some instructions' writes (TEST with a memory operand). */
+ * (I/O, CPUID, MSRs, VMX, privileged and interrupt instructions). RIP always, and RFLAGS unless the
+ * instruction is one the SDM says affects no flag (d->flags_kept): capstone 5 leaves the flags out
+ * of some instructions' writes (TEST with a memory operand). */
 static uint32_t registers_written(const hhr_decoder *d, const uint8_t *code, uint32_t length, uint64_t address) {
     if (d == NULL || length == 0) return ALL_REGISTERS;
     void *instruction = NULL;
     if (d->disasm(d->handle, code, length, address, 1, &instruction) != 1) return ALL_REGISTERS;
-    uint32_t mask = (1U << HHR_TRACE_RIP_INDEX) | (1U << HHR_TRACE_RFLAGS_INDEX);
     unsigned int id;
     memcpy(&id, instruction, sizeof id);   /* cs_insn begins with its instruction id */
     bool whole = id >= HHR_DECODER_INSTRUCTION_LIMIT || d->read_all[id];
+    uint32_t mask = 1U << HHR_TRACE_RIP_INDEX;
+    if (whole || !d->flags_kept[id]) mask |= 1U << HHR_TRACE_RFLAGS_INDEX;
     for (uint32_t g = 0; g < d->group_count && !whole; g++)
         whole = d->in_group(d->handle, instruction, d->groups[g]);
     uint16_t read[64], written[64];
@@ -230,16 +318,18 @@ static int lp_of(hhr_trace *t, hhr_trace_context *tc) {
 }
 
 /* --- records ----------------------------------------------------------------------------------- */
-static uint32_t changed_mask(const uint64_t *before, const uint64_t *after) {
+/* The registers among `candidates` whose values differ (the others are known to be equal). */
+static uint32_t changed_mask(const uint64_t *before, const uint64_t *after, uint32_t candidates) {
     uint32_t mask = 0;
-    for (int i = 0; i < HHR_TRACE_REGISTERS; i++)
+    for (; candidates; candidates &= candidates - 1) {
+        int i = __builtin_ctz(candidates);
         if (before[i] != after[i]) mask |= 1U << i;
+    }
     return mask;
 }
 
 static uint8_t *put_values(uint8_t *at, uint32_t mask, const uint64_t *values) {
-    for (int i = 0; i < HHR_TRACE_REGISTERS; i++)
-        if (mask & (1U << i)) at = put(at, &values[i], WORD_BYTES);
+    for (; mask; mask &= mask - 1) at = put(at, &values[__builtin_ctz(mask)], WORD_BYTES);
     return at;
 }
 
@@ -248,7 +338,7 @@ static uint8_t *put_values(uint8_t *at, uint32_t mask, const uint64_t *values) {
  * first record of an instance holds all its registers (HHR_LOAD_INITIAL). */
 static void write_load(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t time, const uint64_t *now) {
     uint8_t flags = tc->seen ? 0 : HHR_LOAD_INITIAL;
-    uint32_t mask = tc->seen ? changed_mask(tc->registers, now) : ALL_REGISTERS;
+    uint32_t mask = tc->seen ? changed_mask(tc->registers, now, ALL_REGISTERS) : ALL_REGISTERS;
     uint8_t *at = reserve(t, LOAD_HEAD_BYTES + WORD_BYTES * (uint64_t)__builtin_popcount(mask));
     if (at == NULL) return;
     uint8_t kind = HHR_RECORD_LOAD, lp8 = (uint8_t)lp, phase = (uint8_t)t->lps[lp].phase;
@@ -324,14 +414,15 @@ static uint32_t write_code(hhr_trace *t, hhr_trace_context *tc, uint64_t address
     return slot->writes;
 }
 
-/* The pending instruction, complete with the registers after it, to the file. */
-static void write_instruction(hhr_trace *t, const uint64_t *after) {
+/* The pending instruction, complete with the registers after it, to the file; the registers
+ * outside `candidates` are those it cannot have changed. */
+static void write_instruction(hhr_trace *t, const uint64_t *after, uint32_t candidates) {
     hhr_trace_context *tc = t->pending;
     uint32_t lp = t->pending_lp;
     hhr_trace_lp *l = &t->lps[lp];
     t->pending = NULL;
     uint64_t time = t->pending_time, rip = t->pending_rip;
-    uint32_t mask = changed_mask(t->pending_before, after);
+    uint32_t mask = changed_mask(t->pending_before, after, candidates);
     uint8_t flags = 0;
     if ((mask & (1U << HHR_TRACE_RIP_INDEX)) && after[HHR_TRACE_RIP_INDEX] == rip + t->pending_size) {
         mask &= ~(1U << HHR_TRACE_RIP_INDEX);
@@ -396,7 +487,7 @@ void hhr_trace_finish(hhr_trace *t) {
     }
     uint64_t after[HHR_TRACE_REGISTERS];
     read_registers(t, t->pending, after);
-    write_instruction(t, after);
+    write_instruction(t, after, ALL_REGISTERS);
 }
 
 /* The flags Python gave the VMCS a guest instance runs, asking it the first time. */
@@ -424,22 +515,29 @@ void hhr_trace_forget_names(hhr_trace *t) {
 static void begin(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t address, uint32_t size,
                   uint64_t time, bool block_start) {
     uint64_t now[HHR_TRACE_REGISTERS];
-    bool have_registers = false;
+    bool have_registers = false, registers_current = false;
     if (t->buffer == NULL) return;   /* closed */
     if (t->pending != NULL) {
         if (t->pending == tc) {
-            /* Inside a block only what the instruction may write changed; a block begins after a
-             * branch, an exception, an interrupt or anything the machine did, so all are read then. */
+            /* Inside a block only what the instruction may write changed, and RIP is where the
+             * next instruction is; a block begins after a branch, an exception, an interrupt or
+             * anything the machine did, so all are read then. */
+            uint32_t candidates = ALL_REGISTERS;
             if (block_start || t->read_all_registers || t->pending_writes == ALL_REGISTERS) {
                 read_registers(t, tc, now);
-                have_registers = true;
             } else {
+                candidates = t->pending_writes;
                 memcpy(now, t->pending_before, sizeof now);
-                read_some_registers(t, tc, now, t->pending_writes);
-                have_registers = true;
+                now[HHR_TRACE_RIP_INDEX] = address;
+                read_some_registers(t, tc, now, candidates & ~(1U << HHR_TRACE_RIP_INDEX));
             }
-            if (t->recording) write_instruction(t, now);
-            else drop_pending(t);
+            have_registers = true;
+            if (t->recording) {
+                write_instruction(t, now, candidates);
+                registers_current = true;   /* tc->registers are `now` */
+            } else {
+                drop_pending(t);
+            }
         } else {
             hhr_trace_finish(t);
         }
@@ -463,7 +561,8 @@ static void begin(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t add
             l->end_after_this = 1;
         }
     }
-    if (!tc->seen || memcmp(tc->registers, now, sizeof now) != 0) write_load(t, tc, lp, time, now);
+    if (!registers_current && (!tc->seen || memcmp(tc->registers, now, sizeof now) != 0))
+        write_load(t, tc, lp, time, now);
     t->pending_writes = write_code(t, tc, address, now[HHR_TRACE_CR3_INDEX]);
     t->pending = tc;
     t->pending_lp = lp;

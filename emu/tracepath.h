@@ -36,7 +36,8 @@
 #define HHR_VMCS_ENDS_WINDOW 1        /* the first instruction of this VMCS's guest ends its LP's window */
 
 /* Capstone's C entry points (the binding's own library) and what the recorder asks of them: which
- * traced registers an instruction may write, so that only those are read after it. */
+ * traced registers an instruction may write, so that only those are read after it (RFLAGS only when
+ * it may affect a flag). */
 #define HHR_DECODER_REGISTER_LIMIT 512    /* capstone x86 register ids below this */
 #define HHR_DECODER_INSTRUCTION_LIMIT 2048  /* capstone x86 instruction ids below this */
 #define HHR_DECODER_GROUPS 8
@@ -50,6 +51,7 @@ typedef struct {
     bool (*in_group)(size_t handle, const void *instruction, unsigned int group);
     uint32_t register_bits[HHR_DECODER_REGISTER_LIMIT];   /* capstone register: traced registers' bits */
     uint8_t read_all[HHR_DECODER_INSTRUCTION_LIMIT];      /* instruction ids whose effects are read whole */
+    uint8_t flags_kept[HHR_DECODER_INSTRUCTION_LIMIT];    /* instruction ids that affect no flag */
     uint32_t groups[HHR_DECODER_GROUPS];                  /* groups whose effects are read whole */
     uint32_t group_count;
 } hhr_decoder;
@@ -103,7 +105,7 @@ typedef struct {
 
 typedef struct hhr_trace {
     int python_id;
-    int fd;                           /* the trace file, written with write(2) */
+    int fd;                           /* the trace file, written with write(2) by the writer thread */
     int error;                        /* errno of the first failed write, or 0 */
     uint32_t recording;               /* instructions are recorded (Python opens and closes the window) */
     uint32_t record_reads;
@@ -138,8 +140,9 @@ typedef struct hhr_trace {
     uint32_t reserved;
     hhr_trace_code *code;             /* HHR_TRACE_CODE_SLOTS */
     hhr_trace_name names[HHR_TRACE_NAME_SLOTS];
-    uint8_t *buffer;                  /* HHR_TRACE_BUFFER_BYTES */
+    uint8_t *buffer;                  /* HHR_TRACE_BUFFER_BYTES: the one being filled */
     uint64_t buffer_used;
+    void *writer;                     /* the thread that writes full buffers to the file (tracepath.c) */
 } hhr_trace;
 
 int hhr_trace_open(hhr_trace *t, int fd);
