@@ -929,6 +929,7 @@ int hhr_run_transitions(hhr_lp *lp) {
         lp->run_time_base = lp->time;
         uint64_t start = read_register(c, api->reg_rip);
         lp->runs++;
+        c->runs++;
         lp->last_error = api->emu_start(c->uc, start, HHR_END_OF_RUN_ADDRESS, 0, 0);
         c->fast_exits = 0;
         uint64_t ran = c->retired - lp->run_mark;

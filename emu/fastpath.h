@@ -153,6 +153,10 @@ typedef struct {
     uint32_t reserved2;
     /* Tracing only (emu/tracepath.c): this instance's hhr_trace_context, NULL otherwise. */
     void *trace;
+    /* Runs begun on it (uc_emu_start calls, by the transition loop or emu/context.py): between two
+     * runs anything may write its registers, within one only its instructions do (a trace reads
+     * them all at a run's first instruction). */
+    uint64_t runs;
 } hhr_ctx;
 
 #define HHR_EDGE_MAP_SIZE 65536

@@ -269,6 +269,7 @@ static uint32_t registers_written(const hhr_decoder *d, const uint8_t *code, uin
     bool whole = id >= HHR_DECODER_INSTRUCTION_LIMIT || d->read_all[id];
     uint32_t mask = 1U << HHR_TRACE_RIP_INDEX;
     if (whole || !d->flags_kept[id]) mask |= 1U << HHR_TRACE_RFLAGS_INDEX;
+    if (!whole && d->branch_writes[id]) mask |= d->branch_writes[id] | HHR_WRITES_ACROSS_BLOCKS;
     for (uint32_t g = 0; g < d->group_count && !whole; g++)
         whole = d->in_group(d->handle, instruction, d->groups[g]);
     uint16_t read[64], written[64];
@@ -511,22 +512,31 @@ void hhr_trace_forget_names(hhr_trace *t) {
 }
 
 /* An instruction begins on LP `lp` at `time`: the pending one is complete, and this one is pending
- * if the window takes it. */
+ * if the window takes it. `by_machine`: the machine carries it out itself, between runs;
+ * `block_start`: it is the first of a block. */
 static void begin(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t address, uint32_t size,
-                  uint64_t time, bool block_start) {
+                  uint64_t time, bool by_machine, bool block_start) {
     uint64_t now[HHR_TRACE_REGISTERS];
     bool have_registers = false, registers_current = false;
     if (t->buffer == NULL) return;   /* closed */
     if (t->pending != NULL) {
         if (t->pending == tc) {
-            /* Inside a block only what the instruction may write changed, and RIP is where the
-             * next instruction is; a block begins after a branch, an exception, an interrupt or
-             * anything the machine did, so all are read then. */
+            /* Within one run of an instance only its instructions change its registers: after an
+             * instruction, only what it may write changed, and RIP is where the next instruction
+             * is. Between runs the machine may have written any (a VM entry or exit, an exception
+             * or interrupt delivered, a trapped instruction carried out: each ends the run), so
+             * all are read at a run's first instruction. The hooks that write registers in the
+             * middle of a run (I/O, CPUID, MSRs) are for instructions read whole. A block ends
+             * after a branch, or for a reason capstone's lists were never held to (an instruction
+             * that ends its block, a page's end): all are read at a block's start unless the
+             * block before ended with a branch whose writes the SDM gives (decoder.py). */
             uint32_t candidates = ALL_REGISTERS;
-            if (block_start || t->read_all_registers || t->pending_writes == ALL_REGISTERS) {
+            uint32_t writes = t->pending_writes;
+            if (by_machine || t->pending_run != ((hhr_ctx *)tc->ctx)->runs || t->read_all_registers ||
+                writes == ALL_REGISTERS || (block_start && !(writes & HHR_WRITES_ACROSS_BLOCKS))) {
                 read_registers(t, tc, now);
             } else {
-                candidates = t->pending_writes;
+                candidates = writes & ALL_REGISTERS;
                 memcpy(now, t->pending_before, sizeof now);
                 now[HHR_TRACE_RIP_INDEX] = address;
                 read_some_registers(t, tc, now, candidates & ~(1U << HHR_TRACE_RIP_INDEX));
@@ -569,6 +579,7 @@ static void begin(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t add
     t->pending_time = time;
     t->pending_rip = address;
     t->pending_size = size;
+    t->pending_run = c->runs;
     memcpy(t->pending_before, now, sizeof now);
     t->writes_used = t->write_count = t->wide_count = 0;
     t->reads_used = t->read_count = 0;
@@ -599,19 +610,19 @@ void hhr_trace_code_hook(void *uc, uint64_t address, uint32_t size, void *user_d
     tc->blocks_mark = c->blocks;
     tc->block_base = base;
     tc->block_index = index;
-    begin(t, tc, (uint32_t)lp, address, size, base + index, block_start);
+    begin(t, tc, (uint32_t)lp, address, size, base + index, false, block_start);
 }
 
 /* An instruction the machine carries out itself instead of Unicorn (Python tells its clock). */
 void hhr_trace_trapped(hhr_trace_context *tc, uint32_t lp, uint64_t time, uint64_t address, uint32_t size) {
-    begin(tc->trace, tc, lp, address, size, time, true);
+    begin(tc->trace, tc, lp, address, size, time, true, true);
 }
 
 /* The same, from the machine's C transition loop (emu/fastpath.c), which knows the instance. */
 void hhr_trace_trapped_in_loop(hhr_ctx *c, uint64_t time, uint64_t address, uint32_t size) {
     hhr_trace_context *tc = c->trace;
     int lp = lp_of(tc->trace, tc);
-    if (lp >= 0) begin(tc->trace, tc, (uint32_t)lp, address, size, time, true);
+    if (lp >= 0) begin(tc->trace, tc, (uint32_t)lp, address, size, time, true, true);
 }
 
 static void add_entry(uint8_t *scratch, uint64_t *used, uint32_t *count, uint32_t *lost, uint64_t address,

@@ -41,6 +41,8 @@
 #define HHR_DECODER_REGISTER_LIMIT 512    /* capstone x86 register ids below this */
 #define HHR_DECODER_INSTRUCTION_LIMIT 2048  /* capstone x86 instruction ids below this */
 #define HHR_DECODER_GROUPS 8
+#define HHR_WRITES_ACROSS_BLOCKS 0x80000000u  /* hhr_trace_code.writes: the next block begins after
+                                                 it with nothing else changed (a branch) */
 typedef struct {
     size_t handle;                    /* a csh opened for x86-64 with details on */
     size_t (*disasm)(size_t handle, const uint8_t *code, size_t size, uint64_t address, size_t count,
@@ -52,6 +54,8 @@ typedef struct {
     uint32_t register_bits[HHR_DECODER_REGISTER_LIMIT];   /* capstone register: traced registers' bits */
     uint8_t read_all[HHR_DECODER_INSTRUCTION_LIMIT];      /* instruction ids whose effects are read whole */
     uint8_t flags_kept[HHR_DECODER_INSTRUCTION_LIMIT];    /* instruction ids that affect no flag */
+    uint32_t branch_writes[HHR_DECODER_INSTRUCTION_LIMIT];  /* near branches: the traced registers they
+                                                               write, by the SDM (0: not one) */
     uint32_t groups[HHR_DECODER_GROUPS];                  /* groups whose effects are read whole */
     uint32_t group_count;
 } hhr_decoder;
@@ -128,6 +132,7 @@ typedef struct hhr_trace {
     uint8_t *deferred;                /* HHR_TRACE_DEFERRED_BYTES: data records published meanwhile */
     uint64_t deferred_used;
     uint64_t pending_time, pending_rip;
+    uint64_t pending_run;             /* its instance's hhr_ctx.runs when it began */
     uint64_t pending_before[HHR_TRACE_REGISTERS];
     uint8_t *writes;                  /* HHR_TRACE_SCRATCH_BYTES: (u64 address, u32 length, bytes)... */
     uint64_t writes_used;
