@@ -269,7 +269,7 @@ static uint32_t registers_written(const hhr_decoder *d, const uint8_t *code, uin
     bool whole = id >= HHR_DECODER_INSTRUCTION_LIMIT || d->read_all[id];
     uint32_t mask = 1U << HHR_TRACE_RIP_INDEX;
     if (whole || !d->flags_kept[id]) mask |= 1U << HHR_TRACE_RFLAGS_INDEX;
-    if (!whole && d->branch_writes[id]) mask |= d->branch_writes[id] | HHR_WRITES_ACROSS_BLOCKS;
+    if (!whole && d->block_end_writes[id]) mask |= d->block_end_writes[id] | HHR_WRITES_ACROSS_BLOCKS;
     for (uint32_t g = 0; g < d->group_count && !whole; g++)
         whole = d->in_group(d->handle, instruction, d->groups[g]);
     uint16_t read[64], written[64];
@@ -529,7 +529,8 @@ static void begin(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t add
              * middle of a run (I/O, CPUID, MSRs) are for instructions read whole. A block ends
              * after a branch, or for a reason capstone's lists were never held to (an instruction
              * that ends its block, a page's end): all are read at a block's start unless the
-             * block before ended with a branch whose writes the SDM gives (decoder.py). */
+             * block before ended with an instruction whose writes the SDM gives (a branch, a REP
+             * string iteration: decoder.py). */
             uint32_t candidates = ALL_REGISTERS;
             uint32_t writes = t->pending_writes;
             if (by_machine || t->pending_run != ((hhr_ctx *)tc->ctx)->runs || t->read_all_registers ||

@@ -41,8 +41,8 @@
 #define HHR_DECODER_REGISTER_LIMIT 512    /* capstone x86 register ids below this */
 #define HHR_DECODER_INSTRUCTION_LIMIT 2048  /* capstone x86 instruction ids below this */
 #define HHR_DECODER_GROUPS 8
-#define HHR_WRITES_ACROSS_BLOCKS 0x80000000u  /* hhr_trace_code.writes: the next block begins after
-                                                 it with nothing else changed (a branch) */
+#define HHR_WRITES_ACROSS_BLOCKS 0x80000000u  /* hhr_trace_code.writes: the mask holds at the next
+                                                 block's start too (decoder.py _BLOCK_END_WRITES) */
 typedef struct {
     size_t handle;                    /* a csh opened for x86-64 with details on */
     size_t (*disasm)(size_t handle, const uint8_t *code, size_t size, uint64_t address, size_t count,
@@ -54,8 +54,9 @@ typedef struct {
     uint32_t register_bits[HHR_DECODER_REGISTER_LIMIT];   /* capstone register: traced registers' bits */
     uint8_t read_all[HHR_DECODER_INSTRUCTION_LIMIT];      /* instruction ids whose effects are read whole */
     uint8_t flags_kept[HHR_DECODER_INSTRUCTION_LIMIT];    /* instruction ids that affect no flag */
-    uint32_t branch_writes[HHR_DECODER_INSTRUCTION_LIMIT];  /* near branches: the traced registers they
-                                                               write, by the SDM (0: not one) */
+    uint32_t block_end_writes[HHR_DECODER_INSTRUCTION_LIMIT];  /* instructions that end their block
+                                        (branches, REP string iterations): the traced registers they
+                                        write, by the SDM (0: not one of them) */
     uint32_t groups[HHR_DECODER_GROUPS];                  /* groups whose effects are read whole */
     uint32_t group_count;
 } hhr_decoder;
