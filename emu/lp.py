@@ -211,7 +211,8 @@ class LogicalProcessor:
             loop = self._transitions
             running = loop.running
             if running == fast.ffi.NULL:   # between two of the loop's runs: the one it runs next
-                running = loop.vmx.current.guest_ctx if loop.in_guest else loop.root
+                current = loop.vmx.current
+                running = current.guest_ctx if loop.in_guest and current != fast.ffi.NULL else loop.root
             return self.context_by_id[running.python_id]
         return self._running if self._running is not None else self.context
 
