@@ -25,8 +25,7 @@ EXIT_STACK_TOP = 0x70000
 VMXON_REGION = 0x200000
 VMCS_REGION = 0x201000
 EPT_ROOT = 0x300000
-EPT_PDPT = EPT_ROOT + PAGE_SIZE
-EPT_PD = EPT_ROOT + 2 * PAGE_SIZE
+EPT_PD = EPT_ROOT + 2 * PAGE_SIZE          # write_guest_ept's page directory (PML4, PDPT, PD in a row)
 GUEST_HOST_BASE = 16 * MIB           # guest-physical 0 is host-physical 16 MiB
 GUEST_RAM = 4 * MIB
 
@@ -101,18 +100,31 @@ def guest_fields(primary: int = 0, pin: int = 0) -> dict[str, int]:
 
 def write_guest_memory(machine: Machine, guest_code: bytes) -> None:
     """The guest's EPT, page tables, GDT and code, at GUEST_HOST_BASE."""
+    write_guest_ept(machine)
+    write_guest_tables(machine)
+    machine.load(GUEST_HOST_BASE + GUEST_CODE, guest_code)
+
+
+def write_guest_ept(machine: Machine, root: int = EPT_ROOT) -> None:
+    """An EPT at `root` (PML4, PDPT, PD in three pages) mapping the guest's RAM with 2 MiB pages to
+    GUEST_HOST_BASE (SDM 29.3.2)."""
     ram = machine.ram
-    ram.write_u64(EPT_ROOT, EPT_PDPT | EPT_RWX)
-    ram.write_u64(EPT_PDPT, EPT_PD | EPT_RWX)
+    pdpt, pd = root + PAGE_SIZE, root + (EPT_PD - EPT_ROOT)
+    ram.write_u64(root, pdpt | EPT_RWX)
+    ram.write_u64(pdpt, pd | EPT_RWX)
     for index in range(GUEST_RAM // LARGE_PAGE_SIZE):
-        ram.write_u64(EPT_PD + 8 * index,
+        ram.write_u64(pd + 8 * index,
                       (GUEST_HOST_BASE + index * LARGE_PAGE_SIZE) | EPT_RWX
                       | (MemoryType.WB << EPT_MEMORY_TYPE_SHIFT) | EPT_LARGE_PAGE)
+
+
+def write_guest_tables(machine: Machine) -> None:
+    """The guest's own page tables (one 1 GiB identity page) and GDT, in its RAM at GUEST_HOST_BASE."""
+    ram = machine.ram
     ram.write_u64(GUEST_HOST_BASE + GUEST_PML4, GUEST_PDPT | PTE_PRESENT_WRITABLE)
     ram.write_u64(GUEST_HOST_BASE + GUEST_PDPT, 0 | PTE_PRESENT_WRITABLE | PTE_LARGE_PAGE)
     for index, descriptor in enumerate(GDT_ENTRIES):
         ram.write_u64(GUEST_HOST_BASE + GUEST_GDT + segments.DESCRIPTOR_BYTES * index, descriptor)
-    machine.load(GUEST_HOST_BASE + GUEST_CODE, guest_code)
 
 
 def _vmwrite(name: str, value: str) -> str:

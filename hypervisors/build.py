@@ -1,7 +1,9 @@
 """Assembles the hypervisor images with every constant they use taken from its one Python definition."""
 from __future__ import annotations
 
+import contextlib
 import enum
+import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -16,12 +18,39 @@ from hypervisors import guest_abi, invariants, layouts, memory_map, segments, tr
 HERE = Path(__file__).resolve().parent
 COMMON_SOURCES = HERE / "common"        # code every hypervisor includes, written against generic names
 CONTRACT = COMMON_SOURCES / "contract.inc"   # the labels a top source provides to the shared code
+# A directory laid out as hypervisors/ is (common/, hv1/hv1.s, hv2/hv2.s) whose sources every image
+# is built from instead: a lab's working copy, or a test's build with a planted bug.
+SOURCES_ENVIRONMENT = "HHR_HYPERVISOR_SOURCES"
+_sources_in_use: list[Path] = []        # sources() blocks, innermost last
 _PROVIDES = re.compile(r"^;\s*PROVIDES\s+([A-Za-z_]\w*)\s+(\w+\.inc)\s*$", re.MULTILINE)
 _LABEL_DEFINITION = re.compile(r"^([A-Za-z_][\w.]*):", re.MULTILINE)
 
 
 class ContractError(ValueError):
     """A hypervisor's top source lacks a label the shared code calls (hypervisors/common/contract.inc)."""
+
+
+def sources_root() -> Path:
+    """The tree the hypervisors are built from: the innermost sources() block's, else
+    $HHR_HYPERVISOR_SOURCES, else the package's own hypervisors/."""
+    if _sources_in_use:
+        return _sources_in_use[-1]
+    override = os.environ.get(SOURCES_ENVIRONMENT)
+    return Path(override).resolve() if override else HERE
+
+
+@contextlib.contextmanager
+def sources(root: Path):
+    """Builds every image inside the block from the tree at `root` (laid out as hypervisors/)."""
+    root = Path(root).resolve()
+    missing = [name for name in ("common", *HYPERVISORS) if not (root / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{root} is not a hypervisor source tree: it lacks {', '.join(name + '/' for name in missing)}")
+    _sources_in_use.append(root)
+    try:
+        yield root
+    finally:
+        _sources_in_use.pop()
 
 
 def provided_labels() -> dict[str, str]:
@@ -51,7 +80,7 @@ class Hypervisor:
 
     @property
     def source(self) -> Path:
-        return HERE / self.name / f"{self.name}.s"
+        return sources_root() / self.name / f"{self.name}.s"
 
     @property
     def records(self) -> layouts.Records:
@@ -170,12 +199,16 @@ def generated_sources() -> Path:
 
 
 def include_dirs() -> list[Path]:
-    return [COMMON_SOURCES, generated_sources()]
+    return [sources_root() / COMMON_SOURCES.name, generated_sources()]
+
+
+def image(name: str) -> Image:
+    """The assembled hypervisor `name`, at its load address, from the sources in use (sources_root)."""
+    return _assembled(name, sources_root())
 
 
 @lru_cache(maxsize=None)
-def image(name: str) -> Image:
-    """The assembled hypervisor `name`, at its load address."""
+def _assembled(name: str, root: Path) -> Image:
     spec = hypervisor(name)
     check_contract(spec.source)
     return assemble_file(spec.source, memory_map.HYPERVISOR_BASE, constants=constants(name),

@@ -211,6 +211,18 @@ def test_no_byte_changed_in_flight_is_ever_committed_without_its_digest(machine,
     assert transfer.Status(result.status) in (transfer.Status.REFUSED, transfer.Status.CALL_FAILED)
 
 
+def test_bytes_written_past_a_message_s_end_are_no_change_in_flight(machine):
+    """Bytes inserted or set after VERIFY's message (its header's byte count unchanged) are never
+    read: the input changes nothing the new hypervisor receives, and its commit is no
+    `digest-accepted` (afl-fuzz's raw edits past the end made that false finding)."""
+    length = len(machine.messages[-1])
+    result = machine.execute(FuzzInput("messages", -1, (Edit("insert", length, data=b"\x5f\x20"),
+                                                        Edit("set", length + 40, 4, 7))))
+    assert result.outcome == "committed" and not result.changed and result.finding is None
+    result = machine.execute(FuzzInput("messages", -1, (Edit("xor", length - 1, value=1),)))
+    assert result.outcome == "aborted" and result.changed      # the digest's last byte: read, refused
+
+
 @settings(max_examples=12)
 @given(data=st.data())
 def test_checkable_fields_at_their_boundaries_never_break_the_machine(machine, data):

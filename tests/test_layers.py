@@ -1,8 +1,8 @@
 """The parts of hhr import only downwards (docs/architecture.md, "The parts and what each may use").
 
 Layers, lowest first: asm (the toolchain) < emu (the machine) < hypervisors (images, boot, the
-transfer protocol's layouts) < guests < tools (the libraries behind each command) < bench <
-tools.cli (the command line, which nothing imports). A module may import its own layer and those
+transfer protocol's layouts) < guests < tools (the libraries behind each command) < labs (the lab
+book's exercises) < bench < tools.cli (the command line, which nothing imports). A module may import its own layer and those
 below; tests import anything.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import REPOSITORY_ROOT
 
-LAYERS = ("asm", "emu", "hypervisors", "guests", "tools", "bench", "tools.cli")
+LAYERS = ("asm", "emu", "hypervisors", "guests", "tools", "labs", "bench", "tools.cli")
 
 
 def layer_of(module: str) -> int | None:
@@ -85,14 +85,15 @@ def test_an_upward_import_is_found(tmp_path, monkeypatch):
 
 
 # Inside tools, lowest first: the libraries and the restart report's parts, the restart operator that
-# composes them, the commands that drive a restart and follow it (trace and fuzz), and the GDB stub,
-# which names contexts as traces do. A module of
+# composes them, the commands that drive a restart and follow it (trace and fuzz), the GDB stub,
+# which names contexts as traces do, and the lab book's runners and grader, which use them all. A module of
 # tools in none of these (tools.cli, tools.fingerprint) is ordered by LAYERS alone.
 TOOLS_LAYERS = (
     ("tools.run", "tools.faults", "tools.host_clock", "tools.phase_meter", "tools.blackout", "tools.digest_check"),
     ("tools.restart",),
     ("tools.trace", "tools.trace_chrome", "tools.fuzz"),
     ("tools.gdb",),
+    ("tools.lab",),
 )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tools.lab import cli as lab_cli
+
 SELFTEST_GUEST = """
   lea rsi, [rip + message]
 next_byte:
@@ -207,6 +209,8 @@ def fuzz(args: argparse.Namespace) -> int:
             return 0
         if args.workers < 1:
             raise ValueError("--workers must be at least 1")
+        if args.engine == "afl":
+            return fuzz_with_afl(args, setup)
         options = campaign.Options(setup, args.target, Path(args.corpus), Path(args.findings), args.seconds,
                                    args.runs, args.workers, args.seed,
                                    output=Path(args.output) if args.output else None, host=args.host)
@@ -221,6 +225,34 @@ def fuzz(args: argparse.Namespace) -> int:
         for path in worker.saved:
             print(f"  finding: {path}")
     return 1 if any(worker.findings for worker in stats) else 0
+
+
+def fuzz_with_afl(args: argparse.Namespace, setup) -> int:
+    """`hhr fuzz --engine afl`: --workers afl-fuzz instances and --native-workers native workers in
+    one AFL++ sync directory (docs/fuzzing.md)."""
+    from pathlib import Path
+
+    from tools.fuzz import afl_engine, campaign
+
+    if not args.output:
+        raise ValueError("--engine afl needs --output OUT (afl-fuzz's sync directory)")
+    if args.runs is not None:
+        raise ValueError("--engine afl runs for --seconds, not --runs (afl-fuzz counts no runs)")
+    if args.native_workers < 0:
+        raise ValueError("--native-workers must be at least 0")
+    options = campaign.Options(setup, args.target, Path(args.corpus), Path(args.findings),
+                               args.seconds if args.seconds is not None else FUZZ_DEFAULT_SECONDS, None,
+                               args.native_workers, args.seed, output=Path(args.output), host=args.host)
+    try:
+        native, afl = afl_engine.run(options, args.workers)
+    except afl_engine.AflError as error:
+        print(f"hhr fuzz: {error}", file=sys.stderr)
+        return 2
+    print(afl_engine.summary(native, afl, options))
+    for worker in native:
+        for path in worker.saved:
+            print(f"  finding: {path}")
+    return 1 if afl_engine.found_anything(native, afl) else 0
 
 
 FUZZ_GUESTS = ["storm", "hashchain"]
@@ -348,13 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
     fuzz_parser.add_argument("--seconds", type=float, help=f"campaign length (default {FUZZ_DEFAULT_SECONDS} s "
                                                            "unless --runs)")
     fuzz_parser.add_argument("--runs", type=int, help="stop each worker after this many inputs")
-    fuzz_parser.add_argument("--workers", type=int, default=1, help="parallel workers sharing the corpus")
+    fuzz_parser.add_argument("--workers", type=int, default=1, help="parallel workers sharing the corpus (with --engine afl: afl-fuzz instances, one -M, the others -S)")
     fuzz_parser.add_argument("--seed", type=int, default=0, help="random seed (one worker: the same run)")
     fuzz_parser.add_argument("--replay", metavar="FILE", help="run one finding or corpus file again and report")
     fuzz_parser.add_argument("--output", "-o", metavar="OUT",
                              help="an AFL++ sync directory, instead of --corpus: inputs go to "
                                   "OUT/hhr-HOST-N/queue/id:NNNNNN,..., the other instances' queues are imported")
     fuzz_parser.add_argument("--host", help="the HOST of the instance names under --output (default: this host's name)")
+    fuzz_parser.add_argument("--engine", choices=["native", "afl"], default="native",
+                             help="afl: --workers afl-fuzz instances (Debian's afl++) with hhr as their target, "
+                                  "beside --native-workers native ones, all in --output OUT")
+    fuzz_parser.add_argument("--native-workers", type=int, default=1,
+                             help="with --engine afl: native workers beside the afl-fuzz instances (default 1)")
     fuzz_parser.add_argument("--report", metavar="OUT", help="print the blocks of the receiving code (service.inc, "
                              "guest_state.inc, every include of hypervisors/common) the campaigns in OUT entered")
     fuzz_parser.set_defaults(func=fuzz)
@@ -385,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default ./hhr-bench-results; the committed reference results are "
                                    "replaced only with --output bench/results)")
     bench_parser.set_defaults(func=bench)
+    lab_parser = commands.add_parser("lab", help="the lab book: write a hypervisor, then hot-restart it "
+                                                 "(docs/labs/); list, start, run, hint, grade")
+    lab_cli.add_arguments(lab_parser)
+    lab_parser.set_defaults(func=lab_cli.run_command)
     return parser
 
 

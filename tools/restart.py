@@ -249,6 +249,16 @@ def restart(from_hypervisor: str, to_hypervisor: str, guest_specs: list[str], *,
             mode: str = "precopy") -> dict:
     """Boots `from_hypervisor`, and at each instruction count of `request_at` requests a restart (into
     `to_hypervisor`, then back, alternating); runs to the end and reports (docs/protocol.md)."""
+    return restart_keeping_machine(from_hypervisor, to_hypervisor, guest_specs, lps=lps, ram_size=ram_size,
+                                   request_at=request_at, max_instructions=max_instructions, inject=inject,
+                                   mode=mode)[0]
+
+
+def restart_keeping_machine(from_hypervisor: str, to_hypervisor: str, guest_specs: list[str], *, lps: int = 1,
+                            ram_size: int | None = None, request_at: int | list[int] = DEFAULT_REQUEST_AT,
+                            max_instructions: int = run_module.DEFAULT_INSTRUCTION_LIMIT,
+                            inject: str | None = None, mode: str = "precopy") -> tuple[dict, Booted]:
+    """restart(), and the booted machine as it stopped (for a grader that looks at its state)."""
     build.hypervisor(from_hypervisor), build.hypervisor(to_hypervisor)
     copy_mode = MODES.get(mode)
     if copy_mode is None:
@@ -285,7 +295,7 @@ def restart(from_hypervisor: str, to_hypervisor: str, guest_specs: list[str], *,
     document["restarts"] = summaries
     document["restart"] = summaries[0]
     document["host_seconds"] = time.perf_counter() - started
-    return document
+    return document, booted
 
 
 def text(document: dict) -> str:

@@ -90,6 +90,12 @@ def seeds(machine: TransferMachine, targets: tuple[str, ...]) -> list[FuzzInput]
     return found
 
 
+def guest_check_wanted(result: Result, fresh: bool, rng: random.Random) -> bool:
+    """A committed input that changed a checkable field is judged by its guests run to their end
+    when it reached new code, and for a sample of the others (`GUEST_CHECK_SAMPLE`)."""
+    return result.guest_check_due and (fresh or rng.random() < GUEST_CHECK_SAMPLE)
+
+
 class Worker:
     """One machine, one random stream, its own view of the shared corpus."""
 
@@ -121,7 +127,7 @@ class Worker:
         fresh = fast.lib.hhr_edge_map_merge(self.machine.edge_map, self.seen, fast.lib.HHR_EDGE_MAP_SIZE)
         if fresh or not keep:                 # (a corpus input: only they are drawn as parents)
             self.cost[entry] = result.instructions
-        if result.guest_check_due and (fresh or self.rng.random() < GUEST_CHECK_SAMPLE):
+        if guest_check_wanted(result, fresh, self.rng):
             self.stats.guest_checks += 1
             result.finding = self.machine.check_guests_after_commit(entry)
         if fresh and keep:

@@ -88,6 +88,27 @@ def _raw(data: bytes) -> FuzzInput:
     return FuzzInput(RAW_TARGET, message, tuple(edits), bool(flags & RAW_FIX_DIGEST), bool(flags & RAW_FIX_LENGTH))
 
 
+def encode_raw(entry: FuzzInput) -> bytes:
+    """The input as raw bytes (`RAW_*` above) that `decode_any` reads back as the same edits: the
+    form a byte-level fuzzer's mutations turn into other field edits. Only a `messages` input whose
+    edits have plain offsets below 64 Ki, widths of 1 to `RAW_WIDTH_MAX` and inserts of at most as
+    many bytes can be so written."""
+    if entry.target != RAW_TARGET or not -128 <= entry.message <= 127 or entry.message == 0:
+        raise ValueError(f"raw bytes carry a {RAW_TARGET} input of message -128 to 127, not {entry.target} {entry.message}")
+    if len(entry.edits) > EDITS_MAX:
+        raise ValueError(f"raw bytes carry at most {EDITS_MAX} edits")
+    flags = (RAW_FIX_DIGEST if entry.fix_digest else 0) | (RAW_FIX_LENGTH if entry.fix_length else 0)
+    data = bytearray(entry.message.to_bytes(1, "little", signed=True) + bytes([flags]))
+    for edit in entry.edits:
+        width = len(edit.data) if edit.op == "insert" else (edit.width if edit.op != "xor" else 1)
+        if edit.at or not 0 <= edit.offset < 1 << 16 or not 1 <= width <= RAW_WIDTH_MAX:
+            raise ValueError(f"an edit raw bytes cannot carry: {edit}")
+        value = edit.data.ljust(RAW_WIDTH_MAX, b"\0") if edit.op == "insert" else \
+            (edit.value & ((1 << (8 * RAW_WIDTH_MAX)) - 1)).to_bytes(RAW_WIDTH_MAX, "little")
+        data += bytes([OPERATIONS.index(edit.op)]) + edit.offset.to_bytes(2, "little") + bytes([width - 1]) + value
+    return bytes(data)
+
+
 def runnable(entry: FuzzInput, messages: int) -> FuzzInput:
     """The input made runnable on a restart of `messages` messages: a message number out of range
     (a file from another setup, or from raw bytes) is taken modulo their count."""

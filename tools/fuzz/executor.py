@@ -327,6 +327,14 @@ class TransferMachine:
                              f"(or -1 to -{len(self.messages)} from the end)")
         return number
 
+    def count_edges_into(self, edge_map) -> None:
+        """From the next input on, the block hook counts the new hypervisor's edges into `edge_map`
+        (a cffi `uint8_t *` of `HHR_EDGE_MAP_SIZE` counters: another process's shared memory, such
+        as AFL++'s coverage map) instead of the machine's own."""
+        if self.edge_map is None:
+            raise ValueError("this machine counts no coverage")
+        self.edge_map = edge_map
+
     def _arm_coverage(self) -> None:
         edge_map = self.edge_map if self.edge_map is not None else fast.ffi.NULL
         block_map = self.block_map if self.block_map is not None else fast.ffi.NULL
@@ -367,13 +375,11 @@ class TransferMachine:
             offset = transfer.TRANSFER_HEADER.offset("bytes")
             message[offset:offset + 8] = len(message).to_bytes(8, "little")
         message = message[:transfer.TRANSFER_AREA_SIZE]
-        span = max(len(message), len(original))
-        before = ram.read(self.area, span)
         ram.write(self.area, bytes(message))  # what lay after a shortened message stays as the sender left it
-        if self.calls[number - 1] in CHAINED_CALLS:
-            header = transfer.TRANSFER_HEADER.unpack(ram.read(self.area, transfer.TRANSFER_HEADER.size))
-            return ram.read(self.area, min(header["bytes"], transfer.TRANSFER_AREA_SIZE)) != original
-        return ram.read(self.area, span) != before
+        # What is received is as long as the header says, whatever the call: bytes written past that
+        # (inserted at or set past the message's end) are never read.
+        header = transfer.TRANSFER_HEADER.unpack(ram.read(self.area, transfer.TRANSFER_HEADER.size))
+        return ram.read(self.area, min(header["bytes"], transfer.TRANSFER_AREA_SIZE)) != original
 
     def _run_until_done(self, budget: int) -> None:
         limit = self.machine.retired + budget

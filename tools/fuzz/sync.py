@@ -18,12 +18,21 @@ QUEUE_ID = re.compile(r"^id:(\d{6,})")     # AFL++ reads the id with "id:%06u"; 
 ID_DIGITS = 6
 BLOCKS_FILE = "hhr-blocks-{hypervisor}"   # the instance's block map of that image (`hhr fuzz --report`)
 HOST_UNSAFE = re.compile(r"[^A-Za-z0-9.]+")
+AFL_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9-]+")
+AFL_INSTANCE_SEPARATOR = "_afl"
 
 
 def instance_name(host: str | None, index: int) -> str:
     """`hhr-<host>-<n>`: an instance name that carries its host, as AFL++'s distributed sync expects."""
     host = HOST_UNSAFE.sub(".", host or socket.gethostname()).strip(".") or "localhost"
     return f"{INSTANCE_PREFIX}-{host}-{index}"
+
+
+def afl_instance_name(host: str | None, number: int) -> str:
+    """`<host>_afl<n>`: an afl-fuzz instance's name (`-M`/`-S`), as AFL++'s docs/parallel_fuzzing.md
+    names them (afl-fuzz takes only letters, digits, `_` and `-`)."""
+    host = AFL_NAME_UNSAFE.sub("-", host or socket.gethostname()).strip("-") or "localhost"
+    return f"{host}{AFL_INSTANCE_SEPARATOR}{number}"
 
 
 def queue_id(name: str) -> int | None:
