@@ -131,6 +131,7 @@ class LogicalProcessor:
         self._transitions.shared = self.shared
         self._transitions.python_id = python_id = next(_next_loop_id)
         _loop_event_publishers[python_id] = weakref.WeakMethod(self._publish_from_loop)
+        weakref.finalize(self, _loop_event_publishers.pop, python_id, None)
         self._loop_error: BaseException | None = None   # raised by a subscriber the loop called
         self._in_transitions = False
         self.transitions_in_c = 0    # VM exits and entries (VMCALLR and its return too) the C loop carried out
