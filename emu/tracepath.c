@@ -415,15 +415,16 @@ static uint32_t write_code(hhr_trace *t, hhr_trace_context *tc, uint64_t address
     return slot->writes;
 }
 
-/* The pending instruction, complete with the registers after it, to the file; the registers
- * outside `candidates` are those it cannot have changed. */
+/* The pending instruction, complete with the registers after it, to the file. Its instance's
+ * registers[] hold those before it (they were the registers when it began); `after` holds those in
+ * `candidates`, the others being those it cannot have changed. */
 static void write_instruction(hhr_trace *t, const uint64_t *after, uint32_t candidates) {
     hhr_trace_context *tc = t->pending;
     uint32_t lp = t->pending_lp;
     hhr_trace_lp *l = &t->lps[lp];
     t->pending = NULL;
     uint64_t time = t->pending_time, rip = t->pending_rip;
-    uint32_t mask = changed_mask(t->pending_before, after, candidates);
+    uint32_t changed = changed_mask(tc->registers, after, candidates), mask = changed;
     uint8_t flags = 0;
     if ((mask & (1U << HHR_TRACE_RIP_INDEX)) && after[HHR_TRACE_RIP_INDEX] == rip + t->pending_size) {
         mask &= ~(1U << HHR_TRACE_RIP_INDEX);
@@ -470,7 +471,10 @@ static void write_instruction(hhr_trace *t, const uint64_t *after, uint32_t cand
     l->written = 1;
     l->last_time = time;
     l->next_rip = rip + t->pending_size;
-    memcpy(tc->registers, after, sizeof tc->registers);
+    for (; changed; changed &= changed - 1) {
+        int i = __builtin_ctz(changed);
+        tc->registers[i] = after[i];
+    }
     tc->seen = 1;
     t->recorded++;
     release_deferred(t);
@@ -516,8 +520,8 @@ void hhr_trace_forget_names(hhr_trace *t) {
  * `block_start`: it is the first of a block. */
 static void begin(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t address, uint32_t size,
                   uint64_t time, bool by_machine, bool block_start) {
-    uint64_t now[HHR_TRACE_REGISTERS];
-    bool have_registers = false, registers_current = false;
+    uint64_t now[HHR_TRACE_REGISTERS];   /* registers read (the candidates only, in part) */
+    bool registers_current = false;      /* tc->registers are its registers now */
     if (t->buffer == NULL) return;   /* closed */
     if (t->pending != NULL) {
         if (t->pending == tc) {
@@ -536,16 +540,14 @@ static void begin(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t add
             if (by_machine || t->pending_run != ((hhr_ctx *)tc->ctx)->runs || t->read_all_registers ||
                 writes == ALL_REGISTERS || (block_start && !(writes & HHR_WRITES_ACROSS_BLOCKS))) {
                 read_registers(t, tc, now);
-            } else {
+            } else {   /* now[] holds only the candidates */
                 candidates = writes & ALL_REGISTERS;
-                memcpy(now, t->pending_before, sizeof now);
                 now[HHR_TRACE_RIP_INDEX] = address;
                 read_some_registers(t, tc, now, candidates & ~(1U << HHR_TRACE_RIP_INDEX));
             }
-            have_registers = true;
             if (t->recording) {
                 write_instruction(t, now, candidates);
-                registers_current = true;   /* tc->registers are `now` */
+                registers_current = true;   /* tc->registers are the registers now */
             } else {
                 drop_pending(t);
             }
@@ -556,7 +558,7 @@ static void begin(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t add
     hhr_trace_lp *l = &t->lps[lp];
     if (!t->recording || l->done) return;
     if (t->has_time_window && (time < t->window_start || time >= t->window_end)) return;
-    if (!have_registers) read_registers(t, tc, now);   /* whole, for the loaded-registers check */
+    if (!registers_current) read_registers(t, tc, now);   /* whole, for the loaded-registers check */
     hhr_ctx *c = tc->ctx;
     hhr_lp *loop = l->loop;
     uint64_t vmcs = 0;
@@ -573,15 +575,14 @@ static void begin(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t add
         }
     }
     if (!registers_current && (!tc->seen || memcmp(tc->registers, now, sizeof now) != 0))
-        write_load(t, tc, lp, time, now);
-    t->pending_writes = write_code(t, tc, address, now[HHR_TRACE_CR3_INDEX]);
+        write_load(t, tc, lp, time, now);   /* tc->registers are `now` from here on */
+    t->pending_writes = write_code(t, tc, address, tc->registers[HHR_TRACE_CR3_INDEX]);
     t->pending = tc;
     t->pending_lp = lp;
     t->pending_time = time;
     t->pending_rip = address;
     t->pending_size = size;
     t->pending_run = c->runs;
-    memcpy(t->pending_before, now, sizeof now);
     t->writes_used = t->write_count = t->wide_count = 0;
     t->reads_used = t->read_count = 0;
 }

@@ -79,7 +79,8 @@ typedef struct {
     struct hhr_trace *trace;
     void *ctx;                        /* hhr_ctx * */
     uint32_t id;                      /* its number in the file */
-    uint32_t seen;                    /* registers[] hold its values after its last instruction */
+    uint32_t seen;                    /* registers[] hold its values after its last instruction (and
+                                         so before its pending one) */
     uint64_t registers[HHR_TRACE_REGISTERS];
     uint64_t blocks_mark;             /* ctx->blocks at its last instruction */
     uint64_t block_base;              /* the time of that block's first instruction */
@@ -134,7 +135,6 @@ typedef struct hhr_trace {
     uint64_t deferred_used;
     uint64_t pending_time, pending_rip;
     uint64_t pending_run;             /* its instance's hhr_ctx.runs when it began */
-    uint64_t pending_before[HHR_TRACE_REGISTERS];
     uint8_t *writes;                  /* HHR_TRACE_SCRATCH_BYTES: (u64 address, u32 length, bytes)... */
     uint64_t writes_used;
     uint32_t write_count, writes_lost;
