@@ -32,6 +32,8 @@
 #define HASH_MULTIPLIER 0x9E3779B97F4A7C15ULL
 #define HASH_SHIFT 32
 #define READ_BYTES_MAX 512            /* the widest single load Unicorn reports (FXRSTOR's area) */
+_Static_assert(HHR_TRACE_CODE_WORDS == 2 && HHR_TRACE_CODE_WORDS * WORD_BYTES >= HHR_TRACE_CODE_BYTES,
+               "write_code compares an instruction's bytes as two words");
 
 /* Python's answers, through cffi (fastpath_build.py). */
 static int hhr_on_trace_vmcs(int python_id, uint32_t lp, uint64_t vmcs);
@@ -369,7 +371,8 @@ static void write_bind(hhr_trace *t, hhr_trace_context *tc, uint64_t vmcs) {
 static uint32_t write_code(hhr_trace *t, hhr_trace_context *tc, uint64_t address, uint64_t cr3) {
     hhr_ctx *c = tc->ctx;
     uint64_t page = address & ~TRACE_PAGE_OFFSET_MASK;
-    uint8_t bytes[HHR_TRACE_CODE_BYTES];
+    uint64_t words[HHR_TRACE_CODE_WORDS];
+    uint8_t *bytes = (uint8_t *)words;
     uint32_t length = 0;
     if (!tc->code_valid || tc->code_page != page || tc->code_cr3 != cr3 || tc->code_eptp != c->eptp) {
         uint64_t physical;
@@ -393,16 +396,17 @@ static uint32_t write_code(hhr_trace *t, hhr_trace_context *tc, uint64_t address
             length += read_linear(c, address + length, bytes + length, HHR_TRACE_CODE_BYTES - length,
                                   HHR_ACCESS_FETCH);
     }
+    memset(bytes + length, 0, sizeof words - length);
     uint64_t hash = ((address ^ ((uint64_t)tc->id << 48)) * HASH_MULTIPLIER) >> HASH_SHIFT;
     hhr_trace_code *slot = &t->code[hash & (HHR_TRACE_CODE_SLOTS - 1)];
     if (slot->used && slot->address == address && slot->context == tc->id && slot->length == length &&
-        memcmp(slot->bytes, bytes, length) == 0)
+        slot->words[0] == words[0] && slot->words[1] == words[1])
         return slot->writes;
     slot->used = 1;
     slot->address = address;
     slot->context = tc->id;
     slot->length = length;
-    memcpy(slot->bytes, bytes, length);
+    memcpy(slot->words, words, sizeof words);
     slot->writes = registers_written(t->decoder, bytes, length, address);
     uint8_t *at = reserve(t, CODE_HEAD_BYTES + (uint64_t)length);
     if (at == NULL) return slot->writes;

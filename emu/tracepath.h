@@ -7,6 +7,7 @@
 #define HHR_TRACE_CR3_INDEX 19        /* CR3's place among them */
 #define HHR_TRACE_MAX_LPS 64          /* emu/machine.py MAX_LPS */
 #define HHR_TRACE_CODE_BYTES 15       /* the longest x86 instruction (SDM Vol. 2A 2.3.11) */
+#define HHR_TRACE_CODE_WORDS 2        /* those bytes zero-padded to whole words, compared as words */
 #define HHR_TRACE_CODE_SLOTS 65536    /* remembered (context, address): code bytes last written */
 #define HHR_TRACE_NAME_SLOTS 4096     /* VMCSs whose name the file holds since the last forget */
 #define HHR_TRACE_BUFFER_BYTES 8388608
@@ -104,8 +105,8 @@ typedef struct {
     uint64_t address;
     uint32_t context;
     uint32_t length;
-    uint8_t bytes[HHR_TRACE_CODE_BYTES];
-    uint8_t used;
+    uint64_t words[HHR_TRACE_CODE_WORDS];   /* its bytes (`length` of them), zero-padded */
+    uint32_t used;
     uint32_t writes;                  /* traced registers the instruction may write (all: not known) */
 } hhr_trace_code;
 
