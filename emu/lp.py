@@ -41,6 +41,12 @@ def hhr_on_loop_events(python_id):
     return _loop_event_publishers[python_id]()()
 
 
+# The kinds of the loop's queued events (emu/fastpath.h), read once: every event is one of them.
+_LOOP_VM_EXIT = fast.lib.HHR_EVENT_VM_EXIT
+_LOOP_VM_ENTRY = fast.lib.HHR_EVENT_VM_ENTRY
+_LOOP_INVERSE_CALL = fast.lib.HHR_EVENT_INVERSE_CALL
+
+
 INT3_OPCODE = 0xCC
 INTO_OPCODE = 0xCE
 INT_N_OPCODE = 0xCD
@@ -364,19 +370,20 @@ class LogicalProcessor:
         loop.event_count = 0
         events = self.events
         hook, events.before_publish = events.before_publish, None
+        queued = loop.events
         for index in range(count):
-            event = loop.events[index]
+            event = queued[index]
             kind = event.kind
-            if kind != fast.lib.HHR_EVENT_INVERSE_CALL:   # a VMCALLR is one transition: its vm-entry
+            if kind != _LOOP_INVERSE_CALL:   # a VMCALLR is one transition: its vm-entry
                 self.transitions_in_c += 1
-            if kind == fast.lib.HHR_EVENT_VM_EXIT:
+            if kind == _LOOP_VM_EXIT:
                 self.counters.last_exits[event.vmcs] = event.time
                 events.publish(event.time, self.index, "vm-exit", vmcs=event.vmcs, reason=event.reason,
                                qualification=event.qualification, rip=event.rip)
                 self.counters.count_exit(event.reason)
-            elif kind == fast.lib.HHR_EVENT_VM_ENTRY:
+            elif kind == _LOOP_VM_ENTRY:
                 events.publish(event.time, self.index, "vm-entry", vmcs=event.vmcs, launch=False, rip=event.rip)
-            elif kind == fast.lib.HHR_EVENT_INVERSE_CALL:   # as VmxUnit.vmcallr publishes and counts it
+            elif kind == _LOOP_INVERSE_CALL:   # as VmxUnit.vmcallr publishes and counts it
                 events.publish(event.time, self.index, "vmcallr", vmcs=event.vmcs, call=event.qualification)
                 self.counters.count_inverse_call(event.qualification)
             else:                                            # as VmxUnit._end_inverse_call, on success
