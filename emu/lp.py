@@ -100,7 +100,7 @@ class LpHost(Protocol):
 class LogicalProcessor:
     """One LP: its root context, VMX unit, timer, pending interrupts and virtual clock. Besides its
     LpHost it uses RAM (the MSR and I/O bitmaps), the event stream, the I/O bus (a guest's I/O
-    without an exit, and the completions of the bus's disk), the VMCS cache, the transition
+    without an exit, and the completions of the bus's devices), the VMCS cache, the transition
     counters, and the machine's contexts by python id (the one the C loop runs)."""
 
     def __init__(self, index: int, root: ctxmod.ExecutionContext, host: LpHost, *, ram: "HostMemory",
@@ -252,7 +252,7 @@ class LogicalProcessor:
         interrupts nor has IF=1, or a guest in an inverse hypercall, which takes none)."""
         if self.timer.deadline is not None or self.preemption_deadline is not None:
             return False
-        if self.io.disk.deadline(self.index) is not None:
+        if self.io.deadline(self.index) is not None:
             return False
         if self.guest is None:
             return self.halted and not (self.pending_vectors and self._interrupts_enabled_in_root())
@@ -405,7 +405,7 @@ class LogicalProcessor:
     def _next_event_by(self, limit: int) -> int:
         """The earlier of `limit` and the LP's timer and VMX-preemption-timer deadlines."""
         return min([limit] + [deadline for deadline in (self.timer.deadline, self.preemption_deadline,
-                                                        self.io.disk.deadline(self.index))
+                                                        self.io.deadline(self.index))
                               if deadline is not None])
 
     def _idle_until(self, slice_end: int) -> None:
@@ -427,8 +427,7 @@ class LogicalProcessor:
         vector = self.timer.expire(self.now)
         if vector:
             self.raise_interrupt(vector)
-        vector = self.io.disk.complete(self.index, self.now)
-        if vector:
+        for vector in self.io.completed_vectors(self.index, self.now):
             self.raise_interrupt(vector)
         if self.guest is None:
             if self.pending_vectors and self._interrupts_enabled_in_root():

@@ -26,9 +26,9 @@ RESTART_RESERVE = 2 * (transfer.SERVICE_REGION_SIZE + transfer.TRANSFER_AREA_SIZ
 MAP_POOL_PER_GUEST = (_QUOTA_POOL_PAGES + -(-_QUOTA_POOL_PAGES // (LARGE_PAGE_SIZE // PAGE_SIZE - 1))) * PAGE_SIZE
 
 
-# Called with every Booted that boot() and resume() make, before its machine runs: a debugger
-# attaches here (tools/gdb). Empty unless someone listens.
-BOOT_OBSERVERS: list[Callable[["Booted"], None]] = []
+# Called with every Booted that boot() and resume() make, and every BareBooted announced, before its
+# machine runs: a debugger attaches here (tools/gdb). Empty unless someone listens.
+BOOT_OBSERVERS: list[Callable[["Booted | BareBooted"], None]] = []
 
 
 class BootError(ValueError):
@@ -135,6 +135,31 @@ def _observed(booted: Booted) -> Booted:
     for observer in BOOT_OBSERVERS:
         observer(booted)
     return booted
+
+
+@dataclass
+class BareBooted:
+    """A machine started without one of hhr's hypervisors (a lab's monitor on the bare machine), as
+    the boot observers see it: the program in root mode is `label`, loaded at `image_base`."""
+
+    machine: Machine
+    label: str
+    image_base: int
+    symbols_hint: str = ""              # how to load the program's symbols into gdb
+    hypervisor: None = None
+    guests: tuple = ()
+
+
+def announce(bare: BareBooted) -> BareBooted:
+    """Tells the boot observers of a machine started by other means than boot()."""
+    for observer in BOOT_OBSERVERS:
+        observer(bare)
+    return bare
+
+
+def observed() -> bool:
+    """Whether anybody listens (a debugger): then a program's symbols are worth writing out."""
+    return bool(BOOT_OBSERVERS)
 
 
 def _load_hypervisor(machine: Machine, image, name: str) -> None:

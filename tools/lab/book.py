@@ -103,8 +103,9 @@ class Exercise:
         return package_directory() / SOLUTIONS / f"{self.number:02d}{suffix}"
 
     def material(self) -> Path:
-        """The exercise's own files in the package (labs/exNN_slug/)."""
-        return package_directory() / f"ex{self.number:02d}_{self.slug}"
+        """The exercise's own files in the package (labs/exNN_slug/, a slug's hyphens as underscores:
+        the folder is a Python package)."""
+        return package_directory() / f"ex{self.number:02d}_{self.slug.replace('-', '_')}"
 
 
 def package_directory() -> Path:
