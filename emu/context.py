@@ -253,6 +253,7 @@ class ExecutionContext:
         ctx.watch_interrupt_window = 1 if watch_interrupt_window else 0
         ctx.block_size = 0
         ctx.python_stop = 0
+        ctx.runs += 1
         self.clear_stop_request()
         start = self.regs.read(x86.UC_X86_REG_RIP)
         error = uc_const.UC_ERR_OK

@@ -1,11 +1,15 @@
 """The machine's devices on the I/O-port bus: COM1, debug exit, clock, per-LP timer and IPIs, console channels,
-doorbell, restart-phase marker, disk (emu/disk.py). The port numbers are in emu/ports.py."""
+doorbell, restart-phase marker, disk (emu/disk.py), the assignable block devices and their IOMMU
+(emu/block_devices.py, emu/iommu.py). The port numbers are in emu/ports.py."""
 from __future__ import annotations
 
 from collections import deque
 from typing import TYPE_CHECKING, Callable, Protocol
 
+from emu import ports
+from emu.block_devices import BlockDevice, BlockDevices
 from emu.disk import Disk
+from emu.iommu import FAULT_WRITE_SHIFT
 from emu.ports import (
     CLOCK_HIGH_PORT, CLOCK_LOW_PORT, COM1_BASE, COM1_PORT_COUNT, CONSOLE_CHANNEL_PORT, DEBUG_EXIT_PORT,
     DISK_ADDRESS_HIGH_PORT, DISK_ADDRESS_LOW_PORT, DISK_BLOCK_PORT, DISK_CAPACITY_PORT, DISK_COMMAND_PORT,
@@ -135,7 +139,7 @@ class IoBus:
     UNCLAIMED_READ = 0xFFFF_FFFF
 
     def __init__(self, host: BusHost, events: "EventStream", ram: "HostMemory", flush_code: Callable[[], None],
-                 disk: Disk | None = None):
+                 disk: Disk | None = None, block_devices: list[BlockDevice] | None = None):
         self.host = host
         self.events = events
         self.ram = ram
@@ -143,6 +147,8 @@ class IoBus:
         self.console = Console()
         self.doorbell = Doorbell()
         self.disk = disk if disk is not None else Disk()
+        self.block_devices = BlockDevices(host, ram, events, flush_code, block_devices)
+        self.iommu = self.block_devices.iommu
         self._clock_high_latch: dict[int, int] = {}
         self.restart_phase = 0     # the last value root wrote to RESTART_PHASE_PORT
 
@@ -150,7 +156,7 @@ class IoBus:
         """The devices' registers and contents (the disk's included), for a snapshot."""
         return {"console": self.console.save_state(), "doorbell": self.doorbell.save_state(),
                 "clock_latch": dict(self._clock_high_latch), "restart_phase": self.restart_phase,
-                "disk": self.disk.save_state()}
+                "disk": self.disk.save_state(), "block_devices": self.block_devices.save_state()}
 
     def restore_state(self, state: dict) -> None:
         self.console.restore_state(state["console"])
@@ -158,6 +164,20 @@ class IoBus:
         self._clock_high_latch = dict(state["clock_latch"])
         self.restart_phase = state["restart_phase"]
         self.disk.restore_state(state["disk"])
+        self.block_devices.restore_state(state["block_devices"])
+
+    # --- what an LP asks of the devices that interrupt it -----------------------------------------------
+    def deadline(self, lp_index: int) -> int | None:
+        """The earliest tick a device will interrupt LP `lp_index` (the disk, the block devices)."""
+        due = [tick for tick in (self.disk.deadline(lp_index), self.block_devices.deadline(lp_index))
+               if tick is not None]
+        return min(due) if due else None
+
+    def completed_vectors(self, lp_index: int, now: int) -> list[int]:
+        """The vectors of the completions due on LP `lp_index` by `now`, each given once."""
+        vectors = self.block_devices.complete(lp_index, now)
+        disk_vector = self.disk.complete(lp_index, now)
+        return ([disk_vector] if disk_vector else []) + [vector for vector in vectors if vector]
 
     def read(self, port: int, size: int) -> int:
         lp = self.host.running_lp
@@ -188,7 +208,48 @@ class IoBus:
             return int(self.disk.current_status(lp.now))
         if port == DISK_CAPACITY_PORT and self._from_root(lp):
             return self.disk.blocks
+        if self._block_device(port) is not None:
+            return self._device_read(lp, port)
+        if ports.IOMMU_ROOT_LOW_PORT <= port <= ports.IOMMU_FAULT_VECTOR_PORT and self._from_root(lp):
+            return self._iommu_read(port)
         return self.UNCLAIMED_READ
+
+    def _block_device(self, port: int) -> BlockDevice | None:
+        index, _ = divmod(port - ports.BLOCK_DEVICE_BASE, ports.BLOCK_DEVICE_STRIDE)
+        devices = self.block_devices.devices
+        return devices[index] if port >= ports.BLOCK_DEVICE_BASE and index < len(devices) else None
+
+    def _device_read(self, lp, port: int) -> int:
+        device = self._block_device(port)
+        register = (port - ports.BLOCK_DEVICE_BASE) % ports.BLOCK_DEVICE_STRIDE
+        values = {ports.DEVICE_QUEUE_LOW: device.queue & WORD_MASK, ports.DEVICE_QUEUE_HIGH: device.queue >> WORD_BITS,
+                  ports.DEVICE_QUEUE_SIZE: device.queue_entries, ports.DEVICE_TAIL: device.tail,
+                  ports.DEVICE_CAPACITY: device.blocks}
+        if register == ports.DEVICE_HEAD:
+            device.advance(lp.now)
+            return device.head
+        if register == ports.DEVICE_STATUS:
+            return int(device.status(lp.now))
+        if register == ports.DEVICE_ROUTE:
+            return device.route if self._from_root(lp) else self.UNCLAIMED_READ
+        return values.get(register, self.UNCLAIMED_READ)
+
+    def _iommu_read(self, port: int) -> int:
+        iommu = self.iommu
+        fault = iommu.oldest_fault()
+        if port == ports.IOMMU_ROOT_LOW_PORT:
+            return iommu.root & WORD_MASK
+        if port == ports.IOMMU_ROOT_HIGH_PORT:
+            return iommu.root >> WORD_BITS
+        if port == ports.IOMMU_CONTROL_PORT:
+            return iommu.control
+        if port == ports.IOMMU_FAULT_COUNT_PORT:
+            return len(iommu.faults)
+        if fault is None:
+            return 0
+        return {ports.IOMMU_FAULT_DEVICE_PORT: fault.device, ports.IOMMU_FAULT_ADDRESS_LOW_PORT: fault.address & WORD_MASK,
+                ports.IOMMU_FAULT_ADDRESS_HIGH_PORT: fault.address >> WORD_BITS,
+                ports.IOMMU_FAULT_REASON_PORT: int(fault.reason) | int(fault.write) << FAULT_WRITE_SHIFT}.get(port, 0)
 
     @staticmethod
     def _from_root(lp) -> bool:
@@ -226,6 +287,40 @@ class IoBus:
             self.events.publish(lp.now, lp.index, "restart-phase", phase=self.restart_phase)
         elif DISK_BLOCK_PORT <= port <= DISK_VECTOR_PORT and self._from_root(lp):
             self._disk_register(lp, port, value & WORD_MASK)
+        elif self._block_device(port) is not None:
+            self._device_write(lp, port, value & WORD_MASK)
+        elif ports.IOMMU_ROOT_LOW_PORT <= port <= ports.IOMMU_FAULT_VECTOR_PORT and self._from_root(lp):
+            self._iommu_write(port, value & WORD_MASK)
+
+    def _device_write(self, lp, port: int, value: int) -> None:
+        """A block device's register; a guest reaches all but the interrupt route."""
+        device = self._block_device(port)
+        register = (port - ports.BLOCK_DEVICE_BASE) % ports.BLOCK_DEVICE_STRIDE
+        if register == ports.DEVICE_QUEUE_LOW:
+            device.queue = (device.queue & ~WORD_MASK) | value
+        elif register == ports.DEVICE_QUEUE_HIGH:
+            device.queue = (device.queue & WORD_MASK) | value << WORD_BITS
+        elif register == ports.DEVICE_QUEUE_SIZE:
+            device.set_queue_size(value)
+        elif register == ports.DEVICE_TAIL:
+            self.block_devices.doorbell(lp, device, value)
+        elif register == ports.DEVICE_ROUTE and self._from_root(lp):
+            device.route = value
+
+    def _iommu_write(self, port: int, value: int) -> None:
+        iommu = self.iommu
+        if port == ports.IOMMU_ROOT_LOW_PORT:
+            iommu.root = (iommu.root & ~WORD_MASK) | value
+        elif port == ports.IOMMU_ROOT_HIGH_PORT:
+            iommu.root = (iommu.root & WORD_MASK) | value << WORD_BITS
+        elif port == ports.IOMMU_CONTROL_PORT:
+            iommu.control = value
+        elif port == ports.IOMMU_INVALIDATE_PORT:
+            iommu.invalidate(value)
+        elif port == ports.IOMMU_FAULT_COUNT_PORT:
+            iommu.drop_oldest_fault()
+        elif port == ports.IOMMU_FAULT_VECTOR_PORT:
+            iommu.fault_vector = _device_vector(value)
 
     def _disk_register(self, lp, port: int, value: int) -> None:
         """A write to one of the disk's registers; to a guest the ports are unclaimed (DMA reaches all of RAM)."""

@@ -45,6 +45,8 @@ class EventKind(str, enum.Enum):
     RESTART_PHASE = ("restart-phase", ("phase",))
     DISK = ("disk", ("command", "block", "count", "address", "status", "completion"))
     RESET = ("reset", ("previous_instructions",))
+    DMA = ("dma", ("device", "command", "block", "count", "buffer", "status", "completion"))
+    IOMMU_FAULT = ("iommu-fault", ("device", "address", "write", "reason"))
 
 
 EVENT_KINDS = frozenset(kind.value for kind in EventKind)

@@ -897,9 +897,11 @@ int hhr_run_transitions(hhr_lp *lp) {
     v->fast_entries = 1;
     int result = HHR_LOOP_NOTHING_RAN;
     for (;;) {
+        /* A trace follows the LP: the events queued so far are published before anything else runs
+         * (Python answers nonzero when the loop must end: the machine stops, a subscriber failed). */
+        if (lp->publish_each && lp->event_count && hhr_on_loop_events(lp->python_id)) break;
         hhr_vmcs *vmcs = v->current;
         if (lp->time >= lp->deadline || lp->attention || lp->event_count + 2 > HHR_EVENTS_MAX) break;
-        if (lp->event_limit && lp->event_count >= lp->event_limit) break;
         if (lp->in_guest && (vmcs == NULL || vmcs->halted ||
                              (vmcs->values[k->primary_controls] & k->interrupt_window_control) ||
                              vmcs->values[k->exit_msr_store_count] || vmcs->values[k->exit_msr_load_count]))
@@ -927,6 +929,7 @@ int hhr_run_transitions(hhr_lp *lp) {
         lp->run_time_base = lp->time;
         uint64_t start = read_register(c, api->reg_rip);
         lp->runs++;
+        c->runs++;
         lp->last_error = api->emu_start(c->uc, start, HHR_END_OF_RUN_ADDRESS, 0, 0);
         c->fast_exits = 0;
         uint64_t ran = c->retired - lp->run_mark;

@@ -153,6 +153,10 @@ typedef struct {
     uint32_t reserved2;
     /* Tracing only (emu/tracepath.c): this instance's hhr_trace_context, NULL otherwise. */
     void *trace;
+    /* Runs begun on it (uc_emu_start calls, by the transition loop or emu/context.py): between two
+     * runs anything may write its registers, within one only its instructions do (a trace reads
+     * them all at a run's first instruction). */
+    uint64_t runs;
 } hhr_ctx;
 
 #define HHR_EDGE_MAP_SIZE 65536
@@ -269,9 +273,10 @@ typedef struct {
     uint64_t run_time_base;           /* time when the current run began */
     uint32_t event_count;
     uint32_t runs;                    /* runs this call made; 0: Python must take this turn itself */
-    uint32_t event_limit;             /* the call ends once it has recorded this many events (0: no
-                                         limit but the room): a trace sees each event where it happens */
-    uint32_t reserved3;
+    uint32_t publish_each;            /* a trace follows the LP: before each run the loop hands the events
+                                         it queued to Python (hhr_on_loop_events), which publishes them
+                                         where they happen, and goes on unless Python says it must end */
+    int python_id;                    /* the LP, for hhr_on_loop_events */
     hhr_transition_event events[HHR_EVENTS_MAX];
     /* Debugging only (emu/debugpath.c, tools/gdb): the debugger's hhr_debug, NULL otherwise. The loop
      * leaves to Python a guest's exit at an instruction the debugger wants to stop at. */

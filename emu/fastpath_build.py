@@ -21,16 +21,19 @@ DEBUG_SOURCE = (HERE / "debugpath.c").read_text().replace('#include "debugpath.h
 # The built module carries this marker, so a module built from other sources is known before import.
 DIGEST_MARKER = fastpath_digest.marker()
 
-# The block hook asks Python how many instructions a newly seen block holds; the recorder asks
-# Python to name a VMCS and tells it when an LP's trace window is over.
+# The block hook asks Python how many instructions a newly seen block holds; the transition loop
+# hands its events to Python while a trace follows the LP; the recorder asks Python to name a VMCS
+# and tells it when an LP's trace window is over.
 CALLBACKS = """
 extern "Python" int hhr_on_new_block(int python_id, uint64_t pc, uint32_t size);
+extern "Python" int hhr_on_loop_events(int python_id);
 extern "Python" int hhr_on_trace_vmcs(int python_id, uint32_t lp, uint64_t vmcs);
 extern "Python" void hhr_on_trace_lp_done(int python_id, uint32_t lp);
 extern "Python" void hhr_on_debug_stop(int python_id, int context_id, uint64_t address);
 """
 CALLBACK_DECLARATIONS = (
     "static int hhr_on_new_block(int python_id, uint64_t pc, uint32_t size);\n"
+    "static int hhr_on_loop_events(int python_id);\n"
     "static int hhr_on_trace_vmcs(int python_id, uint32_t lp, uint64_t vmcs);\n"
     "static void hhr_on_trace_lp_done(int python_id, uint32_t lp);\n"
     "static void hhr_on_debug_stop(int python_id, int context_id, uint64_t address);\n")

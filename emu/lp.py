@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import bisect
+import itertools
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
@@ -27,6 +29,23 @@ if TYPE_CHECKING:
     from emu.memory import HostMemory
     from emu.vmcs_cache import VmcsCache
     from emu.vmx_counters import VmxCounters
+
+# hhr_on_loop_events finds the LP whose transition loop calls by its number, held weakly (an LP must
+# stay free to be collected with its machine), as emu/fast.py finds a context's block handler.
+_loop_event_publishers: dict[int, weakref.WeakMethod] = {}
+_next_loop_id = itertools.count(1)
+
+
+@fast.ffi.def_extern()
+def hhr_on_loop_events(python_id):
+    return _loop_event_publishers[python_id]()()
+
+
+# The kinds of the loop's queued events (emu/fastpath.h), read once: every event is one of them.
+_LOOP_VM_EXIT = fast.lib.HHR_EVENT_VM_EXIT
+_LOOP_VM_ENTRY = fast.lib.HHR_EVENT_VM_ENTRY
+_LOOP_INVERSE_CALL = fast.lib.HHR_EVENT_INVERSE_CALL
+
 
 INT3_OPCODE = 0xCC
 INTO_OPCODE = 0xCE
@@ -81,7 +100,7 @@ class LpHost(Protocol):
 class LogicalProcessor:
     """One LP: its root context, VMX unit, timer, pending interrupts and virtual clock. Besides its
     LpHost it uses RAM (the MSR and I/O bitmaps), the event stream, the I/O bus (a guest's I/O
-    without an exit, and the completions of the bus's disk), the VMCS cache, the transition
+    without an exit, and the completions of the bus's devices), the VMCS cache, the transition
     counters, and the machine's contexts by python id (the one the C loop runs)."""
 
     def __init__(self, index: int, root: ctxmod.ExecutionContext, host: LpHost, *, ram: "HostMemory",
@@ -116,6 +135,10 @@ class LogicalProcessor:
         self._transitions.handover = fast.HANDOVER_REGISTERS
         self._transitions.handover_count = fast.HANDOVER_REGISTER_COUNT
         self._transitions.shared = self.shared
+        self._transitions.python_id = python_id = next(_next_loop_id)
+        _loop_event_publishers[python_id] = weakref.WeakMethod(self._publish_from_loop)
+        weakref.finalize(self, _loop_event_publishers.pop, python_id, None)
+        self._loop_error: BaseException | None = None   # raised by a subscriber the loop called
         self._in_transitions = False
         self.transitions_in_c = 0    # VM exits and entries (VMCALLR and its return too) the C loop carried out
 
@@ -191,8 +214,13 @@ class LogicalProcessor:
 
     def running_context(self) -> ctxmod.ExecutionContext:
         """The context executing on this LP right now (inside a run), else the one that runs next."""
-        if self._in_transitions and self._transitions.running != fast.ffi.NULL:
-            return self.context_by_id[self._transitions.running.python_id]
+        if self._in_transitions:
+            loop = self._transitions
+            running = loop.running
+            if running == fast.ffi.NULL:   # between two of the loop's runs: the one it runs next
+                current = loop.vmx.current
+                running = current.guest_ctx if loop.in_guest and current != fast.ffi.NULL else loop.root
+            return self.context_by_id[running.python_id]
         return self._running if self._running is not None else self.context
 
     def publish(self, kind: str, **data) -> None:
@@ -224,7 +252,7 @@ class LogicalProcessor:
         interrupts nor has IF=1, or a guest in an inverse hypercall, which takes none)."""
         if self.timer.deadline is not None or self.preemption_deadline is not None:
             return False
-        if self.io.disk.deadline(self.index) is not None:
+        if self.io.deadline(self.index) is not None:
             return False
         if self.guest is None:
             return self.halted and not (self.pending_vectors and self._interrupts_enabled_in_root())
@@ -302,6 +330,9 @@ class LogicalProcessor:
         for context in contexts:
             if context.uc._hook_exception is not None:
                 raise context.uc._hook_exception
+        if self._loop_error is not None:
+            error, self._loop_error = self._loop_error, None
+            raise error
         if loop.in_guest:
             self.guest = vmcs
             vmcs.lp_index = self.index
@@ -339,19 +370,20 @@ class LogicalProcessor:
         loop.event_count = 0
         events = self.events
         hook, events.before_publish = events.before_publish, None
+        queued = loop.events
         for index in range(count):
-            event = loop.events[index]
+            event = queued[index]
             kind = event.kind
-            if kind != fast.lib.HHR_EVENT_INVERSE_CALL:   # a VMCALLR is one transition: its vm-entry
+            if kind != _LOOP_INVERSE_CALL:   # a VMCALLR is one transition: its vm-entry
                 self.transitions_in_c += 1
-            if kind == fast.lib.HHR_EVENT_VM_EXIT:
+            if kind == _LOOP_VM_EXIT:
                 self.counters.last_exits[event.vmcs] = event.time
                 events.publish(event.time, self.index, "vm-exit", vmcs=event.vmcs, reason=event.reason,
                                qualification=event.qualification, rip=event.rip)
                 self.counters.count_exit(event.reason)
-            elif kind == fast.lib.HHR_EVENT_VM_ENTRY:
+            elif kind == _LOOP_VM_ENTRY:
                 events.publish(event.time, self.index, "vm-entry", vmcs=event.vmcs, launch=False, rip=event.rip)
-            elif kind == fast.lib.HHR_EVENT_INVERSE_CALL:   # as VmxUnit.vmcallr publishes and counts it
+            elif kind == _LOOP_INVERSE_CALL:   # as VmxUnit.vmcallr publishes and counts it
                 events.publish(event.time, self.index, "vmcallr", vmcs=event.vmcs, call=event.qualification)
                 self.counters.count_inverse_call(event.qualification)
             else:                                            # as VmxUnit._end_inverse_call, on success
@@ -359,10 +391,21 @@ class LogicalProcessor:
                                result=event.qualification, exit_reason=None)
         events.before_publish = hook
 
+    def _publish_from_loop(self) -> int:
+        """Called by the C loop between two runs while a trace follows the LP (hhr_lp.publish_each):
+        the events it queued are published now, before the next instruction runs. Nonzero when the
+        loop must end: the machine is stopping, or a subscriber failed (raised once the loop is out)."""
+        try:
+            self._publish_transition_events()
+        except BaseException as exc:   # a C caller cannot carry it
+            self._loop_error = exc
+            return 1
+        return 1 if self.host.stop_requested else 0
+
     def _next_event_by(self, limit: int) -> int:
         """The earlier of `limit` and the LP's timer and VMX-preemption-timer deadlines."""
         return min([limit] + [deadline for deadline in (self.timer.deadline, self.preemption_deadline,
-                                                        self.io.disk.deadline(self.index))
+                                                        self.io.deadline(self.index))
                               if deadline is not None])
 
     def _idle_until(self, slice_end: int) -> None:
@@ -384,8 +427,7 @@ class LogicalProcessor:
         vector = self.timer.expire(self.now)
         if vector:
             self.raise_interrupt(vector)
-        vector = self.io.disk.complete(self.index, self.now)
-        if vector:
+        for vector in self.io.completed_vectors(self.index, self.now):
             self.raise_interrupt(vector)
         if self.guest is None:
             if self.pending_vectors and self._interrupts_enabled_in_root():

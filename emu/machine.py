@@ -62,7 +62,7 @@ class Machine:
 
     def __init__(self, ram_size: int = DEFAULT_RAM_SIZE, lps: int = 1, quantum: int = DEFAULT_QUANTUM,
                  record_events: bool = False, seed: int = 0, fast_transitions: bool = True,
-                 disk: Disk | None = None, start_time: int = 0):
+                 disk: Disk | None = None, start_time: int = 0, block_devices: list | None = None):
         if not 1 <= lps <= MAX_LPS:
             raise ValueError(f"the machine has 1 to {MAX_LPS} logical processors, not {lps}")
         if quantum < 1:
@@ -71,7 +71,7 @@ class Machine:
         self.ram = HostMemory(ram_size)
         self.quantum = quantum
         self.events = EventStream(record_events)
-        self.io = IoBus(self, self.events, self.ram, self.flush_code, disk)
+        self.io = IoBus(self, self.events, self.ram, self.flush_code, disk, block_devices)
         self._settings = dict(ram_size=ram_size, lps=lps, quantum=quantum, record_events=record_events,
                               seed=seed, fast_transitions=fast_transitions)
         self.contexts: list[ctxmod.ExecutionContext] = []
@@ -236,7 +236,9 @@ class Machine:
         disk is kept, and so is the console's text: it was received at the other end of the COM1
         line. Returns the new machine; this one is left as it stopped."""
         self.io.disk.reset()
-        machine = Machine(**self._settings, disk=self.io.disk, start_time=self.now)
+        self.io.block_devices.reset()
+        machine = Machine(**self._settings, disk=self.io.disk, start_time=self.now,
+                          block_devices=self.io.block_devices.devices)
         machine.io.console.channels = {channel: bytearray(text) for channel, text in self.io.console.channels.items()}
         machine.io.console.echo = self.io.console.echo
         machine.events.publish(machine.now, 0, "reset", previous_instructions=self.retired)

@@ -34,6 +34,30 @@ DISK_COUNT_PORT = 0x55C            # out: blocks to move
 DISK_COMMAND_PORT = 0x560          # out: a DiskCommand, carried out at once; in: a DiskStatus
 DISK_VECTOR_PORT = 0x564           # out: vector raised on the issuing LP at completion (0 = none)
 DISK_CAPACITY_PORT = 0x568         # in: the disk's size in blocks
+# The IOMMU (emu/iommu.py), root mode only (docs/machine.md 6.12).
+IOMMU_ROOT_LOW_PORT = 0x5C0        # out/in: host-physical address of the root table, bits 31:0
+IOMMU_ROOT_HIGH_PORT = 0x5C4       # out/in: bits 63:32
+IOMMU_CONTROL_PORT = 0x5C8         # out/in: bit 0 translation on
+IOMMU_INVALIDATE_PORT = 0x5CC      # out: a device's IOTLB entries dropped (0xFFFF_FFFF: every device's)
+IOMMU_FAULT_COUNT_PORT = 0x5D0     # in: faults in the log; out: drop the oldest
+IOMMU_FAULT_DEVICE_PORT = 0x5D4    # in: the oldest fault's device
+IOMMU_FAULT_ADDRESS_LOW_PORT = 0x5D8   # in: its DMA address, bits 31:0
+IOMMU_FAULT_ADDRESS_HIGH_PORT = 0x5DC  # in: bits 63:32
+IOMMU_FAULT_REASON_PORT = 0x5E0    # in: its FaultReason | write << 8
+IOMMU_FAULT_VECTOR_PORT = 0x5E4    # out: vector raised on LP 0 at each fault (0 = none)
+# The assignable block devices (emu/block_devices.py): device n's registers are at
+# BLOCK_DEVICE_BASE + n * BLOCK_DEVICE_STRIDE + one of the offsets below. A guest reaches them when
+# its I/O bitmap lets it; DEVICE_ROUTE is root's only.
+BLOCK_DEVICE_BASE = 0x600
+BLOCK_DEVICE_STRIDE = 0x20
+DEVICE_QUEUE_LOW = 0x00            # out/in: the queue's DMA address, bits 31:0
+DEVICE_QUEUE_HIGH = 0x04           # out/in: bits 63:32
+DEVICE_QUEUE_SIZE = 0x08           # out: entries (at most 256), and the queue starts empty; in
+DEVICE_TAIL = 0x0C                 # out: the doorbell: entries up to this index are given; in
+DEVICE_HEAD = 0x10                 # in: entries done
+DEVICE_STATUS = 0x14               # in: a DeviceStatus
+DEVICE_CAPACITY = 0x18             # in: blocks
+DEVICE_ROUTE = 0x1C                # root only; out/in: the completion interrupt, LP << 8 | vector
 
 # The value written to IPI_PORT (docs/machine.md 6.6).
 IPI_VECTOR_MASK = 0xFF

@@ -12,6 +12,7 @@
  * the file has the instruction, complete, then its events.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -31,12 +32,27 @@
 #define HASH_MULTIPLIER 0x9E3779B97F4A7C15ULL
 #define HASH_SHIFT 32
 #define READ_BYTES_MAX 512            /* the widest single load Unicorn reports (FXRSTOR's area) */
+_Static_assert(HHR_TRACE_CODE_WORDS == 2 && HHR_TRACE_CODE_WORDS * WORD_BYTES >= HHR_TRACE_CODE_BYTES,
+               "write_code compares an instruction's bytes as two words");
 
 /* Python's answers, through cffi (fastpath_build.py). */
 static int hhr_on_trace_vmcs(int python_id, uint32_t lp, uint64_t vmcs);
 static void hhr_on_trace_lp_done(int python_id, uint32_t lp);
 
 /* --- the output buffer ------------------------------------------------------------------------- */
+/* The file is written by a thread of its own: a full buffer is handed to it and the recorder goes
+ * on filling the other one, so the machine does not wait for write(2) (the kernel's copy into the
+ * page cache is a good part of recording's cost). One buffer at most is in its hands, so the
+ * records reach the file in the order they were made. */
+typedef struct {
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t changed;
+    uint8_t *spare;                   /* the buffer not being filled: the thread's while it writes */
+    uint64_t job_length;              /* bytes of `spare` to write; 0: the thread is idle */
+    int stopping;
+} trace_writer;
+
 static void write_all(hhr_trace *t, const uint8_t *data, uint64_t length) {
     uint64_t done = 0;
     while (done < length) {
@@ -51,16 +67,58 @@ static void write_all(hhr_trace *t, const uint8_t *data, uint64_t length) {
     t->bytes_written += done;
 }
 
-int hhr_trace_flush(hhr_trace *t) {
-    write_all(t, t->buffer, t->buffer_used);
+static void *writer_main(void *argument) {
+    hhr_trace *t = argument;
+    trace_writer *w = t->writer;
+    pthread_mutex_lock(&w->lock);
+    for (;;) {
+        while (w->job_length == 0 && !w->stopping) pthread_cond_wait(&w->changed, &w->lock);
+        if (w->job_length == 0) break;   /* stopping, nothing left */
+        uint64_t length = w->job_length;
+        pthread_mutex_unlock(&w->lock);
+        write_all(t, w->spare, length);   /* t->error and t->bytes_written: the thread's until idle */
+        pthread_mutex_lock(&w->lock);
+        w->job_length = 0;
+        pthread_cond_broadcast(&w->changed);
+    }
+    pthread_mutex_unlock(&w->lock);
+    return NULL;
+}
+
+/* Until the thread has written what it was given. */
+static void writer_wait(trace_writer *w) {
+    pthread_mutex_lock(&w->lock);
+    while (w->job_length != 0) pthread_cond_wait(&w->changed, &w->lock);
+    pthread_mutex_unlock(&w->lock);
+}
+
+/* The buffer filled so far goes to the thread; the recorder fills the other one. */
+static void hand_over(hhr_trace *t) {
+    trace_writer *w = t->writer;
+    if (t->buffer_used == 0) return;
+    writer_wait(w);
+    uint8_t *full = t->buffer;
+    pthread_mutex_lock(&w->lock);
+    t->buffer = w->spare;
+    w->spare = full;
+    w->job_length = t->buffer_used;
+    pthread_cond_broadcast(&w->changed);
+    pthread_mutex_unlock(&w->lock);
     t->buffer_used = 0;
+}
+
+/* Everything recorded so far is in the file. */
+int hhr_trace_flush(hhr_trace *t) {
+    if (t->writer == NULL) return t->error;
+    hand_over(t);
+    writer_wait(t->writer);
     return t->error;
 }
 
 /* Room for `length` more bytes at the end of the buffer (a record is never split by a flush). */
 static uint8_t *reserve(hhr_trace *t, uint64_t length) {
     if (t->buffer == NULL) return NULL;   /* closed */
-    if (t->buffer_used + length > HHR_TRACE_BUFFER_BYTES) hhr_trace_flush(t);
+    if (t->buffer_used + length > HHR_TRACE_BUFFER_BYTES) hand_over(t);
     if (length > HHR_TRACE_BUFFER_BYTES) return NULL;
     uint8_t *at = t->buffer + t->buffer_used;
     t->buffer_used += length;
@@ -79,15 +137,45 @@ int hhr_trace_open(hhr_trace *t, int fd) {
     t->deferred = malloc(HHR_TRACE_DEFERRED_BYTES);
     t->reads = malloc(HHR_TRACE_SCRATCH_BYTES);
     t->code = calloc(HHR_TRACE_CODE_SLOTS, sizeof(hhr_trace_code));
-    if (!t->buffer || !t->writes || !t->reads || !t->code || !t->deferred) {
+    trace_writer *w = calloc(1, sizeof *w);
+    if (w != NULL) w->spare = malloc(HHR_TRACE_BUFFER_BYTES);
+    if (!t->buffer || !t->writes || !t->reads || !t->code || !t->deferred || w == NULL || w->spare == NULL) {
+        if (w != NULL) free(w->spare);
+        free(w);
         hhr_trace_close(t);
         return ENOMEM;
+    }
+    pthread_mutex_init(&w->lock, NULL);
+    pthread_cond_init(&w->changed, NULL);
+    t->writer = w;
+    int failed = pthread_create(&w->thread, NULL, writer_main, t);
+    if (failed) {
+        t->writer = NULL;
+        pthread_mutex_destroy(&w->lock);
+        pthread_cond_destroy(&w->changed);
+        free(w->spare);
+        free(w);
+        hhr_trace_close(t);
+        return failed;
     }
     return 0;
 }
 
 void hhr_trace_close(hhr_trace *t) {
-    if (t->buffer) hhr_trace_flush(t);
+    trace_writer *w = t->writer;
+    if (w != NULL) {
+        hhr_trace_flush(t);
+        pthread_mutex_lock(&w->lock);
+        w->stopping = 1;
+        pthread_cond_broadcast(&w->changed);
+        pthread_mutex_unlock(&w->lock);
+        pthread_join(w->thread, NULL);
+        pthread_mutex_destroy(&w->lock);
+        pthread_cond_destroy(&w->changed);
+        free(w->spare);
+        free(w);
+        t->writer = NULL;
+    }
     free(t->buffer);
     free(t->writes);
     free(t->reads);
@@ -140,7 +228,7 @@ static void write_data(hhr_trace *t, const uint8_t *data, uint32_t length) {
         put(h, &length, 4);
         at = reserve(t, DATA_HEAD_BYTES);
         memcpy(at, head, DATA_HEAD_BYTES);
-        hhr_trace_flush(t);
+        hhr_trace_flush(t);   /* the thread is idle: the file is the main thread's */
         write_all(t, data, length);
         return;
     }
@@ -161,8 +249,8 @@ static void read_some_registers(hhr_trace *t, hhr_trace_context *tc, uint64_t *v
     void *pointers[HHR_TRACE_REGISTERS];
     int ids[HHR_TRACE_REGISTERS];
     int count = 0;
-    for (int bit = 0; bit < HHR_TRACE_REGISTERS; bit++) {
-        if (!(mask & (1U << bit))) continue;
+    for (; mask; mask &= mask - 1) {
+        int bit = __builtin_ctz(mask);
         ids[count] = t->register_ids[bit];
         pointers[count++] = &values[bit];
     }
@@ -171,16 +259,19 @@ static void read_some_registers(hhr_trace *t, hhr_trace_context *tc, uint64_t *v
 
 /* The traced registers an instruction may write, by capstone (its registers written, implicit ones
  * included); all of them for an instruction it cannot decode or whose effects come from the machine
- * (I/O, CPUID, MSRs, VMX, privileged and interrupt instructions). RIP and RFLAGS always: capstone
- * 5 leaves the flags out of some instructions' writes (TEST with a memory operand). */
+ * (I/O, CPUID, MSRs, VMX, privileged and interrupt instructions). RIP always, and RFLAGS unless the
+ * instruction is one the SDM says affects no flag (d->flags_kept): capstone 5 leaves the flags out
+ * of some instructions' writes (TEST with a memory operand). */
 static uint32_t registers_written(const hhr_decoder *d, const uint8_t *code, uint32_t length, uint64_t address) {
     if (d == NULL || length == 0) return ALL_REGISTERS;
     void *instruction = NULL;
     if (d->disasm(d->handle, code, length, address, 1, &instruction) != 1) return ALL_REGISTERS;
-    uint32_t mask = (1U << HHR_TRACE_RIP_INDEX) | (1U << HHR_TRACE_RFLAGS_INDEX);
     unsigned int id;
     memcpy(&id, instruction, sizeof id);   /* cs_insn begins with its instruction id */
     bool whole = id >= HHR_DECODER_INSTRUCTION_LIMIT || d->read_all[id];
+    uint32_t mask = 1U << HHR_TRACE_RIP_INDEX;
+    if (whole || !d->flags_kept[id]) mask |= 1U << HHR_TRACE_RFLAGS_INDEX;
+    if (!whole && d->block_end_writes[id]) mask |= d->block_end_writes[id] | HHR_WRITES_ACROSS_BLOCKS;
     for (uint32_t g = 0; g < d->group_count && !whole; g++)
         whole = d->in_group(d->handle, instruction, d->groups[g]);
     uint16_t read[64], written[64];
@@ -230,16 +321,18 @@ static int lp_of(hhr_trace *t, hhr_trace_context *tc) {
 }
 
 /* --- records ----------------------------------------------------------------------------------- */
-static uint32_t changed_mask(const uint64_t *before, const uint64_t *after) {
+/* The registers among `candidates` whose values differ (the others are known to be equal). */
+static uint32_t changed_mask(const uint64_t *before, const uint64_t *after, uint32_t candidates) {
     uint32_t mask = 0;
-    for (int i = 0; i < HHR_TRACE_REGISTERS; i++)
+    for (; candidates; candidates &= candidates - 1) {
+        int i = __builtin_ctz(candidates);
         if (before[i] != after[i]) mask |= 1U << i;
+    }
     return mask;
 }
 
 static uint8_t *put_values(uint8_t *at, uint32_t mask, const uint64_t *values) {
-    for (int i = 0; i < HHR_TRACE_REGISTERS; i++)
-        if (mask & (1U << i)) at = put(at, &values[i], WORD_BYTES);
+    for (; mask; mask &= mask - 1) at = put(at, &values[__builtin_ctz(mask)], WORD_BYTES);
     return at;
 }
 
@@ -248,7 +341,7 @@ static uint8_t *put_values(uint8_t *at, uint32_t mask, const uint64_t *values) {
  * first record of an instance holds all its registers (HHR_LOAD_INITIAL). */
 static void write_load(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t time, const uint64_t *now) {
     uint8_t flags = tc->seen ? 0 : HHR_LOAD_INITIAL;
-    uint32_t mask = tc->seen ? changed_mask(tc->registers, now) : ALL_REGISTERS;
+    uint32_t mask = tc->seen ? changed_mask(tc->registers, now, ALL_REGISTERS) : ALL_REGISTERS;
     uint8_t *at = reserve(t, LOAD_HEAD_BYTES + WORD_BYTES * (uint64_t)__builtin_popcount(mask));
     if (at == NULL) return;
     uint8_t kind = HHR_RECORD_LOAD, lp8 = (uint8_t)lp, phase = (uint8_t)t->lps[lp].phase;
@@ -278,7 +371,8 @@ static void write_bind(hhr_trace *t, hhr_trace_context *tc, uint64_t vmcs) {
 static uint32_t write_code(hhr_trace *t, hhr_trace_context *tc, uint64_t address, uint64_t cr3) {
     hhr_ctx *c = tc->ctx;
     uint64_t page = address & ~TRACE_PAGE_OFFSET_MASK;
-    uint8_t bytes[HHR_TRACE_CODE_BYTES];
+    uint64_t words[HHR_TRACE_CODE_WORDS];
+    uint8_t *bytes = (uint8_t *)words;
     uint32_t length = 0;
     if (!tc->code_valid || tc->code_page != page || tc->code_cr3 != cr3 || tc->code_eptp != c->eptp) {
         uint64_t physical;
@@ -302,16 +396,17 @@ static uint32_t write_code(hhr_trace *t, hhr_trace_context *tc, uint64_t address
             length += read_linear(c, address + length, bytes + length, HHR_TRACE_CODE_BYTES - length,
                                   HHR_ACCESS_FETCH);
     }
+    memset(bytes + length, 0, sizeof words - length);
     uint64_t hash = ((address ^ ((uint64_t)tc->id << 48)) * HASH_MULTIPLIER) >> HASH_SHIFT;
     hhr_trace_code *slot = &t->code[hash & (HHR_TRACE_CODE_SLOTS - 1)];
     if (slot->used && slot->address == address && slot->context == tc->id && slot->length == length &&
-        memcmp(slot->bytes, bytes, length) == 0)
+        slot->words[0] == words[0] && slot->words[1] == words[1])
         return slot->writes;
     slot->used = 1;
     slot->address = address;
     slot->context = tc->id;
     slot->length = length;
-    memcpy(slot->bytes, bytes, length);
+    memcpy(slot->words, words, sizeof words);
     slot->writes = registers_written(t->decoder, bytes, length, address);
     uint8_t *at = reserve(t, CODE_HEAD_BYTES + (uint64_t)length);
     if (at == NULL) return slot->writes;
@@ -324,14 +419,16 @@ static uint32_t write_code(hhr_trace *t, hhr_trace_context *tc, uint64_t address
     return slot->writes;
 }
 
-/* The pending instruction, complete with the registers after it, to the file. */
-static void write_instruction(hhr_trace *t, const uint64_t *after) {
+/* The pending instruction, complete with the registers after it, to the file. Its instance's
+ * registers[] hold those before it (they were the registers when it began); `after` holds those in
+ * `candidates`, the others being those it cannot have changed. */
+static void write_instruction(hhr_trace *t, const uint64_t *after, uint32_t candidates) {
     hhr_trace_context *tc = t->pending;
     uint32_t lp = t->pending_lp;
     hhr_trace_lp *l = &t->lps[lp];
     t->pending = NULL;
     uint64_t time = t->pending_time, rip = t->pending_rip;
-    uint32_t mask = changed_mask(t->pending_before, after);
+    uint32_t changed = changed_mask(tc->registers, after, candidates), mask = changed;
     uint8_t flags = 0;
     if ((mask & (1U << HHR_TRACE_RIP_INDEX)) && after[HHR_TRACE_RIP_INDEX] == rip + t->pending_size) {
         mask &= ~(1U << HHR_TRACE_RIP_INDEX);
@@ -378,7 +475,10 @@ static void write_instruction(hhr_trace *t, const uint64_t *after) {
     l->written = 1;
     l->last_time = time;
     l->next_rip = rip + t->pending_size;
-    memcpy(tc->registers, after, sizeof tc->registers);
+    for (; changed; changed &= changed - 1) {
+        int i = __builtin_ctz(changed);
+        tc->registers[i] = after[i];
+    }
     tc->seen = 1;
     t->recorded++;
     release_deferred(t);
@@ -396,7 +496,7 @@ void hhr_trace_finish(hhr_trace *t) {
     }
     uint64_t after[HHR_TRACE_REGISTERS];
     read_registers(t, t->pending, after);
-    write_instruction(t, after);
+    write_instruction(t, after, ALL_REGISTERS);
 }
 
 /* The flags Python gave the VMCS a guest instance runs, asking it the first time. */
@@ -420,26 +520,41 @@ void hhr_trace_forget_names(hhr_trace *t) {
 }
 
 /* An instruction begins on LP `lp` at `time`: the pending one is complete, and this one is pending
- * if the window takes it. */
+ * if the window takes it. `by_machine`: the machine carries it out itself, between runs;
+ * `block_start`: it is the first of a block. */
 static void begin(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t address, uint32_t size,
-                  uint64_t time, bool block_start) {
-    uint64_t now[HHR_TRACE_REGISTERS];
-    bool have_registers = false;
+                  uint64_t time, bool by_machine, bool block_start) {
+    uint64_t now[HHR_TRACE_REGISTERS];   /* registers read (the candidates only, in part) */
+    bool registers_current = false;      /* tc->registers are its registers now */
     if (t->buffer == NULL) return;   /* closed */
     if (t->pending != NULL) {
         if (t->pending == tc) {
-            /* Inside a block only what the instruction may write changed; a block begins after a
-             * branch, an exception, an interrupt or anything the machine did, so all are read then. */
-            if (block_start || t->read_all_registers || t->pending_writes == ALL_REGISTERS) {
+            /* Within one run of an instance only its instructions change its registers: after an
+             * instruction, only what it may write changed, and RIP is where the next instruction
+             * is. Between runs the machine may have written any (a VM entry or exit, an exception
+             * or interrupt delivered, a trapped instruction carried out: each ends the run), so
+             * all are read at a run's first instruction. The hooks that write registers in the
+             * middle of a run (I/O, CPUID, MSRs) are for instructions read whole. A block ends
+             * after a branch, or for a reason capstone's lists were never held to (an instruction
+             * that ends its block, a page's end): all are read at a block's start unless the
+             * block before ended with an instruction whose writes the SDM gives (a branch, a REP
+             * string iteration: decoder.py). */
+            uint32_t candidates = ALL_REGISTERS;
+            uint32_t writes = t->pending_writes;
+            if (by_machine || t->pending_run != ((hhr_ctx *)tc->ctx)->runs || t->read_all_registers ||
+                writes == ALL_REGISTERS || (block_start && !(writes & HHR_WRITES_ACROSS_BLOCKS))) {
                 read_registers(t, tc, now);
-                have_registers = true;
-            } else {
-                memcpy(now, t->pending_before, sizeof now);
-                read_some_registers(t, tc, now, t->pending_writes);
-                have_registers = true;
+            } else {   /* now[] holds only the candidates */
+                candidates = writes & ALL_REGISTERS;
+                now[HHR_TRACE_RIP_INDEX] = address;
+                read_some_registers(t, tc, now, candidates & ~(1U << HHR_TRACE_RIP_INDEX));
             }
-            if (t->recording) write_instruction(t, now);
-            else drop_pending(t);
+            if (t->recording) {
+                write_instruction(t, now, candidates);
+                registers_current = true;   /* tc->registers are the registers now */
+            } else {
+                drop_pending(t);
+            }
         } else {
             hhr_trace_finish(t);
         }
@@ -447,7 +562,7 @@ static void begin(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t add
     hhr_trace_lp *l = &t->lps[lp];
     if (!t->recording || l->done) return;
     if (t->has_time_window && (time < t->window_start || time >= t->window_end)) return;
-    if (!have_registers) read_registers(t, tc, now);   /* whole, for the loaded-registers check */
+    if (!registers_current) read_registers(t, tc, now);   /* whole, for the loaded-registers check */
     hhr_ctx *c = tc->ctx;
     hhr_lp *loop = l->loop;
     uint64_t vmcs = 0;
@@ -463,14 +578,15 @@ static void begin(hhr_trace *t, hhr_trace_context *tc, uint32_t lp, uint64_t add
             l->end_after_this = 1;
         }
     }
-    if (!tc->seen || memcmp(tc->registers, now, sizeof now) != 0) write_load(t, tc, lp, time, now);
-    t->pending_writes = write_code(t, tc, address, now[HHR_TRACE_CR3_INDEX]);
+    if (!registers_current && (!tc->seen || memcmp(tc->registers, now, sizeof now) != 0))
+        write_load(t, tc, lp, time, now);   /* tc->registers are `now` from here on */
+    t->pending_writes = write_code(t, tc, address, tc->registers[HHR_TRACE_CR3_INDEX]);
     t->pending = tc;
     t->pending_lp = lp;
     t->pending_time = time;
     t->pending_rip = address;
     t->pending_size = size;
-    memcpy(t->pending_before, now, sizeof now);
+    t->pending_run = c->runs;
     t->writes_used = t->write_count = t->wide_count = 0;
     t->reads_used = t->read_count = 0;
 }
@@ -500,19 +616,19 @@ void hhr_trace_code_hook(void *uc, uint64_t address, uint32_t size, void *user_d
     tc->blocks_mark = c->blocks;
     tc->block_base = base;
     tc->block_index = index;
-    begin(t, tc, (uint32_t)lp, address, size, base + index, block_start);
+    begin(t, tc, (uint32_t)lp, address, size, base + index, false, block_start);
 }
 
 /* An instruction the machine carries out itself instead of Unicorn (Python tells its clock). */
 void hhr_trace_trapped(hhr_trace_context *tc, uint32_t lp, uint64_t time, uint64_t address, uint32_t size) {
-    begin(tc->trace, tc, lp, address, size, time, true);
+    begin(tc->trace, tc, lp, address, size, time, true, true);
 }
 
 /* The same, from the machine's C transition loop (emu/fastpath.c), which knows the instance. */
 void hhr_trace_trapped_in_loop(hhr_ctx *c, uint64_t time, uint64_t address, uint32_t size) {
     hhr_trace_context *tc = c->trace;
     int lp = lp_of(tc->trace, tc);
-    if (lp >= 0) begin(tc->trace, tc, (uint32_t)lp, address, size, time, true);
+    if (lp >= 0) begin(tc->trace, tc, (uint32_t)lp, address, size, time, true, true);
 }
 
 static void add_entry(uint8_t *scratch, uint64_t *used, uint32_t *count, uint32_t *lost, uint64_t address,

@@ -7,6 +7,7 @@
 #define HHR_TRACE_CR3_INDEX 19        /* CR3's place among them */
 #define HHR_TRACE_MAX_LPS 64          /* emu/machine.py MAX_LPS */
 #define HHR_TRACE_CODE_BYTES 15       /* the longest x86 instruction (SDM Vol. 2A 2.3.11) */
+#define HHR_TRACE_CODE_WORDS 2        /* those bytes zero-padded to whole words, compared as words */
 #define HHR_TRACE_CODE_SLOTS 65536    /* remembered (context, address): code bytes last written */
 #define HHR_TRACE_NAME_SLOTS 4096     /* VMCSs whose name the file holds since the last forget */
 #define HHR_TRACE_BUFFER_BYTES 8388608
@@ -36,10 +37,13 @@
 #define HHR_VMCS_ENDS_WINDOW 1        /* the first instruction of this VMCS's guest ends its LP's window */
 
 /* Capstone's C entry points (the binding's own library) and what the recorder asks of them: which
- * traced registers an instruction may write, so that only those are read after it. */
+ * traced registers an instruction may write, so that only those are read after it (RFLAGS only when
+ * it may affect a flag). */
 #define HHR_DECODER_REGISTER_LIMIT 512    /* capstone x86 register ids below this */
 #define HHR_DECODER_INSTRUCTION_LIMIT 2048  /* capstone x86 instruction ids below this */
 #define HHR_DECODER_GROUPS 8
+#define HHR_WRITES_ACROSS_BLOCKS 0x80000000u  /* hhr_trace_code.writes: the mask holds at the next
+                                                 block's start too (decoder.py _BLOCK_END_WRITES) */
 typedef struct {
     size_t handle;                    /* a csh opened for x86-64 with details on */
     size_t (*disasm)(size_t handle, const uint8_t *code, size_t size, uint64_t address, size_t count,
@@ -50,6 +54,10 @@ typedef struct {
     bool (*in_group)(size_t handle, const void *instruction, unsigned int group);
     uint32_t register_bits[HHR_DECODER_REGISTER_LIMIT];   /* capstone register: traced registers' bits */
     uint8_t read_all[HHR_DECODER_INSTRUCTION_LIMIT];      /* instruction ids whose effects are read whole */
+    uint8_t flags_kept[HHR_DECODER_INSTRUCTION_LIMIT];    /* instruction ids that affect no flag */
+    uint32_t block_end_writes[HHR_DECODER_INSTRUCTION_LIMIT];  /* instructions that end their block
+                                        (branches, REP string iterations): the traced registers they
+                                        write, by the SDM (0: not one of them) */
     uint32_t groups[HHR_DECODER_GROUPS];                  /* groups whose effects are read whole */
     uint32_t group_count;
 } hhr_decoder;
@@ -72,7 +80,8 @@ typedef struct {
     struct hhr_trace *trace;
     void *ctx;                        /* hhr_ctx * */
     uint32_t id;                      /* its number in the file */
-    uint32_t seen;                    /* registers[] hold its values after its last instruction */
+    uint32_t seen;                    /* registers[] hold its values after its last instruction (and
+                                         so before its pending one) */
     uint64_t registers[HHR_TRACE_REGISTERS];
     uint64_t blocks_mark;             /* ctx->blocks at its last instruction */
     uint64_t block_base;              /* the time of that block's first instruction */
@@ -96,14 +105,14 @@ typedef struct {
     uint64_t address;
     uint32_t context;
     uint32_t length;
-    uint8_t bytes[HHR_TRACE_CODE_BYTES];
-    uint8_t used;
+    uint64_t words[HHR_TRACE_CODE_WORDS];   /* its bytes (`length` of them), zero-padded */
+    uint32_t used;
     uint32_t writes;                  /* traced registers the instruction may write (all: not known) */
 } hhr_trace_code;
 
 typedef struct hhr_trace {
     int python_id;
-    int fd;                           /* the trace file, written with write(2) */
+    int fd;                           /* the trace file, written with write(2) by the writer thread */
     int error;                        /* errno of the first failed write, or 0 */
     uint32_t recording;               /* instructions are recorded (Python opens and closes the window) */
     uint32_t record_reads;
@@ -126,7 +135,7 @@ typedef struct hhr_trace {
     uint8_t *deferred;                /* HHR_TRACE_DEFERRED_BYTES: data records published meanwhile */
     uint64_t deferred_used;
     uint64_t pending_time, pending_rip;
-    uint64_t pending_before[HHR_TRACE_REGISTERS];
+    uint64_t pending_run;             /* its instance's hhr_ctx.runs when it began */
     uint8_t *writes;                  /* HHR_TRACE_SCRATCH_BYTES: (u64 address, u32 length, bytes)... */
     uint64_t writes_used;
     uint32_t write_count, writes_lost;
@@ -138,8 +147,9 @@ typedef struct hhr_trace {
     uint32_t reserved;
     hhr_trace_code *code;             /* HHR_TRACE_CODE_SLOTS */
     hhr_trace_name names[HHR_TRACE_NAME_SLOTS];
-    uint8_t *buffer;                  /* HHR_TRACE_BUFFER_BYTES */
+    uint8_t *buffer;                  /* HHR_TRACE_BUFFER_BYTES: the one being filled */
     uint64_t buffer_used;
+    void *writer;                     /* the thread that writes full buffers to the file (tracepath.c) */
 } hhr_trace;
 
 int hhr_trace_open(hhr_trace *t, int fd);

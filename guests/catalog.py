@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from asm import AsmError, Image, assemble_file
-from guests import cpustate_layout, elf
+from guests import cpustate_layout, device_abi, elf
 from hypervisors import guest_abi
 from hypervisors.boot import GuestImage
 from hypervisors.memory_map import DEFAULT_GUEST_MEMORY, GUEST_LOAD_ADDRESS
@@ -14,6 +14,7 @@ from hypervisors.memory_map import DEFAULT_GUEST_MEMORY, GUEST_LOAD_ADDRESS
 BUILTIN_DIRECTORY = Path(__file__).resolve().parent / "builtin"
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _SIZE = re.compile(r"(\d+)\s*([kmg]?)(?:i?b)?\Z", re.IGNORECASE)
+_DEVICE = re.compile(r"blk(\d+)\Z")                   # an assignable block device (docs/machine.md 6.11)
 
 
 class GuestSpecError(ValueError):
@@ -25,7 +26,8 @@ def builtin_names() -> list[str]:
 
 
 # Built-in guests with a layout of their own in Python: its constants join the guest ABI's.
-GUEST_LAYOUTS = {"cpustate": cpustate_layout.constants, "cpustate_long": cpustate_layout.constants}
+GUEST_LAYOUTS = {"cpustate": cpustate_layout.constants, "cpustate_long": cpustate_layout.constants,
+                 "blkstream": device_abi.constants, "dmahostile": device_abi.constants}
 
 
 def builtin_constants(name: str) -> dict[str, int]:
@@ -57,19 +59,21 @@ def parse_size(text: str) -> int:
 
 
 def parse(spec: str) -> GuestImage:
-    """`NAME-or-PATH[,vps=N][,mem=SIZE]` to a guest image."""
+    """`NAME-or-PATH[,vps=N][,mem=SIZE][,device=blkN]` to a guest image."""
     target, *options = [part.strip() for part in spec.split(",")]
-    vps, memory = 1, DEFAULT_GUEST_MEMORY
+    vps, memory, device = 1, DEFAULT_GUEST_MEMORY, None
     for option in options:
         key, _, value = option.partition("=")
         if key == "vps" and value.isdigit() and int(value) >= 1:
             vps = int(value)
         elif key == "mem" and value:
             memory = parse_size(value)
+        elif key == "device" and _DEVICE.match(value):
+            device = int(_DEVICE.match(value).group(1))
         else:
-            raise GuestSpecError(f"bad guest option {option!r} in {spec!r}: use vps=N or mem=SIZE")
+            raise GuestSpecError(f"bad guest option {option!r} in {spec!r}: use vps=N, mem=SIZE or device=blkN")
     if target in builtin_names():
-        return GuestImage(target, builtin_image(target), memory, vps)
+        return GuestImage(target, builtin_image(target), memory, vps, device=device)
     path = Path(target)
     if not path.is_file():
         raise GuestSpecError(f"no built-in guest or file named {target!r} "
@@ -82,6 +86,6 @@ def parse(spec: str) -> GuestImage:
             flat = elf.flatten(image)
         except elf.ElfError as error:
             raise GuestSpecError(f"guest file {target!r}: {error}") from None
-        return GuestImage(path.stem, flat.image, memory, vps, flat.entry,
+        return GuestImage(path.stem, flat.image, memory, vps, flat.entry, device=device,
                           zero_fill=flat.extent - len(flat.image))
-    return GuestImage(path.stem, image, memory, vps)
+    return GuestImage(path.stem, image, memory, vps, device=device)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from emu import ports
+from emu.block_devices import DEVICE_COUNT as BLOCK_DEVICE_COUNT
 from emu.machine import Machine
 from hypervisors import build, guest_abi, layouts, transfer
 from hypervisors.globals_view import HypervisorGlobals
@@ -26,9 +27,9 @@ RESTART_RESERVE = 2 * (transfer.SERVICE_REGION_SIZE + transfer.TRANSFER_AREA_SIZ
 MAP_POOL_PER_GUEST = (_QUOTA_POOL_PAGES + -(-_QUOTA_POOL_PAGES // (LARGE_PAGE_SIZE // PAGE_SIZE - 1))) * PAGE_SIZE
 
 
-# Called with every Booted that boot() and resume() make, before its machine runs: a debugger
-# attaches here (tools/gdb). Empty unless someone listens.
-BOOT_OBSERVERS: list[Callable[["Booted"], None]] = []
+# Called with every Booted that boot() and resume() make, and every BareBooted announced, before its
+# machine runs: a debugger attaches here (tools/gdb). Empty unless someone listens.
+BOOT_OBSERVERS: list[Callable[["Booted | BareBooted"], None]] = []
 
 
 class BootError(ValueError):
@@ -45,6 +46,7 @@ class GuestImage:
     vp_count: int = 1
     entry: int = GUEST_LOAD_ADDRESS
     zero_fill: int = 0                  # bytes after the image that the guest uses and finds zero (an ELF's bss)
+    device: int | None = None           # the block device assigned to it (docs/machine.md 6.11), if any
 
     @property
     def extent(self) -> int:
@@ -68,6 +70,9 @@ class Booted(HypervisorGlobals):
 
 
 def _check(guests: tuple[GuestImage, ...], lps: int) -> None:
+    assigned = [guest.device for guest in guests if guest.device is not None]
+    if len(assigned) != len(set(assigned)):
+        raise BootError("a block device can be assigned to one guest only")
     if not 1 <= lps <= MAX_LPS:
         raise BootError(f"--lps must be 1 to {MAX_LPS}, not {lps}")
     if not 1 <= len(guests) <= MAX_PARTITIONS:
@@ -82,6 +87,8 @@ def _check(guests: tuple[GuestImage, ...], lps: int) -> None:
                             "(the map window lies above guest RAM)")
         if not 1 <= guest.vp_count:
             raise BootError(f"guest {guest.name}: at least one VP")
+        if guest.device is not None and not 0 <= guest.device < BLOCK_DEVICE_COUNT:
+            raise BootError(f"guest {guest.name}: the machine has block devices blk0 to blk{BLOCK_DEVICE_COUNT - 1}")
         stacks = guest.vp_count * GUEST_VP_STACK_SIZE
         if not GUEST_LOAD_ADDRESS <= guest.entry < GUEST_LOAD_ADDRESS + guest.extent:
             raise BootError(f"guest {guest.name}: entry {guest.entry:#x} is not inside its image")
@@ -122,7 +129,8 @@ def boot(guests: list[GuestImage] | tuple[GuestImage, ...], *, hypervisor: str =
         machine.load(staging, guest.image)
         descriptors += layouts.GUEST_DESCRIPTOR.pack(
             image=staging, image_size=len(guest.image), memory_size=guest.memory_size, entry=guest.entry,
-            vp_count=guest.vp_count, name=guest.name.encode()[:layouts.GUEST_NAME_BYTES].ljust(
+            vp_count=guest.vp_count, device=0 if guest.device is None else guest.device + 1,
+            name=guest.name.encode()[:layouts.GUEST_NAME_BYTES].ljust(
                 layouts.GUEST_NAME_BYTES, b"\0"))
         staging += -(-len(guest.image) // PAGE_SIZE) * PAGE_SIZE
     descriptors_address = BOOT_INFO_ADDRESS + layouts.BOOT_INFO.size
@@ -135,6 +143,31 @@ def _observed(booted: Booted) -> Booted:
     for observer in BOOT_OBSERVERS:
         observer(booted)
     return booted
+
+
+@dataclass
+class BareBooted:
+    """A machine started without one of hhr's hypervisors (a lab's monitor on the bare machine), as
+    the boot observers see it: the program in root mode is `label`, loaded at `image_base`."""
+
+    machine: Machine
+    label: str
+    image_base: int
+    symbols_hint: str = ""              # how to load the program's symbols into gdb
+    hypervisor: None = None
+    guests: tuple = ()
+
+
+def announce(bare: BareBooted) -> BareBooted:
+    """Tells the boot observers of a machine started by other means than boot()."""
+    for observer in BOOT_OBSERVERS:
+        observer(bare)
+    return bare
+
+
+def observed() -> bool:
+    """Whether anybody listens (a debugger): then a program's symbols are worth writing out."""
+    return bool(BOOT_OBSERVERS)
 
 
 def _load_hypervisor(machine: Machine, image, name: str) -> None:

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from asm import Image, assemble_file, merge_constants
-from emu import disk, ports, vmcs_fields, vmentry_checks, vmx_defs
+from emu import block_devices, disk, iommu, ports, vmcs_fields, vmentry_checks, vmx_defs
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES
 from hypervisors import guest_abi, invariants, layouts, memory_map, segments, transfer, vp_state
 
@@ -120,7 +120,18 @@ _DEVICE_PORTS = ("COM1_BASE", "DEBUG_EXIT_PORT", "CLOCK_LOW_PORT", "CLOCK_HIGH_P
                  "LP_COUNT_PORT", "CONSOLE_CHANNEL_PORT", "RESTART_PHASE_PORT", "DOORBELL_STATUS_PORT",
                  "DOORBELL_DATA_PORT", "DOORBELL_VECTOR_PORT", "IPI_PORT", "IPI_DESTINATION_SHIFT", "IPI_ALL_BUT_SELF",
                  "DISK_BLOCK_PORT", "DISK_ADDRESS_LOW_PORT", "DISK_ADDRESS_HIGH_PORT", "DISK_COUNT_PORT",
-                 "DISK_COMMAND_PORT", "DISK_VECTOR_PORT", "DISK_CAPACITY_PORT")
+                 "DISK_COMMAND_PORT", "DISK_VECTOR_PORT", "DISK_CAPACITY_PORT",
+                 "IOMMU_ROOT_LOW_PORT", "IOMMU_ROOT_HIGH_PORT", "IOMMU_CONTROL_PORT", "IOMMU_INVALIDATE_PORT",
+                 "BLOCK_DEVICE_BASE", "BLOCK_DEVICE_STRIDE", "DEVICE_QUEUE_SIZE")
+
+
+def _device_constants() -> dict[str, int]:
+    """What devices.inc needs of the block devices and the IOMMU (docs/machine.md 6.11, 6.12)."""
+    return {"BLOCK_DEVICE_COUNT": block_devices.DEVICE_COUNT,
+            "BLOCK_DEVICE_STRIDE_SHIFT": ports.BLOCK_DEVICE_STRIDE.bit_length() - 1,
+            "IOMMU_ROOT_PRESENT": iommu.ROOT_PRESENT,
+            "IOMMU_ROOT_ENTRY_SHIFT": iommu.ROOT_ENTRY_BYTES.bit_length() - 1,
+            "IOMMU_CONTROL_TRANSLATE": iommu.CONTROL_TRANSLATE}
 
 
 def _enum_constants() -> dict[str, int]:
@@ -169,6 +180,7 @@ def constants(name: str = "hv1") -> dict[str, int]:
         _enum_constants(),
         vmx_values,
         {name: getattr(ports, name) for name in _DEVICE_PORTS},
+        _device_constants(),
         {"DISK_BLOCK_SIZE": disk.DISK_BLOCK_SIZE, "DISK_BLOCK_SHIFT": disk.DISK_BLOCK_SIZE.bit_length() - 1},
         {"UART_LSR": ports.UART_LSR, "LSR_READY": ports.LSR_THR_EMPTY | ports.LSR_TRANSMITTER_EMPTY},
         memory_map.constants(),

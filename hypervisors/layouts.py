@@ -36,7 +36,8 @@ GUEST_DESCRIPTOR = Struct("guest_descriptor", [
     ("image", 8), ("image_size", 8),              # where the firmware staged the guest's image
     ("memory_size", 8),                           # guest RAM in bytes (a multiple of 2 MiB)
     ("entry", 8),                                 # guest-physical address the VPs start at
-    ("vp_count", 4), ("_pad0", 4),
+    ("vp_count", 4),
+    ("device", 4),                                # its assigned block device: 0 none, n + 1 blk n (docs/boot.md)
     ("name", GUEST_NAME_BYTES),
 ])
 

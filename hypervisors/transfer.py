@@ -237,6 +237,7 @@ class Status(enum.IntEnum):
     CALL_FAILED = 7                            # an inverse hypercall ended by a VM exit: restart_exit_reason
     DISK_FAILED = 8                            # a disk command failed: the detail is its DiskStatus
     INCONSISTENT = 9                           # the sender's own state contradicts itself: the detail is the partition
+    DEVICE_ASSIGNED = 10                       # a partition has a block device, which no record carries yet: the detail is the partition
 
 
 # Suspend and resume (docs/protocol.md): the image on the disk. Block SUSPEND_HEADER_BLOCK holds a

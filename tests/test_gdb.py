@@ -384,3 +384,23 @@ def test_a_suspend_resets_the_machine_and_gdb_follows_the_new_one():
     assert "hhr: phase resuming:" in out and "restart phase RESUMING (12); hv2 is in charge" in out
     assert "(lp0 hv2@root)" in out and "exited normally" in out
     assert machine_facts(finish(process)) == machine_facts(without_gdb(*arguments))
+
+
+def test_a_lab_monitor_on_the_bare_machine_is_debugged_with_its_own_symbols(tmp_path):
+    from tools.lab import book, solving
+    directory = solving.start_filled(book.exercise(1), tmp_path / "hhr-lab")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tools.cli", "lab", "run", "1", "--dir", str(tmp_path / "hhr-lab"),
+                                "--seed", "5", "--gdb", f"127.0.0.1:{port}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if "waiting for gdb" in line:
+            break
+    out = gdb(port, f"add-symbol-file {directory / 'monitor.elf'}", "break lab_done", "continue", "info threads",
+              "p/x $cr4", "monitor where", "continue")
+    stdout, stderr = process.communicate(timeout=GDB_SECONDS)
+    assert "Traceback" not in stderr, stderr
+    assert "in lab_done ()" in out and "lp0 monitor@root" in out
+    assert "$1 = 0x2620" in out                          # CR4 with VMXE, as exercise 1 leaves it
+    assert "monitor on the bare machine at 0x100000" in out
+    assert "VMXON succeeded" in stdout and "exit status 1" in stdout

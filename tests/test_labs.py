@@ -86,3 +86,68 @@ def test_the_values_a_run_uses_change_with_the_seed(tmp_path):
     first, second = (grading.grade(exercise, directory, seed) for seed in (1, 2))
     assert first.full_marks and second.full_marks
     assert first.run.values != second.run.values
+
+
+def test_a_failed_vm_entry_is_explained_in_the_run_and_the_report(tmp_path):
+    exercise = book.exercise(2)
+    mistake = next(mistake for mistake in exercise.mistakes if "TSS" in mistake.what)
+    result = grading.grade(exercise, solving.start_filled(exercise, tmp_path, mistake), SEED)
+    assert result.run.entry_failure().startswith("VMENTER FAIL: VMCS guest state invalid TR.AR")
+    assert f"a VM entry failed: {result.run.entry_failure()}" in result.run.summary()
+    report = "\n".join(grading.render(result))
+    assert f"the machine says: {result.run.entry_failure()}" in report
+
+
+def test_an_exercise_is_given_the_work_of_the_exercises_before_it_only(tmp_path):
+    given = {number: {path.name for path in workspace.start(book.exercise(number), tmp_path).glob("*.inc")}
+             for number in (1, 2, 3)}
+    assert "vmx_on.inc" not in given[1] and "vmx_on.inc" in given[2]
+    assert "vmcs_setup.inc" not in given[2] and "vmcs_setup.inc" in given[3]
+
+
+def test_the_command_line_as_a_student_uses_it(tmp_path, monkeypatch, capsys):
+    from tools import cli
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["lab", "start", "1"]) == 0
+    directory = tmp_path / workspace.DEFAULT_DIRECTORY / book.exercise(1).directory_name
+    monkeypatch.chdir(directory)                         # inside the exercise's folder, as the page says
+    capsys.readouterr()
+    assert cli.main(["lab", "run", "1", "--seed", "7"]) == 1
+    assert "not yet implemented: E#1-1 at monitor.s:" in capsys.readouterr().out
+    assert cli.main(["lab", "hint", "1", "2"]) == 0
+    assert "IA32_VMX_CR4_FIXED0" in capsys.readouterr().out
+    assert cli.main(["lab", "grade", "1", "--seed", "7"]) == 1
+    report = capsys.readouterr().out
+    assert "seed 0x7" in report and "score: 0/40" in report
+    holes.fill(directory, book.exercise(1).files, solving.solution_blocks(book.exercise(1)))
+    assert cli.main(["lab", "grade", "--seed", "7"]) == 1        # every exercise: only the first is started
+    report = capsys.readouterr().out
+    assert "score: 40/40" in report and "not started (hhr lab start 2)" in report
+    assert cli.main(["lab", "grade", "1"]) == 0
+    assert cli.main(["lab", "start", "1"]) == 2                   # the student's work stays
+    assert "exists already" in capsys.readouterr().err
+
+
+def test_an_answer_that_loops_or_exits_costs_only_its_own_points(tmp_path, monkeypatch):
+    from tools.lab import reading_run
+    monkeypatch.setattr(reading_run, "ANSWER_SECONDS", 1)
+    exercise = book.exercise(9)
+    directory = solving.start_filled(exercise, tmp_path)
+    answers = directory / reading_run.ANSWERS_FILE
+    text = answers.read_text()
+    text = text.replace("def inverse_calls(events):\n", "def inverse_calls(events):\n    while True:\n        pass\n", 1)
+    text = text.replace("def call_sequence(events):\n", "def call_sequence(events):\n    raise SystemExit(3)\n", 1)
+    answers.write_text(text)
+    result = grading.grade(exercise, directory, SEED)
+    assert result.failed() == {"inverse-calls", "call-sequence"}
+    report = "\n".join(grading.render(result))
+    assert "no answer within 1 s" in report and "SystemExit: 3 at answers.py:" in report
+
+
+HYPERVISOR_EXERCISES = [exercise for exercise in EXERCISES if exercise.prepare is material.prepare_hypervisor]
+
+
+@pytest.mark.parametrize("exercise", HYPERVISOR_EXERCISES, ids=_id)
+def test_a_hypervisor_exercise_s_solution_is_the_code_of_its_regions(exercise):
+    """The solution blocks are the marked regions of the package's own sources, so they cannot drift."""
+    assert solving.solution_blocks(exercise) == material.region_texts(exercise)

@@ -106,8 +106,9 @@ def test_a_damaged_or_foreign_file_gets_a_clear_error(tmp_path, recording, capsy
 
 
 def test_reading_only_the_registers_an_instruction_may_write_loses_nothing(tmp_path):
-    """Inside a block the recorder reads only what capstone says an instruction may write: the
-    whole hand-off of the small machine gives the same file as reading every register every time."""
+    """Within a run the recorder reads only what an instruction may write (capstone, and the SDM for
+    the branches and string instructions that end a block): the whole hand-off of the small machine
+    gives the same file as reading every register every time."""
     partial, whole = tmp_path / "partial.hhrt", tmp_path / "whole.hhrt"
     for path, read_all in ((partial, False), (whole, True)):
         options = session.TraceOptions(guests=["hashchain", "timer"], request_at=[300000], format="hhrt",

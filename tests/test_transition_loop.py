@@ -111,3 +111,60 @@ def test_hv1_runs_the_same_with_and_without_the_loop():
         if fast:
             assert booted.machine.statistics()["transitions_in_c"] > 0
     assert runs[0] == runs[1]
+
+
+
+def run_watching_publication(publish_each: bool, on_transition=None) -> tuple[Machine, list]:
+    """`run`'s machine with every LP's loop told, as a trace tells it, to hand each event to Python
+    between its runs (hhr_lp.publish_each), or not; also the VM exits and entries published once
+    their LP's clock had moved past them."""
+    machine = Machine(lps=2, quantum=QUANTUM, record_events=True)
+    for lp in machine.lps:
+        lp.run_state.publish_each = int(publish_each)
+    late = []
+
+    def on_event(event):
+        if machine.lps[event.lp].now != event.time:
+            late.append(event)
+        if on_transition is not None:
+            on_transition(event)
+    machine.events.subscribe(on_event, {"vm-exit", "vm-entry"})
+    machine.run_result = run_root(machine, cpuid_guest_with_interrupts(machine))
+    return machine, late
+
+
+def test_the_loop_publishes_each_transition_where_it_happens_when_asked():
+    """With publish_each a VM exit or entry the loop makes is published before the LP runs on (its
+    clock still at the event's time), and the machine is the one the loop off gives; without it the
+    loop publishes them when it returns, later."""
+    slow = run(False)
+    each, late_each = run_watching_publication(True)
+    batched, late_batched = run_watching_publication(False)
+    for machine in (each, batched):
+        assert machine.statistics()["transitions_in_c"] > 0
+        assert event_tuples(machine) == event_tuples(slow)
+        assert machine.run_result == slow.run_result
+    assert late_each == []
+    assert late_batched
+
+
+class SubscriberFailure(Exception):
+    pass
+
+
+CPUID_EXITS_BEFORE_FAILING = 10   # by then the loop carries the guest's CPUID exits out in C
+
+
+def test_a_subscriber_failing_while_the_loop_publishes_stops_the_run_with_its_exception():
+    """The loop calls Python to publish: an exception there cannot cross C, so it ends the loop and
+    the run raises it."""
+    cpuid_exits = []
+
+    def fail_once_the_loop_takes_cpuid_exits(event):
+        if event.kind == "vm-exit" and event.data["reason"] == ExitReason.CPUID:
+            cpuid_exits.append(event)
+            if len(cpuid_exits) == CPUID_EXITS_BEFORE_FAILING:
+                raise SubscriberFailure(event.seq)
+    with pytest.raises(SubscriberFailure):
+        run_watching_publication(True, fail_once_the_loop_takes_cpuid_exits)
+    assert len(cpuid_exits) == CPUID_EXITS_BEFORE_FAILING

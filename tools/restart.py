@@ -257,36 +257,42 @@ def restart(from_hypervisor: str, to_hypervisor: str, guest_specs: list[str], *,
 def restart_keeping_machine(from_hypervisor: str, to_hypervisor: str, guest_specs: list[str], *, lps: int = 1,
                             ram_size: int | None = None, request_at: int | list[int] = DEFAULT_REQUEST_AT,
                             max_instructions: int = run_module.DEFAULT_INSTRUCTION_LIMIT,
-                            inject: str | None = None, mode: str = "precopy") -> tuple[dict, Booted]:
-    """restart(), and the booted machine as it stopped (for a grader that looks at its state)."""
+                            inject: str | list[str] | None = None, mode: str = "precopy") -> tuple[dict, Booted]:
+    """restart(), and the booted machine as it stopped (for a grader that looks at its state). `inject`
+    may also be a list of a hot restart's faults: they strike the first restarts in turn."""
     build.hypervisor(from_hypervisor), build.hypervisor(to_hypervisor)
     copy_mode = MODES.get(mode)
     if copy_mode is None:
         raise ValueError(f"bad --mode {mode!r}: {', '.join(MODES)}")
     damage = None
+    faults: list[Fault | None] = []
     if copy_mode == transfer.Mode.SUSPEND:
         if inject not in (None, "none", *SUSPEND_INJECTIONS):
             raise ValueError(f"bad --inject {inject!r} for a suspend: {', '.join(SUSPEND_INJECTIONS)} (the other "
                              "faults strike a hot restart's inverse hypercalls, which a suspend has not)")
         damage = corrupt_suspend_image if inject in SUSPEND_INJECTIONS else None
-        fault = None
     else:
-        fault = Fault.parse(inject or "none")
+        faults = [Fault.parse(text or "none") for text in (inject if isinstance(inject, list) else [inject])]
     points = sorted([request_at] if isinstance(request_at, int) else request_at)
     guests = [catalog.parse(spec) for spec in guest_specs]
     booted = boot.boot(guests, hypervisor=from_hypervisor, lps=lps, ram_size=ram_size)
     started = time.perf_counter()
     summaries = []
+    recorder = None
     for number, point in enumerate(points):
+        stopped = booted.machine.stop is not None and booted.machine.stop.reason != "instruction-limit"
+        if recorder is not None and not recorder.finished and stopped:
+            break                               # the machine stopped during the last restart: no more requests
         booted.machine.run(max_instructions=max(point, booted.machine.retired))
         if booted.machine.stop is not None and booted.machine.stop.reason != "instruction-limit":
             raise ValueError(f"the guests ended before instruction {point}: request the restart earlier (--at)")
         source = booted.hypervisor
         back = source == to_hypervisor and to_hypervisor != from_hypervisor     # alternate: there and back
         target = from_hypervisor if back else to_hypervisor
-        recorder = request(booted, target, fault=fault if number == 0 else None, mode=copy_mode,
+        fault = faults[number] if number < len(faults) else None
+        recorder = request(booted, target, fault=fault, mode=copy_mode,
                            before_resume=damage if number == 0 else None)
-        summaries.append(summary(booted, recorder, source, fault if number == 0 else None, copy_mode)
+        summaries.append(summary(booted, recorder, source, fault, copy_mode)
                          | {"request_at": point} | ({"inject": inject} if damage and number == 0 else {}))
     result = booted.machine.run(max_instructions=max_instructions)
     document = run_module.document(booted, result, lps)

@@ -71,5 +71,5 @@ copy the finding file to finding.json in this folder. Then find which check of d
     ),
     prepare=material.prepare_hypervisor,
     run=fuzz_run.run,
-    solution_files=(("10-finding.json", fuzz_run.FINDING_FILE),),
+    solution_extra=fuzz_run.write_planted_finding,
 )

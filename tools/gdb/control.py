@@ -16,7 +16,7 @@ from hypervisors import boot
 from tools.gdb import target as tdesc
 from tools.gdb.commands import Detach, Dispatcher, Resume
 from tools.gdb.monitor import EventBreak, Monitor, describe_event
-from tools.gdb.naming import ContextNamer
+from tools.gdb.naming import ContextNamer, namer_for
 from tools.gdb.packets import BadPacket, Interrupt, Packet
 from tools.gdb.server import ConnectionLost, GdbServer
 
@@ -98,7 +98,7 @@ class GdbStub:
             if self._hooks_installed:
                 self.machine.context_observers.remove(self._hook)
         self.booted, self.machine = booted, booted.machine
-        self.namer = ContextNamer(booted)
+        self.namer = namer_for(booted)
         self.machine.slice_observers.append(self._between_slices)
         self._saved_fast_transitions = self._previous_trapped_observer = None
         self.event_breaks_changed()

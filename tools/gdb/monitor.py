@@ -118,10 +118,13 @@ class Monitor:
     def _phase(self, _args) -> str:
         value = self.stub.machine.io.restart_phase
         name = transfer.Phase(value).name if value in transfer.Phase._value2member_map_ else "unknown"
-        return f"restart phase {name} ({value}); {self.stub.booted.hypervisor} is in charge\n"
+        in_charge = self.stub.booted.hypervisor or f"{self.stub.booted.label} (a bare machine)"
+        return f"restart phase {name} ({value}); {in_charge} is in charge\n"
 
     def _where(self, _args) -> str:
         booted = self.stub.booted
+        if booted.hypervisor is None:
+            return f"{booted.label} on the bare machine at {booted.image_base:#x}: {booted.symbols_hint}\n"
         lines = [f"{booted.hypervisor} (in charge) at {booted.image_base:#x}: "
                  f"hhr symbols {booted.hypervisor} --at {booted.image_base:#x} -o {booted.hypervisor}.elf"]
         service = self.stub.service_image()

@@ -72,3 +72,34 @@ class ContextNamer:
             if vmcs.context is context:
                 return classifier.guest(address).name
         return context.name
+
+
+class BareNamer:
+    """Names the contexts of a machine no hypervisor of hhr's runs (a lab's monitor on the bare
+    machine): root is `<label>@root`, a guest is named by its VMCS (`vmcs@0x201000`)."""
+
+    def __init__(self, machine, label: str):
+        self.machine = machine
+        self.label = label
+
+    def vmcs_name(self, address: int) -> str:
+        return f"vmcs@{address:#x}"
+
+    def service_image(self) -> None:
+        return None
+
+    def name(self, lp, context) -> str:
+        if context is lp.root:
+            return f"{self.label}@root"
+        for address, vmcs in self.machine.active_vmcs.items():
+            if vmcs.context is context:
+                return self.vmcs_name(address)
+        return context.name
+
+
+def namer_for(booted):
+    """The namer of what the stub attached to: a machine hhr's hypervisors run, or a bare one (its
+    `hypervisor` is None and its `label` names the program in root mode)."""
+    if booted.hypervisor is None:
+        return BareNamer(booted.machine, booted.label)
+    return ContextNamer(booted)

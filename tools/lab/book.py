@@ -79,9 +79,9 @@ class Exercise:
     prepare: Callable[["Exercise", Path], None]
     run: Callable[["Exercise", Path, int], LabRun]
     includes: tuple[str, ...] = ("support.inc",)   # files of labs/common the exercise is given
-    # Files of labs/solutions a solution needs besides its blocks, and where they go in the
-    # exercise's folder (a finding `hhr fuzz` saved, say).
-    solution_files: tuple[tuple[str, str], ...] = ()
+    # What a solution holds besides its blocks, made in the exercise's folder the way a student makes
+    # it (the finding `hhr fuzz` saves, say): labs/solutions cannot hold it, it belongs to one build.
+    solution_extra: Callable[["Exercise", Path], None] | None = None
 
     @property
     def directory_name(self) -> str:
@@ -103,8 +103,9 @@ class Exercise:
         return package_directory() / SOLUTIONS / f"{self.number:02d}{suffix}"
 
     def material(self) -> Path:
-        """The exercise's own files in the package (labs/exNN_slug/)."""
-        return package_directory() / f"ex{self.number:02d}_{self.slug}"
+        """The exercise's own files in the package (labs/exNN_slug/, a slug's hyphens as underscores:
+        the folder is a Python package)."""
+        return package_directory() / f"ex{self.number:02d}_{self.slug.replace('-', '_')}"
 
 
 def package_directory() -> Path:

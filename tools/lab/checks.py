@@ -60,3 +60,35 @@ def events(run: LabRun, kind: str, **fields) -> list:
 
 def vm_exits(run: LabRun, reason: int) -> list:
     return events(run, "vm-exit", reason=int(reason))
+
+
+def vmcs_field(run: LabRun, vmcs: int, name: str) -> int:
+    """A field of the VMCS at `vmcs` as the machine holds it when the run stopped (the VMCS must be
+    active, docs/machine.md 7.3; live guest fields give the guest's current value)."""
+    active = _machine(run).active_vmcs.get(vmcs)
+    if active is None:
+        raise Expected(f"the VMCS at {vmcs:#x} active (VMPTRLD) when the run stopped", "it is not active")
+    return active.read(name)
+
+
+def guest_entered(run: LabRun, vmcs: int, rip: int) -> None:
+    """The first VM entry through the VMCS at `vmcs` was a VMLAUNCH that entered the guest at `rip`;
+    when it failed, the failure names the check the machine reports."""
+    entries = events(run, "vm-entry", vmcs=vmcs)
+    if not entries:
+        came = "no VM entry"
+        if run.entry_failure() is not None:
+            came += f"; the machine says: {run.entry_failure()}"
+        else:
+            errors = [event.data["error"] for event in run.events_of("vmfail")]
+            if errors:
+                came += f"; the VMX instructions failed with VM-instruction errors {errors}"
+        raise Expected(f"a VMLAUNCH of the VMCS at {vmcs:#x} entering the guest", came)
+    first = entries[0].data
+    if not first["launch"] or first["rip"] != rip:
+        raise Expected(f"the first entry to be a VMLAUNCH at guest RIP {rip:#x}",
+                       f"{'VMLAUNCH' if first['launch'] else 'VMRESUME'} at {first['rip']:#x}")
+
+
+def ram_bytes(run: LabRun, address: int, size: int) -> bytes:
+    return _machine(run).ram.read(address, size)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from tools.lab import book, grading, holes, workspace
@@ -28,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "parent, else ./hhr-lab)")
         sub.add_argument("--seed", type=lambda text: int(text, 0),
                          help="the seed of the values the grader chooses (default: a new one, printed)")
+    run.add_argument("--gdb", metavar="[HOST:]PORT",
+                     help="serve gdb while it runs (docs/gdb.md); a monitor exercise writes monitor.elf with "
+                          "its labels beside monitor.s: add-symbol-file it")
     list_parser = lab._name_parser_map["list"]
     list_parser.add_argument("--dir", help="the working directory")
 
@@ -38,6 +42,9 @@ def run_command(args: argparse.Namespace) -> int:
     except (LookupError, FileExistsError, FileNotFoundError) as error:
         print(f"hhr lab {args.lab_command}: {error.args[0] if error.args else error}", file=sys.stderr)
         return USAGE_ERROR
+    except BrokenPipeError:             # `hhr lab grade | head`: the reader has gone before the report ended
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # and Python's flush at exit with it
+        return BELOW_FULL_MARKS
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from asm import AsmError
 from hypervisors import build, transfer
-from tools.fuzz import campaign, executor, fields
+from tools.fuzz import campaign, corpus, executor, fields
 from tools.fuzz.inputs import Edit, FuzzInput
 from tools.lab import material
 from tools.lab.book import Exercise
@@ -35,6 +35,22 @@ def in_flight_change(machine: executor.TransferMachine, seed: int) -> FuzzInput:
     chosen = rng.choice(trusted)
     return FuzzInput("messages", number, (Edit("xor", chosen.offset + rng.randrange(chosen.width),
                                                    value=1 << rng.randrange(BITS_PER_BYTE), field=chosen.name),))
+
+
+def write_planted_finding(exercise: Exercise, directory: Path) -> Path:
+    """finding.json as a campaign on the planted build would save it: the in-flight change of seed 0,
+    which only the broken check lets through (what `hhr fuzz` finds within a minute)."""
+    with tempfile.TemporaryDirectory(prefix="hhr-lab-planted-") as folder:
+        material.prepare_hypervisor(exercise, Path(folder) / "planted")
+        with build.sources(Path(folder) / "planted" / material.HYPERVISOR_TREE):
+            machine = executor.TransferMachine(executor.Setup())
+            change = in_flight_change(machine, 0)
+            result = machine.execute(change, deep=True)
+    if result.finding is None:
+        raise ValueError(f"the planted build let no change in flight through ({result.outcome})")
+    saved = corpus.save_finding(directory, result.finding.kind, result.finding.description,
+                                machine.setup.as_json(), change)
+    return saved.rename(directory / FINDING_FILE)
 
 
 def _replay(path: Path, machine: executor.TransferMachine | None = None) -> tuple[executor.Result, str | None]:

@@ -68,6 +68,12 @@ def grade(exercise: Exercise, directory: Path, seed: int) -> Grade:
     return Grade(exercise, seed, run, tuple(results), time.perf_counter() - started)
 
 
+def _indented(text: str, indent: str) -> list[str]:
+    """`text` as report lines under a test's line; a continuation line is indented once more."""
+    first, *rest = text.splitlines() or [""]
+    return [indent + first] + [indent + "    " + line for line in rest]
+
+
 def render(grade: Grade) -> list[str]:
     """The grader's report: a line per test, and for a failure what was expected, what came, how the
     run ended and the step to look at."""
@@ -81,9 +87,9 @@ def render(grade: Grade) -> list[str]:
         lines.append(f"{test.description:<{width}}  {verdict:<4} ({result.earned}/{test.points})")
         if result.message is None:
             continue
-        lines.append(f"    {result.message}")
-        if not ending_shown and grade.run.ended_abnormally():
-            lines.append(f"    the run: {grade.run.summary()}")
+        lines += _indented(result.message, "    ")
+        if not ending_shown and (grade.run.ended_abnormally() or grade.run.entry_failure() is not None):
+            lines += _indented(f"the run: {grade.run.summary()}", "    ")
             ending_shown = True
         if test.hole is not None:
             number = exercise.hole(test.hole).step

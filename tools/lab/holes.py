@@ -61,7 +61,8 @@ def stopped_at(machine, stop, directory: Path, files: tuple[str, ...], symbolize
     name = name_of_number(context.reg(x86.UC_X86_REG_RCX))
     site = sites(directory, files).get(name)
     where = str(site) if site is not None else "a hole no longer in the sources"
-    symbol = symbolize(context.reg(x86.UC_X86_REG_RIP)) if symbolize is not None else None
+    # RIP has passed the hole's OUT and may name the label after it: name the OUT's last byte instead.
+    symbol = symbolize(context.reg(x86.UC_X86_REG_RIP) - 1) if symbolize is not None else None
     return f"not yet implemented: {name} at {where}" + (f" ({symbol})" if symbol else "")
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -13,7 +13,8 @@ from emu.machine import Machine
 from emu.memory import MIB, PAGE_SIZE
 from emu.vmx_caps import MACHINE_VMX_CAPABILITIES as CAPS
 from emu.vmx_defs import MemoryType, make_eptp
-from hypervisors import bare_monitor, build, segments
+from hypervisors import bare_monitor, boot, build, segments
+from tools.gdb import elf_symbols
 from tools.lab import holes
 from tools.lab.book import Exercise
 from tools.lab.runs import LabRun
@@ -30,6 +31,11 @@ LAB_INFO = Struct("lab_info", [
     ("second_guest_entry", 8), ("second_guest_stack", 8),
     ("challenge", 8),                              # a value the guest and the checks use
 ])
+# Where a monitor exercise keeps a guest's general registers between a VM exit and the next entry
+# (they are the guest's at the exit and must be the guest's at the entry: docs/machine.md 7.7.2, 7.9.1).
+GUEST_REGISTERS = Struct("guest_registers", [
+    (name, 8) for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",
+                           "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")])
 LAB_INFO_ADDRESS = 0x9000                  # below 1 MiB, above the firmware page tables
 LAB_CODE = bare_monitor.MONITOR_CODE       # where the program is loaded and started
 STACK_TOP = bare_monitor.MONITOR_STACK_TOP
@@ -45,6 +51,8 @@ DEFAULT_BUDGET = 20_000_000                # instructions; a program that runs l
 DONE_VALUE = 0                             # `out DEBUG_EXIT_PORT, al` values of labs/common/support.inc
 FAILED_VALUE = 1
 SOURCE_FILE = "monitor.s"
+SYMBOLS_FILE = "monitor.elf"               # written beside it for gdb when `hhr lab run --gdb` listens
+PROGRAM_LABEL = "monitor"                  # how gdb's thread names call root mode
 # A canary the harness writes where the program must write something, so that leaving it does not pass.
 UNWRITTEN = 0x5EED_5EED
 
@@ -55,6 +63,7 @@ def constants() -> dict[str, int]:
     return asm.merge_constants(
         build.constants("hv1"),
         LAB_INFO.constants(),
+        GUEST_REGISTERS.constants(),
         {name: getattr(msrs, name) for name in ("IA32_KERNEL_GS_BASE", "IA32_STAR", "IA32_LSTAR", "IA32_FMASK")},
         {"LAB_INFO_ADDRESS": LAB_INFO_ADDRESS, "LAB_EXIT_STACK_TOP": EXIT_STACK_TOP,
          "LAB_DONE": DONE_VALUE, "LAB_FAILED": FAILED_VALUE,
@@ -72,12 +81,14 @@ def constants() -> dict[str, int]:
 class MonitorSetup:
     """What a monitor exercise's machine holds besides the program: guests (assembly, guest-physical
     GUEST_CODE and SECOND_GUEST_CODE), whether the harness maps the guest's RAM with its own EPT,
-    and the instruction budget."""
+    the instruction budget, and the exercise's own assembler constants (its guests' layout, which
+    the program and the guests both use)."""
 
     guest: str | None = None
     second_guest: str | None = None
     harness_ept: bool = True
     budget: int = DEFAULT_BUDGET
+    constants: dict[str, int] = field(default_factory=dict)
     # Writes the exercise's own seeded state into the machine; returns values the tests compare with.
     prepare: Callable[[Machine, random.Random, dict[str, int]], dict[str, int]] | None = None
 
@@ -110,10 +121,11 @@ def run(exercise: Exercise, directory: Path, seed: int, setup: MonitorSetup) -> 
     values = seeded_values(seed, setup)
     lab_run = LabRun(seed=seed, values=values)
     try:
-        image = asm.assemble_file(directory / SOURCE_FILE, LAB_CODE, constants=constants(),
-                                  include_dirs=[directory])
-        guest = asm.assemble(setup.guest, bare_monitor.GUEST_CODE) if setup.guest else None
-        second = asm.assemble(setup.second_guest, SECOND_GUEST_CODE) if setup.second_guest else None
+        names = asm.merge_constants(constants(), setup.constants)
+        image = asm.assemble_file(directory / SOURCE_FILE, LAB_CODE, constants=names, include_dirs=[directory])
+        guest = asm.assemble(setup.guest, bare_monitor.GUEST_CODE, constants=names) if setup.guest else None
+        second = (asm.assemble(setup.second_guest, SECOND_GUEST_CODE, constants=names)
+                  if setup.second_guest else None)
     except (asm.AsmError, OSError) as error:
         lab_run.build_error = str(error)
         return lab_run
@@ -132,11 +144,19 @@ def run(exercise: Exercise, directory: Path, seed: int, setup: MonitorSetup) -> 
         values.update(setup.prepare(machine, random.Random(seed ^ CAPS.vmcs_revision_id), values))
     machine.load(LAB_CODE, image.code)
     machine.start(LAB_CODE, [STACK_TOP], argument=LAB_INFO_ADDRESS)
+    if boot.observed():                       # a debugger listens: give it the program's symbols
+        symbols = directory / SYMBOLS_FILE
+        symbols.write_bytes(elf_symbols.elf(image, LAB_CODE))
+        boot.announce(boot.BareBooted(machine, PROGRAM_LABEL, LAB_CODE, f"add-symbol-file {symbols}"))
     result = machine.run(max_instructions=setup.budget)
     lab_run.stop = result.stop
     lab_run.console = machine.io.console.text()
     lab_run.events = list(machine.events.events)
     lab_run.machine = machine
     lab_run.extra["image"] = image
+    if guest is not None:
+        lab_run.extra["guest_image"] = guest
+    if second is not None:
+        lab_run.extra["second_guest_image"] = second
     lab_run.hole = holes.stopped_at(machine, result.stop, directory, exercise.files, image.symbolize)
     return lab_run

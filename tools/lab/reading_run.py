@@ -1,10 +1,13 @@
 """Runs a reading exercise: traces a seeded hand-off with `hhr trace`, renders its JSON Lines, and asks the student's answer functions about it."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,6 +27,32 @@ ANSWERS_FILE = "answers.py"
 # What an answer function is given: the hand-off's events only, or every record of the blackout.
 EVENTS, BLACKOUT = "events", "blackout"
 _RENDERINGS = {EVENTS: Filters(events_only=True), BLACKOUT: Filters(phases=frozenset({"blackout"}))}
+
+
+ANSWER_SECONDS = 30                   # an answer function that takes longer is stopped
+
+
+class AnswerTookTooLong(Exception):
+    """An answer function ran past ANSWER_SECONDS."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int):
+    """Interrupts the block after `seconds` of host time (a student's loop must not hang the grader);
+    only the main thread can be interrupted so, elsewhere the block runs unbounded."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(_signal, _frame):
+        raise AnswerTookTooLong()
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass(frozen=True)
@@ -109,13 +138,16 @@ def run(exercise: Exercise, directory: Path, seed: int, questions: tuple[Questio
             answers[question.function] = Answer(error=f"{ANSWERS_FILE} has no function {question.function}")
             continue
         try:
-            answers[question.function] = Answer(function(records[question.records]))
+            with _time_limit(ANSWER_SECONDS):
+                answers[question.function] = Answer(function(records[question.records]))
         except HoleReached as hole:
             answers[question.function] = Answer(error=str(hole))
             if lab_run.hole is None:
                 site = sites(directory, exercise.files).get(hole.name)
                 lab_run.hole = f"not yet implemented: {hole.name} at {site}"
-        except Exception as error:
+        except AnswerTookTooLong:
+            answers[question.function] = Answer(error=f"no answer within {ANSWER_SECONDS} s (a loop that never ends?)")
+        except (Exception, SystemExit) as error:          # a student's bug, or exit(), ends only that answer
             answers[question.function] = Answer(error=_student_error(error, path))
     lab_run.extra["answers"] = answers
     lab_run.ending = f"every answer function asked ({scenario.describe()})"

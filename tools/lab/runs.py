@@ -28,6 +28,12 @@ class LabRun:
     def events_of(self, kind: str) -> list:
         return [event for event in self.events if event.kind == kind]
 
+    def entry_failure(self) -> str | None:
+        """The machine's explanation of the latest failed VM entry (the check and why), if any
+        (docs/machine.md 7.7.1)."""
+        failed = self.events_of("vm-entry-failed")
+        return failed[-1].data["message"] if failed else None
+
     def ended_abnormally(self) -> bool:
         """Not built, stopped at a hole, or stopped otherwise than by the program's own debug exit."""
         if self.build_error is not None or self.hole is not None:
@@ -47,4 +53,6 @@ class LabRun:
             line += f", exit status {self.stop.exit_status}"
         if self.stop.report:
             line += f"\n{self.stop.report}"
+        if self.entry_failure() is not None:
+            line += f"\na VM entry failed: {self.entry_failure()}"
         return line

@@ -1,7 +1,6 @@
 """Fills an exercise with its solution, or with its solution and one planted mistake: what the project's tests grade to prove the grader can fail."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from tools.lab import holes, workspace
@@ -49,8 +48,8 @@ def start_filled(exercise: Exercise, where: Path, mistake: Mistake | None = None
         blocks = with_mistake(blocks, mistake)
     filled = holes.fill(directory, exercise.files, blocks)
     filled += _fix_planted(exercise, directory, blocks)
-    for source, destination in exercise.solution_files:
-        shutil.copy(exercise.solution_path().parent / source, directory / destination)
+    if exercise.solution_extra is not None:
+        exercise.solution_extra(exercise, directory)
     expected = {hole.name(exercise.number) for hole in exercise.holes}
     if set(filled) != expected:
         raise ValueError(f"exercise {exercise.number}: the solution filled {sorted(filled)}, the holes are "

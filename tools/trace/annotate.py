@@ -1,6 +1,7 @@
 """Turns recorded instructions and machine events into what the writers print: context names, symbols, disassembly, changed registers and named event fields."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,7 @@ def phase_name(value: int) -> str:
         return f"phase-{value}"
 
 
+@functools.cache   # an event's names: looked up once per value, not at every event
 def _enum_name(enumeration, value: int) -> str | None:
     try:
         return enumeration(value).name

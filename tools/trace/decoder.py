@@ -1,4 +1,4 @@
-"""What the C recorder asks of capstone: which traced registers an instruction may write (its written registers, implicit ones included), so that only those are read after it inside a block; the instructions whose effects the machine makes are read whole."""
+"""What the C recorder asks of capstone: which traced registers an instruction may write (its written registers, implicit ones included, and RFLAGS unless it affects no flag), so that only those are read after it inside a block; the instructions whose effects the machine makes are read whole."""
 from __future__ import annotations
 
 import ctypes
@@ -30,6 +30,29 @@ _READ_WHOLE = ("IN", "INSB", "INSW", "INSD", "OUT", "OUTSB", "OUTSW", "OUTSD", "
                "FXRSTOR", "FXRSTOR64", "LGDT", "LIDT", "LLDT", "LTR", "INVLPG",
                "WBINVD", "INVD", "CLTS", "LMSW", "SWAPGS", "WRFSBASE", "WRGSBASE", "VERR", "VERW", "LAR", "LSL")
 _GROUPS = ("X86_GRP_PRIVILEGE", "X86_GRP_INT", "X86_GRP_IRET", "X86_GRP_VM")
+# Instructions whose "Flags Affected" section in the SDM (Vol. 2) reads "None": RFLAGS is not read
+# after them inside a block. Capstone's register lists cannot say this: they leave the flags out of
+# some instructions that do affect them (TEST with a memory operand), so RFLAGS is read after every
+# other instruction.
+_CONDITIONS = ("A", "AE", "B", "BE", "E", "G", "GE", "L", "LE", "NE", "NO", "NP", "NS", "O", "P", "S")
+_CONDITIONAL_JUMPS = (*(f"J{condition}" for condition in _CONDITIONS), "JRCXZ")
+# Instructions that end their block (branches, PAUSE, each iteration of a REP string instruction)
+# and whose register effects the SDM gives in full (Vol. 2A CALL, Jcc, JMP, CMPS, LODS, MOVS;
+# Vol. 2B PAUSE, RET, SCAS, STOS; RCX as a REP prefix counts it, Vol. 2B REP): the recorder reads
+# only these (and RIP, and RFLAGS unless they affect no flag) at the start of the block that follows
+# them, instead of every register. CALL pushes, near or far, so RSP (capstone leaves it out of a far
+# CALL's writes); a far JMP changes CS and RIP only (no task switch in IA-32e mode); RETF, IRET and
+# the rest are read whole. (MOVSD and CMPSD are also SSE2 instructions, which write none of these.)
+_STRING_WRITES = {"CMPS": ("rsi", "rdi", "rcx"), "LODS": ("rax", "rsi", "rcx"), "MOVS": ("rsi", "rdi", "rcx"),
+                  "SCAS": ("rdi", "rcx"), "STOS": ("rdi", "rcx")}
+_BLOCK_END_WRITES = {"JMP": (), "CALL": ("rsp",), "RET": ("rsp",), "PAUSE": (),
+                     **{name: () for name in _CONDITIONAL_JUMPS},
+                     **{f"{string}{size}": written for string, written in _STRING_WRITES.items() for size in "BWDQ"}}
+_FLAGS_KEPT = ("MOV", "MOVABS", "MOVZX", "MOVSX", "MOVSXD", "LEA", "PUSH", "POP", "NOP", "XCHG", "BSWAP", "LEAVE",
+               "NOT", "CBW", "CWDE", "CDQE", "CWD", "CDQ", "CQO", "MOVSB", "MOVSW", "MOVSD", "MOVSQ", "STOSB",
+               "STOSW", "STOSD", "STOSQ", "LODSB", "LODSW", "LODSD", "LODSQ",
+               *(f"CMOV{condition}" for condition in _CONDITIONS), *(f"SET{condition}" for condition in _CONDITIONS),
+               "JMP", "CALL", "RET", "PAUSE", *_CONDITIONAL_JUMPS)
 
 
 def _function(name: str, signature: str):
@@ -56,6 +79,11 @@ class Decoder:
             identifier = getattr(x86, f"X86_INS_{name}", None)
             if identifier is not None and identifier < lib.HHR_DECODER_INSTRUCTION_LIMIT:
                 d.read_all[identifier] = 1
+        for name in _FLAGS_KEPT:
+            d.flags_kept[getattr(x86, f"X86_INS_{name}")] = 1
+        for name, written in _BLOCK_END_WRITES.items():
+            d.block_end_writes[getattr(x86, f"X86_INS_{name}")] = sum(1 << REGISTER_NAMES.index(register)
+                                                                      for register in ("rip", *written))
         for index, name in enumerate(_GROUPS):
             d.groups[index] = getattr(x86, name)
         d.group_count = len(_GROUPS)

@@ -55,9 +55,9 @@ class Recorder:
     recorded (after forget_names(), again) and answers HHR_VMCS_* flags; `on_lp_done(lp)` hears that
     an LP's window is over.
 
-    While installed, the machine's C transition loop hands back to Python after every VM exit and
-    entry it carries out (hhr_lp.event_limit), so each is published before the next instruction
-    runs, and it reports the trapped instructions it carries out (hhr_trace_trapped_in_loop) as
+    While installed, the machine's C transition loop hands every VM exit and entry it carries out to
+    Python as soon as it is made (hhr_lp.publish_each), so each is published before the next
+    instruction runs, and it reports the trapped instructions it carries out (hhr_trace_trapped_in_loop) as
     Python's path does: the file is the same with the loop or without it."""
 
     def __init__(self, machine, path: str, on_vmcs: Callable[[int, int], int],
@@ -147,14 +147,14 @@ class Recorder:
 
     # --- installing -------------------------------------------------------------------------------
     def install(self, instructions: bool = True) -> None:
-        """Between runs only: the transition loop hands back at every event; with `instructions`,
+        """Between runs only: the transition loop publishes every event as it is made; with `instructions`,
         hooks every instance and drops its translated code, so that every block is translated again
         with the hooks in it."""
         if self.installed:
             return
         machine = self.machine
         for lp in machine.lps:
-            lp.run_state.event_limit = 1
+            lp.run_state.publish_each = 1
         if instructions:
             for context in machine.contexts:
                 self._hook(context)
@@ -171,7 +171,7 @@ class Recorder:
         self.finish()
         machine = self.machine
         for lp in machine.lps:
-            lp.run_state.event_limit = 0
+            lp.run_state.publish_each = 0
         if self._hook in machine.context_observers:
             for context, handle in self._hooks:
                 fast.delete_hook(context.uc, handle)

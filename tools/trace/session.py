@@ -92,6 +92,8 @@ class TraceSession:
         self._phase_names: dict[int, str] = {}
         self._phase_indices: dict[int, int] = {}
         self._stamped: tuple[int, ...] = ()  # the phase values the recorder stamps with now
+        self._phases_moved = True           # an LP's phase may differ from _stamped
+        self.timeline.lps.subscribe(self._on_lp_transition)
         self.classifier: Classifier | None = None
         self.describe_vmcs = booted_vmcs_describer(booted)
         self._identities: dict[int, tuple | None] = {}
@@ -242,14 +244,22 @@ class TraceSession:
         return index
 
     def _sync_phases(self) -> None:
-        """The recorder stamps each LP's instructions with the phase that LP is in now."""
+        """The recorder stamps each LP's instructions with the phase that LP is in now (looked at
+        only when the timeline has moved: an announcement, or an LP's own transition)."""
+        if not self._phases_moved:
+            return
+        self._phases_moved = False
         values = tuple(self.timeline.lp_value(lp) for lp in range(len(self.machine.lps)))
         if values != self._stamped:
             self._stamped = values
             for lp, value in enumerate(values):
                 self.recorder.set_phase(lp, self._phase_index(value))
 
+    def _on_lp_transition(self, _transition) -> None:
+        self._phases_moved = True
+
     def _on_transition(self, _transition: Transition) -> None:
+        self._phases_moved = True
         if self.classifier is not None:
             self.classifier.forget_unknown()
         self.recorder.forget_names()
