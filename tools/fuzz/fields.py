@@ -14,11 +14,17 @@ class Field:
     checkable: bool
 
 
+_LAYOUT_FIELDS: dict[int, list[tuple[str, int, int, bool]]] = {}   # by layout: (name, offset, size, checkable)
+
+
 def _struct_fields(layout, base: int, prefix: str) -> list[Field]:
-    trusted = transfer.TRUSTED_FIELDS.get(layout.name, set())   # marked beside the layouts
-    return [Field(f"{prefix}.{name}", base + layout.offset(name), size,
-                  not (name.startswith("_pad") or name in trusted))
-            for name, size in layout.fields]
+    found = _LAYOUT_FIELDS.get(id(layout))
+    if found is None:
+        trusted = transfer.TRUSTED_FIELDS.get(layout.name, set())   # marked beside the layouts
+        found = _LAYOUT_FIELDS[id(layout)] = [(name, layout.offset(name), size,
+                                               not (name.startswith("_pad") or name in trusted))
+                                              for name, size in layout.fields]
+    return [Field(f"{prefix}.{name}", base + offset, size, checkable) for name, offset, size, checkable in found]
 
 
 def message_fields(message: bytes) -> list[Field]:

@@ -195,10 +195,11 @@ class Mutator:
         one (a MAP, a VP ...), else the layout's size of zeros with partition 0 (a WINDOW_RESET)."""
         kind = self.rng.choice(list(transfer.RecordType))
         layout = transfer.RECORD_LAYOUTS[kind]
-        bodies = self._bodies.setdefault(kind, [
-            message[offset + transfer.RECORD_HEADER.size:offset + size]
-            for message in self.messages for offset, size in fields_module.records(message)
-            if int.from_bytes(message[offset:offset + TYPE_BYTES], "little") == kind])
+        if kind not in self._bodies:          # (found once per type)
+            self._bodies[kind] = [message[offset + transfer.RECORD_HEADER.size:offset + size]
+                                  for message in self.messages for offset, size in fields_module.records(message)
+                                  if int.from_bytes(message[offset:offset + TYPE_BYTES], "little") == kind]
+        bodies = self._bodies[kind]
         body = self.rng.choice(bodies) if bodies else bytes(layout.size)
         return transfer.RECORD_HEADER.pack(type=kind, version=transfer.RECORD_VERSION, length=len(body)) + body
 
