@@ -1,7 +1,6 @@
 """Exercise 10: a receiver bug planted in the new hypervisor, found with `hhr fuzz` and fixed."""
 from __future__ import annotations
 
-from tools.fuzz import oracles
 from tools.lab import fuzz_run, material
 from tools.lab.book import Exercise, Expected, Hole, Mistake, Test
 

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from tools.lab import book, grading, holes, workspace
+from tools.lab import book, grading, workspace
 
 USAGE_ERROR = 2
 BELOW_FULL_MARKS = 1
