@@ -11,7 +11,7 @@
 %define QUEUE_ADDRESS 0x300000           ; guest-physical, inside the guest's RAM (docs/guests.md)
 %define WRITE_BUFFER 0x310000
 %define READ_BUFFER 0x320000
-%define POLL_DELAY 400                   ; PAUSEs between two looks at the device's status
+%define POLL_DELAY 400                   ; PAUSEs between two looks at HEAD (device.inc wait_head)
 %define PATTERN_MULTIPLIER 0x9E3779B97F4A7C15
 %define QWORDS_PER_BATCH (BATCH * BLOCK_SIZE / 8)
 %define CHECKSUM_ROTATION 13
@@ -40,7 +40,7 @@ round:
     add edx, DEVICE_TAIL
     mov eax, r14d
     out dx, eax
-    call wait_idle
+    call wait_head
     call check_entries
     jc entry_failed
     mov rsi, WRITE_BUFFER                ; what came back is what went
@@ -105,20 +105,6 @@ put_entry:
     mov [rdi + DMA_ENTRY_BLOCK], rax
     mov [rdi + DMA_ENTRY_BUFFER], r9
     mov dword ptr [rdi + DMA_ENTRY_COUNT], BATCH
-    ret
-
-; Until the device has done every entry given: HEAD = TAIL. Looks at HEAD every POLL_DELAY PAUSEs.
-wait_idle:
-    mov ecx, POLL_DELAY
-wait_idle.pause:
-    pause
-    dec ecx
-    jnz wait_idle.pause
-    mov edx, r15d
-    add edx, DEVICE_HEAD
-    in eax, dx
-    cmp eax, r14d
-    jne wait_idle
     ret
 
 ; CF = 1 unless both entries of the round say ENTRY_DONE.

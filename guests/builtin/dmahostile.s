@@ -11,7 +11,7 @@
 %define HYPERVISOR_ADDRESS 0x200000      ; the hypervisor's load address (docs/boot.md), as a DMA address
 %define SOURCE_BLOCK 1
 %define MARK 0x4B52414D444E4947          ; what the device's block holds: written first, read back after
-%define POLL_DELAY 400
+%define POLL_DELAY 400                   ; PAUSEs between two looks at HEAD (device.inc wait_head)
 
 start:
     xor r14d, r14d                       ; TAIL
@@ -88,17 +88,7 @@ give_entry:
     add edx, DEVICE_TAIL
     mov eax, r14d
     out dx, eax
-give_entry.wait:
-    mov ecx, POLL_DELAY
-give_entry.pause:
-    pause
-    dec ecx
-    jnz give_entry.pause
-    mov edx, r15d
-    add edx, DEVICE_HEAD
-    in eax, dx
-    cmp eax, r14d
-    jne give_entry.wait
+    call wait_head
     mov eax, [rdi + DMA_ENTRY_STATUS]
     ret
 
