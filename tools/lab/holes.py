@@ -14,6 +14,7 @@ HOLE_EXIT_STATUS = (HOLE_EXIT_VALUE << 1) | 1          # the machine's exit stat
 EXERCISE_SHIFT = 8                                     # ECX = exercise << EXERCISE_SHIFT | step
 STEP_MASK = (1 << EXERCISE_SHIFT) - 1
 MACRO_INCLUDE = "lab.inc"                              # the file a lab source includes for HOLE
+NOT_IMPLEMENTED = "not yet implemented"               # what a run says of a hole it reached
 MAILBOX_LABEL = "lab_hole_reached"                     # where a hole leaves its number too
 
 # `HOLE n, m` in assembly, `HOLE(n, m)` in Python (the questions of a reading exercise).
@@ -26,7 +27,7 @@ class HoleReached(Exception):
     """Raised by HOLE(n, m) in a Python file of an exercise: that step is not written yet."""
 
     def __init__(self, name: str):
-        super().__init__(f"not yet implemented: {name}")
+        super().__init__(f"{NOT_IMPLEMENTED}: {name}")
         self.name = name
 
 
@@ -59,11 +60,16 @@ def stopped_at(machine, stop, directory: Path, files: tuple[str, ...], symbolize
         return None
     context = machine.lps[stop.lp or 0].context
     name = name_of_number(context.reg(x86.UC_X86_REG_RCX))
-    site = sites(directory, files).get(name)
-    where = str(site) if site is not None else "a hole no longer in the sources"
     # RIP has passed the hole's OUT and may name the label after it: name the OUT's last byte instead.
     symbol = symbolize(context.reg(x86.UC_X86_REG_RIP) - 1) if symbolize is not None else None
-    return f"not yet implemented: {name} at {where}" + (f" ({symbol})" if symbol else "")
+    return not_implemented(name, directory, files, symbol or "")
+
+
+def not_implemented(name: str, directory: Path, files: tuple[str, ...], detail: str = "") -> str:
+    """"not yet implemented: E#n-m at file:line (detail)": how a run names the hole it reached."""
+    site = sites(directory, files).get(name)
+    where = str(site) if site is not None else "a hole no longer in the sources"
+    return f"{NOT_IMPLEMENTED}: {name} at {where}" + (f" ({detail})" if detail else "")
 
 
 def macro_source() -> str:

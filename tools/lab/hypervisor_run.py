@@ -132,14 +132,14 @@ def run(exercise: Exercise, directory: Path, seed: int, scenario: Scenario | Non
     # holes stop the machine themselves, and the mailbox names the same.)
     root_hole = holes.stopped_at(machine, machine.stop, directory, exercise.files)
     name = holes.name_of_number(mailbox)
-    if not mailbox or (root_hole or "").startswith(f"not yet implemented: {name} "):
+    if not mailbox or (root_hole or "").startswith(f"{holes.NOT_IMPLEMENTED}: {name} "):
         lab_run.hole = root_hole                # (the new hypervisor's hole in root mode, once it took over)
     else:
-        site = holes.sites(directory, exercise.files).get(name)
         then = (f"then {scenario.from_hypervisor} stopped at {root_hole.split(': ', 1)[1]}" if root_hole
                 else f"the restart {document['restarts'][-1]['outcome']}")
-        lab_run.hole = (f"not yet implemented: {name} at {site or 'a hole no longer in the sources'} (in "
-                        f"{scenario.to_hypervisor}'s service partition, whose exit ended the inverse call; {then})")
+        lab_run.hole = holes.not_implemented(name, directory, exercise.files,
+                                             f"in {scenario.to_hypervisor}'s service partition, whose exit ended "
+                                             f"the inverse call; {then}")
     return lab_run
 
 

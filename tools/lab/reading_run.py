@@ -17,7 +17,7 @@ from typing import Any
 from hypervisors import build
 from tools.lab import hypervisor_run
 from tools.lab.book import Exercise
-from tools.lab.holes import HoleReached, sites
+from tools.lab.holes import HoleReached, not_implemented
 from tools.lab.runs import LabRun
 from tools.trace import render
 from tools.trace import session as trace_session
@@ -143,8 +143,7 @@ def run(exercise: Exercise, directory: Path, seed: int, questions: tuple[Questio
         except HoleReached as hole:
             answers[question.function] = Answer(error=str(hole))
             if lab_run.hole is None:
-                site = sites(directory, exercise.files).get(hole.name)
-                lab_run.hole = f"not yet implemented: {hole.name} at {site}"
+                lab_run.hole = not_implemented(hole.name, directory, exercise.files)
         except AnswerTookTooLong:
             answers[question.function] = Answer(error=f"no answer within {ANSWER_SECONDS} s (a loop that never ends?)")
         except (Exception, SystemExit) as error:          # a student's bug, or exit(), ends only that answer
