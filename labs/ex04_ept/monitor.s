@@ -52,18 +52,7 @@ map_next_page:
     mov ecx, IA32_VMX_PROCBASED_CTLS
     mov ebx, PROC_HLT_EXITING | PROC_ACTIVATE_SECONDARY_CONTROLS
     call vmcs_write_control
-    mov eax, VMCS_FIELD_SECONDARY_VM_EXEC_CONTROL
-    mov ecx, IA32_VMX_PROCBASED_CTLS2
-    mov ebx, PROC2_ENABLE_EPT
-    call vmcs_write_control
-    mov eax, VMCS_FIELD_VM_EXIT_CONTROLS
-    mov ecx, IA32_VMX_EXIT_CTLS
-    mov ebx, EXIT_CTL_HOST_ADDRESS_SPACE_SIZE
-    call vmcs_write_control
-    mov eax, VMCS_FIELD_VM_ENTRY_CONTROLS
-    mov ecx, IA32_VMX_ENTRY_CTLS
-    mov ebx, ENTRY_CTL_IA32E_MODE_GUEST
-    call vmcs_write_control
+    call vmcs_write_64bit_ept_controls
     mov rsi, [r15 + LAB_INFO_GUEST_ENTRY]
     mov rdx, [r15 + LAB_INFO_GUEST_STACK]
     call vmcs_write_guest_state
