@@ -208,20 +208,19 @@ class IoBus:
             return int(self.disk.current_status(lp.now))
         if port == DISK_CAPACITY_PORT and self._from_root(lp):
             return self.disk.blocks
-        if self._block_device(port) is not None:
-            return self._device_read(lp, port)
+        if (register := self._block_register(port)) is not None:
+            return self._device_read(lp, *register)
         if ports.IOMMU_ROOT_LOW_PORT <= port <= ports.IOMMU_FAULT_VECTOR_PORT and self._from_root(lp):
             return self._iommu_read(port)
         return self.UNCLAIMED_READ
 
-    def _block_device(self, port: int) -> BlockDevice | None:
-        index, _ = divmod(port - ports.BLOCK_DEVICE_BASE, ports.BLOCK_DEVICE_STRIDE)
+    def _block_register(self, port: int) -> tuple[BlockDevice, int] | None:
+        """The block device whose registers `port` is among, and the register's offset (DEVICE_*)."""
+        index, register = divmod(port - ports.BLOCK_DEVICE_BASE, ports.BLOCK_DEVICE_STRIDE)
         devices = self.block_devices.devices
-        return devices[index] if port >= ports.BLOCK_DEVICE_BASE and index < len(devices) else None
+        return (devices[index], register) if port >= ports.BLOCK_DEVICE_BASE and index < len(devices) else None
 
-    def _device_read(self, lp, port: int) -> int:
-        device = self._block_device(port)
-        register = (port - ports.BLOCK_DEVICE_BASE) % ports.BLOCK_DEVICE_STRIDE
+    def _device_read(self, lp, device: BlockDevice, register: int) -> int:
         values = {ports.DEVICE_QUEUE_LOW: device.queue & WORD_MASK, ports.DEVICE_QUEUE_HIGH: device.queue >> WORD_BITS,
                   ports.DEVICE_QUEUE_SIZE: device.queue_entries, ports.DEVICE_TAIL: device.tail,
                   ports.DEVICE_CAPACITY: device.blocks}
@@ -287,15 +286,13 @@ class IoBus:
             self.events.publish(lp.now, lp.index, "restart-phase", phase=self.restart_phase)
         elif DISK_BLOCK_PORT <= port <= DISK_VECTOR_PORT and self._from_root(lp):
             self._disk_register(lp, port, value & WORD_MASK)
-        elif self._block_device(port) is not None:
-            self._device_write(lp, port, value & WORD_MASK)
+        elif (register := self._block_register(port)) is not None:
+            self._device_write(lp, *register, value & WORD_MASK)
         elif ports.IOMMU_ROOT_LOW_PORT <= port <= ports.IOMMU_FAULT_VECTOR_PORT and self._from_root(lp):
             self._iommu_write(port, value & WORD_MASK)
 
-    def _device_write(self, lp, port: int, value: int) -> None:
+    def _device_write(self, lp, device: BlockDevice, register: int, value: int) -> None:
         """A block device's register; a guest reaches all but the interrupt route."""
-        device = self._block_device(port)
-        register = (port - ports.BLOCK_DEVICE_BASE) % ports.BLOCK_DEVICE_STRIDE
         if register == ports.DEVICE_QUEUE_LOW:
             device.queue = (device.queue & ~WORD_MASK) | value
         elif register == ports.DEVICE_QUEUE_HIGH:
