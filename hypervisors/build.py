@@ -122,13 +122,20 @@ _DEVICE_PORTS = ("COM1_BASE", "DEBUG_EXIT_PORT", "CLOCK_LOW_PORT", "CLOCK_HIGH_P
                  "DISK_BLOCK_PORT", "DISK_ADDRESS_LOW_PORT", "DISK_ADDRESS_HIGH_PORT", "DISK_COUNT_PORT",
                  "DISK_COMMAND_PORT", "DISK_VECTOR_PORT", "DISK_CAPACITY_PORT",
                  "IOMMU_ROOT_LOW_PORT", "IOMMU_ROOT_HIGH_PORT", "IOMMU_CONTROL_PORT", "IOMMU_INVALIDATE_PORT",
-                 "BLOCK_DEVICE_BASE", "BLOCK_DEVICE_STRIDE", "DEVICE_QUEUE_SIZE")
+                 "BLOCK_DEVICE_BASE", "BLOCK_DEVICE_STRIDE", "DEVICE_QUEUE_SIZE", "DEVICE_ROUTE")
+
+
+# devices.inc's IDT entry stubs for the block devices' completion interrupts: one per device, this
+# many bytes apart (cpu.inc points device n's gate at the n-th).
+DEVICE_GATE_BYTES = 16
 
 
 def _device_constants() -> dict[str, int]:
     """What devices.inc needs of the block devices and the IOMMU (docs/machine.md 6.11, 6.12)."""
     return {"BLOCK_DEVICE_COUNT": block_devices.DEVICE_COUNT,
             "BLOCK_DEVICE_STRIDE_SHIFT": ports.BLOCK_DEVICE_STRIDE.bit_length() - 1,
+            "DEVICE_ROUTE_LP_SHIFT": block_devices.ROUTE_LP_SHIFT,
+            "DEVICE_GATE_BYTES": DEVICE_GATE_BYTES,
             "IOMMU_ROOT_PRESENT": iommu.ROOT_PRESENT,
             "IOMMU_ROOT_ENTRY_SHIFT": iommu.ROOT_ENTRY_BYTES.bit_length() - 1,
             "IOMMU_CONTROL_TRANSLATE": iommu.CONTROL_TRANSLATE}
@@ -223,5 +230,14 @@ def image(name: str) -> Image:
 def _assembled(name: str, root: Path) -> Image:
     spec = hypervisor(name)
     check_contract(spec.source)
-    return assemble_file(spec.source, memory_map.HYPERVISOR_BASE, constants=constants(name),
-                         include_dirs=include_dirs())
+    assembled = assemble_file(spec.source, memory_map.HYPERVISOR_BASE, constants=constants(name),
+                              include_dirs=include_dirs())
+    _check_device_gates(name, assembled)
+    return assembled
+
+
+def _check_device_gates(name: str, assembled: Image) -> None:
+    """devices.inc has exactly one gate stub per block device (cpu.inc installs as many as there are)."""
+    span = assembled.symbol("device_gates_end") - assembled.symbol("device_gates")
+    if not (block_devices.DEVICE_COUNT - 1) * DEVICE_GATE_BYTES < span <= block_devices.DEVICE_COUNT * DEVICE_GATE_BYTES:
+        raise ValueError(f"{name}: devices.inc must have one DEVICE_GATE per block device ({block_devices.DEVICE_COUNT})")

@@ -17,6 +17,7 @@ class Hypercall(enum.IntEnum):
     SET_TIMER = 4
     MAP_PAGE = 5
     UNMAP_PAGE = 6
+    SET_DEVICE_INTERRUPT = 7
 
 
 class HypercallError(enum.IntEnum):
@@ -25,6 +26,7 @@ class HypercallError(enum.IntEnum):
     ENOENT = -2        # unmap of a page that is not mapped
     ENOMEM = -12       # the partition's map quota or the host's free memory is used up
     EEXIST = -17       # map of a page that is already mapped
+    ENODEV = -19       # set-device-interrupt by a guest that has no block device
     EINVAL = -22       # an argument outside what the hypercall accepts
     ENOSYS = -38       # no such hypercall
 

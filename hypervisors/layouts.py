@@ -60,7 +60,8 @@ HV1_VP = Struct("hv1_vp", [
     ("lp", 4), ("index", 4),
     ("state", 4), ("launched", 4),
     ("halted", 4), ("timer_pending", 4),          # HLT until an interrupt; a tick not yet delivered
-    ("timer_vector", 4), ("_pad0", 4),
+    ("timer_vector", 4),
+    ("device_pending", 4),                        # its device's completion not yet delivered: the vector, 0 none
     ("timer_period", 8), ("timer_deadline", 8),   # the VP's virtual timer (hypercall set-timer)
     ("slice_end", 8),                             # LP time its time slice ends
     ("rax", 8), ("rbx", 8), ("rcx", 8), ("rdx", 8), ("rsi", 8), ("rdi", 8), ("rbp", 8),
@@ -109,7 +110,7 @@ HV2_VP = Struct("hv2_vp", [
     ("index", 4), ("lp", 4),
     ("state", 4), ("launched", 4),
     ("halted", 4), ("timer_pending", 4),
-    ("timer_vector", 4), ("_pad0", 4),
+    ("timer_vector", 4), ("device_pending", 4),
     ("timer_period", 8), ("timer_deadline", 8),
     ("slice_end", 8),
     ("last_run", 8),                              # LP time it was last picked: hv2 runs the longest-waiting first
