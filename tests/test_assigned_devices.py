@@ -1,13 +1,15 @@
 """Block devices assigned to guests by both hypervisors (docs/guests.md, "An assigned block device"):
 a guest streams blocks through its device without an exit, the IOMMU keeps a hostile guest's DMA in
-its own RAM, the device is taken back when the partition ends, and a restart with a device aborts
-cleanly for now."""
+its own RAM, a device's completion interrupt reaches the VP that asked for it as a virtual interrupt
+(and wakes it from HLT), the device is taken back when the partition ends, and a restart with a
+device aborts cleanly for now."""
 from __future__ import annotations
 
 import pytest
 
 from emu.block_devices import DeviceStatus
-from emu.ports import BLOCK_DEVICE_BASE, BLOCK_DEVICE_STRIDE, DEVICE_CAPACITY
+from emu.block_devices import ROUTE_LP_SHIFT, ROUTE_VECTOR_MASK
+from emu.ports import BLOCK_DEVICE_BASE, BLOCK_DEVICE_STRIDE, DEVICE_CAPACITY, DEVICE_TAIL
 from emu.vmx_defs import ExitReason
 from guests import catalog
 from guests.catalog import GuestSpecError
@@ -17,6 +19,10 @@ from tools import restart as restart_module
 from tools import run as run_module
 
 STREAM_LINE = "blkstream: rounds 48, blocks moved 768, checksum "
+ROUNDS = 48                                     # blkstream.inc: a doorbell each
+COMPLETION_VECTOR = 0x50                        # blkirq.s: the vector it asks its completions at
+TIMER_VECTOR = 0x40                             # timer.s
+ROUTE_STEP = 200_000                            # instructions run between two looks at the routes
 RESTART_AT = 300_000
 HYPERVISOR_ADDRESS = 0x200000                   # dmahostile.s: where it aims a read
 HOSTILE_MARK = 0x4B52414D444E4947               # dmahostile.s: what that read brings
@@ -58,6 +64,91 @@ def test_a_guest_streams_through_its_device_and_a_hostile_one_is_kept_in_its_own
     assert len(direct) > 2 * 48                          # every doorbell and poll went straight to the device
 
 
+def _irq_line(stream_console: str) -> str:
+    """blkirq's line: blkstream's (the same checksum), then one interrupt per round."""
+    return stream_console.replace("blkstream", "blkirq").rstrip("\n") + f", interrupts {ROUNDS}\n"
+
+
+def _stream_console() -> str:
+    return run_module.run("hv1", ["blkstream,device=blk0"]).document["guests"][0]["console"]
+
+
+def _run_until_routed(booted, devices: list[int]) -> dict[int, int]:
+    """The machine run (paused and resumed, which changes nothing) until each device's completion
+    interrupt is routed, as the guest's set-device-interrupt hypercall has the hypervisor do: the routes."""
+    block_devices = booted.machine.io.block_devices.devices
+    limit = 0
+    while not all(block_devices[device].route for device in devices):
+        limit += ROUTE_STEP
+        assert limit < run_module.DEFAULT_INSTRUCTION_LIMIT, "a device was never routed"
+        booted.machine.run(max_instructions=limit)
+    return {device: block_devices[device].route for device in devices}
+
+
+def _doorbells(events, device: int) -> int:
+    port = BLOCK_DEVICE_BASE + device * BLOCK_DEVICE_STRIDE + DEVICE_TAIL
+    return sum(1 for event in events if event.kind == "io-out" and event.data["port"] == port)
+
+
+def _injected(events, vmcs: int) -> list[int]:
+    """The vectors injected into one VMCS at VM entry, in order."""
+    return [event.data["vector"] for event in events if event.kind == "inject" and event.data["vmcs"] == vmcs]
+
+
+@pytest.mark.parametrize("lps", [1, 2])
+@pytest.mark.parametrize("hypervisor", sorted(build.HYPERVISORS))
+def test_each_partition_gets_its_own_device_s_completions_as_virtual_interrupts(hypervisor, lps):
+    guests = ["blkirq,device=blk0", "blkirq,device=blk3", "timer", "blkstream,device=blk1"]
+    booted = boot.boot([catalog.parse(spec) for spec in guests], hypervisor=hypervisor, lps=lps, record_events=True)
+    routes = _run_until_routed(booted, [0, 3])
+    vps = {record.partition: record.fields for record in booted.vp_records()}
+    # Each device's route: a host vector of its own, on the LP of the VP that asked.
+    for partition, device in ((0, 0), (1, 3)):
+        assert routes[device] >> ROUTE_LP_SHIFT == vps[partition]["lp"]
+    assert len({route & ROUTE_VECTOR_MASK for route in routes.values()}) == 2
+    assert booted.machine.io.block_devices.devices[1].route == 0          # blkstream polls: never routed
+    result = booted.machine.run(max_instructions=run_module.DEFAULT_INSTRUCTION_LIMIT)
+    reports = run_module.document(booted, result, lps)["guests"]
+    expected = _irq_line(_stream_console())
+    assert [report["console"] for report in reports[:2]] == [expected, expected]
+    assert [report["exit_code"] for report in reports] == [0, 0, 0, 0], [report["console"] for report in reports]
+    events = booted.machine.events.events
+    # One virtual interrupt per doorbell, into the VMCS of the partition that owns the device only.
+    for partition, device in ((0, 0), (1, 3)):
+        assert _doorbells(events, device) == ROUNDS
+        assert _injected(events, vps[partition]["vmcs"]) == [COMPLETION_VECTOR] * ROUNDS
+    assert set(_injected(events, vps[2]["vmcs"])) == {TIMER_VECTOR}        # the timer's ticks, nothing else
+    assert _injected(events, vps[3]["vmcs"]) == []
+    # The devices are taken back with their routes.
+    assert [booted.machine.io.block_devices.devices[device].route for device in (0, 3)] == [0, 0]
+
+
+@pytest.mark.parametrize("guests, lps", [(["blkirq,device=blk2"], 1), (["hello", "blkirq,device=blk2"], 2)])
+@pytest.mark.parametrize("hypervisor", sorted(build.HYPERVISORS))
+def test_a_halted_vp_wakes_at_its_device_s_completion(hypervisor, guests, lps):
+    booted = boot.boot([catalog.parse(spec) for spec in guests], hypervisor=hypervisor, lps=lps, record_events=True)
+    route = _run_until_routed(booted, [2])[2]
+    booted.machine.run(max_instructions=run_module.DEFAULT_INSTRUCTION_LIMIT)
+    (vp,) = [record.fields for record in booted.vp_records() if record.partition == len(guests) - 1]
+    assert route >> ROUTE_LP_SHIFT == vp["lp"] == lps - 1
+    host_vector = route & ROUTE_VECTOR_MASK
+    # Alone on its LP: after each HLT the LP idles, the completion's host vector wakes the hypervisor
+    # there (a root-mode interrupt), and the VP's next entry brings the virtual interrupt.
+    hlt_exits = after = 0
+    woken = []
+    for event in booted.machine.events.events:
+        if event.kind == "vm-exit" and event.data["vmcs"] == vp["vmcs"] and event.data["reason"] == ExitReason.HLT:
+            hlt_exits += 1
+            after = "halted"
+        elif after == "halted" and event.kind == "interrupt" and event.lp == vp["lp"] and event.data["vector"] == host_vector:
+            after = "host interrupt"
+        elif after and event.kind == "inject" and event.data["vmcs"] == vp["vmcs"]:
+            woken.append((after, event.data["vector"]))
+            after = None
+    assert hlt_exits > 0 and woken == [("host interrupt", COMPLETION_VECTOR)] * hlt_exits
+    assert booted.partitions()[-1]["exit_code"] == 0
+
+
 def test_the_checksum_is_the_same_on_every_device_and_without_other_guests():
     lines = set()
     for spec in ("blkstream,device=blk0", "blkstream,device=blk3"):
@@ -76,13 +167,16 @@ def test_a_partition_that_ends_gives_its_device_back():
     assert not any(key[0] == 1 for key in iommu.iotlb)                # and its translations dropped
 
 
-def test_a_restart_with_a_device_assigned_aborts_and_the_guests_go_on():
-    document = restart_module.restart("hv1", "hv2", ["blkstream,device=blk0", "counter"], request_at=RESTART_AT)
+@pytest.mark.parametrize("guest", ["blkstream", "blkirq"])
+def test_a_restart_with_a_device_assigned_aborts_and_the_guests_go_on(guest):
+    document = restart_module.restart("hv1", "hv2", [f"{guest},device=blk0", "counter"], request_at=RESTART_AT)
     restart = document["restart"]
     assert restart["outcome"] == "aborted" and restart["reason"] == transfer.Status.DEVICE_ASSIGNED.name.lower()
     assert restart["detail"] == 0
     reports = _guests(document)
-    assert reports["blkstream"]["console"].startswith(STREAM_LINE) and reports["counter"]["exit_code"] == 0
+    expected = STREAM_LINE if guest == "blkstream" else _irq_line(_stream_console())
+    assert reports[guest]["console"].startswith(expected) and reports[guest]["exit_code"] == 0
+    assert reports["counter"]["exit_code"] == 0
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -97,7 +191,9 @@ def test_one_device_goes_to_one_guest():
         boot.boot([catalog.parse("blkstream,device=blk1"), catalog.parse("dmahostile,device=blk1")])
 
 
-def test_a_guest_without_a_device_finds_none():
-    document = run_module.run("hv1", ["blkstream"]).document
+@pytest.mark.parametrize("guest", ["blkstream", "blkirq"])
+def test_a_guest_without_a_device_finds_none(guest):
+    document = run_module.run("hv1", [guest]).document
     assert document["guests"][0]["exit_code"] == 1
-    assert "no block device assigned" in document["guests"][0]["console"]
+    # blkirq says so only after set-device-interrupt answered ENODEV (else it says that it did not).
+    assert document["guests"][0]["console"] == f"{guest}: no block device assigned; round 0\n"

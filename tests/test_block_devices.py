@@ -97,6 +97,28 @@ def test_the_completion_interrupt_wakes_the_routed_lp_at_the_last_entry_s_tick()
     assert machine.lps[0].now >= last.data["completion"]
 
 
+def test_one_completion_interrupt_per_doorbell_and_a_doorbell_that_overlaps_moves_it_to_its_own_end():
+    machine = new_machine()
+    machine.ram.write(QUEUE, entry(DiskCommand.WRITE, 0, BUFFER, 1) + entry(DiskCommand.WRITE, 1, BUFFER, 3)
+                      + entry(DiskCommand.WRITE, 4, BUFFER, 1))
+    result = run_root(machine, lines(
+        set_interrupt_gate(ROOT_IDT, VECTOR, "completed"),
+        program_queue(4, route=VECTOR),
+        out(port(ports.DEVICE_TAIL), 1), out(port(ports.DEVICE_TAIL), 2),   # the second before the first is done
+        "sti", wait_idle("overlapping"), out(port(ports.DEVICE_TAIL), 3), wait_idle("alone"),
+        "mov ecx, 100000", "linger:", "dec ecx", "jnz linger",          # long past both completions
+        debug_exit(DONE),
+        "completed:", "push rax", "push rbx", "push rdx",              # slot 0 counts, slot n: HEAD at the nth
+        f"mov rbx, {RESULTS:#x}", "inc qword ptr [rbx]", f"mov dx, {port(ports.DEVICE_HEAD):#x}", "in eax, dx",
+        "mov rdx, [rbx]", "mov [rbx + rdx * 8], rax", "pop rdx", "pop rbx", "pop rax", "iretq"))
+    assert result.stop.exit_status == exit_status(DONE)
+    assert slot(machine, 0) == 2                                # two interrupts for three doorbells
+    assert (slot(machine, 1), slot(machine, 2)) == (2, 3)      # HEAD at each: the end of its doorbells
+    taken = [event for event in machine.events.events if event.kind == "interrupt"]
+    completions = [event.data["completion"] for event in machine.events.events if event.kind == "dma"]
+    assert [event.time >= completion for event, completion in zip(taken, completions[1:])] == [True, True]
+
+
 def map_dma_page(machine: Machine, dma_page: int, host_page: int, permissions: int, device: int = DEVICE) -> None:
     """The IOMMU's tables for `device`, built in RAM as a hypervisor would: a root entry and a 4-level
     second-level walk (EPT format) to one 4 KiB page."""
