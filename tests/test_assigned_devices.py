@@ -123,7 +123,9 @@ def test_each_partition_gets_its_own_device_s_completions_as_virtual_interrupts(
     assert [booted.machine.io.block_devices.devices[device].route for device in (0, 3)] == [0, 0]
 
 
-@pytest.mark.parametrize("guests, lps", [(["blkirq,device=blk2"], 1), (["hello", "blkirq,device=blk2"], 2)])
+# Alone on its LP (idle, the LP sleeps), beside a VP that waits for its ticks (the LP spins), and on LP 1.
+@pytest.mark.parametrize("guests, lps", [(["blkirq,device=blk2"], 1), (["timer", "blkirq,device=blk2"], 1),
+                                         (["hello", "blkirq,device=blk2"], 2)])
 @pytest.mark.parametrize("hypervisor", sorted(build.HYPERVISORS))
 def test_a_halted_vp_wakes_at_its_device_s_completion(hypervisor, guests, lps):
     booted = boot.boot([catalog.parse(spec) for spec in guests], hypervisor=hypervisor, lps=lps, record_events=True)
@@ -132,8 +134,9 @@ def test_a_halted_vp_wakes_at_its_device_s_completion(hypervisor, guests, lps):
     (vp,) = [record.fields for record in booted.vp_records() if record.partition == len(guests) - 1]
     assert route >> ROUTE_LP_SHIFT == vp["lp"] == lps - 1
     host_vector = route & ROUTE_VECTOR_MASK
-    # Alone on its LP: after each HLT the LP idles, the completion's host vector wakes the hypervisor
-    # there (a root-mode interrupt), and the VP's next entry brings the virtual interrupt.
+    # After each HLT the LP idles (sleeps, or spins for the timer's next tick), the completion's host
+    # vector is taken there at once (a root-mode interrupt), and the VP's next entry brings the
+    # virtual interrupt.
     hlt_exits = after = 0
     woken = []
     for event in booted.machine.events.events:
