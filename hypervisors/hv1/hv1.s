@@ -20,7 +20,7 @@
 ; --- hv1's policy ----------------------------------------------------------------------------------
 
 ; The next VP to run on this LP, round robin from the one it ran last: CF = 1, rbp = its record,
-; rdx = its number; CF = 0 if none may run (halted VPs wait for their ticks). Clobbers rax, rbx,
+; rdx = its number; CF = 0 if none may run (halted VPs wait for an interrupt). Clobbers rax, rbx,
 ; rcx, rdi, r8, r10.
 pick_vp:
     mov rcx, [rip + vp_total]
@@ -41,7 +41,7 @@ pick_vp.in_range:
     mov rdi, rbp
     call vp_may_run
     jne pick_vp.skip
-    cmp dword ptr [rbp + VP_HALTED], 0       ; a halted VP waits for its tick (schedule)
+    cmp dword ptr [rbp + VP_HALTED], 0       ; a halted VP waits for an interrupt (schedule)
     jne pick_vp.skip
     stc
     ret

@@ -18,7 +18,7 @@
 ; --- hv2's policy ----------------------------------------------------------------------------------
 
 ; The VP of this LP that was picked longest ago (least last_run; ties to the lowest number): CF = 1,
-; rbp = its record, rdx = its number; CF = 0 if none may run (halted VPs wait for their ticks).
+; rbp = its record, rdx = its number; CF = 0 if none may run (halted VPs wait for an interrupt).
 ; Clobbers rax, rcx, rdi, r9, r10.
 pick_vp:
     xor ecx, ecx                             ; VP number
@@ -30,7 +30,7 @@ pick_vp.next:
     jae pick_vp.chosen
     call vp_may_run
     jne pick_vp.skip
-    cmp dword ptr [rdi + VP_HALTED], 0       ; a halted VP waits for its tick (schedule)
+    cmp dword ptr [rdi + VP_HALTED], 0       ; a halted VP waits for an interrupt (schedule)
     jne pick_vp.skip
     cmp [rdi + VP_LAST_RUN], r9
     jae pick_vp.skip
