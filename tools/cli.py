@@ -301,13 +301,15 @@ def _add_restart_arguments(parser: argparse.ArgumentParser, suspend: bool = True
     parser.add_argument("--at", type=int, action="append",
                         help="request a restart when the machine has retired this many instructions "
                              "(default 1e6; repeatable: the restarts alternate --to and --from)")
-    modes = ["precopy", "stop-and-copy"] + (["suspend"] if suspend else [])
+    modes = ["precopy", "stop-and-copy", "postcopy"] + (["suspend"] if suspend else [])
     parser.add_argument("--mode", default="precopy", choices=modes,
-                        help="state sent while guests run (default), all of it in the blackout"
+                        help="state sent while guests run (default), all of it in the blackout, only what VPs "
+                             "need in the blackout and the map windows after the take-over (postcopy)"
                              + (", or suspend to the disk, reset and resume under --to" if suspend else ""))
     parser.add_argument("--inject", default="none", metavar="STEP:FAULT",
                         help="a fault at a protocol step (request, boot, invariants, precopy, blackout, "
-                             "verify, commit) of the first restart: hang, crash, refuse or corrupt"
+                             "verify, commit; postcopy: the old hypervisor's fetches after a post-copy's "
+                             "commit) of the first restart: hang, crash, refuse or corrupt"
                              + ("; with --mode suspend: resume:corrupt (a byte of the image on the disk)"
                                 if suspend else ""))
     _add_machine_arguments(parser, lps=2, guests=RESTART_DEMO_GUESTS)
