@@ -9,7 +9,7 @@
 ; interrupts; exit code 0, or 1 with what went wrong.
 %define COMPLETION_VECTOR 0x50
 %define EXCEPTION_VECTOR 8               ; a vector the hypercall must refuse
-%define HLT_OPCODE 0xF4
+%define SAVED_BY_HANDLER 16              ; completion_handler's pushes: rax, rdx
 %include "idt.inc"
 %include "blkstream.inc"
 
@@ -59,9 +59,9 @@ wait_round.done:
     ret
 
 ; The completion interrupt (r15 = the device's first port, as the rounds keep it): counted, and HEAD
-; read; one that finds HEAD where the one before left it is spurious. Taken between STI and HLT
-; (there is no interrupt shadow, docs/machine.md 3.5), it returns past the HLT, so that wait_round
-; looks again instead of sleeping through the completion it waits for.
+; read; one that finds HEAD where the one before left it is spurious. Taken between STI and HLT, it
+; returns past the HLT (idt.inc RETURN_PAST_HLT), so that wait_round looks again instead of
+; sleeping through the completion it waits for.
 completion_handler:
     push rax
     push rdx
@@ -74,11 +74,7 @@ completion_handler:
     inc qword ptr [rip + spurious]
 completion_handler.moved:
     mov [rip + head_seen], eax
-    mov rax, [rsp + 16]                  ; the interrupted RIP, above the two registers saved
-    cmp byte ptr [rax], HLT_OPCODE
-    jne completion_handler.done
-    inc qword ptr [rsp + 16]             ; HLT is one byte
-completion_handler.done:
+    RETURN_PAST_HLT SAVED_BY_HANDLER
     pop rdx
     pop rax
     iretq
