@@ -201,7 +201,7 @@ def fuzz(args: argparse.Namespace) -> int:
     from tools.fuzz import campaign
     from tools.fuzz.executor import Setup
 
-    setup = Setup(args.from_hv, args.to_hv, tuple(args.guest or FUZZ_GUESTS), args.lps, args.at)
+    setup = Setup(args.from_hv, args.to_hv, tuple(args.guest or FUZZ_GUESTS), args.lps, args.at, args.mode)
     try:
         if args.replay:
             result, kind, _ = campaign.replay(Path(args.replay), setup)
@@ -376,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     fuzz_parser.add_argument("--lps", type=int, default=1, help="logical processors (default 1)")
     fuzz_parser.add_argument("--at", type=int, default=400_000, help="the restart is requested after this many "
                                                                       "instructions (default 400000)")
+    fuzz_parser.add_argument("--mode", default="precopy", choices=["precopy", "stop-and-copy", "postcopy"],
+                             help="the restart's mode (default precopy); postcopy fuzzes its blackout's POSTCOPY "
+                                  "record and pending frames, and the receiver's rules for them")
     fuzz_parser.add_argument("--target", default="all", choices=["messages", "state", "vmcs", "all"],
                              help="what inputs change: messages in flight, the old hypervisor's records, the "
                                   "VMCS images, or all (default)")
