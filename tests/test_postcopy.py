@@ -226,3 +226,20 @@ def test_a_postcopy_trace_goes_on_to_the_end_of_the_drain(tmp_path):
     assert {transfer.Call.FETCH_NEXT, transfer.Call.DRAIN_DIGEST} <= calls, calls
     phases = [event["data"]["phase"] for event in events if event.get("kind") == "restart-phase"]
     assert phases[-1] == transfer.Phase.DRAINED, phases
+
+
+def test_a_postcopy_fuzz_campaign_changes_its_blackout_and_finds_nothing(tmp_path):
+    """`hhr fuzz --mode postcopy`: the recorded restart is a post-copy (its blackout message holds the
+    POSTCOPY record and the pending frames), and a short campaign on it ends without a finding."""
+    from tools.digest_check import record_types
+    from tools.fuzz import campaign, executor
+
+    setup = executor.Setup(mode="postcopy")
+    assert executor.Setup.from_json(setup.as_json()) == setup
+    machine = executor.TransferMachine(setup)
+    sent = [name for message in machine.messages for name in record_types(message)]
+    assert "postcopy" in sent and "map" not in sent
+    options = campaign.Options(setup, "messages", tmp_path / "corpus", tmp_path / "findings", runs=150, seed=3,
+                               quiet=True)
+    stats = campaign.Worker(options, 0, machine=machine).fuzz()
+    assert stats.executions >= 150 and not stats.findings, stats.findings
