@@ -243,3 +243,20 @@ def test_a_postcopy_fuzz_campaign_changes_its_blackout_and_finds_nothing(tmp_pat
                                quiet=True)
     stats = campaign.Worker(options, 0, machine=machine).fuzz()
     assert stats.executions >= 150 and not stats.findings, stats.findings
+
+
+def test_a_window_count_that_does_not_add_up_is_refused_by_the_sender_before_the_commit():
+    """The receiver can check a post-copy's window claims only after the commit; the sender checks
+    them against its windows in its first round, so its own inconsistency aborts the restart."""
+    booted = boot.boot([catalog.parse(spec) for spec in GUESTS], hypervisor="hv1", lps=2)
+    booted.machine.run(max_instructions=REQUEST_AT)
+    hashchain = 2                                     # a partition without mappings
+    layout = booted.records.partition
+    counter = booted.symbol("partitions") + hashchain * layout.size + layout.offset("mapped_pages")
+    booted.machine.ram.write(counter, (13).to_bytes(4, "little"))
+    recorder = restart_module.request(booted, "hv2", mode=transfer.Mode.POSTCOPY)
+    ending = recorder.timeline.ending
+    assert ending.outcome.value == "aborted" and ending.status == transfer.Status.INCONSISTENT
+    assert ending.detail == hashchain and booted.hypervisor == "hv1"
+    result = booted.machine.run(max_instructions=run_module.DEFAULT_INSTRUCTION_LIMIT)
+    assert_as_without_restart(run_module.document(booted, result, 2), GUESTS, 2)
