@@ -208,7 +208,9 @@ class TransferMachine:
             if stop is not None and stop.reason == reason:
                 return
             if stop is not None and stop.reason not in ("instruction-limit", STOP_POINT):
-                raise SetupError(f"the reference restart did not go through: the machine stopped ({stop.reason})")
+                raise SetupError(f"the reference restart did not go through: the machine stopped ({stop.reason})"
+                                 + (": the guests ended first; request the restart earlier (--at) or give "
+                                    "guests that live longer (--guest)" if stop.reason == "debug-exit" else ""))
         raise SetupError(f"the reference restart did not reach its next step within {budget} instructions")
 
     def _on_event(self, event) -> None:
