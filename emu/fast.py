@@ -316,6 +316,8 @@ class Registers:
         self._handle = uc_handle(uc)
         self._value = ffi.new("uint64_t *")
         self._table = ffi.new("hhr_descriptor_table *")
+        # Unicorn's uc_x86_msr: the MSR's index (32 bits, padded to 8 bytes), then its value.
+        self._msr = ffi.new("uint64_t[2]")
 
     def read(self, register: int) -> int:
         API.reg_read(self._handle, register, self._value)
@@ -335,6 +337,17 @@ class Registers:
         """Base and limit of GDTR, IDTR, LDTR or TR."""
         API.reg_read(self._handle, register, self._table)
         return self._table.base, self._table.limit
+
+    def read_descriptor(self, register: int) -> tuple[int, int, int]:
+        """Selector, base and limit of GDTR, IDTR, LDTR or TR (the selector is 0 for GDTR and IDTR)."""
+        API.reg_read(self._handle, register, self._table)
+        return self._table.selector, self._table.base, self._table.limit
+
+    def read_msr(self, index: int) -> int:
+        """An MSR as the instance holds it (the binding's msr_read, without its Python wrappers)."""
+        self._msr[0] = index
+        API.reg_read(self._handle, API.reg_msr, self._msr)
+        return self._msr[1]
 
     def write_table(self, register: int, base: int, limit: int) -> None:
         """Loads base and limit of a descriptor-table register, selector and attributes zero."""
