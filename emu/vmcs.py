@@ -298,8 +298,8 @@ class ActiveVmcs:
     def store(self, ram) -> None:
         """Writes the cached data back (VMCLEAR). See: SDM Vol. 3C 31.3 VMCLEAR."""
         self.pull_live_state()
-        image = b"".join(SLOT.pack(value) for value in self.values)
-        ram.write(self.address + vf.VMCS_FIELDS_OFFSET, image)
+        # The slots as they lie in the C array: 64-bit little-endian values, the image's SLOT format.
+        ram.write(self.address + vf.VMCS_FIELDS_OFFSET, bytes(fast.ffi.buffer(self.values)))
         ram.write_u32(self.address + vf.VMCS_LAUNCH_STATE_OFFSET, self.launch_state)
 
     @property
