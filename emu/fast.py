@@ -204,6 +204,44 @@ def add_c_hook(uc, hook_type: int, cfunction_name: str, user_data) -> int:
     return _register_hook(uc, hook_type, cfunction_name, user_data)
 
 
+def add_io_hooks(uc, on_in: Callable[[int, int], int], on_out: Callable[[int, int, int], None]) -> tuple:
+    """Installs IN and OUT hooks that call `on_in(port, size)` for the value read and `on_out(port,
+    size, value)` through cffi callbacks: the binding's hook_add wraps each call in a ctypes callback
+    and two Python frames, several microseconds of every port access. As the binding does, an
+    exception is kept in `uc._hook_exception` (emu_start raises it) and the run stops. Returns the
+    callbacks, which the caller keeps alive as long as `uc`."""
+
+    def failed(error: BaseException) -> None:
+        if uc._hook_exception is None:   # the binding's rule: the first hook's exception is kept
+            uc._hook_exception = error
+        uc.emu_stop()
+
+    def port_in(_uc, port, size, _user_data):
+        try:
+            return on_in(port, size)
+        except BaseException as error:
+            failed(error)
+            return 0
+
+    def port_out(_uc, port, size, value, _user_data):
+        try:
+            on_out(port, size, value)
+        except BaseException as error:
+            failed(error)
+
+    callbacks = (ffi.callback("uint32_t(void *, uint32_t, int, void *)", port_in),
+                 ffi.callback("void(void *, uint32_t, int, uint32_t, void *)", port_out))
+    for callback, instruction in zip(callbacks, (x86_const.UC_X86_INS_IN, x86_const.UC_X86_INS_OUT)):
+        handle = ctypes.c_size_t()
+        address = int(ffi.cast("uintptr_t", callback))
+        err = uc_binding.uclib.uc_hook_add(uc._uch, ctypes.byref(handle), uc_const.UC_HOOK_INSN,
+                                           ctypes.c_void_p(address), ctypes.c_void_p(0), ctypes.c_uint64(1),
+                                           ctypes.c_uint64(0), ctypes.c_int(instruction))
+        if err != uc_const.UC_ERR_OK:
+            raise RuntimeError(f"uc_hook_add(port access) failed with Unicorn error {err}")
+    return callbacks
+
+
 def delete_hook(uc, handle: int) -> None:
     err = uc_binding.uclib.uc_hook_del(uc._uch, ctypes.c_size_t(handle))
     if err != uc_const.UC_ERR_OK:
