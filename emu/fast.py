@@ -204,11 +204,14 @@ def add_c_hook(uc, hook_type: int, cfunction_name: str, user_data) -> int:
     return _register_hook(uc, hook_type, cfunction_name, user_data)
 
 
-def add_io_hooks(uc, on_in: Callable[[int, int], int], on_out: Callable[[int, int, int], None]) -> tuple:
+def add_io_hooks(uc, on_in: Callable[[int, int], int], on_out: Callable[[int, int, int], None],
+                 console_queue=None) -> tuple:
     """Installs IN and OUT hooks that call `on_in(port, size)` for the value read and `on_out(port,
     size, value)` through cffi callbacks: the binding's hook_add wraps each call in a ctypes callback
     and two Python frames, several microseconds of every port access. As the binding does, an
-    exception is kept in `uc._hook_exception` (emu_start raises it) and the run stops. Returns the
+    exception is kept in `uc._hook_exception` (emu_start raises it) and the run stops. With
+    `console_queue` (an `hhr_port_out *`: a root instance), OUTs go to the C hook hhr_port_out_hook,
+    which queues the console's in the transition loop and hands the others to `on_out`. Returns the
     callbacks, which the caller keeps alive as long as `uc`."""
 
     def failed(error: BaseException) -> None:
@@ -231,12 +234,16 @@ def add_io_hooks(uc, on_in: Callable[[int, int], int], on_out: Callable[[int, in
 
     callbacks = (ffi.callback("uint32_t(void *, uint32_t, int, void *)", port_in),
                  ffi.callback("void(void *, uint32_t, int, uint32_t, void *)", port_out))
-    for callback, instruction in zip(callbacks, (x86_const.UC_X86_INS_IN, x86_const.UC_X86_INS_OUT)):
+    hooks = [(callbacks[0], ffi.NULL, x86_const.UC_X86_INS_IN), (callbacks[1], ffi.NULL, x86_const.UC_X86_INS_OUT)]
+    if console_queue is not None:
+        console_queue.forward = callbacks[1]
+        hooks[1] = (ffi.addressof(lib, "hhr_port_out_hook"), console_queue, x86_const.UC_X86_INS_OUT)
+    for function, user_data, instruction in hooks:
         handle = ctypes.c_size_t()
-        address = int(ffi.cast("uintptr_t", callback))
         err = uc_binding.uclib.uc_hook_add(uc._uch, ctypes.byref(handle), uc_const.UC_HOOK_INSN,
-                                           ctypes.c_void_p(address), ctypes.c_void_p(0), ctypes.c_uint64(1),
-                                           ctypes.c_uint64(0), ctypes.c_int(instruction))
+                                           ctypes.c_void_p(int(ffi.cast("uintptr_t", function))),
+                                           ctypes.c_void_p(int(ffi.cast("uintptr_t", user_data))),
+                                           ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(instruction))
         if err != uc_const.UC_ERR_OK:
             raise RuntimeError(f"uc_hook_add(port access) failed with Unicorn error {err}")
     return callbacks
