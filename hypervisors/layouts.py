@@ -158,6 +158,7 @@ RECORDS = {
 }
 
 OWNER_FREE = 0
+OWNER_PENDING = 0xFFFF_FFFA   # a post-copy: the old hypervisor's split frame, its pages' owners still to come
 OWNER_PARTITION_BASE = 1      # partition number n owns what says n + OWNER_PARTITION_BASE
 OWNER_FIRMWARE = 0xFFFF_FFFB  # the firmware's and the operator's (boot info, staging area): never allocated
 OWNER_SERVICE = 0xFFFF_FFFC   # the service region, kept for the next hypervisor (docs/protocol.md)
@@ -170,6 +171,7 @@ PARTITION_RUNNING = 1
 PARTITION_EXITED = 2          # the guest wrote its exit code to port 0xF4
 PARTITION_STOPPED = 3         # the hypervisor stopped it: stop_reason is the VM exit reason that did it
 PARTITION_STOP_ENTRY_FAILED = 0xFFFF_FFFF   # stop_reason when VMLAUNCH/VMRESUME itself failed (no exit)
+PARTITION_STOP_POSTCOPY = 0xFFFF_FFFE       # stop_reason when a post-copy could not bring its window (docs/protocol.md)
 VP_RUNNABLE = 1
 VP_DONE = 2
 

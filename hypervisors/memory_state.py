@@ -15,7 +15,7 @@ def owner_name(owner: int) -> str:
     """`free`, `hypervisor`, `firmware`, `service`, `split` ... or `partition N` for an OWNER_* value."""
     names = {layouts.OWNER_FREE: "free", layouts.OWNER_HYPERVISOR: "hypervisor", layouts.OWNER_SPLIT: "split",
              layouts.OWNER_FIRMWARE: "firmware", layouts.OWNER_SERVICE: "service",
-             layouts.OWNER_PREVIOUS: "previous hypervisor"}
+             layouts.OWNER_PREVIOUS: "previous hypervisor", layouts.OWNER_PENDING: "pending"}
     return names.get(owner, f"partition {owner - layouts.OWNER_PARTITION_BASE}")
 
 

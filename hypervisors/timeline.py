@@ -16,6 +16,10 @@ LP_FOLLOWED_KINDS = frozenset({EventKind.CR3_WRITE.value, EventKind.VMXOFF.value
 DEVIRTUALIZATION_KINDS = frozenset({EventKind.CR3_WRITE.value, EventKind.VMXOFF.value})
 # Announced phases that other LPs enter by their own events, not at LP 0's announcement.
 HAND_OFF_PHASES = frozenset({Phase.COMMIT, Phase.DEVIRTUALIZE, Phase.RESUMED})
+# A post-copy's phases after its commit (docs/protocol.md, Post-copy): the restart is over at RESUMED,
+# as every committed one; these follow it, and begin no restart of their own.
+DRAIN_PHASES = frozenset({Phase.POSTCOPY, Phase.DRAINED, Phase.DRAIN_FAILED})
+DRAIN_ENDS = frozenset({Phase.DRAINED, Phase.DRAIN_FAILED})
 
 
 class Outcome(enum.Enum):
@@ -109,6 +113,7 @@ class RestartTimeline:
         self.aborted = False                # an ABORTED was seen in the restart in progress (or the last)
         self.past_commit = False            # DEVIRTUALIZE was seen: the restart can no longer abort
         self.resuming = self.phase == Phase.RESUMING   # a hypervisor booted to resume reads the suspend image
+        self.draining = self.phase == Phase.POSTCOPY    # a committed post-copy still pulls the windows
         self.ending: Ending | None = None   # how the last restart ended (None while one runs or none has)
         self.transitions: list[Transition] = []
         self._listeners: list[TransitionListener] = []
@@ -161,7 +166,9 @@ class RestartTimeline:
 
     def _transition(self, value: int, time: int, lp: int) -> None:
         phase, previous = _phase(value), self.phase
-        begins = phase != Phase.IDLE and not self.in_restart
+        begins = phase != Phase.IDLE and phase not in DRAIN_PHASES and not self.in_restart
+        if phase in DRAIN_PHASES:
+            self.draining = phase not in DRAIN_ENDS
         if begins:
             self.restarts += 1
             self.in_restart, self.aborted, self.past_commit, self.resuming, self.ending = True, False, False, False, None
@@ -177,7 +184,7 @@ class RestartTimeline:
             ending = self._ending(outcome)
             self.in_restart, self.ending = False, ending
         self.value = value
-        restart = self.restarts if self.in_restart or ending is not None else 0
+        restart = self.restarts if self.in_restart or ending is not None or phase in DRAIN_PHASES else 0
         transition = Transition(value, phase, previous, time, lp, restart, self.mode, begins, ending)
         self.transitions.append(transition)
         self.lps.announce(transition)

@@ -19,6 +19,9 @@ SERVICE_IMAGE_MAX = 2 * MIB            # the new image, at the start of the regi
 TRANSFER_AREA_SIZE = 2 * MIB           # one frame of the old hypervisor's: the messages
 SERVICE_BOOT_BUDGET = 50_000_000       # ticks the new hypervisor may take to say it is ready
 SERVICE_CALL_BUDGET = 50_000_000       # ticks one inverse hypercall may take (preemption timer)
+DRAIN_CALL_BUDGET = 5_000_000         # ticks one post-copy fetch from the old hypervisor may take
+DRAIN_BATCH_BYTES = 0x2000             # a background fetch's message ends at about this size (~250 MAP records)
+DRAIN_BATCH_TABLES = 64                # ... or once the old hypervisor has read this many window page tables (~200,000 instructions)
 PRECOPY_SMALL_DELTA = 64               # a round whose change log is this short ends the pre-copy
 PRECOPY_MAX_ROUNDS = 8
 CHANGE_LOG_ENTRIES = 4096              # more changes in one round: the next round re-sends everything
@@ -44,13 +47,16 @@ RESTART_REQUEST = Struct("restart_request", [
 
 
 class Mode(enum.IntEnum):
-    """How state crosses: rounds while guests run, everything in the blackout, or through the disk:
-    the old hypervisor writes state and guest RAM out and powers the machine off, and the next one
-    reads them back after a cold boot (docs/protocol.md, Suspend and resume)."""
+    """How state crosses: rounds while guests run, everything in the blackout, through the disk (the
+    old hypervisor writes state and guest RAM out and powers the machine off, and the next one reads
+    them back after a cold boot: docs/protocol.md, Suspend and resume), or post-copy: only what a VP
+    needs to run in the blackout, the map windows and their pages' owners after the take-over, pulled
+    by the new hypervisor from the old one (docs/protocol.md, Post-copy)."""
 
     PRECOPY = 0
     STOP_AND_COPY = 1
     SUSPEND = 2
+    POSTCOPY = 3
 REQUEST_WORDS = RESTART_REQUEST.size // 4
 
 # The transfer area: one message at a time, a header and then records.
@@ -78,6 +84,7 @@ class RecordType(enum.IntEnum):
     END = 9
     WINDOW_RESET = 10                          # the partition's map window is emptied; MAPs follow
     VP_STATE = 11                              # a VP's state beyond the VMCS: FXSAVE image, CR2, DRs, shared MSRs
+    POSTCOPY = 12                              # a post-copy: where the old hypervisor's code serves the fetches
 
 
 RECORD_VERSION = 1
@@ -145,6 +152,15 @@ END_RECORD = Struct("tr_end", [
 WINDOW_RESET_RECORD = Struct("tr_window_reset", [
     ("partition", 4), ("_pad0", 4),
 ])
+# Sent in a post-copy's blackout, before the OWNER records of its pending frames: how the new hypervisor
+# runs the old one's code, de-privileged in a partition of its own, to fetch the rest (docs/protocol.md).
+POSTCOPY_RECORD = Struct("tr_postcopy", [
+    ("launch_entry", 8),                       # where its VP starts: it says ready by VMCALL (DRAIN_READY)
+    ("serve_entry", 8),                        # its inverse-call entry: FETCH_NEXT, FETCH_PAGE, DRAIN_DIGEST
+    ("stack", 8),                              # the stack of its calls (the top)
+    ("cr3", 8),                                # its page tables
+    ("gdt", 8),                                # its GDT: the selectors HV_CODE and HV_DATA
+])
 DIGEST_MESSAGE = Struct("tr_digest", [
     ("chain", STATE_DIGEST_BYTES),             # the sender's digest chain over every message
 ])
@@ -153,7 +169,8 @@ RECORD_LAYOUTS = {RecordType.INVARIANTS: INVARIANTS_RECORD, RecordType.CPUID: CP
                   RecordType.PARTITION: PARTITION_RECORD, RecordType.VP: VP_RECORD,
                   RecordType.MAP: MAP_RECORD, RecordType.UNMAP: UNMAP_RECORD,
                   RecordType.OWNER: OWNER_RECORD, RecordType.VMCS: VMCS_RECORD, RecordType.END: END_RECORD,
-                  RecordType.WINDOW_RESET: WINDOW_RESET_RECORD, RecordType.VP_STATE: VP_STATE_RECORD}
+                  RecordType.WINDOW_RESET: WINDOW_RESET_RECORD, RecordType.VP_STATE: VP_STATE_RECORD,
+                  RecordType.POSTCOPY: POSTCOPY_RECORD}
 
 # Fields whose values the new hypervisor must take on the old one's word: guest registers, the
 # VMCS images' values, timers, a partition's outcome, names. A changed value there changes what a
@@ -179,15 +196,23 @@ class TransferOwner(enum.IntEnum):
 
     FIRMWARE = layouts.OWNER_FIRMWARE          # the firmware's and operator's memory: nobody allocates it
     PREVIOUS_HYPERVISOR = layouts.OWNER_PREVIOUS   # the old hypervisor's: free once the new one runs
+    PENDING = layouts.OWNER_PENDING            # post-copy: a frame whose pages' owners come after the take-over
 
 
 class Call(enum.IntEnum):
-    """Inverse hypercalls (VMCALLR, RAX) from the old hypervisor into the service partition."""
+    """Inverse hypercalls (VMCALLR, RAX) from the old hypervisor into the service partition, and in a
+    post-copy from the new hypervisor into the old one's drain partition."""
 
     INVARIANTS = 1
     STATE = 2
     VERIFY = 3
     COMMIT = 4
+    FETCH_NEXT = 5                             # post-copy: the next MAP records of the windows, in order
+    FETCH_TABLE = 6                            # post-copy: the 2 MiB of a window around a page (RDI partition, RSI page)
+    DRAIN_DIGEST = 7                           # post-copy: the digest chain over every message, the fetches' too
+
+
+DRAIN_CALLS = frozenset({Call.FETCH_NEXT, Call.FETCH_TABLE, Call.DRAIN_DIGEST})   # new to old, after the commit
 
 
 class Reply(enum.IntEnum):
@@ -222,6 +247,9 @@ class Phase(enum.IntEnum):
     SUSPENDING = 10                            # suspend: the state is on the disk, guest RAM goes after it
     SUSPENDED = 11                             # the suspend image is complete: the machine powers off
     RESUMING = 12                              # a hypervisor cold-booted to resume reads the image back
+    POSTCOPY = 13                              # post-copy: the new hypervisor runs guests and pulls the windows
+    DRAINED = 14                               # post-copy: everything came; the old hypervisor's memory is free
+    DRAIN_FAILED = 15                          # post-copy: a fetch failed; the partitions it left short stopped
 
 
 class Status(enum.IntEnum):
@@ -238,6 +266,8 @@ class Status(enum.IntEnum):
     DISK_FAILED = 8                            # a disk command failed: the detail is its DiskStatus
     INCONSISTENT = 9                           # the sender's own state contradicts itself: the detail is the partition
     DEVICE_ASSIGNED = 10                       # a partition has a block device, which no record carries yet: the detail is the partition
+    POSTCOPY_FAILED = 11                       # after a post-copy's commit, a fetch failed: the detail is the reply or exit reason
+    POSTCOPY_WINDOW = 12                       # a post-copy brought a window that does not add up: the detail is the partition
 
 
 # Suspend and resume (docs/protocol.md): the image on the disk. Block SUSPEND_HEADER_BLOCK holds a
@@ -261,6 +291,7 @@ SUSPEND_EXIT_CODE = 0x53                       # the debug-exit value of a suspe
 RESUME_REFUSED_EXIT_CODE = 0x52                # the value of a resume that refused the image ("R")
 
 SERVICE_READY = 0x100                          # hypercall (VMCALL RAX) of the service VP: initialized
+DRAIN_READY = 0x101                            # hypercall of a post-copy's drain VP at its launch
 
 # The VMCS fields a restart carries for each VP: all guest state but the link pointer and the
 # preemption timer (each hypervisor sets its own), and the event being injected at the next entry.

@@ -23,6 +23,8 @@ class VpBlackouts:
     booted: Booted
     clock: HostClock = field(default_factory=HostClock)
     check_memory: bool = True           # hash guest memory at both ends of the blackout
+    windows_follow: bool = False        # a post-copy: at RESUMED the windows have not come; their pages
+                                        # are hashed where the old hypervisor mapped them
     last_exit: dict[int, tuple[int, float]] = field(default_factory=dict)     # VMCS: (time, host time)
     first_entry: dict[int, tuple[int, float]] = field(default_factory=dict)
     old_vps: dict[int, tuple[int, int, int]] = field(default_factory=dict)   # VMCS: (partition, index, LP)
@@ -53,7 +55,8 @@ class VpBlackouts:
                 self.memory_before = guest_memory(self.booted) if self.check_memory else None
         elif transition.phase == transfer.Phase.RESUMED:
             with self.clock.excluded():
-                self.memory_after = guest_memory(self.booted) if self.check_memory else None
+                held = self.memory_before[1] if self.windows_follow and self.memory_before else None
+                self.memory_after = guest_memory(self.booted, held) if self.check_memory else None
                 self.new_vps = self._vp_table()
 
     def _vp_table(self) -> dict[int, tuple[int, int, int]]:
@@ -102,10 +105,11 @@ def vp_state(vp: dict, partition: dict) -> str:
     return "running"
 
 
-def guest_memory(booted: Booted) -> tuple[str, dict]:
-    """A SHA-256 of every partition's RAM and mapped pages, and every map window (gpa to host page)."""
+def guest_memory(booted: Booted, windows: dict | None = None) -> tuple[str, dict]:
+    """A SHA-256 of every partition's RAM and mapped pages, and every map window (gpa to host page):
+    the hypervisor's own, or `windows` given."""
     digest = hashlib.sha256()
-    windows = memory_state.read(booted).windows
+    windows = memory_state.read(booted).windows if windows is None else windows
     for number, partition in enumerate(booted.partitions()):
         digest.update(booted.machine.ram.read(partition["memory"], partition["memory_size"]))
         for gpa in sorted(windows[number]):

@@ -10,8 +10,11 @@ from hypervisors.boot import Booted
 from hypervisors.timeline import Transition
 from tools.host_clock import HostClock
 
-EVENT_KINDS = frozenset({EventKind.VMCALLR.value})
+EVENT_KINDS = frozenset({EventKind.VMCALLR.value, EventKind.VMCALLR_RETURN.value})
 CHAINED_CALLS = (transfer.Call.INVARIANTS, transfer.Call.STATE)
+# A post-copy's fetches: the old hypervisor writes their messages during the call, so they are read
+# at its return; they continue the chain, and DRAIN_DIGEST carries it last.
+FETCH_CALLS = (transfer.Call.FETCH_NEXT, transfer.Call.FETCH_TABLE)
 
 
 @dataclass
@@ -23,10 +26,18 @@ class DigestCheck:
     clock: HostClock = field(default_factory=HostClock)
     chain: bytes = transfer.STATE_DIGEST_START
     agrees: bool | None = None          # the old hypervisor's chain equals this one
+    drain_agrees: bool | None = None    # a post-copy: its chain after the fetches too (DRAIN_DIGEST)
     records_by_type: dict[str, int] = field(default_factory=dict)
+    calls: dict[int, int] = field(default_factory=dict)     # LP: a post-copy fetch under way
 
     def on_event(self, event: Event) -> None:
+        if event.kind == EventKind.VMCALLR_RETURN:
+            self._fetched(self.calls.pop(event.lp, None), event)
+            return
         call = event.data["call"]
+        if call in (*FETCH_CALLS, transfer.Call.DRAIN_DIGEST):
+            self.calls[event.lp] = call
+            return
         if call not in (*CHAINED_CALLS, transfer.Call.VERIFY):
             return
         message = message_in_area(self.booted)
@@ -34,6 +45,15 @@ class DigestCheck:
             self._add(message)
         else:
             self.agrees = digest_of(message) == self.chain
+
+    def _fetched(self, call: int | None, event: Event) -> None:
+        if call is None or not event.data["ok"] or event.data["result"] != transfer.Reply.ACCEPT:
+            return
+        message = message_in_area(self.booted)
+        if call == transfer.Call.DRAIN_DIGEST:
+            self.drain_agrees = digest_of(message) == self.chain
+        else:
+            self.chain = transfer.chain_digest(self.chain, message)
 
     def on_transition(self, transition: Transition) -> None:
         if transition.phase == transfer.Phase.SUSPENDED:
@@ -68,18 +88,29 @@ def digest_of(message: bytes) -> bytes:
 
 def record_types(message: bytes) -> list[str]:
     """The type names of a message's records, in order (as far as the message holds together)."""
+    return [name for name, _ in records_of(message)]
+
+
+def records_of(message: bytes) -> list[tuple[str, dict]]:
+    """A message's records in order, each its type's name and its fields (empty for a type or length
+    this side does not know), as far as the message holds together."""
     header = transfer.TRANSFER_HEADER.unpack(message[:transfer.TRANSFER_HEADER.size])
-    names, cursor = [], transfer.TRANSFER_HEADER.size
+    records, cursor = [], transfer.TRANSFER_HEADER.size
     for _ in range(header["record_count"]):
         if cursor + transfer.RECORD_HEADER.size > len(message):
             break
         record = transfer.RECORD_HEADER.unpack(message[cursor:cursor + transfer.RECORD_HEADER.size])
+        body = message[cursor + transfer.RECORD_HEADER.size:cursor + transfer.RECORD_HEADER.size + record["length"]]
         try:
-            names.append(transfer.RecordType(record["type"]).name.lower())
+            record_type = transfer.RecordType(record["type"])
         except ValueError:
-            names.append(f"type {record['type']}")
+            records.append((f"type {record['type']}", {}))
+        else:
+            layout = transfer.RECORD_LAYOUTS[record_type]
+            fields = layout.unpack(body[:layout.size]) if len(body) >= layout.size else {}
+            records.append((record_type.name.lower(), fields))
         cursor += transfer.RECORD_HEADER.size + record["length"]
-    return names
+    return records
 
 
 def suspend_messages(disk) -> list[bytes]:

@@ -9,7 +9,9 @@ from hypervisors import build, transfer
 from hypervisors.boot import Booted
 from hypervisors.timeline import RestartTimeline
 
-STEPS = ("request", "boot", "invariants", "precopy", "blackout", "verify", "commit")
+ABORT_STEPS = ("request", "boot", "invariants", "precopy", "blackout", "verify", "commit")   # a fault aborts
+POSTCOPY_STEP = "postcopy"                          # after a post-copy's commit: nothing aborts (below)
+STEPS = (*ABORT_STEPS, POSTCOPY_STEP)
 FAULTS = ("hang", "crash", "refuse", "corrupt")
 JUMP_TO_ITSELF = b"\xeb\xfe"                        # jmp $
 UNDEFINED_INSTRUCTION = b"\x0f\x0b"                 # ud2
@@ -24,6 +26,13 @@ CALL_OF_STEP = {"invariants": transfer.Call.INVARIANTS, "precopy": transfer.Call
 HANDLER_OF_CALL = {transfer.Call.INVARIANTS: "receive_invariants", transfer.Call.STATE: "receive_state",
                    transfer.Call.VERIFY: "receive_verify", transfer.Call.COMMIT: "receive_commit"}
 PHASE_OF_STEP = {"precopy": transfer.Phase.PRECOPY, "blackout": transfer.Phase.BLACKOUT}
+# After a post-copy's commit the fault strikes the old hypervisor's code at the first fetch the new
+# one makes: its handler of the drain calls hangs, crashes or refuses, or the fetched message is
+# changed before the new hypervisor reads it. Nothing aborts any more: the partitions whose windows
+# had not come whole stop, the others run on (docs/protocol.md, Post-copy).
+POSTCOPY_CALLS = (transfer.Call.FETCH_NEXT, transfer.Call.FETCH_TABLE)
+POSTCOPY_HANDLER = "drain_call_dispatch"
+RETURN = b"\xc3"
 
 
 class FaultSpecError(ValueError):
@@ -66,7 +75,7 @@ class Fault:
 
     def on_event(self, event: Event, machine, phase: transfer.Phase, area: int, region: int, hypervisor: str) -> None:
         """Strikes at the first inverse hypercall of the step."""
-        if self.struck or self.step in ("request", "boot") or event.kind != "vmcallr":
+        if self.struck or self.step in ("request", "boot", "postcopy") or event.kind != "vmcallr":
             return
         call = transfer.Call(event.data["call"])
         if call != CALL_OF_STEP[self.step] or (self.step in PHASE_OF_STEP and phase != PHASE_OF_STEP[self.step]):
@@ -84,6 +93,29 @@ class Fault:
             if vmcs.context is not None:              # which is running this hook)
                 vmcs.context.flush_code()
 
+    def on_drain_event(self, event: Event, machine, area: int, old_hypervisor: str, old_base: int) -> None:
+        """A post-copy step: strikes the old hypervisor's drain code at the first fetch (or, for
+        `corrupt`, the message that fetch returns)."""
+        if self.struck or self.step != "postcopy":
+            return
+        if event.kind == EventKind.VMCALLR and event.data["call"] in POSTCOPY_CALLS and self.fault != "corrupt":
+            self.struck = True
+            image = build.image(old_hypervisor)
+            handler = old_base + image.symbol(POSTCOPY_HANDLER) - image.base
+            patch = {"hang": JUMP_TO_ITSELF, "crash": UNDEFINED_INSTRUCTION}.get(
+                self.fault, MOV_EAX_IMMEDIATE + int(transfer.Reply.VALUE).to_bytes(4, "little") + RETURN)
+            machine.ram.write(handler, patch)
+            for vmcs in machine.active_vmcs.values():
+                if vmcs.context is not None:
+                    vmcs.context.flush_code()
+        elif event.kind == EventKind.VMCALLR_RETURN and self.fault == "corrupt" and event.data["ok"]:
+            header = transfer.TRANSFER_HEADER.unpack(machine.ram.read(area, transfer.TRANSFER_HEADER.size))
+            if header["record_count"] == 0:
+                return                                # a table with nothing mapped: wait for one with records
+            self.struck = True
+            last = area + min(header["bytes"], transfer.TRANSFER_AREA_SIZE) - 1
+            machine.ram.write(last, bytes([machine.ram.read(last, 1)[0] ^ 0xFF]))
+
     def _patch(self, handler: int, reply: int) -> bytes:
         if self.fault == "hang":
             return JUMP_TO_ITSELF
@@ -100,17 +132,25 @@ class FaultHook:
     the new hypervisor is staged. Subscribe `on_event` to the machine's events (EVENT_KINDS), after
     anything that must read the message as the old hypervisor sent it."""
 
-    EVENT_KINDS = frozenset({EventKind.VMCALLR.value})
+    EVENT_KINDS = frozenset({EventKind.VMCALLR.value, EventKind.VMCALLR_RETURN.value})
 
     fault: Fault
     booted: Booted
     timeline: RestartTimeline
     to_hypervisor: str
 
+    def __post_init__(self) -> None:
+        self.from_hypervisor, self.from_base = self.booted.hypervisor, self.booted.image_base   # at the request
+
     def on_event(self, event: Event) -> None:
         booted = self.booted
-        self.fault.on_event(event, booted.machine, self.timeline.phase, booted.transfer_area, booted.service_region,
-                            self.to_hypervisor)
+        if self.timeline.phase == transfer.Phase.POSTCOPY:
+            self.fault.on_drain_event(event, booted.machine, booted.transfer_area, self.from_hypervisor,
+                                      self.from_base)
+            return
+        if event.kind == EventKind.VMCALLR:
+            self.fault.on_event(event, booted.machine, self.timeline.phase, booted.transfer_area,
+                                booted.service_region, self.to_hypervisor)
 
 
 SUSPEND_INJECTIONS = ("resume:corrupt",)          # the faults a suspend takes (--mode suspend)

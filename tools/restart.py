@@ -11,16 +11,17 @@ from hypervisors import boot, build, transfer
 from hypervisors.boot import Booted
 from hypervisors.memory_map import HYPERVISOR_BASE
 from hypervisors.timeline import RestartTimeline, Transition
-from tools import blackout, digest_check, phase_meter
+from tools import blackout, digest_check, phase_meter, postcopy_meter
 from tools import run as run_module
 from tools.blackout import VpBlackouts
 from tools.digest_check import DigestCheck
-from tools.faults import SUSPEND_INJECTIONS, Fault, FaultHook, corrupt_suspend_image
+from tools.faults import POSTCOPY_STEP, SUSPEND_INJECTIONS, Fault, FaultHook, corrupt_suspend_image
 from tools.host_clock import HostClock
 from tools.phase_meter import PhaseMark, PhaseMeter
+from tools.postcopy_meter import PostcopyMeter
 
 MODES = {"precopy": transfer.Mode.PRECOPY, "stop-and-copy": transfer.Mode.STOP_AND_COPY,
-         "suspend": transfer.Mode.SUSPEND}
+         "suspend": transfer.Mode.SUSPEND, "postcopy": transfer.Mode.POSTCOPY}
 DEFAULT_REQUEST_AT = 1_000_000          # instructions (all LPs) before the operator rings the doorbell
 RESTART_BUDGET = 400_000_000            # instructions a restart may take before the operator gives up
 RUN_STEP = 1_000_000                    # the operator looks at the restart this often
@@ -38,8 +39,10 @@ class RestartRecorder:
         self.clock = HostClock()
         self.timeline = RestartTimeline(mode=mode, status=lambda: (booted.restart_status, booted.restart_detail))
         self.meter = PhaseMeter(booted, self.timeline, self.clock)
-        self.blackouts = VpBlackouts(booted, self.clock, check_memory)
+        self.blackouts = VpBlackouts(booted, self.clock, check_memory,
+                                     windows_follow=mode == transfer.Mode.POSTCOPY)
         self.digest = DigestCheck(booted, self.clock)
+        self.postcopy = PostcopyMeter(booted) if mode == transfer.Mode.POSTCOPY else None
         self.fault_hook = FaultHook(fault, booted, self.timeline, to_hypervisor) if fault is not None else None
         self.service_region = 0             # where the new hypervisor runs once it has taken over
         self.disk_before: dict = {}         # the disk's counters at the request
@@ -49,12 +52,16 @@ class RestartRecorder:
         for listener in (self.meter.on_transition, self._on_transition, self.blackouts.on_transition,
                          self.digest.on_transition):
             self.timeline.subscribe(listener)
+        if self.postcopy is not None:
+            self.timeline.subscribe(self.postcopy.on_transition)
 
     def _subscriptions(self) -> list[tuple]:
         """The parts' event subscribers in the order they must see an event (the digest reads a
         message before a fault corrupts it); the timeline comes after them."""
         found = [(self.blackouts.on_event, blackout.EVENT_KINDS), (self.meter.on_event, phase_meter.EVENT_KINDS),
                  (self.digest.on_event, digest_check.EVENT_KINDS)]
+        if self.postcopy is not None:
+            found.append((self.postcopy.on_event, postcopy_meter.EVENT_KINDS))
         if self.fault_hook is not None:
             found.append((self.fault_hook.on_event, FaultHook.EVENT_KINDS))
         return found
@@ -102,8 +109,10 @@ class RestartRecorder:
 
     @property
     def settled(self) -> bool:
-        """Aborted, or done with every VP that was running entered again under the new hypervisor."""
-        return self.finished and self.blackouts.all_back()
+        """Aborted, or done with every VP that was running entered again under the new hypervisor (and
+        a post-copy's old hypervisor drained, or its drain failed)."""
+        return (self.finished and self.blackouts.all_back() and not self.timeline.draining
+                and not (self.postcopy is not None and self.postcopy.waiting))
 
     # The readings `summary` and the tests use, from the part that measures each.
     @property
@@ -240,7 +249,8 @@ def summary(booted: Booted, recorder: RestartRecorder, from_hypervisor: str, fau
         "records_sent": dict(sorted(recorder.digest.records_by_type.items())),
         "disk": {name: value - recorder.disk_before.get(name, 0)
                  for name, value in disk_counters(booted.machine.io.disk).items()},
-    }
+    } | ({"postcopy": recorder.postcopy.report() | {"digest_agrees_with_python": recorder.digest.drain_agrees}}
+         if recorder.postcopy is not None else {})
 
 
 def restart(from_hypervisor: str, to_hypervisor: str, guest_specs: list[str], *, lps: int = 1,
@@ -273,6 +283,10 @@ def restart_keeping_machine(from_hypervisor: str, to_hypervisor: str, guest_spec
         damage = corrupt_suspend_image if inject in SUSPEND_INJECTIONS else None
     else:
         faults = [Fault.parse(text or "none") for text in (inject if isinstance(inject, list) else [inject])]
+        if copy_mode != transfer.Mode.POSTCOPY and any(fault is not None and fault.step == POSTCOPY_STEP
+                                                       for fault in faults):
+            raise ValueError(f"bad --inject {inject!r}: the {POSTCOPY_STEP} step is a post-copy's "
+                             "(--mode postcopy), after its commit")
     points = sorted([request_at] if isinstance(request_at, int) else request_at)
     guests = [catalog.parse(spec) for spec in guest_specs]
     booted = boot.boot(guests, hypervisor=from_hypervisor, lps=lps, ram_size=ram_size)
@@ -326,6 +340,17 @@ def text(document: dict) -> str:
         if restart_info["records_sent"]:
             lines.append("  records sent: " + ", ".join(f"{name} {count}"
                                                        for name, count in restart_info["records_sent"].items()))
+        drain = restart_info.get("postcopy")
+        if drain is not None:
+            latency = drain["demand_latency_ticks"]
+            lines.append(f"  post-copy: {drain['outcome']}"
+                         + (f" ({drain['reason']}, detail {drain['detail']})" if drain["reason"] else "")
+                         + f" {drain['drain_ticks']} ticks after the take-over; {drain['demand_fetches']} "
+                         f"demand fetches (the table there after {latency['fetch_mean']} ticks on average, "
+                         f"{latency['fetch_max']} at most; the VP in again after {latency['mean']}, "
+                         f"{latency['max']} at most); "
+                         f"mappings as held at the blackout: {drain['mappings_as_held']}; "
+                         f"digest agrees: {drain['digest_agrees_with_python']}")
         if restart_info["guest_memory_unchanged"] is not None:
             lines.append(f"  guest memory unchanged across the blackout: {restart_info['guest_memory_unchanged']}; "
                          f"every guest page in place: {restart_info['guest_pages_in_place']}")

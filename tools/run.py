@@ -18,6 +18,8 @@ PARTITION_STATE_NAMES = {layouts.PARTITION_RUNNING: "running", layouts.PARTITION
 def reason_name(reason: int) -> str:
     if reason == layouts.PARTITION_STOP_ENTRY_FAILED:
         return "VM entry failed"
+    if reason == layouts.PARTITION_STOP_POSTCOPY:
+        return "post-copy failed"
     try:
         return ExitReason(reason & EXIT_REASON_BASIC_MASK).name
     except ValueError:
