@@ -90,8 +90,6 @@ class ExecutionContext:
         self.uc.ctl_set_exits([NEVER_EXECUTED_ADDRESS])
         self.pending: Stop | None = None
         self._stop_requested = False
-        self._io_in = io_in
-        self._io_out = io_out
         self._cpuid = cpuid
         if kind == ROOT:
             # VMREAD/VMWRITE in C first; whatever it declines reaches _on_invalid_opcode.
@@ -104,8 +102,18 @@ class ExecutionContext:
             fast.register_guest_invalid_instruction_hook(self.uc, self.fast.ctx)
         self.uc.hook_add(uc_const.UC_HOOK_INSN_INVALID, self._on_invalid_opcode)
         self.uc.hook_add(uc_const.UC_HOOK_INTR, self._on_interrupt)
-        for mnemonic, on_instruction in (("in", self._on_in), ("out", self._on_out), ("cpuid", self._on_cpuid)):
-            self.uc.hook_add(uc_const.UC_HOOK_INSN, on_instruction, None, 1, 0, HOOKED_INSTRUCTIONS[mnemonic])
+        # A root instance's console OUTs may wait in its LP's transition loop (follow_lp).
+        self._console_queue = fast.ffi.new("hhr_port_out *") if kind == ROOT else None
+        if self._console_queue is not None:
+            self._console_queue.ctx = self.fast.ctx
+        self._io_hooks = fast.add_io_hooks(self.uc, io_in, io_out, self._console_queue)
+        self.uc.hook_add(uc_const.UC_HOOK_INSN, self._on_cpuid, None, 1, 0, HOOKED_INSTRUCTIONS["cpuid"])
+
+    def follow_lp(self, loop, console_port: int) -> None:
+        """Root of the LP whose transition loop is `loop` (an `hhr_lp *`): the OUTs to `console_port`
+        of the loop's runs wait in its queue (emu/fastpath.c hhr_port_out_hook)."""
+        self._console_queue.lp = loop
+        self._console_queue.console_port = console_port
 
     # --- Unicorn hooks -------------------------------------------------------------------------
     def _on_new_block(self, pc: int, size: int) -> int:
@@ -133,12 +141,6 @@ class ExecutionContext:
         self.pending = Stop(STOP_EXCEPTION, self.regs.read(x86.UC_X86_REG_RIP), vector=vector)
         self.fast.ctx.python_stop = 1
         uc.emu_stop()
-
-    def _on_in(self, uc, port: int, size: int, _user_data) -> int:
-        return self._io_in(port, size)
-
-    def _on_out(self, uc, port: int, size: int, value: int, _user_data) -> None:
-        self._io_out(port, size, value)
 
     def _on_cpuid(self, uc, _user_data) -> int:
         regs = self.regs

@@ -137,6 +137,7 @@ class IoBus:
     BusHost."""
 
     UNCLAIMED_READ = 0xFFFF_FFFF
+    CONSOLE_PORT = COM1_BASE + UART_THR     # the console's bytes (OUT); an LP's loop may queue them
 
     def __init__(self, host: BusHost, events: "EventStream", ram: "HostMemory", flush_code: Callable[[], None],
                  disk: Disk | None = None, block_devices: list[BlockDevice] | None = None):
@@ -258,7 +259,7 @@ class IoBus:
     def write(self, port: int, size: int, value: int) -> None:
         lp = self.host.running_lp
         self.events.publish(lp.now, lp.index, "io-out", port=port, size=size, value=value)
-        if port == COM1_BASE + UART_THR:
+        if port == self.CONSOLE_PORT:
             self.console.write_byte(value)
         elif port == DEBUG_EXIT_PORT:
             self.host.request_stop("debug-exit", exit_status=((value & BYTE_MASK) << 1) | 1, lp=lp.index)
@@ -290,6 +291,12 @@ class IoBus:
             self._device_write(lp, *register, value & WORD_MASK)
         elif ports.IOMMU_ROOT_LOW_PORT <= port <= ports.IOMMU_FAULT_VECTOR_PORT and self._from_root(lp):
             self._iommu_write(port, value & WORD_MASK)
+
+    def queued_console_write(self, time: int, lp_index: int, size: int, value: int) -> None:
+        """An OUT to CONSOLE_PORT that LP `lp_index`'s transition loop queued (emu/fastpath.c
+        hhr_port_out_hook) at virtual time `time`: published and written as `write` does, in order."""
+        self.events.publish(time, lp_index, "io-out", port=self.CONSOLE_PORT, size=size, value=value)
+        self.console.write_byte(value)
 
     def _device_write(self, lp, device: BlockDevice, register: int, value: int) -> None:
         """A block device's register; a guest reaches all but the interrupt route."""

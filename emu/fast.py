@@ -204,6 +204,51 @@ def add_c_hook(uc, hook_type: int, cfunction_name: str, user_data) -> int:
     return _register_hook(uc, hook_type, cfunction_name, user_data)
 
 
+def add_io_hooks(uc, on_in: Callable[[int, int], int], on_out: Callable[[int, int, int], None],
+                 console_queue=None) -> tuple:
+    """Installs IN and OUT hooks that call `on_in(port, size)` for the value read and `on_out(port,
+    size, value)` through cffi callbacks: the binding's hook_add wraps each call in a ctypes callback
+    and two Python frames, several microseconds of every port access. As the binding does, an
+    exception is kept in `uc._hook_exception` (emu_start raises it) and the run stops. With
+    `console_queue` (an `hhr_port_out *`: a root instance), OUTs go to the C hook hhr_port_out_hook,
+    which queues the console's in the transition loop and hands the others to `on_out`. Returns the
+    callbacks, which the caller keeps alive as long as `uc`."""
+
+    def failed(error: BaseException) -> None:
+        if uc._hook_exception is None:   # the binding's rule: the first hook's exception is kept
+            uc._hook_exception = error
+        uc.emu_stop()
+
+    def port_in(_uc, port, size, _user_data):
+        try:
+            return on_in(port, size)
+        except BaseException as error:
+            failed(error)
+            return 0
+
+    def port_out(_uc, port, size, value, _user_data):
+        try:
+            on_out(port, size, value)
+        except BaseException as error:
+            failed(error)
+
+    callbacks = (ffi.callback("uint32_t(void *, uint32_t, int, void *)", port_in),
+                 ffi.callback("void(void *, uint32_t, int, uint32_t, void *)", port_out))
+    hooks = [(callbacks[0], ffi.NULL, x86_const.UC_X86_INS_IN), (callbacks[1], ffi.NULL, x86_const.UC_X86_INS_OUT)]
+    if console_queue is not None:
+        console_queue.forward = callbacks[1]
+        hooks[1] = (ffi.addressof(lib, "hhr_port_out_hook"), console_queue, x86_const.UC_X86_INS_OUT)
+    for function, user_data, instruction in hooks:
+        handle = ctypes.c_size_t()
+        err = uc_binding.uclib.uc_hook_add(uc._uch, ctypes.byref(handle), uc_const.UC_HOOK_INSN,
+                                           ctypes.c_void_p(int(ffi.cast("uintptr_t", function))),
+                                           ctypes.c_void_p(int(ffi.cast("uintptr_t", user_data))),
+                                           ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(instruction))
+        if err != uc_const.UC_ERR_OK:
+            raise RuntimeError(f"uc_hook_add(port access) failed with Unicorn error {err}")
+    return callbacks
+
+
 def delete_hook(uc, handle: int) -> None:
     err = uc_binding.uclib.uc_hook_del(uc._uch, ctypes.c_size_t(handle))
     if err != uc_const.UC_ERR_OK:
@@ -316,6 +361,8 @@ class Registers:
         self._handle = uc_handle(uc)
         self._value = ffi.new("uint64_t *")
         self._table = ffi.new("hhr_descriptor_table *")
+        # Unicorn's uc_x86_msr: the MSR's index (32 bits, padded to 8 bytes), then its value.
+        self._msr = ffi.new("uint64_t[2]")
 
     def read(self, register: int) -> int:
         API.reg_read(self._handle, register, self._value)
@@ -335,6 +382,17 @@ class Registers:
         """Base and limit of GDTR, IDTR, LDTR or TR."""
         API.reg_read(self._handle, register, self._table)
         return self._table.base, self._table.limit
+
+    def read_descriptor(self, register: int) -> tuple[int, int, int]:
+        """Selector, base and limit of GDTR, IDTR, LDTR or TR (the selector is 0 for GDTR and IDTR)."""
+        API.reg_read(self._handle, register, self._table)
+        return self._table.selector, self._table.base, self._table.limit
+
+    def read_msr(self, index: int) -> int:
+        """An MSR as the instance holds it (the binding's msr_read, without its Python wrappers)."""
+        self._msr[0] = index
+        API.reg_read(self._handle, API.reg_msr, self._msr)
+        return self._msr[1]
 
     def write_table(self, register: int, base: int, limit: int) -> None:
         """Loads base and limit of a descriptor-table register, selector and attributes zero."""

@@ -886,6 +886,26 @@ bool hhr_guest_invalid_instruction(void *uc, void *user_data) {
     return true;
 }
 
+/* Room the loop keeps in its queue for the VM exit and entry it may queue after a run. */
+#define LOOP_EVENTS_AFTER_RUN 2
+
+void hhr_port_out_hook(void *uc, uint32_t port, int size, uint32_t value, void *user_data) {
+    hhr_port_out *p = user_data;
+    hhr_lp *lp = p->lp;
+    if (port == p->console_port && lp != NULL && lp->in_run && lp->running == p->ctx && !lp->publish_each &&
+        lp->event_count + 1 + LOOP_EVENTS_AFTER_RUN <= HHR_EVENTS_MAX) {
+        hhr_transition_event *e = &lp->events[lp->event_count++];
+        e->kind = HHR_EVENT_CONSOLE_OUT;
+        e->reason = port;
+        e->qualification = value;
+        e->time = lp->run_time_base + p->ctx->retired - lp->run_mark;   /* the LP's clock now */
+        e->vmcs = 0;
+        e->rip = (uint64_t)size;
+        return;
+    }
+    p->forward(uc, port, size, value, NULL);
+}
+
 int hhr_run_transitions(hhr_lp *lp) {
     hhr_vmx *v = lp->vmx;
     const hhr_transition_constants *k = v->constants;
@@ -901,7 +921,7 @@ int hhr_run_transitions(hhr_lp *lp) {
          * (Python answers nonzero when the loop must end: the machine stops, a subscriber failed). */
         if (lp->publish_each && lp->event_count && hhr_on_loop_events(lp->python_id)) break;
         hhr_vmcs *vmcs = v->current;
-        if (lp->time >= lp->deadline || lp->attention || lp->event_count + 2 > HHR_EVENTS_MAX) break;
+        if (lp->time >= lp->deadline || lp->attention || lp->event_count + LOOP_EVENTS_AFTER_RUN > HHR_EVENTS_MAX) break;
         if (lp->in_guest && (vmcs == NULL || vmcs->halted ||
                              (vmcs->values[k->primary_controls] & k->interrupt_window_control) ||
                              vmcs->values[k->exit_msr_store_count] || vmcs->values[k->exit_msr_load_count]))
@@ -930,7 +950,9 @@ int hhr_run_transitions(hhr_lp *lp) {
         uint64_t start = read_register(c, api->reg_rip);
         lp->runs++;
         c->runs++;
+        lp->in_run = 1;
         lp->last_error = api->emu_start(c->uc, start, HHR_END_OF_RUN_ADDRESS, 0, 0);
+        lp->in_run = 0;
         c->fast_exits = 0;
         uint64_t ran = c->retired - lp->run_mark;
         lp->time += ran;

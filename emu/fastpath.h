@@ -238,6 +238,9 @@ typedef struct {
 #define HHR_EVENT_VM_ENTRY 2
 #define HHR_EVENT_INVERSE_CALL 3      /* qualification: the call number (RAX) */
 #define HHR_EVENT_INVERSE_RETURN 4    /* qualification: the result (RAX); the call succeeded */
+#define HHR_EVENT_CONSOLE_OUT 5       /* root's OUT to the console port during a run of the loop (not a
+                                         transition): reason = the port, qualification = the value,
+                                         rip = the access size */
 #define HHR_EVENTS_MAX 64
 #define HHR_LOOP_NOTHING_RAN 0        /* deadline reached or Python's attention asked for */
 #define HHR_LOOP_CLASSIFY 1           /* the last run ended in a way only Python handles */
@@ -281,7 +284,22 @@ typedef struct {
     /* Debugging only (emu/debugpath.c, tools/gdb): the debugger's hhr_debug, NULL otherwise. The loop
      * leaves to Python a guest's exit at an instruction the debugger wants to stop at. */
     void *debug;
+    uint32_t in_run;                  /* 1 while a run the loop started is under way (root's console
+                                         OUTs are queued then: hhr_port_out_hook) */
 } hhr_lp;
+
+/* The OUT hook of an LP's root instance: an OUT to `console_port` made in a run of the loop is queued
+ * as an HHR_EVENT_CONSOLE_OUT with the LP's time (Python publishes it, in order, and hands the byte to
+ * the console: emu/lp.py), unless a trace follows the LP or the queue lacks room; every other access
+ * goes to `forward`, the machine's own handler (a cffi callback of emu/fast.py). */
+typedef struct {
+    hhr_lp *lp;                       /* NULL until the LP is made: every access is forwarded */
+    hhr_ctx *ctx;                     /* the root instance */
+    uint32_t console_port;
+    void (*forward)(void *uc, uint32_t port, int size, uint32_t value, void *user_data);
+} hhr_port_out;
+
+void hhr_port_out_hook(void *uc, uint32_t port, int size, uint32_t value, void *user_data);
 
 int hhr_run_transitions(hhr_lp *lp);
 /* Whether the debugger (an hhr_debug) stops LP `loop` (an hhr_lp) at `address` (emu/debugpath.c). */

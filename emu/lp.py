@@ -45,6 +45,7 @@ def hhr_on_loop_events(python_id):
 _LOOP_VM_EXIT = fast.lib.HHR_EVENT_VM_EXIT
 _LOOP_VM_ENTRY = fast.lib.HHR_EVENT_VM_ENTRY
 _LOOP_INVERSE_CALL = fast.lib.HHR_EVENT_INVERSE_CALL
+_LOOP_CONSOLE_OUT = fast.lib.HHR_EVENT_CONSOLE_OUT
 
 
 INT3_OPCODE = 0xCC
@@ -136,6 +137,7 @@ class LogicalProcessor:
         self._transitions.handover_count = fast.HANDOVER_REGISTER_COUNT
         self._transitions.shared = self.shared
         self._transitions.python_id = python_id = next(_next_loop_id)
+        self.root.follow_lp(self._transitions, io.CONSOLE_PORT)
         _loop_event_publishers[python_id] = weakref.WeakMethod(self._publish_from_loop)
         weakref.finalize(self, _loop_event_publishers.pop, python_id, None)
         self._loop_error: BaseException | None = None   # raised by a subscriber the loop called
@@ -374,6 +376,9 @@ class LogicalProcessor:
         for index in range(count):
             event = queued[index]
             kind = event.kind
+            if kind == _LOOP_CONSOLE_OUT:     # not a transition: root's OUT to the console, in its run
+                self.io.queued_console_write(event.time, self.index, event.rip, event.qualification)
+                continue
             if kind != _LOOP_INVERSE_CALL:   # a VMCALLR is one transition: its vm-entry
                 self.transitions_in_c += 1
             if kind == _LOOP_VM_EXIT:

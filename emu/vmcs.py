@@ -53,6 +53,8 @@ _SEGMENT_FIELDS = {
 }
 _REGISTER_FIELDS.update(_SEGMENT_FIELDS)
 # Descriptor-table registers are (selector, base, limit, flags) tuples in Unicorn.
+# (register, part): the part's index in Unicorn's uc_x86_mmr as its binding's reg_read returns it
+# (selector, base, limit, flags), and as fast.Registers.read_descriptor returns the first three.
 _TABLE_FIELDS = {
     "GUEST_GDTR_BASE": (x86.UC_X86_REG_GDTR, 1), "GUEST_GDTR_LIMIT": (x86.UC_X86_REG_GDTR, 2),
     "GUEST_IDTR_BASE": (x86.UC_X86_REG_IDTR, 1), "GUEST_IDTR_LIMIT": (x86.UC_X86_REG_IDTR, 2),
@@ -99,6 +101,7 @@ _GUEST_LINEAR = "GUEST_LINEAR_ADDRESS"
 _GUEST_PHYSICAL = "GUEST_PHYSICAL_ADDRESS"
 _ENTRY_INTERRUPTION_INFO = "VM_ENTRY_INTR_INFO_FIELD"
 # name -> (slot, width mask, its live bit or 0)
+_LIVE_SLOTS = tuple((name, _LIVE_BIT[name], _SLOT_INDEX[name], BY_NAME[name].mask) for name in _LIVE_ORDER)
 _ACCESS = {field.name: (index, field.mask, _LIVE_BIT.get(field.name, 0)) for index, field in enumerate(FIELDS)}
 
 
@@ -295,8 +298,8 @@ class ActiveVmcs:
     def store(self, ram) -> None:
         """Writes the cached data back (VMCLEAR). See: SDM Vol. 3C 31.3 VMCLEAR."""
         self.pull_live_state()
-        image = b"".join(SLOT.pack(value) for value in self.values)
-        ram.write(self.address + vf.VMCS_FIELDS_OFFSET, image)
+        # The slots as they lie in the C array: 64-bit little-endian values, the image's SLOT format.
+        ram.write(self.address + vf.VMCS_FIELDS_OFFSET, bytes(fast.ffi.buffer(self.values)))
         ram.write_u32(self.address + vf.VMCS_LAUNCH_STATE_OFFSET, self.launch_state)
 
     @property
@@ -373,14 +376,20 @@ class ActiveVmcs:
         return None
 
     # --- live guest state ---------------------------------------------------------------------------
-    def _read_live(self, name: str) -> int:
-        uc = self.context.uc
+    def _read_live(self, name: str, descriptors: dict[int, tuple[int, int, int]] | None = None) -> int:
+        """A field's value as the guest instance holds it; `descriptors` keeps the descriptor-table
+        registers read so far (a caller reading several fields reads each register once)."""
+        regs = self.context.regs
         if name in _REGISTER_FIELDS:
-            return self.context.regs.read(_REGISTER_FIELDS[name])
+            return regs.read(_REGISTER_FIELDS[name])
         if name in _TABLE_FIELDS:
             register, part = _TABLE_FIELDS[name]
-            return uc.reg_read(register)[part]
-        return uc.msr_read(_MSR_FIELDS[name])
+            if descriptors is None:
+                return regs.read_descriptor(register)[part]
+            if register not in descriptors:
+                descriptors[register] = regs.read_descriptor(register)
+            return descriptors[register][part]
+        return regs.read_msr(_MSR_FIELDS[name])
 
     def _write_live(self, name: str, value: int) -> None:
         uc = self.context.uc
@@ -436,9 +445,10 @@ class ActiveVmcs:
         if self.context is None:
             return
         written = self.fast.live_written
-        for name in _LIVE_ORDER:
-            if not written & _LIVE_BIT[name]:
-                self.values[_SLOT_INDEX[name]] = self._read_live(name) & BY_NAME[name].mask
+        values, descriptors = self.values, {}
+        for name, bit, slot, mask in _LIVE_SLOTS:
+            if not written & bit:
+                values[slot] = self._read_live(name, descriptors) & mask
 
     def unbind(self):
         """Moves live state back into the fields and returns the context for reuse."""

@@ -211,8 +211,10 @@ class VmxUnit:
             active = self.vmcs_cache.active.pop(address, None)
             if active is not None:
                 active.launched = False
-                active.store(self.ram)
+                # The guest instance gives its live state back to the fields first (once), then the
+                # fields go to memory.
                 self.vmcs_cache.release_guest_context(active)
+                active.store(self.ram)
             else:
                 self.ram.write_u32(address + vf.VMCS_LAUNCH_STATE_OFFSET, vf.LAUNCH_STATE_CLEAR)
             if self.current is not None and self.current.address == address:

@@ -11,7 +11,7 @@ from emu.machine import FIRMWARE_PML4, Machine
 from emu.vmx_caps import msr_values
 from emu.vmx_defs import RFLAGS_ARITHMETIC, ExceptionVector
 from tests.machine_programs import (
-    CLOCK_HIGH_PORT, CLOCK_LOW_PORT, EXIT_FAULT, EXIT_OK, PAGE_SHIFT, PAGE_SIZE, QWORD, RESULTS, RFLAGS_CF,
+    CLOCK_HIGH_PORT, CLOCK_LOW_PORT, COM1, EXIT_FAULT, EXIT_OK, PAGE_SHIFT, PAGE_SIZE, QWORD, RESULTS, RFLAGS_CF,
     RFLAGS_ZF, ROOT_IDT, ROOT_IDT_LIMIT, ROOT_STACK_SIZE, ROOT_STACK_TOP, SCRATCH, SLOT_FAULT_CR2,
     SLOT_FAULT_ERROR_CODE, SLOT_FAULT_RIP, SLOT_FAULT_VECTOR, VMXON_REGION, arm_timer, debug_exit, events_of,
     exit_status, fault_recorder, label_address, lines, putc, result, results, run_root, save, save_flags,
@@ -237,3 +237,26 @@ def test_debug_exit_stops_right_after_the_out(machine):
     run = run_root(machine, body)
     assert run.stop.exit_status == exit_status(EXIT_OK)
     assert result(machine, 0) == 0
+
+
+class PortHandlerFailed(RuntimeError):
+    """Raised by the test's subscriber while the machine handles an OUT."""
+
+
+@pytest.mark.parametrize("access", ["out", "in"])
+def test_an_exception_while_a_port_access_is_handled_ends_the_run_and_reaches_the_caller(access):
+    # The IN and OUT hooks are cffi callbacks (emu/fast.py add_io_hooks): an exception raised in them
+    # cannot cross Unicorn's C frames; it is kept, the run stops (at the end of the block, as Unicorn's
+    # emu_stop does), and the machine's caller gets it.
+    machine = machine_with(1)
+    kind = "io-out" if access == "out" else "io-in"
+
+    def fail(event):
+        raise PortHandlerFailed(f"{event.kind} {event.data['port']:#x}")
+
+    machine.events.subscribe(fail, frozenset({kind}))
+    body = lines(putc("A") if access == "out" else lines(f"mov dx, {CLOCK_LOW_PORT:#x}", "in eax, dx"),
+                 debug_exit(EXIT_OK))
+    port = COM1 if access == "out" else CLOCK_LOW_PORT
+    with pytest.raises(PortHandlerFailed, match=f"{kind} {port:#x}"):
+        run_root(machine, body)

@@ -114,6 +114,31 @@ def test_hv1_runs_the_same_with_and_without_the_loop():
 
 
 
+def test_root_console_output_waits_in_the_loop_and_comes_out_the_same():
+    """hv1's console OUTs in the loop's runs are queued in C (emu/fastpath.c hhr_port_out_hook) and
+    published in order by Python (IoBus.queued_console_write): most of them with the loop on, none
+    with it off, and the machine the same."""
+    from guests import catalog
+    from hypervisors.boot import boot
+
+    guests = [catalog.parse(spec) for spec in ("hello,vps=3", "sieve")]
+    runs = []
+    for fast in (True, False):
+        booted = boot(guests, lps=2, record_events=True, fast_transitions=fast)
+        io = booted.machine.io
+        queued = []
+        publish_queued = io.queued_console_write
+        io.queued_console_write = lambda *write: (queued.append(write), publish_queued(*write))
+        result = booted.machine.run(max_instructions=5_000_000)
+        console_bytes = sum(len(data) for data in io.console.channels.values())
+        runs.append((event_tuples(booted.machine), dict(io.console.channels), result))
+        if fast:
+            assert console_bytes > 0 and len(queued) > console_bytes / 2
+        else:
+            assert queued == []
+    assert runs[0] == runs[1]
+
+
 def run_watching_publication(publish_each: bool, on_transition=None) -> tuple[Machine, list]:
     """`run`'s machine with every LP's loop told, as a trace tells it, to hand each event to Python
     between its runs (hhr_lp.publish_each), or not; also the VM exits and entries published once
