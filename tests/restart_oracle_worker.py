@@ -35,15 +35,19 @@ def restart(request: dict) -> dict:
 
 
 def row(request: dict) -> dict:
-    """Restarts back to back, alternating between hv1 and hv2 (no guest-memory hashing: it would
-    dominate), then the run to the end; says whether the first guest still ran after the last."""
+    """Restarts back to back, alternating between hv1 and hv2 and cycling through `modes` (no
+    guest-memory hashing: it would dominate), then the run to the end; says whether the first guest
+    still ran after the last."""
     booted = boot.boot([catalog.parse(spec) for spec in request["specs"]], hypervisor="hv1", lps=request["lps"])
     booted.machine.run(max_instructions=request["request_at"])
     restarts = []
-    for _ in range(request["restarts"]):
+    modes = request["modes"]
+    for number in range(request["restarts"]):
         target = "hv2" if booted.hypervisor == "hv1" else "hv1"
-        recorder = restart_module.request(booted, target, check_memory=False)
-        restarts.append({"to": target, "finished": recorder.finished, "hypervisor": booted.hypervisor,
+        mode = restart_module.MODES[modes[number % len(modes)]]
+        recorder = restart_module.request(booted, target, check_memory=False, mode=mode)
+        restarts.append({"to": target, "mode": mode.name.lower(), "finished": recorder.finished,
+                         "hypervisor": booted.hypervisor,
                          "outcome": "committed" if recorder.finished and booted.hypervisor == target else "failed"})
         if restarts[-1]["outcome"] != "committed":
             break

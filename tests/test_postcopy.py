@@ -181,17 +181,48 @@ HOLDER_PAGES = (1_000, 16_000)
 HOLDER_START, TICKS_PER_MAP = 1_000_000, 800    # as bench/restart_scenarios.py: every page mapped by then
 
 
-def largest_blackout(pages: int, mode: str) -> int:
-    document = restart_module.restart("hv1", "hv2", [f"holder,pages={pages}"], lps=1,
-                                      request_at=HOLDER_START + pages * TICKS_PER_MAP, mode=mode)
-    assert document["restart"]["outcome"] == "committed"
-    return document["restart"]["blackout"]["max_ticks"]
+def largest_blackout(pages: int, mode: transfer.Mode) -> int:
+    """The holder guest of the bench maps `pages` scattered window pages, then computes without an exit."""
+    from bench import restart_scenarios as scenarios
+    booted = boot.boot([scenarios.guest(f"holder,pages={pages}")], hypervisor="hv1", lps=1)
+    booted.machine.run(max_instructions=HOLDER_START + pages * TICKS_PER_MAP)
+    recorder = restart_module.request(booted, "hv2", mode=mode, check_memory=False)
+    info = restart_module.summary(booted, recorder, "hv1", None, mode)
+    assert info["outcome"] == "committed" and info["blackout"]["max_ticks"]
+    return info["blackout"]["max_ticks"]
 
 
 def test_the_blackout_does_not_grow_with_the_mappings_held(report_timing):
     """Virtual ticks, not host time: the issue's targets, checked where they cannot be noisy."""
-    postcopy = {pages: largest_blackout(pages, "postcopy") for pages in HOLDER_PAGES}
-    precopy = largest_blackout(HOLDER_PAGES[-1], "precopy")
+    postcopy = {pages: largest_blackout(pages, transfer.Mode.POSTCOPY) for pages in HOLDER_PAGES}
+    precopy = largest_blackout(HOLDER_PAGES[-1], transfer.Mode.PRECOPY)
     report_timing(f"largest VP blackout (ticks): post-copy {postcopy}, pre-copy at {HOLDER_PAGES[-1]:,} {precopy:,}")
     assert max(postcopy.values()) <= 1.2 * min(postcopy.values())
     assert 3 * postcopy[HOLDER_PAGES[-1]] <= precopy
+
+
+def test_a_postcopy_trace_goes_on_to_the_end_of_the_drain(tmp_path):
+    """`hhr trace --mode postcopy`: the default window holds the fetches after the commit, up to
+    DRAINED, and tracing changes nothing the guests see."""
+    import json
+
+    from tools.trace import session as trace_session
+    from tools.trace.filters import Filters
+
+    guests, limit = GUESTS, 60_000_000
+    plain = restart_module.restart("hv1", "hv2", guests, lps=2, request_at=[REQUEST_AT], max_instructions=limit,
+                                   mode="postcopy")
+    assert plain["restart"]["postcopy"]["outcome"] == "drained"
+    output = tmp_path / "trace.jsonl"
+    traced = trace_session.trace(trace_session.TraceOptions(
+        guests=guests, lps=2, request_at=[REQUEST_AT], max_instructions=limit, mode="postcopy", format="jsonl",
+        output=str(output), to_end=True, filters=Filters(events_only=True)))
+    document = traced.document
+    assert [(g["name"], g["console"], g["exit_code"]) for g in document["guests"]] == \
+        [(g["name"], g["console"], g["exit_code"]) for g in plain["guests"]]
+    assert document["virtual_time"] == plain["virtual_time"]
+    events = [json.loads(line) for line in output.read_text().splitlines()]
+    calls = {event["data"]["call"] for event in events if event.get("kind") == "vmcallr"}
+    assert {transfer.Call.FETCH_NEXT, transfer.Call.DRAIN_DIGEST} <= calls, calls
+    phases = [event["data"]["phase"] for event in events if event.get("kind") == "restart-phase"]
+    assert phases[-1] == transfer.Phase.DRAINED, phases

@@ -5,7 +5,7 @@ versions. Every guest's console must be byte-identical to a run with no restart,
 must exit 0.
 
 CI runs a covering design (every pair of parameter values in at least one case, `covering_design`);
-set HHR_ORACLE_FULL=1 to run the full product of the parameters (324 cases) by hand."""
+set HHR_ORACLE_FULL=1 to run the full product of the parameters (432 cases) by hand."""
 from __future__ import annotations
 
 import itertools
@@ -23,7 +23,7 @@ from guests import c_examples
 from tools import run as run_module
 
 DIRECTIONS = [("hv1", "hv2"), ("hv2", "hv1"), ("hv1", "hv1"), ("hv2", "hv2")]
-MODES = ["precopy", "stop-and-copy", "suspend"]
+MODES = ["precopy", "stop-and-copy", "suspend", "postcopy"]
 LP_COUNTS = [1, 2, 8]
 POINTS = {"early": 0.1, "middle": 0.5, "late": 0.9}    # where in cpustate's life the blackout falls (about)
 RESTART_LEAD = 2_500_000        # instructions per LP from the doorbell to the blackout: the new hypervisor boots
@@ -40,6 +40,7 @@ ROW_LPS = 1
 ROW_CPUSTATE = "cpustate_long"  # a restart takes about 2.5 million instructions: its life holds 50
 ROW_CPUSTATE_VPS = 2
 ROW_C_GUESTS = ["numeric"]      # beside cpustate_long in the row: doubles in XMM registers
+ROW_MODES = ["precopy", "postcopy", "stop-and-copy"]     # the row cycles through the hot modes
 
 
 def covering_design(columns: list[list]) -> list[tuple]:
@@ -166,12 +167,13 @@ def test_a_restart_changes_nothing_a_guest_sees(case, c_guests):
     assert "running" in at_blackout, f"cpustate's VPs at the blackout: {at_blackout}: the case did not test it"
 
 
-def test_fifty_restarts_in_a_row_alternating_versions_change_nothing_a_guest_sees(c_guests):
+def test_fifty_restarts_in_a_row_alternating_versions_and_modes_change_nothing_a_guest_sees(c_guests):
     specs = guest_specs(ROW_CPUSTATE, ROW_CPUSTATE_VPS, [c_guests[name] for name in ROW_C_GUESTS])
     expected, cpustate_end = reference(specs, ROW_LPS)
     assert_reference_is_clean(expected, ROW_LPS, ROW_CPUSTATE_VPS)
-    document = in_own_process(kind="row", specs=list(specs), lps=ROW_LPS, restarts=ROW_RESTARTS,
+    document = in_own_process(kind="row", specs=list(specs), lps=ROW_LPS, restarts=ROW_RESTARTS, modes=ROW_MODES,
                               request_at=int(cpustate_end * POINTS["early"]), run_limit=RUN_LIMIT)
     assert len(document["restarts"]) == ROW_RESTARTS, f"a restart failed: {document['restarts'][-1]}"
+    assert {restart["mode"] for restart in document["restarts"]} == {mode.replace("-", "_") for mode in ROW_MODES}
     assert document["first_guest_ran_to_the_last"], "cpustate ended before the last restart: the row did not test it"
     assert_same_as_without_restart(document, expected)

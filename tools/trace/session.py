@@ -31,6 +31,7 @@ from tools.trace_chrome import booted_vmcs_describer
 
 RECORDING_FORMAT = "hhrt"               # the trace file itself, rendered later with --input
 FORMATS = render.FORMATS + (RECORDING_FORMAT,)
+TRACED_MODES = ("precopy", "stop-and-copy", "postcopy")     # a suspend resets the machine: not one trace
 TRACE_STEP = 200_000                    # instructions between the driver's looks at the window
 PROGRESS_EVERY = 1_000_000              # instructions recorded between two progress lines
 PHASE_INDEX_LIMIT = 255                 # phases a file names; later ones are stamped `phase-other`
@@ -81,7 +82,10 @@ class TraceSession:
         self.options = options
         self.window = options.window
         self.instructions_wanted = not options.filters.events_only and options.format != "chrome"
-        self.per_lp_end = not self.window.by_time and self.window.end_event == FIRST_NEW_GUEST_INSTRUCTION
+        # A post-copy's default window goes on past the new guests' first instructions to the end of
+        # its drain (the windows fetched after the commit): the driver closes it when the restart settles.
+        self.per_lp_end = (not self.window.by_time and self.window.end_event == FIRST_NEW_GUEST_INSTRUCTION
+                           and options.mode != "postcopy")
         self.recorder = Recorder(self.machine, path, self._name_vmcs, self._lp_done,
                                  record_reads=options.format == "tenet" or options.record_reads,
                                  read_all_registers=options.read_all_registers)
@@ -289,7 +293,7 @@ class TraceSession:
         self.recorder.data(tracefile.data_payload({
             "type": "name", "vmcs": vmcs, "name": info.name, "kind": info.kind, "hypervisor": info.hypervisor,
             "partition": info.partition, "vp": info.vp}))
-        return tracefile.ENDS_WINDOW if info.kind == GUEST and info.hypervisor == NEW else 0
+        return tracefile.ENDS_WINDOW if self.per_lp_end and info.kind == GUEST and info.hypervisor == NEW else 0
 
     def _vmcs_name(self, vmcs: int) -> str:
         return self.classifier.guest(vmcs).name if self.classifier is not None else f"vmcs@{vmcs:#x}"
@@ -415,7 +419,7 @@ def _drive(options: TraceOptions, session: TraceSession | None, finder: _StartFi
     machine = booted.machine
     window = session.window if session is not None else finder.window
     fault = Fault.parse(options.inject or "none")
-    copy_mode = {"precopy": transfer.Mode.PRECOPY, "stop-and-copy": transfer.Mode.STOP_AND_COPY}[options.mode]
+    copy_mode = restart_module.MODES[options.mode]
 
     def done() -> bool:
         if finder is not None:
@@ -445,7 +449,7 @@ def _drive(options: TraceOptions, session: TraceSession | None, finder: _StartFi
         if session is not None:
             session.target = target
         strike = fault if number == 0 else None
-        recorder = restart_module.RestartRecorder(booted, target, strike, check_memory=False)
+        recorder = restart_module.RestartRecorder(booted, target, strike, check_memory=False, mode=copy_mode)
         recorder.follow(machine.events)
         try:
             restart_module.stage(booted, target, strike, copy_mode)
@@ -492,8 +496,8 @@ def _check(options: TraceOptions) -> None:
         if options.format == RECORDING_FORMAT:
             raise ValueError(f"--input renders a trace file: choose a format other than {RECORDING_FORMAT}")
         return
-    if options.mode not in ("precopy", "stop-and-copy"):
-        raise ValueError(f"bad --mode {options.mode!r}: precopy or stop-and-copy")
+    if options.mode not in TRACED_MODES:
+        raise ValueError(f"bad --mode {options.mode!r}: {', '.join(TRACED_MODES)}")
     build.hypervisor(options.from_hypervisor), build.hypervisor(options.to_hypervisor)
     Fault.parse(options.inject or "none")
 
