@@ -46,7 +46,7 @@ def _drain_cells(row: dict) -> list[str]:
     fetches = "-"
     if per_guest is not None:
         fetches = f"{sum(per_guest):,}" + (f" ({', '.join(f'{count:,}' for count in per_guest)})"
-                                           if len(per_guest) > 1 else "")
+                                           if len(per_guest) > 1 and any(per_guest) else "")
     latency = drain.get("demand_latency_ticks", {})
     outcome = drain.get("outcome", row["outcome"])
     if drain.get("reason"):
