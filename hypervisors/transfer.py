@@ -212,6 +212,9 @@ class Call(enum.IntEnum):
     DRAIN_DIGEST = 7                           # post-copy: the digest chain over every message, the fetches' too
 
 
+DRAIN_CALLS = frozenset({Call.FETCH_NEXT, Call.FETCH_TABLE, Call.DRAIN_DIGEST})   # new to old, after the commit
+
+
 class Reply(enum.IntEnum):
     """What the new hypervisor returns in RAX; anything but ACCEPT aborts the restart."""
 

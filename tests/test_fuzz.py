@@ -376,6 +376,17 @@ def test_the_command_line_runs_a_bounded_campaign_and_replays(tmp_path, capsys):
     assert cli.main(["fuzz", "--replay", str(tmp_path / "missing.json")]) == 2
 
 
+def test_the_command_line_fuzzes_two_lps_with_guests_that_outlive_the_restart(tmp_path, capsys):
+    """`hhr fuzz --lps 2` without --guest: hashchain would end before the reference restart does, so
+    the two-LP defaults are a counter beside storm; a setup whose guests end first is one clear line."""
+    code = cli.main(["fuzz", "--lps", "2", "--runs", "5", "--target", "messages", "--corpus", str(tmp_path / "c"),
+                     "--findings", str(tmp_path / "f"), "--seed", "1"])
+    assert code == 0 and "findings: none" in capsys.readouterr().out
+    code = cli.main(["fuzz", "--lps", "2", "--runs", "5", "--guest", "storm", "--guest", "hashchain",
+                     "--corpus", str(tmp_path / "c2"), "--findings", str(tmp_path / "f2")])
+    assert code == 2 and "the guests ended first" in capsys.readouterr().err
+
+
 def window_sum_check_jump(machine: executor.TransferMachine, claimed: str = "claimed_window_sums") -> int:
     """The receiver's `jne` that refuses a window whose sum differs (after it reads claimed_window_sums),
     or with `claimed_mapped_pages` the one that refuses a window whose page count differs."""

@@ -226,3 +226,37 @@ def test_a_postcopy_trace_goes_on_to_the_end_of_the_drain(tmp_path):
     assert {transfer.Call.FETCH_NEXT, transfer.Call.DRAIN_DIGEST} <= calls, calls
     phases = [event["data"]["phase"] for event in events if event.get("kind") == "restart-phase"]
     assert phases[-1] == transfer.Phase.DRAINED, phases
+
+
+def test_a_postcopy_fuzz_campaign_changes_its_blackout_and_finds_nothing(tmp_path):
+    """`hhr fuzz --mode postcopy`: the recorded restart is a post-copy (its blackout message holds the
+    POSTCOPY record and the pending frames), and a short campaign on it ends without a finding."""
+    from tools.digest_check import record_types
+    from tools.fuzz import campaign, executor
+
+    setup = executor.Setup(mode="postcopy")
+    assert executor.Setup.from_json(setup.as_json()) == setup
+    machine = executor.TransferMachine(setup)
+    sent = [name for message in machine.messages for name in record_types(message)]
+    assert "postcopy" in sent and "map" not in sent
+    options = campaign.Options(setup, "messages", tmp_path / "corpus", tmp_path / "findings", runs=150, seed=3,
+                               quiet=True)
+    stats = campaign.Worker(options, 0, machine=machine).fuzz()
+    assert stats.executions >= 150 and not stats.findings, stats.findings
+
+
+def test_a_window_count_that_does_not_add_up_is_refused_by_the_sender_before_the_commit():
+    """The receiver can check a post-copy's window claims only after the commit; the sender checks
+    them against its windows in its first round, so its own inconsistency aborts the restart."""
+    booted = boot.boot([catalog.parse(spec) for spec in GUESTS], hypervisor="hv1", lps=2)
+    booted.machine.run(max_instructions=REQUEST_AT)
+    hashchain = 2                                     # a partition without mappings
+    layout = booted.records.partition
+    counter = booted.symbol("partitions") + hashchain * layout.size + layout.offset("mapped_pages")
+    booted.machine.ram.write(counter, (13).to_bytes(4, "little"))
+    recorder = restart_module.request(booted, "hv2", mode=transfer.Mode.POSTCOPY)
+    ending = recorder.timeline.ending
+    assert ending.outcome.value == "aborted" and ending.status == transfer.Status.INCONSISTENT
+    assert ending.detail == hashchain and booted.hypervisor == "hv1"
+    result = booted.machine.run(max_instructions=run_module.DEFAULT_INSTRUCTION_LIMIT)
+    assert_as_without_restart(run_module.document(booted, result, 2), GUESTS, 2)

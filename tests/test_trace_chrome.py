@@ -133,7 +133,8 @@ def test_exits_and_inverse_hypercalls_are_named_instants(traced):
     assert all(event["args"]["qualification"].startswith("0x") for event in exits)
     calls = [event for event in instants if event["name"].startswith("VMCALLR ")]
     assert len(calls) == recorder.inverse_calls
-    assert {event["name"] for event in calls} == {f"VMCALLR {call.name}" for call in transfer.Call}
+    assert {event["name"] for event in calls} == {f"VMCALLR {call.name}" for call in transfer.Call
+                                                  if call not in transfer.DRAIN_CALLS}     # a pre-copy's
     replies = [event for event in instants if event["name"] == "VMCALL reply ACCEPT"]
     assert len(replies) == recorder.inverse_calls, "every inverse call of a committed restart is accepted"
     for name in ("doorbell", "VMXON", "VMXOFF", "MOV to CR3"):

@@ -41,6 +41,8 @@ SCENARIOS: dict[str, list[str]] = {
     "restart-hv2-hv1-stop-and-copy": ["restart", "--from", "hv2", "--to", "hv1", "--mode", "stop-and-copy",
                                       "--json"],
     "restart-suspend": ["restart", "--mode", "suspend", "--json"],
+    "restart-postcopy-hv2-hv1": ["restart", "--from", "hv2", "--to", "hv1", "--mode", "postcopy", "--json"],
+    "restart-postcopy-failed": ["restart", "--mode", "postcopy", "--inject", "postcopy:crash", "--json"],
     "restart-abort-corrupt": ["restart", "--inject", "blackout:corrupt", "--json"],
     "trace-handoff-text": ["trace", "--from-event", "vmxoff", "--quiet"],
     "trace-first-vmcallr-jsonl": ["trace", "--from-event", "vmcallr", "--to-event", "vmcallr-return",

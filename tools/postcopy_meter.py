@@ -20,18 +20,25 @@ DRAIN_ENDS = {transfer.Phase.DRAINED: "drained", transfer.Phase.DRAIN_FAILED: "f
 @dataclass
 class DemandFetch:
     """One page table of a window fetched because a VP needed it: from the VP's VM exit (an EPT
-    violation, or a map or unmap hypercall) to its next VM entry, on its LP's clock."""
+    violation, or a map or unmap hypercall) to the fetch's return (the table is there), and to the
+    VP's next VM entry (a fetch longer than a quantum ends the VP's slice: the LP's other VPs run
+    first), on its LP's clock."""
 
     partition: int
     vp: int
     lp: int
     cause: str                          # "ept-violation" or "hypercall"
     exit_time: int
+    fetched_time: int | None = None
     entry_time: int | None = None
 
     @property
     def latency(self) -> int | None:
         return None if self.entry_time is None else self.entry_time - self.exit_time
+
+    @property
+    def fetch_ticks(self) -> int | None:
+        return None if self.fetched_time is None else self.fetched_time - self.exit_time
 
 
 @dataclass
@@ -96,6 +103,8 @@ class PostcopyMeter:
                 del self._last_exit[lp]
         elif kind == EventKind.VMCALLR_RETURN:
             call = self._calls.pop(lp, None)
+            if call == transfer.Call.FETCH_TABLE and lp in self._waiting:
+                self._waiting[lp][1].fetched_time = event.time
             if call in FETCH_CALLS and event.data["ok"] and event.data["result"] == transfer.Reply.ACCEPT:
                 with self.clock.excluded():
                     self._read_fetch(call)
@@ -127,6 +136,7 @@ class PostcopyMeter:
 
     def report(self) -> dict:
         latencies = [fetch.latency for fetch in self.fetches if fetch.latency is not None]
+        fetch_ticks = [fetch.fetch_ticks for fetch in self.fetches if fetch.fetch_ticks is not None]
         per_partition: dict[int, int] = {}
         for fetch in self.fetches:
             per_partition[fetch.partition] = per_partition.get(fetch.partition, 0) + 1
@@ -140,8 +150,11 @@ class PostcopyMeter:
             "demand_fetches_per_partition": dict(sorted(per_partition.items())),
             "demand_latency_ticks": {"max": max(latencies, default=None),
                                      "mean": sum(latencies) // len(latencies) if latencies else None,
+                                     "fetch_max": max(fetch_ticks, default=None),
+                                     "fetch_mean": sum(fetch_ticks) // len(fetch_ticks) if fetch_ticks else None,
                                      "per_fetch": [{"partition": fetch.partition, "vp": fetch.vp, "lp": fetch.lp,
-                                                    "cause": fetch.cause, "ticks": fetch.latency}
+                                                    "cause": fetch.cause, "ticks": fetch.latency,
+                                                    "fetch_ticks": fetch.fetch_ticks}
                                                    for fetch in self.fetches]},
             "records_fetched": dict(sorted(self.records_fetched.items())),
             "mappings_as_held": self.mappings_as_held(),

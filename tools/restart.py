@@ -346,7 +346,9 @@ def text(document: dict) -> str:
             lines.append(f"  post-copy: {drain['outcome']}"
                          + (f" ({drain['reason']}, detail {drain['detail']})" if drain["reason"] else "")
                          + f" {drain['drain_ticks']} ticks after the take-over; {drain['demand_fetches']} "
-                         f"demand fetches (largest {latency['max']} ticks, mean {latency['mean']}); "
+                         f"demand fetches (the table there after {latency['fetch_mean']} ticks on average, "
+                         f"{latency['fetch_max']} at most; the VP in again after {latency['mean']}, "
+                         f"{latency['max']} at most); "
                          f"mappings as held at the blackout: {drain['mappings_as_held']}; "
                          f"digest agrees: {drain['digest_agrees_with_python']}")
         if restart_info["guest_memory_unchanged"] is not None:
