@@ -15,8 +15,8 @@ LOG_X = {"ram": 2, "partitions": 2, "vps": 2}     # sweeps drawn on a log scale:
 COLUMNS = ("sweep", "point", "scenario", "VP blackout ticks", "VP blackout host ms", "blackout phase ticks",
            "restart ticks", "restart host s", "mappings req/blackout", "outcome")
 # A post-copy's cost after its commit (tools/postcopy_meter.py): a table of its own, one line per point.
-POSTCOPY_COLUMNS = ("sweep", "point", "VP blackout ticks", "demand fetches per guest", "fetch latency max ticks",
-                    "fetch latency mean ticks", "drain ticks", "drain outcome", "mappings as held")
+POSTCOPY_COLUMNS = ("sweep", "point", "VP blackout ticks", "demand fetches per guest", "VP in again max / mean ticks",
+                    "table there max / mean ticks", "drain ticks", "drain outcome", "mappings as held")
 SCENARIO_STYLE = {scenarios.PRECOPY: ("tab:blue", "o"), scenarios.POSTCOPY: ("tab:purple", "v"),
                   scenarios.STOP_AND_COPY: ("tab:orange", "s"), scenarios.COLD: ("tab:red", "^"),
                   scenarios.SUSPEND: ("tab:green", "D")}
@@ -39,6 +39,12 @@ def _cells(row: dict) -> list[str]:
             _number(row["restart_ticks"]), _number(row["restart_host_s"], 2), mappings, row["outcome"]]
 
 
+def _pair(figures: dict, largest: str, mean: str) -> str:
+    if figures.get(largest) is None:
+        return "-"
+    return f"{_number(figures[largest])} / {_number(figures.get(mean))}"
+
+
 def _drain_cells(row: dict) -> list[str]:
     """A post-copy row's cost after its commit (POSTCOPY_COLUMNS)."""
     drain = row.get("postcopy") or {}
@@ -52,8 +58,8 @@ def _drain_cells(row: dict) -> list[str]:
     if drain.get("reason"):
         outcome += f": {drain['reason']}"
     as_held = drain.get("mappings_as_held")
-    return [row["sweep"], row["label"], _number(row["blackout_ticks"]), fetches, _number(latency.get("max")),
-            _number(latency.get("mean")), _number(drain.get("drain_ticks")), outcome,
+    return [row["sweep"], row["label"], _number(row["blackout_ticks"]), fetches, _pair(latency, "max", "mean"),
+            _pair(latency, "fetch_max", "fetch_mean"), _number(drain.get("drain_ticks")), outcome,
             "-" if as_held is None else "yes" if as_held else "no"]
 
 
@@ -67,7 +73,7 @@ def progress_line(row: dict) -> str:
             f"{cells[4]:>8} ms  ({row.get('bench_host_s', 0):.1f} s)")
     if row["scenario"] == scenarios.POSTCOPY:
         drain = _drain_cells(row)
-        line += f"  demand fetches {drain[3]}, largest {drain[4]} ticks; drain {drain[6]} ticks, {drain[7]}"
+        line += f"  demand fetches {drain[3]}, VP in again after {drain[4]} ticks; drain {drain[6]} ticks, {drain[7]}"
     return line
 
 
@@ -113,8 +119,9 @@ def markdown(document: dict) -> str:
     drained = postcopy_rows(document)
     if drained:
         lines += ["", "Post-copy after its commit: demand fetches (a VP waited for a window page table), the "
-                      "latency each VP saw (its VM exit to its next VM entry), the drain (RESUMED to DRAINED) "
-                      "and whether every mapping fetched is the one the old hypervisor held at the blackout.", "",
+                      "latency each VP saw (its VM exit to its next VM entry; and to the fetch's return, the table "
+                      "there), the drain (RESUMED to DRAINED) and whether every mapping fetched is the one the old "
+                      "hypervisor held at the blackout.", "",
                   "| " + " | ".join(POSTCOPY_COLUMNS) + " |",
                   "|" + "---|" * 2 + "---:|" * (len(POSTCOPY_COLUMNS) - 4) + "---|" * 2]
         lines += ["| " + " | ".join(_drain_cells(row)) + " |" for row in drained]
