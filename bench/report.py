@@ -14,8 +14,12 @@ PLOTS = {"ram": "blackout_vs_ram.png", "vps": "blackout_vs_vps.png", "partitions
 LOG_X = {"ram": 2, "partitions": 2, "vps": 2}     # sweeps drawn on a log scale: the base
 COLUMNS = ("sweep", "point", "scenario", "VP blackout ticks", "VP blackout host ms", "blackout phase ticks",
            "restart ticks", "restart host s", "mappings req/blackout", "outcome")
-SCENARIO_STYLE = {scenarios.PRECOPY: ("tab:blue", "o"), scenarios.STOP_AND_COPY: ("tab:orange", "s"),
-                  scenarios.COLD: ("tab:red", "^"), scenarios.SUSPEND: ("tab:green", "D")}
+# A post-copy's cost after its commit (tools/postcopy_meter.py): a table of its own, one line per point.
+POSTCOPY_COLUMNS = ("sweep", "point", "VP blackout ticks", "demand fetches per guest", "VP in again max / mean ticks",
+                    "table there max / mean ticks", "drain ticks", "drain outcome", "mappings as held")
+SCENARIO_STYLE = {scenarios.PRECOPY: ("tab:blue", "o"), scenarios.POSTCOPY: ("tab:purple", "v"),
+                  scenarios.STOP_AND_COPY: ("tab:orange", "s"), scenarios.COLD: ("tab:red", "^"),
+                  scenarios.SUSPEND: ("tab:green", "D")}
 
 
 def _number(value, digits: int = 0) -> str:
@@ -35,22 +39,64 @@ def _cells(row: dict) -> list[str]:
             _number(row["restart_ticks"]), _number(row["restart_host_s"], 2), mappings, row["outcome"]]
 
 
+def _pair(figures: dict, largest: str, mean: str) -> str:
+    if figures.get(largest) is None:
+        return "-"
+    return f"{_number(figures[largest])} / {_number(figures.get(mean))}"
+
+
+def _drain_cells(row: dict) -> list[str]:
+    """A post-copy row's cost after its commit (POSTCOPY_COLUMNS)."""
+    drain = row.get("postcopy") or {}
+    per_guest = drain.get("demand_fetches_per_guest")
+    fetches = "-"
+    if per_guest is not None:
+        fetches = f"{sum(per_guest):,}" + (f" ({', '.join(f'{count:,}' for count in per_guest)})"
+                                           if len(per_guest) > 1 and any(per_guest) else "")
+    latency = drain.get("demand_latency_ticks", {})
+    outcome = drain.get("outcome", row["outcome"])
+    if drain.get("reason"):
+        outcome += f": {drain['reason']}"
+    as_held = drain.get("mappings_as_held")
+    return [row["sweep"], row["label"], _number(row["blackout_ticks"]), fetches, _pair(latency, "max", "mean"),
+            _pair(latency, "fetch_max", "fetch_mean"), _number(drain.get("drain_ticks")), outcome,
+            "-" if as_held is None else "yes" if as_held else "no"]
+
+
+def postcopy_rows(document: dict) -> list[dict]:
+    return [row for row in document["results"] if row["scenario"] == scenarios.POSTCOPY]
+
+
 def progress_line(row: dict) -> str:
     cells = _cells(row)
-    return (f"{row['sweep']:<10} {row['label']:>7}  {row['scenario']:<14} VP blackout {cells[3]:>11} ticks "
+    line = (f"{row['sweep']:<10} {row['label']:>7}  {row['scenario']:<14} VP blackout {cells[3]:>11} ticks "
             f"{cells[4]:>8} ms  ({row.get('bench_host_s', 0):.1f} s)")
+    if row["scenario"] == scenarios.POSTCOPY:
+        drain = _drain_cells(row)
+        line += f"  demand fetches {drain[3]}, VP in again after {drain[4]} ticks; drain {drain[6]} ticks, {drain[7]}"
+    return line
 
 
-def table(document: dict) -> str:
-    """The terminal table: one line per point and scenario."""
-    rows = [list(COLUMNS)] + [_cells(row) for row in document["results"]]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(COLUMNS))]
+def _aligned(columns: tuple[str, ...], cells: list[list[str]], left: int) -> list[str]:
+    """A terminal table: the first `left` columns aligned left, the others right."""
+    rows = [list(columns)] + cells
+    widths = [max(len(row[column]) for row in rows) for column in range(len(columns))]
     lines = []
     for number, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(width) if column < 3 else cell.rjust(width)
+        lines.append("  ".join(cell.ljust(width) if column < left else cell.rjust(width)
                                for column, (cell, width) in enumerate(zip(row, widths))).rstrip())
         if number == 0:
             lines.append("  ".join("-" * width for width in widths))
+    return lines
+
+
+def table(document: dict) -> str:
+    """The terminal tables: one line per point and scenario, then a post-copy's cost after its commit."""
+    lines = _aligned(COLUMNS, [_cells(row) for row in document["results"]], 3)
+    drained = postcopy_rows(document)
+    if drained:
+        lines += ["", "post-copy after its commit:"]
+        lines += _aligned(POSTCOPY_COLUMNS, [_drain_cells(row) for row in drained], 2)
     return "\n".join(lines)
 
 
@@ -70,6 +116,15 @@ def markdown(document: dict) -> str:
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * 3 + "---:|" * (len(COLUMNS) - 4) + "---|"]
     for row in document["results"]:
         lines.append("| " + " | ".join(_cells(row)) + " |")
+    drained = postcopy_rows(document)
+    if drained:
+        lines += ["", "Post-copy after its commit: demand fetches (a VP waited for a window page table), the "
+                      "latency each VP saw (its VM exit to its next VM entry; and to the fetch's return, the table "
+                      "there), the drain (RESUMED to DRAINED) and whether every mapping fetched is the one the old "
+                      "hypervisor held at the blackout.", "",
+                  "| " + " | ".join(POSTCOPY_COLUMNS) + " |",
+                  "|" + "---|" * 2 + "---:|" * (len(POSTCOPY_COLUMNS) - 4) + "---|" * 2]
+        lines += ["| " + " | ".join(_drain_cells(row)) + " |" for row in drained]
     lines += ["", "| target | verdict | figure |", "|---|---|---|"]
     for target in document["targets"].values():
         lines.append(f"| {target['target']} | {target['verdict']} | {target['by']} |")

@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
                               help="also write every figure to FILE (restart scenarios: instead of DIR/"
                                    "restart_scenarios.json)")
     bench_parser.add_argument("--quick", action="store_true",
-                              help="restart scenarios: every scenario and sweep at small sizes (about 20 s)")
+                              help="restart scenarios: every scenario and sweep at small sizes (about a minute)")
     bench_parser.add_argument("--output", metavar="DIR",
                               help="restart scenarios: where the JSON, Markdown table and plots go "
                                    "(default ./hhr-bench-results; the committed reference results are "

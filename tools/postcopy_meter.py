@@ -9,6 +9,7 @@ from hypervisors import memory_state, transfer
 from hypervisors.boot import Booted
 from hypervisors.timeline import Transition
 from tools.digest_check import message_in_area, records_of
+from tools.host_clock import HostClock
 
 EVENT_KINDS = frozenset({EventKind.VM_EXIT.value, EventKind.VM_ENTRY.value, EventKind.VMCALLR.value,
                          EventKind.VMCALLR_RETURN.value})
@@ -43,9 +44,11 @@ class DemandFetch:
 @dataclass
 class PostcopyMeter:
     """Subscribe `on_event` to the machine's events (EVENT_KINDS) and `on_transition` to the restart
-    timeline; the `booted` view must be on the new hypervisor from RESUMED on (RestartRecorder moves it)."""
+    timeline; the `booted` view must be on the new hypervisor from RESUMED on (RestartRecorder moves it).
+    What it reads for itself (the windows at the blackout, each fetched message) is out of `clock`'s time."""
 
     booted: Booted
+    clock: HostClock = field(default_factory=HostClock)
     held: dict[int, dict[int, int]] | None = None          # the old windows at the blackout: partition: {gpa: hpa}
     resumed_at: int | None = None
     ended_at: int | None = None
@@ -64,7 +67,9 @@ class PostcopyMeter:
     def on_transition(self, transition: Transition) -> None:
         phase = transition.phase
         if phase == transfer.Phase.BLACKOUT:
-            self.held = {number: dict(window) for number, window in memory_state.read(self.booted).windows.items()}
+            with self.clock.excluded():
+                self.held = {number: dict(window)
+                             for number, window in memory_state.read(self.booted).windows.items()}
         elif phase == transfer.Phase.RESUMED:
             self.resumed_at = transition.time
             self._vps = {record.fields["vmcs"]: (record.partition, record.fields["index"])
@@ -101,7 +106,8 @@ class PostcopyMeter:
             if call == transfer.Call.FETCH_TABLE and lp in self._waiting:
                 self._waiting[lp][1].fetched_time = event.time
             if call in FETCH_CALLS and event.data["ok"] and event.data["result"] == transfer.Reply.ACCEPT:
-                self._read_fetch(call)
+                with self.clock.excluded():
+                    self._read_fetch(call)
         elif kind == EventKind.VM_ENTRY and lp in self._waiting:
             vmcs, fetch = self._waiting[lp]
             if event.data["vmcs"] == vmcs:

@@ -42,7 +42,7 @@ class RestartRecorder:
         self.blackouts = VpBlackouts(booted, self.clock, check_memory,
                                      windows_follow=mode == transfer.Mode.POSTCOPY)
         self.digest = DigestCheck(booted, self.clock)
-        self.postcopy = PostcopyMeter(booted) if mode == transfer.Mode.POSTCOPY else None
+        self.postcopy = PostcopyMeter(booted, self.clock) if mode == transfer.Mode.POSTCOPY else None
         self.fault_hook = FaultHook(fault, booted, self.timeline, to_hypervisor) if fault is not None else None
         self.service_region = 0             # where the new hypervisor runs once it has taken over
         self.disk_before: dict = {}         # the disk's counters at the request
