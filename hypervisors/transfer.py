@@ -85,6 +85,7 @@ class RecordType(enum.IntEnum):
     WINDOW_RESET = 10                          # the partition's map window is emptied; MAPs follow
     VP_STATE = 11                              # a VP's state beyond the VMCS: FXSAVE image, CR2, DRs, shared MSRs
     POSTCOPY = 12                              # a post-copy: where the old hypervisor's code serves the fetches
+    DEVICE = 13                                # a block device assigned to a partition, and its completions' VP
 
 
 RECORD_VERSION = 1
@@ -161,6 +162,17 @@ POSTCOPY_RECORD = Struct("tr_postcopy", [
     ("cr3", 8),                                # its page tables
     ("gdt", 8),                                # its GDT: the selectors HV_CODE and HV_DATA
 ])
+# Sent in the blackout after the VP records, one per assigned block device (docs/protocol.md, "Assigned
+# devices"). The device keeps running through the hand-off: its queue is in guest memory and its
+# registers are its own; what crosses is whose it is and where its completions go.
+DEVICE_RECORD = Struct("tr_device", [
+    ("partition", 4), ("index", 4),            # the partition; the VP its completions interrupt (DEVICE_NO_VP:
+                                               # none asked), the index where TR_VP_INDEX is
+    ("device", 4),                             # the block device
+    ("vector", 4),                             # the VP's vector for its completions, 0 for none
+    ("pending", 4), ("_pad0", 4),              # a completion not yet delivered to the VP: its vector, 0 none
+])
+DEVICE_NO_VP = 0xFFFF_FFFF
 DIGEST_MESSAGE = Struct("tr_digest", [
     ("chain", STATE_DIGEST_BYTES),             # the sender's digest chain over every message
 ])
@@ -170,7 +182,7 @@ RECORD_LAYOUTS = {RecordType.INVARIANTS: INVARIANTS_RECORD, RecordType.CPUID: CP
                   RecordType.MAP: MAP_RECORD, RecordType.UNMAP: UNMAP_RECORD,
                   RecordType.OWNER: OWNER_RECORD, RecordType.VMCS: VMCS_RECORD, RecordType.END: END_RECORD,
                   RecordType.WINDOW_RESET: WINDOW_RESET_RECORD, RecordType.VP_STATE: VP_STATE_RECORD,
-                  RecordType.POSTCOPY: POSTCOPY_RECORD}
+                  RecordType.POSTCOPY: POSTCOPY_RECORD, RecordType.DEVICE: DEVICE_RECORD}
 
 # Fields whose values the new hypervisor must take on the old one's word: guest registers, the
 # VMCS images' values, timers, a partition's outcome, names. A changed value there changes what a
@@ -265,7 +277,7 @@ class Status(enum.IntEnum):
     CALL_FAILED = 7                            # an inverse hypercall ended by a VM exit: restart_exit_reason
     DISK_FAILED = 8                            # a disk command failed: the detail is its DiskStatus
     INCONSISTENT = 9                           # the sender's own state contradicts itself: the detail is the partition
-    DEVICE_ASSIGNED = 10                       # a partition has a block device, which no record carries yet: the detail is the partition
+    DEVICE_ASSIGNED = 10                       # a suspend of a partition with a block device (a reset loses it): the detail is the partition
     POSTCOPY_FAILED = 11                       # after a post-copy's commit, a fetch failed: the detail is the reply or exit reason
     POSTCOPY_WINDOW = 12                       # a post-copy brought a window that does not add up: the detail is the partition
 

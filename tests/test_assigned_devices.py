@@ -170,9 +170,42 @@ def test_a_partition_that_ends_gives_its_device_back():
     assert not any(key[0] == 1 for key in iommu.iotlb)                # and its translations dropped
 
 
+CROSSING_GUESTS = ["blkirq,device=blk0", "blkstream,device=blk3", "storm", "counter"]
+
+
+@pytest.mark.parametrize("mode", ["precopy", "stop-and-copy", "postcopy"])
+@pytest.mark.parametrize("source, target", [("hv1", "hv2"), ("hv2", "hv1")])
+def test_assigned_devices_cross_a_hot_restart_busy(mode, source, target):
+    """Two devices streaming, one of them interrupting its VP, through a hot restart in every hot mode:
+    DEVICE records cross, the new hypervisor points the IOMMU at its own EPT, and the guests compute
+    what they compute without a restart, every interrupt counted; no DMA is refused on the way."""
+    booted = boot.boot([catalog.parse(spec) for spec in CROSSING_GUESTS], hypervisor=source, lps=2)
+    faults = []
+    booted.machine.events.subscribe(faults.append, frozenset({"iommu-fault"}))
+    dma = []
+    booted.machine.events.subscribe(dma.append, frozenset({"dma"}))
+    booted.machine.run(max_instructions=RESTART_AT)
+    recorder = restart_module.request(booted, target, mode=restart_module.MODES[mode])
+    assert recorder.committed and booted.hypervisor == target
+    assert recorder.digest.records_by_type.get("device", 0) >= 1, "no device crossed"
+    during = len(dma)
+    result = booted.machine.run(max_instructions=run_module.DEFAULT_INSTRUCTION_LIMIT)
+    document = run_module.document(booted, result, 2)
+    without = {g["name"]: g for g in run_module.run(source, CROSSING_GUESTS, lps=2).document["guests"]}
+    for guest in document["guests"]:
+        assert (guest["exit_code"], guest["console"]) == (without[guest["name"]]["exit_code"],
+                                                          without[guest["name"]]["console"]), guest["name"]
+    assert not faults, faults[:3]
+    assert len(dma) > during > 0, "the devices moved blocks before and after the restart"
+    root = booted.machine.io.iommu.root
+    assert root == booted.read_qword("iommu_root"), "the IOMMU reads the new hypervisor's root table"
+
+
 @pytest.mark.parametrize("guest", ["blkstream", "blkirq"])
-def test_a_restart_with_a_device_assigned_aborts_and_the_guests_go_on(guest):
-    document = restart_module.restart("hv1", "hv2", [f"{guest},device=blk0", "counter"], request_at=RESTART_AT)
+def test_a_suspend_with_a_device_assigned_aborts_and_the_guests_go_on(guest):
+    """A suspend resets the machine, and its devices with it: it refuses a partition with one."""
+    document = restart_module.restart("hv1", "hv2", [f"{guest},device=blk0", "counter"], request_at=RESTART_AT,
+                                      mode="suspend")
     restart = document["restart"]
     assert restart["outcome"] == "aborted" and restart["reason"] == transfer.Status.DEVICE_ASSIGNED.name.lower()
     assert restart["detail"] == 0
