@@ -15,6 +15,7 @@ from guests import catalog
 from guests.catalog import GuestSpecError
 from hypervisors import boot, build, transfer
 from hypervisors.boot import BootError
+from tools import faults
 from tools import restart as restart_module
 from tools import run as run_module
 
@@ -233,3 +234,16 @@ def test_a_guest_without_a_device_finds_none(guest):
     assert document["guests"][0]["exit_code"] == 1
     # blkirq says so only after set-device-interrupt answered ENODEV (else it says that it did not).
     assert document["guests"][0]["console"] == f"{guest}: no block device assigned; round 0\n"
+
+
+@pytest.mark.parametrize("step", [step for step in faults.ABORT_STEPS if step not in ("request", "boot")])
+def test_a_fault_at_each_step_with_devices_busy_aborts_cleanly(step):
+    """The protocol's faults (tools/faults.py) while two devices stream: the restart aborts, the devices
+    were never stopped, and every guest computes what it computes without a restart."""
+    document = restart_module.restart("hv1", "hv2", CROSSING_GUESTS, lps=2, request_at=RESTART_AT,
+                                      inject=f"{step}:crash")
+    assert document["restart"]["outcome"] == "aborted" and document["hypervisor"] == "hv1"
+    without = {g["name"]: g for g in run_module.run("hv1", CROSSING_GUESTS, lps=2).document["guests"]}
+    for guest in document["guests"]:
+        assert (guest["exit_code"], guest["console"]) == (without[guest["name"]]["exit_code"],
+                                                          without[guest["name"]]["console"]), guest["name"]
