@@ -174,6 +174,14 @@ def test_a_partition_that_ends_gives_its_device_back():
 CROSSING_GUESTS = ["blkirq,device=blk0", "blkstream,device=blk3", "storm", "counter"]
 
 
+def assert_crossing_guests_as_without_restart(document: dict, hypervisor: str) -> None:
+    """Every guest of CROSSING_GUESTS ends with the exit code and console of a run without a restart."""
+    without = {g["name"]: g for g in run_module.run(hypervisor, CROSSING_GUESTS, lps=2).document["guests"]}
+    for guest in document["guests"]:
+        assert (guest["exit_code"], guest["console"]) == (without[guest["name"]]["exit_code"],
+                                                          without[guest["name"]]["console"]), guest["name"]
+
+
 @pytest.mark.parametrize("mode", ["precopy", "stop-and-copy", "postcopy"])
 @pytest.mark.parametrize("source, target", [("hv1", "hv2"), ("hv2", "hv1")])
 def test_assigned_devices_cross_a_hot_restart_busy(mode, source, target):
@@ -191,11 +199,7 @@ def test_assigned_devices_cross_a_hot_restart_busy(mode, source, target):
     assert recorder.digest.records_by_type.get("device", 0) >= 1, "no device crossed"
     during = len(dma)
     result = booted.machine.run(max_instructions=run_module.DEFAULT_INSTRUCTION_LIMIT)
-    document = run_module.document(booted, result, 2)
-    without = {g["name"]: g for g in run_module.run(source, CROSSING_GUESTS, lps=2).document["guests"]}
-    for guest in document["guests"]:
-        assert (guest["exit_code"], guest["console"]) == (without[guest["name"]]["exit_code"],
-                                                          without[guest["name"]]["console"]), guest["name"]
+    assert_crossing_guests_as_without_restart(run_module.document(booted, result, 2), source)
     assert not faults, faults[:3]
     assert len(dma) > during > 0, "the devices moved blocks before and after the restart"
     root = booted.machine.io.iommu.root
@@ -243,7 +247,4 @@ def test_a_fault_at_each_step_with_devices_busy_aborts_cleanly(step):
     document = restart_module.restart("hv1", "hv2", CROSSING_GUESTS, lps=2, request_at=RESTART_AT,
                                       inject=f"{step}:crash")
     assert document["restart"]["outcome"] == "aborted" and document["hypervisor"] == "hv1"
-    without = {g["name"]: g for g in run_module.run("hv1", CROSSING_GUESTS, lps=2).document["guests"]}
-    for guest in document["guests"]:
-        assert (guest["exit_code"], guest["console"]) == (without[guest["name"]]["exit_code"],
-                                                          without[guest["name"]]["console"]), guest["name"]
+    assert_crossing_guests_as_without_restart(document, "hv1")
