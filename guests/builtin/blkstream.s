@@ -1,5 +1,6 @@
 ; blkstream: the stream of checksummed blocks (blkstream.inc) through the block device assigned to it
 ; (`--guest blkstream,device=blkN`), each round's completion awaited by polling HEAD.
+%define ROUNDS 48
 %include "blkstream.inc"
 
 no_device:
