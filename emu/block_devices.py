@@ -31,6 +31,11 @@ QUEUE_ENTRY = Struct("dma_entry", [
 ROUTE_VECTOR_MASK = 0xFF               # DEVICE_ROUTE: bits 7:0 the vector, bits 15:8 the LP
 ROUTE_LP_SHIFT = 8
 ROUTE_LP_MASK = 0xFF
+STATUS_BYTES = QUEUE_ENTRY.field_size("status")
+# Told of every DMA write into RAM (a read's data, an entry's status), after it lands: the device,
+# the host-physical address, the bytes written. What a checker of where DMA lands listens to
+# (tools/dma_audit.py); the `dma` event says what an entry asked, not where its bytes went.
+DmaWriteObserver = Callable[[int, int, int], None]
 
 
 class EntryStatus(enum.IntEnum):
@@ -124,6 +129,21 @@ class BlockDevices:
         self.flush_code = flush_code
         self.devices = devices if devices is not None else [BlockDevice(number) for number in range(DEVICE_COUNT)]
         self.iommu = Iommu(ram, len(self.devices))
+        self._dma_write_observers: list[DmaWriteObserver] = []
+
+    # --- who is told where DMA writes land -----------------------------------------------------------------
+    def observe_dma_writes(self, observer: DmaWriteObserver) -> None:
+        """From now on `observer` is told of every DMA write into RAM (device, host address, bytes)."""
+        self._dma_write_observers.append(observer)
+
+    def forget_dma_writes(self, observer: DmaWriteObserver) -> None:
+        self._dma_write_observers.remove(observer)
+
+    def _dma_write(self, device: int, host: int, data: bytes) -> None:
+        """`data` into RAM at a host-physical address the IOMMU gave, and the observers told."""
+        self.ram.write(host, data)
+        for observer in self._dma_write_observers:
+            observer(device, host, len(data))
 
     # --- DMA -----------------------------------------------------------------------------------------------
     def _dma_read(self, device: int, address: int, length: int) -> bytes | Fault:
@@ -179,7 +199,7 @@ class BlockDevices:
                 device.queue_fault = True
                 self._publish_fault(lp, back)
                 break
-            self.ram.write_u32(back[0][0], int(status))
+            self._dma_write(device.number, back[0][0], int(status).to_bytes(STATUS_BYTES, "little"))
             byte_count = entry["count"] * DISK_BLOCK_SIZE if status == EntryStatus.DONE else 0
             start += transfer_ticks(DiskCommand(entry["command"]) if status == EntryStatus.DONE else DiskCommand.WRITE,
                                     byte_count)
@@ -217,7 +237,7 @@ class BlockDevices:
             if command == DiskCommand.WRITE:
                 device.contents.write(offset, self.ram.read(host, length))
             else:
-                self.ram.write(host, device.contents.read(offset, length))
+                self._dma_write(device.number, host, device.contents.read(offset, length))
             offset += length
         device.bytes_moved += byte_count
         return EntryStatus.DONE, True

@@ -68,6 +68,10 @@ class Booted(HypervisorGlobals):
         """The hypervisor's partition records, one per guest, in boot order."""
         return self.partition_records(len(self.guests))
 
+    def device_owners(self) -> dict[int, int]:
+        """The hypervisor's own record of the block devices it has assigned: device to partition number."""
+        return self.device_owner_table(len(self.guests))
+
 
 def _check(guests: tuple[GuestImage, ...], lps: int) -> None:
     assigned = [guest.device for guest in guests if guest.device is not None]

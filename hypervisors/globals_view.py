@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 from hypervisors import build, layouts
 
+PARTITION_DEVICE_BYTES = 4              # devices.inc partition_devices: a dword per partition, device + 1 (0: none)
+
 
 @dataclass(frozen=True)
 class VpRecord:
@@ -66,6 +68,7 @@ class HypervisorGlobals:
     restart_status = Qword("The last restart's transfer.Status.")
     restart_detail = Qword("What the last restart's status names (for a refusal: which check).")
     partition_base = Address("The partition records (one per guest, in boot order).", label="partitions")
+    partition_devices = Address("devices.inc: each partition's block device + 1, 0 for none.")
     # Variables of one include (its NAME_variables macro).
     memory_lock = Qword("memory.inc: bit 0 set while an LP holds the memory lock.")
     free_next = Qword("partitions.inc: the next free byte partitions take their memory from.")
@@ -108,3 +111,10 @@ class HypervisorGlobals:
         layout = self.records.partition
         base, size = self.partition_base, layout.size
         return [layout.unpack(self.machine.ram.read(base + i * size, size)) for i in range(count)]
+
+    def device_owner_table(self, count: int) -> dict[int, int]:
+        """Which of the first `count` partitions holds each assigned block device: device to partition number."""
+        table = self.machine.ram.read(self.partition_devices, count * PARTITION_DEVICE_BYTES)
+        entries = [int.from_bytes(table[i:i + PARTITION_DEVICE_BYTES], "little")
+                   for i in range(0, len(table), PARTITION_DEVICE_BYTES)]
+        return {entry - 1: partition for partition, entry in enumerate(entries) if entry}

@@ -9,6 +9,7 @@ import pytest
 
 from emu.block_devices import DeviceStatus
 from emu.block_devices import ROUTE_LP_SHIFT, ROUTE_VECTOR_MASK
+from emu.iommu import ADDRESS_MASK, ROOT_ENTRY_BYTES, ROOT_PRESENT
 from emu.ports import BLOCK_DEVICE_BASE, BLOCK_DEVICE_STRIDE, DEVICE_CAPACITY, DEVICE_TAIL
 from emu.vmx_defs import ExitReason
 from guests import catalog
@@ -16,6 +17,7 @@ from guests.catalog import GuestSpecError
 from hypervisors import boot, build, transfer
 from hypervisors.boot import BootError
 from tools import faults
+from tools import dma_audit
 from tools import restart as restart_module
 from tools import run as run_module
 
@@ -172,23 +174,29 @@ def test_a_partition_that_ends_gives_its_device_back():
 
 
 CROSSING_GUESTS = ["blkirq,device=blk0", "blkstream,device=blk3", "storm", "counter"]
+# Every hot mode in both directions on 2 LPs, and one direction and mode each on 1 and on 3 LPs.
+CROSSING_CASES = [(mode, source, target, 2) for mode in ("precopy", "stop-and-copy", "postcopy")
+                  for source, target in (("hv1", "hv2"), ("hv2", "hv1"))] + [
+    ("precopy", "hv1", "hv2", 1), ("postcopy", "hv2", "hv1", 3)]
 
 
-def assert_crossing_guests_as_without_restart(document: dict, hypervisor: str) -> None:
+def assert_crossing_guests_as_without_restart(document: dict, hypervisor: str, lps: int = 2) -> None:
     """Every guest of CROSSING_GUESTS ends with the exit code and console of a run without a restart."""
-    without = {g["name"]: g for g in run_module.run(hypervisor, CROSSING_GUESTS, lps=2).document["guests"]}
+    without = {g["name"]: g for g in run_module.run(hypervisor, CROSSING_GUESTS, lps=lps).document["guests"]}
     for guest in document["guests"]:
         assert (guest["exit_code"], guest["console"]) == (without[guest["name"]]["exit_code"],
                                                           without[guest["name"]]["console"]), guest["name"]
 
 
-@pytest.mark.parametrize("mode", ["precopy", "stop-and-copy", "postcopy"])
-@pytest.mark.parametrize("source, target", [("hv1", "hv2"), ("hv2", "hv1")])
-def test_assigned_devices_cross_a_hot_restart_busy(mode, source, target):
+@pytest.mark.parametrize("mode, source, target, lps", CROSSING_CASES,
+                         ids=[f"{mode}-{source}-{target}-{lps}lp" for mode, source, target, lps in CROSSING_CASES])
+def test_assigned_devices_cross_a_hot_restart_busy(mode, source, target, lps):
     """Two devices streaming, one of them interrupting its VP, through a hot restart in every hot mode:
     DEVICE records cross, the new hypervisor points the IOMMU at its own EPT, and the guests compute
-    what they compute without a restart, every interrupt counted; no DMA is refused on the way."""
-    booted = boot.boot([catalog.parse(spec) for spec in CROSSING_GUESTS], hypervisor=source, lps=2)
+    what they compute without a restart, every interrupt counted; no DMA is refused on the way, and
+    the DMA audit finds every byte written inside the RAM of the device's partition."""
+    booted = boot.boot([catalog.parse(spec) for spec in CROSSING_GUESTS], hypervisor=source, lps=lps)
+    audit = dma_audit.DmaAudit(booted)
     faults = []
     booted.machine.events.subscribe(faults.append, frozenset({"iommu-fault"}))
     dma = []
@@ -199,11 +207,38 @@ def test_assigned_devices_cross_a_hot_restart_busy(mode, source, target):
     assert recorder.digest.records_by_type.get("device", 0) >= 1, "no device crossed"
     during = len(dma)
     result = booted.machine.run(max_instructions=run_module.DEFAULT_INSTRUCTION_LIMIT)
-    assert_crossing_guests_as_without_restart(run_module.document(booted, result, 2), source)
+    assert_crossing_guests_as_without_restart(run_module.document(booted, result, lps), source, lps)
     assert not faults, faults[:3]
     assert len(dma) > during > 0, "the devices moved blocks before and after the restart"
     root = booted.machine.io.iommu.root
     assert root == booted.read_qword("iommu_root"), "the IOMMU reads the new hypervisor's root table"
+    # Each entry's status, each read's data: the two streams' doorbells, 2 entries and 8 blocks each way.
+    assert audit.writes >= 2 * len(dma) and not audit.violations, audit.summary()
+
+
+def test_the_dma_audit_catches_a_device_pointed_at_another_partition_s_memory():
+    """Root points blk0's IOMMU root entry at the other partition's EPT: the device's writes land in
+    that partition's RAM, and the audit, which goes by the hypervisor's tables (blk0 is partition 0's),
+    records them."""
+    booted = boot.boot([catalog.parse(spec) for spec in ("blkstream,device=blk0", "counter")], hypervisor="hv1")
+    iommu = booted.machine.io.iommu
+    limit = 0
+    while not (iommu.root and booted.device_owners() == {0: 0} and booted.partitions()[1]["eptp"]):
+        limit += ROUTE_STEP
+        assert limit < run_module.DEFAULT_INSTRUCTION_LIMIT, "blk0 was never assigned"
+        booted.machine.run(max_instructions=limit)
+    victim = booted.partitions()[1]
+    booted.machine.ram.write_u64(iommu.root + 0 * ROOT_ENTRY_BYTES, victim["eptp"] & ADDRESS_MASK | ROOT_PRESENT)
+    iommu.invalidate(0)
+    audit = dma_audit.DmaAudit(booted)
+    booted.machine.run(max_instructions=run_module.DEFAULT_INSTRUCTION_LIMIT)
+    assert audit.violations, audit.summary()
+    own = booted.partitions()[0]
+    for violation in audit.violations:
+        assert (violation.device, violation.partition, violation.hypervisor) == (0, 0, "hv1")
+        assert violation.ram == (own["memory"], own["memory_size"])
+        assert victim["memory"] <= violation.address < victim["memory"] + victim["memory_size"]
+    assert len(audit.violations) == audit.writes, "every write after the plant goes to the other partition"
 
 
 @pytest.mark.parametrize("guest", ["blkstream", "blkirq"])

@@ -222,3 +222,22 @@ def test_a_guest_programs_its_device_but_not_the_interrupt_route_and_a_snapshot_
     device.head = 0
     run.machine.restore(snapshot)
     assert device.head == 1 and device.contents.read(0, 7) == bytes(7)
+
+
+def test_the_dma_write_observers_are_told_where_each_write_into_memory_landed():
+    """A read's data at the host address the IOMMU gave, each entry's status write-back; a write to
+    the device and a refused buffer put nothing into memory but the status."""
+    machine = new_machine()
+    map_dma_page(machine, QUEUE, QUEUE, ENTRY_READ | ENTRY_WRITE)
+    map_dma_page(machine, BUFFER, REMAPPED, ENTRY_READ | ENTRY_WRITE)
+    machine.ram.write(QUEUE, entry(DiskCommand.READ, 0, BUFFER, 1) + entry(DiskCommand.WRITE, 0, BUFFER, 1)
+                      + entry(DiskCommand.READ, 0, SECOND_BUFFER, 1))
+    told = []
+    machine.io.block_devices.observe_dma_writes(lambda *write: told.append(write))
+    result = run_root(machine, lines(iommu_on(), program_queue(4), out(port(ports.DEVICE_TAIL), 3), wait_idle(),
+                                     debug_exit(DONE)))
+    assert result.stop.exit_status == exit_status(DONE)
+    status = [QUEUE + n * QUEUE_ENTRY.size + QUEUE_ENTRY.offset("status") for n in range(3)]
+    status_bytes = QUEUE_ENTRY.field_size("status")
+    assert told == [(DEVICE, REMAPPED, DISK_BLOCK_SIZE), (DEVICE, status[0], status_bytes),
+                    (DEVICE, status[1], status_bytes), (DEVICE, status[2], status_bytes)]
