@@ -1,4 +1,4 @@
-"""One case of tests/test_restart_oracle.py in a process of its own, so that a machine crash fails the case instead of ending pytest: argv[1] is the request (JSON), the answer (JSON) goes to standard output."""
+"""One case of tests/test_restart_oracle.py or tests/test_device_soak.py in a process of its own, so that a machine crash fails the case instead of ending pytest: argv[1] is the request (JSON), the answer (JSON) goes to standard output."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from guests import catalog  # noqa: E402  (after the repository root is on the path)
 from hypervisors import boot, layouts  # noqa: E402
+from tools import dma_audit  # noqa: E402
 from tools import restart as restart_module  # noqa: E402
 from tools import run as run_module  # noqa: E402
 
@@ -37,8 +38,10 @@ def restart(request: dict) -> dict:
 def row(request: dict) -> dict:
     """Restarts back to back, alternating between hv1 and hv2 and cycling through `modes` (no
     guest-memory hashing: it would dominate), then the run to the end; says whether the first guest
-    still ran after the last."""
+    still ran after the last. With `audit`, the DMA audit (tools/dma_audit.py) watches the whole
+    run, and the answer has what it saw and the block devices' counters."""
     booted = boot.boot([catalog.parse(spec) for spec in request["specs"]], hypervisor="hv1", lps=request["lps"])
+    audit = dma_audit.DmaAudit(booted) if request.get("audit") else None
     booted.machine.run(max_instructions=request["request_at"])
     restarts = []
     modes = request["modes"]
@@ -48,13 +51,20 @@ def row(request: dict) -> dict:
         recorder = restart_module.request(booted, target, check_memory=False, mode=mode)
         restarts.append({"to": target, "mode": mode.name.lower(), "finished": recorder.finished,
                          "hypervisor": booted.hypervisor,
+                         "device_records": recorder.digest.records_by_type.get("device", 0),
                          "outcome": "committed" if recorder.finished and booted.hypervisor == target else "failed"})
         if restarts[-1]["outcome"] != "committed":
             break
     first_running = booted.partitions()[0]["state"] == layouts.PARTITION_RUNNING
     result = booted.machine.run(max_instructions=request["run_limit"])
-    return run_module.document(booted, result, request["lps"]) | {"restarts": restarts,
-                                                                    "first_guest_ran_to_the_last": first_running}
+    answer = run_module.document(booted, result, request["lps"]) | {"restarts": restarts,
+                                                                      "first_guest_ran_to_the_last": first_running}
+    if audit is not None:
+        devices = booted.machine.io.block_devices.devices
+        answer |= {"dma_audit": audit.summary(),
+                   "block_devices": [{"device": device.number, "entries_done": device.entries_done,
+                                      "bytes_moved": device.bytes_moved} for device in devices]}
+    return answer
 
 
 if __name__ == "__main__":

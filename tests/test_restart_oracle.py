@@ -9,18 +9,14 @@ set HHR_ORACLE_FULL=1 to run the full product of the parameters (432 cases) by h
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
-import subprocess
-import sys
 from functools import lru_cache
-from pathlib import Path
 
 import pytest
 
 from guests import c_examples
-from tools import run as run_module
+from tests.worker_process import in_own_process
 
 DIRECTIONS = [("hv1", "hv2"), ("hv2", "hv1"), ("hv1", "hv1"), ("hv2", "hv2")]
 MODES = ["precopy", "stop-and-copy", "suspend", "postcopy"]
@@ -113,22 +109,6 @@ def assert_reference_is_clean(expected: dict, lps: int, cpustate_vps: int) -> No
 
 
 SUMMARY = re.compile(r"cpustate vp (\d+): all \d+ values intact after \d+ checks")
-
-
-def in_own_process(**request) -> dict:
-    """tests/restart_oracle_worker.py's answer to `request`: the run's document. A crash of the
-    machine fails the test with the signal and the end of the worker's standard error."""
-    worker = subprocess.run([sys.executable, "-X", "faulthandler", str(WORKER), json.dumps(request)],
-                            capture_output=True, text=True,
-                            timeout=WORKER_TIMEOUT)
-    if worker.returncode < 0:
-        pytest.fail(f"the machine's process died by signal {-worker.returncode} ({request}):\n{worker.stderr[-2000:]}")
-    assert worker.returncode == 0, f"the worker failed ({request}):\n{worker.stderr[-4000:]}"
-    return json.loads(worker.stdout)
-
-
-WORKER = Path(__file__).resolve().parent / "restart_oracle_worker.py"
-WORKER_TIMEOUT = 900            # seconds: a hang fails the case too
 
 
 def assert_same_as_without_restart(document: dict, expected: dict) -> None:
