@@ -1,8 +1,9 @@
 """Block devices assigned to guests by both hypervisors (docs/guests.md, "An assigned block device"):
 a guest streams blocks through its device without an exit, the IOMMU keeps a hostile guest's DMA in
 its own RAM, a device's completion interrupt reaches the VP that asked for it as a virtual interrupt
-(and wakes it from HLT), the device is taken back when the partition ends, and a restart with a
-device aborts cleanly for now."""
+(and wakes it from HLT), the device is taken back when the partition ends, devices cross a hot
+restart busy with every DMA write inside the device's partition (tools/dma_audit.py, which catches
+one planted outside), and a suspend with a device aborts cleanly."""
 from __future__ import annotations
 
 import pytest
