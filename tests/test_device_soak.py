@@ -9,6 +9,7 @@ import collections
 import re
 import time
 
+from emu.block_devices import STATUS_BYTES
 from emu.disk import DISK_BLOCK_SIZE
 from tests.worker_process import in_own_process
 
@@ -19,11 +20,9 @@ MODES = ["precopy", "postcopy", "stop-and-copy"]
 REQUEST_AT = 300_000            # instructions (all LPs) before the first request: both devices streaming
 RUN_LIMIT = 2_000_000_000
 LIFE_STEP = 250_000             # instructions between looks at the partition table (the reference run)
-# What each guest's stream does (guests/builtin/blksoak.s, blkstream.s, blkstream.inc).
-ROUNDS = {0: 1200, 3: 48}       # by device: blksoak's rounds on blk0, blkstream's on blk3
-ENTRIES_PER_ROUND = 2           # a write to the device, a read back
-BLOCKS_PER_ENTRY = 8
-STATUS_BYTES = 4                # the entry's status the device writes back (emu/block_devices.py QUEUE_ENTRY)
+STREAMS = {0: "blksoak", 3: "blkstream"}                    # each device's guest
+ENTRIES_PER_ROUND = 2           # blkstream.inc: a write to the device, the same blocks read back
+STREAM_LINE = re.compile(r"\w+: rounds (\d+), blocks moved (\d+), checksum \d+")
 INTERRUPTS = re.compile(r", interrupts (\d+)")
 
 
@@ -47,10 +46,13 @@ def test_fifty_restarts_with_a_device_busy_change_nothing_a_guest_sees_and_dma_s
     # The devices did all the guests asked, and the audit saw each write into memory: every entry's
     # status and every read's blocks, none outside the device's partition.
     devices = {device["device"]: device for device in soak["block_devices"]}
-    for number, rounds in ROUNDS.items():
-        assert devices[number]["entries_done"] == rounds * ENTRIES_PER_ROUND
-        assert devices[number]["bytes_moved"] == rounds * ENTRIES_PER_ROUND * BLOCKS_PER_ENTRY * DISK_BLOCK_SIZE
+    consoles = {guest["name"]: guest["console"] for guest in soak["guests"]}
+    for number, name in STREAMS.items():
+        rounds, blocks = map(int, STREAM_LINE.match(consoles[name]).groups())
+        assert devices[number]["entries_done"] == rounds * ENTRIES_PER_ROUND, name
+        assert devices[number]["bytes_moved"] == blocks * DISK_BLOCK_SIZE, name
     entries = sum(device["entries_done"] for device in devices.values())
+    # Each round's read brings back what its write took: half the bytes moved went into memory.
     bytes_read = sum(device["bytes_moved"] for device in devices.values()) // ENTRIES_PER_ROUND
     audit = soak["dma_audit"]
     assert audit["violations"] == 0, audit["first_violations"]

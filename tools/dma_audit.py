@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass
 
 from hypervisors.boot import Booted
 
+FIRST_VIOLATIONS_SHOWN = 5              # in the summary, in full
+
 
 @dataclass(frozen=True)
 class Violation:
@@ -50,6 +52,3 @@ class DmaAudit:
         """What the audit saw: writes and bytes checked, and the violations (the first few in full)."""
         return {"writes": self.writes, "bytes": self.bytes, "violations": len(self.violations),
                 "first_violations": [asdict(violation) for violation in self.violations[:FIRST_VIOLATIONS_SHOWN]]}
-
-
-FIRST_VIOLATIONS_SHOWN = 5
