@@ -82,6 +82,28 @@ def _window(ram, eptp: int) -> tuple[dict[int, int], list[int]]:
     return leaves, tables
 
 
+def page_owner(booted, host_page: int) -> int:
+    """The OWNER_* value the hypervisor's page-ownership database gives one host page: its frame's,
+    or, in a split frame, the page's own record's (OWNER_FREE above the frames it keeps)."""
+    records = booted.records
+    frame_layout, page_layout = records.frame, records.page
+    ram = booted.machine.ram
+    number = host_page // LARGE_PAGE_SIZE
+    if number >= booted.frame_count:
+        return layouts.OWNER_FREE
+    frame = frame_layout.unpack(ram.read(booted.frame_table + number * frame_layout.size, frame_layout.size))
+    if frame["owner"] != layouts.OWNER_SPLIT:
+        return frame["owner"]
+    index = host_page % LARGE_PAGE_SIZE // PAGE_SIZE
+    return page_layout.unpack(ram.read(frame["pages"] + index * page_layout.size, page_layout.size))["owner"]
+
+
+def window_pages(booted, partition: int) -> set[int]:
+    """The host pages one partition's map window maps, by the partition's EPT."""
+    leaves, _ = _window(booted.machine.ram, booted.partitions()[partition]["eptp"])
+    return set(leaves.values())
+
+
 def lock_held(booted) -> bool:
     """The hypervisor's memory_lock: while an LP holds it, the database and the windows may disagree for a moment."""
     return bool(booted.memory_lock)

@@ -1,8 +1,10 @@
-"""The DMA audit: attached to a booted machine, it checks that every byte a block device writes into RAM lands inside the RAM of the partition that holds the device at that moment, by the running hypervisor's own tables, and keeps what did not."""
+"""The DMA audit: attached to a booted machine, it checks that every byte a block device writes into RAM lands in memory of the partition that holds the device at that moment (its RAM, or a page of its map window), by the running hypervisor's own tables, and keeps what did not."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from emu.iommu import PAGE_SIZE
+from hypervisors import layouts, memory_state
 from hypervisors.boot import Booted
 
 FIRST_VIOLATIONS_SHOWN = 5              # in the summary, in full
@@ -22,13 +24,17 @@ class Violation:
 
 class DmaAudit:
     """Told of each DMA write by the block devices (emu/block_devices.py `observe_dma_writes`), it
-    reads the device's partition and that partition's RAM from the hypervisor in charge (the `booted`
-    view, which a hot restart moves to the new hypervisor) and records every write not inside it."""
+    reads the device's partition from the hypervisor in charge (the `booted` view, which a hot
+    restart moves to the new hypervisor) and accepts a write inside that partition's RAM (its
+    record's base and size) or into pages the page-ownership database gives the partition (its map
+    window's); it records every other."""
 
     def __init__(self, booted: Booted):
         self.booted = booted
         self.writes = 0                 # DMA writes checked
         self.bytes = 0
+        self.window_writes = 0          # of them, into map-window pages
+        self.pending_writes = 0         # of those, pages a post-copy's drain had not given an owner yet
         self.violations: list[Violation] = []
         self._devices = booted.machine.io.block_devices
         self._devices.observe_dma_writes(self.check)
@@ -46,9 +52,28 @@ class DmaAudit:
             ram = (record["memory"], record["memory_size"])
             if ram[0] <= address and address + length <= ram[0] + ram[1]:
                 return
+            if self._pages_owned_by(partition, address, length):
+                self.window_writes += 1
+                return
         self.violations.append(Violation(device, address, length, self.booted.hypervisor, partition, ram))
 
+    def _pages_owned_by(self, partition: int, address: int, length: int) -> bool:
+        """Every page the write touches is the partition's by the page-ownership database; or, in a
+        post-copy before the drain has brought its owner (OWNER_PENDING), mapped by its map window."""
+        owner = layouts.OWNER_PARTITION_BASE + partition
+        first, last = address // PAGE_SIZE, (address + length - 1) // PAGE_SIZE
+        for page in range(first * PAGE_SIZE, (last + 1) * PAGE_SIZE, PAGE_SIZE):
+            recorded = memory_state.page_owner(self.booted, page)
+            if recorded == layouts.OWNER_PENDING and page in memory_state.window_pages(self.booted, partition):
+                self.pending_writes += 1
+            elif recorded != owner:
+                return False
+        return True
+
     def summary(self) -> dict:
-        """What the audit saw: writes and bytes checked, and the violations (the first few in full)."""
-        return {"writes": self.writes, "bytes": self.bytes, "violations": len(self.violations),
+        """What the audit saw: writes and bytes checked, those into window pages, and the violations
+        (the first few in full)."""
+        return {"writes": self.writes, "bytes": self.bytes, "window_writes": self.window_writes,
+                "pending_writes": self.pending_writes,
+                "violations": len(self.violations),
                 "first_violations": [asdict(violation) for violation in self.violations[:FIRST_VIOLATIONS_SHOWN]]}
