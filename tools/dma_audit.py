@@ -62,12 +62,14 @@ class DmaAudit:
         post-copy before the drain has brought its owner (OWNER_PENDING), mapped by its map window."""
         owner = layouts.OWNER_PARTITION_BASE + partition
         first, last = address // PAGE_SIZE, (address + length - 1) // PAGE_SIZE
-        for page in range(first * PAGE_SIZE, (last + 1) * PAGE_SIZE, PAGE_SIZE):
-            recorded = memory_state.page_owner(self.booted, page)
-            if recorded == layouts.OWNER_PENDING and page in memory_state.window_pages(self.booted, partition):
-                self.pending_writes += 1
-            elif recorded != owner:
-                return False
+        owners = {page: memory_state.page_owner(self.booted, page)
+                  for page in range(first * PAGE_SIZE, (last + 1) * PAGE_SIZE, PAGE_SIZE)}
+        pending = {page for page, recorded in owners.items() if recorded == layouts.OWNER_PENDING}
+        if any(recorded != owner for page, recorded in owners.items() if page not in pending):
+            return False
+        if pending and not pending <= memory_state.window_pages(self.booted, partition):
+            return False
+        self.pending_writes += bool(pending)
         return True
 
     def summary(self) -> dict:
