@@ -15,8 +15,9 @@ SWEEP_TITLES = {"ram": "guest RAM (one guest, 1 LP)", "partitions": "partitions 
 PLOTS = {"ram": "blackout_vs_ram.png", "vps": "blackout_vs_vps.png", "partitions": "blackout_vs_partitions.png",
          "mappings": "blackout_vs_mappings.png", "storm": "blackout_vs_storm.png", "lps": "blackout_vs_lps.png",
          scenarios.DEVICES: "blackout_vs_devices.png"}
-# A sweep drawn with another's lines beside its own, dashed: the same points without what the sweep adds.
-CONTROL_SWEEPS = {scenarios.DEVICES: scenarios.NO_DEVICES}
+# A sweep drawn with another's lines beside its own, dashed: the same points without what the sweep adds
+# (the other sweep, and its lines' label).
+CONTROL_SWEEPS = {scenarios.DEVICES: (scenarios.NO_DEVICES, "a counter for each device guest")}
 LOG_X = {"ram": 2, "partitions": 2, "vps": 2}     # sweeps drawn on a log scale: the base
 COLUMNS = ("sweep", "point", "scenario", "VP blackout ticks", "VP blackout host ms", "blackout phase ticks",
            "restart ticks", "restart host s", "mappings req/blackout", "outcome")
@@ -223,14 +224,14 @@ def plot(document: dict, sweep: str, path: Path) -> bool:
             if line:
                 axis.plot([x for x, _ in line], [y for _, y in line], marker=marker, color=colour,
                           label=scenarios.SCENARIO_TITLES[scenario])
+        control_sweep, control_label = CONTROL_SWEEPS.get(sweep, (None, None))
         control = [row for row in document["results"]
-                   if row["sweep"] == CONTROL_SWEEPS.get(sweep) and row["blackout_ticks"] is not None]
+                   if row["sweep"] == control_sweep and row["blackout_ticks"] is not None]
         for scenario, (colour, marker) in SCENARIO_STYLE.items():
             line = sorted((row["x"], row[key]) for row in control if row["scenario"] == scenario)
             if line:
-                label = f"{scenarios.SCENARIO_TITLES[scenario]}, {SWEEP_TITLES[CONTROL_SWEEPS[sweep]]}"
                 axis.plot([x for x, _ in line], [y for _, y in line], marker=marker, color=colour, linestyle="--",
-                          alpha=0.6, label=label)
+                          alpha=0.6, label=f"{scenarios.SCENARIO_TITLES[scenario]}, {control_label}")
         ended = [(position(row), row[key]) for row in rows if row.get("partitions_ended_by_blackout")]
         if ended:   # a guest ended before the blackout: less state crossed than at the request
             axis.scatter([x for x, _ in ended], [y for _, y in ended], s=160, facecolors="none",
