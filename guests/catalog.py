@@ -28,7 +28,7 @@ def builtin_names() -> list[str]:
 # Built-in guests with a layout of their own in Python: its constants join the guest ABI's.
 GUEST_LAYOUTS = {"cpustate": cpustate_layout.constants, "cpustate_long": cpustate_layout.constants,
                  "blkstream": device_abi.constants, "blkirq": device_abi.constants,
-                 "dmahostile": device_abi.constants}
+                 "blkwindow": device_abi.constants, "dmahostile": device_abi.constants}
 
 
 def builtin_constants(name: str) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""A post-copy's cost after its commit: each demand fetch (the VP that waited, and for how long), the background drain until the old hypervisor is drained and freed, and whether every mapping the old hypervisor sent afterwards is the one it held at the blackout."""
+"""A post-copy's cost after its commit: each demand fetch (the VP that waited, and for how long), the windows fetched whole before a partition with a device ran, the background drain until the old hypervisor is drained and freed, and whether every mapping the old hypervisor sent afterwards is the one it held at the blackout."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,6 +15,10 @@ EVENT_KINDS = frozenset({EventKind.VM_EXIT.value, EventKind.VM_ENTRY.value, Even
                          EventKind.VMCALLR_RETURN.value})
 FETCH_CALLS = (transfer.Call.FETCH_NEXT, transfer.Call.FETCH_TABLE)
 DRAIN_ENDS = {transfer.Phase.DRAINED: "drained", transfer.Phase.DRAIN_FAILED: "failed"}
+# A partition with an assigned device gets its whole window before a VP of it runs (postcopy.inc,
+# postcopy_device_window): tables fetched between some VP's exit and another VP's entry.
+DEVICE_WINDOW = "device-window"
+DEVICE_WINDOW_FLAG = "device_window_fetching"          # the hypervisor's variable: 1 while it fetches those
 
 
 @dataclass
@@ -27,10 +31,11 @@ class DemandFetch:
     partition: int
     vp: int
     lp: int
-    cause: str                          # "ept-violation" or "hypercall"
+    cause: str                          # "ept-violation", "hypercall", or DEVICE_WINDOW
     exit_time: int
     fetched_time: int | None = None
     entry_time: int | None = None
+    tables: int = 1                     # tables fetched before the VP entered (several for DEVICE_WINDOW)
 
     @property
     def latency(self) -> int | None:
@@ -62,6 +67,7 @@ class PostcopyMeter:
     _last_exit: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # LP: (vmcs, reason, time)
     _calls: dict[int, int] = field(default_factory=dict)                     # LP: the call under way
     _waiting: dict[int, tuple[int, DemandFetch]] = field(default_factory=dict)  # LP: (vmcs, its fetch)
+    _device_windows: dict[int, DemandFetch] = field(default_factory=dict)     # LP: a window under way
     _vps: dict[int, tuple[int, int]] = field(default_factory=dict)            # VMCS: (partition, VP)
 
     def on_transition(self, transition: Transition) -> None:
@@ -93,14 +99,21 @@ class PostcopyMeter:
                 self._last_exit[lp] = (event.data["vmcs"], event.data["reason"], event.time)
         elif kind == EventKind.VMCALLR:
             self._calls[lp] = event.data["call"]
-            if event.data["call"] == transfer.Call.FETCH_TABLE and lp in self._last_exit:
-                vmcs, reason, time = self._last_exit[lp]
+            if event.data["call"] != transfer.Call.FETCH_TABLE:
+                pass
+            elif self.booted.read_qword(DEVICE_WINDOW_FLAG):     # (drain_lock held: it is this LP's)
+                if lp in self._device_windows:
+                    self._device_windows[lp].tables += 1
+                else:
+                    self._device_windows[lp] = DemandFetch(-1, -1, lp, DEVICE_WINDOW, event.time)
+                    self.fetches.append(self._device_windows[lp])
+            elif lp in self._last_exit:
+                vmcs, reason, time = self._last_exit.pop(lp)
                 partition, vp = self._vps.get(vmcs, (-1, -1))
                 cause = "ept-violation" if reason == ExitReason.EPT_VIOLATION else "hypercall"
                 fetch = DemandFetch(partition, vp, lp, cause, time)
                 self.fetches.append(fetch)
                 self._waiting[lp] = (vmcs, fetch)
-                del self._last_exit[lp]
         elif kind == EventKind.VMCALLR_RETURN:
             call = self._calls.pop(lp, None)
             if call == transfer.Call.FETCH_TABLE and lp in self._waiting:
@@ -108,11 +121,13 @@ class PostcopyMeter:
             if call in FETCH_CALLS and event.data["ok"] and event.data["result"] == transfer.Reply.ACCEPT:
                 with self.clock.excluded():
                     self._read_fetch(call)
-        elif kind == EventKind.VM_ENTRY and lp in self._waiting:
-            vmcs, fetch = self._waiting[lp]
-            if event.data["vmcs"] == vmcs:
+        elif kind == EventKind.VM_ENTRY and event.data["vmcs"] in self._vps:
+            if lp in self._device_windows:           # the VP whose partition's window came whole first
+                fetch = self._device_windows.pop(lp)
+                fetch.partition, fetch.vp = self._vps[event.data["vmcs"]]
                 fetch.entry_time = event.time
-                del self._waiting[lp]
+            if lp in self._waiting and event.data["vmcs"] == self._waiting[lp][0]:
+                self._waiting.pop(lp)[1].entry_time = event.time
 
     def _read_fetch(self, call: int) -> None:
         """The message a fetch left in the transfer area: its MAP records against the old windows."""
@@ -135,10 +150,11 @@ class PostcopyMeter:
         return not self.mismatches and self.sent == held
 
     def report(self) -> dict:
-        latencies = [fetch.latency for fetch in self.fetches if fetch.latency is not None]
-        fetch_ticks = [fetch.fetch_ticks for fetch in self.fetches if fetch.fetch_ticks is not None]
+        demand = [fetch for fetch in self.fetches if fetch.cause != DEVICE_WINDOW]
+        latencies = [fetch.latency for fetch in demand if fetch.latency is not None]
+        fetch_ticks = [fetch.fetch_ticks for fetch in demand if fetch.fetch_ticks is not None]
         per_partition: dict[int, int] = {}
-        for fetch in self.fetches:
+        for fetch in demand:
             per_partition[fetch.partition] = per_partition.get(fetch.partition, 0) + 1
         return {
             "outcome": self.outcome or "unfinished",
@@ -146,7 +162,7 @@ class PostcopyMeter:
             "detail": self.detail,
             "drain_ticks": None if self.ended_at is None or self.resumed_at is None
             else self.ended_at - self.resumed_at,
-            "demand_fetches": len(self.fetches),
+            "demand_fetches": len(demand),
             "demand_fetches_per_partition": dict(sorted(per_partition.items())),
             "demand_latency_ticks": {"max": max(latencies, default=None),
                                      "mean": sum(latencies) // len(latencies) if latencies else None,
@@ -155,7 +171,9 @@ class PostcopyMeter:
                                      "per_fetch": [{"partition": fetch.partition, "vp": fetch.vp, "lp": fetch.lp,
                                                     "cause": fetch.cause, "ticks": fetch.latency,
                                                     "fetch_ticks": fetch.fetch_ticks}
-                                                   for fetch in self.fetches]},
+                                                   for fetch in demand]},
+            "device_windows": [{"partition": fetch.partition, "vp": fetch.vp, "lp": fetch.lp, "tables": fetch.tables,
+                                "ticks": fetch.latency} for fetch in self.fetches if fetch.cause == DEVICE_WINDOW],
             "records_fetched": dict(sorted(self.records_fetched.items())),
             "mappings_as_held": self.mappings_as_held(),
         }

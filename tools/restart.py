@@ -349,7 +349,10 @@ def text(document: dict) -> str:
                          f"demand fetches (the table there after {latency['fetch_mean']} ticks on average, "
                          f"{latency['fetch_max']} at most; the VP in again after {latency['mean']}, "
                          f"{latency['max']} at most); "
-                         f"mappings as held at the blackout: {drain['mappings_as_held']}; "
+                         + "".join(f"partition {window['partition']}'s whole window before it ran (a device's): "
+                                   f"{window['tables']} tables, its VP waited {window['ticks']} ticks; "
+                                   for window in drain["device_windows"])
+                         + f"mappings as held at the blackout: {drain['mappings_as_held']}; "
                          f"digest agrees: {drain['digest_agrees_with_python']}")
         if restart_info["guest_memory_unchanged"] is not None:
             lines.append(f"  guest memory unchanged across the blackout: {restart_info['guest_memory_unchanged']}; "

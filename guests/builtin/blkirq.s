@@ -11,6 +11,7 @@
 %define EXCEPTION_VECTOR 8               ; a vector the hypercall must refuse
 %define SAVED_BY_HANDLER 16              ; completion_handler's pushes: rax, rdx
 %include "idt.inc"
+%include "blkbuffers.inc"
 %include "blkstream.inc"
 
 ; Without a device the hypercall must say so.
@@ -44,6 +45,10 @@ stream_setup:
     ret
 stream_setup.failed:
     stc
+    ret
+
+; The same buffers every round.
+begin_round:
     ret
 
 ; Until the completion handler has seen HEAD = r14d: with interrupts off a look at what it saw,
