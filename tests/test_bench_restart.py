@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from bench import machine_speed, hypervisor_speed, report
+from bench import device_load, machine_speed, hypervisor_speed, report
 from bench import restart_scenarios as scenarios
 from tools import cli
 
@@ -239,6 +239,15 @@ def test_cold_progress_finds_the_moment_a_count_is_reached():
     assert progress.reached(0x1000, 50) == (150, 1.5)
     assert progress.reached(0x1000, 150) == (550, 3.5)
     assert progress.reached(0x1000, 201) is None
+
+
+def test_dma_log_counts_each_device_s_entries_around_the_blackout():
+    log = device_load.DmaLog()
+    log.entries += [(0, 100, 150), (0, 900, 1_100), (0, 2_500, 2_600), (1, 800, 900), (3, 3_000, 3_100)]
+    rows = {row["device"]: row for row in log.across([0, 1, 3], blackout_start=1_000, resumed_at=2_000)}
+    assert rows[0] == {"device": 0, "entries_before": 2, "in_flight_at_blackout": 1, "entries_after": 1}
+    assert rows[1] == {"device": 1, "entries_before": 1, "in_flight_at_blackout": 0, "entries_after": 0}
+    assert rows[3] == {"device": 3, "entries_before": 0, "in_flight_at_blackout": 0, "entries_after": 1}
 
 
 def test_request_counts_only_lps_with_a_vp():
