@@ -6,17 +6,29 @@ from pathlib import Path
 
 from bench import restart_scenarios as scenarios
 
+_DEVICES_BESIDE = f"{len(scenarios.DEVICE_BESIDE)} counters beside, {scenarios.DEVICE_LPS} LPs"
 SWEEP_TITLES = {"ram": "guest RAM (one guest, 1 LP)", "partitions": "partitions (2 LPs)",
                 "vps": "VPs (one guest, 4 LPs)", "mappings": "map-window mappings held (holder guest, 1 LP)",
-                "storm": "storm's mappings at the request (2 LPs)", "lps": "LPs (4 guests)"}
+                "storm": "storm's mappings at the request (2 LPs)", "lps": "LPs (4 guests)",
+                scenarios.DEVICES: f"block devices busy at the request ({_DEVICES_BESIDE})",
+                scenarios.NO_DEVICES: f"counters in the device guests' place ({_DEVICES_BESIDE})"}
 PLOTS = {"ram": "blackout_vs_ram.png", "vps": "blackout_vs_vps.png", "partitions": "blackout_vs_partitions.png",
-         "mappings": "blackout_vs_mappings.png", "storm": "blackout_vs_storm.png", "lps": "blackout_vs_lps.png"}
+         "mappings": "blackout_vs_mappings.png", "storm": "blackout_vs_storm.png", "lps": "blackout_vs_lps.png",
+         scenarios.DEVICES: "blackout_vs_devices.png"}
+# A sweep drawn with another's lines beside its own, dashed: the same points without what the sweep adds
+# (the other sweep, and its lines' label).
+CONTROL_SWEEPS = {scenarios.DEVICES: (scenarios.NO_DEVICES, "a counter for each device guest")}
 LOG_X = {"ram": 2, "partitions": 2, "vps": 2}     # sweeps drawn on a log scale: the base
 COLUMNS = ("sweep", "point", "scenario", "VP blackout ticks", "VP blackout host ms", "blackout phase ticks",
            "restart ticks", "restart host s", "mappings req/blackout", "outcome")
 # A post-copy's cost after its commit (tools/postcopy_meter.py): a table of its own, one line per point.
 POSTCOPY_COLUMNS = ("sweep", "point", "VP blackout ticks", "demand fetches per guest", "VP in again max / mean ticks",
                     "table there max / mean ticks", "drain ticks", "drain outcome", "mappings as held")
+# The devices sweep: what the devices did at each restart, and the blackout against the point without one.
+DEVICES_COLUMNS = ("point", "scenario", "busy at request", "DEVICE records", "DMA before and after",
+                   "in flight at blackout", "VP blackout ticks", "device guests' VP blackout ticks",
+                   "blackout phase ticks", "blackout phase bytes", "VP blackout / none", "blackout phase / none",
+                   "VP blackout / counters in their place", "blackout phase ticks more than counters in their place")
 SCENARIO_STYLE = {scenarios.PRECOPY: ("tab:blue", "o"), scenarios.POSTCOPY: ("tab:purple", "v"),
                   scenarios.STOP_AND_COPY: ("tab:orange", "s"), scenarios.COLD: ("tab:red", "^"),
                   scenarios.SUSPEND: ("tab:green", "D")}
@@ -67,6 +79,43 @@ def postcopy_rows(document: dict) -> list[dict]:
     return [row for row in document["results"] if row["scenario"] == scenarios.POSTCOPY]
 
 
+def device_rows(document: dict) -> list[dict]:
+    return [row for row in document["results"] if "devices" in row]
+
+
+def _ratio(row: dict, none: dict | None, key: str) -> str:
+    if none is None or row[key] is None or not none[key]:
+        return "-"
+    return f"{row[key] / none[key]:.3f}"
+
+
+def _device_cells(row: dict, none: dict | None, counters: dict | None) -> list[str]:
+    """A devices-sweep row (DEVICES_COLUMNS); `none` is the same scenario without a device, `counters`
+    with a counter in each device guest's place."""
+    devices = row["devices"]
+    return [row["label"], row["scenario"], f"{devices['busy_at_request']} of {devices['assigned']}",
+            _number(devices["device_records_sent"]), _number(devices["dma_both_sides"]),
+            _number(devices["in_flight_at_blackout"]), _number(row["blackout_ticks"]),
+            _number(devices["guest_vp_blackout_ticks"]), _number(row["blackout_phase_ticks"]),
+            _number(row.get("blackout_phase_bytes")), _ratio(row, none, "blackout_ticks"),
+            _ratio(row, none, "blackout_phase_ticks"), _ratio(row, counters, "blackout_ticks"),
+            _number(row["blackout_phase_ticks"] - counters["blackout_phase_ticks"])
+            if counters and row["blackout_phase_ticks"] is not None and counters["blackout_phase_ticks"] is not None
+            else "-"]
+
+
+def _devices_table(document: dict) -> list[list[str]]:
+    rows = device_rows(document)
+    none = {row["scenario"]: row for row in rows if row["devices"]["assigned"] == 0}
+    counters = {(row["x"], row["scenario"]): row for row in document["results"]
+                if row["sweep"] == scenarios.NO_DEVICES}
+    return [_device_cells(row, none.get(row["scenario"]), counters.get((row["x"], row["scenario"]))) for row in rows]
+
+
+def devices_left_out() -> str:
+    return "; ".join(f"no {scenario} rows: {why}" for scenario, why in scenarios.DEVICES_LEFT_OUT.items())
+
+
 def progress_line(row: dict) -> str:
     cells = _cells(row)
     line = (f"{row['sweep']:<10} {row['label']:>7}  {row['scenario']:<14} VP blackout {cells[3]:>11} ticks "
@@ -74,6 +123,11 @@ def progress_line(row: dict) -> str:
     if row["scenario"] == scenarios.POSTCOPY:
         drain = _drain_cells(row)
         line += f"  demand fetches {drain[3]}, VP in again after {drain[4]} ticks; drain {drain[6]} ticks, {drain[7]}"
+    if "devices" in row:
+        devices = row["devices"]
+        line += (f"  devices busy {devices['busy_at_request']} of {devices['assigned']}, DEVICE records "
+                 f"{devices['device_records_sent']}, device guests' VP blackout "
+                 f"{_number(devices['guest_vp_blackout_ticks'])} ticks")
     return line
 
 
@@ -97,6 +151,9 @@ def table(document: dict) -> str:
     if drained:
         lines += ["", "post-copy after its commit:"]
         lines += _aligned(POSTCOPY_COLUMNS, [_drain_cells(row) for row in drained], 2)
+    if device_rows(document):
+        lines += ["", f"block devices busy at the request ({devices_left_out()}):"]
+        lines += _aligned(DEVICES_COLUMNS, _devices_table(document), 2)
     return "\n".join(lines)
 
 
@@ -125,6 +182,19 @@ def markdown(document: dict) -> str:
                   "| " + " | ".join(POSTCOPY_COLUMNS) + " |",
                   "|" + "---|" * 2 + "---:|" * (len(POSTCOPY_COLUMNS) - 4) + "---|" * 2]
         lines += ["| " + " | ".join(_drain_cells(row)) + " |" for row in drained]
+    if device_rows(document):
+        lines += ["", "Block devices busy at the request: each device streaming for a guest of its own, with the "
+                      f"same guests beside it at every point ({_DEVICES_BESIDE}); busy at the request (an entry under "
+                      "way or a completion interrupt not yet raised), the DEVICE records that crossed, the devices "
+                      "with DMA both before the blackout and after the take-over, those with an entry under way "
+                      "when the blackout began, and the blackout against the same point without a device and against "
+                      "a counter in each device guest's place (the `no-devices` rows: the partitions without "
+                      "the devices). The device guests' VP blackout is of those running at the blackout (a VP "
+                      "halted for its completion has none). The hot modes only: "
+                      f"{devices_left_out()}.", "",
+                  "| " + " | ".join(DEVICES_COLUMNS) + " |",
+                  "|" + "---|" * 2 + "---:|" * (len(DEVICES_COLUMNS) - 2)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in _devices_table(document)]
     lines += ["", "| target | verdict | figure |", "|---|---|---|"]
     for target in document["targets"].values():
         lines.append(f"| {target['target']} | {target['verdict']} | {target['by']} |")
@@ -154,6 +224,14 @@ def plot(document: dict, sweep: str, path: Path) -> bool:
             if line:
                 axis.plot([x for x, _ in line], [y for _, y in line], marker=marker, color=colour,
                           label=scenarios.SCENARIO_TITLES[scenario])
+        control_sweep, control_label = CONTROL_SWEEPS.get(sweep, (None, None))
+        control = [row for row in document["results"]
+                   if row["sweep"] == control_sweep and row["blackout_ticks"] is not None]
+        for scenario, (colour, marker) in SCENARIO_STYLE.items():
+            line = sorted((row["x"], row[key]) for row in control if row["scenario"] == scenario)
+            if line:
+                axis.plot([x for x, _ in line], [y for _, y in line], marker=marker, color=colour, linestyle="--",
+                          alpha=0.6, label=f"{scenarios.SCENARIO_TITLES[scenario]}, {control_label}")
         ended = [(position(row), row[key]) for row in rows if row.get("partitions_ended_by_blackout")]
         if ended:   # a guest ended before the blackout: less state crossed than at the request
             axis.scatter([x for x, _ in ended], [y for _, y in ended], s=160, facecolors="none",

@@ -1,6 +1,6 @@
 """Blackout against the alternatives: hot restart (pre-copy, post-copy, stop-and-copy), suspend and resume,
-and cold restart, swept over guest RAM, partitions, VPs, map-window mappings (hypervisor state) and LPs
-(bench/README.md).
+and cold restart, swept over guest RAM, partitions, VPs, map-window mappings (hypervisor state), LPs and
+assigned block devices busy at the request (bench/README.md).
 
 Every point boots the same guests on the same machine (same LPs, RAM, and the machine's fixed seed:
 boot.boot always builds it with seed 0, and the machine is deterministic) and stops them at the same
@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from asm import assemble
+from bench import device_load
 from emu.events import Event
 from guests import catalog
 from hypervisors import boot, guest_abi, layouts, timeline, transfer
@@ -51,6 +52,7 @@ SCENARIO_TITLES = {PRECOPY: "hot restart, pre-copy", POSTCOPY: "hot restart, pos
 SUSPEND_FACTOR = 100              # hot restart's blackout at least this many times lower at the largest RAM
 FLAT_LIMIT = 1.2                  # a blackout is flat over a sweep if its largest over its smallest is at most this
 FASTER_FACTOR = 3                 # one mode "at least this many times lower" than another at a point
+REPORTED = "reported"             # the verdict of a comparison the issues give no target for
 # A post-copy's phases after its take-over (the drain): reported apart, not part of the restart's ticks.
 AFTER_TAKEOVER = frozenset(phase.name.lower() for phase in (transfer.Phase.RESUMED, *timeline.DRAIN_PHASES))
 
@@ -72,6 +74,28 @@ HOLDER_START = 1_000_000          # ... after this much: its request comes once 
 STORM_GUESTS = ("counter,mem=16M", "storm,mem=16M")
 STORM_POINTS = {3_000_000: "~2,000", 5_000_000: "~4,600", 9_500_000: "~10,000"}
 STORM_MANY_POINT = 9_500_000
+
+# Assigned block devices (docs/guests.md, "An assigned block device"): each device streams for its own
+# guest, polling and interrupt-driven in turn (polling first, so every point with a device has a
+# device guest running at the blackout: a VP halted for its completion is not measured), beside the
+# same two counters on the same LPs at every point. The device guests stream for about 7 million
+# ticks of LP time, and a hot restart's blackout comes about 3.6 million after its request.
+DEVICE_GUEST_KINDS = ("blkstream", "blkirq")
+DEVICE_BESIDE = ("counter,mem=16M", "counter,mem=16M")
+DEVICE_LPS = 2
+DEVICE_POINT = 1_000_000          # LP time at the request (then on until every device is busy)
+DEVICE_BUSY_STEP = 2_000          # instructions between two looks for every device busy ...
+DEVICE_BUSY_LIMIT = 2_000_000     # ... for at most this many
+# Suspend refuses a partition with a device (status DEVICE_ASSIGNED: the reset would lose the device's
+# state); a cold restart's blackout counts guest instructions again, which a guest polling its device
+# retires as many as it waits: neither is measured with devices.
+DEVICE_SCENARIOS = tuple(HOT_MODES)
+# Each device comes with a partition of its own, and a partition costs the blackout by itself (the
+# partitions sweep): the same points with a counter in each device guest's place tell them apart.
+DEVICES, NO_DEVICES = "devices", "no-devices"
+DEVICES_LEFT_OUT = {SUSPEND: "a suspend refuses a partition with a device assigned (DEVICE_ASSIGNED)",
+                    COLD: "a cold restart's progress is counted in guest instructions, and a guest polling its "
+                          "device retires them while it waits"}
 
 HOLDER_SOURCE = """
 ; holder (bench/restart_scenarios.py): VP 0 maps PAGES pages of the map window, STRIDE pages apart
@@ -162,6 +186,8 @@ class Point:
     guests: tuple[str, ...]
     lps: int
     request_per_lp: int           # LP time at the request
+    scenarios: tuple[str, ...] = SCENARIOS
+    devices: int | None = None    # the devices sweep: block devices assigned, each busy at the request
 
     @property
     def busy_lps(self) -> int:
@@ -173,6 +199,12 @@ class Point:
     def request_at(self) -> int:
         """The request, in instructions of the whole machine (what `machine.run` counts)."""
         return self.request_per_lp * self.busy_lps
+
+
+def device_guests(count: int) -> tuple[str, ...]:
+    """`count` streaming guests, each with a block device of its own."""
+    return tuple(f"{DEVICE_GUEST_KINDS[number % len(DEVICE_GUEST_KINDS)]},mem=16M,device=blk{number}"
+                 for number in range(count))
 
 
 def _size_label(size: int) -> str:
@@ -187,6 +219,7 @@ def points(quick: bool = False) -> list[Point]:
     held = (HELD_PAGES[0], MANY_MAPPINGS) if quick else HELD_PAGES      # two: flatness is judged
     storm = (STORM_MANY_POINT,) if quick else tuple(STORM_POINTS)
     lp_counts = (1, 2) if quick else (1, 2, 3, 4)
+    device_counts = (0, 2) if quick else (0, 1, 2, 4)
     result = [Point("ram", _size_label(size), size, (f"counter,mem={_size_label(size)}",), 1, COUNTER_POINT)
               for size in ram_sizes]
     result += [Point("partitions", str(count), count, ("counter,mem=16M",) * count, 2, COUNTER_POINT)
@@ -198,6 +231,10 @@ def points(quick: bool = False) -> list[Point]:
     result += [Point("storm", STORM_POINTS[at], at, STORM_GUESTS, 2, at) for at in storm]
     result += [Point("lps", str(count), count, ("counter,mem=16M",) * 4, count, COUNTER_POINT)
                for count in lp_counts]
+    result += [Point(DEVICES, str(count), count, DEVICE_BESIDE + device_guests(count), DEVICE_LPS, DEVICE_POINT,
+                     DEVICE_SCENARIOS, devices=count) for count in device_counts]
+    result += [Point(NO_DEVICES, str(count), count, DEVICE_BESIDE + ("counter,mem=16M",) * count, DEVICE_LPS,
+                     DEVICE_POINT, DEVICE_SCENARIOS) for count in device_counts if count]
     return result
 
 
@@ -281,12 +318,21 @@ def hot(point: Point, scenario: str) -> dict:
     started = time.perf_counter()
     booted = _boot(point, FROM_HYPERVISOR)
     _run_to_request(booted, point)
+    devices = device_load.assigned([guest(spec) for spec in point.guests])
+    waited = device_load.run_until_busy(booted, devices, DEVICE_BUSY_STEP, DEVICE_BUSY_LIMIT) if devices else 0
+    busy_at_request = device_load.busy(booted, devices)
+    requested_at = booted.machine.retired
     mappings_at_request = mapped_pages(booted)
     mode = PROTOCOL_MODES[scenario]
+    dma, events = device_load.DmaLog(), booted.machine.events     # (a suspend replaces the machine)
+    if devices:
+        events.subscribe(dma, device_load.EVENT_KINDS)
     recorder = restart_module.request(booted, TO_HYPERVISOR, mode=mode)
     info = restart_module.summary(booted, recorder, FROM_HYPERVISOR, None, mode)
     if recorder.committed:
         booted.machine.run(max_instructions=booted.machine.retired + AFTER_RESTART)
+    if devices:
+        events.unsubscribe(dma)
     phases = {phase["phase"]: phase for phase in info["phases"]}
     windows = recorder.memory_before[1] if recorder.memory_before else None
     restart_phases = [phase for phase in info["phases"] if phase["phase"] not in AFTER_TAKEOVER]
@@ -310,7 +356,36 @@ def hot(point: Point, scenario: str) -> dict:
         "guests_stopped_after": sum(1 for partition in booted.partitions()
                                     if partition["state"] == layouts.PARTITION_STOPPED),
         "bench_host_s": time.perf_counter() - started,
-    } | ({"postcopy": _drain(info["postcopy"], len(point.guests))} if "postcopy" in info else {})
+    } | ({"postcopy": _drain(info["postcopy"], len(point.guests))} if "postcopy" in info else {}) \
+      | ({"devices": _devices(devices, busy_at_request, waited, requested_at, info, dma)}
+         if point.devices is not None else {})
+
+
+def _devices(devices: dict[int, int], busy_at_request: list[int], waited: int, requested_at: int, info: dict,
+             dma: device_load.DmaLog) -> dict:
+    """The devices at a restart: how many were busy when it was requested, the DEVICE records that
+    crossed, each device's DMA on both sides of the blackout, and the largest blackout of the device
+    guests' VPs that were running (a VP halted for its completion has none: `tools.blackout`)."""
+    phases = {phase["phase"]: phase for phase in info["phases"]}
+    per_device = []
+    if "blackout" in phases and "devirtualize" in phases:
+        takeover = phases["devirtualize"]
+        per_device = dma.across(sorted(devices.values()), phases["blackout"]["virtual_start"],
+                                takeover["virtual_start"] + takeover["virtual_ticks"])
+    guest_vps = [vp for vp in info["blackout"]["per_vp"] if vp["partition"] in devices]
+    measured = [vp["blackout_ticks"] for vp in guest_vps if vp["blackout_ticks"] is not None]
+    return {
+        "assigned": len(devices),
+        "busy_at_request": len(busy_at_request),
+        "requested_at": requested_at,             # instructions: the point's request, and then `waited`
+        "waited_for_busy": waited,
+        "device_records_sent": info["records_sent"].get("device", 0),
+        "dma_both_sides": sum(1 for row in per_device if row["entries_before"] and row["entries_after"]),
+        "in_flight_at_blackout": sum(1 for row in per_device if row["in_flight_at_blackout"]),
+        "per_device": per_device,
+        "guest_vp_states": [vp["state"] for vp in guest_vps],
+        "guest_vp_blackout_ticks": max(measured, default=None),
+    }
 
 
 def _drain(report: dict, guests: int) -> dict:
@@ -470,7 +545,49 @@ def targets(results: list[dict]) -> dict:
         results, "storm", STORM_MANY_POINT, f"{STORM_POINTS[STORM_MANY_POINT]} mappings of a running storm at "
         "the request", PRECOPY, STOP_AND_COPY)
     candidates["suspend_resume_comparison"] = _suspend_target(results)
+    for scenario in DEVICE_SCENARIOS:
+        candidates[f"devices_busy_against_none[{scenario}]"] = _devices_against_none(results, scenario)
     return {name: target for name, target in candidates.items() if target is not None}
+
+
+def _by_count(results: list[dict], sweep: str, scenario: str) -> dict[int, dict]:
+    return {row["x"]: row for row in results if row["sweep"] == sweep and row["scenario"] == scenario
+            and row["blackout_ticks"] is not None}
+
+
+def _ratios(rows: dict[int, dict], against, key: str) -> dict[int, float]:
+    """Each row's `key` over the row `against(x)` gives (left out where it gives none)."""
+    return {x: row[key] / against(x)[key] for x, row in sorted(rows.items()) if x and against(x)}
+
+
+def _devices_against_none(results: list[dict], scenario: str) -> dict | None:
+    """A hot mode's largest VP blackout, and its blackout phase, with N devices busy against the same
+    point without a device (the devices sweep's 0), and against a counter in each device guest's place
+    (NO_DEVICES): ratios at every N, no target."""
+    rows, counters = _by_count(results, DEVICES, scenario), _by_count(results, NO_DEVICES, scenario)
+    none = rows.get(0)
+    if none is None or len(rows) < 2:
+        return None
+    ratios = _ratios(rows, lambda x: none, "blackout_ticks")
+    phase_ratios = _ratios(rows, lambda x: none, "blackout_phase_ticks")
+    in_place = _ratios(rows, counters.get, "blackout_ticks")
+    most = max(ratios)
+
+    def listed(figures: dict[int, float]) -> str:
+        return ", ".join(f"{x} busy {ratio:.3f}" for x, ratio in figures.items())
+
+    by = (f"{listed(ratios)} ({rows[most]['blackout_ticks']:,} ticks with {most} against {none['blackout_ticks']:,} "
+          f"without); blackout phase {listed(phase_ratios)} ({rows[most]['blackout_phase_ticks']:,} against "
+          f"{none['blackout_phase_ticks']:,} ticks, {rows[most]['blackout_phase_bytes']:,} against "
+          f"{none['blackout_phase_bytes']:,} bytes)")
+    if in_place:
+        by += f"; against a counter in each device guest's place {listed(in_place)}"
+    return {"target": f"{SCENARIO_TITLES[scenario]}: largest VP blackout with block devices busy against "
+                      "without (no target: the ratio)",
+            "ratio": ratios[most], "ratios": ratios, "blackout_phase_ratios": phase_ratios,
+            "against_counters_in_place": in_place,
+            "host_ms_ratio": rows[most]["blackout_host_ms"] / none["blackout_host_ms"], "limit": None,
+            "met": None, "verdict": REPORTED, "by": by}
 
 
 def _suspend_target(results: list[dict]) -> dict | None:
@@ -502,7 +619,7 @@ def run(quick: bool = False, progress=None, selected: list[Point] | None = None)
     started = time.perf_counter()
     results = []
     for point in selected if selected is not None else points(quick):
-        for scenario in SCENARIOS:
+        for scenario in point.scenarios:
             figures = measure_point(point, scenario)
             row = {"sweep": point.sweep, "label": point.label, "x": point.x, "scenario": scenario,
                    "guests": list(point.guests), "lps": point.lps, "request_at": point.request_at,

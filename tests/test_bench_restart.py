@@ -1,7 +1,7 @@
 """`hhr bench` (the restart scenarios, bench/restart_scenarios.py): the quick set runs every sweep in every
 scenario, every figure is there, the files are written; pre-copy beats stop-and-copy with many mappings;
-a post-copy's drain is reported beside its blackout and its targets are judged. Figures are checked for
-shape and sense, not for speed."""
+a post-copy's drain is reported beside its blackout and its targets are judged; the devices sweep restarts
+with every device busy. Figures are checked for shape and sense, not for speed."""
 from __future__ import annotations
 
 import contextlib
@@ -10,12 +10,12 @@ import json
 
 import pytest
 
-from bench import machine_speed, hypervisor_speed, report
+from bench import device_load, machine_speed, hypervisor_speed, report
 from bench import restart_scenarios as scenarios
 from tools import cli
 
 HOT = (scenarios.PRECOPY, scenarios.POSTCOPY, scenarios.STOP_AND_COPY)
-SWEEPS = {"ram", "partitions", "vps", "mappings", "storm", "lps"}
+SWEEPS = {"ram", "partitions", "vps", "mappings", "storm", "lps", scenarios.DEVICES, scenarios.NO_DEVICES}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,10 @@ def test_every_point_has_every_scenario(quick):
     assert {point["sweep"] for point in document["points"]} == SWEEPS
     for point in document["points"]:
         found = [row["scenario"] for row in rows(document, sweep=point["sweep"], x=point["x"])]
-        assert found == list(scenarios.SCENARIOS), point
+        assert found == point["scenarios"], point
+        expected = scenarios.DEVICE_SCENARIOS if point["sweep"] in (scenarios.DEVICES, scenarios.NO_DEVICES) \
+            else scenarios.SCENARIOS
+        assert point["scenarios"] == list(expected), point
 
 
 def test_hot_restarts_commit_with_every_figure(quick):
@@ -112,6 +115,40 @@ def test_postcopy_targets_are_judged_from_the_rows(quick):
     assert lower["ratio"] == precopy["blackout_ticks"] / held[most]["blackout_ticks"]
     assert lower["verdict"] == ("met" if lower["ratio"] >= scenarios.FASTER_FACTOR else "missed")
     assert f"{most:,}" in lower["target"]
+
+
+def test_devices_sweep_restarts_with_every_device_busy(quick):
+    document, directory, printed = quick
+    counts = sorted({row["x"] for row in rows(document, sweep=scenarios.DEVICES)})
+    assert counts[0] == 0 and len(counts) >= 2
+    for count in counts:
+        point = rows(document, sweep=scenarios.DEVICES, x=count)
+        assert [row["scenario"] for row in point] == list(HOT)          # no suspend, no cold
+        for row in point:
+            devices = row["devices"]
+            assert devices["assigned"] == devices["busy_at_request"] == count, row
+            assert devices["device_records_sent"] == row["records_sent"].get("device", 0) == count
+            assert devices["dma_both_sides"] == count and len(devices["per_device"]) == count
+            assert devices["requested_at"] >= row["request_at"] + devices["waited_for_busy"]
+            assert devices["waited_for_busy"] <= scenarios.DEVICE_BUSY_LIMIT
+            assert row["blackout_ticks"] > 0 and row["blackout_phase_ticks"] > 0 and row["blackout_phase_bytes"] > 0
+            if count:                   # a polling device guest runs at the blackout: it has a blackout
+                assert 0 < devices["guest_vp_blackout_ticks"] <= row["blackout_ticks"]
+                assert "running" in devices["guest_vp_states"]
+                without = rows(document, sweep=scenarios.DEVICES, x=0, scenario=row["scenario"])[0]
+                assert row["blackout_phase_bytes"] > without["blackout_phase_bytes"]
+            else:
+                assert devices["guest_vp_blackout_ticks"] is None
+    for mode in HOT:
+        target = document["targets"][f"devices_busy_against_none[{mode}]"]
+        assert target["verdict"] == scenarios.REPORTED and target["met"] is None
+        most = max(counts)
+        busiest, none = (rows(document, sweep=scenarios.DEVICES, x=x, scenario=mode)[0] for x in (most, 0))
+        assert target["ratio"] == busiest["blackout_ticks"] / none["blackout_ticks"] > 0
+        assert set(target["against_counters_in_place"]) == {str(x) for x in counts if x}
+    markdown = (directory / "out" / scenarios.MARKDOWN_NAME).read_text()
+    assert "| " + " | ".join(report.DEVICES_COLUMNS) + " |" in markdown
+    assert "DEVICE_ASSIGNED" in markdown and "block devices busy at the request" in printed
 
 
 def test_cold_restart_redoes_at_least_the_work_done(quick):
@@ -202,6 +239,15 @@ def test_cold_progress_finds_the_moment_a_count_is_reached():
     assert progress.reached(0x1000, 50) == (150, 1.5)
     assert progress.reached(0x1000, 150) == (550, 3.5)
     assert progress.reached(0x1000, 201) is None
+
+
+def test_dma_log_counts_each_device_s_entries_around_the_blackout():
+    log = device_load.DmaLog()
+    log.entries += [(0, 100, 150), (0, 900, 1_100), (0, 2_500, 2_600), (1, 800, 900), (3, 3_000, 3_100)]
+    rows = {row["device"]: row for row in log.across([0, 1, 3], blackout_start=1_000, resumed_at=2_000)}
+    assert rows[0] == {"device": 0, "entries_before": 2, "in_flight_at_blackout": 1, "entries_after": 1}
+    assert rows[1] == {"device": 1, "entries_before": 1, "in_flight_at_blackout": 0, "entries_after": 0}
+    assert rows[3] == {"device": 3, "entries_before": 0, "in_flight_at_blackout": 0, "entries_after": 1}
 
 
 def test_request_counts_only_lps_with_a_vp():
