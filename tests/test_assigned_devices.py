@@ -301,8 +301,11 @@ def test_a_guest_without_a_device_finds_none(guest):
 @pytest.mark.parametrize("step", [step for step in faults.ABORT_STEPS if step not in ("request", "boot")])
 def test_a_fault_at_each_step_with_devices_busy_aborts_cleanly(step):
     """The protocol's faults (tools/faults.py) while two devices stream: the restart aborts, the devices
-    were never stopped, and every guest computes what it computes without a restart."""
+    were never stopped, every guest computes what it computes without a restart, and no DMA landed
+    outside its device's partition (hhr restart's DMA audit, on with a device assigned)."""
     document = restart_module.restart("hv1", "hv2", CROSSING_GUESTS, lps=2, request_at=RESTART_AT,
                                       inject=f"{step}:crash")
     assert document["restart"]["outcome"] == "aborted" and document["hypervisor"] == "hv1"
     assert_crossing_guests_as_without_restart(document, "hv1")
+    audit = document["dma_audit"]
+    assert audit["writes"] > 0 and audit["violations"] == 0, audit["first_violations"]

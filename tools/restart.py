@@ -11,7 +11,7 @@ from hypervisors import boot, build, transfer
 from hypervisors.boot import Booted
 from hypervisors.memory_map import HYPERVISOR_BASE
 from hypervisors.timeline import RestartTimeline, Transition
-from tools import blackout, digest_check, phase_meter, postcopy_meter
+from tools import blackout, digest_check, dma_audit, phase_meter, postcopy_meter
 from tools import run as run_module
 from tools.blackout import VpBlackouts
 from tools.digest_check import DigestCheck
@@ -290,6 +290,8 @@ def restart_keeping_machine(from_hypervisor: str, to_hypervisor: str, guest_spec
     points = sorted([request_at] if isinstance(request_at, int) else request_at)
     guests = [catalog.parse(spec) for spec in guest_specs]
     booted = boot.boot(guests, hypervisor=from_hypervisor, lps=lps, ram_size=ram_size)
+    # With a device assigned, every DMA write is checked against its partition's memory throughout.
+    audit = dma_audit.DmaAudit(booted) if any(guest.device is not None for guest in guests) else None
     started = time.perf_counter()
     summaries = []
     recorder = None
@@ -314,6 +316,9 @@ def restart_keeping_machine(from_hypervisor: str, to_hypervisor: str, guest_spec
         entry["heartbeat_gap"] = heartbeat_gap(document)
     document["restarts"] = summaries
     document["restart"] = summaries[0]
+    if audit is not None:
+        audit.detach()
+        document["dma_audit"] = audit.summary()
     document["host_seconds"] = time.perf_counter() - started
     return document, booted
 
@@ -357,6 +362,11 @@ def text(document: dict) -> str:
         if restart_info["guest_memory_unchanged"] is not None:
             lines.append(f"  guest memory unchanged across the blackout: {restart_info['guest_memory_unchanged']}; "
                          f"every guest page in place: {restart_info['guest_pages_in_place']}")
+    if "dma_audit" in document:
+        audit = document["dma_audit"]
+        lines.append(f"DMA audit: {audit['writes']} device writes ({audit['bytes']} bytes) checked against their "
+                     f"device's partition, {audit['window_writes']} of them into map-window pages; "
+                     f"{audit['violations']} outside it")
     if document["restarts"] and document["restarts"][0]["heartbeat_gap"] is not None:
         lines.append(f"heartbeat's largest gap, seen from inside: {document['restarts'][0]['heartbeat_gap']} ticks")
     return "\n".join(lines)
