@@ -178,7 +178,8 @@ CROSSING_GUESTS = ["blkirq,device=blk0", "blkstream,device=blk3", "storm", "coun
 # Every hot mode in both directions on 2 LPs, and one direction and mode each on 1 and on 3 LPs.
 CROSSING_CASES = [(mode, source, target, 2) for mode in ("precopy", "stop-and-copy", "postcopy")
                   for source, target in (("hv1", "hv2"), ("hv2", "hv1"))] + [
-    ("precopy", "hv1", "hv2", 1), ("postcopy", "hv2", "hv1", 3)]
+    ("precopy", "hv1", "hv2", 1), ("postcopy", "hv2", "hv1", 3),
+    ("stop-and-copy", "hv1", "hv1", 2), ("postcopy", "hv2", "hv2", 1)]      # a version onto itself
 
 
 def assert_crossing_guests_as_without_restart(document: dict, hypervisor: str, lps: int = 2) -> None:
