@@ -516,8 +516,8 @@ def _flat(results: list[dict], sweep: str, scenario: str, what: str) -> dict | N
     if len(rows) < 2:
         return None
     smallest, largest = min(rows, key=lambda row: row["x"]), max(rows, key=lambda row: row["x"])
-    low = min(rows, key=lambda row: row["blackout_ticks"])
-    high = max(rows, key=lambda row: row["blackout_ticks"])
+    low = min(rows, key=lambda row: (row["blackout_ticks"], row["x"]))      # (ties: the smallest point,
+    high = max(rows, key=lambda row: (row["blackout_ticks"], row["x"]))     # and the largest)
     ratio = high["blackout_ticks"] / low["blackout_ticks"]
     host = [row["blackout_host_ms"] for row in rows]
     return {"target": f"{SCENARIO_TITLES[scenario]}: largest VP blackout flat in {what} from "
