@@ -49,6 +49,8 @@ class DeviceStatus(enum.IntEnum):
     IDLE = 0                           # every entry given is done
     BUSY = 1                           # entries are under way
     QUEUE_FAULT = 2                    # the IOMMU refused the queue itself: the device stopped (reset it)
+    DOORBELL_FAULT = 3                 # a TAIL more than the queue's size past HEAD: none taken, the device
+                                       # stopped (reset it), as NVMe's invalid doorbell write
 
 
 class BlockDevice:
@@ -66,6 +68,7 @@ class BlockDevice:
         self.tail = 0                  # entries given
         self.route = 0
         self.queue_fault = False
+        self.doorbell_fault = False
         self.completions: list[int] = []   # ticks of the entries under way, in order
         self.interrupt_due: int | None = None
         self.entries_done = 0
@@ -81,6 +84,8 @@ class BlockDevice:
         self.advance(now)
         if self.queue_fault:
             return DeviceStatus.QUEUE_FAULT
+        if self.doorbell_fault:
+            return DeviceStatus.DOORBELL_FAULT
         return DeviceStatus.BUSY if self.completions else DeviceStatus.IDLE
 
     def route_lp(self) -> int:
@@ -95,11 +100,12 @@ class BlockDevice:
         self.head = self.tail = 0
         self.completions.clear()
         self.interrupt_due = None
-        self.queue_fault = False
+        self.queue_fault = self.doorbell_fault = False
 
     def save_state(self) -> dict:
         fields = {name: getattr(self, name) for name in (
-            "queue", "queue_entries", "head", "tail", "route", "queue_fault", "interrupt_due", "entries_done",
+            "queue", "queue_entries", "head", "tail", "route", "queue_fault", "doorbell_fault", "interrupt_due",
+            "entries_done",
             "bytes_moved")}
         return {"fields": fields, "completions": list(self.completions), "contents": self.contents.save_state()}
 
@@ -112,7 +118,7 @@ class BlockDevice:
     def reset(self) -> None:
         """A machine reset: the registers clear; the contents stay."""
         self.queue = self.queue_entries = self.head = self.tail = self.route = 0
-        self.queue_fault = False
+        self.queue_fault = self.doorbell_fault = False
         self.completions.clear()
         self.interrupt_due = None
 
@@ -180,7 +186,10 @@ class BlockDevices:
     def doorbell(self, lp: "LogicalProcessor", device: BlockDevice, tail: int) -> None:
         """TAIL written: the entries from the old tail to `tail` are carried out now, in order."""
         device.advance(lp.now)
-        if device.queue_fault or not device.queue_entries:
+        if device.queue_fault or device.doorbell_fault or not device.queue_entries:
+            return
+        if (tail - device.head) & WORD_MASK > device.queue_entries:
+            device.doorbell_fault = True     # more given than the queue holds (or a TAIL behind HEAD)
             return
         start = lp.now if not device.completions else device.completions[-1]
         moved_ram = False

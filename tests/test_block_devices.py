@@ -83,6 +83,29 @@ def test_a_write_then_a_read_through_the_queue_without_translation():
     assert second.data["status"] == EntryStatus.DONE and slot(machine, 3) == device.blocks
 
 
+FAR_TAIL = 0xFFFF_FFFF            # a TAIL 2^32 - 1 entries past HEAD: a guest's bogus doorbell
+
+
+def test_a_doorbell_past_the_queue_s_size_takes_nothing_and_stops_the_device_until_it_is_reset():
+    """A TAIL more than the queue's size past HEAD (or behind it) gives more than the queue holds: the
+    device takes none of it, says DOORBELL_FAULT, and ignores doorbells until its size is written."""
+    machine = new_machine()
+    machine.ram.write(QUEUE, entry(DiskCommand.READ, 7, BUFFER, 1) * 4)
+    result = run_root(machine, lines(
+        program_queue(4), out(port(ports.DEVICE_TAIL), FAR_TAIL), read_into_slot(port(ports.DEVICE_STATUS), 0),
+        out(port(ports.DEVICE_TAIL), 1), read_into_slot(port(ports.DEVICE_STATUS), 1),
+        read_into_slot(port(ports.DEVICE_HEAD), 2),
+        program_queue(4), out(port(ports.DEVICE_TAIL), 5), read_into_slot(port(ports.DEVICE_STATUS), 3),
+        program_queue(4), out(port(ports.DEVICE_TAIL), 4), wait_idle(), read_into_slot(port(ports.DEVICE_HEAD), 4),
+        debug_exit(DONE)))
+    assert result.stop.exit_status == exit_status(DONE)
+    assert [slot(machine, n) for n in range(4)] == [DeviceStatus.DOORBELL_FAULT, DeviceStatus.DOORBELL_FAULT, 0,
+                                                     DeviceStatus.DOORBELL_FAULT]
+    assert slot(machine, 4) == 4, "after the reset a full queue's worth is taken"
+    dma = [event for event in machine.events.events if event.kind == "dma"]
+    assert len(dma) == 4
+
+
 def test_the_completion_interrupt_wakes_the_routed_lp_at_the_last_entry_s_tick():
     machine = new_machine()
     machine.ram.write(QUEUE, entry(DiskCommand.WRITE, 0, BUFFER, 1) + entry(DiskCommand.WRITE, 1, BUFFER, 3))
