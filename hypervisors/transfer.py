@@ -157,7 +157,7 @@ WINDOW_RESET_RECORD = Struct("tr_window_reset", [
 # runs the old one's code, de-privileged in a partition of its own, to fetch the rest (docs/protocol.md).
 POSTCOPY_RECORD = Struct("tr_postcopy", [
     ("launch_entry", 8),                       # where its VP starts: it says ready by VMCALL (DRAIN_READY)
-    ("serve_entry", 8),                        # its inverse-call entry: FETCH_NEXT, FETCH_PAGE, DRAIN_DIGEST
+    ("serve_entry", 8),                        # its inverse-call entry: FETCH_NEXT, FETCH_TABLE, DRAIN_DIGEST
     ("stack", 8),                              # the stack of its calls (the top)
     ("cr3", 8),                                # its page tables
     ("gdt", 8),                                # its GDT: the selectors HV_CODE and HV_DATA
