@@ -4,7 +4,8 @@
 ;    the entry fails with ENTRY_FAULT and nothing is written anywhere;
 ; 2. a read into HYPERVISOR_ADDRESS, where the hypervisor's image lies in host-physical memory: the
 ;    address is translated as the guest's own, so the data land in the guest's RAM there;
-; 3. a queue above its RAM: the device cannot read it, stops with DEVICE_QUEUE_FAULT.
+; 3. a queue above its RAM: the device cannot read it, stops with DEVICE_QUEUE_FAULT;
+; 4. a doorbell FAR_TAIL entries past HEAD (its own queue again): refused whole, DEVICE_DOORBELL_FAULT.
 ; Prints one line per try; exit code 0 when every try was stopped as above, 1 otherwise.
 %define QUEUE_ADDRESS 0x300000
 %define OUTSIDE_RAM 0x7F000000           ; above any guest's RAM (docs/guests.md), below the map window
@@ -12,6 +13,7 @@
 %define SOURCE_BLOCK 1
 %define MARK 0x4B52414D444E4947          ; what the device's block holds: written first, read back after
 %define POLL_DELAY 400                   ; PAUSEs between two looks at HEAD (device.inc wait_head)
+%define FAR_TAIL 0xFFFFFFFF              ; 2^32 - 1 entries given at once
 
 start:
     xor r14d, r14d                       ; TAIL
@@ -68,6 +70,21 @@ start:
     call print_newline
     cmp ebx, DEVICE_QUEUE_FAULT
     jne broken
+    ; 4. More entries than the queue holds.
+    mov eax, QUEUE_ADDRESS
+    mov ecx, 2
+    call set_queue
+    mov edx, r15d
+    add edx, DEVICE_TAIL
+    mov eax, FAR_TAIL
+    out dx, eax
+    mov edx, r15d
+    add edx, DEVICE_STATUS
+    in eax, dx
+    lea rsi, [rip + text_far_tail]
+    call report_status
+    cmp eax, DEVICE_DOORBELL_FAULT
+    jne broken
     xor eax, eax
     jmp exit_guest
 
@@ -122,6 +139,8 @@ text_own_ram:
     .asciz "dmahostile: it landed in the guest's own RAM at that address\n"
 text_queue:
     .asciz "dmahostile: a queue above its RAM, device status "
+text_far_tail:
+    .asciz "dmahostile: a doorbell 2^32 - 1 entries ahead, device status "
 text_no_device:
     .asciz "dmahostile: no block device assigned\n"
 text_broken:
