@@ -218,3 +218,39 @@ def test_a_field_broken_between_entries_fails_the_next_vmresume(machine, form):
     assert [record.reason for record in exit_log(machine)] == [ExitReason.VMCALL, entry_failure]
     (failed,) = events_of(machine, "vm-entry-failed")
     assert failed.data["check"].startswith("guest.rflags")
+
+
+BROKEN_TIMER_VECTOR = 0x1000     # not a vector: bit 12 of the entry's interruption info is reserved
+TIMER_SET_STEP = 20_000          # instructions between two looks for the timer guest's set-timer
+GUEST_R15 = 0x600                # the timer guest does not use R15: a value no LP index has (blkirq's is its port)
+
+
+@pytest.mark.parametrize("lps", [1, 2])
+@pytest.mark.parametrize("hypervisor", ["hv1", "hv2"])
+def test_a_failed_vm_entry_stops_its_partition_and_the_hypervisor_s_lp_goes_on(hypervisor, lps):
+    """A hypervisor's VM entry that fails (VMfailValid, SDM Vol. 3C 26.2.1.3: here the injection of a
+    tick whose vector the hypervisor's own VP record has lost) leaves the guest's general registers
+    loaded: the hypervisor finds its LP again from its stack, stops that partition with "VM entry
+    failed", and every other guest runs to its end. (It once took the guest's R15 for its LP index,
+    found no VP of "its" LP and slept for good.)"""
+    from guests import catalog
+    from hypervisors import boot
+    from tools import run as run_module
+
+    booted = boot.boot([catalog.parse(spec) for spec in ("timer", "counter,mem=4M")], hypervisor=hypervisor, lps=lps)
+    records = booted.records.vp
+
+    def timer_vp_armed():
+        return next((vp for vp in booted.vp_records() if vp.partition == 0 and vp.fields["timer_period"]), None)
+
+    while timer_vp_armed() is None:
+        assert booted.machine.retired < run_module.DEFAULT_INSTRUCTION_LIMIT, "the timer guest never set its timer"
+        booted.machine.run(max_instructions=booted.machine.retired + TIMER_SET_STEP)
+    timer_vp = timer_vp_armed()
+    for name, value in (("timer_vector", BROKEN_TIMER_VECTOR), ("r15", GUEST_R15)):
+        booted.machine.ram.write(timer_vp.address + records.offset(name), value.to_bytes(records.field_size(name), "little"))
+    result = booted.machine.run(max_instructions=run_module.DEFAULT_INSTRUCTION_LIMIT)
+    assert result.stop.reason == "debug-exit", result.stop
+    timer, counter = run_module.document(booted, result, lps)["guests"]
+    assert (timer["state"], timer["stop_reason"]) == ("stopped", "VM entry failed")
+    assert counter["exit_code"] == 0
