@@ -310,3 +310,4 @@ def test_a_fault_at_each_step_with_devices_busy_aborts_cleanly(step):
     assert_crossing_guests_as_without_restart(document, "hv1")
     audit = document["dma_audit"]
     assert audit["writes"] > 0 and audit["violations"] == 0, audit["first_violations"]
+

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from emu.block_devices import DEVICE_COUNT
-from hypervisors import transfer
+from hypervisors import layouts, transfer
 from hypervisors.memory_map import MAX_PARTITIONS
 from tools.fuzz import executor, fields
 from tools.fuzz.inputs import Edit, FuzzInput
@@ -48,3 +48,24 @@ def test_a_device_record_no_machine_could_hold_is_refused_and_the_guests_go_on(m
                                                                  field=field.name),), fix_digest=True))
     assert result.finding is None, result.finding
     assert result.outcome == "aborted" and result.replies[-1] == (transfer.Call.STATE, True, transfer.Reply.VALUE)
+
+
+NOT_A_VECTOR = 0x1000                   # bit 12 of an entry's interruption info is reserved
+
+
+def test_a_guest_the_old_hypervisor_stops_itself_for_its_changed_memory_is_not_the_transfer_s_finding():
+    """A `state` input changes the old hypervisor's own memory: here the vector of blksoak's completion
+    waiting in its VP record, which the old hypervisor then fails to inject (a failed VM entry: it
+    stops the partition) before the blackout. The restart carries the stopped partition as it is;
+    the guest was lost to the old hypervisor, and the oracle does not count it against the transfer."""
+    machine = executor.TransferMachine(executor.Setup(guests=DEVICE_GUESTS, lps=2, request_at=100_000))
+    machine.checkpoints.restore("m1")
+    (vp,) = [record for record in machine.booted.vp_records() if record.partition == 0]
+    layout = machine.booted.records.vp
+    edit = Edit("set", vp.address + layout.offset("device_pending"), layout.field_size("device_pending"),
+                NOT_A_VECTOR, field="vp[0].device_pending")
+    result = machine.execute(FuzzInput("state", 1, (edit,)), deep=True)
+    assert result.outcome == "committed" and result.finding is None, result.finding
+    assert machine.stopped_by_old_hypervisor == {0}
+    blksoak = machine.booted.partitions()[0]
+    assert blksoak["state"] == layouts.PARTITION_STOPPED and blksoak["stop_reason"] == layouts.PARTITION_STOP_ENTRY_FAILED
